@@ -1,0 +1,86 @@
+"""predtrace's wire contract: the event type, the msgpack batch codec and ids.
+
+Everything that crosses a process boundary is defined here; this package
+depends on nothing else of predtrace. The .proto files beside it
+(``predtrace/v1``) are the source of truth for field numbers.
+"""
+
+from predtrace.wire._codec import (
+    DEFAULT_LIMITS,
+    FORMAT_MAJOR,
+    FORMAT_MINOR,
+    DecodedBatch,
+    DecodeLimits,
+    batch_digest,
+    decode_ack,
+    decode_batch,
+    encode_ack,
+    encode_batch,
+    encode_events_payload,
+    event_from_map,
+    event_to_map,
+    gunzip_bounded,
+    gzip_bytes,
+)
+from predtrace.wire._errors import InvalidIdError, PredtraceError, WireError, WireTooLargeError
+from predtrace.wire._event import (
+    DeploymentRef,
+    EventBatch,
+    IngestAck,
+    ModelRef,
+    OutputSummary,
+    PredictionEvent,
+    Rejection,
+    Status,
+)
+from predtrace.wire._ids import (
+    UuidV7Generator,
+    classify_lookup_id,
+    format_trace_id,
+    new_prediction_id,
+    parse_prediction_id,
+    parse_span_id,
+    parse_trace_id,
+    uuid7_timestamp_ms,
+)
+from predtrace.wire._proto import event_from_proto, event_to_proto
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "FORMAT_MAJOR",
+    "FORMAT_MINOR",
+    "DecodeLimits",
+    "DecodedBatch",
+    "DeploymentRef",
+    "EventBatch",
+    "IngestAck",
+    "InvalidIdError",
+    "ModelRef",
+    "OutputSummary",
+    "PredictionEvent",
+    "PredtraceError",
+    "Rejection",
+    "Status",
+    "UuidV7Generator",
+    "WireError",
+    "WireTooLargeError",
+    "batch_digest",
+    "classify_lookup_id",
+    "decode_ack",
+    "decode_batch",
+    "encode_ack",
+    "encode_batch",
+    "encode_events_payload",
+    "event_from_map",
+    "event_from_proto",
+    "event_to_map",
+    "event_to_proto",
+    "format_trace_id",
+    "gunzip_bounded",
+    "gzip_bytes",
+    "new_prediction_id",
+    "parse_prediction_id",
+    "parse_span_id",
+    "parse_trace_id",
+    "uuid7_timestamp_ms",
+]

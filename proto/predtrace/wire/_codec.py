@@ -1,0 +1,500 @@
+"""The msgpack batch codec: EventBatch <-> bytes on the wire (proto/FORMAT.md).
+
+Producers encode after the queue (in the exporter) and the collector decodes
+on ingest. Map keys are the proto field numbers, key 0 of a batch holds the
+format version. The decoder is bounded in every dimension and raises only
+WireError: a bad batch is refused with a reason, a bad event inside a good
+batch is rejected alone (partial success).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgpack
+
+from predtrace.wire._errors import WireError, WireTooLargeError
+from predtrace.wire._event import (
+    DeploymentRef,
+    EventBatch,
+    IngestAck,
+    ModelRef,
+    OutputSummary,
+    PredictionEvent,
+    Rejection,
+    Status,
+)
+
+FORMAT_MAJOR: Final = 1
+FORMAT_MINOR: Final = 0
+GZIP_MAGIC: Final = b"\x1f\x8b"
+_UINT64_MAX: Final = 2**64 - 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DecodeLimits:
+    """Bounds applied while decoding untrusted bytes.
+
+    Example:
+        >>> decode_batch(body, limits=DecodeLimits(max_events=1000))
+    """
+
+    max_bytes: int = 16 * 1024 * 1024
+    max_decompressed_bytes: int = 64 * 1024 * 1024
+    max_events: int = 10_000
+    max_str_len: int = 64 * 1024
+    max_bin_len: int = 64 * 1024
+    max_map_len: int = 1024
+    max_id_len: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_decompressed_bytes", "max_events", "max_str_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"DecodeLimits.{name} must be positive")
+
+
+DEFAULT_LIMITS: Final = DecodeLimits()
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedBatch:
+    """A decoded batch: the valid events, the rejected ones, and its digest.
+
+    ``digest`` is the SHA-256 of the uncompressed msgpack bytes: the next batch
+    of the same producer carries it as ``prev_digest``.
+    """
+
+    batch: EventBatch
+    rejected: tuple[Rejection, ...]
+    digest: bytes
+
+
+# -- encoding -----------------------------------------------------------------
+
+
+def _model_to_map(model: ModelRef) -> dict[int, str]:
+    return {
+        key: value
+        for key, value in (
+            (1, model.name),
+            (2, model.version),
+            (3, model.alias),
+            (4, model.registry_model_id),
+            (5, model.artifact_digest),
+            (6, model.role),
+        )
+        if value
+    }
+
+
+def _deployment_to_map(dep: DeploymentRef) -> dict[int, str]:
+    return {
+        key: value
+        for key, value in (
+            (1, dep.id),
+            (2, dep.service),
+            (3, dep.namespace),
+            (4, dep.pod),
+            (5, dep.node),
+            (6, dep.image_digest),
+            (7, dep.image_name),
+        )
+        if value
+    }
+
+
+def _output_to_map(out: OutputSummary) -> dict[int, str | float]:
+    result: dict[int, str | float] = {}
+    if out.label is not None:
+        result[1] = out.label
+    if out.score is not None:
+        result[2] = out.score
+    if out.value is not None:
+        result[3] = out.value
+    return result
+
+
+def event_to_map(event: PredictionEvent) -> dict[int, Any]:
+    """Return the int-keyed map of one event, omitting empty fields."""
+    m: dict[int, Any] = {1: event.prediction_id}
+    optional: tuple[tuple[int, Any], ...] = (
+        (2, event.trace_id),
+        (3, event.span_id),
+        (4, event.timestamp_unix_nano),
+        (5, event.duration_nanos),
+        (6, _model_to_map(event.model)),
+        (7, [_model_to_map(x) for x in event.additional_models]),
+        (8, _deployment_to_map(event.deployment)),
+        (9, event.endpoint),
+        (10, event.protocol),
+        (11, int(event.status)),
+        (12, event.status_code),
+        (13, event.error_type),
+        (14, event.input_fingerprint),
+        (15, _output_to_map(event.output) if event.output is not None else None),
+        (16, event.features),
+        (17, event.attributes),
+        (18, event.sampled),
+    )
+    for key, value in optional:
+        if value:
+            m[key] = value
+    return m
+
+
+def encode_events_payload(batch: EventBatch) -> bytes:
+    """Encode a batch to uncompressed msgpack bytes (what the digest covers)."""
+    body: dict[int, Any] = {
+        0: [FORMAT_MAJOR, FORMAT_MINOR],
+        1: batch.producer_id,
+        2: batch.seq,
+        6: [event_to_map(e) for e in batch.events],
+    }
+    if batch.batch_id:
+        body[3] = batch.batch_id
+    if batch.created_at_unix_nano:
+        body[4] = batch.created_at_unix_nano
+    if batch.prev_digest:
+        body[5] = batch.prev_digest
+    return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def encode_batch(batch: EventBatch, *, compress: bool = False, level: int = 6) -> bytes:
+    """Encode a batch for the wire, gzip'd when ``compress`` is set.
+
+    Example:
+        >>> body = encode_batch(EventBatch("edge-7", 1, events), compress=True)
+    """
+    payload = encode_events_payload(batch)
+    if not compress:
+        return payload
+    return gzip_bytes(payload, level)
+
+
+def gzip_bytes(payload: bytes, level: int = 6) -> bytes:
+    """Gzip ``payload`` (a standard gzip member, mtime 0 for reproducible bytes)."""
+    compressor = zlib.compressobj(level, zlib.DEFLATED, 31)
+    return compressor.compress(payload) + compressor.flush()
+
+
+def batch_digest(payload: bytes) -> bytes:
+    """SHA-256 of uncompressed batch bytes: the link of the per-producer chain."""
+    return hashlib.sha256(payload).digest()
+
+
+# -- decoding -----------------------------------------------------------------
+
+
+def gunzip_bounded(data: bytes, max_bytes: int) -> bytes:
+    """Decompress a gzip payload, refusing to produce more than ``max_bytes``.
+
+    Raises:
+        WireTooLargeError: the output would exceed ``max_bytes`` (gzip bomb).
+        WireError: the bytes are not valid gzip.
+    """
+    decompressor = zlib.decompressobj(31)
+    try:
+        out = decompressor.decompress(data, max_bytes + 1)
+    except zlib.error as exc:
+        raise WireError(f"invalid gzip data: {exc}") from None
+    if len(out) > max_bytes or decompressor.unconsumed_tail:
+        raise WireTooLargeError(f"decompressed body exceeds {max_bytes} bytes")
+    if not decompressor.eof:
+        raise WireError("truncated gzip data")
+    return out
+
+
+def unpack_bounded(payload: bytes, limits: DecodeLimits) -> object:
+    """Unpack msgpack bytes with every declared length bounded.
+
+    Raises:
+        WireError: malformed, truncated, trailing data or a bound exceeded.
+    """
+    try:
+        return msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=False,
+            use_list=True,
+            max_str_len=limits.max_str_len,
+            max_bin_len=limits.max_bin_len,
+            max_array_len=max(limits.max_events, limits.max_map_len),
+            max_map_len=limits.max_map_len,
+            max_ext_len=0,
+        )
+    except msgpack.ExtraData:
+        raise WireError("trailing bytes after the msgpack value") from None
+    except (msgpack.OutOfData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise WireError(f"malformed msgpack: {type(exc).__name__}") from None
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise WireError(f"malformed msgpack: {_short(exc)}") from None
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).split("\n", 1)[0][:120]
+
+
+def decode_batch(data: bytes, *, limits: DecodeLimits = DEFAULT_LIMITS) -> DecodedBatch:
+    """Decode wire bytes (gzip'd or not) into a batch, rejecting bad events alone.
+
+    Raises:
+        WireTooLargeError: the body or its decompressed form is over the limits.
+        WireError: the batch itself is malformed (the whole body is refused).
+    """
+    if len(data) > limits.max_bytes:
+        raise WireTooLargeError(f"body exceeds {limits.max_bytes} bytes")
+    payload = data
+    if data[:2] == GZIP_MAGIC:
+        payload = gunzip_bounded(data, limits.max_decompressed_bytes)
+    raw = unpack_bounded(payload, limits)
+    if not isinstance(raw, dict):
+        raise WireError("batch must be a msgpack map")
+    _check_version(raw.get(0))
+    producer_id = _batch_str(raw, 1, "producer_id", required=True, max_len=limits.max_id_len)
+    seq = raw.get(2)
+    if not isinstance(seq, int) or not _is_uint(seq) or seq == 0:
+        raise WireError("seq must be a positive integer")
+    raw_events = raw.get(6, [])
+    if not isinstance(raw_events, list):
+        raise WireError("events must be an array")
+    if len(raw_events) > limits.max_events:
+        raise WireTooLargeError(f"batch holds more than {limits.max_events} events")
+    events: list[PredictionEvent] = []
+    rejected: list[Rejection] = []
+    for index, item in enumerate(raw_events):
+        try:
+            events.append(event_from_map(item, limits))
+        except WireError as exc:
+            pid = item.get(1) if isinstance(item, dict) else None
+            rejected.append(Rejection(index, str(exc), pid if isinstance(pid, str) else ""))
+    batch = EventBatch(
+        producer_id=producer_id,
+        seq=seq,
+        events=events,
+        batch_id=_batch_bytes(raw, 3, "batch_id"),
+        created_at_unix_nano=_batch_uint(raw, 4, "created_at_unix_nano"),
+        prev_digest=_batch_bytes(raw, 5, "prev_digest"),
+    )
+    return DecodedBatch(batch, tuple(rejected), batch_digest(payload))
+
+
+def _check_version(version: object) -> None:
+    if version is None:
+        raise WireError("missing format version (key 0)")
+    if (
+        not isinstance(version, list)
+        or len(version) < 2
+        or not all(_is_uint(part) for part in version[:2])
+    ):
+        raise WireError("format version must be [major, minor]")
+    if version[0] != FORMAT_MAJOR:
+        raise WireError(f"unsupported format major version {version[0]}; this is {FORMAT_MAJOR}")
+
+
+def _is_uint(value: object) -> bool:
+    return type(value) is int and 0 <= value <= _UINT64_MAX
+
+
+def _batch_str(raw: Mapping[Any, Any], key: int, name: str, *, required: bool, max_len: int) -> str:
+    value = raw.get(key, "")
+    if not isinstance(value, str):
+        raise WireError(f"{name} must be a string")
+    if required and not value:
+        raise WireError(f"{name} is required")
+    if len(value) > max_len:
+        raise WireError(f"{name} longer than {max_len} characters")
+    return value
+
+
+def _batch_bytes(raw: Mapping[Any, Any], key: int, name: str) -> bytes:
+    value = raw.get(key, b"")
+    if not isinstance(value, bytes):
+        raise WireError(f"{name} must be bytes")
+    return value
+
+
+def _batch_uint(raw: Mapping[Any, Any], key: int, name: str) -> int:
+    value = raw.get(key, 0)
+    if not _is_uint(value):
+        raise WireError(f"{name} must be a non-negative integer")
+    return int(value)
+
+
+class _Fields:
+    """Typed reads from one int-keyed map; every failure names the field."""
+
+    __slots__ = ("raw", "where")
+
+    def __init__(self, raw: object, where: str) -> None:
+        if not isinstance(raw, dict):
+            raise WireError(f"{where} must be a map")
+        self.raw: dict[Any, Any] = raw
+        self.where = where
+
+    def text(self, key: int, name: str) -> str:
+        value = self.raw.get(key, "")
+        if not isinstance(value, str):
+            raise WireError(f"{self.where}.{name} must be a string")
+        return value
+
+    def blob(self, key: int, name: str, sizes: tuple[int, ...] = ()) -> bytes:
+        value = self.raw.get(key, b"")
+        if not isinstance(value, bytes):
+            raise WireError(f"{self.where}.{name} must be bytes")
+        if sizes and len(value) not in sizes:
+            raise WireError(f"{self.where}.{name} must be {' or '.join(map(str, sizes))} bytes")
+        return value
+
+    def uint(self, key: int, name: str) -> int:
+        value = self.raw.get(key, 0)
+        if not _is_uint(value):
+            raise WireError(f"{self.where}.{name} must be a non-negative integer")
+        return int(value)
+
+    def number(self, key: int, name: str) -> float | None:
+        value = self.raw.get(key)
+        if value is None:
+            return None
+        if type(value) not in (int, float):
+            raise WireError(f"{self.where}.{name} must be a number")
+        return float(value)
+
+    def optional_str(self, key: int, name: str) -> str | None:
+        return self.text(key, name) if key in self.raw else None
+
+
+def _model_from(raw: object, where: str) -> ModelRef:
+    f = _Fields(raw, where)
+    return ModelRef(
+        f.text(1, "name"),
+        f.text(2, "version"),
+        f.text(3, "alias"),
+        f.text(4, "registry_model_id"),
+        f.text(5, "artifact_digest"),
+        f.text(6, "role"),
+    )
+
+
+def _deployment_from(raw: object) -> DeploymentRef:
+    f = _Fields(raw, "deployment")
+    return DeploymentRef(*(f.text(k, n) for k, n in enumerate(_DEPLOYMENT_FIELDS, start=1)))
+
+
+_DEPLOYMENT_FIELDS: Final = (
+    "id",
+    "service",
+    "namespace",
+    "pod",
+    "node",
+    "image_digest",
+    "image_name",
+)
+
+
+def _output_from(raw: object) -> OutputSummary:
+    f = _Fields(raw, "output")
+    return OutputSummary(f.optional_str(1, "label"), f.number(2, "score"), f.number(3, "value"))
+
+
+def _str_map(raw: object, name: str, convert: Callable[[object], Any]) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise WireError(f"{name} must be a map")
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            raise WireError(f"{name} keys must be strings")
+        out[key] = convert(value)
+    return out
+
+
+def _feature_value(value: object) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value):  # type: ignore[arg-type]
+        raise WireError("features values must be finite numbers")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _attribute_value(value: object) -> str:
+    if not isinstance(value, str):
+        raise WireError("attributes values must be strings")
+    return value
+
+
+def event_from_map(raw: object, limits: DecodeLimits = DEFAULT_LIMITS) -> PredictionEvent:
+    """Build one event from its int-keyed map; unknown keys are ignored.
+
+    Raises:
+        WireError: a known field has the wrong type or the id is missing.
+    """
+    f = _Fields(raw, "event")
+    prediction_id = f.text(1, "prediction_id")
+    if not prediction_id:
+        raise WireError("event.prediction_id is required")
+    if len(prediction_id) > limits.max_id_len:
+        raise WireError(f"event.prediction_id longer than {limits.max_id_len} characters")
+    status = f.uint(11, "status")
+    extra = f.raw.get(7, [])
+    if not isinstance(extra, list):
+        raise WireError("event.additional_models must be an array")
+    return PredictionEvent(
+        prediction_id=prediction_id,
+        trace_id=f.blob(2, "trace_id", (0, 16)),
+        span_id=f.blob(3, "span_id", (0, 8)),
+        timestamp_unix_nano=f.uint(4, "timestamp_unix_nano"),
+        duration_nanos=f.uint(5, "duration_nanos"),
+        model=_model_from(f.raw.get(6, {}), "model"),
+        additional_models=[_model_from(m, "additional_models[]") for m in extra],
+        deployment=_deployment_from(f.raw.get(8, {})),
+        endpoint=f.text(9, "endpoint"),
+        protocol=f.text(10, "protocol"),
+        status=Status(status) if status in (0, 1, 2) else Status.UNSET,
+        status_code=f.text(12, "status_code"),
+        error_type=f.text(13, "error_type"),
+        input_fingerprint=f.blob(14, "input_fingerprint"),
+        output=_output_from(f.raw[15]) if 15 in f.raw else None,
+        features=_str_map(f.raw.get(16, {}), "event.features", _feature_value),
+        attributes=_str_map(f.raw.get(17, {}), "event.attributes", _attribute_value),
+        sampled=f.raw.get(18) is True,
+    )
+
+
+# -- acknowledgements -------------------------------------------------------
+
+
+def encode_ack(ack: IngestAck) -> bytes:
+    """Encode the collector's answer (msgpack, keys from ``IngestAck``)."""
+    body: dict[int, Any] = {1: ack.producer_id, 2: ack.seq, 3: ack.accepted}
+    if ack.rejected:
+        body[4] = [{1: r.index, 2: r.prediction_id, 3: r.reason} for r in ack.rejected]
+    if ack.duplicate:
+        body[5] = True
+    return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def decode_ack(data: bytes, *, limits: DecodeLimits = DEFAULT_LIMITS) -> IngestAck:
+    """Decode the collector's answer.
+
+    Raises:
+        WireError: the bytes are not a valid acknowledgement.
+    """
+    f = _Fields(unpack_bounded(data, limits), "ack")
+    raw_rejected = f.raw.get(4, [])
+    if not isinstance(raw_rejected, list):
+        raise WireError("ack.rejected must be an array")
+    rejected = []
+    for item in raw_rejected:
+        r = _Fields(item, "ack.rejected[]")
+        rejected.append(
+            Rejection(r.uint(1, "index"), r.text(3, "reason"), r.text(2, "prediction_id"))
+        )
+    return IngestAck(
+        producer_id=f.text(1, "producer_id"),
+        seq=f.uint(2, "seq"),
+        accepted=f.uint(3, "accepted"),
+        rejected=tuple(rejected),
+        duplicate=f.raw.get(5) is True,
+    )

@@ -1,0 +1,236 @@
+"""The collector HTTP exporter: msgpack batches POSTed to ``/v1/batches``.
+
+The async ``CollectorClient`` is the one place that speaks HTTP to the
+collector (the sidecar's shipper uses it directly); ``CollectorHttpExporter``
+wraps it for the queued pipeline's worker thread. Answers are classified per
+the delivery contract: 2xx delivered (partial success read from the ack),
+429/502/503/504 and connection errors retryable (Retry-After honoured),
+400/401/403/404/413 permanent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import secrets
+import time
+import weakref
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from predtrace.sidecar.pipeline._errors import PermanentExportError, RetryableExportError
+from predtrace.sidecar.pipeline._stages import ExportResult, OutgoingBatch
+from predtrace.wire import (
+    EventBatch,
+    IngestAck,
+    WireError,
+    batch_digest,
+    decode_ack,
+    encode_events_payload,
+    gzip_bytes,
+)
+
+BATCH_CONTENT_TYPE = "application/vnd.predtrace.batch+msgpack"
+RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+_MAX_ACK_BYTES = 1024 * 1024
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` names this machine (localhost or a loopback address)."""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CollectorClientConfig:
+    """Where and how to reach the collector.
+
+    A bearer token is never sent over plaintext HTTP to a host other than the
+    loopback: such a config fails at startup.
+
+    Example:
+        >>> CollectorClientConfig(url="https://collector:8443", token="...")
+    """
+
+    url: str
+    token: str | None = None
+    timeout: float = 10.0
+    compress: bool = True
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"collector URL must be http(s)://host[:port], got {self.url!r}")
+        if self.token and parts.scheme == "http" and not is_loopback_host(parts.hostname):
+            raise ValueError(
+                f"refusing to send a bearer token over plaintext HTTP to {parts.hostname}; "
+                "use an https:// collector URL"
+            )
+        if self.timeout <= 0:
+            raise ValueError("collector timeout must be > 0 seconds")
+
+    @property
+    def batches_url(self) -> str:
+        """The ingest endpoint."""
+        return self.url.rstrip("/") + "/v1/batches"
+
+    def __repr__(self) -> str:
+        # Never show the token, not even in a traceback.
+        token = "<set>" if self.token else None
+        return f"CollectorClientConfig(url={self.url!r}, token={token}, timeout={self.timeout})"
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Read a Retry-After header: delta-seconds or an HTTP date; None if absent or bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+class CollectorClient:
+    """Async client of the collector's ingest API (one per event loop)."""
+
+    def __init__(self, config: CollectorClientConfig) -> None:
+        self.config = config
+        self._session: aiohttp.ClientSession | None = None
+
+    def _headers(self, compressed: bool) -> dict[str, str]:
+        headers = {"Content-Type": BATCH_CONTENT_TYPE, "Accept": BATCH_CONTENT_TYPE}
+        if compressed:
+            headers["Content-Encoding"] = "gzip"
+        if self.config.token:
+            headers["Authorization"] = f"Bearer {self.config.token}"
+        return headers
+
+    async def send(self, body: bytes, *, compressed: bool) -> IngestAck:
+        """POST one encoded batch and return the collector's acknowledgement.
+
+        Raises:
+            RetryableExportError: transient failure; retry after ``retry_after``.
+            PermanentExportError: the collector will never accept this body.
+        """
+        if self._session is None:
+            timeout = aiohttp.ClientTimeout(total=self.config.timeout)
+            self._session = aiohttp.ClientSession(timeout=timeout)
+        try:
+            async with self._session.post(
+                self.config.batches_url, data=body, headers=self._headers(compressed)
+            ) as resp:
+                content = await resp.content.read(_MAX_ACK_BYTES)
+                return self._classify(resp.status, resp.headers.get("Retry-After"), content)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise RetryableExportError(f"collector unreachable: {type(exc).__name__}") from None
+
+    def _classify(self, status: int, retry_after: str | None, content: bytes) -> IngestAck:
+        if 200 <= status < 300:
+            try:
+                return decode_ack(content)
+            except WireError as exc:
+                raise RetryableExportError(f"unreadable ack from collector: {exc}") from None
+        reason = content[:200].decode("utf-8", "replace").strip()
+        if status in RETRYABLE_STATUSES:
+            raise RetryableExportError(
+                f"collector answered {status}", retry_after=parse_retry_after(retry_after)
+            )
+        raise PermanentExportError(f"collector answered {status}: {reason}")
+
+    async def close(self) -> None:
+        """Close the HTTP session. Safe twice."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def new_producer_id(prefix: str) -> str:
+    """A producer id unique to this process start: ``<prefix>-<random>``."""
+    return f"{prefix or 'predtrace'}-{secrets.token_hex(6)}"
+
+
+class CollectorHttpExporter:
+    """Exporter of the queued pipeline that POSTs batches to the collector.
+
+    Runs its own event loop in the pipeline's worker thread, so it works the
+    same under sync and asyncio model servers. Numbers each batch and chains
+    its digest on the first attempt; retries resend identical bytes.
+
+    In-process batches are not durable, so the producer id is unique per
+    process start (``<prefix>-<random>``, renewed in a forked child) and seq
+    starts at 1 for each: the collector never confuses two processes.
+    """
+
+    def __init__(self, config: CollectorClientConfig, *, producer_prefix: str = "") -> None:
+        self.config = config
+        self._prefix = producer_prefix
+        self._reset()
+        _INSTANCES.add(self)
+
+    def _reset(self) -> None:
+        self.producer_id = new_producer_id(self._prefix)
+        self._client = CollectorClient(self.config)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._next_seq = 1
+        self._prev_digest = b""
+
+    def export(self, batch: OutgoingBatch) -> ExportResult:
+        """Deliver one batch (see the module docstring for the classification)."""
+        if batch.payload is None:
+            self._seal(batch)
+        assert batch.payload is not None  # noqa: S101 - set by _seal
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        ack = self._loop.run_until_complete(
+            self._client.send(batch.payload, compressed=self.config.compress)
+        )
+        return ExportResult(ack.accepted, ack.rejected, ack.duplicate)
+
+    def _seal(self, batch: OutgoingBatch) -> None:
+        payload = encode_events_payload(
+            EventBatch(
+                producer_id=self.producer_id,
+                seq=self._next_seq,
+                events=batch.events,
+                batch_id=secrets.token_bytes(16),
+                created_at_unix_nano=time.time_ns(),
+                prev_digest=self._prev_digest,
+            )
+        )
+        batch.seq = self._next_seq
+        self._next_seq += 1
+        self._prev_digest = batch_digest(payload)
+        batch.payload = gzip_bytes(payload) if self.config.compress else payload
+
+    def shutdown(self, timeout: float) -> None:
+        """Close the session and the private loop. Safe twice."""
+        if self._loop is None:
+            return
+        self._loop.run_until_complete(self._client.close())
+        self._loop.close()
+        self._loop = None
+
+
+_INSTANCES: weakref.WeakSet[CollectorHttpExporter] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    # The parent's event loop and sockets are unusable in the child, and the
+    # child must not reuse the parent's (producer, seq) numbering.
+    for exporter in list(_INSTANCES):
+        exporter._reset()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

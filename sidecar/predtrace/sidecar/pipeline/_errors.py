@@ -1,0 +1,29 @@
+"""Export errors: what an exporter raises to tell the queue whether to retry."""
+
+from __future__ import annotations
+
+from predtrace.wire import PredtraceError
+
+
+class ExportError(PredtraceError):
+    """Base of the errors an exporter raises."""
+
+
+class PermanentExportError(ExportError):
+    """The batch can never be delivered as is (400, 401, 403, 413, INVALID_ARGUMENT).
+
+    It is dead-lettered and counted, never retried.
+    """
+
+
+class RetryableExportError(ExportError):
+    """A transient failure (429, 502, 503, 504, UNAVAILABLE, connection error).
+
+    Args:
+        message: short reason, safe to log (no credentials, no payload).
+        retry_after: seconds the receiver asked us to wait, if it said.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
