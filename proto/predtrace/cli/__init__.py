@@ -63,6 +63,7 @@ def _lazy_table() -> dict[str, tuple[str, str]]:
 
 
 @click.group(
+    name="predtrace",
     cls=LazyGroup,
     lazy=_lazy_table(),
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
@@ -75,6 +76,7 @@ def main() -> None:
     ships the events to a lineage collector, and links each prediction to the
     model version, training run, datasets, commit and image behind it.
 
+    \b
     The collector URL comes from --collector or PREDTRACE_COLLECTOR_URL.
     Exit codes: 0 ok, 1 not found or chain broken, 2 usage error.
     """

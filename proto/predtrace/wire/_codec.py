@@ -136,7 +136,6 @@ def event_to_map(event: PredictionEvent) -> dict[int, Any]:
         (12, event.status_code),
         (13, event.error_type),
         (14, event.input_fingerprint),
-        (15, _output_to_map(event.output) if event.output is not None else None),
         (16, event.features),
         (17, event.attributes),
         (18, event.sampled),
@@ -144,6 +143,10 @@ def event_to_map(event: PredictionEvent) -> dict[int, Any]:
     for key, value in optional:
         if value:
             m[key] = value
+    if event.output is not None:
+        # Present even when empty: "an output summary with nothing in it" is
+        # not the same as "no output recorded".
+        m[15] = _output_to_map(event.output)
     return m
 
 

@@ -1,0 +1,254 @@
+"""CollectorHttpExporter against a real aiohttp server: how answers are classified.
+
+RELIABILITY rows 3, 4, 5 and 6 (the per-attempt timeout), plus the token rules
+of DESIGN §5.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+
+from predtrace.sidecar.pipeline import (
+    BATCH_CONTENT_TYPE,
+    CollectorClientConfig,
+    CollectorHttpExporter,
+    OutgoingBatch,
+    PermanentExportError,
+    QueueConfig,
+    QueuedExporter,
+    RetryableExportError,
+    RetryPolicy,
+    parse_retry_after,
+)
+from predtrace.wire import (
+    IngestAck,
+    PredictionEvent,
+    Rejection,
+    decode_batch,
+    encode_ack,
+)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class FakeCollector:
+    """A real aiohttp server on 127.0.0.1:0, in its own thread, answering from a script."""
+
+    handler: Handler | None = None
+    bodies: list[bytes] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    url: str = ""
+
+
+@pytest.fixture
+def collector() -> Iterator[FakeCollector]:
+    state = FakeCollector()
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    stop: asyncio.Event | None = None
+
+    async def ingest(request: web.Request) -> web.StreamResponse:
+        state.bodies.append(await request.read())
+        state.headers.append(dict(request.headers))
+        if state.handler is not None:
+            return await state.handler(request)
+        decoded = decode_batch(state.bodies[-1])
+        ack = IngestAck(decoded.batch.producer_id, decoded.batch.seq, len(decoded.batch.events))
+        return web.Response(body=encode_ack(ack), content_type=BATCH_CONTENT_TYPE)
+
+    async def serve() -> None:
+        nonlocal stop
+        stop = asyncio.Event()
+        app = web.Application()
+        app.router.add_post("/v1/batches", ingest)
+        runner = web.AppRunner(app, shutdown_timeout=0.2)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        state.url = f"http://127.0.0.1:{port}"
+        ready.set()
+        await stop.wait()
+        await runner.cleanup()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),))
+    thread.start()
+    assert ready.wait(10)
+    yield state
+    assert stop is not None
+    loop.call_soon_threadsafe(stop.set)
+    thread.join(10)
+    loop.close()
+
+
+def _events(n: int) -> list[PredictionEvent]:
+    return [PredictionEvent(prediction_id=f"e{i}", trace_id=bytes(16)) for i in range(n)]
+
+
+def _exporter(url: str, **kwargs: object) -> CollectorHttpExporter:
+    return CollectorHttpExporter(CollectorClientConfig(url=url, **kwargs), producer_prefix="svc")  # type: ignore[arg-type]
+
+
+def test_batches_are_numbered_chained_gzipped_and_authorised(collector: FakeCollector) -> None:
+    exporter = _exporter(collector.url, token="s3cret")
+    try:
+        for _ in range(3):
+            result = exporter.export(OutgoingBatch(_events(4)))
+            assert result.accepted == 4
+    finally:
+        exporter.shutdown(1)
+    decoded = [decode_batch(body) for body in collector.bodies]
+    assert [d.batch.seq for d in decoded] == [1, 2, 3]
+    assert {d.batch.producer_id for d in decoded} == {exporter.producer_id}
+    assert exporter.producer_id.startswith("svc-")
+    assert decoded[0].batch.prev_digest == b""
+    assert decoded[1].batch.prev_digest == decoded[0].digest
+    assert decoded[2].batch.prev_digest == decoded[1].digest
+    # aiohttp's server inflates Content-Encoding: gzip before the handler;
+    # the wire size shows the body travelled compressed.
+    assert collector.headers[0]["Content-Encoding"] == "gzip"
+    assert int(collector.headers[0]["Content-Length"]) < len(collector.bodies[0])
+    assert collector.headers[0]["Authorization"] == "Bearer s3cret"
+
+
+def test_partial_success_is_read_from_the_ack(collector: FakeCollector) -> None:
+    async def partial(request: web.Request) -> web.Response:
+        ack = IngestAck("p", 1, 3, (Rejection(2, "bad span_id", "e2"),))
+        return web.Response(body=encode_ack(ack))
+
+    collector.handler = partial
+    exporter = _exporter(collector.url)
+    try:
+        result = exporter.export(OutgoingBatch(_events(4)))
+    finally:
+        exporter.shutdown(1)
+    assert result.accepted == 3
+    assert result.rejected == (Rejection(2, "bad span_id", "e2"),)
+
+
+@pytest.mark.parametrize("status", [429, 502, 503, 504])
+def test_transient_statuses_are_retryable_with_retry_after(
+    collector: FakeCollector, status: int
+) -> None:
+    async def busy(request: web.Request) -> web.Response:
+        return web.Response(status=status, headers={"Retry-After": "7"}, text="busy")
+
+    collector.handler = busy
+    exporter = _exporter(collector.url)
+    try:
+        with pytest.raises(RetryableExportError) as info:
+            exporter.export(OutgoingBatch(_events(1)))
+    finally:
+        exporter.shutdown(1)
+    assert info.value.retry_after == 7.0
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 413])
+def test_client_errors_are_permanent_with_the_reason(collector: FakeCollector, status: int) -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        return web.Response(status=status, text="events must be an array")
+
+    collector.handler = refuse
+    exporter = _exporter(collector.url)
+    try:
+        with pytest.raises(PermanentExportError, match=f"{status}: events must be an array"):
+            exporter.export(OutgoingBatch(_events(1)))
+    finally:
+        exporter.shutdown(1)
+
+
+def test_unreadable_ack_is_retryable(collector: FakeCollector) -> None:
+    async def garbage(request: web.Request) -> web.Response:
+        return web.Response(body=b"\xc1\xc1")
+
+    collector.handler = garbage
+    exporter = _exporter(collector.url)
+    try:
+        with pytest.raises(RetryableExportError, match="unreadable ack"):
+            exporter.export(OutgoingBatch(_events(1)))
+    finally:
+        exporter.shutdown(1)
+
+
+def test_connection_refused_is_retryable() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exporter = _exporter(f"http://127.0.0.1:{port}")
+    try:
+        with pytest.raises(RetryableExportError, match="collector unreachable"):
+            exporter.export(OutgoingBatch(_events(1)))
+    finally:
+        exporter.shutdown(1)
+
+
+def test_server_that_never_answers_hits_the_attempt_timeout(collector: FakeCollector) -> None:
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(3)
+        return web.Response()
+
+    collector.handler = hang
+    exporter = _exporter(collector.url, timeout=0.3)
+    try:
+        with pytest.raises(RetryableExportError, match="TimeoutError"):
+            exporter.export(OutgoingBatch(_events(1)))
+    finally:
+        exporter.shutdown(1)
+
+
+def test_retry_resends_identical_bytes_with_the_same_seq(collector: FakeCollector) -> None:
+    answers = iter([503, 503, 200])
+
+    async def flaky(request: web.Request) -> web.Response:
+        status = next(answers)
+        if status != 200:
+            return web.Response(status=status, headers={"Retry-After": "0"})
+        decoded = decode_batch(await request.read())
+        return web.Response(body=encode_ack(IngestAck("p", decoded.batch.seq, 2)))
+
+    collector.handler = flaky
+    exporter = _exporter(collector.url)
+    policy = RetryPolicy(initial_backoff=0.001, max_backoff=0.01)
+    pipeline = QueuedExporter(exporter, QueueConfig(retry=policy))
+    for event in _events(2):
+        pipeline.emit(event)
+    pipeline.shutdown(timeout=10)
+    assert len(collector.bodies) == 3
+    assert collector.bodies[0] == collector.bodies[1] == collector.bodies[2]
+    assert pipeline.counters.snapshot()["exported"] == 2
+
+
+def test_token_over_plaintext_to_a_remote_host_is_refused_at_startup() -> None:
+    with pytest.raises(ValueError, match="refusing to send a bearer token over plaintext"):
+        CollectorClientConfig(url="http://collector.internal:8700", token="t")
+    # Loopback and TLS are fine.
+    CollectorClientConfig(url="http://127.0.0.1:8700", token="t")
+    CollectorClientConfig(url="http://[::1]:8700", token="t")
+    CollectorClientConfig(url="https://collector.internal", token="t")
+
+
+def test_config_repr_never_shows_the_token() -> None:
+    config = CollectorClientConfig(url="http://localhost:1", token="super-secret-token")
+    assert "super-secret-token" not in repr(config)
+    assert "super-secret-token" not in str(config)
+
+
+@pytest.mark.parametrize("url", ["collector:8700", "ftp://x", "http://"])
+def test_bad_collector_url_fails_at_startup(url: str) -> None:
+    with pytest.raises(ValueError, match="collector URL"):
+        CollectorClientConfig(url=url)
+
+
+def test_parse_retry_after_reads_seconds_and_dates() -> None:
+    assert parse_retry_after("30") == 30.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0

@@ -1,0 +1,359 @@
+"""QueuedExporter: bounded queue, batching, retry, drops by reason, lifecycle, fork.
+
+RELIABILITY rows 3, 4, 5, 20, 21 (emit side), 22 (in-process), 23, 24.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from predtrace.sidecar.pipeline import (
+    ExportResult,
+    OutgoingBatch,
+    PermanentExportError,
+    QueueConfig,
+    QueuedExporter,
+    RetryableExportError,
+    RetryPolicy,
+)
+from predtrace.sidecar.testing import FakeClock, InMemoryExporter, ScriptedExporter
+from predtrace.wire import PredictionEvent, Rejection
+
+Events = Callable[..., list[PredictionEvent]]
+
+
+def _pipeline(exporter: object, clock: FakeClock | None = None, **config: object) -> QueuedExporter:
+    cfg = QueueConfig(**{"max_queue_size": 100, "max_batch_size": 10, **config})  # type: ignore[arg-type]
+    return QueuedExporter(exporter, cfg, clock=clock or FakeClock(), seed=1)  # type: ignore[arg-type]
+
+
+def _fill_without_worker(pipeline: QueuedExporter, events: list[PredictionEvent]) -> None:
+    # Mark started so emit does not spawn the worker: the test pumps by hand.
+    pipeline._started = True
+    for event in events:
+        pipeline.emit(event)
+
+
+def test_pump_takes_batches_of_the_configured_size(make_events: Events) -> None:
+    exporter = InMemoryExporter()
+    pipeline = _pipeline(exporter)
+    _fill_without_worker(pipeline, make_events(25))
+    assert [pipeline.pump(), pipeline.pump(), pipeline.pump(), pipeline.pump()] == [10, 10, 5, 0]
+    assert [len(b) for b in exporter.batches] == [10, 10, 5]
+    assert [e.prediction_id for e in exporter.events] == [f"e{i}" for i in range(25)]
+    assert pipeline.counters.snapshot()["exported"] == 25
+
+
+def test_full_queue_drops_oldest_and_counts_each_drop(make_events: Events) -> None:
+    exporter = InMemoryExporter()
+    pipeline = _pipeline(exporter, max_queue_size=20)
+    _fill_without_worker(pipeline, make_events(1000))
+    assert pipeline.queue_depth == 20
+    counters = pipeline.counters.snapshot()
+    assert counters["dropped.queue_full"] == 980
+    assert counters["enqueued"] == 1000
+    pipeline.pump()
+    pipeline.pump()
+    assert [e.prediction_id for e in exporter.events] == [f"e{i}" for i in range(980, 1000)]
+
+
+def test_drop_newest_keeps_the_oldest(make_events: Events) -> None:
+    exporter = InMemoryExporter()
+    pipeline = _pipeline(exporter, max_queue_size=20, drop="newest")
+    _fill_without_worker(pipeline, make_events(50))
+    pipeline.pump()
+    pipeline.pump()
+    assert [e.prediction_id for e in exporter.events] == [f"e{i}" for i in range(20)]
+    assert pipeline.counters.snapshot()["dropped.queue_full"] == 30
+
+
+@pytest.mark.parametrize("status", [429, 502, 503, 504])
+def test_retryable_error_waits_at_least_retry_after_and_delivers(
+    make_events: Events, status: int
+) -> None:
+    clock = FakeClock()
+    exporter = ScriptedExporter(
+        [
+            RetryableExportError(f"collector answered {status}", retry_after=120.0),
+            RetryableExportError(f"collector answered {status}"),
+        ]
+    )
+    pipeline = _pipeline(exporter, clock)
+    _fill_without_worker(pipeline, make_events(5))
+    pipeline.pump()
+    assert [a[0] for a in exporter.attempts] == [1, 2, 3]
+    assert clock.sleeps[0] >= 120.0
+    assert len(clock.sleeps) == 2
+    assert exporter.delivered == [make_events(5)]
+    counters = pipeline.counters.snapshot()
+    assert counters["retried"] == 2
+    assert counters["dropped"] == 0
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 413])
+def test_permanent_error_is_not_retried_counted_and_logged_once(
+    make_events: Events, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    exporter = ScriptedExporter([PermanentExportError(f"collector answered {status}: bad")] * 3)
+    pipeline = _pipeline(exporter)
+    _fill_without_worker(pipeline, make_events(30))
+    with caplog.at_level(logging.WARNING, logger="predtrace.pipeline"):
+        for _ in range(3):
+            pipeline.pump()
+    assert [a[0] for a in exporter.attempts] == [1, 1, 1]
+    assert pipeline.counters.snapshot()["dropped.permanent"] == 30
+    logged = [r for r in caplog.records if "dead-lettered" in r.getMessage()]
+    assert len(logged) == 1
+
+
+def test_partial_success_counts_rejected_and_does_not_retry(make_events: Events) -> None:
+    rejected = (Rejection(1, "bad trace_id", "e1"), Rejection(3, "bad", "e3"))
+    exporter = ScriptedExporter([ExportResult(8, rejected)])
+    pipeline = _pipeline(exporter)
+    _fill_without_worker(pipeline, make_events(10))
+    pipeline.pump()
+    assert len(exporter.attempts) == 1
+    counters = pipeline.counters.snapshot()
+    assert counters["exported"] == 8
+    assert counters["dropped.rejected"] == 2
+
+
+def test_retries_resend_the_same_sealed_batch(make_events: Events) -> None:
+    seen: list[tuple[int, bytes | None]] = []
+
+    class SealingExporter:
+        def export(self, batch: OutgoingBatch) -> ExportResult:
+            if batch.payload is None:
+                batch.seq, batch.payload = 7, b"sealed"
+            seen.append((batch.seq, batch.payload))
+            if len(seen) < 3:
+                raise RetryableExportError("down")
+            return ExportResult(len(batch.events))
+
+        def shutdown(self, timeout: float) -> None:
+            pass
+
+    pipeline = _pipeline(SealingExporter())
+    _fill_without_worker(pipeline, make_events(3))
+    pipeline.pump()
+    assert seen == [(7, b"sealed")] * 3
+
+
+def test_offline_for_days_drops_nothing_for_elapsed_time(make_events: Events) -> None:
+    # Row 24: an outage of a week; backoff stays capped; nothing is dropped
+    # because of time, and the batch is delivered when the link returns.
+    clock = FakeClock()
+    outage = [RetryableExportError("connection refused")] * 20_000
+    exporter = ScriptedExporter(outage)
+    policy = RetryPolicy(initial_backoff=1.0, max_backoff=60.0)
+    pipeline = _pipeline(exporter, clock, retry=policy)
+    _fill_without_worker(pipeline, make_events(10))
+    start = clock.monotonic()
+    pipeline.pump()
+    assert clock.monotonic() - start > 3 * 86_400
+    assert max(clock.sleeps) <= 60.0
+    assert exporter.delivered == [make_events(10)]
+    assert pipeline.counters.snapshot()["dropped"] == 0
+
+
+def test_max_attempts_drops_with_its_own_reason(make_events: Events) -> None:
+    exporter = ScriptedExporter([RetryableExportError("down")] * 5)
+    pipeline = _pipeline(exporter, retry=RetryPolicy(max_attempts=3))
+    _fill_without_worker(pipeline, make_events(4))
+    pipeline.pump()
+    assert len(exporter.attempts) == 3
+    assert pipeline.counters.snapshot()["dropped.retries_exhausted"] == 4
+
+
+def test_exporter_bug_drops_the_batch_and_the_worker_survives(make_events: Events) -> None:
+    exporter = ScriptedExporter([ZeroDivisionError("bug")])
+    pipeline = _pipeline(exporter)
+    _fill_without_worker(pipeline, make_events(20))
+    pipeline.pump()
+    pipeline.pump()
+    counters = pipeline.counters.snapshot()
+    assert counters["dropped.exporter_error"] == 10
+    assert counters["exported"] == 10
+
+
+def test_processors_transform_filter_and_a_raising_one_drops_one_event(
+    make_events: Events, caplog: pytest.LogCaptureFixture
+) -> None:
+    def redact(event: PredictionEvent) -> PredictionEvent:
+        event.attributes.pop("email", None)
+        return event
+
+    def only_even(event: PredictionEvent) -> PredictionEvent | None:
+        return event if int(event.prediction_id[1:]) % 2 == 0 else None
+
+    def explode_on_e4(event: PredictionEvent) -> PredictionEvent:
+        if event.prediction_id == "e4":
+            raise RuntimeError("processor bug")
+        return event
+
+    events = make_events(6)
+    for e in events:
+        e.attributes["email"] = "someone@example.org"
+    exporter = InMemoryExporter()
+    cfg = QueueConfig(max_queue_size=100, max_batch_size=10)
+    pipeline = QueuedExporter(
+        exporter, cfg, processors=[redact, only_even, explode_on_e4], clock=FakeClock()
+    )
+    _fill_without_worker(pipeline, events)
+    with caplog.at_level(logging.WARNING, logger="predtrace.pipeline"):
+        pipeline.pump()
+    assert [e.prediction_id for e in exporter.events] == ["e0", "e2"]
+    assert all("email" not in e.attributes for e in exporter.events)
+    counters = pipeline.counters.snapshot()
+    assert counters["dropped.filtered"] == 3
+    assert counters["dropped.processor"] == 1
+    assert "processor raised RuntimeError" in caplog.text
+
+
+def test_emit_never_raises_even_on_garbage() -> None:
+    pipeline = _pipeline(InMemoryExporter())
+    pipeline._started = True
+    pipeline._lock = None  # type: ignore[assignment]  # sabotage the internals
+    pipeline.emit(PredictionEvent(prediction_id="x"))
+    assert pipeline.counters.snapshot()["dropped.emit_error"] == 1
+
+
+def test_worker_thread_exports_by_size_and_by_time(make_events: Events) -> None:
+    exporter = InMemoryExporter()
+    pipeline = QueuedExporter(
+        exporter, QueueConfig(max_queue_size=1000, max_batch_size=50, schedule_delay=0.05)
+    )
+    for event in make_events(120):
+        pipeline.emit(event)
+    assert pipeline.force_flush(timeout=10)
+    assert len(exporter.events) == 120
+    for event in make_events(3, start=120):
+        pipeline.emit(event)
+    # Below the batch size: the timer sends it without a flush.
+    deadline = time.monotonic() + 10
+    while len(exporter.events) < 123 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(exporter.events) == 123
+    pipeline.shutdown(timeout=5)
+
+
+def test_shutdown_flushes_is_idempotent_and_emit_after_counts(make_events: Events) -> None:
+    exporter = InMemoryExporter()
+    pipeline = QueuedExporter(exporter, QueueConfig(schedule_delay=30.0))
+    for event in make_events(700):
+        pipeline.emit(event)
+    pipeline.shutdown(timeout=5)
+    pipeline.shutdown(timeout=5)
+    assert len(exporter.events) == 700
+    assert exporter.shutdown_calls == 1
+    pipeline.emit(PredictionEvent(prediction_id="late"))
+    assert pipeline.counters.snapshot()["dropped.shutdown"] == 1
+
+
+def test_shutdown_without_start_is_safe_and_flushes_inline(make_events: Events) -> None:
+    exporter = InMemoryExporter()
+    QueuedExporter(exporter).shutdown(timeout=1)
+    assert exporter.shutdown_calls == 1
+    pipeline = QueuedExporter(exporter, clock=FakeClock())
+    pipeline._started = True  # queued but never started a worker
+    for event in make_events(3):
+        pipeline.emit(event)
+    pipeline._started = False
+    pipeline.shutdown(timeout=1)
+    assert len(exporter.events) == 3
+
+
+def test_shutdown_deadline_bounds_a_dead_collector(make_events: Events) -> None:
+    # Row 22 in-process: a full queue and a collector that never answers
+    # well; shutdown returns by its deadline and counts what it could not send.
+    exporter = ScriptedExporter([RetryableExportError("down", retry_after=3600)] * 100)
+    pipeline = QueuedExporter(exporter, QueueConfig(max_queue_size=100, max_batch_size=10))
+    for event in make_events(100):
+        pipeline.emit(event)
+    started = time.monotonic()
+    pipeline.shutdown(timeout=0.5)
+    assert time.monotonic() - started < 5
+    assert pipeline.counters.snapshot()["dropped.shutdown"] == 100
+
+
+async def test_emit_and_ashutdown_from_asyncio_code(make_events: Events) -> None:
+    exporter = InMemoryExporter()
+    pipeline = QueuedExporter(exporter)
+    for event in make_events(10):
+        pipeline.emit(event)
+    await pipeline.ashutdown(timeout=5)
+    assert len(exporter.events) == 10
+
+
+def test_emit_from_many_threads_counts_exactly(make_events: Events) -> None:
+    exporter = InMemoryExporter()
+    pipeline = QueuedExporter(exporter, QueueConfig(max_queue_size=500, max_batch_size=100))
+
+    def worker(base: int) -> None:
+        for event in make_events(2000, start=base):
+            pipeline.emit(event)
+
+    threads = [threading.Thread(target=worker, args=(i * 10_000,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pipeline.shutdown(timeout=10)
+    counters = pipeline.counters.snapshot()
+    assert counters["enqueued"] == 8000
+    assert counters["exported"] + counters["dropped"] == 8000
+    assert counters["exported"] == len(exporter.events)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_has_a_working_pipeline_and_never_resends_the_parent_queue(
+    make_events: Events,
+) -> None:
+    # Row 23 (gunicorn --preload): events queued in the parent before the fork
+    # are exported by the parent only; the child's own events go out from it.
+    exporter = InMemoryExporter()
+    pipeline = QueuedExporter(exporter, QueueConfig(schedule_delay=30.0))
+    for event in make_events(5):
+        pipeline.emit(event)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            os.close(read_fd)
+            for event in make_events(3, start=100):
+                pipeline.emit(event)
+            pipeline.shutdown(timeout=5)
+            os.write(write_fd, ",".join(e.prediction_id for e in exporter.events).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        child_exported = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert child_exported == "e100,e101,e102"
+    pipeline.shutdown(timeout=5)
+    assert [e.prediction_id for e in exporter.events] == [f"e{i}" for i in range(5)]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_queue_size": 0},
+        {"max_batch_size": 0},
+        {"max_queue_size": 10, "max_batch_size": 11},
+        {"schedule_delay": 0},
+        {"drop": "random"},
+    ],
+)
+def test_invalid_queue_config_fails_at_startup(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="QueueConfig"):
+        QueueConfig(**kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,212 @@
+"""The msgpack batch codec: round trips, partial success, bounds, schema drift."""
+
+from __future__ import annotations
+
+import gzip
+import tracemalloc
+from collections.abc import Callable
+
+import msgpack
+import pytest
+
+from predtrace.v1 import batch_pb2, event_pb2
+from predtrace.wire import (
+    DecodeLimits,
+    EventBatch,
+    IngestAck,
+    PredictionEvent,
+    Rejection,
+    WireError,
+    WireTooLargeError,
+    batch_digest,
+    decode_ack,
+    decode_batch,
+    encode_ack,
+    encode_batch,
+    encode_events_payload,
+    event_to_map,
+)
+
+
+def _raw(batch: EventBatch) -> dict[int, object]:
+    return msgpack.unpackb(encode_batch(batch), strict_map_key=False)  # type: ignore[no-any-return]
+
+
+def _pack(value: object) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def test_round_trip_keeps_every_field(batch: EventBatch) -> None:
+    decoded = decode_batch(encode_batch(batch))
+    assert decoded.batch == batch
+    assert decoded.rejected == ()
+
+
+def test_gzip_round_trip_and_digest_covers_uncompressed_bytes(batch: EventBatch) -> None:
+    body = encode_batch(batch, compress=True)
+    assert body[:2] == b"\x1f\x8b"
+    assert gzip.decompress(body) == encode_batch(batch)
+    decoded = decode_batch(body)
+    assert decoded.batch == batch
+    assert decoded.digest == batch_digest(encode_events_payload(batch))
+
+
+def test_minimal_event_encodes_only_the_id() -> None:
+    assert event_to_map(PredictionEvent(prediction_id="p1")) == {1: "p1"}
+
+
+def test_keys_are_the_proto_field_numbers(batch: EventBatch) -> None:
+    raw = _raw(batch)
+    numbers = {f.name: f.number for f in batch_pb2.EventBatch.DESCRIPTOR.fields}
+    assert {numbers["producer_id"], numbers["seq"], numbers["events"]} <= set(raw)
+    event_numbers = {f.number for f in event_pb2.PredictionEvent.DESCRIPTOR.fields}
+    events = raw[numbers["events"]]
+    assert isinstance(events, list)
+    assert set(events[0]) <= event_numbers
+
+
+def test_bad_event_is_rejected_alone_and_the_rest_kept(batch: EventBatch) -> None:
+    raw = _raw(batch)
+    events = raw[6]
+    assert isinstance(events, list)
+    events[1][2] = b"short"  # trace id of the wrong length
+    events.append({2: b"x" * 16})  # no prediction id
+    events.append("not a map")
+    decoded = decode_batch(_pack(raw))
+    assert [e.prediction_id for e in decoded.batch.events] == [
+        batch.events[0].prediction_id,
+        batch.events[2].prediction_id,
+    ]
+    assert [r.index for r in decoded.rejected] == [1, 3, 4]
+    assert "trace_id" in decoded.rejected[0].reason
+    assert decoded.rejected[0].prediction_id == batch.events[1].prediction_id
+    assert "prediction_id is required" in decoded.rejected[1].reason
+
+
+def test_unknown_keys_are_ignored_and_newer_minor_accepted(batch: EventBatch) -> None:
+    raw = _raw(batch)
+    raw[0] = [1, 7]
+    raw[99] = {"future": ["field"]}
+    events = raw[6]
+    assert isinstance(events, list)
+    events[0][77] = [1, 2, 3]
+    decoded = decode_batch(_pack(raw))
+    assert decoded.batch.events == batch.events
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda r: r.pop(0), "missing format version"),
+        (lambda r: r.__setitem__(0, [2, 0]), "unsupported format major version 2"),
+        (lambda r: r.__setitem__(0, "1.0"), "format version must be"),
+        (lambda r: r.pop(1), "producer_id is required"),
+        (lambda r: r.__setitem__(1, 5), "producer_id must be a string"),
+        (lambda r: r.__setitem__(2, 0), "seq must be a positive integer"),
+        (lambda r: r.__setitem__(2, -1), "seq must be a positive integer"),
+        (lambda r: r.__setitem__(2, True), "seq must be a positive integer"),
+        (lambda r: r.__setitem__(6, {}), "events must be an array"),
+        (lambda r: r.__setitem__(5, "digest"), "prev_digest must be bytes"),
+    ],
+)
+def test_malformed_batch_is_refused_with_a_reason(
+    batch: EventBatch, mutate: object, reason: str
+) -> None:
+    raw = _raw(batch)
+    mutate(raw)  # type: ignore[operator]
+    with pytest.raises(WireError, match=reason):
+        decode_batch(_pack(raw))
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "malformed msgpack"),
+        (b"\xc1", "malformed msgpack"),
+        (_pack([1, 2]), "batch must be a msgpack map"),
+        (_pack({0: [1, 0], 1: "p", 2: 1}) + b"\x00", "trailing bytes"),
+        (_pack({0: [1, 0], 1: "p", 2: 1})[:-1], "malformed msgpack"),
+    ],
+)
+def test_malformed_bytes_raise_wire_error_only(data: bytes, reason: str) -> None:
+    with pytest.raises(WireError, match=reason):
+        decode_batch(data)
+
+
+def test_huge_declared_lengths_are_refused_before_allocation() -> None:
+    # A str header claiming 4 GiB followed by nothing.
+    for header in (b"\xdb\xff\xff\xff\xff", b"\xc6\xff\xff\xff\xff", b"\xdd\xff\xff\xff\xff"):
+        tracemalloc.start()
+        try:
+            with pytest.raises(WireError):
+                decode_batch(header)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 1024 * 1024
+
+
+def test_deep_nesting_is_refused() -> None:
+    deep = b"\x91" * 100_000 + b"\xc0"
+    with pytest.raises(WireError):
+        decode_batch(deep)
+
+
+def test_string_over_the_limit_is_refused() -> None:
+    limits = DecodeLimits(max_str_len=100)
+    with pytest.raises(WireError):
+        decode_batch(_pack({0: [1, 0], 1: "p" * 101, 2: 1}), limits=limits)
+
+
+def test_too_many_events_is_refused(make_event: Callable[[int], PredictionEvent]) -> None:
+    body = encode_batch(EventBatch("p", 1, [make_event(i) for i in range(11)]))
+    # The msgpack parser refuses the array header before building 11 events.
+    with pytest.raises(WireError, match=r"11 exceeds max_array_len\(10\)"):
+        decode_batch(body, limits=DecodeLimits(max_events=10, max_map_len=8))
+    # With maps allowed larger than the event cap, the codec's own check says it.
+    with pytest.raises(WireTooLargeError, match="more than 10 events"):
+        decode_batch(body, limits=DecodeLimits(max_events=10, max_map_len=64))
+
+
+def test_oversized_body_is_too_large_before_decoding(batch: EventBatch) -> None:
+    body = encode_batch(batch)
+    with pytest.raises(WireTooLargeError, match="body exceeds"):
+        decode_batch(body, limits=DecodeLimits(max_bytes=len(body) - 1))
+
+
+def test_gzip_bomb_is_stopped_at_the_decompressed_limit() -> None:
+    bomb = gzip.compress(b"\x00" * (50 * 1024 * 1024))
+    assert len(bomb) < 100_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(WireTooLargeError, match="decompressed body exceeds"):
+            decode_batch(bomb, limits=DecodeLimits(max_decompressed_bytes=1024 * 1024))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024
+
+
+def test_truncated_and_corrupt_gzip_are_wire_errors(batch: EventBatch) -> None:
+    body = encode_batch(batch, compress=True)
+    with pytest.raises(WireError, match="truncated gzip"):
+        decode_batch(body[: len(body) // 2])
+    with pytest.raises(WireError, match="invalid gzip"):
+        decode_batch(body[:10] + b"\xff" * 20)
+
+
+def test_non_finite_feature_rejects_the_event() -> None:
+    raw = {0: [1, 0], 1: "p", 2: 1, 6: [{1: "a", 16: {"x": float("nan")}}, {1: "b"}]}
+    decoded = decode_batch(_pack(raw))
+    assert [e.prediction_id for e in decoded.batch.events] == ["b"]
+    assert "finite" in decoded.rejected[0].reason
+
+
+def test_ack_round_trip() -> None:
+    ack = IngestAck("edge-7", 9, 510, (Rejection(3, "bad trace_id", "p3"),), duplicate=True)
+    assert decode_ack(encode_ack(ack)) == ack
+
+
+def test_ack_with_wrong_types_is_a_wire_error() -> None:
+    with pytest.raises(WireError, match=r"ack\.accepted"):
+        decode_ack(_pack({1: "p", 2: 1, 3: "many"}))
