@@ -24,7 +24,9 @@ from predtrace.wire import (
     WireError,
     decode_batch,
     encode_batch,
+    event_to_map,
 )
+from predtrace.wire._codec import _checked_event, _fast_event
 
 text = st.text(max_size=40)
 ids = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=64)
@@ -125,3 +127,13 @@ def test_mutated_batches_raise_only_wire_error(
             body[pos:pos] = data.draw(st.binary(min_size=1, max_size=8))
     payload = gzip.compress(bytes(body)) if compress else bytes(body)
     _decode_only_wire_errors(payload)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events)
+def test_fast_and_checked_event_paths_agree(event: PredictionEvent) -> None:
+    raw = event_to_map(event)
+    fast = _fast_event(raw, SMALL)
+    checked = _checked_event(raw, SMALL)
+    assert checked == event
+    assert fast is None or fast == checked

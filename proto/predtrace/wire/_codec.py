@@ -427,12 +427,116 @@ def _attribute_value(value: object) -> str:
     return value
 
 
+def _strs(raw: object, count: int) -> list[str] | None:
+    """The values of keys 1..count of a map of strings, or None if anything is off."""
+    if type(raw) is not dict:
+        return None
+    values = [raw.get(k, "") for k in range(1, count + 1)]
+    for value in values:
+        if type(value) is not str:
+            return None
+    return values
+
+
+def _fast_event(raw: dict[Any, Any], limits: DecodeLimits) -> PredictionEvent | None:
+    """Build a well-formed event quickly; None sends it to the precise slow path.
+
+    Accepts a subset of what ``_checked_event`` accepts, so the slow path alone
+    decides every rejection and its reason.
+    """
+    g = raw.get
+    pid, trace_id, span_id = g(1), g(2, b""), g(3, b"")
+    ts, duration, status = g(4, 0), g(5, 0), g(11, 0)
+    model = _strs(g(6, {}), 6)
+    deployment = _strs(g(8, {}), 7)
+    texts = (g(9, ""), g(10, ""), g(12, ""), g(13, ""))
+    features, attributes, extra = g(16, {}), g(17, {}), g(7, [])
+    if (
+        type(pid) is not str
+        or not 0 < len(pid) <= limits.max_id_len
+        or type(trace_id) is not bytes
+        or len(trace_id) not in (0, 16)
+        or type(span_id) is not bytes
+        or len(span_id) not in (0, 8)
+        or type(ts) is not int
+        or type(duration) is not int
+        or not 0 <= ts <= _UINT64_MAX
+        or not 0 <= duration <= _UINT64_MAX
+        or status not in (0, 1, 2)
+        or type(status) is not int
+        or model is None
+        or deployment is None
+        or any(type(t) is not str for t in texts)
+        or extra
+        or type(g(14, b"")) is not bytes
+        or type(features) is not dict
+        or type(attributes) is not dict
+    ):
+        return None
+    for key, value in features.items():
+        if type(key) is not str or type(value) is not float or not math.isfinite(value):
+            return None
+    for key, value in attributes.items():
+        if type(key) is not str or type(value) is not str:
+            return None
+    output = None
+    if 15 in raw:
+        output = _fast_output(raw[15])
+        if output is None:
+            return None
+    return PredictionEvent(
+        pid,
+        trace_id,
+        span_id,
+        ts,
+        duration,
+        ModelRef(*model),
+        [],
+        DeploymentRef(*deployment),
+        texts[0],
+        texts[1],
+        _STATUSES[status],
+        texts[2],
+        texts[3],
+        g(14, b""),
+        output,
+        features,
+        attributes,
+        g(18) is True,
+    )
+
+
+_STATUSES: Final = (Status.UNSET, Status.OK, Status.ERROR)
+
+
+def _fast_output(raw: object) -> OutputSummary | None:
+    if type(raw) is not dict:
+        return None
+    label, score, value = raw.get(1), raw.get(2), raw.get(3)
+    if label is not None and type(label) is not str:
+        return None
+    if (score is not None and type(score) is not float) or (
+        value is not None and type(value) is not float
+    ):
+        return None
+    return OutputSummary(label, score, value)
+
+
 def event_from_map(raw: object, limits: DecodeLimits = DEFAULT_LIMITS) -> PredictionEvent:
     """Build one event from its int-keyed map; unknown keys are ignored.
 
     Raises:
         WireError: a known field has the wrong type or the id is missing.
     """
+    if type(raw) is dict:
+        fast = _fast_event(raw, limits)
+        if fast is not None:
+            return fast
+    return _checked_event(raw, limits)
+
+
+def _checked_event(raw: object, limits: DecodeLimits) -> PredictionEvent:
+    """The precise path: every field checked, every failure named."""
     f = _Fields(raw, "event")
     prediction_id = f.text(1, "prediction_id")
     if not prediction_id:
