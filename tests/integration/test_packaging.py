@@ -27,7 +27,7 @@ COMPONENTS = [
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
+    result = subprocess.run(
         [
             sys.executable,
             "-m",
@@ -40,9 +40,11 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
             str(out),
             str(ROOT),
         ],
-        check=True,
+        check=False,
         capture_output=True,
+        text=True,
     )
+    assert result.returncode == 0, f"building the wheel failed:\n{result.stdout}\n{result.stderr}"
     (built,) = out.glob("predtrace-*.whl")
     return built
 
