@@ -1,0 +1,193 @@
+"""The request side of a prediction: the bounded body read, caller ids, fingerprint, features.
+
+The middleware reads a prediction's body once, up to a bound, and gives the
+application a ``receive`` that replays exactly the messages it consumed, then
+continues with the server's own. The body never leaves the process: only a
+keyed HMAC-SHA256 of its canonical form (sorted keys, no whitespace; the OIP
+request ``id`` is left out, it names the request, not the input) and the
+allow-listed numeric features do.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+import re
+from collections import deque
+from collections.abc import Iterable
+from typing import Final
+
+from predtrace.middleware._asgi import Message, Receive
+from predtrace.middleware._routes import PROTOCOL_KSERVE_V1, PROTOCOL_OIP_V2_REST
+
+CALLER_ID_RE: Final = re.compile(r"[\x21-\x7e]{1,256}")
+_CANONICAL: Final = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, check_circular=False
+).encode
+_MAX_INPUTS_SCANNED: Final = 64
+NOT_JSON: Final = object()
+
+
+class BodyRead:
+    """What was read of a request body: the messages to replay and the bytes, if complete."""
+
+    __slots__ = ("body", "messages")
+
+    def __init__(self, messages: list[Message], body: bytes | None) -> None:
+        self.messages = messages
+        self.body = body  # None: over the bound or interrupted; not fingerprinted
+
+
+async def read_rest(first: Message, receive: Receive, limit: int) -> BodyRead:
+    """Read on after ``first`` until the body ends or passes ``limit`` bytes."""
+    messages: list[Message] = []
+    chunks: list[bytes] = []
+    size = 0
+    message = first
+    while True:
+        messages.append(message)
+        if message["type"] != "http.request":
+            return BodyRead(messages, None)  # a disconnect: the app will see it too
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return BodyRead(messages, None)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return BodyRead(messages, b"".join(chunks))
+        message = await receive()
+
+
+def replay(messages: Iterable[Message], receive: Receive) -> Receive:
+    """A ``receive`` that returns ``messages`` first, then calls through."""
+    pending = deque(messages)
+
+    async def replaying_receive() -> Message:
+        if pending:
+            return pending.popleft()
+        return await receive()
+
+    return replaying_receive
+
+
+def parse_json(body: bytes) -> object:
+    """The JSON value of ``body``, or ``NOT_JSON``."""
+    if not body:
+        return NOT_JSON
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return NOT_JSON
+
+
+def body_caller_id(parsed: object) -> str | None:
+    """The OIP request's own ``id``, when it is a usable prediction id."""
+    if isinstance(parsed, dict):
+        value = parsed.get("id")
+        if isinstance(value, str) and CALLER_ID_RE.fullmatch(value):
+            return value
+    return None
+
+
+def fingerprint(base: hmac.HMAC, parsed: object, body: bytes, protocol: str) -> bytes:
+    """Keyed HMAC-SHA256 of the canonical input (raw bytes when not JSON).
+
+    Returns empty bytes when there is nothing to fingerprint (no body bytes
+    and a value JSON cannot encode, such as form data).
+    """
+    if parsed is NOT_JSON:
+        return _mac(base, body)
+    if protocol == PROTOCOL_OIP_V2_REST and isinstance(parsed, dict) and "id" in parsed:
+        parsed = {k: v for k, v in parsed.items() if k != "id"}
+    try:
+        canonical = _CANONICAL(parsed).encode("utf-8", "surrogatepass")
+    except (TypeError, ValueError, RecursionError):
+        if not body:
+            return b""
+        canonical = body
+    return _mac(base, canonical)
+
+
+def new_hmac(key: bytes) -> hmac.HMAC:
+    """The keyed HMAC-SHA256 that ``fingerprint`` copies for each input."""
+    return hmac.new(key, digestmod="sha256")
+
+
+def _mac(base: hmac.HMAC, data: bytes) -> bytes:
+    # Copying a keyed HMAC skips the key setup, and small updates keep the
+    # GIL (a one-shot ``hmac.digest`` releases it, which stalls the event loop
+    # behind the export threads).
+    mac = base.copy()
+    mac.update(data)
+    return mac.digest()
+
+
+def request_features(parsed: object, protocol: str, allowed: frozenset[str]) -> dict[str, float]:
+    """Allow-listed numeric features found in an OIP v2 or KServe v1 request."""
+    if not isinstance(parsed, dict):
+        return {}
+    if protocol == PROTOCOL_OIP_V2_REST:
+        return _oip_features(parsed.get("inputs"), allowed)
+    if protocol == PROTOCOL_KSERVE_V1:
+        instances = parsed.get("instances")
+        if isinstance(instances, list) and instances and isinstance(instances[0], dict):
+            return _pick(instances[0].items(), allowed)
+    return _pick(parsed.items(), allowed)
+
+
+def _oip_features(inputs: object, allowed: frozenset[str]) -> dict[str, float]:
+    found: dict[str, float] = {}
+    if not isinstance(inputs, list):
+        return found
+    for tensor in inputs[:_MAX_INPUTS_SCANNED]:
+        if not isinstance(tensor, dict) or tensor.get("name") not in allowed:
+            continue
+        data = tensor.get("data")
+        first = data[0] if isinstance(data, list) and data else data
+        number = _number(first)
+        if number is not None:
+            found[str(tensor["name"])] = number
+    return found
+
+
+def _pick(items: Iterable[tuple[object, object]], allowed: frozenset[str]) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for key, value in items:
+        if key in allowed:
+            number = _number(value)
+            if number is not None:
+                found[str(key)] = number
+    return found
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def inject_oip_id(body: bytes, parsed: dict[str, object], prediction_id: str) -> bytes:
+    """``body`` with ``"id": prediction_id`` added, so a conforming server echoes it.
+
+    Only called for a JSON object without ``id``; the rest of the bytes are
+    kept as they were (no re-encoding).
+    """
+    start = body.index(b"{") + 1
+    quoted = (
+        f'"{prediction_id}"'
+        if '"' not in prediction_id and "\\" not in prediction_id
+        else json.dumps(prediction_id)
+    )
+    member = b'"id":' + quoted.encode()
+    return body[:start] + member + (b"," if parsed else b"") + body[start:]
+
+
+def with_content_length(
+    headers: Iterable[tuple[bytes, bytes]], length: int
+) -> list[tuple[bytes, bytes]]:
+    """A copy of ASGI ``headers`` with content-length set to ``length``."""
+    out = [(k, v) for k, v in headers if k != b"content-length"]
+    out.append((b"content-length", str(length).encode()))
+    return out

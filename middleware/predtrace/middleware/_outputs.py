@@ -1,0 +1,141 @@
+"""The response side of a prediction: the served model and a bounded output summary.
+
+Read from a bounded copy of a JSON response body (the response itself streams
+on untouched): OIP v2 ``model_name``/``model_version``/``id`` and the first
+outputs, KServe v1 ``predictions``. Only a label, a score and a value leave,
+never the output tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Final
+
+from predtrace.middleware._context import clip
+from predtrace.middleware._routes import PROTOCOL_KSERVE_V1, PROTOCOL_OIP_V2_REST
+from predtrace.wire import OutputSummary
+
+_MAX_OUTPUTS_SCANNED: Final = 16
+_LABEL_HINTS: Final = ("label", "class", "category")
+_SCORE_HINTS: Final = ("score", "prob", "confidence")
+
+
+class ResponseCapture:
+    """A bounded copy of a response body, taken as its chunks pass by."""
+
+    __slots__ = ("_chunks", "_limit", "_size", "overflowed")
+
+    def __init__(self, limit: int) -> None:
+        self._chunks: list[bytes] = []
+        self._limit = limit
+        self._size = 0
+        self.overflowed = False
+
+    def add(self, chunk: bytes) -> None:
+        """Keep ``chunk`` unless the copy would pass the bound (then keep nothing)."""
+        if self.overflowed or not chunk:
+            return
+        self._size += len(chunk)
+        if self._size > self._limit:
+            self.overflowed = True
+            self._chunks.clear()
+            return
+        self._chunks.append(chunk)
+
+    def parsed(self) -> object:
+        """The JSON value of the copy, or None (overflowed, empty or not JSON)."""
+        if self.overflowed or not self._chunks:
+            return None
+        try:
+            return json.loads(b"".join(self._chunks))
+        except (ValueError, RecursionError):
+            return None
+
+
+def is_json(headers: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...]) -> bool:
+    """Whether response headers declare a JSON body."""
+    for key, value in headers:
+        if key == b"content-type":
+            return value.startswith(b"application/json") or b"+json" in value
+    return False
+
+
+def served_model(parsed: object) -> tuple[str, str]:
+    """OIP v2 ``(model_name, model_version)`` of a response, empty when absent."""
+    if not isinstance(parsed, dict):
+        return "", ""
+    name, version = parsed.get("model_name"), parsed.get("model_version")
+    return (
+        clip(name) if isinstance(name, str) else "",
+        clip(version) if isinstance(version, str) else "",
+    )
+
+
+def response_id(parsed: object) -> str | None:
+    """The OIP v2 response ``id``, if any."""
+    if isinstance(parsed, dict):
+        value = parsed.get("id")
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def summarise(parsed: object, protocol: str) -> OutputSummary | None:
+    """A label/score/value summary of an OIP v2 or KServe v1 response."""
+    if not isinstance(parsed, dict):
+        return None
+    if protocol == PROTOCOL_OIP_V2_REST:
+        return _summarise_oip(parsed.get("outputs"))
+    if protocol == PROTOCOL_KSERVE_V1:
+        predictions = parsed.get("predictions")
+        if isinstance(predictions, list) and predictions:
+            return _from_scalar(predictions[0])
+    return None
+
+
+def _summarise_oip(outputs: object) -> OutputSummary | None:
+    if not isinstance(outputs, list):
+        return None
+    label: str | None = None
+    score: float | None = None
+    value: float | None = None
+    for tensor in outputs[:_MAX_OUTPUTS_SCANNED]:
+        if not isinstance(tensor, dict):
+            continue
+        name = str(tensor.get("name", "")).lower()
+        first = _first(tensor.get("data"))
+        if isinstance(first, str) and label is None:
+            label = clip(first)
+        elif (number := _number(first)) is not None:
+            if score is None and any(h in name for h in _SCORE_HINTS):
+                score = number
+            elif label is None and any(h in name for h in _LABEL_HINTS):
+                label = clip(str(first))
+            elif value is None:
+                value = number
+    if label is None and score is None and value is None:
+        return None
+    return OutputSummary(label=label, score=score, value=value)
+
+
+def _from_scalar(first: object) -> OutputSummary | None:
+    while isinstance(first, list) and first:
+        first = first[0]
+    if isinstance(first, str):
+        return OutputSummary(label=clip(first))
+    number = _number(first)
+    return OutputSummary(value=number) if number is not None else None
+
+
+def _first(data: object) -> object:
+    while isinstance(data, list) and data:
+        data = data[0]
+    return data
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None

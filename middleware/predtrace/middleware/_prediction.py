@@ -1,0 +1,420 @@
+"""One prediction request on its way through the middleware (the responder).
+
+Created per request by ``PredictionTracingMiddleware`` once the route matched.
+It reads the body (bounded, replayed to the app), settles the prediction id,
+joins or starts the span, exposes ``current_prediction()`` to the handler,
+watches the response go by, and before the last body message leaves ends the
+span and emits the PredictionEvent. Kept lean: every line here runs on the
+request path.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from contextvars import Token
+from typing import Final
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from predtrace.middleware import _spans as spans
+from predtrace.middleware._asgi import ASGIApp, Message, Receive, Scope, Send
+from predtrace.middleware._context import CURRENT, PredictionContext
+from predtrace.middleware._fastapi import telemetry_data
+from predtrace.middleware._inputs import (
+    CALLER_ID_RE,
+    NOT_JSON,
+    body_caller_id,
+    fingerprint,
+    inject_oip_id,
+    parse_json,
+    read_rest,
+    replay,
+    request_features,
+    with_content_length,
+)
+from predtrace.middleware._outputs import ResponseCapture, is_json, served_model, summarise
+from predtrace.middleware._routes import PROTOCOL_HTTP, PROTOCOL_OIP_V2_REST, RouteMatch
+from predtrace.middleware._runtime import PredictionRuntime
+from predtrace.wire import ModelRef, PredictionEvent, new_prediction_id
+from predtrace.wire import Status as EventStatus
+
+# Shared empty containers for the (usual) events without extra models, features
+# or attributes: fewer allocations per request and fewer objects for the
+# garbage collector while events wait in the queue. Nothing downstream
+# mutates an emitted event (the exporters only read it).
+_NO_MODELS: Final[list[ModelRef]] = []
+_NO_FEATURES: Final[dict[str, float]] = {}
+_NO_ATTRIBUTES: Final[dict[str, str]] = {}
+
+
+class Prediction:
+    """Per-request state of one prediction."""
+
+    __slots__ = (
+        "_body",
+        "_capture",
+        "_ctx",
+        "_downstream",
+        "_fingerprint",
+        "_finished",
+        "_own_span",
+        "_parsed",
+        "_span",
+        "_start_model",
+        "_status",
+        "_t0",
+        "_telemetry",
+        "_trailers",
+        "_ts",
+        "match",
+        "rt",
+    )
+
+    def __init__(self, runtime: PredictionRuntime, match: RouteMatch) -> None:
+        self.rt = runtime
+        self.match = match
+        self._status: int | None = None
+        self._trailers = False
+        self._finished = False
+        self._capture: ResponseCapture | None = None
+        self._fingerprint = b""
+        self._parsed: object = NOT_JSON
+        self._body: bytes | None = None
+        self._telemetry: object | None = None
+        self._own_span = False
+        self._span: trace.Span | None = None
+
+    async def run(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve the request through ``app``, traced."""
+        rt = self.rt
+        if "fastapi.telemetry" in scope:
+            self._telemetry = telemetry_data(scope)
+        if self._telemetry is None and (
+            rt.wants_body or self.match.protocol == PROTOCOL_OIP_V2_REST
+        ):
+            receive = await self._read_body(receive)
+        try:
+            scope, receive, span_token = self._begin(scope, receive)
+        except Exception as exc:  # noqa: BLE001 - telemetry must never fail the request
+            rt.failed("begin", exc)
+            await app(scope, receive, send)
+            return
+        ctx_token = CURRENT.set(self._ctx)
+        self._downstream = send
+        try:
+            await app(scope, receive, self._send)
+        except BaseException as exc:
+            self._finish(exc)
+            raise
+        finally:
+            if not self._finished:
+                self._finish(None)
+            CURRENT.reset(ctx_token)
+            if span_token is not None:
+                otel_context.detach(span_token)
+
+    async def _read_body(self, receive: Receive) -> Receive:
+        limit = self.rt.config.max_body_bytes
+        message = await receive()
+        messages: list[Message] | tuple[Message] = (message,)
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            body = message.get("body", b"")
+            self._body = body if len(body) <= limit else None  # the usual case: one message
+        else:
+            # Several messages (or a disconnect): read on, up to the bound.
+            rest = await read_rest(message, receive, limit)
+            self._body, messages = rest.body, rest.messages
+        if self._body is None:
+            self.rt.counts["body_unread"] += 1  # too large, or the client went away
+        return replay(messages, receive)
+
+    # -- request start -----------------------------------------------------------
+
+    def _begin(
+        self, scope: Scope, receive: Receive
+    ) -> tuple[Scope, Receive, Token[Context] | None]:
+        rt, protocol, body = self.rt, self.match.protocol, self._body
+        self._t0 = time.perf_counter_ns()
+        self._ts = time.time_ns()
+        is_oip = protocol == PROTOCOL_OIP_V2_REST
+        if body is not None and (protocol != PROTOCOL_HTTP or rt.key is not None):
+            self._parsed = parse_json(body)
+        request_id = ce_id = None
+        propagated = False
+        fields = rt.propagation_fields
+        for key, value in scope["headers"]:
+            if key == b"x-request-id":
+                request_id = value
+            elif key == b"ce-id":
+                ce_id = value
+            elif key in fields:
+                propagated = True
+        body_id = body_caller_id(self._parsed) if is_oip else None
+        pid = body_id or self._header_id(request_id, ce_id) or new_prediction_id()
+        sampled = rt.sample_all or (
+            rt.sample_threshold > 0 and zlib.crc32(pid.encode()) < rt.sample_threshold
+        )
+        self._ctx = ctx = PredictionContext(
+            pid,
+            sampled=sampled,
+            features=rt.config.feature_allowlist,
+            attributes=rt.config.attribute_allowlist,
+        )
+        if body is not None:
+            if rt.key is not None:
+                self._fingerprint = fingerprint(rt.key, self._parsed, body, protocol)
+            if sampled and rt.config.feature_allowlist:
+                allowed = rt.config.feature_allowlist
+                ctx._merge_features(request_features(self._parsed, protocol, allowed))
+            if body_id is None and is_oip and self._should_echo():
+                scope, receive = self._echo_id(scope, receive, body, pid)
+        elif self._telemetry is not None:
+            ctx.id_hook = self._adopt_telemetry_body
+        self._start_model = rt.start_model(self.match)
+        try:
+            token = self._start_span(scope, propagated)
+        except Exception as exc:  # noqa: BLE001 - a broken tracing setup: the event still goes
+            rt.failed("span", exc)
+            self._span, self._own_span, token = None, False, None
+        return scope, receive, token
+
+    def _header_id(self, request_id: bytes | None, ce_id: bytes | None) -> str | None:
+        """The caller's id from ``x-request-id``, then ``ce-id``, when usable."""
+        for raw in (request_id, ce_id):
+            if raw is not None:
+                text = raw.decode("latin-1")
+                if CALLER_ID_RE.fullmatch(text):
+                    return text
+                self.rt.counts["invalid_caller_id"] += 1
+        return None
+
+    def _should_echo(self) -> bool:
+        parsed = self._parsed
+        return self.rt.config.oip_echo_id and isinstance(parsed, dict) and "id" not in parsed
+
+    def _echo_id(
+        self, scope: Scope, receive: Receive, body: bytes, pid: str
+    ) -> tuple[Scope, Receive]:
+        # The app sees the prediction id as the OIP request id, so a conforming
+        # server answers with the same id the response header carries.
+        assert isinstance(self._parsed, dict)  # noqa: S101 - checked by _should_echo
+        new_body = inject_oip_id(body, self._parsed, pid)
+        scope = dict(scope)
+        scope["headers"] = with_content_length(scope["headers"], len(new_body))
+        message = {"type": "http.request", "body": new_body, "more_body": False}
+        return scope, replay((message,), receive)
+
+    def _start_span(self, scope: Scope, propagated: bool) -> Token[Context] | None:
+        rt = self.rt
+        name, attributes = rt.span_start(self._start_model)
+        if self._telemetry is None:
+            attributes[spans.ATTR_PREDICTION_ID] = self._ctx.prediction_id
+        outer = spans.enclosing_server_span()
+        if outer is not None:
+            outer.set_attributes(attributes)
+            self._span = outer
+            return None
+        parent = spans.extract_parent(scope["headers"]) if propagated else None
+        span = rt.tracer.start_span(name, parent, SpanKind.SERVER, attributes)
+        self._span = span
+        self._own_span = True
+        return otel_context.attach(trace.set_span_in_context(span, parent))
+
+    def _adopt_telemetry_body(self) -> bool:
+        """FastAPI telemetry mode: take the parsed body from FastAPI, once it has one."""
+        body = getattr(self._telemetry, "body", None)
+        if body is None:
+            return False
+        self._parsed = body
+        if self.match.protocol == PROTOCOL_OIP_V2_REST:
+            body_id = body_caller_id(body)
+            if body_id is not None:
+                self._ctx._set_id(body_id)
+        return True
+
+    # -- response ----------------------------------------------------------------
+
+    async def _send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            if self._capture is not None:
+                self._capture.add(message.get("body", b""))
+            if not message.get("more_body", False) and not self._trailers:
+                self._finish(None)
+        elif kind == "http.response.start":
+            message = self._on_start(message)
+        elif kind == "http.response.trailers":
+            if not message.get("more_trailers", False):
+                self._finish(None)
+        elif kind == "http.response.pathsend":
+            self._finish(None)
+        await self._downstream(message)
+
+    def _on_start(self, message: Message) -> Message:
+        try:
+            self._status = message["status"]
+            self._trailers = bool(message.get("trailers", False))
+            pid = self._ctx.prediction_id  # settles the id in FastAPI telemetry mode
+            headers = message.get("headers") or []
+            wanted = self.rt.id_header
+            for key, _ in headers:
+                if key == wanted:
+                    break  # the app set it itself
+            else:
+                # A new list: a Response object reused by the app is never changed.
+                message = {**message, "headers": [*headers, (wanted, pid.encode("latin-1"))]}
+            if self._wants_response(headers):
+                self._capture = ResponseCapture(self.rt.config.max_output_bytes)
+        except Exception as exc:  # noqa: BLE001 - the response goes out regardless
+            self.rt.failed("response_start", exc)
+        return message
+
+    def _wants_response(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        if self.match.protocol == PROTOCOL_HTTP:
+            return False
+        override = self._ctx.model_override
+        version_known = self._start_model[1] or (override and override.get("version"))
+        if version_known and not (self._ctx.sampled and self._ctx.output is None):
+            return False
+        return is_json(headers)
+
+    # -- completion ---------------------------------------------------------------
+
+    def _finish(self, exc: BaseException | None) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        try:
+            self._complete(exc)
+        except Exception as error:  # noqa: BLE001 - telemetry must never fail the request
+            self.rt.failed("finish", error)
+
+    def _complete(self, exc: BaseException | None) -> None:
+        rt, ctx, span = self.rt, self._ctx, self._span
+        status = self._status
+        if exc is not None:
+            error_type, code = type(exc).__name__, str(status or 500)
+        elif status is None:
+            error_type, code = "IncompleteResponse", ""
+        else:
+            error_type, code = ("" if status < 400 else str(status)), str(status)
+        response = self._capture.parsed() if self._capture is not None else None
+        if self._telemetry is not None:
+            self._settle_telemetry_inputs()
+        model, run_id = self._model(response)
+        if span is not None:
+            if self._own_span:
+                self._end_own_span(span, model, run_id, error_type, status if exc is None else None)
+            else:
+                self._annotate(span, model, run_id)
+        trace_id, span_id = spans.ids_of(span) if span is not None else (b"", b"")
+        sampled = ctx.sampled
+        output = ctx.output
+        if sampled and output is None and response is not None:
+            output = summarise(response, self.match.protocol)
+        rt.emit(
+            PredictionEvent(
+                ctx.prediction_id,
+                trace_id,
+                span_id,
+                self._ts,
+                time.perf_counter_ns() - self._t0,
+                model,
+                ctx.extra_models or _NO_MODELS,
+                rt.deployment,
+                self.match.template,
+                self.match.protocol,
+                EventStatus.ERROR if error_type else EventStatus.OK,
+                code,
+                error_type,
+                self._fingerprint,
+                output if sampled else None,
+                (ctx.features or _NO_FEATURES) if sampled else _NO_FEATURES,
+                ctx.attributes or _NO_ATTRIBUTES,
+                sampled,
+            )
+        )
+
+    def _settle_telemetry_inputs(self) -> None:
+        # FastAPI telemetry mode: use the body FastAPI parsed; never read it twice.
+        rt, ctx = self.rt, self._ctx
+        if not self._adopt_telemetry_body():
+            rt.counts["fastapi_body_missing"] += 1  # the route parsed no body
+            return
+        rt.counts["fastapi_body_used"] += 1
+        if ctx.sampled and rt.config.feature_allowlist:
+            allowed = rt.config.feature_allowlist
+            ctx._merge_features(request_features(self._parsed, self.match.protocol, allowed))
+        if rt.key is not None:
+            self._fingerprint = fingerprint(rt.key, self._parsed, b"", self.match.protocol)
+            if not self._fingerprint:  # form data or another value JSON cannot encode
+                rt.counts["fingerprint_unavailable"] += 1
+
+    def _model(self, response: object) -> tuple[ModelRef, str]:
+        rt = self.rt
+        name, version = self._start_model
+        override = self._ctx.model_override
+        if response is not None:
+            served_name, served_version = served_model(response)
+            name, version = served_name or name, served_version or version
+        if override is None and rt.resolver is None:
+            return rt.model_ref(name, version), ""
+        config = rt.config
+        override = override or {}
+        model = ModelRef(
+            name=override.get("name") or name,
+            version=override.get("version") or version,
+            alias=override.get("alias") or config.model_alias,
+            registry_model_id=override.get("registry_model_id") or config.model_id,
+            artifact_digest=override.get("artifact_digest") or config.model_digest,
+        )
+        run_id = ""
+        if rt.resolver is not None and model.name:
+            resolved = rt.resolver.lookup(model.name, model.version)
+            if resolved is not None:
+                run_id = resolved.run_id
+                model.registry_model_id = model.registry_model_id or resolved.registry_model_id
+                model.artifact_digest = model.artifact_digest or resolved.artifact_digest
+        return model, run_id
+
+    def _late_attributes(self, model: ModelRef, run_id: str) -> dict[str, str | int]:
+        """Span attributes learnt after the span started (usually none)."""
+        config = self.rt.config
+        attributes: dict[str, str | int] = {}
+        if self._telemetry is not None:
+            attributes[spans.ATTR_PREDICTION_ID] = self._ctx.prediction_id
+        if (model.name, model.version) != self._start_model:
+            attributes[spans.ATTR_MODEL_NAME] = model.name
+            attributes[spans.ATTR_MODEL_VERSION] = model.version
+        if model.alias != config.model_alias:
+            attributes[spans.ATTR_MODEL_ALIAS] = model.alias
+        if model.registry_model_id != config.model_id:
+            attributes[spans.ATTR_MODEL_ID] = model.registry_model_id
+        if model.artifact_digest != config.model_digest:
+            attributes[spans.ATTR_MODEL_DIGEST] = model.artifact_digest
+        if run_id:
+            attributes[spans.ATTR_TRAINING_RUN_ID] = run_id
+        return attributes
+
+    def _annotate(self, span: trace.Span, model: ModelRef, run_id: str) -> None:
+        attributes = self._late_attributes(model, run_id)
+        if attributes:
+            span.set_attributes(attributes)
+
+    def _end_own_span(
+        self, span: trace.Span, model: ModelRef, run_id: str, error_type: str, status: int | None
+    ) -> None:
+        """End our span; error status for an exception, no response, or a 5xx."""
+        attributes = self._late_attributes(model, run_id)
+        if error_type and (not status or status >= 500):
+            attributes["error.type"] = error_type
+            if status:
+                attributes["http.response.status_code"] = status
+            span.set_status(Status(StatusCode.ERROR, error_type))
+        if attributes:
+            span.set_attributes(attributes)
+        span.end()

@@ -1,0 +1,165 @@
+"""Registry stamping: model name/version -> training run id and artifact digest.
+
+A ``ModelResolver`` asks the registry (slow, may fail); the ``ResolverCache``
+makes that cheap for the request path: a lookup is a dict read, and a miss
+only queues the model for a background thread, so the first predictions of a
+new model go out without a run id and later ones carry it. Each model is
+resolved once (failures are retried after ``retry_interval``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from predtrace.sidecar.pipeline import RateLimitedLog
+
+_log = RateLimitedLog(logging.getLogger("predtrace.middleware"))
+_CACHES: weakref.WeakSet[ResolverCache] = weakref.WeakSet()
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedModel:
+    """What the registry knows about one model version."""
+
+    run_id: str = ""
+    artifact_digest: str = ""
+    registry_model_id: str = ""
+
+
+class ModelResolver(Protocol):
+    """Looks a model version up in a registry. Called off the request path only."""
+
+    def resolve(self, name: str, version: str) -> ResolvedModel | None:
+        """Return what the registry knows, or None when it does not know the model.
+
+        May block (it runs in a background thread) and may raise; a failure is
+        counted and retried later.
+        """
+        ...
+
+
+class StaticResolver:
+    """A resolver backed by a fixed mapping ``(name, version) -> ResolvedModel``."""
+
+    def __init__(self, models: Mapping[tuple[str, str], ResolvedModel]) -> None:
+        self._models = dict(models)
+
+    def resolve(self, name: str, version: str) -> ResolvedModel | None:
+        """Return the mapped model, if any."""
+        return self._models.get((name, version))
+
+
+@dataclass(slots=True)
+class _Entry:
+    result: ResolvedModel | None
+    retry_at: float  # 0: final; else monotonic time after which to ask again
+
+
+class ResolverCache:
+    """O(1) cached lookups in front of a ModelResolver, resolved by a background thread.
+
+    Bounded: at most ``max_models`` models are remembered; further ones are
+    not resolved (counted in ``overflow``).
+    """
+
+    def __init__(
+        self, resolver: ModelResolver, *, max_models: int = 1024, retry_interval: float = 60.0
+    ) -> None:
+        self._resolver = resolver
+        self._max = max_models
+        self._retry_interval = retry_interval
+        self.overflow = 0
+        self.failures = 0
+        self._reset()
+        _CACHES.add(self)
+
+    def _reset(self) -> None:
+        self._entries: dict[tuple[str, str], _Entry | None] = {}
+        self._todo: deque[tuple[str, str]] = deque()
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def lookup(self, name: str, version: str) -> ResolvedModel | None:
+        """Return the cached result now; on a miss, queue the model and return None."""
+        key = (name, version)
+        entry = self._entries.get(key, _MISSING)
+        if entry is _MISSING:
+            self._schedule(key)
+            return None
+        if entry is None:  # pending
+            return None
+        if entry.retry_at and time.monotonic() >= entry.retry_at:
+            entry.retry_at = 0.0
+            self._entries[key] = None
+            self._todo.append(key)
+            self._wake.set()
+        return entry.result
+
+    def _schedule(self, key: tuple[str, str]) -> None:
+        if self._closed:
+            return
+        if len(self._entries) >= self._max:
+            self.overflow += 1
+            return
+        self._entries[key] = None
+        self._todo.append(key)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="predtrace-resolve", daemon=True)
+            self._thread.start()
+        self._wake.set()
+
+    def prime(self, name: str, version: str) -> ResolvedModel | None:
+        """Resolve one model now, in the calling thread (used at startup, off the loop)."""
+        key = (name, version)
+        self._entries[key] = self._resolve(key)
+        entry = self._entries[key]
+        return entry.result if entry else None
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait()
+            self._wake.clear()
+            while self._todo and not self._closed:
+                key = self._todo.popleft()
+                self._entries[key] = self._resolve(key)
+
+    def _resolve(self, key: tuple[str, str]) -> _Entry:
+        try:
+            return _Entry(self._resolver.resolve(*key), 0.0)
+        except Exception as exc:  # noqa: BLE001 - a registry outage must not reach requests
+            self.failures += 1
+            _log.warning("resolve", "model registry lookup failed: %s", type(exc).__name__)
+            return _Entry(None, time.monotonic() + self._retry_interval)
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop the background thread. Safe twice."""
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _after_fork_in_child(self) -> None:
+        # Keep what the parent learnt; the parent's thread does not exist here.
+        done = {k: v for k, v in self._entries.items() if v is not None and not v.retry_at}
+        self._reset()
+        self._entries.update(done)
+
+
+_MISSING = _Entry(None, -1.0)
+
+
+def _reset_after_fork() -> None:
+    for cache in list(_CACHES):
+        cache._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

@@ -1,0 +1,131 @@
+"""Request-side helpers: bounded body read and replay, fingerprint, features, id echo."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from predtrace.middleware._inputs import (
+    NOT_JSON,
+    body_caller_id,
+    fingerprint,
+    inject_oip_id,
+    new_hmac,
+    parse_json,
+    read_rest,
+    replay,
+    request_features,
+    with_content_length,
+)
+
+KEY = new_hmac(b"k" * 16)
+
+
+def _messages(*chunks: bytes) -> list[dict[str, Any]]:
+    return [
+        {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+        for i, c in enumerate(chunks)
+    ]
+
+
+async def test_read_rest_collects_chunks_and_replay_returns_them_then_calls_through() -> None:
+    pending = _messages(b"ab", b"cd", b"ef")
+    calls = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+    first = await receive()
+    read = await read_rest(first, receive, limit=100)
+    assert read.body == b"abcdef" and len(read.messages) == 3
+    replayed = replay(read.messages, receive)
+    assert [(await replayed())["body"] for _ in range(3)] == [b"ab", b"cd", b"ef"]
+    assert (await replayed())["type"] == "http.disconnect"  # the server's own receive again
+    assert calls == 4
+
+
+async def test_read_rest_stops_at_the_bound_and_keeps_what_it_read_for_the_app() -> None:
+    pending = _messages(b"x" * 10, b"y" * 10, b"z" * 10)
+
+    async def receive() -> dict[str, Any]:
+        return pending.pop(0)
+
+    read = await read_rest(await receive(), receive, limit=15)
+    assert read.body is None and [m["body"] for m in read.messages] == [b"x" * 10, b"y" * 10]
+    assert len(pending) == 1  # the rest is left for the app to read
+
+
+async def test_disconnect_while_reading_is_passed_on() -> None:
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    read = await read_rest(_messages(b"a", b"b")[0], receive, limit=100)
+    assert read.body is None and read.messages[-1]["type"] == "http.disconnect"
+
+
+def test_fingerprint_is_keyed_hmac_of_canonical_json() -> None:
+    a = fingerprint(KEY, parse_json(b'{"b": 1, "a": [1, 2]}'), b"", "http")
+    b = fingerprint(KEY, parse_json(b'{"a":[1,2],"b":1}'), b"", "http")
+    assert a == b == hmac.digest(b"k" * 16, b'{"a":[1,2],"b":1}', "sha256")
+    other_key = fingerprint(new_hmac(b"j" * 16), parse_json(b'{"a":[1,2],"b":1}'), b"", "http")
+    assert other_key != a
+
+
+def test_oip_request_id_is_not_part_of_the_input() -> None:
+    with_id = fingerprint(KEY, {"id": "1", "inputs": []}, b"", "oip-v2-rest")
+    without = fingerprint(KEY, {"inputs": []}, b"", "oip-v2-rest")
+    assert with_id == without
+    assert fingerprint(KEY, {"id": "1"}, b"", "http") != fingerprint(KEY, {}, b"", "http")
+
+
+def test_non_json_body_is_fingerprinted_raw_and_unencodable_values_give_nothing() -> None:
+    assert parse_json(b"\xff\xfe") is NOT_JSON and parse_json(b"") is NOT_JSON
+    assert fingerprint(KEY, NOT_JSON, b"raw", "http") == hmac.digest(b"k" * 16, b"raw", "sha256")
+    assert fingerprint(KEY, object(), b"", "http") == b""
+
+
+def test_deeply_nested_json_does_not_crash() -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    parsed = parse_json(deep)
+    assert fingerprint(KEY, parsed, deep, "http") != b""
+
+
+def test_body_caller_id_accepts_only_printable_bounded_text() -> None:
+    assert body_caller_id({"id": "req-1"}) == "req-1"
+    assert body_caller_id({"id": "has space"}) is None
+    assert body_caller_id({"id": "x" * 257}) is None
+    assert body_caller_id({"id": 5}) is None and body_caller_id([1]) is None
+
+
+def test_features_come_only_from_the_allow_list_and_only_numbers() -> None:
+    oip = {
+        "inputs": [
+            {"name": "age", "data": [41]},
+            {"name": "ssn", "data": [123456789]},
+            {"name": "flag", "data": [True]},
+            {"name": "nan", "data": [float("nan")]},
+            {"name": "name", "data": ["Alice"]},
+        ]
+    }
+    allowed = frozenset({"age", "flag", "nan", "name"})
+    assert request_features(oip, "oip-v2-rest", allowed) == {"age": 41.0}
+    kserve = {"instances": [{"age": 3, "ssn": 1}]}
+    assert request_features(kserve, "kserve-v1", frozenset({"age"})) == {"age": 3.0}
+    assert request_features({"age": 2, "x": 1}, "http", frozenset({"age"})) == {"age": 2.0}
+    assert request_features(oip, "oip-v2-rest", frozenset()) == {}
+
+
+def test_injected_id_keeps_the_rest_of_the_body_byte_for_byte() -> None:
+    body = b'  { "inputs": [1, 2] }'
+    out = inject_oip_id(body, {"inputs": [1, 2]}, "p-1")
+    assert out == b'  {"id":"p-1", "inputs": [1, 2] }'
+    assert json.loads(inject_oip_id(b"{}", {}, "p-2")) == {"id": "p-2"}
+    assert json.loads(inject_oip_id(b"{}", {}, 'q"\\')) == {"id": 'q"\\'}
+
+
+def test_content_length_is_replaced_not_duplicated() -> None:
+    headers = [(b"host", b"h"), (b"content-length", b"3")]
+    assert with_content_length(headers, 10) == [(b"host", b"h"), (b"content-length", b"10")]

@@ -1,0 +1,151 @@
+"""With a server span already there: FastAPIInstrumentor, and FastAPI's built-in telemetry.
+
+The middleware then adds its attributes to that span instead of starting its
+own, and (with FastAPI's telemetry) fingerprints the body FastAPI parsed
+instead of reading it a second time.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from fastapi import FastAPI, Request
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from predtrace.middleware.testing import call_asgi
+from predtrace.sidecar.testing import InMemoryExporter
+
+from .conftest import Instrument, fastapi_app
+
+Tracing = tuple[TracerProvider, InMemorySpanExporter]
+BODY = json.dumps({"id": "req-7", "inputs": [{"name": "x", "data": [1.0, 2.0]}]}).encode()
+HEADERS = [("content-type", "application/json")]
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def _server_spans(exporter: InMemorySpanExporter) -> list[Any]:
+    return [s for s in exporter.get_finished_spans() if s.kind is SpanKind.SERVER]
+
+
+@pytest.mark.parametrize("order", ["predtrace_first", "instrumentor_first"])
+async def test_annotates_fastapi_instrumentor_server_span_instead_of_adding_one(
+    order: str, instrument: Instrument, tracing: Tracing, events: InMemoryExporter
+) -> None:
+    provider, exporter = tracing
+    app = fastapi_app()
+    if order == "instrumentor_first":
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
+        runtime = instrument(app)
+    else:
+        runtime = instrument(app)
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
+    try:
+        response = await call_asgi(
+            app, "POST", "/v2/models/iris/infer", BODY, [*HEADERS, ("traceparent", TRACEPARENT)]
+        )
+    finally:
+        FastAPIInstrumentor.uninstrument_app(app)
+    assert response.header("x-prediction-id") == "req-7"
+    (server,) = _server_spans(exporter)
+    assert not any(s.name.startswith("predict") for s in exporter.get_finished_spans())
+    assert server.attributes is not None
+    assert server.attributes["predtrace.prediction.id"] == "req-7"
+    assert server.attributes["predtrace.model.name"] == "iris"
+    assert server.context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+    runtime.force_flush(5)
+    (event,) = events.events
+    assert event.span_id == server.context.span_id.to_bytes(8, "big")
+
+
+async def test_instrumentor_span_gets_error_status_on_5xx(
+    instrument: Instrument, tracing: Tracing
+) -> None:
+    provider, exporter = tracing
+    app = fastapi_app()
+    instrument(app)
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
+    try:
+        response = await call_asgi(app, "POST", "/v2/models/unavailable/infer", BODY, HEADERS)
+    finally:
+        FastAPIInstrumentor.uninstrument_app(app)
+    assert response.status == 503
+    (server,) = _server_spans(exporter)
+    assert server.status.status_code is StatusCode.ERROR
+    assert server.attributes is not None
+    assert server.attributes["predtrace.model.name"] == "unavailable"
+
+
+def _native_app(provider: TracerProvider) -> FastAPI:
+    return fastapi_app(telemetry={"tracer_provider": provider, "metrics": False, "logs": False})
+
+
+async def test_annotates_fastapi_builtin_telemetry_span_and_uses_its_parsed_body(
+    instrument: Instrument, tracing: Tracing, events: InMemoryExporter
+) -> None:
+    provider, exporter = tracing
+    app = _native_app(provider)
+    runtime = instrument(app)
+    response = await call_asgi(
+        app, "POST", "/v2/models/iris/infer", BODY, [*HEADERS, ("traceparent", TRACEPARENT)]
+    )
+    assert response.status == 200
+    assert response.header("x-prediction-id") == "req-7"  # the OIP body id, from FastAPI's parse
+    (server,) = _server_spans(exporter)
+    assert server.name == "POST /v2/models/{name}/infer"  # FastAPI's span, not a second one
+    assert not any(s.name.startswith("predict") for s in exporter.get_finished_spans())
+    assert server.attributes is not None
+    assert server.attributes["predtrace.prediction.id"] == "req-7"
+    assert server.attributes["predtrace.model.name"] == "iris"
+    assert server.context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+    runtime.force_flush(5)
+    (event,) = events.events
+    assert event.span_id == server.context.span_id.to_bytes(8, "big")
+    assert runtime.stats()["fastapi_body_used"] == 1
+    assert "body_unread" not in runtime.stats()
+
+    # The same body through a plain app gives the same fingerprint: one canonical form.
+    plain = fastapi_app()
+    plain_events = InMemoryExporter()
+    plain_runtime = instrument(plain, exporter=plain_events)
+    await call_asgi(plain, "POST", "/v2/models/iris/infer", BODY, HEADERS)
+    plain_runtime.force_flush(5)
+    assert plain_events.events[0].input_fingerprint == event.input_fingerprint != b""
+
+
+async def test_builtin_telemetry_without_id_uses_generated_id_in_header_and_event(
+    instrument: Instrument, tracing: Tracing, events: InMemoryExporter
+) -> None:
+    provider, exporter = tracing
+    app = _native_app(provider)
+    runtime = instrument(app)
+    body = json.dumps({"inputs": [{"name": "x", "data": [1.0]}]}).encode()
+    response = await call_asgi(
+        app, "POST", "/v2/models/iris/infer", body, [*HEADERS, ("x-request-id", "hdr-9")]
+    )
+    assert response.header("x-prediction-id") == "hdr-9"
+    runtime.force_flush(5)
+    assert events.events[0].prediction_id == "hdr-9"
+    (server,) = _server_spans(exporter)
+    assert server.attributes is not None and server.attributes["predtrace.prediction.id"] == "hdr-9"
+
+
+async def test_builtin_telemetry_route_without_parsed_body_counts_missing_fingerprint(
+    instrument: Instrument, tracing: Tracing, events: InMemoryExporter
+) -> None:
+    app = _native_app(tracing[0])
+
+    @app.post("/v1/models/{name}:raw")
+    async def raw(name: str, request: Request) -> dict[str, Any]:
+        return {"bytes": len(await request.body())}
+
+    runtime = instrument(app, routes=("POST /v1/models/{name}:raw",))
+    response = await call_asgi(app, "POST", "/v1/models/m:raw", b'{"a": 1}', HEADERS)
+    assert json.loads(response.body) == {"bytes": 8}
+    runtime.force_flush(5)
+    assert events.events[0].input_fingerprint == b""
+    assert runtime.stats()["fastapi_body_missing"] == 1
