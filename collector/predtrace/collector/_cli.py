@@ -1,0 +1,395 @@
+"""The collector's commands: ``collector serve``, ``trace``, ``model lineage``,
+``impact``, ``completeness`` and ``lineage register``.
+
+Exit codes (DESIGN §7): 0 ok; 1 not found, chain broken (each missing hop named
+on stderr) or collector unreachable; 2 usage error. Query commands print rich
+tables, or JSON with ``-o json``. Heavy modules (aiohttp, the store) load only
+for ``collector serve``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn
+
+import click
+
+from predtrace.collector._client import (
+    DEFAULT_URL,
+    PREDTRACE_COLLECTOR_URL,
+    PREDTRACE_TOKEN,
+    Answer,
+    CollectorUnreachableError,
+    QueryClient,
+    path_part,
+)
+from predtrace.collector._errors import CollectorError
+
+_OUTPUT = click.option(
+    "-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
+
+
+def _connection(func: Callable[..., None]) -> Callable[..., None]:
+    func = click.option(
+        "--token",
+        envvar=PREDTRACE_TOKEN,
+        default=None,
+        help=f"bearer token [env {PREDTRACE_TOKEN}]",
+    )(func)
+    return click.option(
+        "--collector",
+        envvar=PREDTRACE_COLLECTOR_URL,
+        default=DEFAULT_URL,
+        show_default=True,
+        help=f"collector URL [env {PREDTRACE_COLLECTOR_URL}]",
+    )(func)
+
+
+def _client(collector: str, token: str | None) -> QueryClient:
+    try:
+        return QueryClient(collector, token)
+    except CollectorError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"predtrace: {message}", err=True)
+    sys.exit(code)
+
+
+def _call(request: Callable[[], Answer]) -> Answer:
+    try:
+        answer = request()
+    except CollectorUnreachableError as exc:
+        _fail(str(exc))
+    if answer.status in (401, 403):
+        _fail(f"not allowed: {answer.error} (set --token or {PREDTRACE_TOKEN})")
+    if answer.status == 400:
+        raise click.UsageError(answer.error)
+    return answer
+
+
+def _show(output: str, answer: Mapping[str, Any], render: Callable[[Any, Any], None]) -> None:
+    if output == "json":
+        click.echo(json.dumps(answer, indent=2, default=str))
+        return
+    from rich.console import Console  # noqa: PLC0415 - rich loads only for table output
+
+    render(Console(), answer)
+
+
+def _render(name: str) -> Callable[[Any, Any], None]:
+    from predtrace.collector import _render as module  # noqa: PLC0415 - rich loads lazily
+
+    return getattr(module, name)  # type: ignore[no-any-return]
+
+
+def _broken(missing: list[tuple[str, str]]) -> None:
+    if missing:
+        for where, reason in missing:
+            click.echo(f"chain broken: {where}: {reason}", err=True)
+        sys.exit(1)
+
+
+@click.command("trace")
+@click.argument("lookup_id", metavar="TRACE_ID|PREDICTION_ID")
+@_OUTPUT
+@_connection
+def trace_command(lookup_id: str, output: str, collector: str, token: str | None) -> None:
+    """Show the prediction(s) of a trace id or prediction id and their full lineage.
+
+    Exits 1 when nothing is found or a chain is incomplete (each missing hop
+    is named on stderr).
+    """
+    from predtrace.wire import InvalidIdError, classify_lookup_id  # noqa: PLC0415
+
+    try:
+        trace_id, prediction_id = classify_lookup_id(lookup_id)
+    except InvalidIdError as exc:
+        raise click.BadParameter(str(exc), param_hint="TRACE_ID|PREDICTION_ID") from None
+    client = _client(collector, token)
+    answer = None
+    if trace_id is not None:
+        answer = _call(lambda: client.get(f"/v1/traces/{trace_id.hex()}"))
+    if (answer is None or answer.status == 404) and prediction_id is not None:
+        answer = _call(lambda: client.get(f"/v1/predictions/{path_part(prediction_id)}"))
+    assert answer is not None  # noqa: S101 - classify_lookup_id returns at least one
+    if answer.status == 404:
+        _fail(f"no prediction found for {lookup_id}")
+    _show(output, answer.body, _render("render_pivot"))
+    missing = []
+    for p in answer.body["predictions"]:
+        for hop in p["lineage"]["missing"]:
+            item = (f"{p['prediction_id']} {hop['hop']}", hop["reason"])
+            missing.append(item)
+    _broken(missing)
+
+
+@click.group("model")
+def model_group() -> None:
+    """Model versions: lineage (run, commit, datasets, images, deployments)."""
+
+
+@model_group.command("lineage")
+@click.argument("model_ref", metavar="NAME/VERSION|NAME@ALIAS")
+@_OUTPUT
+@_connection
+def model_lineage_command(model_ref: str, output: str, collector: str, token: str | None) -> None:
+    """Show a model version's lineage; exits 1 when it is unknown or incomplete."""
+    if "@" in model_ref:
+        name, _, alias = model_ref.rpartition("@")
+        path = f"/v1/models/{path_part(name)}/aliases/{path_part(alias)}/lineage"
+    else:
+        name, _, version = model_ref.rpartition("/")
+        path = f"/v1/models/{path_part(name)}/versions/{path_part(version)}/lineage"
+    if not name or not model_ref.rpartition("@" if "@" in model_ref else "/")[2]:
+        raise click.BadParameter("use NAME/VERSION or NAME@ALIAS", param_hint="MODEL")
+    client = _client(collector, token)
+    answer = _call(lambda: client.get(path))
+    if answer.status == 404:
+        _fail(answer.error)
+    _show(output, answer.body, _render("render_model_lineage"))
+    _broken([(str(hop), "not registered") for hop in answer.body.get("missing", [])])
+
+
+@click.command("impact")
+@click.option("--dataset", help="dataset digest")
+@click.option("--commit", help="commit sha (at least 7 hex digits)")
+@click.option("--image", help="container image digest")
+@_OUTPUT
+@_connection
+def impact_command(
+    *,
+    dataset: str | None,
+    commit: str | None,
+    image: str | None,
+    output: str,
+    collector: str,
+    token: str | None,
+) -> None:
+    """What a dataset, commit or image touched: model versions, deployments, predictions."""
+    given = {k: v for k, v in (("dataset", dataset), ("commit", commit), ("image", image)) if v}
+    if len(given) != 1:
+        raise click.UsageError("give exactly one of --dataset, --commit or --image")
+    client = _client(collector, token)
+    answer = _call(lambda: client.get("/v1/impact", given))
+    if answer.status == 404:
+        _fail(answer.error)
+    _show(output, answer.body, _render("render_impact"))
+
+
+@click.command("completeness")
+@click.option(
+    "--fail-under",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="exit 1 when the complete share is below this (0-1)",
+)
+@_OUTPUT
+@_connection
+def completeness_command(
+    fail_under: float | None, output: str, collector: str, token: str | None
+) -> None:
+    """Per model, the share of predictions whose lineage chain is complete."""
+    client = _client(collector, token)
+    answer = _call(lambda: client.get("/v1/completeness"))
+    _show(output, answer.body, _render("render_completeness"))
+    share = float(answer.body.get("share", 1.0))
+    if fail_under is not None and share < fail_under:
+        _fail(f"completeness {share:.1%} is below {fail_under:.1%}")
+
+
+def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r}: use KEY=VALUE", param_hint=what)
+        out[key] = value
+    return out
+
+
+def _metrics(values: tuple[str, ...]) -> dict[str, float]:
+    try:
+        return {k: float(v) for k, v in _pairs(values, "--metric").items()}
+    except ValueError:
+        raise click.BadParameter("metric values must be numbers", param_hint="--metric") from None
+
+
+def _body_from_options(opts: Mapping[str, Any]) -> dict[str, object]:
+    body: dict[str, object] = {"source": opts["source"]}
+    if opts["model"]:
+        name, _, version = opts["model"].rpartition("/")
+        if not name or not version:
+            raise click.BadParameter("use NAME/VERSION", param_hint="--model")
+        body["model"] = {
+            "name": name,
+            "version": version,
+            "aliases": list(opts["alias"]),
+            "artifact_digest": opts["artifact_digest"] or "",
+        }
+    if opts["run_id"]:
+        body["run"] = {
+            "id": opts["run_id"],
+            "name": opts["run_name"] or "",
+            "url": opts["run_url"] or "",
+            "params": _pairs(opts["param"], "--param"),
+            "metrics": _metrics(opts["metric"]),
+        }
+    datasets = []
+    for item in opts["dataset"]:
+        digest, _, source = item.partition("=")
+        datasets.append({"digest": digest, "source": source})
+    if datasets:
+        body["datasets"] = datasets
+    if opts["commit"]:
+        body["commit"] = {"sha": opts["commit"], "repo": opts["repo"] or ""}
+    if opts["image"]:
+        body["image"] = {"digest": opts["image"], "name": opts["image_name"] or ""}
+    if opts["deployment"]:
+        body["deployment"] = {
+            "id": opts["deployment"],
+            "service": opts["service"] or "",
+            "namespace": opts["namespace"] or "",
+        }
+    return body
+
+
+@click.group("lineage")
+def lineage_group() -> None:
+    """Register lineage with the collector (for CI/CD hooks)."""
+
+
+@lineage_group.command("register")
+@click.option(
+    "--file", "file_", type=click.File("r"), help="a JSON registration body ('-' = stdin)"
+)
+@click.option("--model", help="NAME/VERSION")
+@click.option("--alias", multiple=True, help="alias pointing at the version (repeatable)")
+@click.option("--artifact-digest", help="digest of the model artifact")
+@click.option("--run-id", help="training run id")
+@click.option("--run-name")
+@click.option("--run-url")
+@click.option("--param", multiple=True, help="KEY=VALUE run parameter (repeatable)")
+@click.option("--metric", multiple=True, help="KEY=NUMBER run metric (repeatable)")
+@click.option("--dataset", multiple=True, help="DIGEST[=SOURCE] the run used (repeatable)")
+@click.option("--commit", help="commit sha the run was built from")
+@click.option("--repo", help="repository URL of the commit")
+@click.option("--image", help="image digest the model version is packaged in")
+@click.option("--image-name")
+@click.option("--deployment", help="deployment id serving the model version")
+@click.option("--service")
+@click.option("--namespace")
+@click.option("--source", default="ci", show_default=True, help="who registers (recorded)")
+@_connection
+def register_command(collector: str, token: str | None, file_: Any, **opts: Any) -> None:
+    """Register a model version's lineage: run, datasets, commit, image, deployment.
+
+    Either build it from options or give a JSON body with --file (the body of
+    POST /v1/lineage).
+    """
+    if file_ is not None:
+        try:
+            body = json.load(file_)
+        except ValueError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--file") from None
+    else:
+        body = _body_from_options(opts)
+    client = _client(collector, token)
+    _call(lambda: client.post("/v1/lineage", body))
+    click.echo("registered")
+
+
+@click.group("collector")
+def collector_group() -> None:
+    """The lineage collector: ingest, lineage store and query API."""
+
+
+@collector_group.command("serve")
+@click.option(
+    "--db",
+    envvar="PREDTRACE_COLLECTOR_DB",
+    default=None,
+    help="sqlite:////abs/path.db, a file path, or postgresql://...",
+)
+@click.option(
+    "--listen",
+    envvar="PREDTRACE_COLLECTOR_LISTEN",
+    default=None,
+    help="HOST:PORT (port 0: a free one)  [default: 127.0.0.1:8700]",
+)
+@click.option(
+    "--ready-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="written with host:port once serving",
+)
+@click.option(
+    "--tokens",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="tokens file (TOML, hashed tokens); none: loopback clients only",
+)
+@click.option("--mlflow", default=None, help="MLflow tracking URL [default: MLFLOW_TRACKING_URI]")
+@click.option("--retention-days", type=float, default=None, help="keep predictions this many days")
+def serve_command(
+    *,
+    db: str | None,
+    listen: str | None,
+    ready_file: str | None,
+    tokens: str | None,
+    mlflow: str | None,
+    retention_days: float | None,
+) -> None:
+    """Run the collector until SIGTERM or SIGINT."""
+    import asyncio  # noqa: PLC0415 - the server stack loads only here
+    import logging  # noqa: PLC0415
+
+    from predtrace.collector._config import CollectorConfig, RetentionPolicy  # noqa: PLC0415
+    from predtrace.collector._server import serve  # noqa: PLC0415
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = CollectorConfig.from_env(
+            os.environ,
+            db=db,
+            listen=listen,
+            tokens_file=tokens,
+            mlflow_url=mlflow,
+            retention=RetentionPolicy(predictions_days=retention_days) if retention_days else None,
+        )
+        asyncio.run(serve(config, ready_file=ready_file))
+    except CollectorError as exc:
+        _fail(f"cannot start the collector: {exc}", 1)
+    except OSError as exc:
+        _fail(f"cannot listen on {listen}: {exc.strerror}", 1)
+
+
+@collector_group.command("token")
+@click.option("--name", required=True, help="a label for the token")
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    required=True,
+    type=click.Choice(["ingest", "read", "admin"]),
+)
+@click.option("--producer", "producers", multiple=True, help="allowed producer id glob")
+def token_command(name: str, scopes: tuple[str, ...], producers: tuple[str, ...]) -> None:
+    """Make a new token: prints it once, and the entry for the tokens file."""
+    from predtrace.collector._auth import hash_token, new_token  # noqa: PLC0415
+
+    token = new_token()
+    click.echo(f"token (give it to the client, it is not stored): {token}", err=True)
+    click.echo("[[token]]")
+    click.echo(f"name = {json.dumps(name)}")
+    click.echo(f'sha256 = "{hash_token(token)}"')
+    click.echo(f"scopes = {json.dumps(list(scopes))}")
+    if producers:
+        click.echo(f"producers = {json.dumps(list(producers))}")

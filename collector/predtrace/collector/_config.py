@@ -1,0 +1,155 @@
+"""What an operator sets on the collector: flags of ``predtrace collector serve`` or env.
+
+Validated at startup (fail fast); every environment variable is a constant below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from predtrace.collector._errors import ConfigError
+
+PREDTRACE_COLLECTOR_DB: Final = "PREDTRACE_COLLECTOR_DB"
+PREDTRACE_COLLECTOR_LISTEN: Final = "PREDTRACE_COLLECTOR_LISTEN"
+PREDTRACE_COLLECTOR_TOKENS: Final = "PREDTRACE_COLLECTOR_TOKENS"
+PREDTRACE_COLLECTOR_MAX_BODY_BYTES: Final = "PREDTRACE_COLLECTOR_MAX_BODY_BYTES"
+PREDTRACE_COLLECTOR_MAX_INFLIGHT_BYTES: Final = "PREDTRACE_COLLECTOR_MAX_INFLIGHT_BYTES"
+PREDTRACE_RETENTION_PREDICTIONS_DAYS: Final = "PREDTRACE_RETENTION_PREDICTIONS_DAYS"
+PREDTRACE_RETENTION_BATCHES_DAYS: Final = "PREDTRACE_RETENTION_BATCHES_DAYS"
+MLFLOW_TRACKING_URI: Final = "MLFLOW_TRACKING_URI"
+
+DEFAULT_PORT: Final = 8700
+DEFAULT_LISTEN: Final = f"127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_DB: Final = "sqlite:///predtrace-collector.db"
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:0`` for IPv6; port 0 picks a free one).
+
+    Raises:
+        ConfigError: not HOST:PORT with a port in 0..65535.
+    """
+    host, sep, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"--listen must be HOST:PORT, got {listen!r}")
+    return host, int(port)
+
+
+def _days(value: float | None, name: str) -> None:
+    if value is not None and value <= 0:
+        raise ConfigError(f"{name} must be > 0 days (omit it to keep forever)")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetentionPolicy:
+    """How long each kind of record is kept (None: forever). Lineage nodes are kept.
+
+    Example:
+        >>> RetentionPolicy(predictions_days=30, batches_days=90)
+    """
+
+    predictions_days: float | None = None
+    batches_days: float | None = None
+    chain_events_days: float | None = None
+    interval_s: float = 3600.0
+    chunk: int = 2000
+
+    def __post_init__(self) -> None:
+        _days(self.predictions_days, "predictions retention")
+        _days(self.batches_days, "batches retention")
+        _days(self.chain_events_days, "chain events retention")
+        if self.interval_s <= 0 or self.chunk < 1:
+            raise ConfigError("retention interval must be > 0 and chunk >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is ever removed."""
+        return any(
+            d is not None
+            for d in (self.predictions_days, self.batches_days, self.chain_events_days)
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CollectorConfig:
+    """Settings of one collector.
+
+    Example:
+        >>> CollectorConfig(db="sqlite:////var/lib/predtrace.db", listen="0.0.0.0:8700",
+        ...                 tokens_file="/etc/predtrace/tokens.toml")
+    """
+
+    db: str = DEFAULT_DB
+    listen: str = DEFAULT_LISTEN
+    tokens_file: str | None = None
+    mlflow_url: str | None = None
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_decompressed_bytes: int = 64 * 1024 * 1024
+    max_events: int = 10_000
+    max_inflight_bytes: int = 128 * 1024 * 1024
+    max_json_bytes: int = 1024 * 1024
+    retry_after_s: int = 1
+    query_limit: int = 1000
+    retention: RetentionPolicy = RetentionPolicy()
+
+    def __post_init__(self) -> None:
+        parse_listen(self.listen)
+        if not self.db:
+            raise ConfigError("--db is required")
+        for name in ("max_body_bytes", "max_decompressed_bytes", "max_events", "max_json_bytes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0")
+        if self.max_inflight_bytes < self.max_body_bytes:
+            raise ConfigError("max_inflight_bytes must be >= max_body_bytes")
+        if self.retry_after_s < 1 or self.query_limit < 1:
+            raise ConfigError("retry_after_s and query_limit must be >= 1")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], **overrides: object) -> CollectorConfig:
+        """Settings from environment variables; keyword overrides win (CLI flags).
+
+        Raises:
+            ConfigError: a variable holds an invalid value.
+        """
+        values: dict[str, object] = {}
+        for key, name in (
+            ("db", PREDTRACE_COLLECTOR_DB),
+            ("listen", PREDTRACE_COLLECTOR_LISTEN),
+            ("tokens_file", PREDTRACE_COLLECTOR_TOKENS),
+            ("mlflow_url", MLFLOW_TRACKING_URI),
+        ):
+            if environ.get(name):
+                values[key] = environ[name]
+        for key, name in (
+            ("max_body_bytes", PREDTRACE_COLLECTOR_MAX_BODY_BYTES),
+            ("max_inflight_bytes", PREDTRACE_COLLECTOR_MAX_INFLIGHT_BYTES),
+        ):
+            if environ.get(name):
+                values[key] = _int(environ[name], name)
+        values["retention"] = RetentionPolicy(
+            predictions_days=_float(environ.get(PREDTRACE_RETENTION_PREDICTIONS_DAYS)),
+            batches_days=_float(environ.get(PREDTRACE_RETENTION_BATCHES_DAYS)),
+        )
+        if not str(values.get("mlflow_url", "http://")).startswith(("http://", "https://")):
+            del values["mlflow_url"]  # file: or databricks tracking URIs have no REST registry
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _int(text: str, name: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer") from None
+
+
+def _float(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"retention days must be a number, got {text!r}") from None

@@ -1,0 +1,210 @@
+"""Ingest: ``POST /v1/batches`` -> bounded read -> decode -> store commit -> ack.
+
+The delivery contract (DESIGN §4): the body is read with a hard cap (413) and
+only while the in-flight byte budget allows (else 503 + Retry-After); the
+decoder is bounded (400 with a reason, 413 for bombs); a batch is acknowledged
+only after the store committed it; (producer_id, seq) is idempotent; bad events
+are rejected alone; store failures answer 503, never 200 and never 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Final
+
+from aiohttp import web
+
+from predtrace.collector._auth import Scope
+from predtrace.collector._errors import StoreError
+from predtrace.collector._metrics import CollectorMetrics
+from predtrace.collector._security import Authorizer, AuthRefusal
+from predtrace.collector.store import IngestRecord, Store, event_problem, prediction_row
+from predtrace.wire import (
+    DecodedBatch,
+    DecodeLimits,
+    IngestAck,
+    Rejection,
+    WireError,
+    WireTooLargeError,
+    decode_batch,
+    encode_ack,
+)
+
+log = logging.getLogger("predtrace.collector.ingest")
+BATCH_CONTENT_TYPE: Final = "application/vnd.predtrace.batch+msgpack"
+_CHUNK: Final = 64 * 1024
+_INLINE_DECODE_MAX: Final = 64 * 1024
+_ENCODINGS: Final = ("", "identity", "gzip", "x-gzip")
+
+
+class InflightBudget:
+    """Bytes of request bodies being ingested now, capped (event-loop only)."""
+
+    def __init__(self, cap: int, metrics: CollectorMetrics) -> None:
+        self.cap = cap
+        self.used = 0
+        self._metrics = metrics
+
+    def try_reserve(self, count: int) -> bool:
+        """Reserve ``count`` bytes; False when that would pass the cap."""
+        if self.used + count > self.cap:
+            return False
+        self.used += count
+        self._metrics.inflight_bytes.set(self.used)
+        return True
+
+    def release(self, count: int) -> None:
+        """Give back reserved bytes."""
+        self.used -= count
+        self._metrics.inflight_bytes.set(self.used)
+
+
+class _Refused(Exception):
+    """An answer other than 200, with its short reason (internal control flow)."""
+
+    def __init__(self, status: int, reason: str, outcome: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason, self.outcome = status, reason, outcome
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    decoded: DecodedBatch
+    record: IngestRecord
+    rejected: tuple[Rejection, ...]
+
+
+def prepare(body: bytes, limits: DecodeLimits, received_ns: int) -> _Prepared:
+    """Decode a body and build its store rows (CPU-bound: big bodies run in a thread).
+
+    Raises:
+        WireTooLargeError / WireError: the body is refused whole.
+    """
+    decoded = decode_batch(body, limits=limits)
+    batch = decoded.batch
+    bad = {r.index for r in decoded.rejected}
+    raw_index = (i for i in range(len(batch.events) + len(bad)) if i not in bad)
+    rows, rejected = [], list(decoded.rejected)
+    for index, event in zip(raw_index, batch.events, strict=False):
+        problem = event_problem(event)
+        if problem is None:
+            rows.append(prediction_row(event, batch.producer_id, batch.seq, received_ns))
+        else:
+            rejected.append(Rejection(index, problem, event.prediction_id))
+    record = IngestRecord(
+        producer_id=batch.producer_id,
+        seq=batch.seq,
+        digest=decoded.digest,
+        prev_digest=batch.prev_digest,
+        batch_id=batch.batch_id,
+        created_ns=min(batch.created_at_unix_nano, 2**63 - 1),
+        received_ns=received_ns,
+        rows=rows,
+        rejected=len(rejected),
+    )
+    return _Prepared(decoded, record, tuple(sorted(rejected, key=lambda r: r.index)))
+
+
+class IngestHandler:
+    """The ``POST /v1/batches`` handler of one collector."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        limits: DecodeLimits,
+        budget: InflightBudget,
+        authorizer: Authorizer,
+        metrics: CollectorMetrics,
+        retry_after_s: int,
+    ) -> None:
+        self.store, self.limits, self.budget = store, limits, budget
+        self.authorizer, self.metrics = authorizer, metrics
+        self.retry_after = str(retry_after_s)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """Answer one batch (see the module docstring)."""
+        reserved = 0
+        try:
+            entry = self.authorizer.check(request, Scope.INGEST)
+            declared = request.content_length
+            encoding = request.headers.get("Content-Encoding", "").strip().lower()
+            if encoding not in _ENCODINGS:
+                raise _Refused(
+                    400, f"unsupported Content-Encoding {encoding[:32]!r}", "bad_request"
+                )
+            if declared is not None and declared > self.limits.max_bytes:
+                raise _Refused(413, f"body exceeds {self.limits.max_bytes} bytes", "too_large")
+            reserved = min(declared or _CHUNK, self.limits.max_bytes)
+            if not self.budget.try_reserve(reserved):
+                reserved = 0
+                raise _Refused(503, "collector busy: in-flight byte cap reached", "overloaded")
+            body, reserved = await self._read(request, reserved)
+            prepared = await self._prepare(body)
+            if entry is not None and not entry.allows_producer(prepared.record.producer_id):
+                raise _Refused(403, "token not allowed for this producer_id", "forbidden")
+            return await self._store(prepared, len(body))
+        except AuthRefusal as refusal:
+            self.metrics.batches.labels(refusal.outcome).inc()
+            return refusal.response()
+        except _Refused as refused:
+            return self._refusal(refused)
+        finally:
+            if reserved:
+                self.budget.release(reserved)
+
+    async def _read(self, request: web.Request, reserved: int) -> tuple[bytes, int]:
+        chunks, total = [], 0
+        async for chunk in request.content.iter_chunked(_CHUNK):
+            total += len(chunk)
+            if total > self.limits.max_bytes:
+                raise _Refused(413, f"body exceeds {self.limits.max_bytes} bytes", "too_large")
+            if total > reserved:
+                if not self.budget.try_reserve(total - reserved):
+                    raise _Refused(503, "collector busy: in-flight byte cap reached", "overloaded")
+                reserved = total
+            chunks.append(chunk)
+        return b"".join(chunks), reserved
+
+    async def _prepare(self, body: bytes) -> _Prepared:
+        received_ns = time.time_ns()
+        try:
+            if len(body) <= _INLINE_DECODE_MAX:
+                return prepare(body, self.limits, received_ns)
+            return await asyncio.to_thread(prepare, body, self.limits, received_ns)
+        except WireTooLargeError as exc:
+            raise _Refused(413, str(exc), "too_large") from None
+        except WireError as exc:
+            raise _Refused(400, str(exc), "bad_request") from None
+
+    async def _store(self, prepared: _Prepared, size: int) -> web.Response:
+        record = prepared.record
+        started = time.perf_counter()
+        try:
+            outcome = await self.store.ingest(record)
+        except StoreError as exc:
+            log.warning("store failed, answering 503: %s", exc)
+            raise _Refused(503, "store unavailable, retry later", "store_unavailable") from None
+        self.metrics.store_seconds.observe(time.perf_counter() - started)
+        self.metrics.batches.labels("duplicate" if outcome.duplicate else "stored").inc()
+        if not outcome.duplicate:
+            self.metrics.chain.labels(outcome.chain).inc()
+            self.metrics.events.labels("stored").inc(outcome.stored)
+            self.metrics.events.labels("rejected").inc(len(prepared.rejected))
+            self.metrics.ingest_bytes.inc(size)
+        ack = IngestAck(
+            producer_id=record.producer_id,
+            seq=record.seq,
+            accepted=outcome.stored,
+            rejected=prepared.rejected,
+            duplicate=outcome.duplicate,
+        )
+        return web.Response(body=encode_ack(ack), content_type=BATCH_CONTENT_TYPE)
+
+    def _refusal(self, refused: _Refused) -> web.Response:
+        self.metrics.batches.labels(refused.outcome).inc()
+        headers = {"Retry-After": self.retry_after} if refused.status == 503 else None
+        return web.Response(status=refused.status, text=refused.reason, headers=headers)

@@ -1,0 +1,179 @@
+"""Rich tables for the query commands (``-o table``); ``-o json`` bypasses this."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+J = Mapping[str, Any]
+
+
+def _short(text: object, width: int = 24) -> str:
+    value = str(text or "")
+    return value if len(value) <= width else value[: width - 1] + "…"
+
+
+def _pairs(values: J | None, limit: int = 6) -> str:
+    items = list((values or {}).items())
+    text = ", ".join(f"{k}={v}" for k, v in items[:limit])
+    return text + (f", … (+{len(items) - limit})" if len(items) > limit else "")
+
+
+def _missing_reasons(chain: J) -> dict[str, str]:
+    return {str(m["hop"]): str(m["reason"]) for m in chain.get("missing", [])}
+
+
+def _dataset_lines(run: J | None) -> str:
+    if not run:
+        return ""
+    lines = []
+    for d in run.get("datasets", []):
+        context = f"({d['context']})" if d.get("context") else ""
+        lines.append(f"{d['digest']}  {d.get('source') or ''} {context}".strip())
+    return "\n".join(lines)
+
+
+def chain_rows(chain: J) -> list[tuple[str, str]]:
+    """(hop, text) rows of one chain; a missing hop shows its reason."""
+    missing = _missing_reasons(chain)
+    dep, image = chain.get("deployment") or {}, chain.get("image") or {}
+    model, run = chain.get("model_version") or {}, chain.get("run") or {}
+    commit = run.get("commit") or {}
+    where = _pairs({k: dep[k] for k in ("service", "namespace") if dep.get(k)})
+    found = {
+        "deployment": f"{dep.get('id', '')} {where}",
+        "image": f"{image.get('digest', '')} {image.get('name') or ''}",
+        "model_version": (
+            f"{model.get('name')}/{model.get('version')}"
+            f"{' @' + ','.join(model['aliases']) if model.get('aliases') else ''}"
+            f" ({model.get('registry') or model.get('origin')})"
+        ),
+        "run": f"{run.get('id')} {run.get('name') or ''} {run.get('url') or ''}\n"
+        f"params: {_pairs(run.get('params'))}\nmetrics: {_pairs(run.get('metrics'))}",
+        "commit": f"{commit.get('sha', '')} {commit.get('repo') or ''}",
+        "datasets": _dataset_lines(run),
+    }
+    hops = ("deployment", "image", "model_version", "run", "commit", "datasets")
+    return [
+        (hop, f"[red]✗ {missing[hop]}[/red]" if hop in missing else found[hop].strip())
+        for hop in hops
+    ]
+
+
+def _chain_table(title: str, chain: J) -> Table:
+    table = Table(title=title, show_header=True, title_justify="left")
+    table.add_column("hop", style="bold")
+    table.add_column("lineage", overflow="fold")
+    for hop, text in chain_rows(chain):
+        table.add_row(hop.replace("_", " "), text)
+    return table
+
+
+def render_pivot(console: Console, answer: J) -> None:
+    """Predictions of a trace (or id) and one chain table per distinct chain."""
+    predictions = answer["predictions"]
+    table = Table(
+        title=f"{answer['query']}: {len(predictions)} prediction(s)", title_justify="left"
+    )
+    for column in ("prediction", "time", "model", "deployment / pod", "status", "output"):
+        table.add_column(column, overflow="fold")
+    for p in predictions:
+        model, dep, out = p["model"], p["deployment"], p.get("output") or {}
+        table.add_row(
+            p["prediction_id"],
+            _short(p.get("timestamp"), 27),
+            f"{model['name']}/{model['version'] or '@' + model['alias']}",
+            f"{dep['id']} {dep.get('pod') or ''}".strip(),
+            p["status"],
+            _pairs({k: v for k, v in out.items() if v is not None}),
+        )
+    console.print(table)
+    seen: list[J] = []
+    for p in predictions:
+        if p["lineage"] not in seen:
+            seen.append(p["lineage"])
+            model = p["model"]
+            console.print(
+                _chain_table(f"lineage of {model['name']}/{model['version']}", p["lineage"])
+            )
+
+
+def render_model_lineage(console: Console, answer: J) -> None:
+    """A model version, its run, commit, datasets, images and deployments."""
+    model, run = answer["model_version"], answer.get("run")
+    chain = {
+        "model_version": model,
+        "run": run,
+        "image": {"digest": ", ".join(model.get("images", []))} if model.get("images") else None,
+        "deployment": None,
+        "missing": [
+            {"hop": h, "reason": "not registered"}
+            for h in answer.get("missing", [])
+            if h != "deployment"
+        ],
+    }
+    console.print(_chain_table(f"model {model['name']}/{model['version']}", chain))
+    _deployments_table(console, "deployments", answer.get("deployments", []))
+
+
+def _deployments_table(console: Console, title: str, deployments: Iterable[J]) -> None:
+    table = Table(title=title, title_justify="left")
+    for column in ("deployment", "predictions", "first seen", "last seen"):
+        table.add_column(column)
+    for d in deployments:
+        table.add_row(
+            str(d["id"] or "-"),
+            str(d["predictions"]),
+            str(d["first_seen"] or "-"),
+            str(d["last_seen"] or "-"),
+        )
+    console.print(table)
+
+
+def render_impact(console: Console, answer: J) -> None:
+    """Model versions and deployments reached from a dataset, commit or image."""
+    query = answer["query"]
+    table = Table(
+        title=f"impact of {query['kind']} {query['value']}: {answer['predictions']} prediction(s)",
+        title_justify="left",
+    )
+    for column in ("model version", "run", "deployment", "predictions", "first seen", "last seen"):
+        table.add_column(column, overflow="fold")
+    for version in answer["model_versions"]:
+        name = f"{version['name']}/{version['version']}"
+        for d in version["deployments"] or [
+            {"id": "-", "predictions": 0, "first_seen": None, "last_seen": None}
+        ]:
+            table.add_row(
+                name,
+                str(version.get("run_id") or "-"),
+                str(d["id"] or "-"),
+                str(d["predictions"]),
+                str(d["first_seen"] or "-"),
+                str(d["last_seen"] or "-"),
+            )
+    console.print(table)
+    if answer.get("runs"):
+        console.print(f"runs: {', '.join(answer['runs'])}")
+
+
+def render_completeness(console: Console, answer: J) -> None:
+    """Per model: predictions, share with a complete chain, missing hops."""
+    table = Table(
+        title=f"lineage completeness: {answer['share']:.1%} of {answer['predictions']} predictions",
+        title_justify="left",
+    )
+    for column in ("model", "predictions", "complete", "share", "missing hops (predictions)"):
+        table.add_column(column, overflow="fold")
+    for m in answer["models"]:
+        table.add_row(
+            m["model"] or "(none)",
+            str(m["predictions"]),
+            str(m["complete"]),
+            f"{m['share']:.1%}",
+            _pairs(m["missing"]),
+        )
+    console.print(table)

@@ -1,0 +1,89 @@
+"""Running the collector: bind, write the ready file, serve until told to stop.
+
+``--listen 127.0.0.1:0`` binds a free port; the ready file's first line is the
+bound ``host:port``, written (atomically) only once the store is open and the
+socket accepts connections. SIGTERM/SIGINT stop it gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from pathlib import Path
+
+from aiohttp import web
+
+from predtrace.collector._app import build_app
+from predtrace.collector._config import CollectorConfig, parse_listen
+
+
+class RunningCollector:
+    """A collector serving on a socket; ``stop`` shuts it down. Safe twice."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int) -> None:
+        self.runner, self.host, self.port = runner, host, port
+
+    @property
+    def url(self) -> str:
+        """The base URL clients use."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def stop(self) -> None:
+        """Stop accepting, finish in-flight requests, run the app's cleanup."""
+        await self.runner.cleanup()
+
+
+async def start_collector(
+    config: CollectorConfig, *, app: web.Application | None = None
+) -> RunningCollector:
+    """Start serving ``config`` (or a prebuilt ``app``) on its listen address.
+
+    Raises:
+        ConfigError / StoreError: the collector cannot start.
+        OSError: the address cannot be bound.
+    """
+    host, port = parse_listen(config.listen)
+    # auto_decompress off: the bounded decoder inflates gzip itself (gzip bombs -> 413).
+    runner = web.AppRunner(app or build_app(config), auto_decompress=False, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = port
+    server = site._server
+    if isinstance(server, asyncio.base_events.Server) and server.sockets:
+        sock: socket.socket = server.sockets[0]
+        bound = sock.getsockname()[1]
+    return RunningCollector(runner, host, bound)
+
+
+def write_ready_file(path: str, lines: list[str]) -> None:
+    """Write the ready file atomically (readers never see a partial line)."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    tmp.replace(target)
+
+
+async def serve(config: CollectorConfig, *, ready_file: str | None = None) -> None:
+    """Serve until SIGTERM or SIGINT."""
+    running = await start_collector(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        host = f"[{running.host}]" if ":" in running.host else running.host
+        if ready_file:
+            write_ready_file(ready_file, [f"{host}:{running.port}"])
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await running.stop()

@@ -1,0 +1,172 @@
+"""The registration API's JSON body (``POST /v1/lineage``) to a ``Registration``.
+
+A CI/CD hook posts what it knows after a build or deploy::
+
+    {"model": {"name": "churn", "version": "3", "aliases": ["prod"],
+               "artifact_digest": "sha256:..."},
+     "run": {"id": "r-42", "params": {"lr": "0.1"}, "metrics": {"auc": 0.91}},
+     "datasets": [{"digest": "sha256:...", "source": "s3://b/train.csv"}],
+     "commit": {"sha": "1f2e3d4", "repo": "https://git.example/churn"},
+     "image": {"digest": "sha256:...", "name": "churn:3"},
+     "deployment": {"id": "churn-prod", "started": "2026-01-01T00:00:00Z"}}
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from predtrace.collector._errors import LineageError
+from predtrace.collector.lineage._model import (
+    MAX_ITEMS,
+    CommitNode,
+    DatasetNode,
+    DeploymentNode,
+    ImageNode,
+    ModelVersionNode,
+    Registration,
+    RunNode,
+    check_text,
+)
+
+
+def _section(body: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise LineageError(f"{key} must be an object")
+    return value
+
+
+def _str_map(value: object, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > MAX_ITEMS:
+        raise LineageError(f"{where} must be an object of at most {MAX_ITEMS} entries")
+    return {check_text(k, where): check_text(v, f"{where}.{k}") for k, v in value.items()}
+
+
+def _num_map(value: object, where: str) -> dict[str, float]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > MAX_ITEMS:
+        raise LineageError(f"{where} must be an object of at most {MAX_ITEMS} entries")
+    out: dict[str, float] = {}
+    for key, number in value.items():
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise LineageError(f"{where}.{key} must be a number")
+        if not math.isfinite(number):
+            raise LineageError(f"{where}.{key} must be finite")
+        out[check_text(key, where)] = float(number)
+    return out
+
+
+def parse_time_ns(value: object, where: str) -> int:
+    """Read a time as unix nanoseconds (int) or an ISO 8601 string with a zone."""
+    if value is None or value == "":
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value < 2**63:
+            raise LineageError(f"{where} out of range")
+        return value
+    if isinstance(value, str):
+        try:
+            when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise LineageError(f"{where} must be ISO 8601 or unix nanoseconds") from None
+        if when.tzinfo is None:
+            raise LineageError(f"{where} needs a time zone (e.g. Z)")
+        return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
+    raise LineageError(f"{where} must be ISO 8601 or unix nanoseconds")
+
+
+def _model(section: Mapping[str, Any]) -> ModelVersionNode:
+    aliases = section.get("aliases") or []
+    if not isinstance(aliases, list) or len(aliases) > MAX_ITEMS:
+        raise LineageError("model.aliases must be a list")
+    return ModelVersionNode(
+        name=check_text(section.get("name"), "model.name", required=True),
+        version=check_text(section.get("version"), "model.version", required=True),
+        registry=check_text(section.get("registry"), "model.registry"),
+        registry_id=check_text(section.get("registry_id"), "model.registry_id"),
+        artifact_digest=check_text(section.get("artifact_digest"), "model.artifact_digest"),
+        source=check_text(section.get("source"), "model.source"),
+        aliases=tuple(check_text(a, "model.aliases[]", required=True) for a in aliases),
+    )
+
+
+def _run(section: Mapping[str, Any]) -> RunNode:
+    return RunNode(
+        run_id=check_text(section.get("id"), "run.id", required=True),
+        registry=check_text(section.get("registry"), "run.registry"),
+        name=check_text(section.get("name"), "run.name"),
+        url=check_text(section.get("url"), "run.url"),
+        params=_str_map(section.get("params"), "run.params"),
+        metrics=_num_map(section.get("metrics"), "run.metrics"),
+        tags=_str_map(section.get("tags"), "run.tags"),
+    )
+
+
+def _datasets(value: object) -> tuple[DatasetNode, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_ITEMS:
+        raise LineageError(f"datasets must be a list of at most {MAX_ITEMS} objects")
+    out = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise LineageError("datasets[] must be objects")
+        out.append(
+            DatasetNode(
+                digest=check_text(item.get("digest"), "datasets[].digest", required=True),
+                source=check_text(item.get("source"), "datasets[].source"),
+                name=check_text(item.get("name"), "datasets[].name"),
+                context=check_text(item.get("context"), "datasets[].context"),
+            )
+        )
+    return tuple(out)
+
+
+def parse_registration(body: object, *, source: str = "api") -> Registration:
+    """Validate a registration body and build the ``Registration``.
+
+    Raises:
+        LineageError: the body is not a valid registration (the reason names the field).
+    """
+    if not isinstance(body, dict):
+        raise LineageError("the lineage body must be a JSON object")
+    model, run = _section(body, "model"), _section(body, "run")
+    commit, image = _section(body, "commit"), _section(body, "image")
+    deployment = _section(body, "deployment")
+    return Registration(
+        model=_model(model) if model is not None else None,
+        run=_run(run) if run is not None else None,
+        datasets=_datasets(body.get("datasets")),
+        commit=CommitNode(
+            sha=check_text(commit.get("sha"), "commit.sha", required=True),
+            repo=check_text(commit.get("repo"), "commit.repo"),
+        )
+        if commit is not None
+        else None,
+        image=ImageNode(
+            digest=check_text(image.get("digest"), "image.digest", required=True),
+            name=check_text(image.get("name"), "image.name"),
+        )
+        if image is not None
+        else None,
+        deployment=_deployment(deployment) if deployment is not None else None,
+        source=check_text(body.get("source") or source, "source"),
+    )
+
+
+def _deployment(section: Mapping[str, Any]) -> DeploymentNode:
+    return DeploymentNode(
+        id=check_text(section.get("id"), "deployment.id", required=True),
+        service=check_text(section.get("service"), "deployment.service"),
+        namespace=check_text(section.get("namespace"), "deployment.namespace"),
+        started_ns=parse_time_ns(section.get("started"), "deployment.started"),
+        ended_ns=parse_time_ns(section.get("ended"), "deployment.ended"),
+    )

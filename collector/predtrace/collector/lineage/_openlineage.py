@@ -1,0 +1,123 @@
+"""OpenLineage run events (``POST /v1/openlineage``) mapped onto the lineage graph.
+
+A RunEvent's run becomes a Run (id ``runId``, name ``job.namespace/job.name``),
+its input datasets become Datasets the run USED, and the job's
+``sourceCodeLocation`` facet (``version`` = commit sha, ``repoUrl``/``url``)
+becomes the Commit it was BUILT_FROM. The model version the run PRODUCED comes
+from an output dataset named like an MLflow model URI (``models:/<name>/<version>``)
+or from a custom run facet ``predtrace`` (``{"model": {"name", "version"}}``).
+
+A dataset's digest is its ``version`` facet's ``datasetVersion`` when present,
+otherwise its OpenLineage identity ``namespace/name``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from predtrace.collector._errors import LineageError
+from predtrace.collector.lineage._model import (
+    MAX_ITEMS,
+    CommitNode,
+    DatasetNode,
+    ModelVersionNode,
+    Registration,
+    RunNode,
+    check_text,
+)
+
+_MODEL_URI_PREFIX = "models:/"
+
+
+def _obj(value: object, where: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise LineageError(f"{where} must be an object")
+    return value
+
+
+def _facets(node: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    return _obj(node.get("facets"), f"{where}.facets")
+
+
+def _dataset_identity(item: Mapping[str, Any], where: str) -> tuple[str, str]:
+    namespace = check_text(item.get("namespace"), f"{where}.namespace")
+    name = check_text(item.get("name"), f"{where}.name", required=True)
+    return namespace, name
+
+
+def _input_dataset(item: object) -> DatasetNode:
+    data = _obj(item, "inputs[]")
+    namespace, name = _dataset_identity(data, "inputs[]")
+    identity = f"{namespace}/{name}" if namespace else name
+    version = _obj(_facets(data, "inputs[]").get("version"), "inputs[].facets.version")
+    digest = check_text(version.get("datasetVersion"), "datasetVersion") or identity
+    return DatasetNode(digest=digest, source=identity, name=name, context="input")
+
+
+def _commit(job: Mapping[str, Any]) -> CommitNode | None:
+    location = _obj(_facets(job, "job").get("sourceCodeLocation"), "sourceCodeLocation")
+    sha = check_text(location.get("version"), "sourceCodeLocation.version")
+    if not sha:
+        return None
+    repo = check_text(location.get("repoUrl") or location.get("url"), "sourceCodeLocation.url")
+    return CommitNode(sha=sha, repo=repo)
+
+
+def _model(run: Mapping[str, Any], outputs: list[Any]) -> ModelVersionNode | None:
+    facet = _obj(_facets(run, "run").get("predtrace"), "run.facets.predtrace")
+    model = _obj(facet.get("model"), "run.facets.predtrace.model")
+    if model:
+        return ModelVersionNode(
+            name=check_text(model.get("name"), "predtrace.model.name", required=True),
+            version=check_text(model.get("version"), "predtrace.model.version", required=True),
+            artifact_digest=check_text(model.get("artifact_digest"), "artifact_digest"),
+            registry="openlineage",
+        )
+    for item in outputs:
+        _, name = _dataset_identity(_obj(item, "outputs[]"), "outputs[]")
+        if name.startswith(_MODEL_URI_PREFIX):
+            parts = name.removeprefix(_MODEL_URI_PREFIX).strip("/").split("/")
+            if len(parts) == 2 and all(parts):
+                return ModelVersionNode(
+                    name=parts[0], version=parts[1], source=name, registry="openlineage"
+                )
+    return None
+
+
+def _list(value: object, where: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_ITEMS:
+        raise LineageError(f"{where} must be a list of at most {MAX_ITEMS} items")
+    return value
+
+
+def parse_run_event(body: object) -> Registration:
+    """Map one OpenLineage RunEvent onto a ``Registration``.
+
+    Raises:
+        LineageError: not a RunEvent (no ``run.runId`` or ``job.name``).
+    """
+    event = _obj(body, "the OpenLineage event")
+    run, job = _obj(event.get("run"), "run"), _obj(event.get("job"), "job")
+    run_id = check_text(run.get("runId"), "run.runId", required=True)
+    job_name = check_text(job.get("name"), "job.name", required=True)
+    job_namespace = check_text(job.get("namespace"), "job.namespace")
+    inputs = _list(event.get("inputs"), "inputs")
+    outputs = _list(event.get("outputs"), "outputs")
+    tags = {"openlineage.eventType": check_text(event.get("eventType"), "eventType")}
+    return Registration(
+        model=_model(run, outputs),
+        run=RunNode(
+            run_id=run_id,
+            registry="openlineage",
+            name=f"{job_namespace}/{job_name}" if job_namespace else job_name,
+            tags={k: v for k, v in tags.items() if v},
+        ),
+        datasets=tuple(_input_dataset(item) for item in inputs),
+        commit=_commit(job),
+        source="openlineage",
+    )

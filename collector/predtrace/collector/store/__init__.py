@@ -1,0 +1,25 @@
+"""The collector's store: SQLite (embedded default) or PostgreSQL, one interface."""
+
+from predtrace.collector.store._chain import HOPS, ChainKey
+from predtrace.collector.store._postgres import PostgresEngine, PostgresOptions
+from predtrace.collector.store._rows import deployment_key, event_problem, prediction_row
+from predtrace.collector.store._sqlite import SqliteEngine, SqliteOptions
+from predtrace.collector.store._store import Engine, Store, open_store
+from predtrace.collector.store._writes import IngestOutcome, IngestRecord
+
+__all__ = [
+    "HOPS",
+    "ChainKey",
+    "Engine",
+    "IngestOutcome",
+    "IngestRecord",
+    "PostgresEngine",
+    "PostgresOptions",
+    "SqliteEngine",
+    "SqliteOptions",
+    "Store",
+    "deployment_key",
+    "event_problem",
+    "open_store",
+    "prediction_row",
+]

@@ -1,0 +1,346 @@
+"""Write plans: one ingested batch, one lineage registration.
+
+The ingest plan is idempotent on (producer_id, seq): a batch already stored is
+answered as a duplicate and nothing is written. It checks the per-producer hash
+chain in both directions (the stored predecessor's digest against this batch's
+``prev_digest``, and this digest against a successor that arrived first), and
+records breaks and re-used sequence numbers in ``chain_events``. Gaps are not
+recorded here: the gap report derives them from ``batches``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from predtrace.collector.lineage import Registration
+from predtrace.collector.store._ops import Exec, ExecMany, Fetch, Insert, Plan, Row
+from predtrace.collector.store._rows import ServedKey, served_key
+from predtrace.collector.store._schema import PREDICTION_COLUMNS
+
+
+@dataclass(frozen=True, slots=True)
+class IngestRecord:
+    """A decoded, validated batch ready for the store."""
+
+    producer_id: str
+    seq: int
+    digest: bytes
+    prev_digest: bytes
+    batch_id: bytes
+    created_ns: int
+    received_ns: int
+    rows: Sequence[Row]
+    rejected: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class IngestOutcome:
+    """What the store did with a batch; ``chain`` is ok/first/gap/unchained/mismatch."""
+
+    duplicate: bool
+    stored: int
+    chain: str
+
+
+_CHAIN_EVENT = (
+    "INSERT INTO chain_events (producer_id, seq, kind, expected, actual, received_ns)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+
+def _chain_event(rec: IngestRecord, seq: int, kind: str, expected: bytes, actual: bytes) -> Exec:
+    return Exec(_CHAIN_EVENT, (rec.producer_id, seq, kind, expected, actual, rec.received_ns))
+
+
+def _chain_status(rec: IngestRecord, before: bytes | None) -> str:
+    if rec.seq == 1:
+        return "first"
+    if before is None:
+        return "gap"
+    if not rec.prev_digest:
+        return "unchained"
+    return "ok" if before == rec.prev_digest else "mismatch"
+
+
+def ingest_plan(rec: IngestRecord) -> Plan[IngestOutcome]:
+    """Store a batch once; return whether it was a duplicate and its chain status."""
+    near = yield Fetch(
+        "SELECT seq, digest, prev_digest, stored FROM batches"
+        " WHERE producer_id = ? AND seq >= ? AND seq <= ?",
+        (rec.producer_id, rec.seq - 1, rec.seq + 1),
+    )
+    by_seq = {row[0]: row for row in near}
+    if rec.seq in by_seq:
+        return (yield from _duplicate(rec, bytes(by_seq[rec.seq][1]), by_seq[rec.seq][3]))
+    before = by_seq.get(rec.seq - 1)
+    chain = _chain_status(rec, bytes(before[1]) if before else None)
+    inserted = yield Fetch(
+        "INSERT INTO batches (producer_id, seq, batch_id, digest, prev_digest, created_ns,"
+        " received_ns, stored, rejected, chain) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (producer_id, seq) DO NOTHING RETURNING seq",
+        (
+            rec.producer_id,
+            rec.seq,
+            rec.batch_id or None,
+            rec.digest,
+            rec.prev_digest or None,
+            rec.created_ns,
+            rec.received_ns,
+            len(rec.rows),
+            rec.rejected,
+            chain,
+        ),
+    )
+    if not inserted:  # a concurrent delivery of the same batch committed first
+        return IngestOutcome(duplicate=True, stored=len(rec.rows), chain="duplicate")
+    breaks = 1 if chain == "mismatch" else 0
+    if chain == "mismatch" and before is not None:
+        yield _chain_event(rec, rec.seq, "mismatch", bytes(before[1]), rec.prev_digest)
+    breaks += yield from _check_successor(rec, by_seq.get(rec.seq + 1))
+    if rec.rows:
+        yield Insert("predictions", PREDICTION_COLUMNS, rec.rows)
+        yield from _upsert_runtime_lineage(rec)
+    yield from _upsert_producer(rec, breaks)
+    return IngestOutcome(duplicate=False, stored=len(rec.rows), chain=chain)
+
+
+def _duplicate(rec: IngestRecord, digest: bytes, stored: int) -> Plan[IngestOutcome]:
+    if digest != rec.digest:
+        # Same (producer, seq), different bytes: the producer re-used a number.
+        yield _chain_event(rec, rec.seq, "seq_reused", digest, rec.digest)
+    return IngestOutcome(duplicate=True, stored=stored, chain="duplicate")
+
+
+def _check_successor(rec: IngestRecord, after: Row | None) -> Plan[int]:
+    if after is None or not after[2]:
+        return 0
+    if bytes(after[2]) == rec.digest:
+        yield Exec(
+            "UPDATE batches SET chain = 'ok' WHERE producer_id = ? AND seq = ? AND chain = 'gap'",
+            (rec.producer_id, rec.seq + 1),
+        )
+        return 0
+    yield _chain_event(rec, rec.seq + 1, "mismatch", rec.digest, bytes(after[2]))
+    return 1
+
+
+def _upsert_producer(rec: IngestRecord, breaks: int) -> Plan[None]:
+    yield Exec(
+        "INSERT INTO producers (producer_id, first_seq, last_seq, batches, events, chain_breaks,"
+        " first_received_ns, last_received_ns) VALUES (?, ?, ?, 1, ?, ?, ?, ?)"
+        " ON CONFLICT (producer_id) DO UPDATE SET"
+        " first_seq = CASE WHEN excluded.first_seq < producers.first_seq"
+        " THEN excluded.first_seq ELSE producers.first_seq END,"
+        " last_seq = CASE WHEN excluded.last_seq > producers.last_seq"
+        " THEN excluded.last_seq ELSE producers.last_seq END,"
+        " batches = producers.batches + 1, events = producers.events + excluded.events,"
+        " chain_breaks = producers.chain_breaks + excluded.chain_breaks,"
+        " last_received_ns = excluded.last_received_ns",
+        (
+            rec.producer_id,
+            rec.seq,
+            rec.seq,
+            len(rec.rows),
+            breaks,
+            rec.received_ns,
+            rec.received_ns,
+        ),
+    )
+
+
+_SERVED_UPSERT = (
+    "INSERT INTO served (deployment_id, model_name, model_version, model_alias, image_digest,"
+    " predictions, first_seen_ns, last_seen_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (deployment_id, model_name, model_version, model_alias, image_digest)"
+    " DO UPDATE SET predictions = served.predictions + excluded.predictions,"
+    " first_seen_ns = CASE WHEN served.first_seen_ns = 0"
+    " OR excluded.first_seen_ns < served.first_seen_ns"
+    " THEN excluded.first_seen_ns ELSE served.first_seen_ns END,"
+    " last_seen_ns = CASE WHEN excluded.last_seen_ns > served.last_seen_ns"
+    " THEN excluded.last_seen_ns ELSE served.last_seen_ns END"
+)
+
+
+def _served_groups(rows: Sequence[Row]) -> dict[ServedKey, list[int]]:
+    groups: dict[ServedKey, list[int]] = {}
+    for row in rows:
+        key, ts = served_key(row), row[3]
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [1, ts, ts]
+        else:
+            group[0] += 1
+            group[1] = min(group[1], ts)
+            group[2] = max(group[2], ts)
+    return groups
+
+
+def _upsert_runtime_lineage(rec: IngestRecord) -> Plan[None]:
+    """Deployments, images and deployment SERVES model version, from the events."""
+    groups = _served_groups(rec.rows)
+    # Sorted, so concurrent PostgreSQL transactions lock rows in the same order.
+    served = [key + tuple(groups[key]) for key in sorted(groups)]
+    yield ExecMany(_SERVED_UPSERT, served)
+    deployments: dict[str, tuple[str, str, int, int]] = {}
+    images: dict[str, str] = {}
+    for row in rec.rows:
+        if row[14]:
+            seen = deployments.get(row[14])
+            first, last = (min(seen[2], row[3]), max(seen[3], row[3])) if seen else (row[3],) * 2
+            deployments[row[14]] = (row[15], row[16], first, last)
+        if row[19]:
+            images[row[19]] = row[20] or images.get(row[19], "")
+    yield from _upsert_deployments(deployments)
+    if images:
+        yield ExecMany(
+            "INSERT INTO images (digest, name) VALUES (?, ?) ON CONFLICT (digest) DO UPDATE SET"
+            " name = CASE WHEN excluded.name <> '' THEN excluded.name ELSE images.name END",
+            sorted(images.items()),
+        )
+
+
+def _upsert_deployments(deployments: dict[str, tuple[str, str, int, int]]) -> Plan[None]:
+    if not deployments:
+        return
+    yield ExecMany(
+        "INSERT INTO deployments (id, service, namespace, started_ns, ended_ns, first_seen_ns,"
+        " last_seen_ns, origin) VALUES (?, ?, ?, 0, 0, ?, ?, 'runtime')"
+        " ON CONFLICT (id) DO UPDATE SET"
+        " first_seen_ns = CASE WHEN deployments.first_seen_ns = 0"
+        " OR excluded.first_seen_ns < deployments.first_seen_ns"
+        " THEN excluded.first_seen_ns ELSE deployments.first_seen_ns END,"
+        " last_seen_ns = CASE WHEN excluded.last_seen_ns > deployments.last_seen_ns"
+        " THEN excluded.last_seen_ns ELSE deployments.last_seen_ns END",
+        [(key, *value) for key, value in sorted(deployments.items())],
+    )
+
+
+def _merge(table: str, column: str) -> str:
+    """Keep the stored value when the new one is empty."""
+    return (
+        f"{column} = CASE WHEN excluded.{column} <> '' THEN excluded.{column}"
+        f" ELSE {table}.{column} END"
+    )
+
+
+def register_plan(reg: Registration, now_ns: int) -> Plan[None]:
+    """Merge one registration into the graph (empty fields keep what is stored)."""
+    if reg.commit is not None:
+        yield Exec(
+            "INSERT INTO commits (sha, repo, registered_ns) VALUES (?, ?, ?)"  # noqa: S608 - fixed SQL fragments, values are bound
+            f" ON CONFLICT (sha) DO UPDATE SET {_merge('commits', 'repo')}",
+            (reg.commit.sha, reg.commit.repo, now_ns),
+        )
+    if reg.run is not None:
+        yield from _register_run(reg, now_ns)
+    if reg.image is not None:
+        yield Exec(
+            "INSERT INTO images (digest, name) VALUES (?, ?)"  # noqa: S608 - fixed SQL fragments, values are bound
+            f" ON CONFLICT (digest) DO UPDATE SET {_merge('images', 'name')}",
+            (reg.image.digest, reg.image.name),
+        )
+    if reg.model is not None:
+        yield from _register_model(reg, now_ns)
+    if reg.deployment is not None:
+        yield from _register_deployment(reg)
+
+
+def _register_run(reg: Registration, now_ns: int) -> Plan[None]:
+    run = reg.run
+    assert run is not None  # noqa: S101 - checked by the caller
+    merges = ", ".join(_merge("runs", c) for c in ("registry", "name", "url", "commit_sha"))
+    yield Exec(
+        "INSERT INTO runs (run_id, registry, name, url, params, metrics, tags, commit_sha,"  # noqa: S608 - fixed SQL fragments, values are bound
+        " origin, registered_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        f" ON CONFLICT (run_id) DO UPDATE SET {merges},"
+        " params = CASE WHEN excluded.params <> '{}' THEN excluded.params ELSE runs.params END,"
+        " metrics = CASE WHEN excluded.metrics <> '{}' THEN excluded.metrics"
+        " ELSE runs.metrics END,"
+        " tags = CASE WHEN excluded.tags <> '{}' THEN excluded.tags ELSE runs.tags END,"
+        " origin = excluded.origin",
+        (
+            run.run_id,
+            run.registry,
+            run.name,
+            run.url,
+            json.dumps(dict(run.params)),
+            json.dumps(dict(run.metrics)),
+            json.dumps(dict(run.tags)),
+            reg.commit.sha if reg.commit else "",
+            reg.source,
+            now_ns,
+        ),
+    )
+    if reg.datasets:
+        yield ExecMany(
+            "INSERT INTO datasets (digest, source, name, registered_ns) VALUES (?, ?, ?, ?)"  # noqa: S608 - fixed SQL fragments, values are bound
+            f" ON CONFLICT (digest) DO UPDATE SET {_merge('datasets', 'source')},"
+            f" {_merge('datasets', 'name')}",
+            [(d.digest, d.source, d.name, now_ns) for d in reg.datasets],
+        )
+        yield ExecMany(
+            "INSERT INTO run_datasets (run_id, digest, context) VALUES (?, ?, ?)"  # noqa: S608 - fixed SQL fragments, values are bound
+            f" ON CONFLICT (run_id, digest) DO UPDATE SET {_merge('run_datasets', 'context')}",
+            [(run.run_id, d.digest, d.context) for d in reg.datasets],
+        )
+
+
+def _register_model(reg: Registration, now_ns: int) -> Plan[None]:
+    model = reg.model
+    assert model is not None  # noqa: S101 - checked by the caller
+    columns = ("registry", "registry_id", "artifact_digest", "source", "run_id")
+    yield Exec(
+        "INSERT INTO model_versions (name, version, registry, registry_id, artifact_digest,"  # noqa: S608 - fixed SQL fragments, values are bound
+        " source, run_id, origin, registered_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (name, version) DO UPDATE SET "
+        + ", ".join(_merge("model_versions", c) for c in columns)
+        + ", origin = excluded.origin",
+        (
+            model.name,
+            model.version,
+            model.registry,
+            model.registry_id,
+            model.artifact_digest,
+            model.source,
+            reg.run.run_id if reg.run else "",
+            reg.source,
+            now_ns,
+        ),
+    )
+    if model.aliases:
+        yield ExecMany(
+            "INSERT INTO model_aliases (name, alias, version) VALUES (?, ?, ?)"
+            " ON CONFLICT (name, alias) DO UPDATE SET version = excluded.version",
+            [(model.name, alias, model.version) for alias in model.aliases],
+        )
+    if reg.image is not None:
+        yield Exec(
+            "INSERT INTO model_images (name, version, image_digest) VALUES (?, ?, ?)"
+            " ON CONFLICT (name, version, image_digest) DO NOTHING",
+            (model.name, model.version, reg.image.digest),
+        )
+
+
+def _register_deployment(reg: Registration) -> Plan[None]:
+    dep = reg.deployment
+    assert dep is not None  # noqa: S101 - checked by the caller
+    yield Exec(
+        "INSERT INTO deployments (id, service, namespace, started_ns, ended_ns, first_seen_ns,"  # noqa: S608 - fixed SQL fragments, values are bound
+        " last_seen_ns, origin) VALUES (?, ?, ?, ?, ?, 0, 0, ?) ON CONFLICT (id) DO UPDATE SET "
+        + ", ".join(_merge("deployments", c) for c in ("service", "namespace"))
+        + ", started_ns = CASE WHEN excluded.started_ns > 0 THEN excluded.started_ns"
+        " ELSE deployments.started_ns END,"
+        " ended_ns = CASE WHEN excluded.ended_ns > 0 THEN excluded.ended_ns"
+        " ELSE deployments.ended_ns END",
+        (dep.id, dep.service, dep.namespace, dep.started_ns, dep.ended_ns, reg.source),
+    )
+    if reg.model is not None:
+        image = reg.image.digest if reg.image else ""
+        yield Exec(
+            "INSERT INTO served (deployment_id, model_name, model_version, model_alias,"
+            " image_digest, predictions, first_seen_ns, last_seen_ns)"
+            " VALUES (?, ?, ?, '', ?, 0, 0, 0) ON CONFLICT DO NOTHING",
+            (dep.id, reg.model.name, reg.model.version, image),
+        )

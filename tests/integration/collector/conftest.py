@@ -1,0 +1,166 @@
+"""Real servers for the collector integration tests.
+
+``predtrace collector serve`` as a subprocess (SQLite or PostgreSQL, port 0,
+ready file), and one real MLflow tracking server per session.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+CLI = [sys.executable, "-c", "from predtrace.cli import main; main()"]
+
+
+def wait_for(check: Callable[[], bool], what: str, deadline_s: float = 60.0) -> None:
+    """Poll ``check`` until true or fail naming ``what`` (no fixed sleeps)."""
+    deadline = time.monotonic() + deadline_s
+    delay = 0.02
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM our process group, then SIGKILL it if it lingers."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout)
+
+
+@dataclass
+class Served:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+@pytest.fixture
+def serve_collector(tmp_path: Path) -> Iterator[Callable[..., Served]]:
+    """Start ``predtrace collector serve`` subprocesses; all stopped afterwards."""
+    started: list[Served] = []
+
+    def _serve(db: str, *extra: str) -> Served:
+        ready = tmp_path / f"ready-{len(started)}"
+        log = tmp_path / f"collector-{len(started)}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [
+                    *CLI,
+                    "collector",
+                    "serve",
+                    "--db",
+                    db,
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--ready-file",
+                    str(ready),
+                    *extra,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        served = Served("", process, log)
+        started.append(served)
+        wait_for(lambda: ready.exists() or process.poll() is not None, "the collector's ready file")
+        assert process.poll() is None, log.read_text()
+        served.url = "http://" + ready.read_text().splitlines()[0]
+        return served
+
+    yield _serve
+    for served in started:
+        stop(served.process)
+
+
+def _postgres_url() -> str:
+    url = os.environ.get("PREDTRACE_TEST_POSTGRES_URL")
+    if url:
+        return url
+    if os.environ.get("PREDTRACE_SKIP_POSTGRES") == "1":
+        pytest.skip("PREDTRACE_SKIP_POSTGRES=1")
+    pytest.fail(
+        "PREDTRACE_TEST_POSTGRES_URL is not set: run `bash tests/run` (it starts PostgreSQL)"
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database of each kind (PostgreSQL: a schema of its own)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/collector.db"
+    return f"{_postgres_url()}?schema=it_{secrets.token_hex(6)}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:  # noqa: S310 - loopback
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real MLflow tracking server (SQLite backend) for the session."""
+    executable = os.environ.get("PREDTRACE_TEST_MLFLOW")
+    if not executable:
+        if os.environ.get("PREDTRACE_SKIP_MLFLOW") == "1":
+            pytest.skip("PREDTRACE_SKIP_MLFLOW=1")
+        pytest.fail("PREDTRACE_TEST_MLFLOW is not set: run `bash tests/run` (it installs MLflow)")
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    log = (root / "mlflow.log").open("wb")
+    process = subprocess.Popen(
+        [
+            executable,
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--default-artifact-root",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _healthy(url) or process.poll() is not None, "MLflow", 120)
+        assert process.poll() is None, (root / "mlflow.log").read_text()[-2000:]
+        yield url
+    finally:
+        stop(process)
+        log.close()

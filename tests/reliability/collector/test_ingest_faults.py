@@ -1,0 +1,238 @@
+"""RELIABILITY rows 7, 17, 18, 19, 28, 29, 30 against a running collector."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import msgpack
+import pytest
+
+from predtrace.collector import (
+    PARTS,
+    CollectorConfig,
+    build_app,
+    hash_token,
+    new_token,
+    start_collector,
+)
+from predtrace.collector.store import SqliteOptions, open_store
+from predtrace.collector.testing import ChainedProducer, make_events
+from predtrace.sidecar.pipeline import PermanentExportError
+from predtrace.sidecar.pipeline._collector_http import CollectorClient, CollectorClientConfig
+from predtrace.wire import EventBatch, encode_events_payload, gzip_bytes
+
+from .conftest import Post, Start
+
+SEED = 20261128
+
+
+def _count(db: Path) -> int:
+    with sqlite3.connect(db) as conn:
+        return int(conn.execute("SELECT count(*) FROM predictions").fetchone()[0])
+
+
+async def test_row7_duplicates_and_out_of_order_batches_store_each_seq_once(
+    start: Start, post: Post, tmp_path: Path
+) -> None:
+    print("seed", SEED)
+    collector = await start()
+    producer = ChainedProducer("edge-7")
+    bodies = [producer.body(make_events(10)) for _ in range(5)]
+    order = [4, 2, 0, 2, 1, 4, 3, 0]  # out of order, with redeliveries
+    answers = [await post(collector, bodies[i]) for i in order]
+    assert all(a.status == 200 for a in answers)
+    assert [a.ack.duplicate for a in answers if a.ack] == [
+        False,
+        False,
+        False,
+        True,
+        False,
+        True,
+        False,
+        True,
+    ]
+    assert all(a.ack and a.ack.accepted == 10 for a in answers)
+    assert _count(tmp_path / "c.db") == 50
+    report = await collector.runner.app[PARTS].store.producer("edge-7")
+    assert report is not None and report["batches"] == 5 and report["chain_breaks"] == 0
+
+
+def _version_body(events: list[dict[int, object]], extra: dict[int, object]) -> bytes:
+    batch: dict[int, object] = {0: [1, 0], 1: "p", 2: 1, 6: events}
+    batch.update(extra)
+    return msgpack.packb(batch)  # type: ignore[no-any-return]
+
+
+MALFORMED = {
+    "truncated": encode_events_payload(EventBatch("p", 1, make_events(3)))[:-7],
+    "extra data": encode_events_payload(EventBatch("p", 1, make_events(1))) + b"\x00",
+    "not a map": msgpack.packb([1, 2, 3]),
+    "wrong types": msgpack.packb({0: [1, 0], 1: 42, 2: "one", 6: []}),
+    "deep nesting": b"\x91" * 100_000 + b"\x00",
+    "huge declared string": b"\x83\x00\x92\x01\x00\x01\xdb\xff\xff\xff\xf0abc",
+    "huge declared array": b"\x83\x00\x92\x01\x00\x01\xa1p\x06\xdd\xff\xff\xff\xff",
+    "other major version": msgpack.packb({0: [2, 0], 1: "p", 2: 1, 6: []}),
+    "not gzip after all": b"\x1f\x8bnot really gzip",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+async def test_row17_malformed_msgpack_is_refused_with_a_reason_and_good_batches_flow(
+    start: Start, post: Post, kind: str
+) -> None:
+    collector = await start()
+    answer = await post(collector, MALFORMED[kind])
+    assert answer.status == 400, answer
+    assert answer.text and len(answer.text) < 300
+    good = await post(collector, ChainedProducer("q").body(make_events(2)))
+    assert good.status == 200 and good.ack is not None and good.ack.accepted == 2
+
+
+async def test_row18_oversized_body_is_413_before_it_is_read(start: Start, post: Post) -> None:
+    collector = await start(max_body_bytes=64 * 1024, max_inflight_bytes=1024 * 1024)
+    answer = await post(collector, b"\x00" * (200 * 1024))
+    assert answer.status == 413 and "exceeds" in answer.text
+
+
+async def test_row18_oversized_chunked_body_is_413(start: Start, post: Post) -> None:
+    collector = await start(max_body_bytes=64 * 1024, max_inflight_bytes=1024 * 1024)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"\x00" * 16 * 1024
+
+    answer = await post(collector, chunks())
+    assert answer.status == 413
+
+
+async def test_row18_gzip_bomb_is_413_and_the_producer_treats_it_as_permanent(
+    start: Start, post: Post
+) -> None:
+    collector = await start(max_decompressed_bytes=1024 * 1024)
+    bomb = gzip_bytes(b"\x00" * (50 * 1024 * 1024), 9)
+    assert len(bomb) < 100 * 1024
+    answer = await post(collector, bomb, **{"Content-Encoding": "gzip"})
+    assert answer.status == 413 and "decompressed" in answer.text
+    client = CollectorClient(CollectorClientConfig(url=collector.url))
+    try:
+        with pytest.raises(PermanentExportError, match="413"):
+            await client.send(bomb, compressed=True)
+    finally:
+        await client.close()
+
+
+async def test_row19_schema_drift_unknown_fields_newer_minor_and_one_bad_event(
+    start: Start, post: Post
+) -> None:
+    collector = await start()
+    events: list[dict[int, object]] = [
+        {1: "a", 99: "a field from the future", 6: {1: "m", 2: "1", 42: "x"}},
+        {2: b"\x01" * 16},  # no prediction_id: only this one is rejected
+        {1: "c", 4: 2**64 - 1},  # beyond int64: the store cannot hold it
+        {1: "d"},
+    ]
+    answer = await post(collector, _version_body(events, {0: [1, 7], 77: "new batch key"}))
+    assert answer.status == 200 and answer.ack is not None
+    assert answer.ack.accepted == 2
+    assert [(r.index, r.prediction_id) for r in answer.ack.rejected] == [(1, ""), (2, "c")]
+    assert "prediction_id" in answer.ack.rejected[0].reason
+
+
+async def test_row28_store_failure_answers_503_never_200_and_recovers(
+    start: Start, post: Post, tmp_path: Path
+) -> None:
+    store = open_store(f"sqlite:///{tmp_path}/c.db", sqlite=SqliteOptions(busy_timeout=0.05))
+    config = CollectorConfig(db=f"sqlite:///{tmp_path}/c.db", listen="127.0.0.1:0")
+    running = await start_collector(config, app=build_app(config, store=store))
+    try:
+        body = ChainedProducer("p").body(make_events(3))
+        locker = sqlite3.connect(tmp_path / "c.db", isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            answer = await post(running, body)
+            assert answer.status == 503 and answer.headers.get("Retry-After") == "1"
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        assert _count(tmp_path / "c.db") == 0
+        again = await post(running, body)
+        assert again.status == 200 and again.ack is not None and not again.ack.duplicate
+        assert _count(tmp_path / "c.db") == 3
+    finally:
+        await running.stop()
+
+
+async def test_row29_in_flight_byte_cap_answers_503_and_later_batches_flow(
+    start: Start, session: aiohttp.ClientSession
+) -> None:
+    collector = await start(max_body_bytes=64 * 1024, max_inflight_bytes=128 * 1024)
+    parts = collector.runner.app[PARTS]
+    release = asyncio.Event()
+    producer = ChainedProducer("big")
+    bodies = [producer.body(make_events(300)) for _ in range(2)]
+    assert all(40 * 1024 < len(b) <= 64 * 1024 for b in bodies)
+
+    async def stalled(body: bytes) -> AsyncIterator[bytes]:
+        yield body[:1024]
+        await release.wait()
+        yield body[1024:]
+
+    async def send(body: bytes, stall: bool) -> int:
+        data = stalled(body) if stall else body
+        headers = {"Content-Length": str(len(body))}
+        async with session.post(f"{collector.url}/v1/batches", data=data, headers=headers) as resp:
+            await resp.read()
+            return resp.status
+
+    first = [asyncio.create_task(send(b, stall=True)) for b in bodies]
+    for _ in range(200):  # both stalled requests hold their reservation
+        if parts.budget.used >= 2 * 40 * 1024:
+            break
+        await asyncio.sleep(0.01)
+    overloaded = await send(ChainedProducer("x").body(make_events(300)), stall=False)
+    assert overloaded == 503
+    assert parts.budget.used <= parts.budget.cap
+    release.set()
+    assert await asyncio.gather(*first) == [200, 200]
+    assert parts.budget.used == 0
+    assert await send(ChainedProducer("y").body(make_events(5)), stall=False) == 200
+
+
+async def test_row30_tokens_scopes_and_producer_binding_never_echo_the_token(
+    start: Start, post: Post, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    ingest, read = new_token(), new_token()
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(
+        f'[[token]]\nname = "edge"\nsha256 = "{hash_token(ingest)}"\n'
+        'scopes = ["ingest"]\nproducers = ["edge-*"]\n'
+        f'[[token]]\nname = "oncall"\nsha256 = "{hash_token(read)}"\nscopes = ["read"]\n'
+    )
+    collector = await start(tokens_file=str(tokens))
+    good = ChainedProducer("edge-1").body(make_events(1))
+    answers = {
+        "missing": await post(collector, good),
+        "wrong": await post(collector, good, token=ingest + "tampered"),
+        "scope": await post(collector, good, token=read),
+        "producer": await post(
+            collector, ChainedProducer("pod-1").body(make_events(1)), token=ingest
+        ),
+        "ok": await post(collector, good, token=ingest),
+    }
+    assert {k: a.status for k, a in answers.items()} == {
+        "missing": 401,
+        "wrong": 401,
+        "scope": 403,
+        "producer": 403,
+        "ok": 200,
+    }
+    for answer in answers.values():
+        assert ingest not in answer.text and read not in answer.text
+        assert ingest not in str(answer.headers)
+    assert ingest not in caplog.text and read not in caplog.text

@@ -1,0 +1,60 @@
+"""Tokens: hashed in the file, scopes, producer binding, never echoed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from predtrace.collector import ConfigError, Scope, TokenTable, hash_token, new_token
+from predtrace.collector._auth import bearer, is_loopback
+
+
+def _table(tmp_path: Path, body: str) -> TokenTable:
+    path = tmp_path / "tokens.toml"
+    path.write_text(body)
+    return TokenTable.load(path)
+
+
+def test_a_token_is_found_by_its_hash_with_its_scopes_and_producers(tmp_path: Path) -> None:
+    token = new_token()
+    table = _table(
+        tmp_path,
+        f'[[token]]\nname = "edge"\nsha256 = "{hash_token(token)}"\n'
+        'scopes = ["ingest"]\nproducers = ["edge-*"]\n',
+    )
+    entry = table.authenticate(token)
+    assert entry is not None and entry.name == "edge"
+    assert entry.allows(Scope.INGEST) and not entry.allows(Scope.READ)
+    assert entry.allows_producer("edge-7") and not entry.allows_producer("pod-1")
+    assert table.authenticate(token + "x") is None
+
+
+def test_admin_carries_every_scope_and_producer(tmp_path: Path) -> None:
+    token = new_token()
+    table = _table(tmp_path, f'[[token]]\nsha256 = "{hash_token(token)}"\nscopes = ["admin"]\n')
+    entry = table.authenticate(token)
+    assert entry is not None
+    assert all(entry.allows(s) for s in Scope) and entry.allows_producer("any")
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ("", "no \\[\\[token\\]\\] entries"),
+        ('[[token]]\nsha256 = "abc"\nscopes = ["read"]\n', "64 lower-case hex"),
+        (f'[[token]]\nsha256 = "{"a" * 64}"\nscopes = ["root"]\n', "scopes are"),
+        (f'[[token]]\nsha256 = "{"a" * 64}"\nscopes = []\n', "at least one scope"),
+        ("not toml [", "cannot read tokens file"),
+    ],
+)
+def test_a_bad_tokens_file_fails_at_startup(tmp_path: Path, body: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason):
+        _table(tmp_path, body)
+
+
+def test_bearer_header_and_loopback_parsing() -> None:
+    assert bearer("Bearer abc") == "abc"
+    assert bearer("Basic abc") is None and bearer(None) is None and bearer("Bearer ") is None
+    assert is_loopback("127.0.0.1") and is_loopback("::1")
+    assert not is_loopback("10.0.0.1") and not is_loopback(None)

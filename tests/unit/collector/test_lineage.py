@@ -1,0 +1,132 @@
+"""Lineage inputs: the registration body, OpenLineage run events, MLflow JSON."""
+
+from __future__ import annotations
+
+import pytest
+
+from predtrace.collector import LineageError
+from predtrace.collector.lineage import (
+    parse_registration,
+    parse_run_event,
+    registration_from_mlflow,
+)
+
+SHA = "1f2e3d4c5b6a79881f2e3d4c5b6a79881f2e3d4c"
+
+
+def test_a_registration_body_becomes_nodes_and_edges() -> None:
+    reg = parse_registration(
+        {
+            "model": {"name": "churn", "version": 3, "aliases": ["prod"]},
+            "run": {"id": "r1", "metrics": {"auc": 0.9}},
+            "datasets": [{"digest": "sha256:d"}],
+            "commit": {"sha": SHA},
+            "deployment": {"id": "churn-prod", "started": "2026-01-02T03:04:05Z"},
+        }
+    )
+    assert reg.model is not None and reg.model.version == "3"
+    assert reg.run is not None and reg.run.metrics == {"auc": 0.9}
+    assert reg.deployment is not None and reg.deployment.started_ns == 1767323045 * 10**9
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ([], "must be a JSON object"),
+        ({}, "at least a model"),
+        ({"model": {"name": "churn"}}, "model.version is required"),
+        ({"model": {"name": "m", "version": "1"}, "datasets": [{"digest": "d"}]}, "give run.id"),
+        ({"run": {"id": "r", "metrics": {"auc": "high"}}}, "run.metrics.auc must be a number"),
+        ({"run": {"id": "r\x00"}}, "without NUL"),
+        ({"deployment": {"id": "d", "started": "yesterday"}}, "ISO 8601"),
+    ],
+)
+def test_a_bad_registration_is_refused_with_a_reason(body: object, reason: str) -> None:
+    with pytest.raises(LineageError, match=reason):
+        parse_registration(body)
+
+
+OPENLINEAGE_EVENT = {
+    "eventType": "COMPLETE",
+    "eventTime": "2026-01-01T00:00:00Z",
+    "producer": "https://example/airflow",
+    "run": {"runId": "0190a5b0-0000-7000-8000-000000000001"},
+    "job": {
+        "namespace": "ml",
+        "name": "train_churn",
+        "facets": {
+            "sourceCodeLocation": {
+                "type": "git",
+                "url": "https://git.example/churn",
+                "version": SHA,
+            }
+        },
+    },
+    "inputs": [
+        {
+            "namespace": "s3://bucket",
+            "name": "train.csv",
+            "facets": {"version": {"datasetVersion": "sha256:d1"}},
+        },
+        {"namespace": "s3://bucket", "name": "labels.csv"},
+    ],
+    "outputs": [{"namespace": "mlflow", "name": "models:/churn/3"}],
+}
+
+
+def test_an_openlineage_run_event_maps_to_run_datasets_commit_and_model() -> None:
+    reg = parse_run_event(OPENLINEAGE_EVENT)
+    assert reg.run is not None and reg.run.name == "ml/train_churn"
+    assert [d.digest for d in reg.datasets] == ["sha256:d1", "s3://bucket/labels.csv"]
+    assert reg.commit is not None and (reg.commit.sha, reg.commit.repo) == (
+        SHA,
+        "https://git.example/churn",
+    )
+    assert reg.model is not None and (reg.model.name, reg.model.version) == ("churn", "3")
+
+
+def test_an_openlineage_event_without_run_id_is_refused() -> None:
+    with pytest.raises(LineageError, match=r"run\.runId"):
+        parse_run_event({"job": {"name": "x"}, "run": {}})
+
+
+def test_mlflow_json_maps_tags_params_and_dataset_inputs() -> None:
+    model_version = {
+        "name": "churn",
+        "version": "3",
+        "run_id": "abc",
+        "aliases": ["prod"],
+        "source": "runs:/abc/model",
+    }
+    run = {
+        "info": {"run_id": "abc", "run_name": "train", "experiment_id": "0"},
+        "data": {
+            "params": [{"key": "lr", "value": "0.1"}],
+            "metrics": [{"key": "auc", "value": 0.9, "step": 0}],
+            "tags": [
+                {"key": "mlflow.source.git.commit", "value": SHA},
+                {"key": "mlflow.source.git.repoURL", "value": "https://git.example/churn"},
+                {"key": "mlflow.log-model.history", "value": "x" * 5000},
+            ],
+        },
+        "inputs": {
+            "dataset_inputs": [
+                {
+                    "tags": [{"key": "mlflow.data.context", "value": "training"}],
+                    "dataset": {
+                        "name": "train",
+                        "digest": "d1",
+                        "source": '{"uri": "s3://b/train.csv"}',
+                    },
+                }
+            ]
+        },
+    }
+    reg = registration_from_mlflow(model_version, run, "http://127.0.0.1:5000")
+    assert reg.run is not None and reg.run.params == {"lr": "0.1"}
+    assert "mlflow.log-model.history" not in reg.run.tags
+    assert reg.commit is not None and reg.commit.sha == SHA
+    assert [(d.digest, d.source, d.context) for d in reg.datasets] == [
+        ("d1", "s3://b/train.csv", "training")
+    ]
+    assert reg.model is not None and reg.model.aliases == ("prod",)

@@ -1,0 +1,204 @@
+"""The store, on SQLite and PostgreSQL: idempotent ingest, hash chain, lineage, queries."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from predtrace.collector.lineage import parse_registration
+from predtrace.collector.store import IngestRecord, Store, prediction_row
+from predtrace.collector.testing import make_events
+from predtrace.wire import PredictionEvent
+
+TRACE = bytes.fromhex("4bf92f3577b34da6a3ce929d0e0e4736")
+SHA = "1f2e3d4c5b6a79881f2e3d4c5b6a79881f2e3d4c"
+
+
+def _digest(producer: str, seq: int) -> bytes:
+    return hashlib.sha256(f"{producer}/{seq}".encode()).digest()
+
+
+def record(
+    producer: str,
+    seq: int,
+    events: list[PredictionEvent],
+    *,
+    prev: bytes | None = None,
+    digest: bytes | None = None,
+    received_ns: int | None = None,
+) -> IngestRecord:
+    now = received_ns or time.time_ns()
+    return IngestRecord(
+        producer_id=producer,
+        seq=seq,
+        digest=digest if digest is not None else _digest(producer, seq),
+        prev_digest=prev if prev is not None else (_digest(producer, seq - 1) if seq > 1 else b""),
+        batch_id=b"",
+        created_ns=now,
+        received_ns=now,
+        rows=[prediction_row(e, producer, seq, now) for e in events],
+    )
+
+
+FULL_LINEAGE = {
+    "model": {"name": "churn", "version": "3", "aliases": ["prod"]},
+    "run": {"id": "run-42", "params": {"lr": "0.1"}, "metrics": {"auc": 0.91}},
+    "datasets": [{"digest": "sha256:train", "source": "s3://b/train.csv", "context": "training"}],
+    "commit": {"sha": SHA, "repo": "https://git.example/churn"},
+    "image": {"digest": "sha256:image-churn-3", "name": "churn:3"},
+}
+
+
+async def test_a_batch_delivered_twice_is_stored_once(store: Store) -> None:
+    events = make_events(5, trace_id=TRACE)
+    first = await store.ingest(record("p", 1, events))
+    again = await store.ingest(record("p", 1, events))
+    assert (first.duplicate, first.stored) == (False, 5)
+    assert (again.duplicate, again.stored) == (True, 5)
+    predictions, _ = await store.pivot("trace_id", TRACE)
+    assert len(predictions) == 5
+    assert (await store.producer("p"))["batches"] == 1  # type: ignore[index]
+
+
+async def test_out_of_order_batches_are_each_stored_once_and_the_gap_closes(store: Store) -> None:
+    assert (await store.ingest(record("p", 3, make_events(1)))).chain == "gap"
+    assert (await store.ingest(record("p", 1, make_events(1)))).chain == "first"
+    report = await store.producer("p")
+    assert report is not None
+    assert report["missing_ranges"] == [[2, 2]]
+    assert report["missing_batches"] == 1
+    assert (await store.ingest(record("p", 2, make_events(1)))).chain == "ok"
+    report = await store.producer("p")
+    assert report is not None
+    assert (report["missing_ranges"], report["batches"], report["chain_breaks"]) == ([], 3, 0)
+
+
+async def test_a_broken_chain_is_recorded_in_both_directions(store: Store) -> None:
+    await store.ingest(record("p", 1, make_events(1)))
+    outcome = await store.ingest(record("p", 2, make_events(1), prev=b"x" * 32))
+    assert outcome.chain == "mismatch"
+    # seq 4 arrives first and names a predecessor digest that seq 3 does not have.
+    await store.ingest(record("p", 4, make_events(1), prev=b"y" * 32))
+    await store.ingest(record("p", 3, make_events(1)))
+    report = await store.producer("p")
+    assert report is not None
+    assert report["chain_breaks"] == 2
+    assert [(e["seq"], e["kind"]) for e in report["chain_events"]] == [  # type: ignore[attr-defined]
+        (2, "mismatch"),
+        (4, "mismatch"),
+    ]
+
+
+async def test_a_reused_sequence_number_with_other_bytes_is_recorded_not_stored(
+    store: Store,
+) -> None:
+    await store.ingest(record("p", 1, make_events(2)))
+    outcome = await store.ingest(record("p", 1, make_events(3), digest=b"other" * 6))
+    assert outcome.duplicate
+    report = await store.producer("p")
+    assert report is not None
+    assert [e["kind"] for e in report["chain_events"]] == ["seq_reused"]  # type: ignore[attr-defined]
+    assert report["events"] == 2
+
+
+async def test_the_pivot_names_every_missing_hop_without_lineage(store: Store) -> None:
+    await store.ingest(record("p", 1, make_events(2, trace_id=TRACE, image="")))
+    predictions, unresolved = await store.pivot("trace_id", TRACE)
+    chain = predictions[0]["lineage"]
+    assert isinstance(chain, dict)
+    assert [m["hop"] for m in chain["missing"]] == [
+        "image",
+        "model_version",
+        "run",
+        "commit",
+        "datasets",
+    ]
+    assert chain["complete"] is False
+    assert unresolved == [("churn", "3", "", "churn-prod", "")]
+
+
+async def test_registered_lineage_completes_the_chain(store: Store) -> None:
+    await store.ingest(record("p", 1, make_events(3, trace_id=TRACE)))
+    await store.register(parse_registration(FULL_LINEAGE))
+    predictions, unresolved = await store.pivot("trace_id", TRACE)
+    chain = predictions[0]["lineage"]
+    assert isinstance(chain, dict)
+    assert chain["complete"] is True, chain["missing"]
+    assert unresolved == []
+    run = chain["run"]
+    assert isinstance(run, dict)
+    assert run["commit"] == {"sha": SHA, "repo": "https://git.example/churn"}
+    assert run["datasets"][0]["digest"] == "sha256:train"
+    assert run["params"] == {"lr": "0.1"}
+    assert chain["image"] == {"digest": "sha256:image-churn-3", "name": "churn:3"}
+
+
+async def test_a_registration_merges_and_keeps_what_it_does_not_mention(store: Store) -> None:
+    await store.register(parse_registration(FULL_LINEAGE))
+    await store.register(parse_registration({"model": {"name": "churn", "version": "3"}}))
+    lineage = await store.model_lineage("churn", "3")
+    assert lineage is not None
+    assert lineage["run"]["id"] == "run-42"  # type: ignore[index]
+    assert lineage["model_version"]["aliases"] == ["prod"]  # type: ignore[index]
+
+
+async def test_an_alias_only_prediction_resolves_through_the_registered_alias(store: Store) -> None:
+    await store.register(parse_registration(FULL_LINEAGE))
+    await store.ingest(
+        record("p", 1, make_events(1, trace_id=TRACE, model=("churn", ""), alias="prod"))
+    )
+    predictions, _ = await store.pivot("trace_id", TRACE)
+    chain = predictions[0]["lineage"]
+    assert isinstance(chain, dict)
+    assert chain["complete"] is True
+    assert chain["model_version"]["resolved_via_alias"] == "prod"  # type: ignore[index]
+
+
+async def test_lookup_by_prediction_id_finds_one_prediction(store: Store) -> None:
+    events = make_events(3)
+    await store.ingest(record("p", 1, events))
+    predictions, _ = await store.pivot("prediction_id", events[1].prediction_id)
+    assert [p["prediction_id"] for p in predictions] == [events[1].prediction_id]
+
+
+async def test_impact_from_dataset_commit_and_image_counts_predictions(store: Store) -> None:
+    await store.register(parse_registration(FULL_LINEAGE))
+    await store.ingest(record("p", 1, make_events(4)))
+    await store.ingest(record("p", 2, make_events(3, deployment="churn-canary")))
+    await store.ingest(record("p", 3, make_events(5, model=("other", "1"), image="sha256:x")))
+    for kind, value in (
+        ("dataset", "sha256:train"),
+        ("commit", SHA[:8]),
+        ("image", "sha256:image-churn-3"),
+    ):
+        impact = await store.impact(kind, value)
+        assert impact is not None, kind
+        assert impact["predictions"] == 7, kind
+        versions = impact["model_versions"]
+        assert isinstance(versions, list)
+        assert [(v["name"], v["version"]) for v in versions] == [("churn", "3")]
+        assert sorted(d["id"] for d in versions[0]["deployments"]) == ["churn-canary", "churn-prod"]
+    assert await store.impact("dataset", "sha256:unknown") is None
+
+
+async def test_completeness_counts_predictions_by_model(store: Store) -> None:
+    await store.register(parse_registration(FULL_LINEAGE))
+    await store.ingest(record("p", 1, make_events(6)))
+    await store.ingest(record("p", 2, make_events(2, model=("other", "1"))))
+    report = await store.completeness()
+    assert (report["predictions"], report["complete"]) == (8, 6)
+    by_model = {m["model"]: m for m in report["models"]}  # type: ignore[attr-defined]
+    assert by_model["churn"]["share"] == 1.0
+    assert by_model["other"]["missing"]["model_version"] == 2
+
+
+async def test_model_lineage_lists_deployments_with_counts(store: Store) -> None:
+    await store.register(
+        parse_registration({**FULL_LINEAGE, "deployment": {"id": "churn-prod", "service": "churn"}})
+    )
+    await store.ingest(record("p", 1, make_events(4)))
+    lineage = await store.model_lineage("churn", "3")
+    assert lineage is not None
+    assert lineage["complete"] is True, lineage["missing"]
+    assert lineage["predictions"] == 4
+    assert await store.model_lineage("churn", "99") is None
