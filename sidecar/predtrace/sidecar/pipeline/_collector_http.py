@@ -141,11 +141,15 @@ class CollectorClient:
             try:
                 return decode_ack(content)
             except WireError as exc:
-                raise RetryableExportError(f"unreadable ack from collector: {exc}") from None
+                raise RetryableExportError(
+                    f"unreadable ack from collector: {exc}", status=status
+                ) from None
         reason = content[:200].decode("utf-8", "replace").strip()
         if status in RETRYABLE_STATUSES:
             raise RetryableExportError(
-                f"collector answered {status}", retry_after=parse_retry_after(retry_after)
+                f"collector answered {status}",
+                retry_after=parse_retry_after(retry_after),
+                status=status,
             )
         raise PermanentExportError(f"collector answered {status}: {reason}")
 

@@ -22,8 +22,14 @@ class RetryableExportError(ExportError):
     Args:
         message: short reason, safe to log (no credentials, no payload).
         retry_after: seconds the receiver asked us to wait, if it said.
+        status: the receiver's HTTP status, when it answered at all (None for a
+            connection error); lets a caller tell a struggling receiver from a
+            batch it keeps failing on.
     """
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.status = status

@@ -1,0 +1,455 @@
+"""Sidecar benchmark: end-to-end events/s beside the OpenTelemetry SDK's OTLP spans/s.
+
+Measures in one run, on this machine:
+
+* events/s end to end (producer -> sidecar gRPC -> spool fsync -> shipper ->
+  collector commit), beside the OTel SDK's spans/s (BatchSpanProcessor + OTLP
+  gRPC exporter, default settings) into a counting OTLP receiver; loss of each;
+* compressed bytes per event as the shipper sends them, beside OTLP protobuf
+  bytes per span for the same content (the SDK's own encoder);
+* the sidecar's RSS while it takes 20,000 events/s;
+* time to drain 1,000,000 spooled events to the collector after an outage;
+* the latency the OIP v2 proxy adds to a ModelInfer call.
+
+    python bench/sidecar_throughput.py [--quick]
+
+Every server is a subprocess on 127.0.0.1 port 0. Ends with one line of JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from codec import make_events, make_otlp_spans  # the sibling benchmark's data (bench/ on sys.path)
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from predtrace.oip.v2 import grpc_predict_v2_pb2 as pb
+from predtrace.sidecar._batch import assemble_payload, encode_event
+from predtrace.sidecar.spool import Spool, SpoolConfig
+from predtrace.v1 import sidecar_pb2
+from predtrace.wire import event_to_proto, gzip_bytes, new_prediction_id
+
+ROOT = Path(__file__).resolve().parents[1]
+PREDTRACE = shutil.which("predtrace") or str(Path(sys.executable).with_name("predtrace"))
+
+
+# -- processes -----------------------------------------------------------------------
+
+
+class Server:
+    """A subprocess with a ready file (first line host:port, then 'name host:port')."""
+
+    def __init__(self, args: Sequence[str], ready: Path, log: Path) -> None:
+        ready.unlink(missing_ok=True)
+        self.ready = ready
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(list(args), stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while not (ready.exists() and ready.read_text().endswith("\n")):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{args[1:3]} did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.02)
+        lines = ready.read_text().splitlines()
+        self.address = lines[0].strip()
+        self.addresses = dict(line.split(" ", 1) for line in lines[1:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+
+def collector(tmp: Path, listen: str = "127.0.0.1:0") -> Server:
+    db = tmp / f"collector-{time.monotonic_ns()}.db"
+    args = [PREDTRACE, "collector", "serve", "--db", f"sqlite:///{db}", "--listen", listen]
+    return Server([*args, "--ready-file", str(tmp / "c.ready")], tmp / "c.ready", tmp / "c.log")
+
+
+def sidecar(tmp: Path, collector_url: str, spool: Path, *extra: str) -> Server:
+    args = [PREDTRACE, "sidecar", "serve", "--listen", "127.0.0.1:0", "--collector", collector_url]
+    args += ["--spool", str(spool), "--ready-file", str(tmp / "s.ready"), *extra]
+    return Server(args, tmp / "s.ready", tmp / "s.log")
+
+
+def stored(collector_address: str) -> int:
+    """Events the collector committed (``GET /v1/producers``)."""
+    url = f"http://{collector_address}/v1/producers"
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return sum(int(p["events"]) for p in json.loads(resp.read())["producers"])
+
+
+def wait_stored(collector_address: str, n: int, limit: float = 600) -> float:
+    """Seconds until the collector holds ``n`` events (polled)."""
+    start = time.perf_counter()
+    while stored(collector_address) < n:
+        if time.perf_counter() - start > limit:
+            raise SystemExit(f"only {stored(collector_address)} of {n} stored after {limit} s")
+        time.sleep(0.05)
+    return time.perf_counter() - start
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- data ------------------------------------------------------------------------------
+
+
+def requests(n: int, per_request: int) -> list[bytes]:
+    """Serialized RecordBatch requests carrying ``n`` realistic, distinct events."""
+    rng = random.Random(7)
+    template = make_events(rng)
+    out = []
+    for start in range(0, n, per_request):
+        events = []
+        for k in range(min(per_request, n - start)):
+            event = template[(start + k) % len(template)]
+            event.prediction_id = new_prediction_id()
+            events.append(event_to_proto(event))
+        out.append(sidecar_pb2.RecordBatchRequest(events=events).SerializeToString())
+    return out
+
+
+def send_all(target: str, bodies: Sequence[bytes], threads: int = 2) -> int:
+    """Send every request (spread over threads); return events acknowledged."""
+    acked = [0] * threads
+
+    def work(k: int) -> None:
+        with grpc.insecure_channel(target) as channel:
+            call = channel.unary_unary("/predtrace.v1.Sidecar/RecordBatch")
+            for body in bodies[k::threads]:
+                ack = sidecar_pb2.RecordAck.FromString(call(body, timeout=60))
+                acked[k] += ack.accepted
+
+    workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(acked)
+
+
+# -- 1. bytes --------------------------------------------------------------------------
+
+
+def bytes_figures() -> dict[str, float]:
+    """The shipper's compressed bytes per event vs the SDK's OTLP bytes per span."""
+    events = make_events(random.Random(42))
+    payload = assemble_payload(
+        producer_id="sidecar-bench-7f9c",
+        seq=123,
+        created_at_unix_nano=time.time_ns(),
+        prev_digest=b"\x01" * 32,
+        events=[encode_event(e) for e in events],
+    )
+    ours = len(gzip_bytes(payload)) / len(events)
+    otlp = len(encode_spans(make_otlp_spans(events)).SerializeToString()) / len(events)
+    return {"bytes_per_event": ours, "otlp_bytes_per_span": otlp, "bytes_ratio": ours / otlp}
+
+
+# -- 2. the OpenTelemetry SDK anchor ---------------------------------------------------
+
+
+def otlp_sink(port_file: str) -> None:
+    """A counting OTLP/gRPC receiver (run as a subprocess of this script)."""
+    count = 0
+
+    class Sink(trace_service_pb2_grpc.TraceServiceServicer):
+        async def Export(self, request, context):  # type: ignore[no-untyped-def]
+            nonlocal count
+            count += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Sink(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        await asyncio.to_thread(Path(port_file).write_text, f"127.0.0.1:{port}\n")
+        while True:
+            await asyncio.sleep(0.05)
+            await asyncio.to_thread(Path(port_file + ".count").write_text, str(count))
+
+    asyncio.run(serve())
+
+
+def otel_anchor(tmp: Path, n: int) -> dict[str, float]:
+    """Spans/s the OTel SDK delivers over OTLP (default BatchSpanProcessor), and its drops."""
+    port_file = tmp / "sink.ready"
+    sink = subprocess.Popen([sys.executable, __file__, "--otlp-sink", str(port_file)])
+    try:
+        while not port_file.exists():
+            time.sleep(0.02)
+        target = port_file.read_text().strip()
+        provider = TracerProvider(resource=Resource.create({"service.name": "bench"}))
+        provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=target, insecure=True))
+        )
+        tracer = provider.get_tracer("bench")
+        start = time.perf_counter()
+        for i in range(n):
+            with tracer.start_as_current_span("predict churn") as span:
+                span.set_attribute("predtrace.prediction.id", f"p{i}")
+                span.set_attribute("predtrace.model.name", "churn")
+                span.set_attribute("predtrace.model.version", "7")
+        provider.shutdown()
+        count_file = Path(str(port_file) + ".count")
+        received, last = 0, -1
+        while received != last:  # until the count settles
+            last = received
+            time.sleep(0.2)
+            received = int(count_file.read_text() or 0) if count_file.exists() else 0
+        elapsed = time.perf_counter() - start - 0.4
+    finally:
+        sink.send_signal(signal.SIGTERM)
+        sink.wait(10)
+    return {"otel_spans_per_s": received / elapsed, "otel_offered": n, "otel_lost": n - received}
+
+
+# -- 3. predtrace end to end, and RSS at 20k/s ----------------------------------------
+
+
+def end_to_end(tmp: Path, n: int) -> dict[str, float]:
+    """Events/s producer -> sidecar -> spool -> collector commit, and loss."""
+    bodies = requests(n, 1000)
+    c = collector(tmp)
+    s = sidecar(tmp, f"http://{c.address}", tmp / "spool-e2e")
+    try:
+        start = time.perf_counter()
+        acked = send_all(s.address, bodies)
+        wait_stored(c.address, acked)
+        elapsed = time.perf_counter() - start
+        lost = acked - stored(c.address)
+    finally:
+        s.stop()
+        c.stop()
+    return {"events_per_s": acked / elapsed, "e2e_events": acked, "e2e_lost": max(0, lost)}
+
+
+def rss_at_rate(tmp: Path, rate: int, seconds: float) -> dict[str, float]:
+    """Peak sidecar RSS while a paced producer sends ``rate`` events/s for ``seconds``."""
+    per_request = 500
+    bodies = requests(int(rate * seconds), per_request)
+    c = collector(tmp)
+    s = sidecar(tmp, f"http://{c.address}", tmp / "spool-rss")
+    peak = 0.0
+    try:
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, s.rss_mb())
+                time.sleep(0.1)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        interval = per_request / rate
+        with grpc.insecure_channel(s.address) as channel:
+            call = channel.unary_unary("/predtrace.v1.Sidecar/RecordBatch")
+            start = time.perf_counter()
+            for k, body in enumerate(bodies):
+                delay = start + k * interval - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                call(body, timeout=60)
+            achieved = len(bodies) * per_request / (time.perf_counter() - start)
+        wait_stored(c.address, len(bodies) * per_request)
+        done.set()
+        sampler.join()
+    finally:
+        s.stop()
+        c.stop()
+    return {"rss_mb": peak, "rss_rate": achieved}
+
+
+# -- 4. drain after an outage ----------------------------------------------------------
+
+
+def drain(tmp: Path, n: int) -> dict[str, float]:
+    """Seconds to deliver ``n`` events already in the spool when the collector returns."""
+    spool_dir = tmp / "spool-drain"
+    spool = Spool.open(SpoolConfig(directory=str(spool_dir)))
+    template = [encode_event(e) for e in make_events(random.Random(3))]
+    chunk = 10_000
+    for start in range(0, n, chunk):
+        spool.append_sync([template[i % len(template)] for i in range(start, start + chunk)])
+    spool.close()
+    (spool_dir / "producer_id").write_text("bench-edge-device\n")
+    c = collector(tmp)
+    start = time.perf_counter()
+    edge = ("--edge", "--producer-id", "bench-edge-device")
+    s = sidecar(tmp, f"http://{c.address}", spool_dir, *edge)
+    try:
+        wait_stored(c.address, n, limit=900)
+        elapsed = time.perf_counter() - start
+    finally:
+        s.stop()
+        c.stop()
+    return {"drain_events": n, "drain_measured_s": elapsed}
+
+
+# -- 5. OIP proxy latency --------------------------------------------------------------
+
+
+def oip_latency(tmp: Path, calls: int) -> dict[str, float]:
+    """Median ModelInfer latency direct vs through the proxy; the difference in µs."""
+    ready = tmp / "oip.ready"
+    model = subprocess.Popen(
+        [
+            *(sys.executable, str(ROOT / "examples/oip_grpc_server/server.py")),
+            *("--listen", "127.0.0.1:0", "--ready-file", str(ready)),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    c = collector(tmp)
+    try:
+        while not ready.exists():
+            time.sleep(0.02)
+        upstream = ready.read_text().strip()
+        s = sidecar(
+            tmp, f"http://{c.address}", tmp / "spool-oip", "--oip-proxy", f"127.0.0.1:0={upstream}"
+        )
+        request = pb.ModelInferRequest(model_name="churn")
+        tensor = request.inputs.add(name="input", datatype="FP32", shape=[1, 3])
+        tensor.contents.fp32_contents.extend([12.0, 70.5, 3.0])
+        body = request.SerializeToString()
+        direct, proxied = [], []
+        proxy = s.addresses["oip-proxy"]
+        with grpc.insecure_channel(upstream) as d, grpc.insecure_channel(proxy) as p:
+            method = "/inference.GRPCInferenceService/ModelInfer"
+            call_d, call_p = d.unary_unary(method), p.unary_unary(method)
+            for _ in range(50):  # warm up both paths
+                call_d(body)
+                call_p(body)
+            for _ in range(calls):
+                t = time.perf_counter_ns()
+                call_d(body)
+                direct.append(time.perf_counter_ns() - t)
+                t = time.perf_counter_ns()
+                call_p(body)
+                proxied.append(time.perf_counter_ns() - t)
+        s.stop()
+    finally:
+        c.stop()
+        model.send_signal(signal.SIGTERM)
+        model.wait(10)
+    d_us, p_us = statistics.median(direct) / 1000, statistics.median(proxied) / 1000
+    return {"oip_direct_us": d_us, "oip_proxied_us": p_us, "oip_proxy_added_us": p_us - d_us}
+
+
+# -- main ------------------------------------------------------------------------------
+
+
+def main() -> None:
+    """Run every part and print the figures, then one line of JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer events (under a minute)")
+    parser.add_argument("--otlp-sink", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.otlp_sink:
+        otlp_sink(args.otlp_sink)
+        return
+    sizes = {
+        "otel": 20_000 if args.quick else 50_000,
+        "e2e": 100_000 if args.quick else 300_000,
+        "rss_s": 4.0 if args.quick else 15.0,
+        "drain": 200_000 if args.quick else 1_000_000,
+        "oip": 300 if args.quick else 2000,
+    }
+    print(f"sizes used: {sizes}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="predtrace-bench-") as name:
+        tmp = Path(name)
+        f: dict[str, float] = {}
+        f.update(bytes_figures())
+        f.update(otel_anchor(tmp, sizes["otel"]))
+        f.update(end_to_end(tmp, sizes["e2e"]))
+        f.update(rss_at_rate(tmp, 20_000, sizes["rss_s"]))
+        f.update(drain(tmp, sizes["drain"]))
+        f.update(oip_latency(tmp, sizes["oip"]))
+    f["vs_otel"] = f["events_per_s"] / f["otel_spans_per_s"]
+    f["drain_s"] = f["drain_measured_s"] * 1_000_000 / f["drain_events"]
+    report(f, extrapolated=sizes["drain"] != 1_000_000)
+
+
+def report(f: dict[str, float], *, extrapolated: bool) -> None:
+    """Print the figures beside their anchors and targets, then the JSON line."""
+    print(
+        f"OTel SDK -> OTLP        {f['otel_spans_per_s']:>10,.0f} spans/s "
+        f"(lost {f['otel_lost']:.0f} of {f['otel_offered']:.0f})"
+    )
+    print(
+        f"predtrace end to end    {f['events_per_s']:>10,.0f} events/s "
+        f"(lost {f['e2e_lost']:.0f} of {f['e2e_events']:.0f})"
+    )
+    print(f"  ratio vs OTel         {f['vs_otel']:>10.1f} x   (target >= 10 x, zero loss)")
+    print(
+        f"bytes per event (gzip)  {f['bytes_per_event']:>10.1f}  vs OTLP "
+        f"{f['otlp_bytes_per_span']:.1f} bytes/span: ratio {f['bytes_ratio']:.3f} "
+        "(target <= 0.2)"
+    )
+    print(f"sidecar RSS at {f['rss_rate']:,.0f} events/s: {f['rss_mb']:.1f} MB (target <= 100 MB)")
+    how = f"extrapolated from {f['drain_events']:,.0f} events" if extrapolated else "measured"
+    print(
+        f"drain of 1,000,000 spooled events: {f['drain_s']:.1f} s ({how}; "
+        f"{f['drain_events'] / f['drain_measured_s']:,.0f} events/s) (target <= 60 s)"
+    )
+    print(
+        f"OIP proxy: direct {f['oip_direct_us']:.0f} us, proxied {f['oip_proxied_us']:.0f} us, "
+        f"added {f['oip_proxy_added_us']:.0f} us per call"
+    )
+    keys = [
+        "vs_otel",
+        "bytes_ratio",
+        "rss_mb",
+        "drain_s",
+        "oip_proxy_added_us",
+        "events_per_s",
+        "otel_spans_per_s",
+        "e2e_lost",
+        "otel_lost",
+        "bytes_per_event",
+        "otlp_bytes_per_span",
+        "drain_events",
+        "drain_measured_s",
+    ]
+    print(json.dumps({k: round(f[k], 3) for k in keys}))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,300 @@
+"""The sidecar process: sources -> processors -> spool -> shipper, and its listeners.
+
+``SidecarApp`` wires the pipeline for ``predtrace sidecar serve``: the gRPC
+API (with health checking and reflection), the optional OTLP receiver and
+forwarder, OIP v2 proxies and the metrics listener all feed one ``Intake``;
+one ``Shipper`` delivers the spool. ``stop`` stops accepting, lets in-flight
+requests reach the spool, ships what it can within the drain deadline, and
+leaves the rest durable in the spool for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import posixpath
+import secrets
+import socket
+import time
+from collections.abc import Mapping
+
+import grpc
+from grpc_health.v1 import _async as health_aio  # the package's asyncio servicer
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from predtrace.sidecar._config import SidecarConfig, parse_hostport
+from predtrace.sidecar._grpc_api import SERVICE_NAME, GrpcSource
+from predtrace.sidecar._intake import Intake
+from predtrace.sidecar._metrics import MetricsServer
+from predtrace.sidecar._oip_proxy import OipProxy
+from predtrace.sidecar._otlp import OtlpReceiver
+from predtrace.sidecar._otlp_export import OtlpForwarder
+from predtrace.sidecar._processors import DeploymentEnricher, default_processors
+from predtrace.sidecar._shipper import Shipper
+from predtrace.sidecar._status import StatusView, build_status
+from predtrace.sidecar.pipeline import CollectorClient
+from predtrace.sidecar.spool import FaultPoints, FileLayer, OsFileLayer, Spool
+from predtrace.v1 import sidecar_pb2
+
+_log = logging.getLogger("predtrace.sidecar")
+PRODUCER_FILE = "producer_id"
+
+
+def grpc_server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Message size limits and keepalive for every gRPC listener of the sidecar."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.max_connection_age_grace_ms", 10_000),
+    ]
+
+
+class SidecarApp:
+    """One running sidecar. ``await start()``, then ``await stop()`` (safe twice)."""
+
+    def __init__(
+        self,
+        config: SidecarConfig,
+        *,
+        files: FileLayer | None = None,
+        faults: FaultPoints | None = None,
+    ) -> None:
+        self.config = config
+        self.addresses: dict[str, str] = {}
+        self.producer_id = ""
+        self._files = files or OsFileLayer()
+        self._faults = faults or FaultPoints()
+        self._spool: Spool | None = None
+        self._shipper: Shipper | None = None
+        self._shipper_task: asyncio.Task[None] | None = None
+        self._client = CollectorClient(config.collector)
+        self._servers: list[grpc.aio.Server] = []
+        self._forwarder: OtlpForwarder | None = None
+        self._otlp: OtlpReceiver | None = None
+        self._metrics: MetricsServer | None = None
+        self._proxies: list[OipProxy] = []
+        self._health = health_aio.HealthServicer()
+        self._stopped = False
+
+    @property
+    def spool(self) -> Spool:
+        """The open spool (after ``start``)."""
+        assert self._spool is not None  # noqa: S101 - only used after start
+        return self._spool
+
+    @property
+    def shipper(self) -> Shipper:
+        """The running shipper (after ``start``)."""
+        assert self._shipper is not None  # noqa: S101 - only used after start
+        return self._shipper
+
+    async def start(self) -> None:
+        """Open the spool, start shipping and every listener, then write the ready file.
+
+        Raises:
+            SpoolUnusableError: the spool directory cannot be used.
+        """
+        config = self.config
+        self._spool = await asyncio.to_thread(
+            Spool.open, config.spool, files=self._files, faults=self._faults
+        )
+        self.producer_id = await asyncio.to_thread(self._producer_id)
+        enricher = DeploymentEnricher(config.deployment)
+        intake = Intake(self._spool, default_processors(config.deployment, config.redaction))
+        self.intake = intake
+        self._shipper = Shipper(
+            self._spool,
+            self._client,
+            config.shipper,
+            self.producer_id,
+            files=self._files,
+            faults=self._faults,
+        )
+        self._shipper_task = asyncio.create_task(self._shipper.run(), name="predtrace-shipper")
+        await self._start_api(intake)
+        if config.otlp_export:
+            self._forwarder = OtlpForwarder(
+                config.otlp_export,
+                headers=dict(config.otlp_export_headers),
+                resource=enricher.resource_attributes(),
+            )
+            await self._forwarder.start()
+        if config.otlp_listen:
+            await self._start_otlp(intake)
+        for index, (listen, upstream) in enumerate(config.oip_proxies):
+            await self._start_oip(intake, listen, upstream, index)
+        if config.metrics_listen:
+            self._metrics = MetricsServer(self)
+            self.addresses["metrics"] = await self._metrics.start(config.metrics_listen)
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        if config.ready_file:
+            await asyncio.to_thread(self._write_ready_file, config.ready_file)
+
+    async def _start_api(self, intake: Intake) -> None:
+        config = self.config
+        source = GrpcSource(
+            intake, self.status_message, max_events_per_request=config.max_events_per_request
+        )
+        server = grpc.aio.server(options=grpc_server_options(config.max_message_bytes))
+        server.add_generic_rpc_handlers((source.generic_handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        self.addresses["grpc"] = _bind(server, config.listen, "--listen")
+        await server.start()
+        self._servers.append(server)
+
+    async def _start_otlp(self, intake: Intake) -> None:
+        config = self.config
+        assert config.otlp_listen is not None  # noqa: S101 - checked by the caller
+        self._otlp = OtlpReceiver(intake, self._forwarder)
+        server = grpc.aio.server(options=grpc_server_options(config.max_message_bytes))
+        self._otlp.add_to_grpc_server(server)
+        self.addresses["otlp-grpc"] = _bind(server, config.otlp_listen, "--otlp-listen")
+        await server.start()
+        self._servers.append(server)
+        http_listen = config.otlp_http_listen or _next_port(config.otlp_listen)
+        self.addresses["otlp-http"] = await self._otlp.start_http(
+            http_listen, max_body=config.max_message_bytes
+        )
+
+    async def _start_oip(self, intake: Intake, listen: str, upstream: str, index: int) -> None:
+        proxy = OipProxy(intake, upstream, deployment=self.config.deployment)
+        server = grpc.aio.server(options=grpc_server_options(self.config.max_message_bytes))
+        server.add_generic_rpc_handlers((proxy.generic_handler(),))
+        name = "oip-proxy" if index == 0 else f"oip-proxy-{index + 1}"
+        self.addresses[name] = _bind(server, listen, "--oip-proxy")
+        await server.start()
+        self._servers.append(server)
+        self._proxies.append(proxy)
+
+    # -- identity and readiness -------------------------------------------------------
+
+    def _producer_id(self) -> str:
+        """The configured id, else the one kept in the spool directory (made once).
+
+        When the spool's state was lost, its seq numbering can no longer be
+        trusted, so the sidecar continues under a derived id (``<id>-r<hex>``,
+        kept in the directory) that can never collide with the old seqs.
+        """
+        path = posixpath.join(self.config.spool.directory, PRODUCER_FILE)
+        stored = ""
+        if self._files.exists(path):
+            stored = self._files.read(path, 0, 1024).decode("utf-8", "replace").strip()
+        kept, configured = stored, self.config.producer_id
+        if configured and not (kept == configured or kept.startswith(configured + "-r")):
+            kept = configured
+        if not kept:
+            kept = _new_producer_id()
+        elif self.spool.state_lost:
+            kept = f"{kept}-r{secrets.token_hex(3)}"
+        if kept != stored:
+            _write_atomic(self._files, path, kept.encode())
+        return kept
+
+    def _write_ready_file(self, path: str) -> None:
+        lines = [self.addresses["grpc"]]
+        lines += [f"{name} {addr}" for name, addr in self.addresses.items() if name != "grpc"]
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+        os.replace(tmp, path)
+
+    # -- status -----------------------------------------------------------------------
+
+    def now_ns(self) -> int:
+        """Wall-clock now, for ages and lag."""
+        return time.time_ns()
+
+    def status_view(self) -> StatusView:
+        """Everything ``predtrace sidecar status`` and the metrics show."""
+        forwarder = self._forwarder.counters if self._forwarder else None
+        return StatusView(
+            producer_id=self.producer_id,
+            collector_url=self.config.collector.url,
+            spool=self.spool.stats(),
+            spool_counters=self.spool.counters.snapshot(),
+            shipper=self.shipper.counters,
+            next_seq=self.shipper.next_seq,
+            oldest_unsent_ns=self.shipper.oldest_unsent_ns,
+            intake=self.intake.counters,
+            otlp_forward=forwarder,
+            oip_dropped=sum(proxy.dropped for proxy in self._proxies),
+        )
+
+    def status_message(self) -> sidecar_pb2.SidecarStatus:
+        """The ``Status`` RPC answer."""
+        return build_status(self.status_view())
+
+    # -- shutdown ---------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """Stop accepting, drain within the deadline, persist the rest. Safe twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._health.enter_graceful_shutdown()
+        grace = min(2.0, max(0.1, self.config.drain_timeout / 4))
+        await asyncio.gather(*(server.stop(grace) for server in self._servers))
+        if self._otlp is not None:
+            await self._otlp.stop()
+        if self._forwarder is not None:
+            await self._forwarder.stop(timeout=min(2.0, self.config.drain_timeout))
+        for proxy in self._proxies:
+            await proxy.close()
+        if self._shipper is not None and self._shipper_task is not None:
+            await self._shipper.stop(self.config.drain_timeout)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._shipper_task
+        if self._metrics is not None:
+            await self._metrics.stop()
+        await self._client.close()
+        if self._spool is not None:
+            await asyncio.to_thread(self._spool.close)
+        if self.config.ready_file:
+            with contextlib.suppress(OSError):
+                os.unlink(self.config.ready_file)
+
+
+def _bind(server: grpc.aio.Server, listen: str, what: str) -> str:
+    host, port = parse_hostport(listen, what)
+    bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {listen} ({what})")
+    return f"{host}:{bound}"
+
+
+def _next_port(listen: str) -> str:
+    host, port = parse_hostport(listen, "--otlp-listen")
+    return f"{host}:{port + 1 if port else 0}"
+
+
+def _new_producer_id() -> str:
+    host = socket.gethostname().split(".")[0][:40] or "host"
+    return f"sidecar-{host}-{secrets.token_hex(4)}"
+
+
+def _write_atomic(files: FileLayer, path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    handle = files.open(tmp, create=True)
+    try:
+        files.truncate(handle, 0)
+        files.pwrite(handle, data, 0)
+        files.fsync(handle)
+    finally:
+        files.close(handle)
+    files.rename(tmp, path)
+    files.fsync_dir(posixpath.dirname(path))
+
+
+def environ_fault_points(environ: Mapping[str, str]) -> FaultPoints:
+    """Fault points armed from the environment (test harnesses only)."""
+    return FaultPoints.from_env(environ)

@@ -1,0 +1,224 @@
+"""``predtrace sidecar serve`` and ``predtrace sidecar status``.
+
+``serve`` runs the sidecar process until SIGTERM/SIGINT, then drains within
+``--drain-timeout``; ``status`` asks a running sidecar for its spool depth,
+oldest unsent event, last success and lag. Exit codes: 0 ok, 1 the sidecar
+could not start (or could not be reached), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import click
+import grpc
+
+from predtrace.sidecar._config import RedactionConfig, ShipperConfig, SidecarConfig, parse_size
+from predtrace.sidecar._errors import ConfigError, SidecarError
+from predtrace.sidecar.spool import FaultPoints
+
+_log = logging.getLogger("predtrace.sidecar")
+DEFAULT_TARGET = "127.0.0.1:4555"
+TARGET_ENV = "PREDTRACE_SIDECAR_TARGET"
+
+
+@click.group(name="sidecar")
+def sidecar() -> None:
+    """Run the sidecar next to a model server, or ask a running one for its status."""
+
+
+def _pairs(values: tuple[str, ...], sep: str, what: str) -> tuple[tuple[str, str], ...]:
+    out = []
+    for value in values:
+        left, found, right = value.partition(sep)
+        if not found or not left or not right:
+            raise click.BadParameter(f"expected {what}, got {value!r}")
+        out.append((left.strip(), right.strip()))
+    return tuple(out)
+
+
+def build_config(options: dict[str, Any], environ: dict[str, str]) -> SidecarConfig:
+    """The sidecar config from ``serve``'s options over the environment.
+
+    Raises:
+        ConfigError: a missing or invalid setting.
+        click.BadParameter: a malformed option value.
+    """
+    edge = options.pop("edge")
+    shipper_overrides = {
+        key: value
+        for key, value in (
+            ("poison_attempts", options.pop("poison_attempts")),
+            ("max_batch_events", options.pop("batch_max_events")),
+            ("linger", options.pop("batch_linger")),
+        )
+        if value is not None
+    }
+    redaction = None
+    allow_f, allow_a, redact = (
+        options.pop(k) for k in ("allow_feature", "allow_attribute", "redact")
+    )
+    if allow_f or allow_a or redact:
+        base = RedactionConfig.from_env(environ)
+        redaction = RedactionConfig(
+            allow_features=allow_f or base.allow_features,
+            allow_attributes=allow_a or base.allow_attributes,
+            patterns=redact or base.patterns,
+        )
+    size = options.pop("max_message_bytes")
+    overrides = dict(options)
+    overrides.update(
+        edge=edge,
+        redaction=redaction,
+        max_message_bytes=parse_size(size) if size else None,
+        otlp_export_headers=_pairs(options["otlp_export_headers"], "=", "NAME=VALUE") or None,
+        oip_proxies=_pairs(options["oip_proxies"], "=", "LISTEN=UPSTREAM") or None,
+    )
+    if shipper_overrides or edge:
+        make = ShipperConfig.edge if edge else ShipperConfig
+        overrides["shipper"] = make(**shipper_overrides)
+    return SidecarConfig.from_env(environ, **overrides)
+
+
+@sidecar.command()
+@click.option("--listen", help="HOST:PORT of the gRPC API [127.0.0.1:4555]; port 0 picks one.")
+@click.option("--collector", "collector_url", help="Collector URL [PREDTRACE_COLLECTOR_URL].")
+@click.option("--spool", "spool_dir", help="Spool directory [PREDTRACE_SPOOL_DIR].")
+@click.option("--ready-file", help="Written once ready: 'host:port', then 'name host:port' lines.")
+@click.option("--token", help="Collector bearer token [PREDTRACE_TOKEN]; never logged.")
+@click.option("--collector-timeout", type=float, help="Seconds per delivery attempt [10].")
+@click.option("--producer-id", help="Stable producer id [kept in the spool directory].")
+@click.option("--edge/--no-edge", default=False, help="Edge mode: long outages, capped backoff.")
+@click.option("--spool-max-bytes", help="Spool byte cap, e.g. 2GiB; oldest dropped past it.")
+@click.option("--spool-segment-bytes", help="Spool segment size [8MiB]; small flash: 1MiB.")
+@click.option("--otlp-listen", help="HOST:PORT of the OTLP/gRPC receiver.")
+@click.option("--otlp-http-listen", help="HOST:PORT of OTLP/HTTP [--otlp-listen's port + 1].")
+@click.option("--otlp-export", help="OTLP/HTTP traces URL every received span is forwarded to.")
+@click.option(
+    "--otlp-export-header",
+    "otlp_export_headers",
+    multiple=True,
+    help="NAME=VALUE header for --otlp-export (repeatable).",
+)
+@click.option(
+    "--oip-proxy",
+    "oip_proxies",
+    multiple=True,
+    help="LISTEN=UPSTREAM: proxy OIP v2 gRPC to a model server (repeatable).",
+)
+@click.option("--metrics-listen", help="HOST:PORT for Prometheus /metrics.")
+@click.option("--max-message-bytes", help="Largest gRPC message accepted [4MiB].")
+@click.option("--drain-timeout", type=float, help="Seconds to ship after SIGTERM [10].")
+@click.option("--poison-attempts", type=int, help="Failures before a batch is quarantined [5].")
+@click.option("--batch-max-events", type=int, help="Events per batch to the collector.")
+@click.option("--batch-linger", type=float, help="Seconds to wait for a fuller batch.")
+@click.option("--allow-feature", multiple=True, help="Feature name glob that may leave.")
+@click.option("--allow-attribute", multiple=True, help="Attribute key glob that may leave.")
+@click.option("--redact", multiple=True, help="Regex masked in kept attribute values.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
+def serve(log_level: str, **options: Any) -> None:
+    """Run the sidecar: gRPC API, durable spool, shipper, optional OTLP and OIP proxy."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    try:
+        config = build_config(options, dict(os.environ))
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        asyncio.run(_serve(config, FaultPoints.from_env(os.environ)))
+    except (SidecarError, OSError) as exc:
+        click.echo(f"predtrace sidecar: {exc}", err=True)
+        sys.exit(1)
+
+
+async def _serve(config: SidecarConfig, faults: FaultPoints) -> None:
+    from predtrace.sidecar._app import SidecarApp  # noqa: PLC0415 - servers load only when serving
+
+    app = SidecarApp(config, faults=faults)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await app.start()
+        _log.info("sidecar %s ready: %s", app.producer_id, app.addresses)
+        await stop.wait()
+        _log.info("stopping: draining for up to %.1f s", config.drain_timeout)
+    finally:
+        await app.stop()
+
+
+@sidecar.command()
+@click.option("--target", help=f"HOST:PORT of the sidecar [{TARGET_ENV}, else {DEFAULT_TARGET}].")
+@click.option("--ready-file", help="Read the target from the sidecar's ready file.")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+@click.option("--timeout", type=float, default=5.0, help="Seconds to wait for the answer.")
+def status(target: str | None, ready_file: str | None, output: str, timeout: float) -> None:
+    """Show spool depth, oldest unsent event, last success and lag of a running sidecar."""
+    from predtrace.sidecar._status import status_to_dict  # noqa: PLC0415 - lazy CLI
+    from predtrace.v1 import sidecar_pb2, sidecar_pb2_grpc  # noqa: PLC0415 - lazy CLI
+
+    if ready_file:
+        try:
+            with open(ready_file, encoding="utf-8") as fh:
+                target = fh.readline().strip()
+        except OSError as exc:
+            raise click.UsageError(f"cannot read {ready_file}: {exc.strerror}") from None
+    target = target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+    with grpc.insecure_channel(target) as channel:
+        stub = sidecar_pb2_grpc.SidecarStub(channel)  # type: ignore[no-untyped-call]  # generated stub
+        try:
+            answer = stub.Status(sidecar_pb2.StatusRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            code = exc.code().name if isinstance(exc, grpc.Call) else "UNKNOWN"
+            click.echo(f"cannot reach the sidecar at {target}: {code}", err=True)
+            sys.exit(1)
+    view = status_to_dict(answer)
+    if output == "json":
+        click.echo(json.dumps(view, indent=2))
+    else:
+        _print_table(view)
+
+
+def _when(ns: object) -> str:
+    if not isinstance(ns, int) or not ns:
+        return "-"
+    moment = dt.datetime.fromtimestamp(ns / 1e9, tz=dt.UTC)
+    ago = max(0.0, dt.datetime.now(tz=dt.UTC).timestamp() - ns / 1e9)
+    return f"{moment:%Y-%m-%d %H:%M:%S}Z ({ago:.1f} s ago)"
+
+
+def _print_table(view: dict[str, Any]) -> None:
+    from rich.console import Console  # noqa: PLC0415 - lazy CLI
+    from rich.table import Table  # noqa: PLC0415 - lazy CLI
+
+    table = Table(title=f"sidecar {view['producer_id']}", show_header=False)
+    cap = view["spool_byte_cap"] or 1
+    dropped = ", ".join(f"{k}={v}" for k, v in view["dropped"].items()) or "none"
+    rows = [
+        ("collector", view["collector_url"]),
+        ("spool depth", f"{view['spool_records']} events"),
+        (
+            "spool bytes",
+            f"{view['spool_bytes']} of {view['spool_byte_cap']} "
+            f"({100 * view['spool_bytes'] / cap:.1f} %)",
+        ),
+        ("oldest unsent", _when(view["oldest_unsent_unix_nano"])),
+        ("lag", f"{view['lag_seconds']} s"),
+        ("last success", _when(view["last_success_unix_nano"])),
+        ("next seq", str(view["next_seq"])),
+        ("exported", f"{view['exported_events']} events"),
+        ("retried", f"{view['retried_batches']} attempts"),
+        ("quarantined", f"{view['quarantined_batches']} batches"),
+        ("dropped", dropped),
+        ("last error", view["last_error"] or "-"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)

@@ -1,0 +1,186 @@
+"""The sidecar's own gRPC API (``predtrace.v1.Sidecar``): a source of the pipeline.
+
+**GrpcSource** -> intake -> spool. Requests are parsed here (not by gRPC's
+deserializer) so malformed bytes get INVALID_ARGUMENT with a reason instead
+of an internal error. ``RecordBatch`` and ``Record`` answer only once every
+accepted event is durable in the spool. Spool pressure maps to
+RESOURCE_EXHAUSTED with a retry pushback; shutdown to UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Final, NoReturn, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from predtrace.sidecar._errors import SpoolBusyError, SpoolClosedError, SpoolError, SpoolFullError
+from predtrace.sidecar._intake import Intake
+from predtrace.v1 import event_pb2, sidecar_pb2
+from predtrace.wire import PredictionEvent, Rejection, WireError, event_from_proto
+
+_log = logging.getLogger("predtrace.sidecar.grpc")
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+SERVICE_NAME: Final = "predtrace.v1.Sidecar"
+MAX_EVENTS_PER_STREAM: Final = 1_000_000
+_STREAM_CHUNK: Final = 1000
+_PUSHBACK_MS: Final = "1000"
+
+
+def convert_events(
+    messages: Sequence[event_pb2.PredictionEvent], offset: int = 0
+) -> tuple[list[PredictionEvent], list[int], list[Rejection]]:
+    """Validate protobuf events: the good ones, their request positions, and rejections."""
+    events: list[PredictionEvent] = []
+    positions: list[int] = []
+    rejected: list[Rejection] = []
+    for index, message in enumerate(messages, start=offset):
+        try:
+            events.append(event_from_proto(message))
+        except WireError as exc:
+            rejected.append(Rejection(index, str(exc), message.prediction_id[:256]))
+            continue
+        positions.append(index)
+    return events, positions, rejected
+
+
+def _ack(accepted: int, rejected: Sequence[Rejection]) -> sidecar_pb2.RecordAck:
+    ack = sidecar_pb2.RecordAck(accepted=accepted)
+    for r in sorted(rejected, key=lambda r: r.index):
+        ack.rejected.add(index=r.index, prediction_id=r.prediction_id, reason=r.reason)
+    return ack
+
+
+class GrpcSource:
+    """Handlers of ``predtrace.v1.Sidecar``; register with ``generic_handler()``."""
+
+    def __init__(
+        self,
+        intake: Intake,
+        status: Callable[[], sidecar_pb2.SidecarStatus],
+        *,
+        max_events_per_request: int,
+    ) -> None:
+        self._intake = intake
+        self._status = status
+        self._max_events = max_events_per_request
+
+    def generic_handler(self) -> grpc.GenericRpcHandler[bytes, bytes]:
+        """The service's handlers, taking raw request bytes."""
+        serialize = sidecar_pb2.RecordAck.SerializeToString
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "RecordBatch": grpc.unary_unary_rpc_method_handler(
+                    self.record_batch, response_serializer=serialize
+                ),
+                "Record": grpc.stream_unary_rpc_method_handler(
+                    self.record, response_serializer=serialize
+                ),
+                "Status": grpc.unary_unary_rpc_method_handler(
+                    self.status, response_serializer=sidecar_pb2.SidecarStatus.SerializeToString
+                ),
+            },
+        )
+
+    async def record_batch(
+        self, request: bytes, context: grpc.aio.ServicerContext[bytes, sidecar_pb2.RecordAck]
+    ) -> sidecar_pb2.RecordAck:
+        """Spool a batch; answer once it is durable."""
+        try:
+            message = sidecar_pb2.RecordBatchRequest.FromString(request)
+        except DecodeError:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed RecordBatchRequest")
+        if len(message.events) > self._max_events:
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"more than {self._max_events} events in one request",
+            )
+        events, positions, rejected = convert_events(message.events)
+        accepted = await self._spool(context, events, positions, rejected)
+        return _ack(accepted, rejected)
+
+    async def record(
+        self,
+        requests: AsyncIterator[bytes],
+        context: grpc.aio.ServicerContext[bytes, sidecar_pb2.RecordAck],
+    ) -> sidecar_pb2.RecordAck:
+        """Spool a stream of events in chunks; answer once all of them are durable."""
+        accepted, seen = 0, 0
+        rejected: list[Rejection] = []
+        chunk: list[event_pb2.PredictionEvent] = []
+        async for raw in requests:
+            if seen >= MAX_EVENTS_PER_STREAM:
+                await _abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"more than {MAX_EVENTS_PER_STREAM} events in one stream",
+                )
+            try:
+                chunk.append(event_pb2.PredictionEvent.FromString(raw))
+            except DecodeError:
+                rejected.append(Rejection(seen, "malformed PredictionEvent"))
+            seen += 1
+            if len(chunk) >= _STREAM_CHUNK:
+                accepted += await self._spool_chunk(context, chunk, seen - len(chunk), rejected)
+                chunk = []
+        if chunk:
+            accepted += await self._spool_chunk(context, chunk, seen - len(chunk), rejected)
+        return _ack(accepted, rejected)
+
+    async def _spool_chunk(
+        self,
+        context: grpc.aio.ServicerContext[bytes, sidecar_pb2.RecordAck],
+        chunk: list[event_pb2.PredictionEvent],
+        offset: int,
+        rejected: list[Rejection],
+    ) -> int:
+        # Positions are exact only when no message of the chunk was malformed;
+        # a malformed one is reported at its own stream position above.
+        events, positions, bad = convert_events(chunk, offset)
+        rejected.extend(bad)
+        return await self._spool(context, events, positions, rejected)
+
+    async def _spool(
+        self,
+        context: grpc.aio.ServicerContext[bytes, sidecar_pb2.RecordAck],
+        events: list[PredictionEvent],
+        positions: list[int],
+        rejected: list[Rejection],
+    ) -> int:
+        if not events:
+            return 0
+        try:
+            result = await self._intake.record(events)
+        except (SpoolBusyError, SpoolFullError) as exc:
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), pushback=True)
+        except SpoolClosedError:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, "the sidecar is shutting down")
+        except SpoolError as exc:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc), pushback=True)
+        rejected.extend(
+            Rejection(positions[r.index], r.reason, r.prediction_id) for r in result.rejected
+        )
+        return result.accepted
+
+    async def status(
+        self, request: bytes, context: grpc.aio.ServicerContext[bytes, sidecar_pb2.SidecarStatus]
+    ) -> sidecar_pb2.SidecarStatus:
+        """The running sidecar's spool depth, lag and counters."""
+        return self._status()
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext[_Req, _Resp],
+    code: grpc.StatusCode,
+    details: str,
+    *,
+    pushback: bool = False,
+) -> NoReturn:
+    metadata = (("grpc-retry-pushback-ms", _PUSHBACK_MS),) if pushback else ()
+    await context.abort(code, details, trailing_metadata=metadata)
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover

@@ -1,0 +1,102 @@
+"""Prometheus metrics of the sidecar, read from the live status at scrape time.
+
+One ``CollectorRegistry`` per sidecar (never the process-global default), so
+several sidecars can run in one test process. Served on its own listener at
+``/metrics``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from predtrace.sidecar._config import parse_hostport
+
+if TYPE_CHECKING:
+    from predtrace.sidecar._app import SidecarApp
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class SidecarMetrics(Collector):
+    """Turns one status snapshot into metric families on each scrape."""
+
+    def __init__(self, app: SidecarApp) -> None:
+        self._app = app
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield every sidecar metric (``predtrace_sidecar_*``)."""
+        view = self._app.status_view()
+        spool = view.spool
+        yield _gauge("queue_depth", "Events spooled and not yet delivered", spool.records)
+        yield _gauge("spool_bytes", "Bytes of spool segments on disk", spool.bytes)
+        yield _gauge("spool_byte_cap", "The spool's byte cap", spool.byte_cap)
+        yield _gauge(
+            "writer_pending_bytes", "Bytes waiting for the spool writer", spool.pending_bytes
+        )
+        age = 0.0
+        if view.oldest_unsent_ns:
+            age = max(0.0, (self._app.now_ns() - view.oldest_unsent_ns) / 1e9)
+        yield _gauge("oldest_unsent_age_seconds", "Age of the oldest undelivered event", age)
+        shipper = view.shipper
+        yield _counter("received_events", "Events received by the intake", view.intake.received)
+        yield _counter("exported_events", "Events the collector accepted", shipper.exported)
+        yield _counter("exported_batches", "Batches the collector acknowledged", shipper.batches)
+        yield _counter(
+            "retried_batches", "Delivery attempts that failed and were retried", shipper.retried
+        )
+        yield _counter("quarantined_batches", "Batches moved to quarantine", shipper.quarantined)
+        dropped = CounterMetricFamily(
+            "predtrace_sidecar_dropped_events", "Events dropped, by reason", labels=["reason"]
+        )
+        for reason, count in sorted(view.dropped().items()):
+            dropped.add_metric([reason], count)
+        yield dropped
+        if view.otlp_forward is not None:
+            yield _counter(
+                "otlp_forwarded_spans",
+                "Spans forwarded to the OTLP backend",
+                view.otlp_forward.forwarded,
+            )
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"predtrace_sidecar_{name}", doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"predtrace_sidecar_{name}", doc, value=value)
+
+
+class MetricsServer:
+    """``GET /metrics`` on its own aiohttp listener."""
+
+    def __init__(self, app: SidecarApp) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(SidecarMetrics(app))
+        self._runner: web.AppRunner | None = None
+
+    async def start(self, listen: str) -> str:
+        """Listen; return the bound ``host:port``."""
+        web_app = web.Application()
+        web_app.router.add_get("/metrics", self._scrape)
+        self._runner = web.AppRunner(web_app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        host, port = parse_hostport(listen, "--metrics-listen")
+        await web.TCPSite(self._runner, host, port).start()
+        return f"{host}:{self._runner.addresses[0][1]}"
+
+    async def _scrape(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    async def stop(self) -> None:
+        """Stop listening. Safe twice."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

@@ -1,0 +1,223 @@
+"""The OIP v2 gRPC proxy: a transparent, byte-level source in front of a model server.
+
+Client -> **OipProxy** -> model server (``inference.GRPCInferenceService``).
+Every method is passed through as bytes (a generic stream handler, so any
+cardinality works). ``ModelInfer`` alone is looked into: the proxy reads
+model_name, model_version and id from the request and response bytes, adds
+an id when the caller sent none (rewriting the request bytes), forwards or
+starts a W3C ``traceparent``, and records a prediction event with the version
+actually served, or with the error. Events are recorded off the response
+path: the model's answer never waits for telemetry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING, Any, Final
+
+import grpc
+
+from predtrace.sidecar._config import DeploymentConfig
+from predtrace.sidecar._errors import SpoolError
+from predtrace.sidecar._intake import Intake
+from predtrace.sidecar._protowire import ProtoWireError, append_string_field, top_level_strings
+from predtrace.sidecar.pipeline import RateLimitedLog
+from predtrace.wire import ModelRef, PredictionEvent, Status, new_prediction_id
+
+_log = logging.getLogger("predtrace.sidecar.oip")
+SERVICE: Final = "inference.GRPCInferenceService"
+MODEL_INFER: Final = f"/{SERVICE}/ModelInfer"
+PROTOCOL: Final = "oip-v2-grpc"
+_SKIP_METADATA: Final = ("grpc-", ":")
+_SKIP_KEYS: Final = frozenset({"user-agent", "te", "content-type", "host"})
+Metadata = list[tuple[str, str | bytes]]
+if TYPE_CHECKING:
+    _Handler = grpc.GenericRpcHandler[bytes, bytes]
+else:  # grpc's runtime class is not generic; only its stubs are
+    _Handler = grpc.GenericRpcHandler
+
+
+def _forwardable(metadata: Iterable[Any] | None) -> Metadata:
+    return [
+        (key, value)
+        for key, value in metadata or ()
+        if key not in _SKIP_KEYS and not key.startswith(_SKIP_METADATA)
+    ]
+
+
+def _trace_context(metadata: Metadata) -> tuple[bytes, bytes]:
+    """Trace and span id of the caller's traceparent, adding a new one when absent."""
+    for key, value in metadata:
+        if key == "traceparent" and isinstance(value, str):
+            parts = value.split("-")
+            if len(parts) == 4 and len(parts[1]) == 32 and len(parts[2]) == 16:
+                with contextlib.suppress(ValueError):
+                    return bytes.fromhex(parts[1]), bytes.fromhex(parts[2])
+    trace_id, span_id = secrets.token_bytes(16), secrets.token_bytes(8)
+    metadata.append(("traceparent", f"00-{trace_id.hex()}-{span_id.hex()}-01"))
+    return trace_id, span_id
+
+
+class _Recorder:
+    """A bounded buffer between the proxy and the intake (drops counted)."""
+
+    def __init__(self, intake: Intake, capacity: int = 10_000) -> None:
+        self._intake = intake
+        self._queue: asyncio.Queue[PredictionEvent] = asyncio.Queue(capacity)
+        self._task: asyncio.Task[None] | None = None
+        self.dropped = 0
+        self._log = RateLimitedLog(_log)
+
+    def record(self, event: PredictionEvent) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="predtrace-oip-recorder")
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty() and len(batch) < 1000:
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._intake.record(batch)
+            except SpoolError as exc:
+                self.dropped += len(batch)
+                self._log.warning("spool", "OIP proxy events not spooled: %s", exc)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def close(self, timeout: float = 2.0) -> None:  # noqa: ASYNC109 - a flush deadline
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._queue.join(), timeout)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.dropped += self._queue.qsize()
+
+
+class OipProxy(_Handler):
+    """Handles every method of the service; register it on a grpc.aio server."""
+
+    def __init__(
+        self, intake: Intake, upstream: str, *, deployment: DeploymentConfig | None = None
+    ) -> None:
+        self.upstream = upstream
+        self._channel = grpc.aio.insecure_channel(upstream)
+        self._infer = self._channel.unary_unary(MODEL_INFER, None, None)
+        self._recorder = _Recorder(intake)
+        self.requests = 0
+        del deployment  # identity is stamped by the intake's enricher
+
+    @property
+    def dropped(self) -> int:
+        """Events the proxy could not record (buffer full or spool refused)."""
+        return self._recorder.dropped
+
+    def generic_handler(self) -> grpc.GenericRpcHandler[bytes, bytes]:
+        """This proxy as a handler for ``server.add_generic_rpc_handlers``."""
+        return self
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[bytes, bytes] | None:
+        """ModelInfer is looked into; every other method passes through untouched."""
+        method = handler_call_details.method
+        if method == MODEL_INFER:
+            return grpc.unary_unary_rpc_method_handler(self.model_infer)
+
+        async def passthrough(
+            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+        ) -> AsyncIterator[bytes]:
+            async for item in self._passthrough(method, requests, context):
+                yield item
+
+        return grpc.stream_stream_rpc_method_handler(passthrough)
+
+    async def _passthrough(
+        self,
+        method: str,
+        requests: AsyncIterator[bytes],
+        context: grpc.aio.ServicerContext[bytes, bytes],
+    ) -> AsyncIterator[bytes]:
+        metadata = _forwardable(context.invocation_metadata())
+        call = self._channel.stream_stream(method, None, None)(
+            requests, metadata=metadata, timeout=context.time_remaining()
+        )
+        try:
+            async for response in call:
+                yield response
+            context.set_trailing_metadata(_forwardable(await call.trailing_metadata()))
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(
+                exc.code(), exc.details() or "", tuple(_forwardable(exc.trailing_metadata()))
+            )
+
+    async def model_infer(
+        self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> bytes:
+        """Forward one inference; record it (with the id and version actually used)."""
+        self.requests += 1
+        start_ns, started = time.time_ns(), time.perf_counter_ns()
+        fields = _fields(request)
+        prediction_id = fields.get(3, "")
+        if not prediction_id:
+            prediction_id = new_prediction_id()
+            request = append_string_field(request, 3, prediction_id)
+        metadata = _forwardable(context.invocation_metadata())
+        trace_id, span_id = _trace_context(metadata)
+        event = PredictionEvent(
+            prediction_id=prediction_id[:256],
+            trace_id=trace_id,
+            span_id=span_id,
+            timestamp_unix_nano=start_ns,
+            model=ModelRef(fields.get(1, ""), fields.get(2, "")),
+            endpoint=MODEL_INFER,
+            protocol=PROTOCOL,
+        )
+        call = self._infer(request, metadata=metadata, timeout=context.time_remaining())
+        try:
+            response: bytes = await call
+        except grpc.aio.AioRpcError as exc:
+            self._finish(event, started, status=exc.code())
+            await context.abort(
+                exc.code(), exc.details() or "", tuple(_forwardable(exc.trailing_metadata()))
+            )
+        await context.send_initial_metadata(_forwardable(await call.initial_metadata()))
+        context.set_trailing_metadata(_forwardable(await call.trailing_metadata()))
+        served = _fields(response)
+        event.model.name = served.get(1) or event.model.name
+        event.model.version = served.get(2) or event.model.version
+        self._finish(event, started, status=grpc.StatusCode.OK)
+        return response
+
+    def _finish(self, event: PredictionEvent, started: int, *, status: grpc.StatusCode) -> None:
+        event.duration_nanos = time.perf_counter_ns() - started
+        event.status = Status.OK if status == grpc.StatusCode.OK else Status.ERROR
+        event.status_code = status.name
+        if event.status == Status.ERROR:
+            event.error_type = "grpc"
+        self._recorder.record(event)
+
+    async def close(self) -> None:
+        """Flush recorded events briefly and close the upstream channel. Safe twice."""
+        await self._recorder.close()
+        await self._channel.close(None)
+
+
+def _fields(message: bytes) -> dict[int, str]:
+    """model_name, model_version and id; nothing if the bytes are not readable."""
+    try:
+        return top_level_strings(message, (1, 2, 3))
+    except ProtoWireError:
+        return {}

@@ -1,0 +1,209 @@
+"""The OTLP receiver: OTLP/gRPC TraceService and OTLP/HTTP ``/v1/traces`` as a source.
+
+**OtlpReceiver** -> intake -> spool, and every span -> ``OtlpForwarder``.
+Spans carrying ``predtrace.prediction.id`` become prediction events (their
+``predtrace.model.*`` attributes, status and timing); all spans, predictions
+or not, are forwarded to the configured OTLP backend, so the sidecar can sit
+in front of any OTLP receiver. Bodies are bounded; OTLP/HTTP accepts the
+protobuf encoding (gzip'd or not).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Final
+
+import grpc
+from aiohttp import web
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1 import common_pb2
+from opentelemetry.proto.trace.v1 import trace_pb2
+
+from predtrace.sidecar._config import parse_hostport
+from predtrace.sidecar._errors import SpoolBusyError, SpoolError, SpoolFullError
+from predtrace.sidecar._intake import Intake
+from predtrace.sidecar._otlp_export import OtlpForwarder
+from predtrace.wire import (
+    DeploymentRef,
+    ModelRef,
+    PredictionEvent,
+    Status,
+    WireError,
+    WireTooLargeError,
+    gunzip_bounded,
+)
+
+_log = logging.getLogger("predtrace.sidecar.otlp")
+PREDICTION_ID: Final = "predtrace.prediction.id"
+PROTOBUF: Final = "application/x-protobuf"
+_MAX_ATTRIBUTES: Final = 64
+_MAX_VALUE_LEN: Final = 1024
+_ERROR: Final = trace_pb2.Status.STATUS_CODE_ERROR
+ExportRequest = trace_service_pb2.ExportTraceServiceRequest
+
+
+def _text(value: common_pb2.AnyValue) -> str:
+    kind = value.WhichOneof("value")
+    if kind == "string_value":
+        return value.string_value
+    if kind in ("int_value", "double_value"):
+        return str(getattr(value, kind))
+    if kind == "bool_value":
+        return "true" if value.bool_value else "false"
+    return ""
+
+
+def _attrs(pairs: object) -> dict[str, str]:
+    return {kv.key: _text(kv.value) for kv in pairs}  # type: ignore[attr-defined]
+
+
+def span_to_event(span: trace_pb2.Span, resource: Mapping[str, str]) -> PredictionEvent | None:
+    """The prediction event of a span, or None when it carries no prediction id."""
+    attrs = _attrs(span.attributes)
+    prediction_id = attrs.get(PREDICTION_ID, "")
+    if not prediction_id or len(prediction_id) > 256:
+        return None
+    get = attrs.get
+    model = ModelRef(
+        name=get("predtrace.model.name", ""),
+        version=get("predtrace.model.version", ""),
+        alias=get("predtrace.model.alias", ""),
+        registry_model_id=get("predtrace.model.id", ""),
+        artifact_digest=get("predtrace.model.digest", ""),
+    )
+    deployment = DeploymentRef(
+        id=get("predtrace.deployment.id", "") or resource.get("predtrace.deployment.id", ""),
+        service=resource.get("service.name", ""),
+        namespace=resource.get("k8s.namespace.name", ""),
+        pod=resource.get("k8s.pod.name", ""),
+        node=resource.get("k8s.node.name", ""),
+        image_digest=resource.get("container.image.id", ""),
+        image_name=resource.get("container.image.name", ""),
+    )
+    end = span.end_time_unix_nano
+    start = span.start_time_unix_nano
+    extra = {
+        k: v[:_MAX_VALUE_LEN]
+        for k, v in list(attrs.items())[:_MAX_ATTRIBUTES]
+        if k != PREDICTION_ID and not k.startswith("predtrace.model.")
+    }
+    return PredictionEvent(
+        prediction_id=prediction_id,
+        trace_id=span.trace_id if len(span.trace_id) == 16 else b"",
+        span_id=span.span_id if len(span.span_id) == 8 else b"",
+        timestamp_unix_nano=start,
+        duration_nanos=end - start if end >= start else 0,
+        model=model,
+        deployment=deployment,
+        endpoint=get("http.route", "") or get("rpc.method", "") or span.name[:256],
+        protocol=get("predtrace.inference.protocol", "") or "otlp",
+        status=Status.ERROR if span.status.code == _ERROR else Status.OK,
+        status_code=get("http.response.status_code", "") or get("rpc.grpc.status_code", ""),
+        error_type=get("error.type", "")[:128],
+        attributes=extra,
+    )
+
+
+def request_to_events(request: ExportRequest) -> tuple[list[PredictionEvent], int]:
+    """Prediction events of an export request, and its total span count."""
+    events: list[PredictionEvent] = []
+    spans = 0
+    for resource_spans in request.resource_spans:
+        resource = _attrs(resource_spans.resource.attributes)
+        for scope_spans in resource_spans.scope_spans:
+            spans += len(scope_spans.spans)
+            for span in scope_spans.spans:
+                event = span_to_event(span, resource)
+                if event is not None:
+                    events.append(event)
+    return events, spans
+
+
+class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, receiver: OtlpReceiver) -> None:
+        self._receiver = receiver
+
+    async def Export(
+        self,
+        request: ExportRequest,
+        context: grpc.aio.ServicerContext[
+            ExportRequest, trace_service_pb2.ExportTraceServiceResponse
+        ],
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        try:
+            await self._receiver.accept(request)
+        except (SpoolBusyError, SpoolFullError) as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except SpoolError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+class OtlpReceiver:
+    """Receives OTLP traces over gRPC and HTTP; spools prediction events; forwards spans."""
+
+    def __init__(self, intake: Intake, forwarder: OtlpForwarder | None) -> None:
+        self._intake = intake
+        self._forwarder = forwarder
+        self._runner: web.AppRunner | None = None
+        self._max_body = 4 * 1024 * 1024
+        self.spans_received = 0
+
+    async def accept(self, request: ExportRequest) -> None:
+        """Spool the request's prediction events (durably), then hand it to the forwarder."""
+        events, spans = request_to_events(request)
+        self.spans_received += spans
+        if events:
+            await self._intake.record(events)
+        if self._forwarder is not None:
+            self._forwarder.offer(request, spans)
+
+    def add_to_grpc_server(self, server: grpc.aio.Server) -> None:
+        """Register the OTLP TraceService on a gRPC server."""
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            _TraceService(self), server
+        )
+
+    async def start_http(self, listen: str, *, max_body: int) -> str:
+        """Serve ``POST /v1/traces``; return the bound ``host:port``."""
+        self._max_body = max_body
+        app = web.Application(client_max_size=max_body)
+        app.router.add_post("/v1/traces", self._http_export)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        host, port = parse_hostport(listen, "--otlp-http-listen")
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        bound = self._runner.addresses[0][1]
+        return f"{host}:{bound}"
+
+    async def _http_export(self, request: web.Request) -> web.Response:
+        if request.content_type != PROTOBUF:
+            return web.Response(status=415, text=f"only {PROTOBUF} is accepted")
+        try:
+            # aiohttp already inflates a gzip Content-Encoding within
+            # client_max_size; a body that is still gzip is inflated here, bounded.
+            body = await request.read()
+            if body[:2] == b"\x1f\x8b":
+                body = gunzip_bounded(body, self._max_body)
+            message = ExportRequest.FromString(body)
+        except web.HTTPRequestEntityTooLarge:
+            return web.Response(status=413, text="body too large")
+        except WireTooLargeError:
+            return web.Response(status=413, text="decompressed body too large")
+        except (WireError, DecodeError):
+            return web.Response(status=400, text="malformed OTLP protobuf body")
+        try:
+            await self.accept(message)
+        except SpoolError as exc:
+            return web.Response(status=503, text=str(exc), headers={"Retry-After": "1"})
+        response = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+        return web.Response(body=response, content_type=PROTOBUF)
+
+    async def stop(self) -> None:
+        """Stop the HTTP listener. Safe twice."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

@@ -1,0 +1,99 @@
+"""Just enough of the protobuf wire format to read and add top-level string fields.
+
+The OIP proxy passes messages through as bytes; it reads only model_name,
+model_version and id (fields 1-3 of ModelInferRequest/Response) and appends
+an id when the caller sent none. Parsing is bounded: varints of at most ten
+bytes, lengths checked against the buffer, a cap on the number of fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Final
+
+from predtrace.sidecar._errors import SidecarError
+
+_MAX_FIELDS: Final = 1_000_000
+_MAX_STRING: Final = 4096
+
+
+class ProtoWireError(SidecarError, ValueError):
+    """Bytes that are not a well-formed protobuf message."""
+
+
+def read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """Decode a varint at ``pos``; return (value, next position).
+
+    Raises:
+        ProtoWireError: truncated or longer than ten bytes.
+    """
+    value, shift = 0, 0
+    for i in range(pos, min(pos + 10, len(data))):
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i + 1
+        shift += 7
+    raise ProtoWireError("truncated or overlong varint")
+
+
+def encode_varint(value: int) -> bytes:
+    """Encode a non-negative int as a varint."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def top_level_strings(data: bytes, fields: Collection[int]) -> dict[int, str]:
+    """The values of the given top-level string fields (the last occurrence wins).
+
+    Raises:
+        ProtoWireError: malformed bytes, or a wanted field that is not UTF-8
+            text of at most 4 KiB.
+    """
+    found: dict[int, str] = {}
+    pos, count, end = 0, 0, len(data)
+    while pos < end:
+        count += 1
+        if count > _MAX_FIELDS:
+            raise ProtoWireError("too many fields")
+        key, pos = read_varint(data, pos)
+        number, wire_type = key >> 3, key & 7
+        if number == 0:
+            raise ProtoWireError("field number 0")
+        if wire_type == 0:
+            _, pos = read_varint(data, pos)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        elif wire_type == 2:
+            length, pos = read_varint(data, pos)
+            if pos + length > end:
+                raise ProtoWireError("length beyond the end of the message")
+            if number in fields:
+                found[number] = _text(data[pos : pos + length])
+            pos += length
+        else:
+            raise ProtoWireError(f"unsupported wire type {wire_type}")
+        if pos > end:
+            raise ProtoWireError("field beyond the end of the message")
+    return found
+
+
+def _text(raw: bytes) -> str:
+    if len(raw) > _MAX_STRING:
+        raise ProtoWireError("string field longer than 4 KiB")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtoWireError("string field is not UTF-8") from None
+
+
+def append_string_field(data: bytes, number: int, value: str) -> bytes:
+    """``data`` with one more string field (the last occurrence wins when parsed)."""
+    raw = value.encode("utf-8")
+    return data + encode_varint(number << 3 | 2) + encode_varint(len(raw)) + raw

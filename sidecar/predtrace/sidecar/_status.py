@@ -1,0 +1,99 @@
+"""The running sidecar's status: one view for the Status RPC, the CLI and the metrics.
+
+Spool depth, the oldest unsent event, the last success and the lag, and
+every counter (dropped by reason) are read from the live process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from predtrace.sidecar._intake import IntakeCounters
+from predtrace.sidecar._shipper import ShipperCounters
+from predtrace.sidecar.spool import SpoolStats
+from predtrace.v1 import sidecar_pb2
+
+if TYPE_CHECKING:
+    from predtrace.sidecar._otlp_export import ForwarderCounters
+
+
+@dataclass(frozen=True, slots=True)
+class StatusView:
+    """A snapshot of one sidecar."""
+
+    producer_id: str
+    collector_url: str
+    spool: SpoolStats
+    spool_counters: dict[str, int]
+    shipper: ShipperCounters
+    next_seq: int
+    oldest_unsent_ns: int
+    intake: IntakeCounters
+    otlp_forward: ForwarderCounters | None = None
+    oip_dropped: int = 0
+
+    def dropped(self) -> dict[str, int]:
+        """Events dropped, by reason, across spool, shipper, intake and OTLP forwarding."""
+        out: dict[str, int] = {}
+        for key, value in self.spool_counters.items():
+            if key.startswith("dropped."):
+                out[key.removeprefix("dropped.")] = value
+        for reason, value in self.shipper.dropped.items():
+            out[reason] = out.get(reason, 0) + value
+        if self.intake.processor_errors:
+            out["processor"] = self.intake.processor_errors
+        if self.intake.rejected:
+            out["invalid"] = self.intake.rejected
+        if self.oip_dropped:
+            out["oip_buffer"] = self.oip_dropped
+        if self.otlp_forward is not None:
+            for reason, value in self.otlp_forward.dropped.items():
+                out[f"otlp_{reason}"] = value
+        return out
+
+
+def build_status(view: StatusView) -> sidecar_pb2.SidecarStatus:
+    """The ``predtrace.v1.SidecarStatus`` message of a view."""
+    message = sidecar_pb2.SidecarStatus(
+        producer_id=view.producer_id,
+        spool_records=view.spool.records,
+        spool_bytes=view.spool.bytes,
+        spool_byte_cap=view.spool.byte_cap,
+        oldest_unsent_unix_nano=view.oldest_unsent_ns,
+        last_success_unix_nano=view.shipper.last_success_ns,
+        next_seq=view.next_seq,
+        exported_events=view.shipper.exported,
+        retried_batches=view.shipper.retried,
+        quarantined_batches=view.shipper.quarantined,
+        collector_url=view.collector_url,
+        last_error=view.shipper.last_error,
+    )
+    for reason, count in view.dropped().items():
+        message.dropped[reason] = count
+    return message
+
+
+def status_to_dict(
+    message: sidecar_pb2.SidecarStatus, now_ns: int | None = None
+) -> dict[str, object]:
+    """A JSON-ready view of a Status answer, with the lag computed."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    oldest = message.oldest_unsent_unix_nano
+    return {
+        "producer_id": message.producer_id,
+        "collector_url": message.collector_url,
+        "spool_records": message.spool_records,
+        "spool_bytes": message.spool_bytes,
+        "spool_byte_cap": message.spool_byte_cap,
+        "oldest_unsent_unix_nano": oldest,
+        "lag_seconds": round(max(0, now_ns - oldest) / 1e9, 3) if oldest else 0.0,
+        "last_success_unix_nano": message.last_success_unix_nano,
+        "next_seq": message.next_seq,
+        "exported_events": message.exported_events,
+        "retried_batches": message.retried_batches,
+        "quarantined_batches": message.quarantined_batches,
+        "dropped": dict(sorted(message.dropped.items())),
+        "last_error": message.last_error,
+    }

@@ -1,0 +1,87 @@
+"""Reading records back from segments, in order, with a cursor for sequential reads.
+
+The shipper reads the spool front to back; the cursor remembers where the
+last read stopped so the next read continues there instead of rescanning the
+segment. Only the durable part of a segment is ever read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from predtrace.sidecar.spool._config import SpoolConfig, SpoolCounters
+from predtrace.sidecar.spool._files import FileLayer
+from predtrace.sidecar.spool._record import HEADER_SIZE, Record, scan
+from predtrace.sidecar.spool._segments import Segment
+
+_MAX_CHUNK: Final = 16 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class _Cursor:
+    path: str
+    after: int  # index of the last record returned
+    offset: int  # where the record after it starts
+
+
+class SegmentReader:
+    """Reads one segment at a time; not thread-safe (the shipper is its only user)."""
+
+    def __init__(self, files: FileLayer, config: SpoolConfig, counters: SpoolCounters) -> None:
+        self._files = files
+        self._config = config
+        self._counters = counters
+        self._cursor: _Cursor | None = None
+        self._counted: dict[str, int] = {}  # damage counted up to this offset, per segment
+
+    def read(
+        self, seg: Segment, after: int, *, max_records: int, max_bytes: int, until: int | None
+    ) -> list[Record]:
+        """Records of ``seg`` with index > ``after``, within the limits."""
+        cursor = self._cursor
+        if cursor is not None and cursor.path == seg.path and cursor.after == after:
+            offset, expected = cursor.offset, after + 1
+        else:
+            offset, expected = 0, seg.first
+        limit = self._config.max_record_bytes
+        chunk = min(_MAX_CHUNK, max(2 * (HEADER_SIZE + limit), max_bytes + max_bytes // 4))
+        records: list[Record] = []
+        total = 0
+        while offset < seg.durable_size and len(records) < max_records and total < max_bytes:
+            data = self._files.read(seg.path, offset, min(chunk, seg.durable_size - offset))
+            final = offset + len(data) >= seg.durable_size
+            result = scan(
+                data,
+                expected_index=expected,
+                max_payload=limit,
+                final=final,
+                max_records=max_records - len(records),
+                max_bytes=max_bytes - total,
+                skip_through=after,
+                until=until,
+            )
+            self._count_damage(seg.path, offset, result.corrupt_regions, result.skipped)
+            records.extend(result.records)
+            total += sum(len(r.payload) for r in result.records)
+            if result.records:
+                expected = result.records[-1].index + 1
+            if result.consumed == 0 or (until is not None and expected > until):
+                offset += result.consumed
+                break
+            offset += result.consumed
+            if final:
+                break
+        if records:
+            self._cursor = _Cursor(seg.path, records[-1].index, offset)
+        return records
+
+    def mark_counted(self, path: str, size: int) -> None:
+        """Damage in ``path`` up to ``size`` was already counted (by the recovery scan)."""
+        self._counted[path] = size + 1
+
+    def _count_damage(self, path: str, offset: int, regions: int, skipped: int) -> None:
+        if (regions or skipped) and offset >= self._counted.get(path, 0):
+            self._counters.add("corrupt_regions", regions)
+            self._counters.drop("corrupt", skipped)
+            self._counted[path] = offset + 1

@@ -1,0 +1,169 @@
+"""Spool records: one checksummed frame per event, and the scanner that reads them back.
+
+A record is a 26-byte header and the payload (the event's msgpack map bytes,
+encoded once at intake so the shipper assembles batches by concatenation)::
+
+    0  2  magic a7 5c
+    2  4  payload length (u32 LE)
+    6  8  record index (u64 LE): global, gap-free when written
+    14 8  spool time, unix ns (u64 LE): when the sidecar took the event
+    22 4  CRC32C of bytes 2..22 and the payload (u32 LE)
+
+The index in every header lets a reader count exactly how many records a
+corrupt region held, and lets the high-water mark survive skipped records.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+import google_crc32c
+
+MAGIC: Final = b"\xa7\x5c"
+HEADER_SIZE: Final = 26
+_FIELDS: Final = struct.Struct("<IQQ")
+_CRC: Final = struct.Struct("<I")
+_HEADER: Final = struct.Struct("<2sIQQI")
+
+
+def encode_record(index: int, ts_ns: int, payload: bytes) -> bytes:
+    """Frame one payload as a spool record."""
+    fields = _FIELDS.pack(len(payload), index, ts_ns)
+    crc = google_crc32c.extend(google_crc32c.value(fields), payload)
+    return b"".join((MAGIC, fields, _CRC.pack(crc), payload))
+
+
+@dataclass(slots=True, frozen=True)
+class Record:
+    """One record read back from a segment."""
+
+    index: int
+    ts_ns: int
+    payload: bytes
+    end: int  # offset just after the record, relative to the scanned buffer
+
+
+@dataclass(slots=True)
+class ScanResult:
+    """What a scan found in a buffer.
+
+    ``valid_end`` is the offset after the last valid record (where a torn
+    tail is cut); ``consumed`` where the next scan should start when the
+    buffer was not final. ``corrupt_regions`` counts runs of bad bytes
+    between valid records; ``skipped`` the record indexes those runs held.
+    """
+
+    records: list[Record]
+    valid_end: int
+    consumed: int
+    corrupt_regions: int = 0
+    skipped: int = 0
+    trailing_garbage: int = 0
+
+
+def _parse_at(data: bytes, pos: int, max_payload: int) -> Record | int | None:
+    """A valid record at ``pos``; an int (bytes needed) if incomplete; None if invalid."""
+    if len(data) - pos < HEADER_SIZE:
+        return HEADER_SIZE
+    header: tuple[bytes, int, int, int, int] = _HEADER.unpack_from(data, pos)
+    magic, length, index, ts_ns, crc = header
+    if magic != MAGIC or length > max_payload:
+        return None
+    end = pos + HEADER_SIZE + length
+    if end > len(data):
+        return end - pos
+    expected: int = google_crc32c.extend(
+        google_crc32c.value(data[pos + 2 : pos + 22]), data[pos + HEADER_SIZE : end]
+    )
+    if expected != crc:
+        return None
+    return Record(index, ts_ns, data[pos + HEADER_SIZE : end], end)
+
+
+def scan(
+    data: bytes,
+    *,
+    expected_index: int | None,
+    max_payload: int,
+    final: bool,
+    max_records: int | None = None,
+    max_bytes: int | None = None,
+    skip_through: int = 0,
+    until: int | None = None,
+) -> ScanResult:
+    """Read records from ``data``, skipping corrupt regions.
+
+    Args:
+        data: bytes read from a segment, starting at a record boundary.
+        expected_index: index of the first record, if known; gaps count as skipped.
+        max_payload: the largest payload a valid record can have.
+        final: ``data`` reaches the end of what is readable; an incomplete or
+            invalid tail is then trailing garbage (a torn tail), not "more to read".
+        max_records: stop after this many records.
+        max_bytes: stop once the payloads reach this many bytes.
+        skip_through: pass over records with an index <= this (a seek); they
+            count toward nothing.
+        until: stop before the first record with an index above this.
+    """
+    result = ScanResult([], 0, 0)
+    pos, total = 0, 0
+    while pos < len(data):
+        if (max_records is not None and len(result.records) >= max_records) or (
+            max_bytes is not None and total >= max_bytes
+        ):
+            break
+        found = _parse_at(data, pos, max_payload)
+        if isinstance(found, Record):
+            if until is not None and found.index > until:
+                break
+            _count_gap(result, found, expected_index)
+            expected_index = found.index + 1
+            if found.index > skip_through:
+                result.records.append(found)
+                total += len(found.payload)
+            pos = result.valid_end = result.consumed = found.end
+            continue
+        nxt = _resync(data, pos + 1, max_payload)
+        if nxt is not None:
+            result.corrupt_regions += 1
+            pos = nxt
+            continue
+        result.consumed = _stop(
+            result, data, pos, invalid=found is None, final=final, limit=max_payload
+        )
+        break
+    return result
+
+
+def _stop(
+    result: ScanResult, data: bytes, pos: int, *, invalid: bool, final: bool, limit: int
+) -> int:
+    """Where to resume after the last valid record when nothing valid follows."""
+    if final:
+        result.trailing_garbage = len(data) - pos
+        return len(data)
+    # Any record starting before ``safe`` would lie whole in the buffer and
+    # have been found, so those bytes are garbage; the rest may be a record
+    # that the next, longer read completes.
+    safe = len(data) - (HEADER_SIZE + limit)
+    if invalid and safe > pos:
+        result.corrupt_regions += 1
+        return safe
+    return pos
+
+
+def _count_gap(result: ScanResult, record: Record, expected_index: int | None) -> None:
+    if expected_index is not None and record.index > expected_index:
+        result.skipped += record.index - expected_index
+
+
+def _resync(data: bytes, start: int, max_payload: int) -> int | None:
+    """Offset of the next complete valid record at or after ``start``."""
+    pos = data.find(MAGIC, start)
+    while pos != -1:
+        if isinstance(_parse_at(data, pos, max_payload), Record):
+            return pos
+        pos = data.find(MAGIC, pos + 1)
+    return None

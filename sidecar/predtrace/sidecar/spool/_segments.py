@@ -1,0 +1,171 @@
+"""Segment files on disk: naming, the in-memory table, and recovery by scanning.
+
+Recovery follows RELIABILITY's spool rules: a torn tail of the active segment
+is cut back to the last valid record (rule 3); damaged regions in the middle
+are skipped and counted (rule 4); an index that is missing, damaged or stale
+is rebuilt by scanning (rule 5); a segment that vanished after it was fully
+acknowledged is normal (rule 2).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import posixpath
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from predtrace.sidecar.spool._config import SpoolConfig, SpoolCounters
+from predtrace.sidecar.spool._files import FileLayer
+from predtrace.sidecar.spool._meta import SegmentMeta
+from predtrace.sidecar.spool._record import HEADER_SIZE, scan
+
+_log = logging.getLogger("predtrace.sidecar.spool")
+_NAME_RE: Final = re.compile(r"^seg-(\d{20})\.log$")
+_SCAN_CHUNK: Final = 8 * 1024 * 1024
+
+
+def segment_name(first: int) -> str:
+    """File name of the segment whose records start at index ``first``."""
+    return f"seg-{first:020d}.log"
+
+
+def list_segments(files: FileLayer, directory: str) -> list[int]:
+    """First indexes of the segment files present, ascending."""
+    firsts = []
+    for name in files.listdir(directory):
+        match = _NAME_RE.match(name)
+        if match:
+            firsts.append(int(match.group(1)))
+    return sorted(firsts)
+
+
+@dataclass(slots=True)
+class Segment:
+    """One segment file as the spool tracks it.
+
+    ``last`` is ``first - 1`` while empty. For the active segment ``size`` is
+    the end of the last written record and ``durable_size``/``durable_last``
+    what the last fsync covered; sealed segments are wholly durable.
+    """
+
+    first: int
+    path: str
+    last: int
+    count: int
+    size: int
+    first_ts: int
+    durable_size: int
+    durable_last: int
+    scanned: bool = False
+
+    @classmethod
+    def from_meta(cls, directory: str, meta: SegmentMeta) -> Segment:
+        """A sealed segment as the index described it."""
+        path = posixpath.join(directory, segment_name(meta.first))
+        return cls(
+            meta.first, path, meta.last, meta.count, meta.size, meta.first_ts, meta.size, meta.last
+        )
+
+    def meta(self) -> SegmentMeta:
+        """The index row of this segment."""
+        return SegmentMeta(self.first, self.last, self.count, self.size, self.first_ts)
+
+    def unacked(self, hwm: int) -> int:
+        """Records in this segment above the high-water mark."""
+        if self.last <= hwm:
+            return 0
+        return self.count - min(self.count, max(0, hwm - self.first + 1))
+
+
+def scan_segment(
+    files: FileLayer,
+    directory: str,
+    first: int,
+    config: SpoolConfig,
+    counters: SpoolCounters,
+) -> tuple[Segment, int]:
+    """Scan a whole segment; return it and the length of its invalid tail.
+
+    Damaged regions in the middle are counted here; the caller decides what
+    an invalid tail means (torn for the active segment, damage otherwise).
+    """
+    path = posixpath.join(directory, segment_name(first))
+    total = files.size(path)
+    seg = Segment(first, path, first - 1, 0, 0, 0, 0, first - 1)
+    offset, expected = 0, first
+    limit = config.max_record_bytes
+    chunk = max(_SCAN_CHUNK, 2 * (HEADER_SIZE + limit))
+    while offset < total:
+        data = files.read(path, offset, chunk)
+        final = offset + len(data) >= total
+        result = scan(data, expected_index=expected, max_payload=limit, final=final)
+        counters.add("corrupt_regions", result.corrupt_regions)
+        counters.drop("corrupt", result.skipped)
+        if result.records:
+            if seg.count == 0:
+                seg.first_ts = result.records[0].ts_ns
+            seg.count += len(result.records)
+            seg.last = expected = result.records[-1].index
+            expected += 1
+            seg.size = offset + result.valid_end
+        if final:
+            return _sealed(seg), total - seg.size
+        if result.consumed == 0:
+            break  # cannot progress: treat the rest as an invalid tail
+        offset += result.consumed
+    return _sealed(seg), total - seg.size
+
+
+def _sealed(seg: Segment) -> Segment:
+    seg.scanned = True
+    seg.durable_size = seg.size
+    seg.durable_last = seg.last
+    return seg
+
+
+def load_segments(
+    files: FileLayer,
+    directory: str,
+    config: SpoolConfig,
+    counters: SpoolCounters,
+    index: dict[int, SegmentMeta] | None,
+) -> tuple[list[Segment], int]:
+    """Every segment, the sealed ones from the index when it matches the file.
+
+    Returns the segments and the invalid tail length of the last one (the
+    caller truncates it: that segment becomes the active one again).
+    """
+    firsts = list_segments(files, directory)
+    segments: list[Segment] = []
+    damaged: set[int] = set()
+    tail = 0
+    if index is None and firsts:
+        counters.add("index_rebuilds")
+    for position, first in enumerate(firsts):
+        is_last = position == len(firsts) - 1
+        meta = (index or {}).get(first)
+        path = posixpath.join(directory, segment_name(first))
+        if not is_last and meta is not None and meta.size == files.size(path):
+            segments.append(Segment.from_meta(directory, meta))
+            continue
+        if index is not None and not is_last:
+            counters.add("index_rebuilds")
+        seg, tail = scan_segment(files, directory, first, config, counters)
+        if not is_last and tail:
+            counters.add("corrupt_regions")
+            damaged.add(first)
+            _log.warning("spool segment %s has %d damaged trailing bytes", seg.path, tail)
+        segments.append(seg)
+    _count_damaged_tails(segments, damaged, counters)
+    return segments, tail
+
+
+def _count_damaged_tails(
+    segments: list[Segment], damaged: set[int], counters: SpoolCounters
+) -> None:
+    """Records lost at the damaged end of a sealed segment: the gap before the next one."""
+    for before, after in itertools.pairwise(segments):
+        if before.first in damaged and before.last + 1 < after.first:
+            counters.drop("corrupt", after.first - before.last - 1)

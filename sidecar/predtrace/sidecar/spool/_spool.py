@@ -1,0 +1,333 @@
+"""The durable spool: where the sidecar keeps every event it acknowledged until delivered.
+
+Intake -> **spool** -> shipper. Appends go to one writer thread that writes
+each group of appends, fsyncs once (group commit) and only then completes
+them, so an acknowledgement always follows the fsync (RELIABILITY rule 1).
+The shipper reads records in order (never past the last fsync) and, once the
+collector has them, commits a new high-water mark: the mark is made durable
+first and only then are fully delivered segments unlinked (rule 2). At the
+byte cap the oldest segments are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import posixpath
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from predtrace.sidecar._errors import SpoolUnusableError
+from predtrace.sidecar.pipeline import Clock, SystemClock
+from predtrace.sidecar.spool._config import SpoolConfig, SpoolCounters
+from predtrace.sidecar.spool._files import NO_FAULTS, FaultPoints, FileLayer, OsFileLayer
+from predtrace.sidecar.spool._meta import (
+    SegmentMeta,
+    SpoolState,
+    read_index,
+    read_state,
+    write_index,
+    write_state,
+)
+from predtrace.sidecar.spool._reader import SegmentReader
+from predtrace.sidecar.spool._record import Record
+from predtrace.sidecar.spool._segments import Segment, load_segments, segment_name
+from predtrace.sidecar.spool._writer import SpoolWriter, _Request
+
+_log = logging.getLogger("predtrace.sidecar.spool")
+_LOCK_NAME: Final = "lock"
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolStats:
+    """A consistent view of the spool for status and metrics."""
+
+    records: int
+    bytes: int
+    segments: int
+    hwm: int
+    next_index: int
+    byte_cap: int
+    pending_bytes: int
+
+
+class Spool(SpoolWriter):
+    """Segment files of checksummed records, a durable high-water mark, a byte cap.
+
+    Example:
+        >>> spool = Spool.open(SpoolConfig(directory="/var/lib/predtrace/spool"))
+        >>> indexes = await spool.append([event_bytes])   # durable when it returns
+        >>> records = spool.read(spool.hwm, max_records=1000, max_bytes=1 << 20)
+        >>> spool.commit(records[-1].index, b"")          # delivered up to there
+    """
+
+    def __init__(
+        self,
+        config: SpoolConfig,
+        files: FileLayer,
+        faults: FaultPoints,
+        clock: Clock,
+    ) -> None:
+        self.config = config
+        self.counters = SpoolCounters()
+        self.state_lost = False
+        self._files = files
+        self._faults = faults
+        self._clock = clock
+        self._dir = config.directory
+        self._lock = threading.RLock()
+        self._index_lock = threading.Lock()
+        self._commit_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._pending: list[_Request] = []
+        self._pending_bytes = 0
+        self._closing = False
+        self._crashed = False
+        self._listeners: list[Callable[[], None]] = []
+        self._segments: list[Segment] = []
+        self._state = SpoolState()
+        self._pin: tuple[int, int] | None = None
+        self._handle = -1
+        self._next_index = 1
+        self._lock_fd: int | None = None
+        self._reader = SegmentReader(files, config, self.counters)
+        self._thread = threading.Thread(target=self._run, name="predtrace-spool", daemon=True)
+
+    # -- opening and recovery ---------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        config: SpoolConfig,
+        *,
+        files: FileLayer | None = None,
+        faults: FaultPoints | None = None,
+        clock: Clock | None = None,
+    ) -> Spool:
+        """Open (creating or recovering) the spool and start its writer.
+
+        Raises:
+            SpoolUnusableError: the directory cannot be used; the message names
+                the path and the reason.
+        """
+        spool = cls(config, files or OsFileLayer(), faults or NO_FAULTS, clock or SystemClock())
+        try:
+            spool._recover()
+        except OSError as exc:
+            spool._unlock()
+            reason = exc.strerror or type(exc).__name__
+            where = exc.filename or config.directory
+            raise SpoolUnusableError(
+                f"spool directory {config.directory} is unusable: {where}: {reason}"
+            ) from None
+        spool._thread.start()
+        return spool
+
+    def _recover(self) -> None:
+        files, directory = self._files, self._dir
+        files.makedirs(directory)
+        self._lock_directory()
+        state, bad = read_state(files, directory)
+        self.counters.add("state_slots_bad", bad)
+        index = read_index(files, directory)
+        segments, tail = load_segments(files, directory, self.config, self.counters, index)
+        if state is None and bad:
+            # Both state slots unreadable: the mark and the shipper's numbering
+            # are unknown. Replay everything still on disk (duplicates, never
+            # loss) and let the shipper start a fresh numbering.
+            self.state_lost = True
+            _log.error("spool state in %s is unreadable; replaying every segment", directory)
+        self._state = state or SpoolState()
+        self._count_missing(index, segments)
+        for seg in segments:
+            if seg.scanned:
+                self._reader.mark_counted(seg.path, seg.size)
+        self._segments = segments
+        self._open_active(tail)
+        self._release()
+        self._write_index()
+
+    def _lock_directory(self) -> None:
+        if not isinstance(self._files, OsFileLayer):
+            return
+        fd = os.open(posixpath.join(self._dir, _LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OSError(errno.EBUSY, "in use by another sidecar process", self._dir) from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _count_missing(self, index: dict[int, SegmentMeta] | None, present: list[Segment]) -> None:
+        firsts = {s.first for s in present}
+        for meta in (index or {}).values():
+            if meta.first not in firsts and meta.last > self._state.hwm:
+                lost = Segment.from_meta(self._dir, meta).unacked(self._state.hwm)
+                self.counters.drop("missing_segment", lost)
+                _log.error(
+                    "spool segment %s is missing with %d undelivered records",
+                    segment_name(meta.first),
+                    lost,
+                )
+
+    def _open_active(self, tail: int) -> None:
+        hwm = self._state.hwm
+        if not self._segments:
+            first = hwm + 1
+            path = posixpath.join(self._dir, segment_name(first))
+            self._segments.append(Segment(first, path, first - 1, 0, 0, 0, 0, first - 1))
+        active = self._segments[-1]
+        self._handle = self._files.open(active.path, create=True)
+        if tail:
+            # A torn tail (rule 3): cut back to the last valid record. Those
+            # records were never fsynced, so never acknowledged.
+            self._files.truncate(self._handle, active.size)
+            self._files.fsync(self._handle)
+            self.counters.drop("torn", 1)
+            _log.warning("spool: cut a torn tail of %d bytes from %s", tail, active.path)
+        self._files.fsync_dir(self._dir)
+        self._next_index = max(active.last + 1, hwm + 1, active.first)
+
+    # -- reading and acknowledging ------------------------------------------------
+
+    def read(
+        self, after: int, *, max_records: int, max_bytes: int, until: int | None = None
+    ) -> list[Record]:
+        """Durable records with index > ``after`` in order (blocking: call from a thread).
+
+        Damaged records are skipped (and counted); records dropped at the cap
+        are simply absent. Stops at ``max_records``, ``max_bytes`` of payload
+        or after index ``until``.
+        """
+        out: list[Record] = []
+        total = 0
+        while len(out) < max_records and total < max_bytes:
+            if until is not None and after >= until:
+                break
+            seg = self._segment_after(after)
+            if seg is None:
+                break
+            records = self._reader.read(
+                seg,
+                after,
+                max_records=max_records - len(out),
+                max_bytes=max_bytes - total,
+                until=until,
+            )
+            if not records:
+                after = max(after, seg.durable_last)
+                continue
+            out.extend(records)
+            total += sum(len(r.payload) for r in records)
+            after = records[-1].index
+        return out
+
+    def _segment_after(self, after: int) -> Segment | None:
+        with self._lock:
+            for seg in self._segments:
+                if seg.durable_last > after:
+                    return Segment(
+                        seg.first,
+                        seg.path,
+                        seg.last,
+                        seg.count,
+                        seg.size,
+                        seg.first_ts,
+                        seg.durable_size,
+                        seg.durable_last,
+                    )
+        return None
+
+    def pin(self, span: tuple[int, int] | None) -> None:
+        """Protect the segments holding indexes ``span`` (the batch in flight) from the cap."""
+        with self._lock:
+            self._pin = span
+
+    @property
+    def hwm(self) -> int:
+        """Every record index <= hwm is delivered."""
+        return self._state.hwm
+
+    @property
+    def meta(self) -> bytes:
+        """The shipper's bytes saved with the last commit."""
+        return self._state.meta
+
+    def commit(self, hwm: int, meta: bytes) -> None:
+        """Durably record a new high-water mark (with the shipper's bytes), then release.
+
+        Blocking: call from a thread. Segments wholly at or below the mark are
+        unlinked only after the mark is durable.
+        """
+        with self._commit_lock:
+            state = SpoolState(self._state.generation + 1, hwm, meta)
+            write_state(self._files, self._dir, state)
+            self._state = state
+            self._faults.hit("state.after_write")
+            self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            victims = [s for s in self._segments[:-1] if s.last <= self._state.hwm]
+            for seg in victims:
+                self._segments.remove(seg)
+        self._unlink(victims)
+
+    def _unlink(self, victims: list[Segment]) -> None:
+        for seg in victims:
+            # Already gone is normal (rule 2): a delivered segment may vanish first.
+            with contextlib.suppress(FileNotFoundError):
+                self._files.unlink(seg.path)
+            self._faults.hit("release.after_unlink")
+        if victims:
+            self._files.fsync_dir(self._dir)
+            self._write_index()
+
+    def _write_index(self) -> None:
+        with self._index_lock:
+            with self._lock:
+                metas = [s.meta() for s in self._segments[:-1]]
+            write_index(self._files, self._dir, metas, self._faults)
+
+    # -- status and shutdown ------------------------------------------------------
+
+    def stats(self) -> SpoolStats:
+        """Records waiting, bytes on disk and the marks."""
+        with self._lock:
+            hwm = self._state.hwm
+            return SpoolStats(
+                records=sum(s.unacked(hwm) for s in self._segments),
+                bytes=sum(s.size for s in self._segments),
+                segments=len(self._segments),
+                hwm=hwm,
+                next_index=self._next_index,
+                byte_cap=self.config.max_bytes,
+                pending_bytes=self._pending_bytes,
+            )
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish queued writes, write the index, release the directory. Safe twice."""
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        try:
+            if not self._crashed:
+                self._write_index()
+            self._files.close(self._handle)
+        except (OSError, KeyError):
+            pass  # the index is a cache; recovery rebuilds it
+        self._unlock()

@@ -1,0 +1,283 @@
+"""The spool's writer: one thread, group commit, rotation and the byte cap.
+
+Intake -> **writer** -> segment files. Appends queue here (bounded by bytes);
+the thread writes each group with one ``pwrite`` per segment, fsyncs once and
+only then completes the appends, so an acknowledgement always follows the
+fsync (RELIABILITY rule 1). A failed write (disk full) is rolled back to the
+last fsync and reported to every append of the group that was not durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import posixpath
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from predtrace.sidecar._errors import (
+    EventTooLargeError,
+    SpoolBusyError,
+    SpoolClosedError,
+    SpoolError,
+    SpoolFullError,
+)
+from predtrace.sidecar.pipeline import Clock
+from predtrace.sidecar.spool._config import SpoolConfig, SpoolCounters
+from predtrace.sidecar.spool._files import FaultPoints, FileLayer, SimulatedCrash
+from predtrace.sidecar.spool._meta import SpoolState
+from predtrace.sidecar.spool._record import HEADER_SIZE, encode_record
+from predtrace.sidecar.spool._segments import Segment, segment_name
+
+_log = logging.getLogger("predtrace.sidecar.spool")
+Callback = Callable[[range | BaseException], None]
+
+
+@dataclass(slots=True)
+class _Request:
+    payloads: Sequence[bytes]
+    callback: Callback
+    nbytes: int
+    settled: bool = False
+
+    def settle(self, result: range | BaseException) -> None:
+        self.settled = True
+        self.callback(result)
+
+
+class SpoolWriter:
+    """The writing half of ``Spool`` (a base class: the state lives on the spool)."""
+
+    config: SpoolConfig
+    counters: SpoolCounters
+    _files: FileLayer
+    _faults: FaultPoints
+    _clock: Clock
+    _dir: str
+    _lock: threading.RLock
+    _cond: threading.Condition
+    _pending: list[_Request]
+    _pending_bytes: int
+    _closing: bool
+    _crashed: bool
+    _listeners: list[Callable[[], None]]
+    _segments: list[Segment]
+    _state: SpoolState
+    _pin: tuple[int, int] | None
+    _handle: int
+    _next_index: int
+
+    def _write_index(self) -> None:
+        raise NotImplementedError
+
+    def _unlink(self, victims: list[Segment]) -> None:
+        raise NotImplementedError
+
+    # -- appending ----------------------------------------------------------------
+
+    def submit(self, payloads: Sequence[bytes], callback: Callback) -> None:
+        """Queue records for the writer; ``callback`` gets their index range once durable.
+
+        The callback runs in the writer thread with a ``range`` or an error
+        (SpoolFullError when the disk is full, SpoolError otherwise).
+
+        Raises:
+            EventTooLargeError: a payload is over ``max_record_bytes``.
+            SpoolBusyError: too many bytes are already waiting for the writer.
+            SpoolClosedError: the spool is closing.
+        """
+        limit = self.config.max_record_bytes
+        if any(len(p) > limit for p in payloads):
+            raise EventTooLargeError(f"event larger than {limit} bytes")
+        nbytes = sum(len(p) for p in payloads) + HEADER_SIZE * len(payloads)
+        with self._cond:
+            if self._closing or self._crashed:
+                raise SpoolClosedError("the spool is closed")
+            if self._pending and self._pending_bytes + nbytes > self.config.max_pending_bytes:
+                self.counters.add("busy")
+                raise SpoolBusyError("the spool writer is behind; retry shortly")
+            self._pending.append(_Request(payloads, callback, nbytes))
+            self._pending_bytes += nbytes
+            self._cond.notify()
+
+    async def append(self, payloads: Sequence[bytes]) -> range:
+        """Append records and wait until they are durable; return their indexes.
+
+        Raises:
+            SpoolError: see ``submit``; also SpoolFullError when the disk is full.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[range] = loop.create_future()
+
+        def done(result: range | BaseException) -> None:
+            # A closed loop raises: nobody waits for the answer any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle, future, result)
+
+        self.submit(payloads, done)
+        return await future
+
+    def append_sync(self, payloads: Sequence[bytes], timeout: float = 30.0) -> range:
+        """Blocking ``append`` for threads and tests."""
+        box: list[range | BaseException] = []
+        ready = threading.Event()
+
+        def done(result: range | BaseException) -> None:
+            box.append(result)
+            ready.set()
+
+        self.submit(payloads, done)
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.02):
+            if self._crashed:
+                raise SpoolClosedError("the spool writer stopped")
+            if time.monotonic() > deadline:
+                raise SpoolError("the spool write did not finish in time")
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` (from the writer thread) after each durable commit."""
+        self._listeners.append(listener)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes waiting for the writer."""
+        return self._pending_bytes
+
+    # -- the writer thread --------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                if self.config.commit_delay and not self._closing:
+                    self._cond.wait(self.config.commit_delay)
+                group, self._pending, self._pending_bytes = self._pending, [], 0
+            try:
+                self._commit_group(group)
+            except SimulatedCrash:
+                with self._cond:
+                    self._crashed = True
+                return
+
+    def _commit_group(self, group: list[_Request]) -> None:
+        self._enforce_cap(sum(r.nbytes for r in group))
+        done: list[tuple[_Request, range]] = []
+        chunk: list[bytes] = []
+        chunk_bytes = 0
+        try:
+            for request in group:
+                active = self._segments[-1]
+                if active.size + chunk_bytes + request.nbytes > self.config.segment_bytes and (
+                    active.size + chunk_bytes
+                ):
+                    self._flush(chunk, done)
+                    chunk, chunk_bytes, done = [], 0, []
+                    self._rotate()
+                first = self._next_index
+                ts_ns = self._clock.time_ns()
+                for payload in request.payloads:
+                    chunk.append(encode_record(self._next_index, ts_ns, payload))
+                    self._next_index += 1
+                chunk_bytes += request.nbytes
+                done.append((request, range(first, self._next_index)))
+            self._flush(chunk, done)
+        except OSError as exc:
+            self._fail(group, exc)
+
+    def _flush(self, chunk: list[bytes], done: list[tuple[_Request, range]]) -> None:
+        """Write, fsync, then complete: the acknowledgement follows the fsync."""
+        if not chunk:
+            return
+        active = self._segments[-1]
+        data = b"".join(chunk)
+        self._files.pwrite(self._handle, data, active.size)
+        self._faults.hit("append.after_write")
+        self._files.fsync(self._handle)
+        self._faults.hit("append.after_fsync")
+        with self._lock:
+            if active.count == 0:
+                active.first_ts = self._clock.time_ns()
+            active.count += len(chunk)
+            active.size = active.durable_size = active.size + len(data)
+            active.last = active.durable_last = self._next_index - 1
+        self.counters.add("appended", len(chunk))
+        self.counters.add("commits")
+        for request, indexes in done:
+            request.settle(indexes)
+        done.clear()
+        for listener in self._listeners:
+            listener()
+
+    def _fail(self, group: list[_Request], exc: OSError) -> None:
+        """Roll back to the last fsync and fail every request not yet durable."""
+        active = self._segments[-1]
+        # If even the truncate fails, CRCs and the torn-tail scan still keep a
+        # half record from ever being read.
+        with contextlib.suppress(OSError):
+            self._files.truncate(self._handle, active.durable_size)
+        active.size = active.durable_size
+        self._next_index = max(active.durable_last + 1, self._state.hwm + 1)
+        if exc.errno == errno.ENOSPC:
+            self.counters.add("disk_full")
+            error: SpoolError = SpoolFullError("the disk under the spool is full; retry later")
+        else:
+            error = SpoolError(f"spool write failed: {exc.strerror or type(exc).__name__}")
+        _log.error("spool write failed: %s", error)
+        for request in group:
+            if not request.settled:
+                request.settle(error)
+
+    def _rotate(self) -> None:
+        first = self._next_index
+        path = posixpath.join(self._dir, segment_name(first))
+        handle = self._files.open(path, create=True)
+        # The new entry must be durable before any record in it is acknowledged.
+        self._files.fsync_dir(self._dir)
+        self._faults.hit("rotate.after_create")
+        with self._lock:
+            old, self._handle = self._handle, handle
+            self._segments.append(Segment(first, path, first - 1, 0, 0, 0, 0, first - 1))
+        self._files.close(old)
+        self._write_index()
+
+    def _enforce_cap(self, incoming: int) -> None:
+        """Drop the oldest segments (never the active or pinned one) to stay under the cap."""
+        with self._lock:
+            excess = sum(s.size for s in self._segments) + incoming - self.config.max_bytes
+            victims = []
+            for seg in self._segments[:-1]:
+                if excess <= 0:
+                    break
+                if self._pinned(seg):
+                    continue
+                victims.append(seg)
+                excess -= seg.size
+            for seg in victims:
+                self._segments.remove(seg)
+                self.counters.drop("byte_cap", seg.unacked(self._state.hwm))
+        if victims:
+            _log.warning("spool at its byte cap: dropped %d oldest segments", len(victims))
+            self._unlink(victims)
+
+    def _pinned(self, seg: Segment) -> bool:
+        pin = self._pin
+        return pin is not None and seg.first <= pin[1] and seg.last >= pin[0]
+
+
+def _settle(future: asyncio.Future[range], result: range | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)

@@ -1,0 +1,82 @@
+"""Fuzzing the sidecar's decoders (RELIABILITY row 34, short tier).
+
+The OIP proxy's protobuf field reader, the spool's record scanner and the
+shipper-state decoder see random and mutated bytes: they raise nothing but
+their own errors, return promptly, and never return a record whose checksum
+does not hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import msgpack
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from predtrace.oip.v2 import grpc_predict_v2_pb2 as pb
+from predtrace.sidecar._protowire import ProtoWireError, append_string_field, top_level_strings
+from predtrace.sidecar._shipstate import ShipState
+from predtrace.sidecar.spool import encode_record, scan
+
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+names = st.text(max_size=40)
+
+
+@FAST
+@given(st.binary(max_size=2048))
+def test_the_field_reader_raises_only_its_own_error_on_random_bytes(data: bytes) -> None:
+    try:
+        found = top_level_strings(data, (1, 2, 3))
+    except ProtoWireError:
+        return
+    assert set(found) <= {1, 2, 3}
+
+
+@FAST
+@given(names, names, names, st.binary(max_size=512), st.integers(0, 64))
+def test_the_field_reader_agrees_with_protobuf_on_real_messages(
+    model: str, version: str, request_id: str, raw: bytes, cut: int
+) -> None:
+    message = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+    message.raw_input_contents.append(raw)
+    message.inputs.add(name="x", datatype="FP32", shape=[1, 3]).contents.fp32_contents.extend(
+        [1.0, 2.0, 3.0]
+    )
+    data = message.SerializeToString()
+    got = top_level_strings(data, (1, 2, 3))
+    assert (got.get(1, ""), got.get(2, ""), got.get(3, "")) == (model, version, request_id)
+    rewritten = append_string_field(data, 3, "assigned")
+    assert pb.ModelInferRequest.FromString(rewritten).id == "assigned"
+    with contextlib.suppress(ProtoWireError):  # a cut message may be malformed
+        top_level_strings(data[: max(0, len(data) - cut)], (1, 2, 3))
+
+
+@FAST
+@given(st.lists(st.binary(max_size=200), max_size=20), st.binary(max_size=64), st.data())
+def test_the_record_scanner_never_returns_a_damaged_record(
+    payloads: list[bytes], noise: bytes, data: st.DataObject
+) -> None:
+    frames = bytearray(b"".join(encode_record(i + 1, i, p) for i, p in enumerate(payloads)))
+    for _ in range(data.draw(st.integers(0, 5))):
+        if frames:
+            position = data.draw(st.integers(0, len(frames) - 1))
+            frames[position] ^= data.draw(st.integers(1, 255))
+    blob = bytes(frames) + noise
+    result = scan(blob, expected_index=1, max_payload=256, final=True)
+    originals = {i + 1: p for i, p in enumerate(payloads)}
+    for record in result.records:
+        assert originals.get(record.index) == record.payload
+    assert result.valid_end <= len(blob)
+
+
+@FAST
+@given(st.binary(max_size=256))
+def test_the_shipper_state_decoder_raises_only_value_error(data: bytes) -> None:
+    with contextlib.suppress(ValueError):
+        ShipState.decode(data)
+
+
+def test_the_shipper_state_decoder_never_allocates_from_a_declared_size() -> None:
+    with contextlib.suppress(ValueError):
+        ShipState.decode(msgpack.packb([1, 1, 2**40, None]))

@@ -1,0 +1,340 @@
+"""Spool faults, in process (T1): RELIABILITY rows 9, 10, 11, 12, 13 (spool points), 14, 15.
+
+Every test works on ``MemoryFileLayer``, which keeps fsynced bytes apart from
+written ones, so power loss, torn tails, bit flips, a full disk and crashes at
+named points are exact and fast. Seeded tests print their seed.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+
+from predtrace.sidecar._errors import SpoolError, SpoolFullError
+from predtrace.sidecar.spool import (
+    FAULT_POINTS,
+    HEADER_SIZE,
+    FaultPoints,
+    MemoryFileLayer,
+    SimulatedCrash,
+    Spool,
+    SpoolConfig,
+    segment_name,
+)
+
+DIR = "/spool"
+SEEDS = [11, 23, 37, 41, 53]
+
+
+def config(**kw: object) -> SpoolConfig:
+    values: dict[str, object] = {
+        "directory": DIR,
+        "segment_bytes": 4096,
+        "max_bytes": 1 << 22,
+        "max_record_bytes": 1024,
+    }
+    values.update(kw)
+    return SpoolConfig(**values)  # type: ignore[arg-type]
+
+
+def payload(i: int) -> bytes:
+    return f"event-{i:06d}".encode() * 3
+
+
+def read_all(spool: Spool, after: int = 0) -> dict[int, bytes]:
+    return {r.index: r.payload for r in spool.read(after, max_records=1 << 30, max_bytes=1 << 40)}
+
+
+def fill(spool: Spool, n: int, per_append: int = 5) -> dict[int, bytes]:
+    acked: dict[int, bytes] = {}
+    for start in range(0, n, per_append):
+        batch = [payload(i) for i in range(start, min(n, start + per_append))]
+        indexes = spool.append_sync(batch)
+        acked.update(zip(indexes, batch, strict=True))
+    return acked
+
+
+# -- row 9: power loss ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_power_loss_keeps_every_acknowledged_record_and_invents_none(seed: int) -> None:
+    print(f"seed={seed}")
+    rng = random.Random(seed)
+    disk = MemoryFileLayer()
+    faults = FaultPoints()
+    faults.arm("append.after_write", rng.randint(5, 40))
+    spool = Spool.open(config(), files=disk, faults=faults)
+    acked: dict[int, bytes] = {}
+    submitted: set[bytes] = set()
+    lock = threading.Lock()
+
+    def on_done(batch: list[bytes]) -> object:
+        def done(result: range | BaseException) -> None:
+            if isinstance(result, range):
+                with lock:
+                    acked.update(zip(result, batch, strict=True))
+
+        return done
+
+    for i in range(100_000):
+        if spool._crashed:
+            break
+        batch = [payload(i * 3 + k) for k in range(rng.randint(1, 3))]
+        try:
+            spool.submit(batch, on_done(batch))  # type: ignore[arg-type]
+        except SpoolError:
+            time.sleep(0.001)  # busy, or the writer just died
+            continue
+        submitted.update(batch)
+        if rng.random() < 0.2:
+            time.sleep(0.0005)  # let the writer commit some groups
+    spool._thread.join(5)
+    assert spool._crashed, "the fault point was never reached"
+    disk.power_loss(rng)
+    again = Spool.open(config(), files=disk)
+    survived = read_all(again)
+    for index, data in acked.items():
+        assert survived.get(index) == data, f"acknowledged record {index} lost"
+    assert set(survived.values()) <= submitted
+    fresh = again.append_sync([b"after-the-outage"])
+    assert read_all(again, fresh.start - 1) == {fresh.start: b"after-the-outage"}
+    again.close()
+
+
+def test_power_loss_after_a_commit_never_resurrects_the_old_mark() -> None:
+    disk = MemoryFileLayer()
+    spool = Spool.open(config(), files=disk)
+    fill(spool, 100)
+    spool.commit(60, b"s")
+    disk.power_loss()
+    again = Spool.open(config(), files=disk)
+    assert again.hwm == 60
+    assert sorted(read_all(again, again.hwm)) == list(range(61, 101))
+    again.close()
+
+
+# -- row 10: torn tail at any byte offset ------------------------------------------------
+
+
+def test_a_torn_tail_at_every_byte_offset_keeps_each_complete_record() -> None:
+    disk = MemoryFileLayer()
+    spool = Spool.open(config(), files=disk)
+    acked = fill(spool, 6, per_append=1)
+    spool.close()
+    path = f"{DIR}/{segment_name(1)}"
+    whole = disk.read(path, 0, disk.size(path))
+    ends = []
+    offset = 0
+    for i in sorted(acked):
+        offset += HEADER_SIZE + len(acked[i])
+        ends.append(offset)
+    for cut in range(len(whole) + 1):
+        copy = MemoryFileLayer()
+        copy.makedirs(DIR)
+        copy.write_file(path, whole[:cut])
+        again = Spool.open(config(), files=copy)
+        complete = sum(1 for end in ends if end <= cut)
+        assert sorted(read_all(again)) == list(range(1, complete + 1)), f"cut at {cut}"
+        torn = 0 if cut in (0, *ends) else 1
+        assert again.counters.dropped["torn"] == torn, f"cut at {cut}"
+        assert again.append_sync([b"next"]) == range(complete + 1, complete + 2)
+        again.close()
+
+
+# -- row 11: bit flip in a middle record --------------------------------------------------
+
+
+@pytest.mark.parametrize("sealed", [False, True], ids=["active-segment", "sealed-segment"])
+def test_a_bit_flip_in_a_middle_record_skips_only_that_record_and_counts_it(sealed: bool) -> None:
+    disk = MemoryFileLayer()
+    spool = Spool.open(config(), files=disk)
+    acked = fill(spool, 9, per_append=1)
+    if sealed:
+        spool._rotate()  # seal the segment holding the records
+    spool.close()
+    path = f"{DIR}/{segment_name(1)}"
+    start = sum(HEADER_SIZE + len(acked[i]) for i in range(1, 5))
+    length = HEADER_SIZE + len(acked[5])
+    for offset in range(start, start + length):
+        copy = MemoryFileLayer()
+        copy.makedirs(DIR)
+        for name in disk.listdir(DIR):
+            copy.write_file(f"{DIR}/{name}", disk.read(f"{DIR}/{name}", 0, 1 << 20))
+        copy.corrupt(path, offset)
+        again = Spool.open(config(), files=copy)
+        got = read_all(again)
+        assert sorted(got) == [1, 2, 3, 4, 6, 7, 8, 9], f"flip at {offset}"
+        assert all(got[i] == acked[i] for i in got)
+        assert again.counters.dropped["corrupt"] == 1, f"flip at {offset}"
+        again.close()
+
+
+# -- row 12: index garbage ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"", b"\x00" * 64, b"PTIX1garbage-with-the-right-magic", None],
+    ids=["empty", "zeros", "bad-checksum", "missing"],
+)
+def test_a_garbage_index_is_rebuilt_from_the_segments_without_loss(garbage: bytes | None) -> None:
+    disk = MemoryFileLayer()
+    spool = Spool.open(config(), files=disk)
+    acked = fill(spool, 300)
+    spool.close()
+    if garbage is None:
+        disk.unlink(f"{DIR}/index")
+    else:
+        disk.write_file(f"{DIR}/index", garbage)
+    again = Spool.open(config(), files=disk)
+    assert read_all(again) == acked
+    assert again.counters.index_rebuilds >= 1
+    again.close()
+
+
+def test_an_index_that_disagrees_with_the_files_is_not_trusted() -> None:
+    disk = MemoryFileLayer()
+    spool = Spool.open(config(), files=disk)
+    fill(spool, 200)
+    spool.close()
+    stale = disk.read(f"{DIR}/index", 0, 1 << 20)
+    spool = Spool.open(config(), files=disk)
+    acked = fill(spool, 100)
+    spool.close()
+    disk.write_file(f"{DIR}/index", stale)
+    again = Spool.open(config(), files=disk)
+    assert set(acked.items()) <= set(read_all(again).items())
+    again.close()
+
+
+def test_corrupt_newest_state_slot_falls_back_to_the_older_one() -> None:
+    disk = MemoryFileLayer()
+    spool = Spool.open(config(), files=disk)
+    fill(spool, 50)
+    spool.commit(10, b"older")
+    spool.commit(20, b"newer")
+    spool.close()
+    disk.corrupt(f"{DIR}/state.0", 12)
+    again = Spool.open(config(), files=disk)
+    assert (again.hwm, again.meta, again.state_lost) == (10, b"older", False)
+    again.close()
+
+
+def test_when_both_state_slots_are_unreadable_everything_on_disk_is_replayed() -> None:
+    disk = MemoryFileLayer()
+    spool = Spool.open(config(), files=disk)
+    acked = fill(spool, 50)
+    spool.commit(5, b"a")
+    spool.commit(10, b"b")
+    spool.close()
+    disk.corrupt(f"{DIR}/state.0", 12)
+    disk.corrupt(f"{DIR}/state.1", 12)
+    again = Spool.open(config(), files=disk)
+    assert again.state_lost
+    assert again.hwm == 0
+    assert read_all(again) == acked
+    again.close()
+
+
+# -- row 13 (spool points, in process) ---------------------------------------------------
+
+SPOOL_POINTS = [p for p in FAULT_POINTS if not p.startswith("shipper.")]
+
+
+@pytest.mark.parametrize("power_loss", [False, True], ids=["crash", "power-loss"])
+@pytest.mark.parametrize("point", SPOOL_POINTS)
+def test_a_crash_at_each_named_point_restarts_cleanly_without_losing_acknowledged_records(
+    point: str, power_loss: bool
+) -> None:
+    disk = MemoryFileLayer()
+    faults = FaultPoints()
+    faults.arm(point, 2)
+    spool = Spool.open(config(), files=disk, faults=faults)
+    acked: dict[int, bytes] = {}
+    hwm = 0
+    try:
+        for round_ in range(40):
+            acked.update(fill(spool, 10))
+            hwm = min(acked) + round_ * 5
+            spool.commit(hwm, b"m")
+    except (SimulatedCrash, Exception):  # noqa: BLE001, S110 - the crash, or the dead writer's refusal
+        pass
+    assert faults.hits.get(point, 0) >= 2, f"{point} was never reached"
+    disk.power_loss() if power_loss else disk.crash()
+    again = Spool.open(config(), files=disk)
+    survived = read_all(again, again.hwm)
+    assert again.hwm <= max(hwm, again.hwm)
+    for index, data in acked.items():
+        if index > again.hwm:
+            assert survived.get(index) == data, f"acknowledged record {index} lost"
+    again.append_sync([b"after"])
+    again.close()
+
+
+# -- row 14: disk full -------------------------------------------------------------------
+
+
+def test_a_full_disk_refuses_the_write_whole_and_resumes_when_space_returns() -> None:
+    disk = MemoryFileLayer()
+    spool = Spool.open(config(), files=disk)
+    acked = fill(spool, 20)
+    disk.capacity = disk.used_bytes() + 100  # room for part of one more record
+    with pytest.raises(SpoolFullError):
+        spool.append_sync([payload(i) for i in range(100, 110)])
+    assert spool.counters.disk_full == 1
+    assert read_all(spool) == acked, "a half-written record was readable"
+    disk.capacity = None
+    more = spool.append_sync([b"after-space-returned"])
+    assert read_all(spool, more.start - 1) == {more.start: b"after-space-returned"}
+    spool.close()
+    again = Spool.open(config(), files=disk)
+    assert read_all(again) == {**acked, more.start: b"after-space-returned"}
+    again.close()
+
+
+def test_a_disk_full_during_rotation_loses_nothing_acknowledged() -> None:
+    disk = MemoryFileLayer()
+    spool = Spool.open(config(), files=disk)
+    acked = fill(spool, 40)
+    disk.capacity = disk.used_bytes() + 10
+    for _ in range(3):
+        with pytest.raises(SpoolFullError):
+            spool.append_sync([payload(i) for i in range(40)])
+    disk.capacity = None
+    acked.update(fill(spool, 40))
+    spool.close()
+    assert read_all(Spool.open(config(), files=disk)) == acked
+
+
+# -- row 15: the byte cap ----------------------------------------------------------------
+
+
+def test_at_the_byte_cap_the_oldest_records_go_the_newest_stay_and_the_count_is_exact() -> None:
+    disk = MemoryFileLayer()
+    cap = 3 * 4096
+    spool = Spool.open(config(max_bytes=cap), files=disk)
+    acked = fill(spool, 1000)
+    kept = read_all(spool)
+    dropped = spool.counters.dropped["byte_cap"]
+    assert dropped > 0
+    assert len(kept) + dropped == len(acked)
+    assert max(kept) == max(acked), "the newest record must be kept"
+    assert sorted(kept) == list(range(min(kept), max(acked) + 1)), "drops are the oldest"
+    assert spool.stats().bytes <= cap + 4096
+    spool.close()
+
+
+def test_the_cap_never_drops_the_segment_of_the_batch_in_flight() -> None:
+    disk = MemoryFileLayer()
+    spool = Spool.open(config(max_bytes=3 * 4096), files=disk)
+    fill(spool, 10)
+    spool.pin((1, 10))
+    fill(spool, 1000)
+    kept = read_all(spool)
+    assert all(i in kept for i in range(1, 11))
+    assert len(kept) + spool.counters.dropped["byte_cap"] == 1010
+    spool.close()

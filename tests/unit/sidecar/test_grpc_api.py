@@ -1,0 +1,199 @@
+"""The sidecar's gRPC API in process: durable acks, validation, limits (RELIABILITY row 27)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from predtrace.sidecar._config import DeploymentConfig, RedactionConfig
+from predtrace.sidecar._errors import SpoolUnusableError
+from predtrace.sidecar.spool import MemoryFileLayer, SpoolConfig
+from predtrace.v1 import event_pb2, sidecar_pb2, sidecar_pb2_grpc
+from predtrace.wire import ModelRef, OutputSummary, PredictionEvent, event_to_proto
+from tests.reliability.sidecar.polling import eventually
+
+from .conftest import Running, StartSidecar
+
+
+def proto_events(n: int, start: int = 0) -> list[event_pb2.PredictionEvent]:
+    return [
+        event_to_proto(
+            PredictionEvent(
+                prediction_id=f"p{i:05d}",
+                model=ModelRef("churn", "3"),
+                features={"age": 41.0, "ssn_digits": 1234.0},
+                attributes={"customer_email": "a@example.org", "route": "/predict"},
+                output=OutputSummary(label="stay", score=0.9),
+            )
+        )
+        for i in range(start, start + n)
+    ]
+
+
+async def test_record_batch_is_acknowledged_once_durable_and_reaches_the_collector(
+    start_sidecar: StartSidecar,
+) -> None:
+    running: Running = await start_sidecar(
+        deployment=DeploymentConfig(pod="churn-7d9f", namespace="ml", image_digest="sha256:ab"),
+        redaction=RedactionConfig(allow_features=("age",), allow_attributes=("route",)),
+    )
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        stub = sidecar_pb2_grpc.SidecarStub(channel)
+        ack = await stub.RecordBatch(sidecar_pb2.RecordBatchRequest(events=proto_events(25)))
+        assert ack.accepted == 25
+        assert running.app.spool.stats().next_index == 26
+    await eventually(lambda: len(running.collector.events()) == 25)
+    event = running.collector.events()[0]
+    assert (event.deployment.pod, event.deployment.namespace) == ("churn-7d9f", "ml")
+    assert event.features == {"age": 41.0}, "only allow-listed features leave"
+    assert event.attributes == {"route": "/predict"}, "only allow-listed attributes leave"
+
+
+async def test_invalid_events_are_rejected_alone_with_their_position_and_reason(
+    start_sidecar: StartSidecar,
+) -> None:
+    running = await start_sidecar()
+    batch = proto_events(4)
+    batch[1].trace_id = b"short"
+    batch[3].prediction_id = ""
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        ack = await sidecar_pb2_grpc.SidecarStub(channel).RecordBatch(
+            sidecar_pb2.RecordBatchRequest(events=batch)
+        )
+    assert ack.accepted == 2
+    assert [(r.index, r.reason) for r in ack.rejected] == [
+        (1, "trace_id must be 16 bytes"),
+        (3, "prediction_id is required"),
+    ]
+
+
+async def test_a_client_stream_is_acknowledged_after_every_event_is_durable(
+    start_sidecar: StartSidecar,
+) -> None:
+    running = await start_sidecar()
+
+    async def stream() -> object:
+        for event in proto_events(2500):
+            yield event
+
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        ack = await sidecar_pb2_grpc.SidecarStub(channel).Record(stream())
+    assert ack.accepted == 2500
+    assert running.app.spool.stats().next_index == 2501
+    await eventually(lambda: len(running.collector.events()) == 2500)
+
+
+async def test_an_oversized_message_gets_resource_exhausted_and_the_server_stays_healthy(
+    start_sidecar: StartSidecar,
+) -> None:
+    running = await start_sidecar(max_message_bytes=64 * 1024)
+    big = sidecar_pb2.RecordBatchRequest(events=proto_events(2000))
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        stub = sidecar_pb2_grpc.SidecarStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.RecordBatch(big)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        await _assert_healthy(channel, stub)
+
+
+async def test_malformed_bytes_and_too_many_events_get_invalid_argument(
+    start_sidecar: StartSidecar,
+) -> None:
+    running = await start_sidecar(max_events_per_request=10)
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        raw = channel.unary_unary("/predtrace.v1.Sidecar/RecordBatch")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await raw(b"\xff\xff\xff\xff not protobuf")
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "malformed" in (info.value.details() or "")
+        stub = sidecar_pb2_grpc.SidecarStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.RecordBatch(sidecar_pb2.RecordBatchRequest(events=proto_events(11)))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        await _assert_healthy(channel, stub)
+
+
+async def test_an_expired_deadline_cancels_the_call_and_the_server_stays_healthy(
+    start_sidecar: StartSidecar,
+) -> None:
+    running = await start_sidecar()
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        stub = sidecar_pb2_grpc.SidecarStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.RecordBatch(
+                sidecar_pb2.RecordBatchRequest(events=proto_events(5000)), timeout=0.0001
+            )
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await _assert_healthy(channel, stub)
+
+
+async def test_a_full_disk_answers_resource_exhausted_with_a_retry_pushback(
+    start_sidecar: StartSidecar,
+) -> None:
+    disk = MemoryFileLayer()
+    running = await start_sidecar(files=disk, spool=SpoolConfig(directory="/spool"))
+    disk.capacity = disk.used_bytes() + 200
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        stub = sidecar_pb2_grpc.SidecarStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.RecordBatch(sidecar_pb2.RecordBatchRequest(events=proto_events(50)))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert ("grpc-retry-pushback-ms", "1000") in list(info.value.trailing_metadata() or ())
+        disk.capacity = None
+        ack = await stub.RecordBatch(sidecar_pb2.RecordBatchRequest(events=proto_events(50)))
+        assert ack.accepted == 50
+
+
+async def test_status_reports_depth_lag_and_counters_of_the_running_sidecar(
+    start_sidecar: StartSidecar,
+) -> None:
+    running = await start_sidecar()
+    await running.collector.stop()  # nothing can be delivered
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        stub = sidecar_pb2_grpc.SidecarStub(channel)
+        await stub.RecordBatch(sidecar_pb2.RecordBatchRequest(events=proto_events(12)))
+        await eventually(lambda: running.app.shipper.counters.retried > 0)
+        status = await stub.Status(sidecar_pb2.StatusRequest())
+    assert status.producer_id == "test-sidecar"
+    assert status.spool_records == 12
+    assert status.oldest_unsent_unix_nano > 0
+    assert status.retried_batches >= 1
+    assert "unreachable" in status.last_error
+
+
+async def test_health_and_reflection_are_served(start_sidecar: StartSidecar) -> None:
+    running = await start_sidecar()
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        answer = await health.Check(health_pb2.HealthCheckRequest(service="predtrace.v1.Sidecar"))
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+        async def ask() -> object:
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+        async for reply in stub.ServerReflectionInfo(ask()):
+            names = {s.name for s in reply.list_services_response.service}
+            assert "predtrace.v1.Sidecar" in names
+            break
+
+
+async def test_an_unusable_spool_directory_fails_startup_naming_it(
+    start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SpoolUnusableError, match="a-file"):
+        await start_sidecar(spool=SpoolConfig(directory=str(blocker / "spool")))
+
+
+async def _assert_healthy(channel: grpc.aio.Channel, stub: sidecar_pb2_grpc.SidecarStub) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    answer = await health.Check(health_pb2.HealthCheckRequest())
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    ack = await stub.RecordBatch(sidecar_pb2.RecordBatchRequest(events=proto_events(1, 900)))
+    assert ack.accepted == 1

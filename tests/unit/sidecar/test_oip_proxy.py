@@ -1,0 +1,147 @@
+"""The OIP v2 proxy between a real OIP client and the real example model server (in process)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import ModuleType
+
+import grpc
+import pytest
+
+from predtrace.oip.v2 import grpc_predict_v2_pb2 as pb
+from predtrace.oip.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
+from predtrace.wire import Status, parse_prediction_id, uuid7_timestamp_ms
+from tests.reliability.sidecar.polling import eventually
+
+from .conftest import Running, StartSidecar
+
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "oip_grpc_server" / "server.py"
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def load_example() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("oip_example_server", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+async def model_server() -> AsyncIterator[str]:
+    example = load_example()
+    server = grpc.aio.server()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(example.ChurnModelServer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield f"127.0.0.1:{port}"
+    await server.stop(None)
+
+
+@pytest.fixture
+async def proxied(start_sidecar: StartSidecar, model_server: str) -> Running:
+    running: Running = await start_sidecar(oip_proxies=(("127.0.0.1:0", model_server),))
+    return running
+
+
+def request(rows: list[list[float]], request_id: str = "", version: str = "") -> bytes:
+    message = pb.ModelInferRequest(model_name="churn", model_version=version, id=request_id)
+    tensor = message.inputs.add(name="input", datatype="FP32", shape=[len(rows), 3])
+    tensor.contents.fp32_contents.extend(v for row in rows for v in row)
+    return message.SerializeToString()
+
+
+async def recorded(running: Running, n: int) -> list[object]:
+    await eventually(lambda: len(running.collector.events()) >= n)
+    return list(running.collector.events())
+
+
+async def test_a_request_with_an_id_passes_byte_for_byte_and_is_recorded_with_the_served_version(
+    proxied: Running, model_server: str
+) -> None:
+    body = request([[12.0, 70.5, 3.0]], request_id="req-42")
+    async with (
+        grpc.aio.insecure_channel(model_server) as direct,
+        grpc.aio.insecure_channel(proxied.app.addresses["oip-proxy"]) as via_proxy,
+    ):
+        method = "/inference.GRPCInferenceService/ModelInfer"
+        metadata = (("traceparent", TRACEPARENT),)
+        expected = await direct.unary_unary(method)(body, metadata=metadata)
+        got = await via_proxy.unary_unary(method)(body, metadata=metadata)
+    assert got == expected
+    (event,) = await recorded(proxied, 1)
+    assert event.prediction_id == "req-42"  # type: ignore[attr-defined]
+    assert (event.model.name, event.model.version) == ("churn", "3")  # type: ignore[attr-defined]
+    assert event.protocol == "oip-v2-grpc"  # type: ignore[attr-defined]
+    assert event.status == Status.OK  # type: ignore[attr-defined]
+
+
+async def test_a_missing_id_is_assigned_and_the_traceparent_reaches_the_model_server(
+    proxied: Running,
+) -> None:
+    async with grpc.aio.insecure_channel(proxied.app.addresses["oip-proxy"]) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        message = pb.ModelInferRequest.FromString(request([[1.0, 2.0, 0.0], [40.0, 99.0, 7.0]]))
+        response = await stub.ModelInfer(message, metadata=(("traceparent", TRACEPARENT),))
+    assert response.id, "the proxy assigned an id the model server echoed"
+    assert uuid7_timestamp_ms(parse_prediction_id(response.id)) is not None
+    assert response.parameters["traceparent"].string_param == TRACEPARENT
+    (event,) = await recorded(proxied, 1)
+    assert event.prediction_id == response.id  # type: ignore[attr-defined]
+    assert event.trace_id.hex() == TRACEPARENT.split("-")[1]  # type: ignore[attr-defined]
+
+
+async def test_without_a_traceparent_the_proxy_starts_one(proxied: Running) -> None:
+    async with grpc.aio.insecure_channel(proxied.app.addresses["oip-proxy"]) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        response = await stub.ModelInfer(pb.ModelInferRequest.FromString(request([[1, 2, 3]])))
+    started = response.parameters["traceparent"].string_param
+    (event,) = await recorded(proxied, 1)
+    assert started.split("-")[1] == event.trace_id.hex()  # type: ignore[attr-defined]
+
+
+async def test_an_error_reaches_the_client_unchanged_and_is_recorded_as_an_error(
+    proxied: Running,
+) -> None:
+    async with grpc.aio.insecure_channel(proxied.app.addresses["oip-proxy"]) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        bad = pb.ModelInferRequest(model_name="nope", id="err-1")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelInfer(bad)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert info.value.details() == "unknown model 'nope'"
+    (event,) = await recorded(proxied, 1)
+    assert event.status == Status.ERROR  # type: ignore[attr-defined]
+    assert event.status_code == "NOT_FOUND"  # type: ignore[attr-defined]
+
+
+async def test_every_other_method_passes_through(proxied: Running) -> None:
+    async with grpc.aio.insecure_channel(proxied.app.addresses["oip-proxy"]) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert (await stub.ServerLive(pb.ServerLiveRequest())).live
+        assert (await stub.ModelReady(pb.ModelReadyRequest(name="churn"))).ready
+        meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name="churn"))
+        assert meta.versions == ["3"]
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelMetadata(pb.ModelMetadataRequest(name="other"))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    await asyncio.sleep(0.05)
+    assert proxied.collector.events() == []
+
+
+async def test_an_unreachable_model_server_is_unavailable_to_the_client_and_recorded(
+    start_sidecar: StartSidecar,
+) -> None:
+    running: Running = await start_sidecar(oip_proxies=(("127.0.0.1:0", "127.0.0.1:9"),))
+    async with grpc.aio.insecure_channel(running.app.addresses["oip-proxy"]) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelInfer(pb.ModelInferRequest.FromString(request([[1, 2, 3]])))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    (event,) = await recorded(running, 1)
+    assert event.status_code == "UNAVAILABLE"  # type: ignore[attr-defined]

@@ -1,0 +1,190 @@
+"""The OTLP receiver with the real OpenTelemetry SDK exporters as clients, and the forwarder."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from aiohttp import web
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+    OTLPSpanExporter as GrpcSpanExporter,
+)
+from opentelemetry.exporter.otlp.proto.http import Compression
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+    OTLPSpanExporter as HttpSpanExporter,
+)
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter
+from opentelemetry.trace import Status, StatusCode
+
+from predtrace.sidecar._config import DeploymentConfig
+from predtrace.sidecar._otlp_export import OtlpForwarder
+from predtrace.sidecar.pipeline import RetryPolicy
+from predtrace.wire import Status as EventStatus
+from tests.reliability.sidecar.polling import eventually
+
+from .conftest import Running, StartSidecar
+
+
+@dataclass
+class OtlpSink:
+    """An OTLP/HTTP receiver that keeps what it gets (the forwarder's target in T1)."""
+
+    requests: list[trace_service_pb2.ExportTraceServiceRequest] = field(default_factory=list)
+    status: int = 200
+    url: str = ""
+
+    def spans(self) -> list[object]:
+        return [
+            span
+            for request in self.requests
+            for rs in request.resource_spans
+            for ss in rs.scope_spans
+            for span in ss.spans
+        ]
+
+    def resources(self) -> list[dict[str, str]]:
+        return [
+            {kv.key: kv.value.string_value for kv in rs.resource.attributes}
+            for request in self.requests
+            for rs in request.resource_spans
+        ]
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[OtlpSink]:
+    state = OtlpSink()
+
+    async def receive(request: web.Request) -> web.Response:
+        if state.status != 200:
+            return web.Response(status=state.status)
+        body = await request.read()
+        state.requests.append(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", receive)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    state.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/traces"
+    yield state
+    await runner.cleanup()
+
+
+def produce(exporter: SpanExporter) -> None:
+    """An instrumented app: two predictions (one failing) and one unrelated span."""
+    provider = TracerProvider(resource=Resource.create({"service.name": "churn-api"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("predict") as span:
+        span.set_attribute("predtrace.prediction.id", "pred-1")
+        span.set_attribute("predtrace.model.name", "churn")
+        span.set_attribute("predtrace.model.version", "3")
+        span.set_attribute("http.route", "/predict")
+        span.set_attribute("http.response.status_code", 200)
+    with tracer.start_as_current_span("predict") as span:
+        span.set_attribute("predtrace.prediction.id", "pred-2")
+        span.set_attribute("predtrace.model.name", "churn")
+        span.set_status(Status(StatusCode.ERROR))
+        span.set_attribute("error.type", "ValueError")
+    with tracer.start_as_current_span("db.query"):
+        pass
+    provider.shutdown()
+
+
+async def start(start_sidecar: StartSidecar, sink: OtlpSink) -> Running:
+    running: Running = await start_sidecar(
+        otlp_listen="127.0.0.1:0",
+        otlp_export=sink.url,
+        deployment=DeploymentConfig(pod="churn-7d9f", namespace="ml"),
+    )
+    return running
+
+
+async def check(running: Running, sink: OtlpSink) -> None:
+    await eventually(lambda: len(running.collector.events()) == 2)
+    await eventually(lambda: len(sink.spans()) == 3)
+    by_id = {e.prediction_id: e for e in running.collector.events()}
+    first, second = by_id["pred-1"], by_id["pred-2"]
+    assert (first.model.name, first.model.version) == ("churn", "3")
+    assert (first.endpoint, first.status_code, first.status) == ("/predict", "200", EventStatus.OK)
+    assert len(first.trace_id) == 16 and len(first.span_id) == 8
+    assert first.duration_nanos > 0
+    assert first.deployment.service == "churn-api"
+    assert (second.status, second.error_type) == (EventStatus.ERROR, "ValueError")
+    assert all(r.get("k8s.pod.name") == "churn-7d9f" for r in sink.resources())
+    assert all(r.get("service.name") == "churn-api" for r in sink.resources())
+
+
+async def test_spans_from_the_sdk_grpc_exporter_become_events_and_are_all_forwarded(
+    start_sidecar: StartSidecar, sink: OtlpSink
+) -> None:
+    running = await start(start_sidecar, sink)
+    exporter = GrpcSpanExporter(endpoint=running.app.addresses["otlp-grpc"], insecure=True)
+    await asyncio.to_thread(produce, exporter)
+    await check(running, sink)
+
+
+async def test_spans_from_the_sdk_http_exporter_gzip_become_events_and_are_forwarded(
+    start_sidecar: StartSidecar, sink: OtlpSink
+) -> None:
+    running = await start(start_sidecar, sink)
+    url = f"http://{running.app.addresses['otlp-http']}/v1/traces"
+    exporter = HttpSpanExporter(endpoint=url, compression=Compression.Gzip)
+    await asyncio.to_thread(produce, exporter)
+    await check(running, sink)
+
+
+async def test_bad_otlp_http_bodies_get_a_4xx_and_the_receiver_keeps_serving(
+    start_sidecar: StartSidecar, sink: OtlpSink
+) -> None:
+    running: Running = await start_sidecar(
+        otlp_listen="127.0.0.1:0", otlp_export=sink.url, max_message_bytes=64 * 1024
+    )
+    url = f"http://{running.app.addresses['otlp-http']}/v1/traces"
+    proto = {"Content-Type": "application/x-protobuf"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, data=b"\xff\xff\xff", headers=proto) as resp:
+            assert resp.status == 400
+        async with session.post(url, data=b"{}", headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 415
+        async with session.post(url, data=b"x" * 100_000, headers=proto) as resp:
+            assert resp.status == 413
+        bomb = gzip.compress(b"\x00" * 10_000_000)
+        async with session.post(url, data=bomb, headers={**proto, "Content-Encoding": "gzip"}) as r:
+            assert r.status == 413
+    exporter = HttpSpanExporter(endpoint=url)
+    await asyncio.to_thread(produce, exporter)
+    await eventually(lambda: len(running.collector.events()) == 2)
+
+
+async def test_the_forwarder_drops_oldest_past_its_cap_and_counts_each_reason(
+    sink: OtlpSink,
+) -> None:
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    request.resource_spans.add().scope_spans.add().spans.add(name="s", trace_id=b"t" * 16)
+    size = len(request.SerializeToString())
+    sink.status = 503
+    forwarder = OtlpForwarder(
+        sink.url,
+        max_queue_bytes=size * 3,
+        retry=RetryPolicy(initial_backoff=0.01, max_backoff=0.01, max_attempts=2),
+    )
+    for _ in range(5):
+        forwarder.offer(request, 1)
+    assert forwarder.counters.dropped == {"queue_full": 2}
+    await forwarder.start()
+    await eventually(lambda: forwarder.counters.dropped.get("retries_exhausted", 0) >= 1)
+    sink.status = 200
+    await eventually(lambda: forwarder.counters.forwarded >= 1)
+    await forwarder.stop(timeout=1)
+    c = forwarder.counters
+    assert c.offered == 5
+    assert c.forwarded + sum(c.dropped.values()) == 5

@@ -1,0 +1,348 @@
+"""The shipper against an in-test collector: order, idempotence, chain, retries, quarantine.
+
+RELIABILITY rows 3, 4, 5, 7 (the sidecar's side), 24 (offline for days, with
+a fake clock), 25 (the device clock jumping back) and 26 (poison batch, T1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from predtrace.sidecar._batch import encode_event
+from predtrace.sidecar._config import ShipperConfig
+from predtrace.sidecar._shipper import Shipper
+from predtrace.sidecar.pipeline import (
+    CollectorClient,
+    CollectorClientConfig,
+    RetryableExportError,
+)
+from predtrace.sidecar.spool import FaultPoints, MemoryFileLayer, SimulatedCrash, Spool, SpoolConfig
+from predtrace.sidecar.testing import FakeClock
+from predtrace.wire import IngestAck, PredictionEvent
+from tests.reliability.sidecar.fake_collector import Answer, FakeCollector
+from tests.reliability.sidecar.polling import eventually
+
+DIR = "/spool"
+
+
+def spool_config(**kw: object) -> SpoolConfig:
+    values: dict[str, object] = {
+        "directory": DIR,
+        "segment_bytes": 1 << 16,
+        "max_bytes": 1 << 22,
+        "max_record_bytes": 1024,
+    }
+    values.update(kw)
+    return SpoolConfig(**values)  # type: ignore[arg-type]
+
+
+def events(n: int, start: int = 0) -> list[PredictionEvent]:
+    return [PredictionEvent(prediction_id=f"p{i:06d}") for i in range(start, start + n)]
+
+
+@dataclass
+class Rig:
+    """A spool on a memory disk, a shipper and the fake collector."""
+
+    collector: FakeCollector
+    disk: MemoryFileLayer = field(default_factory=MemoryFileLayer)
+    clock: FakeClock = field(default_factory=FakeClock)
+    sleeps: list[float] = field(default_factory=list)
+    spool: Spool | None = None
+    shipper: Shipper | None = None
+    task: asyncio.Task[None] | None = None
+    client: CollectorClient | None = None
+
+    async def fake_sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.clock.advance(seconds)
+        await asyncio.sleep(0)
+
+    async def start(
+        self,
+        config: ShipperConfig | None = None,
+        *,
+        sender: object = None,
+        faults: FaultPoints | None = None,
+        spool: SpoolConfig | None = None,
+    ) -> Shipper:
+        self.spool = Spool.open(spool or spool_config(), files=self.disk, faults=faults)
+        self.client = CollectorClient(CollectorClientConfig(url=self.collector.url, timeout=2))
+        self.shipper = Shipper(
+            self.spool,
+            sender or self.client,  # type: ignore[arg-type]
+            config or ShipperConfig(linger=0, max_batch_events=50),
+            "edge-1",
+            files=self.disk,
+            clock=self.clock,
+            sleep=self.fake_sleep,
+            faults=faults,
+            seed=7,
+        )
+        self.task = asyncio.create_task(self.shipper.run())
+        return self.shipper
+
+    async def record(self, batch: list[PredictionEvent]) -> None:
+        assert self.spool is not None
+        await self.spool.append([encode_event(e) for e in batch])
+
+    async def wait_delivered(self, n: int, within: float = 10.0) -> None:
+        await eventually(
+            lambda: len({e.prediction_id for e in self.collector.events()}) >= n, within
+        )
+
+    async def wait_requests(self, n: int) -> None:
+        await eventually(lambda: self.collector.requests >= n)
+
+    async def stop(self) -> None:
+        if self.shipper is not None and self.task is not None:
+            await self.shipper.stop()
+            with contextlib.suppress(SimulatedCrash):  # a test crashed it on purpose
+                await self.task
+        if self.client is not None:
+            await self.client.close()
+        if self.spool is not None:
+            self.spool.close()
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    collector = FakeCollector()
+    await collector.start()
+    r = Rig(collector)
+    yield r
+    await r.stop()
+    await collector.stop()
+
+
+async def test_events_arrive_in_order_in_chained_batches_with_contiguous_seqs(rig: Rig) -> None:
+    await rig.start()
+    for start in range(0, 230, 23):
+        await rig.record(events(23, start))
+    await rig.wait_delivered(230)
+    assert [e.prediction_id for e in rig.collector.events()] == [f"p{i:06d}" for i in range(230)]
+    seqs = sorted(s for _, s in rig.collector.stored)
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert rig.collector.chain_ok("edge-1")
+    assert rig.collector.stored[("edge-1", 1)].batch.prev_digest == b""
+
+
+async def test_a_restart_continues_the_seq_and_the_chain(rig: Rig) -> None:
+    await rig.start()
+    await rig.record(events(60))
+    await rig.wait_delivered(60)
+    await rig.stop()
+    await rig.start()
+    await rig.record(events(60, 60))
+    await rig.wait_delivered(120)
+    seqs = sorted(s for _, s in rig.collector.stored)
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert rig.collector.chain_ok("edge-1")
+    assert rig.collector.duplicates == 0
+
+
+async def test_retry_after_is_honoured_and_nothing_is_dropped(rig: Rig) -> None:
+    rig.collector.script = [Answer(503, "7"), Answer(429, "3"), Answer(502), Answer(504)]
+    shipper = await rig.start()
+    await rig.record(events(10))
+    await rig.wait_delivered(10)
+    assert rig.sleeps[0] >= 7 and rig.sleeps[1] >= 3
+    assert shipper.counters.retried == 4
+    assert shipper.counters.dropped == {}
+    assert len(rig.collector.stored) == 1
+
+
+@pytest.mark.parametrize("status", [400, 413])
+async def test_a_permanently_refused_batch_is_quarantined_once_and_later_data_flows(
+    rig: Rig, status: int
+) -> None:
+    rig.collector.fail_when = lambda d: (
+        status if d.batch.events[0].prediction_id == "p000000" else None
+    )
+    shipper = await rig.start()
+    await rig.record(events(5))
+    await rig.wait_requests(1)
+    await rig.record(events(5, 5))
+    await rig.wait_delivered(5)
+    assert rig.collector.requests == 2, "a permanent refusal is not retried"
+    assert shipper.counters.quarantined == 1
+    assert shipper.counters.dropped == {"quarantined": 5}
+    assert rig.disk.listdir(f"{DIR}/quarantine") == [f"{1:020d}.msgpack"]
+
+
+async def test_partial_success_counts_the_rejected_and_does_not_retry(rig: Rig) -> None:
+    rig.collector.reject_ids = {"p000003", "p000004"}
+    shipper = await rig.start()
+    await rig.record(events(10))
+    await rig.wait_delivered(10)
+    await asyncio.sleep(0.05)
+    assert rig.collector.requests == 1
+    assert shipper.counters.exported == 8
+    assert shipper.counters.dropped == {"rejected": 2}
+
+
+async def test_a_batch_failing_with_500_is_quarantined_after_n_attempts(rig: Rig) -> None:
+    rig.collector.fail_when = lambda d: (
+        500 if d.batch.events[0].prediction_id == "p000000" else None
+    )
+    shipper = await rig.start(ShipperConfig(linger=0, max_batch_events=5, poison_attempts=3))
+    await rig.record(events(5))
+    await rig.wait_requests(1)
+    await rig.record(events(5, 5))
+    await rig.wait_delivered(5)
+    assert shipper.counters.quarantined == 1
+    assert rig.collector.requests == 4  # three failures of the poison batch, then the next
+
+
+async def test_a_lost_ack_makes_the_retry_a_duplicate_that_the_collector_stores_once(
+    rig: Rig,
+) -> None:
+    class LoseFirstAck:
+        def __init__(self, inner: CollectorClient) -> None:
+            self.inner, self.lost = inner, False
+
+        async def send(self, body: bytes, *, compressed: bool) -> IngestAck:
+            ack = await self.inner.send(body, compressed=compressed)
+            if not self.lost:
+                self.lost = True
+                raise RetryableExportError("connection reset after commit")
+            return ack
+
+        async def close(self) -> None:
+            await self.inner.close()
+
+    client = CollectorClient(CollectorClientConfig(url=rig.collector.url))
+    shipper = await rig.start(sender=LoseFirstAck(client))
+    await rig.record(events(10))
+    await rig.wait_delivered(10)
+    await asyncio.sleep(0.05)
+    assert rig.collector.duplicates == 1
+    assert len(rig.collector.stored) == 1
+    assert shipper.counters.duplicates == 1
+    await client.close()
+
+
+async def test_a_crash_after_the_ack_resends_identical_bytes(rig: Rig) -> None:
+    faults = FaultPoints()
+    faults.arm("shipper.after_ack")
+    await rig.start(faults=faults)
+    await rig.record(events(10))
+    assert rig.task is not None
+    with pytest.raises(SimulatedCrash):
+        await asyncio.wait_for(rig.task, 5)
+    first = rig.collector.stored[("edge-1", 1)].digest
+    rig.shipper = None
+    rig.spool.close()  # type: ignore[union-attr]
+    rig.disk.crash()
+    await rig.client.close()  # type: ignore[union-attr]
+    await rig.start()
+    await rig.record(events(5, 10))
+    await rig.wait_delivered(15)
+    assert rig.collector.duplicates == 1
+    assert rig.collector.stored[("edge-1", 1)].digest == first
+    assert rig.collector.chain_ok("edge-1")
+
+
+async def test_a_batch_that_kills_the_sidecar_on_every_start_is_quarantined(rig: Rig) -> None:
+    config = ShipperConfig(linger=0, max_batch_events=50, poison_attempts=3)
+    for attempt in range(4):
+        faults = FaultPoints()
+        if attempt < 3:
+            faults.arm("shipper.before_send")
+        await rig.start(config, faults=faults)
+        if attempt == 0:
+            await rig.record(events(7))
+        if attempt < 3:
+            with pytest.raises(SimulatedCrash):
+                await asyncio.wait_for(rig.task, 5)  # type: ignore[arg-type]
+            rig.shipper = None
+            await rig.stop()
+    shipper = rig.shipper
+    assert shipper is not None
+    await rig.record(events(3, 100))
+    await rig.wait_delivered(3)
+    assert shipper.counters.quarantined == 1
+    assert {e.prediction_id for e in rig.collector.events()} == {"p000100", "p000101", "p000102"}
+
+
+class _Offline:
+    """A link that is down for ``attempts`` sends, then the real client."""
+
+    def __init__(self, inner: CollectorClient, attempts: int) -> None:
+        self.inner, self.left = inner, attempts
+
+    async def send(self, body: bytes, *, compressed: bool) -> IngestAck:
+        if self.left > 0:
+            self.left -= 1
+            raise RetryableExportError("collector unreachable: ClientConnectorError")
+        return await self.inner.send(body, compressed=compressed)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_days_offline_drop_nothing_for_elapsed_time_and_backoff_stays_capped(
+    rig: Rig,
+) -> None:
+    client = CollectorClient(CollectorClientConfig(url=rig.collector.url))
+    config = ShipperConfig.edge(linger=0)
+    shipper = await rig.start(config, sender=_Offline(client, attempts=3000))
+    for start in range(0, 500, 50):
+        await rig.record(events(50, start))
+    await rig.wait_delivered(500, within=30)
+    offline_seconds = sum(rig.sleeps)
+    assert offline_seconds > 3 * 86400, "the outage should span days of fake time"
+    assert max(rig.sleeps) <= config.retry.max_backoff
+    assert shipper.counters.dropped == {}
+    assert [e.prediction_id for e in rig.collector.events()] == [f"p{i:06d}" for i in range(500)]
+    await client.close()
+
+
+async def test_offline_with_a_small_spool_only_the_byte_cap_drops_and_it_counts_exactly(
+    rig: Rig,
+) -> None:
+    client = CollectorClient(CollectorClientConfig(url=rig.collector.url))
+    sender = _Offline(client, attempts=10**9)
+    spool = spool_config(segment_bytes=4096, max_bytes=4 * 4096)
+    shipper = await rig.start(ShipperConfig.edge(linger=0), sender=sender, spool=spool)
+    for start in range(0, 2000, 20):
+        await rig.record(events(20, start))
+    sender.left = 0  # the link returns
+    assert rig.spool is not None
+    dropped = rig.spool.counters.dropped["byte_cap"]
+    assert dropped > 0
+    await rig.wait_delivered(2000 - dropped, within=30)
+    got = [e.prediction_id for e in rig.collector.events()]
+    assert len(got) == 2000 - dropped
+    assert got[-1] == "p001999", "the newest events are kept"
+    assert shipper.counters.dropped == {}
+    await client.close()
+
+
+async def test_a_device_clock_that_jumps_back_changes_neither_order_nor_seq(rig: Rig) -> None:
+    shipper = await rig.start()
+    await rig.record(events(20))
+    await rig.wait_delivered(20)
+    rig.clock.now -= 10 * 86400  # the wall clock jumps ten days back
+    rig.clock.wall_offset_ns -= 10 * 86400 * 10**9
+    await rig.record(events(20, 20))
+    await rig.wait_delivered(40)
+    assert [e.prediction_id for e in rig.collector.events()] == [f"p{i:06d}" for i in range(40)]
+    seqs = sorted(s for _, s in rig.collector.stored)
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert shipper.counters.duplicates == 0
+
+
+async def test_stop_with_a_drain_deadline_ships_what_it_can_and_keeps_the_rest(rig: Rig) -> None:
+    rig.collector.script = [Answer(503)] * 1000
+    shipper = await rig.start()
+    await rig.record(events(30))
+    await shipper.stop(drain_timeout=0.2)
+    assert rig.task is not None
+    await asyncio.wait_for(rig.task, 5)
+    assert rig.spool is not None and rig.spool.stats().records == 30

@@ -1,0 +1,198 @@
+"""The spool's own contract: durable appends, ordered reads, commits, rotation, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from predtrace.sidecar._errors import (
+    EventTooLargeError,
+    SpoolBusyError,
+    SpoolClosedError,
+    SpoolUnusableError,
+)
+from predtrace.sidecar.spool import MemoryFileLayer, Spool, SpoolConfig
+
+DIR = "/spool"
+
+
+def small(**kw: object) -> SpoolConfig:
+    values: dict[str, object] = {
+        "directory": DIR,
+        "segment_bytes": 4096,
+        "max_bytes": 1 << 20,
+        "max_record_bytes": 1024,
+        "max_pending_bytes": 1 << 20,
+    }
+    values.update(kw)
+    return SpoolConfig(**values)  # type: ignore[arg-type]
+
+
+def payloads(n: int, start: int = 0) -> list[bytes]:
+    return [f"event-{i:05d}".encode() * 4 for i in range(start, start + n)]
+
+
+def read_all(spool: Spool, after: int = 0) -> list[bytes]:
+    return [r.payload for r in spool.read(after, max_records=1 << 30, max_bytes=1 << 40)]
+
+
+@pytest.fixture
+def disk() -> MemoryFileLayer:
+    return MemoryFileLayer()
+
+
+def test_appends_get_consecutive_indexes_and_read_back_in_order(disk: MemoryFileLayer) -> None:
+    spool = Spool.open(small(), files=disk)
+    assert spool.append_sync(payloads(3)) == range(1, 4)
+    assert spool.append_sync(payloads(2, 3)) == range(4, 6)
+    assert read_all(spool) == payloads(5)
+    assert [r.index for r in spool.read(2, max_records=2, max_bytes=1 << 20)] == [3, 4]
+    spool.close()
+
+
+def test_an_acknowledged_append_survives_power_loss(disk: MemoryFileLayer) -> None:
+    spool = Spool.open(small(), files=disk)
+    spool.append_sync(payloads(10))
+    disk.power_loss()
+    again = Spool.open(small(), files=disk)
+    assert read_all(again) == payloads(10)
+    again.close()
+
+
+async def test_async_append_returns_only_after_the_fsync(disk: MemoryFileLayer) -> None:
+    spool = Spool.open(small(), files=disk)
+    before = disk.fsyncs
+    indexes = await spool.append(payloads(4))
+    assert indexes == range(1, 5)
+    assert disk.fsyncs > before
+    spool.close()
+
+
+def test_segments_rotate_and_a_commit_releases_delivered_ones(disk: MemoryFileLayer) -> None:
+    spool = Spool.open(small(), files=disk)
+    for i in range(20):
+        spool.append_sync(payloads(10, i * 10))
+    assert spool.stats().segments > 3
+    spool.commit(150, b"shipper-state")
+    stats = spool.stats()
+    assert stats.hwm == 150
+    assert stats.records == 50
+    assert read_all(spool, 150) == payloads(50, 150)
+    segments = [n for n in disk.listdir(DIR) if n.startswith("seg-")]
+    assert len(segments) == stats.segments
+    spool.close()
+
+
+def test_reopen_restores_the_mark_the_shipper_bytes_and_the_numbering(
+    disk: MemoryFileLayer,
+) -> None:
+    spool = Spool.open(small(), files=disk)
+    spool.append_sync(payloads(30))
+    spool.commit(12, b"abc")
+    spool.close()
+    again = Spool.open(small(), files=disk)
+    assert (again.hwm, again.meta) == (12, b"abc")
+    assert again.append_sync(payloads(1)) == range(31, 32)
+    assert read_all(again, 12) == [*payloads(18, 12), *payloads(1)]
+    again.close()
+
+
+def test_listeners_hear_of_each_durable_commit(disk: MemoryFileLayer) -> None:
+    spool = Spool.open(small(), files=disk)
+    heard = threading.Event()
+    spool.add_listener(heard.set)
+    spool.append_sync(payloads(1))
+    assert heard.is_set()
+    spool.close()
+
+
+def test_an_oversized_event_is_refused_alone(disk: MemoryFileLayer) -> None:
+    spool = Spool.open(small(), files=disk)
+    with pytest.raises(EventTooLargeError):
+        spool.submit([b"x" * 2000], lambda _: None)
+    spool.close()
+
+
+class _SlowDisk(MemoryFileLayer):
+    """Holds the writer in fsync until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.armed = False
+
+    def fsync(self, handle: int) -> None:
+        if self.armed:
+            self.entered.set()
+            self.release.wait(10)
+        super().fsync(handle)
+
+
+def test_appends_are_refused_with_busy_when_the_writer_is_behind() -> None:
+    disk = _SlowDisk()
+    spool = Spool.open(small(max_pending_bytes=1500), files=disk)
+    disk.armed = True
+    done: list[object] = []
+    spool.submit(payloads(1), done.append)
+    assert disk.entered.wait(5)
+    spool.submit([b"a" * 1000], done.append)
+    with pytest.raises(SpoolBusyError):
+        spool.submit([b"b" * 1000], done.append)
+    assert spool.counters.busy == 1
+    disk.release.set()
+    spool.close()
+    assert len(done) == 2
+
+
+def test_a_closed_spool_refuses_appends_and_closing_twice_is_fine(disk: MemoryFileLayer) -> None:
+    spool = Spool.open(small(), files=disk)
+    spool.close()
+    spool.close()
+    with pytest.raises(SpoolClosedError):
+        spool.submit(payloads(1), lambda _: None)
+
+
+def test_a_spool_path_under_a_file_is_unusable_and_the_error_names_path_and_reason(
+    tmp_path: Path,
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SpoolUnusableError) as info:
+        Spool.open(SpoolConfig(directory=str(blocker / "spool")))
+    message = str(info.value)
+    assert str(blocker / "spool") in message
+    assert "Not a directory" in message
+
+
+def test_a_second_sidecar_on_the_same_spool_is_refused(tmp_path: Path) -> None:
+    first = Spool.open(SpoolConfig(directory=str(tmp_path)))
+    with pytest.raises(SpoolUnusableError, match="in use by another sidecar"):
+        Spool.open(SpoolConfig(directory=str(tmp_path)))
+    first.close()
+    Spool.open(SpoolConfig(directory=str(tmp_path))).close()
+
+
+def test_the_real_disk_round_trips_through_a_restart(tmp_path: Path) -> None:
+    config = SpoolConfig(directory=str(tmp_path), segment_bytes=1 << 22, max_bytes=1 << 23)
+    spool = Spool.open(config)
+    spool.append_sync(payloads(100))
+    spool.close()
+    again = Spool.open(config)
+    assert read_all(again) == payloads(100)
+    again.close()
+    assert all(
+        os.stat(tmp_path / n).st_mode & 0o077 == 0 for n in os.listdir(tmp_path) if "seg-" in n
+    )
+
+
+async def test_many_concurrent_appends_are_group_committed(disk: MemoryFileLayer) -> None:
+    spool = Spool.open(small(segment_bytes=1 << 16, max_bytes=1 << 22), files=disk)
+    results = await asyncio.gather(*(spool.append(payloads(1, i)) for i in range(200)))
+    assert sorted(r.start for r in results) == list(range(1, 201))
+    assert spool.counters.commits < 200
+    spool.close()
