@@ -14,7 +14,40 @@ from typing import Final
 import click
 
 # name -> "module:attribute" of a click command, loaded on first use.
-COMMANDS: Final[dict[str, tuple[str, str]]] = {}
+COMMANDS: Final[dict[str, tuple[str, str]]] = {
+    "demo": (
+        "predtrace.cli.demo:demo",
+        "Run the whole story on embedded defaults: collector, model server, pivot.",
+    ),
+    "sidecar": (
+        "predtrace.sidecar._cli:sidecar",
+        "The gRPC sidecar: serve (durable spool, shipper, OTLP, OIP proxy), status.",
+    ),
+    "collector": (
+        "predtrace.collector._cli:collector_group",
+        "The lineage collector: serve (ingest, lineage store, query API), token.",
+    ),
+    "trace": (
+        "predtrace.collector._cli:trace_command",
+        "The full lineage of a trace id or prediction id (the on-call pivot).",
+    ),
+    "model": (
+        "predtrace.collector._cli:model_group",
+        "Model versions: lineage NAME/VERSION or NAME@ALIAS.",
+    ),
+    "impact": (
+        "predtrace.collector._cli:impact_command",
+        "What a dataset, commit or image touched: model versions, deployments, predictions.",
+    ),
+    "completeness": (
+        "predtrace.collector._cli:completeness_command",
+        "Share of predictions whose lineage chain is complete, per model.",
+    ),
+    "lineage": (
+        "predtrace.collector._cli:lineage_group",
+        "Register lineage (model version, run, datasets, commit, image, deployment).",
+    ),
+}
 
 
 def _version() -> str:
