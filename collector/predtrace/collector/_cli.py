@@ -77,9 +77,9 @@ def _show(output: str, answer: Mapping[str, Any], render: Callable[[Any, Any], N
     if output == "json":
         click.echo(json.dumps(answer, indent=2, default=str))
         return
-    from rich.console import Console  # noqa: PLC0415 - rich loads only for table output
+    from predtrace.collector._render import terminal_console  # noqa: PLC0415 - rich on demand
 
-    render(Console(), answer)
+    render(terminal_console(), answer)
 
 
 def _render(name: str) -> Callable[[Any, Any], None]:

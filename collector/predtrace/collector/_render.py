@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 J = Mapping[str, Any]
@@ -22,6 +23,16 @@ def _pairs(values: J | None, limit: int = 6) -> str:
     return text + (f", … (+{len(items) - limit})" if len(items) > limit else "")
 
 
+def _plain_row(table: Table, *cells: str) -> None:
+    """Add a row of collector data: escaped, so "[...]" in a name is never read as markup."""
+    table.add_row(*(escape(cell) for cell in cells))
+
+
+def terminal_console() -> Console:
+    """The console for tables: no emoji codes or highlighting applied to ids and digests."""
+    return Console(emoji=False, highlight=False)
+
+
 def _missing_reasons(chain: J) -> dict[str, str]:
     return {str(m["hop"]): str(m["reason"]) for m in chain.get("missing", [])}
 
@@ -36,8 +47,8 @@ def _dataset_lines(run: J | None) -> str:
     return "\n".join(lines)
 
 
-def chain_rows(chain: J) -> list[tuple[str, str]]:
-    """(hop, text) rows of one chain; a missing hop shows its reason."""
+def chain_rows(chain: J, skip: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """(hop, text) rows of one chain, but the ``skip`` hops; a missing hop shows its reason."""
     missing = _missing_reasons(chain)
     dep, image = chain.get("deployment") or {}, chain.get("image") or {}
     model, run = chain.get("model_version") or {}, chain.get("run") or {}
@@ -51,23 +62,37 @@ def chain_rows(chain: J) -> list[tuple[str, str]]:
             f"{' @' + ','.join(model['aliases']) if model.get('aliases') else ''}"
             f" ({model.get('registry') or model.get('origin')})"
         ),
-        "run": f"{run.get('id')} {run.get('name') or ''} {run.get('url') or ''}\n"
-        f"params: {_pairs(run.get('params'))}\nmetrics: {_pairs(run.get('metrics'))}",
+        "run": "\n".join(
+            line
+            for line in (
+                f"{run.get('id')} {run.get('name') or ''} {run.get('url') or ''}",
+                f"params: {_pairs(run.get('params'))}" if run.get("params") else "",
+                f"metrics: {_pairs(run.get('metrics'))}" if run.get("metrics") else "",
+            )
+            if line
+        ),
         "commit": f"{commit.get('sha', '')} {commit.get('repo') or ''}",
         "datasets": _dataset_lines(run),
     }
     hops = ("deployment", "image", "model_version", "run", "commit", "datasets")
     return [
-        (hop, f"[red]✗ {missing[hop]}[/red]" if hop in missing else found[hop].strip())
+        # Registry text is user data: escape it so "[...]" is never read as markup.
+        (
+            hop,
+            f"[red]✗ {escape(missing[hop])}[/red]"
+            if hop in missing
+            else escape(found[hop].strip()),
+        )
         for hop in hops
+        if hop not in skip
     ]
 
 
-def _chain_table(title: str, chain: J) -> Table:
+def _chain_table(title: str, chain: J, skip: tuple[str, ...] = ()) -> Table:
     table = Table(title=title, show_header=True, title_justify="left")
     table.add_column("hop", style="bold")
     table.add_column("lineage", overflow="fold")
-    for hop, text in chain_rows(chain):
+    for hop, text in chain_rows(chain, skip):
         table.add_row(hop.replace("_", " "), text)
     return table
 
@@ -76,13 +101,14 @@ def render_pivot(console: Console, answer: J) -> None:
     """Predictions of a trace (or id) and one chain table per distinct chain."""
     predictions = answer["predictions"]
     table = Table(
-        title=f"{answer['query']}: {len(predictions)} prediction(s)", title_justify="left"
+        title=escape(f"{answer['query']}: {len(predictions)} prediction(s)"), title_justify="left"
     )
     for column in ("prediction", "time", "model", "deployment / pod", "status", "output"):
         table.add_column(column, overflow="fold")
     for p in predictions:
         model, dep, out = p["model"], p["deployment"], p.get("output") or {}
-        table.add_row(
+        _plain_row(
+            table,
             p["prediction_id"],
             _short(p.get("timestamp"), 27),
             f"{model['name']}/{model['version'] or '@' + model['alias']}",
@@ -97,7 +123,7 @@ def render_pivot(console: Console, answer: J) -> None:
             seen.append(p["lineage"])
             model = p["model"]
             console.print(
-                _chain_table(f"lineage of {model['name']}/{model['version']}", p["lineage"])
+                _chain_table(escape(f"lineage of {model['name']}/{model['version']}"), p["lineage"])
             )
 
 
@@ -115,7 +141,9 @@ def render_model_lineage(console: Console, answer: J) -> None:
             if h != "deployment"
         ],
     }
-    console.print(_chain_table(f"model {model['name']}/{model['version']}", chain))
+    # Deployments get their own table below, with prediction counts.
+    title = escape(f"model {model['name']}/{model['version']}")
+    console.print(_chain_table(title, chain, skip=("deployment",)))
     _deployments_table(console, "deployments", answer.get("deployments", []))
 
 
@@ -124,7 +152,8 @@ def _deployments_table(console: Console, title: str, deployments: Iterable[J]) -
     for column in ("deployment", "predictions", "first seen", "last seen"):
         table.add_column(column)
     for d in deployments:
-        table.add_row(
+        _plain_row(
+            table,
             str(d["id"] or "-"),
             str(d["predictions"]),
             str(d["first_seen"] or "-"),
@@ -137,7 +166,9 @@ def render_impact(console: Console, answer: J) -> None:
     """Model versions and deployments reached from a dataset, commit or image."""
     query = answer["query"]
     table = Table(
-        title=f"impact of {query['kind']} {query['value']}: {answer['predictions']} prediction(s)",
+        title=escape(
+            f"impact of {query['kind']} {query['value']}: {answer['predictions']} prediction(s)"
+        ),
         title_justify="left",
     )
     for column in ("model version", "run", "deployment", "predictions", "first seen", "last seen"):
@@ -147,7 +178,8 @@ def render_impact(console: Console, answer: J) -> None:
         for d in version["deployments"] or [
             {"id": "-", "predictions": 0, "first_seen": None, "last_seen": None}
         ]:
-            table.add_row(
+            _plain_row(
+                table,
                 name,
                 str(version.get("run_id") or "-"),
                 str(d["id"] or "-"),
@@ -157,19 +189,24 @@ def render_impact(console: Console, answer: J) -> None:
             )
     console.print(table)
     if answer.get("runs"):
-        console.print(f"runs: {', '.join(answer['runs'])}")
+        console.print(escape(f"runs: {', '.join(answer['runs'])}"))
 
 
 def render_completeness(console: Console, answer: J) -> None:
     """Per model: predictions, share with a complete chain, missing hops."""
     table = Table(
-        title=f"lineage completeness: {answer['share']:.1%} of {answer['predictions']} predictions",
+        title=(
+            f"lineage completeness: {answer['share']:.1%} of {answer['predictions']} predictions"
+            if answer["predictions"]
+            else "lineage completeness: no predictions stored yet"
+        ),
         title_justify="left",
     )
     for column in ("model", "predictions", "complete", "share", "missing hops (predictions)"):
         table.add_column(column, overflow="fold")
     for m in answer["models"]:
-        table.add_row(
+        _plain_row(
+            table,
             m["model"] or "(none)",
             str(m["predictions"]),
             str(m["complete"]),

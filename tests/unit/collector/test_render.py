@@ -1,0 +1,62 @@
+"""Terminal tables print collector data literally: no markup, no emoji codes."""
+
+from __future__ import annotations
+
+from predtrace.collector._render import (
+    render_completeness,
+    render_impact,
+    render_model_lineage,
+    terminal_console,
+)
+
+
+def _printed(render: object, answer: dict[str, object]) -> str:
+    console = terminal_console()
+    console.width = 200
+    with console.capture() as capture:
+        render(console, answer)  # type: ignore[operator]
+    return capture.get()
+
+
+def test_digests_and_names_are_printed_literally() -> None:
+    answer = {
+        "query": {"kind": "dataset", "value": "sha256:abcd"},
+        "predictions": 3,
+        "model_versions": [
+            {
+                "name": "churn[bold]",
+                "version": "3",
+                "run_id": "r-:smile:",
+                "deployments": [
+                    {"id": "prod", "predictions": 3, "first_seen": "t0", "last_seen": "t1"}
+                ],
+            }
+        ],
+        "runs": ["r-:smile:"],
+    }
+    out = _printed(render_impact, answer)
+    # ":abcd:" once rendered as an emoji; "[bold]" vanished as markup.
+    assert "impact of dataset sha256:abcd: 3 prediction(s)" in out
+    assert "churn[bold]/3" in out
+    assert "r-:smile:" in out
+
+
+def test_model_lineage_lists_deployments_once_and_hides_empty_params() -> None:
+    answer = {
+        "model_version": {"name": "churn", "version": "3", "aliases": ["prod"], "origin": "ci"},
+        "run": {"id": "r-42", "params": {}, "metrics": {}, "datasets": [], "commit": None},
+        "deployments": [
+            {"id": "churn-prod", "predictions": 0, "first_seen": None, "last_seen": None}
+        ],
+        "missing": ["deployment", "commit"],
+    }
+    out = _printed(render_model_lineage, answer)
+    assert out.count("churn-prod") == 1  # in the deployments table, not as a chain hop
+    assert "params:" not in out
+    assert "✗ not registered" in out  # the commit hop is named as missing
+
+
+def test_completeness_with_no_predictions_does_not_claim_100_percent() -> None:
+    out = _printed(render_completeness, {"share": 1.0, "predictions": 0, "models": []})
+    assert "no predictions stored yet" in out
+    assert "100.0%" not in out
