@@ -17,6 +17,7 @@ from predtrace.middleware._context import PredictionContext, current_prediction
 from predtrace.middleware._errors import ConfigError
 from predtrace.middleware._instrument import instrument_app
 from predtrace.middleware._middleware import PredictionTracingMiddleware
+from predtrace.middleware._mlflow import MlflowResolver
 from predtrace.middleware._registry import ModelResolver, ResolvedModel, StaticResolver
 from predtrace.middleware._routes import (
     PROTOCOL_HTTP,
@@ -33,6 +34,7 @@ __all__ = [
     "PROTOCOL_OIP_V2_REST",
     "ConfigError",
     "MiddlewareConfig",
+    "MlflowResolver",
     "ModelResolver",
     "PredictionContext",
     "PredictionRuntime",

@@ -17,6 +17,7 @@ from opentelemetry.trace import TracerProvider
 
 from predtrace.middleware import environment_variables as env
 from predtrace.middleware._errors import ConfigError
+from predtrace.middleware._mlflow import MlflowResolver
 from predtrace.middleware._registry import ModelResolver
 from predtrace.middleware._routes import BUILTIN_ROUTES, RoutePattern
 from predtrace.sidecar.pipeline import CollectorClientConfig, Exporter, QueueConfig
@@ -189,7 +190,7 @@ class MiddlewareConfig:
             node=reader.str_or_empty(env.PREDTRACE_K8S_NODE),
             image_digest=reader.str_or_empty(env.PREDTRACE_IMAGE_DIGEST),
             image_name=reader.str_or_empty(env.PREDTRACE_IMAGE_NAME),
-            resolver=resolver,
+            resolver=resolver or MlflowResolver.from_env(environ),
             routes=tuple(reader.items(env.PREDTRACE_ROUTES)),
             builtin_routes=reader.flag(env.PREDTRACE_BUILTIN_ROUTES, default=True),
             id_header=(reader.text(env.PREDTRACE_ID_HEADER) or "x-prediction-id").lower(),

@@ -76,6 +76,11 @@ PREDTRACE_IMAGE_DIGEST: Final = "PREDTRACE_IMAGE_DIGEST"
 PREDTRACE_IMAGE_NAME: Final = "PREDTRACE_IMAGE_NAME"
 """Container image name."""
 
+PREDTRACE_MLFLOW_URL: Final = "PREDTRACE_MLFLOW_URL"
+"""MLflow tracking server (``http(s)://host:port``) to stamp spans with the training run id
+and events with the artifact digest (``MlflowResolver``); credentials from MLflow's own
+``MLFLOW_TRACKING_TOKEN`` or ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``."""
+
 PREDTRACE_ROUTES: Final = "PREDTRACE_ROUTES"
 """Extra prediction routes, e.g. ``POST /predict,POST /models/{name}/score``."""
 

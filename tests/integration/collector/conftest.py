@@ -9,11 +9,9 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,57 +108,3 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/collector.db"
     return f"{_postgres_url()}?schema=it_{secrets.token_hex(6)}"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:  # noqa: S310 - loopback
-            return bool(resp.status == 200)
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One real MLflow tracking server (SQLite backend) for the session."""
-    executable = os.environ.get("PREDTRACE_TEST_MLFLOW")
-    if not executable:
-        if os.environ.get("PREDTRACE_SKIP_MLFLOW") == "1":
-            pytest.skip("PREDTRACE_SKIP_MLFLOW=1")
-        pytest.fail("PREDTRACE_TEST_MLFLOW is not set: run `bash tests/run` (it installs MLflow)")
-    root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    log = (root / "mlflow.log").open("wb")
-    process = subprocess.Popen(
-        [
-            executable,
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root}/mlflow.db",
-            "--default-artifact-root",
-            str(root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _healthy(url) or process.poll() is not None, "MLflow", 120)
-        assert process.poll() is None, (root / "mlflow.log").read_text()[-2000:]
-        yield url
-    finally:
-        stop(process)
-        log.close()
