@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
 from predtrace.collector import ConfigError, Scope, TokenTable, hash_token, new_token
 from predtrace.collector._auth import bearer, is_loopback
+from predtrace.collector._security import Authorizer, AuthRefusal
 
 
 def _table(tmp_path: Path, body: str) -> TokenTable:
@@ -58,3 +60,40 @@ def test_bearer_header_and_loopback_parsing() -> None:
     assert bearer("Basic abc") is None and bearer(None) is None and bearer("Bearer ") is None
     assert is_loopback("127.0.0.1") and is_loopback("::1")
     assert not is_loopback("10.0.0.1") and not is_loopback(None)
+
+
+@pytest.mark.parametrize(
+    ("peer", "allowed"),
+    [("127.0.0.1", True), ("::1", True), ("10.1.2.3", False), ("192.0.2.7", False)],
+)
+def test_without_tokens_only_loopback_peers_are_served(peer: str, allowed: bool) -> None:
+    class _Transport:
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return (peer, 40000) if name == "peername" else default
+
+    request = make_mocked_request("GET", "/v1/traces/x", transport=_Transport())
+    assert request.remote == peer
+    authorizer = Authorizer(None)
+    if allowed:
+        assert authorizer.check(request, Scope.READ) is None
+    else:
+        with pytest.raises(AuthRefusal) as refused:
+            authorizer.check(request, Scope.INGEST)
+        assert refused.value.status == 403
+        assert "only loopback clients" in refused.value.reason
+
+
+def test_with_tokens_the_answer_never_quotes_the_token(tmp_path: Path) -> None:
+    token = new_token()
+    table = _table(tmp_path, f'[[token]]\nsha256 = "{hash_token(token)}"\nscopes = ["read"]\n')
+    wrong = new_token()
+    request = make_mocked_request(
+        "POST", "/v1/batches", headers={"Authorization": f"Bearer {wrong}"}
+    )
+    with pytest.raises(AuthRefusal) as refused:
+        Authorizer(table).check(request, Scope.INGEST)
+    assert refused.value.status == 401 and wrong not in refused.value.reason
+    good = make_mocked_request("POST", "/v1/batches", headers={"Authorization": f"Bearer {token}"})
+    with pytest.raises(AuthRefusal) as scoped:
+        Authorizer(table).check(good, Scope.INGEST)
+    assert scoped.value.status == 403 and token not in scoped.value.reason
