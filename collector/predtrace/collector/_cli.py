@@ -336,6 +336,18 @@ def collector_group() -> None:
 )
 @click.option("--mlflow", default=None, help="MLflow tracking URL [default: MLFLOW_TRACKING_URI]")
 @click.option("--retention-days", type=float, default=None, help="keep predictions this many days")
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="PEM certificate chain: serve HTTPS (with --tls-key) [PREDTRACE_COLLECTOR_TLS_CERT]",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="PEM private key of --tls-cert [PREDTRACE_COLLECTOR_TLS_KEY]",
+)
 def serve_command(
     *,
     db: str | None,
@@ -344,6 +356,8 @@ def serve_command(
     tokens: str | None,
     mlflow: str | None,
     retention_days: float | None,
+    tls_cert: str | None,
+    tls_key: str | None,
 ) -> None:
     """Run the collector until SIGTERM or SIGINT."""
     import asyncio  # noqa: PLC0415 - the server stack loads only here
@@ -362,6 +376,8 @@ def serve_command(
             listen=listen,
             tokens_file=tokens,
             mlflow_url=mlflow,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
             retention=RetentionPolicy(predictions_days=retention_days) if retention_days else None,
         )
         asyncio.run(serve(config, ready_file=ready_file))

@@ -5,6 +5,7 @@ Validated at startup (fail fast); every environment variable is a constant below
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -14,6 +15,8 @@ from predtrace.collector._errors import ConfigError
 PREDTRACE_COLLECTOR_DB: Final = "PREDTRACE_COLLECTOR_DB"
 PREDTRACE_COLLECTOR_LISTEN: Final = "PREDTRACE_COLLECTOR_LISTEN"
 PREDTRACE_COLLECTOR_TOKENS: Final = "PREDTRACE_COLLECTOR_TOKENS"
+PREDTRACE_COLLECTOR_TLS_CERT: Final = "PREDTRACE_COLLECTOR_TLS_CERT"
+PREDTRACE_COLLECTOR_TLS_KEY: Final = "PREDTRACE_COLLECTOR_TLS_KEY"
 PREDTRACE_COLLECTOR_MAX_BODY_BYTES: Final = "PREDTRACE_COLLECTOR_MAX_BODY_BYTES"
 PREDTRACE_COLLECTOR_MAX_INFLIGHT_BYTES: Final = "PREDTRACE_COLLECTOR_MAX_INFLIGHT_BYTES"
 PREDTRACE_RETENTION_PREDICTIONS_DAYS: Final = "PREDTRACE_RETENTION_PREDICTIONS_DAYS"
@@ -86,6 +89,8 @@ class CollectorConfig:
     listen: str = DEFAULT_LISTEN
     tokens_file: str | None = None
     mlflow_url: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     max_body_bytes: int = 16 * 1024 * 1024
     max_decompressed_bytes: int = 64 * 1024 * 1024
     max_events: int = 10_000
@@ -106,6 +111,26 @@ class CollectorConfig:
             raise ConfigError("max_inflight_bytes must be >= max_body_bytes")
         if self.retry_after_s < 1 or self.query_limit < 1:
             raise ConfigError("retry_after_s and query_limit must be >= 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The listener's TLS context (TLS 1.2+), or None for plaintext.
+
+        Raises:
+            ConfigError: the certificate or key cannot be loaded.
+        """
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot load the TLS certificate {self.tls_cert} and key: {exc}"
+            ) from None
+        return context
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: object) -> CollectorConfig:
@@ -120,6 +145,8 @@ class CollectorConfig:
             ("listen", PREDTRACE_COLLECTOR_LISTEN),
             ("tokens_file", PREDTRACE_COLLECTOR_TOKENS),
             ("mlflow_url", MLFLOW_TRACKING_URI),
+            ("tls_cert", PREDTRACE_COLLECTOR_TLS_CERT),
+            ("tls_key", PREDTRACE_COLLECTOR_TLS_KEY),
         ):
             if environ.get(name):
                 values[key] = environ[name]

@@ -22,14 +22,14 @@ from predtrace.collector._config import CollectorConfig, parse_listen
 class RunningCollector:
     """A collector serving on a socket; ``stop`` shuts it down. Safe twice."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int) -> None:
-        self.runner, self.host, self.port = runner, host, port
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *, tls: bool = False) -> None:
+        self.runner, self.host, self.port, self.tls = runner, host, port, tls
 
     @property
     def url(self) -> str:
         """The base URL clients use."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     async def stop(self) -> None:
         """Stop accepting, finish in-flight requests, run the app's cleanup."""
@@ -46,11 +46,12 @@ async def start_collector(
         OSError: the address cannot be bound.
     """
     host, port = parse_listen(config.listen)
+    ssl_context = config.ssl_context()  # a bad certificate fails before anything binds
     # auto_decompress off: the bounded decoder inflates gzip itself (gzip bombs -> 413).
     runner = web.AppRunner(app or build_app(config), auto_decompress=False, access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
         await site.start()
     except BaseException:
         await runner.cleanup()
@@ -60,7 +61,7 @@ async def start_collector(
     if isinstance(server, asyncio.base_events.Server) and server.sockets:
         sock: socket.socket = server.sockets[0]
         bound = sock.getsockname()[1]
-    return RunningCollector(runner, host, bound)
+    return RunningCollector(runner, host, bound, tls=ssl_context is not None)
 
 
 def write_ready_file(path: str, lines: list[str]) -> None:

@@ -11,6 +11,7 @@ import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -252,3 +253,8 @@ def test_parse_retry_after_reads_seconds_and_dates() -> None:
     assert parse_retry_after(None) is None
     assert parse_retry_after("soon") is None
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
+
+
+def test_a_missing_ca_file_fails_at_startup(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="CA file"):
+        CollectorClientConfig(url="https://collector:8443", ca_file=str(tmp_path / "nope.pem"))

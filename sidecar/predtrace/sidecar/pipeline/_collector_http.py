@@ -14,6 +14,7 @@ import asyncio
 import ipaddress
 import os
 import secrets
+import ssl
 import time
 import weakref
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ class CollectorClientConfig:
     token: str | None = None
     timeout: float = 10.0
     compress: bool = True
+    ca_file: str | None = None
+    """PEM bundle that signs an https collector's certificate (else the system's trust)."""
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -76,6 +79,8 @@ class CollectorClientConfig:
             )
         if self.timeout <= 0:
             raise ValueError("collector timeout must be > 0 seconds")
+        if self.ca_file is not None and not os.path.isfile(self.ca_file):
+            raise ValueError(f"collector CA file {self.ca_file!r} does not exist")
 
     @property
     def batches_url(self) -> str:
@@ -126,7 +131,11 @@ class CollectorClient:
         """
         if self._session is None:
             timeout = aiohttp.ClientTimeout(total=self.config.timeout)
-            self._session = aiohttp.ClientSession(timeout=timeout)
+            connector = None
+            if self.config.ca_file is not None:
+                trust = ssl.create_default_context(cafile=self.config.ca_file)
+                connector = aiohttp.TCPConnector(ssl=trust)
+            self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
         try:
             async with self._session.post(
                 self.config.batches_url, data=body, headers=self._headers(compressed)
