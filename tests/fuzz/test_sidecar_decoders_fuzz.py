@@ -9,12 +9,14 @@ does not hold.
 from __future__ import annotations
 
 import contextlib
+import json
 
 import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from predtrace.oip.v2 import grpc_predict_v2_pb2 as pb
+from predtrace.sidecar._otlp import OtlpJsonError, parse_json
 from predtrace.sidecar._protowire import ProtoWireError, append_string_field, top_level_strings
 from predtrace.sidecar._shipstate import ShipState
 from predtrace.sidecar.spool import encode_record, scan
@@ -80,3 +82,37 @@ def test_the_shipper_state_decoder_raises_only_value_error(data: bytes) -> None:
 def test_the_shipper_state_decoder_never_allocates_from_a_declared_size() -> None:
     with contextlib.suppress(ValueError):
         ShipState.decode(msgpack.packb([1, 1, 2**40, None]))
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
+    max_leaves=30,
+)
+_otlp_keys = st.sampled_from(
+    ["resourceSpans", "scopeSpans", "spans", "links", "traceId", "spanId", "parentSpanId",
+     "attributes", "name", "kind", "status", "startTimeUnixNano", "resource", "scope"]
+)  # fmt: skip
+_otlp_like = st.recursive(
+    st.none() | st.integers() | st.text(max_size=34),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_otlp_keys, inner, max_size=4),
+    max_leaves=40,
+)
+
+
+@FAST
+@given(_json_values | _otlp_like)
+def test_the_otlp_json_decoder_raises_only_its_own_error(document: object) -> None:
+    body = json.dumps(document).encode()
+    with contextlib.suppress(OtlpJsonError):
+        parsed = parse_json(body)
+        assert parsed.ByteSize() >= 0
+
+
+@FAST
+@given(st.binary(max_size=512))
+def test_the_otlp_json_decoder_survives_random_bytes(data: bytes) -> None:
+    with contextlib.suppress(OtlpJsonError):
+        parse_json(data)

@@ -5,17 +5,20 @@ Spans carrying ``predtrace.prediction.id`` become prediction events (their
 ``predtrace.model.*`` attributes, status and timing); all spans, predictions
 or not, are forwarded to the configured OTLP backend, so the sidecar can sit
 in front of any OTLP receiver. Bodies are bounded; OTLP/HTTP accepts the
-protobuf encoding (gzip'd or not).
+protobuf and the JSON encodings (gzip'd or not).
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 from collections.abc import Mapping
 from typing import Final
 
 import grpc
 from aiohttp import web
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1 import common_pb2
@@ -38,10 +41,77 @@ from predtrace.wire import (
 _log = logging.getLogger("predtrace.sidecar.otlp")
 PREDICTION_ID: Final = "predtrace.prediction.id"
 PROTOBUF: Final = "application/x-protobuf"
+JSON: Final = "application/json"
 _MAX_ATTRIBUTES: Final = 64
 _MAX_VALUE_LEN: Final = 1024
 _ERROR: Final = trace_pb2.Status.STATUS_CODE_ERROR
 ExportRequest = trace_service_pb2.ExportTraceServiceRequest
+
+
+class OtlpJsonError(ValueError):
+    """An OTLP/JSON body that does not describe an ExportTraceServiceRequest."""
+
+
+# OTLP/JSON writes these bytes fields as hex, where protobuf's JSON mapping says base64.
+_HEX_ID_FIELDS: Final = (
+    "traceId",
+    "spanId",
+    "parentSpanId",
+    "trace_id",
+    "span_id",
+    "parent_span_id",
+)
+
+
+def _hex_ids_to_base64(item: object) -> None:
+    if not isinstance(item, dict):
+        raise OtlpJsonError("spans and links must be objects")
+    for key in _HEX_ID_FIELDS:
+        value = item.get(key)
+        if isinstance(value, str) and value:
+            try:
+                item[key] = base64.b64encode(bytes.fromhex(value)).decode()
+            except ValueError:
+                raise OtlpJsonError(f"{key} must be hex") from None
+
+
+def _list(value: object, where: str) -> list[object]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise OtlpJsonError(f"{where} must be a list")
+    return value
+
+
+def parse_json(body: bytes) -> trace_service_pb2.ExportTraceServiceRequest:
+    """Decode an OTLP/HTTP JSON body (hex ids, lowerCamelCase or snake_case keys).
+
+    Unknown fields are ignored, as the OTLP spec asks of receivers.
+
+    Raises:
+        OtlpJsonError: not JSON, nested too deep, or not the request's shape.
+    """
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        raise OtlpJsonError("not JSON (or nested too deep)") from None
+    if not isinstance(document, dict):
+        raise OtlpJsonError("the body must be a JSON object")
+    for resource_spans in _list(document.get("resourceSpans"), "resourceSpans"):
+        if not isinstance(resource_spans, dict):
+            raise OtlpJsonError("resourceSpans[] must be objects")
+        for scope_spans in _list(resource_spans.get("scopeSpans"), "scopeSpans"):
+            if not isinstance(scope_spans, dict):
+                raise OtlpJsonError("scopeSpans[] must be objects")
+            for span in _list(scope_spans.get("spans"), "spans"):
+                _hex_ids_to_base64(span)
+                assert isinstance(span, dict)  # noqa: S101 - checked just above
+                for link in _list(span.get("links"), "links"):
+                    _hex_ids_to_base64(link)
+    try:
+        return json_format.ParseDict(document, ExportRequest(), ignore_unknown_fields=True)
+    except (json_format.ParseError, RecursionError, TypeError, ValueError) as exc:
+        raise OtlpJsonError(str(exc)[:200]) from None
 
 
 def _text(value: common_pb2.AnyValue) -> str:
@@ -180,27 +250,40 @@ class OtlpReceiver:
         return f"{host}:{bound}"
 
     async def _http_export(self, request: web.Request) -> web.Response:
-        if request.content_type != PROTOBUF:
-            return web.Response(status=415, text=f"only {PROTOBUF} is accepted")
+        encoding = request.content_type
+        decoded = await self._decode_http(request, encoding)
+        if isinstance(decoded, web.Response):
+            return decoded
+        try:
+            await self.accept(decoded)
+        except SpoolError as exc:
+            return web.Response(status=503, text=str(exc), headers={"Retry-After": "1"})
+        if encoding == JSON:  # answer in the encoding asked in (OTLP/HTTP spec)
+            return web.Response(body=b"{}", content_type=JSON)
+        response = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+        return web.Response(body=response, content_type=PROTOBUF)
+
+    async def _decode_http(
+        self, request: web.Request, encoding: str
+    ) -> ExportRequest | web.Response:
+        """The request's spans, or the 4xx answer that says why there are none."""
+        if encoding not in (PROTOBUF, JSON):
+            return web.Response(status=415, text=f"send {PROTOBUF} or {JSON}")
         try:
             # aiohttp already inflates a gzip Content-Encoding within
             # client_max_size; a body that is still gzip is inflated here, bounded.
             body = await request.read()
             if body[:2] == b"\x1f\x8b":
                 body = gunzip_bounded(body, self._max_body)
-            message = ExportRequest.FromString(body)
+            return ExportRequest.FromString(body) if encoding == PROTOBUF else parse_json(body)
         except web.HTTPRequestEntityTooLarge:
             return web.Response(status=413, text="body too large")
         except WireTooLargeError:
             return web.Response(status=413, text="decompressed body too large")
         except (WireError, DecodeError):
             return web.Response(status=400, text="malformed OTLP protobuf body")
-        try:
-            await self.accept(message)
-        except SpoolError as exc:
-            return web.Response(status=503, text=str(exc), headers={"Retry-After": "1"})
-        response = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
-        return web.Response(body=response, content_type=PROTOBUF)
+        except OtlpJsonError as exc:
+            return web.Response(status=400, text=f"malformed OTLP JSON body: {exc}")
 
     async def stop(self) -> None:
         """Stop the HTTP listener. Safe twice."""

@@ -153,8 +153,20 @@ async def test_bad_otlp_http_bodies_get_a_4xx_and_the_receiver_keeps_serving(
     async with aiohttp.ClientSession() as session:
         async with session.post(url, data=b"\xff\xff\xff", headers=proto) as resp:
             assert resp.status == 400
-        async with session.post(url, data=b"{}", headers={"Content-Type": "application/json"}) as r:
+        async with session.post(url, data=b"{}", headers={"Content-Type": "text/plain"}) as r:
             assert r.status == 415
+        as_json = {"Content-Type": "application/json"}
+        for bad in (
+            b"{not json",
+            b"[1, 2]",
+            b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "zz"}]}]}]}',
+            b'{"resourceSpans": {"oops": 1}}',
+            b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"name": 7}]}]}]}',
+            b"[" * 50_000 + b"]" * 50_000,
+        ):
+            async with session.post(url, data=bad, headers=as_json) as r:
+                assert r.status in (400, 413), (bad[:40], r.status)
+                assert r.status == 413 or "malformed OTLP JSON body" in await r.text()
         async with session.post(url, data=b"x" * 100_000, headers=proto) as resp:
             assert resp.status == 413
         bomb = gzip.compress(b"\x00" * 10_000_000)
@@ -163,6 +175,71 @@ async def test_bad_otlp_http_bodies_get_a_4xx_and_the_receiver_keeps_serving(
     exporter = HttpSpanExporter(endpoint=url)
     await asyncio.to_thread(produce, exporter)
     await eventually(lambda: len(running.collector.events()) == 2)
+
+
+def _json_span(prediction_id: str, span_id: str, **extra: object) -> dict[str, object]:
+    """One span in OTLP/JSON: hex ids, lowerCamelCase keys, int64 as strings."""
+    return {
+        "traceId": "5B8EFFF798038103D269B633813FC60C",
+        "spanId": span_id,
+        "name": "predict",
+        "kind": 2,
+        "startTimeUnixNano": "1700000000000000000",
+        "endTimeUnixNano": "1700000000250000000",
+        "attributes": [
+            {"key": "predtrace.prediction.id", "value": {"stringValue": prediction_id}},
+            {"key": "predtrace.model.name", "value": {"stringValue": "churn"}},
+            {"key": "predtrace.model.version", "value": {"stringValue": "4"}},
+            {"key": "http.response.status_code", "value": {"intValue": "200"}},
+        ],
+        **extra,
+    }
+
+
+async def test_otlp_json_bodies_become_events_and_are_forwarded(
+    start_sidecar: StartSidecar, sink: OtlpSink
+) -> None:
+    running = await start(start_sidecar, sink)
+    url = f"http://{running.app.addresses['otlp-http']}/v1/traces"
+    body = {
+        "resourceSpans": [
+            {
+                "resource": {
+                    "attributes": [{"key": "service.name", "value": {"stringValue": "js-api"}}]
+                },
+                "scopeSpans": [
+                    {
+                        "scope": {"name": "browser"},
+                        "spans": [
+                            _json_span("pred-j1", "EEE19B7EC3C1B174"),
+                            _json_span(
+                                "pred-j2",
+                                "EEE19B7EC3C1B175",
+                                parentSpanId="EEE19B7EC3C1B173",
+                                status={"code": 2, "message": "boom"},
+                                links=[{"traceId": "00" * 16, "spanId": "01" * 8}],
+                                futureField={"ignored": True},
+                            ),
+                        ],
+                    }
+                ],
+            }
+        ]
+    }
+    async with aiohttp.ClientSession() as session, session.post(url, json=body) as resp:
+        assert resp.status == 200
+        assert resp.content_type == "application/json"
+        assert await resp.json() == {}
+    await eventually(lambda: len(running.collector.events()) == 2)
+    await eventually(lambda: len(sink.spans()) == 2)
+    by_id = {e.prediction_id: e for e in running.collector.events()}
+    first, second = by_id["pred-j1"], by_id["pred-j2"]
+    assert first.trace_id == bytes.fromhex("5b8efff798038103d269b633813fc60c")
+    assert first.span_id == bytes.fromhex("eee19b7ec3c1b174")
+    assert (first.model.name, first.model.version, first.status_code) == ("churn", "4", "200")
+    assert first.duration_nanos == 250_000_000
+    assert first.deployment.service == "js-api"
+    assert second.status == EventStatus.ERROR
 
 
 async def test_the_forwarder_drops_oldest_past_its_cap_and_counts_each_reason(
