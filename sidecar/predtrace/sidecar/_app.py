@@ -17,6 +17,7 @@ import os
 import posixpath
 import secrets
 import socket
+import ssl
 import time
 from collections.abc import Mapping
 
@@ -26,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from predtrace.sidecar._config import SidecarConfig, parse_hostport
+from predtrace.sidecar._errors import ConfigError
 from predtrace.sidecar._grpc_api import SERVICE_NAME, GrpcSource
 from predtrace.sidecar._intake import Intake
 from predtrace.sidecar._metrics import MetricsServer
@@ -81,6 +83,7 @@ class SidecarApp:
         self._proxies: list[OipProxy] = []
         self._health = health_aio.HealthServicer()
         self._stopped = False
+        self._credentials, self._ssl_context = _tls(config)
 
     @property
     def spool(self) -> Spool:
@@ -148,7 +151,7 @@ class SidecarApp:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.addresses["grpc"] = _bind(server, config.listen, "--listen")
+        self.addresses["grpc"] = _bind(server, config.listen, "--listen", self._credentials)
         await server.start()
         self._servers.append(server)
 
@@ -158,12 +161,14 @@ class SidecarApp:
         self._otlp = OtlpReceiver(intake, self._forwarder)
         server = grpc.aio.server(options=grpc_server_options(config.max_message_bytes))
         self._otlp.add_to_grpc_server(server)
-        self.addresses["otlp-grpc"] = _bind(server, config.otlp_listen, "--otlp-listen")
+        self.addresses["otlp-grpc"] = _bind(
+            server, config.otlp_listen, "--otlp-listen", self._credentials
+        )
         await server.start()
         self._servers.append(server)
         http_listen = config.otlp_http_listen or _next_port(config.otlp_listen)
         self.addresses["otlp-http"] = await self._otlp.start_http(
-            http_listen, max_body=config.max_message_bytes
+            http_listen, max_body=config.max_message_bytes, ssl_context=self._ssl_context
         )
 
     async def _start_oip(self, intake: Intake, listen: str, upstream: str, index: int) -> None:
@@ -171,7 +176,7 @@ class SidecarApp:
         server = grpc.aio.server(options=grpc_server_options(self.config.max_message_bytes))
         server.add_generic_rpc_handlers((proxy.generic_handler(),))
         name = "oip-proxy" if index == 0 else f"oip-proxy-{index + 1}"
-        self.addresses[name] = _bind(server, listen, "--oip-proxy")
+        self.addresses[name] = _bind(server, listen, "--oip-proxy", self._credentials)
         await server.start()
         self._servers.append(server)
         self._proxies.append(proxy)
@@ -264,9 +269,43 @@ class SidecarApp:
                 os.unlink(self.config.ready_file)
 
 
-def _bind(server: grpc.aio.Server, listen: str, what: str) -> str:
+def _tls(config: SidecarConfig) -> tuple[grpc.ServerCredentials | None, ssl.SSLContext | None]:
+    """gRPC credentials and the HTTP listener's TLS context; client certs required with a CA.
+
+    Raises:
+        ConfigError: a certificate, key or CA cannot be read or loaded.
+    """
+    files = config.tls_files()
+    if files is None:
+        return None, None
+    chain, key, client_ca = files
+    credentials = grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(config.tls_cert), str(config.tls_key))
+        if client_ca is not None:
+            context.load_verify_locations(cadata=client_ca.decode("ascii", "replace"))
+            context.verify_mode = ssl.CERT_REQUIRED
+    except ssl.SSLError as exc:
+        raise ConfigError(f"cannot load the TLS certificate, key or client CA: {exc}") from None
+    return credentials, context
+
+
+def _bind(
+    server: grpc.aio.Server,
+    listen: str,
+    what: str,
+    credentials: grpc.ServerCredentials | None = None,
+) -> str:
     host, port = parse_hostport(listen, what)
-    bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, credentials)
     if bound == 0:
         raise OSError(f"cannot listen on {listen} ({what})")
     return f"{host}:{bound}"

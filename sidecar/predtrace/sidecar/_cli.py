@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -122,6 +123,26 @@ def build_config(options: dict[str, Any], environ: dict[str, str]) -> SidecarCon
 @click.option("--allow-feature", multiple=True, help="Feature name glob that may leave.")
 @click.option("--allow-attribute", multiple=True, help="Attribute key glob that may leave.")
 @click.option("--redact", multiple=True, help="Regex masked in kept attribute values.")
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False),
+    help="PEM certificate chain: TLS on the gRPC and OTLP listeners [PREDTRACE_SIDECAR_TLS_CERT].",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(exists=True, dir_okay=False),
+    help="PEM private key of --tls-cert [PREDTRACE_SIDECAR_TLS_KEY].",
+)
+@click.option(
+    "--tls-client-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    help="PEM CA that signs client certificates: mTLS [PREDTRACE_SIDECAR_TLS_CLIENT_CA].",
+)
+@click.option(
+    "--collector-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    help="PEM CA of an https collector's certificate [PREDTRACE_COLLECTOR_CA; else system].",
+)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
 def serve(log_level: str, **options: Any) -> None:
     """Run the sidecar: gRPC API, durable spool, shipper, optional OTLP and OIP proxy."""
@@ -159,7 +180,27 @@ async def _serve(config: SidecarConfig, faults: FaultPoints) -> None:
 @click.option("--ready-file", help="Read the target from the sidecar's ready file.")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
 @click.option("--timeout", type=float, default=5.0, help="Seconds to wait for the answer.")
-def status(target: str | None, ready_file: str | None, output: str, timeout: float) -> None:
+@click.option(
+    "--tls-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    help="PEM CA of a TLS sidecar's certificate (enables TLS).",
+)
+@click.option(
+    "--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM client cert (mTLS)."
+)
+@click.option(
+    "--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM key of --tls-cert."
+)
+def status(
+    *,
+    target: str | None,
+    ready_file: str | None,
+    output: str,
+    timeout: float,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+) -> None:
     """Show spool depth, oldest unsent event, last success and lag of a running sidecar."""
     from predtrace.sidecar._status import status_to_dict  # noqa: PLC0415 - lazy CLI
     from predtrace.v1 import sidecar_pb2, sidecar_pb2_grpc  # noqa: PLC0415 - lazy CLI
@@ -171,7 +212,14 @@ def status(target: str | None, ready_file: str | None, output: str, timeout: flo
         except OSError as exc:
             raise click.UsageError(f"cannot read {ready_file}: {exc.strerror}") from None
     target = target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
-    with grpc.insecure_channel(target) as channel:
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    if tls_ca or tls_cert:
+        pem = [Path(p).read_bytes() if p else None for p in (tls_ca, tls_key, tls_cert)]
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(*pem))
+    else:
+        channel = grpc.insecure_channel(target)
+    with channel:
         stub = sidecar_pb2_grpc.SidecarStub(channel)  # type: ignore[no-untyped-call]  # generated stub
         try:
             answer = stub.Status(sidecar_pb2.StatusRequest(), timeout=timeout)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from predtrace.sidecar import environment_variables as ev
@@ -197,9 +198,16 @@ class SidecarConfig:
     drain_timeout: float = 10.0
     redaction: RedactionConfig = field(default_factory=RedactionConfig)
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
 
     def __post_init__(self) -> None:
         parse_hostport(self.listen, "--listen")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
         for value, what in (
             (self.otlp_listen, "--otlp-listen"),
             (self.otlp_http_listen, "--otlp-http-listen"),
@@ -223,6 +231,24 @@ class SidecarConfig:
         if len(self.producer_id) > 200:
             raise ConfigError("producer id must be at most 200 characters")
 
+    def tls_files(self) -> tuple[bytes, bytes, bytes | None] | None:
+        """(certificate chain, key, client CA or None) read from disk, or None for plaintext.
+
+        Raises:
+            ConfigError: a file cannot be read (named).
+        """
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+
+        def read(path: str, what: str) -> bytes:
+            try:
+                return Path(path).read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"cannot read the TLS {what} {path}: {exc.strerror}") from None
+
+        client_ca = read(self.tls_client_ca, "client CA") if self.tls_client_ca else None
+        return read(self.tls_cert, "certificate"), read(self.tls_key, "key"), client_ca
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> SidecarConfig:
         """Settings from ``PREDTRACE_*`` variables; ``overrides`` (flags) win.
@@ -242,9 +268,12 @@ class SidecarConfig:
             raise ConfigError(f"the spool directory is required: --spool or {ev.SPOOL_DIR}")
         token = given.pop("token", None) or environ.get(ev.TOKEN) or None
         timeout = float(given.pop("collector_timeout", None) or 10.0)
+        collector_ca = given.pop("collector_ca", None) or environ.get(ev.COLLECTOR_CA) or None
         max_bytes = given.pop("spool_max_bytes", None) or environ.get(ev.SPOOL_MAX_BYTES)
         try:
-            collector = CollectorClientConfig(url=url, token=token, timeout=timeout)
+            collector = CollectorClientConfig(
+                url=url, token=token, timeout=timeout, ca_file=collector_ca
+            )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         spool_args: dict[str, Any] = {"directory": spool_dir}
@@ -260,6 +289,9 @@ class SidecarConfig:
             "otlp_listen": environ.get(ev.OTLP_LISTEN) or None,
             "otlp_export": environ.get(ev.OTLP_EXPORT) or None,
             "metrics_listen": environ.get(ev.METRICS_LISTEN) or None,
+            "tls_cert": environ.get(ev.TLS_CERT) or None,
+            "tls_key": environ.get(ev.TLS_KEY) or None,
+            "tls_client_ca": environ.get(ev.TLS_CLIENT_CA) or None,
             "edge": edge,
             "shipper": ShipperConfig.edge() if edge else ShipperConfig(),
             "redaction": RedactionConfig.from_env(environ),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import ssl
 from collections.abc import Mapping
 from typing import Final
 
@@ -236,15 +237,17 @@ class OtlpReceiver:
             _TraceService(self), server
         )
 
-    async def start_http(self, listen: str, *, max_body: int) -> str:
-        """Serve ``POST /v1/traces``; return the bound ``host:port``."""
+    async def start_http(
+        self, listen: str, *, max_body: int, ssl_context: ssl.SSLContext | None = None
+    ) -> str:
+        """Serve ``POST /v1/traces`` (HTTPS given ``ssl_context``); return ``host:port``."""
         self._max_body = max_body
         app = web.Application(client_max_size=max_body)
         app.router.add_post("/v1/traces", self._http_export)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         host, port = parse_hostport(listen, "--otlp-http-listen")
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
         await site.start()
         bound = self._runner.addresses[0][1]
         return f"{host}:{bound}"
