@@ -116,61 +116,6 @@ def test_model_server_with_middleware_to_sidecar_to_collector(
         assert sidecar.stop() == 0
 
 
-def _mlflow() -> str | None:
-    candidate = os.environ.get("PREDTRACE_TEST_MLFLOW") or str(
-        ROOT / ".cache/mlflow-venv/bin/mlflow"
-    )
-    return candidate if Path(candidate).exists() else None
-
-
-@pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[str]:
-    executable = _mlflow()
-    if executable is None:
-        pytest.skip("no mlflow executable (tests/run installs one; PREDTRACE_TEST_MLFLOW)")
-    port = _free_port()
-    log = (tmp_path / "mlflow.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            executable,
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "--default-artifact-root",
-            str(tmp_path / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        assert proc.poll() is None, (tmp_path / "mlflow.log").read_text()[-2000:]
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:  # noqa: S310 - loopback
-                return resp.status == 200
-        except OSError:
-            return False
-
-    try:
-        eventually_sync(healthy, 90)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        log.close()
-
-
 def _mlflow_trace_ids(url: str) -> set[str]:
     with urllib.request.urlopen(f"{url}/api/2.0/mlflow/traces?experiment_ids=0", timeout=10) as r:  # noqa: S310 - loopback
         traces = json.loads(r.read()).get("traces", [])
