@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -89,3 +90,25 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def _tail(path: Path) -> str:
     return path.read_text(errors="replace")[-2000:]
+
+
+@pytest.fixture
+def collector_url(tmp_path: Path) -> Iterator[str]:
+    """A real `predtrace collector serve` on SQLite at 127.0.0.1:<free port>; its base URL."""
+    ready, log_path = tmp_path / "collector.ready", tmp_path / "collector.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "predtrace.cli", "collector", "serve",
+             "--db", f"sqlite:///{tmp_path}/collector.db", "--listen", "127.0.0.1:0",
+             "--ready-file", str(ready)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not (ready.exists() and ready.read_text().strip()):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the collector did not start:\n{_tail(log_path)}")
+            time.sleep(0.05)
+        yield "http://" + ready.read_text().splitlines()[0]
+    finally:
+        _stop_group(process)

@@ -51,24 +51,11 @@ def _stop(process: subprocess.Popen[bytes]) -> int:
     return process.returncode
 
 
-def test_preloaded_workers_get_distinct_ids_and_every_event_arrives(tmp_path: Path) -> None:
-    ready = tmp_path / "collector.ready"
-    collector_log = tmp_path / "collector.log"
-    with collector_log.open("wb") as out:
-        collector = subprocess.Popen(
-            [*CLI, "collector", "serve", "--db", f"sqlite:///{tmp_path}/c.db",
-             "--listen", "127.0.0.1:0", "--ready-file", str(ready)],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+def test_preloaded_workers_get_distinct_ids_and_every_event_arrives(
+    tmp_path: Path, collector_url: str
+) -> None:
     gunicorn: subprocess.Popen[bytes] | None = None
     try:
-        deadline = time.monotonic() + 30
-        while not (ready.exists() and ready.read_text().strip()):
-            assert collector.poll() is None, collector_log.read_text()
-            assert time.monotonic() < deadline, "the collector did not start"
-            time.sleep(0.05)
-        collector_url = "http://" + ready.read_text().splitlines()[0]
-
         env = {
             **os.environ,
             "PREDTRACE_COLLECTOR_URL": collector_url,
@@ -125,4 +112,3 @@ def test_preloaded_workers_get_distinct_ids_and_every_event_arrives(tmp_path: Pa
     finally:
         if gunicorn is not None:
             _stop(gunicorn)
-        _stop(collector)
