@@ -10,6 +10,7 @@ import json
 import ssl
 import subprocess
 import urllib.request
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -36,9 +37,18 @@ class Pki:
         self.server_cert, self.server_key = self._issue(ca, folder / "server", "127.0.0.1")
         self.client_cert, self.client_key = self._issue(ca, folder / "client", "model-server")
 
+        expired = datetime.now(UTC) - timedelta(days=1)
+        self.expired_cert, self.expired_key = self._issue(
+            ca, folder / "expired", "model-server", not_before=expired - timedelta(days=30),
+            not_after=expired,
+        )  # fmt: skip
+        self.stranger_cert, self.stranger_key = self._issue(
+            trustme.CA(), folder / "stranger", "model-server"
+        )
+
     @staticmethod
-    def _issue(ca: trustme.CA, stem: Path, name: str) -> tuple[Path, Path]:
-        leaf = ca.issue_cert(name)
+    def _issue(ca: trustme.CA, stem: Path, name: str, **validity: datetime) -> tuple[Path, Path]:
+        leaf = ca.issue_cert(name, **validity)
         cert, key = stem.with_suffix(".pem"), stem.with_suffix(".key")
         cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
         leaf.private_key_pem.write_to_path(str(key))
@@ -86,13 +96,25 @@ def test_mtls_from_the_model_server_to_an_https_collector(tmp_path: Path) -> Non
         collector_http = _QueryOverTls(collector.address, pki.ca)
         eventually_sync(lambda: all(collector_http.has(f"tls-{i}") for i in range(5)), 30)
 
-        # Without a client certificate the sidecar refuses the handshake.
-        anonymous = SidecarGrpcExporter(sidecar.address, tls_ca=str(pki.ca), timeout=3)
-        try:
-            with pytest.raises(RetryableExportError):
-                anonymous.export(_batch(1))
-        finally:
-            anonymous.shutdown(1)
+        # RELIABILITY row 31: no client certificate, one from another CA, an expired
+        # one: the handshake fails and nothing is recorded.
+        for cert, key in (
+            (None, None),
+            (pki.stranger_cert, pki.stranger_key),
+            (pki.expired_cert, pki.expired_key),
+        ):
+            refused = SidecarGrpcExporter(
+                sidecar.address,
+                tls_ca=str(pki.ca),
+                tls_cert=str(cert) if cert else None,
+                tls_key=str(key) if key else None,
+                timeout=3,
+            )
+            try:
+                with pytest.raises(RetryableExportError):
+                    refused.export(_batch(1))
+            finally:
+                refused.shutdown(1)
         # Plaintext gets nowhere either.
         with grpc.insecure_channel(sidecar.address) as channel:
             stub = sidecar_pb2_grpc.SidecarStub(channel)  # type: ignore[no-untyped-call]
