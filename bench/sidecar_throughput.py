@@ -2,9 +2,14 @@
 
 Measures in one run, on this machine:
 
-* events/s end to end (producer -> sidecar gRPC -> spool fsync -> shipper ->
-  collector commit), beside the OTel SDK's spans/s (BatchSpanProcessor + OTLP
-  gRPC exporter, default settings) into a counting OTLP receiver; loss of each;
+* events/s end to end (producer encode -> sidecar gRPC -> spool fsync ->
+  shipper -> collector commit), beside the OTel SDK's spans/s (span creation
+  -> BatchSpanProcessor -> OTLP gRPC exporter, default settings) into a
+  counting OTLP receiver; loss of each. Both sides start from the same
+  in-memory content (predtrace events; spans carrying it as attributes) and
+  both time their producer's encoding. ``vs_otel`` = predtrace events
+  committed per second (every id checked in the store) / OTLP spans received
+  per second (first span started to last span received);
 * compressed bytes per event as the shipper sends them, beside OTLP protobuf
   bytes per span for the same content (the SDK's own encoder);
 * the sidecar's RSS while it takes 20,000 events/s;
@@ -20,12 +25,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import copy
 import json
 import os
 import random
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -37,21 +45,33 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-from codec import make_events, make_otlp_spans  # the sibling benchmark's data (bench/ on sys.path)
+from codec import (  # the sibling benchmark's data (bench/ on sys.path)
+    DEPLOYMENT,
+    make_events,
+    make_otlp_spans,
+)
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import SpanKind
 
 from predtrace.oip.v2 import grpc_predict_v2_pb2 as pb
 from predtrace.sidecar._batch import assemble_payload, encode_event
 from predtrace.sidecar.spool import Spool, SpoolConfig
 from predtrace.v1 import sidecar_pb2
-from predtrace.wire import event_to_proto, gzip_bytes, new_prediction_id
+from predtrace.wire import PredictionEvent, event_to_proto, gzip_bytes, new_prediction_id
 
 ROOT = Path(__file__).resolve().parents[1]
+RESOURCE = {  # the resource of make_otlp_spans: the deployment the events carry
+    "service.name": DEPLOYMENT.service,
+    "k8s.namespace.name": DEPLOYMENT.namespace,
+    "k8s.pod.name": DEPLOYMENT.pod,
+    "k8s.node.name": DEPLOYMENT.node,
+    "container.image.id": DEPLOYMENT.image_digest,
+}
 PREDTRACE = shutil.which("predtrace") or str(Path(sys.executable).with_name("predtrace"))
 
 
@@ -74,6 +94,7 @@ class Server:
         lines = ready.read_text().splitlines()
         self.address = lines[0].strip()
         self.addresses = dict(line.split(" ", 1) for line in lines[1:])
+        self.db = Path()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -94,7 +115,9 @@ class Server:
 def collector(tmp: Path, listen: str = "127.0.0.1:0") -> Server:
     db = tmp / f"collector-{time.monotonic_ns()}.db"
     args = [PREDTRACE, "collector", "serve", "--db", f"sqlite:///{db}", "--listen", listen]
-    return Server([*args, "--ready-file", str(tmp / "c.ready")], tmp / "c.ready", tmp / "c.log")
+    server = Server([*args, "--ready-file", str(tmp / "c.ready")], tmp / "c.ready", tmp / "c.log")
+    server.db = db
+    return server
 
 
 def sidecar(tmp: Path, collector_url: str, spool: Path, *extra: str) -> Server:
@@ -129,30 +152,45 @@ def free_port() -> int:
 # -- data ------------------------------------------------------------------------------
 
 
+def prediction_events(n: int) -> list[PredictionEvent]:
+    """``n`` realistic events with distinct prediction ids."""
+    template = make_events(random.Random(7))
+    events = []
+    for k in range(n):
+        event = copy.copy(template[k % len(template)])
+        event.prediction_id = new_prediction_id()
+        events.append(event)
+    return events
+
+
+def encode_request(events: Sequence[PredictionEvent]) -> bytes:
+    """A serialized RecordBatch request, as the client library builds it."""
+    request = sidecar_pb2.RecordBatchRequest(events=[event_to_proto(e) for e in events])
+    return request.SerializeToString()
+
+
 def requests(n: int, per_request: int) -> list[bytes]:
     """Serialized RecordBatch requests carrying ``n`` realistic, distinct events."""
-    rng = random.Random(7)
-    template = make_events(rng)
-    out = []
-    for start in range(0, n, per_request):
-        events = []
-        for k in range(min(per_request, n - start)):
-            event = template[(start + k) % len(template)]
-            event.prediction_id = new_prediction_id()
-            events.append(event_to_proto(event))
-        out.append(sidecar_pb2.RecordBatchRequest(events=events).SerializeToString())
-    return out
+    events = prediction_events(n)
+    return [encode_request(events[i : i + per_request]) for i in range(0, n, per_request)]
 
 
-def send_all(target: str, bodies: Sequence[bytes], threads: int = 2) -> int:
-    """Send every request (spread over threads); return events acknowledged."""
+def send_all(
+    target: str, events: Sequence[PredictionEvent], per_request: int, threads: int = 2
+) -> int:
+    """Encode and send every event (spread over threads); return events acknowledged.
+
+    Encoding is timed with the sending, as span creation and OTLP encoding are
+    on the OTel side.
+    """
     acked = [0] * threads
+    chunks = [events[i : i + per_request] for i in range(0, len(events), per_request)]
 
     def work(k: int) -> None:
         with grpc.insecure_channel(target) as channel:
             call = channel.unary_unary("/predtrace.v1.Sidecar/RecordBatch")
-            for body in bodies[k::threads]:
-                ack = sidecar_pb2.RecordAck.FromString(call(body, timeout=60))
+            for chunk in chunks[k::threads]:
+                ack = sidecar_pb2.RecordAck.FromString(call(encode_request(chunk), timeout=60))
                 acked[k] += ack.accepted
 
     workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
@@ -161,6 +199,13 @@ def send_all(target: str, bodies: Sequence[bytes], threads: int = 2) -> int:
     for w in workers:
         w.join()
     return sum(acked)
+
+
+def missing_ids(db: Path, ids: Sequence[str]) -> int:
+    """How many of ``ids`` the collector's SQLite store does not hold (read after it stopped)."""
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        stored_ids = {row[0] for row in conn.execute("SELECT prediction_id FROM predictions")}
+    return sum(1 for i in ids if i not in stored_ids)
 
 
 # -- 1. bytes --------------------------------------------------------------------------
@@ -185,13 +230,18 @@ def bytes_figures() -> dict[str, float]:
 
 
 def otlp_sink(port_file: str) -> None:
-    """A counting OTLP/gRPC receiver (run as a subprocess of this script)."""
-    count = 0
+    """A counting OTLP/gRPC receiver (run as a subprocess of this script).
+
+    Writes ``count last`` to ``<port_file>.count``: spans received, and the
+    system-wide monotonic time at which the last of them arrived.
+    """
+    count, last = 0, 0.0
 
     class Sink(trace_service_pb2_grpc.TraceServiceServicer):
         async def Export(self, request, context):  # type: ignore[no-untyped-def]
-            nonlocal count
+            nonlocal count, last
             count += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+            last = time.monotonic()
             return trace_service_pb2.ExportTraceServiceResponse()
 
     async def serve() -> None:
@@ -202,41 +252,77 @@ def otlp_sink(port_file: str) -> None:
         await asyncio.to_thread(Path(port_file).write_text, f"127.0.0.1:{port}\n")
         while True:
             await asyncio.sleep(0.05)
-            await asyncio.to_thread(Path(port_file + ".count").write_text, str(count))
+            await asyncio.to_thread(Path(port_file + ".count").write_text, f"{count} {last}")
 
     asyncio.run(serve())
 
 
+def span_attributes(events: Sequence[PredictionEvent]) -> list[dict[str, str | float | bool]]:
+    """Per event, the span attributes carrying its content (as ``make_otlp_spans`` does)."""
+    return [
+        {
+            "predtrace.prediction.id": e.prediction_id,
+            "predtrace.model.name": e.model.name,
+            "predtrace.model.version": e.model.version,
+            "predtrace.model.alias": e.model.alias,
+            "predtrace.deployment.id": e.deployment.id,
+            "predtrace.inference.protocol": e.protocol,
+            "http.route": e.endpoint,
+            "http.response.status_code": 200,
+            "predtrace.input.fingerprint": e.input_fingerprint.hex(),
+            "predtrace.output.label": (e.output and e.output.label) or "",
+            "predtrace.output.score": (e.output and e.output.score) or 0.0,
+            **{f"predtrace.feature.{k}": v for k, v in e.features.items()},
+        }
+        for e in events
+    ]
+
+
+def _sink_count(count_file: Path) -> tuple[int, float]:
+    text = count_file.read_text() if count_file.exists() else ""
+    if not text:
+        return 0, 0.0
+    count, last = text.split()
+    return int(count), float(last)
+
+
 def otel_anchor(tmp: Path, n: int) -> dict[str, float]:
-    """Spans/s the OTel SDK delivers over OTLP (default BatchSpanProcessor), and its drops."""
+    """Spans/s the OTel SDK delivers over OTLP (default BatchSpanProcessor), and its drops.
+
+    The spans carry the same content as predtrace's events (attributes and
+    resource as in ``make_otlp_spans``), the producer offers them as fast as
+    it can, and the rate is spans received by the sink divided by the time
+    from the first span started to the last span received.
+    """
     port_file = tmp / "sink.ready"
     sink = subprocess.Popen([sys.executable, __file__, "--otlp-sink", str(port_file)])
     try:
         while not port_file.exists():
             time.sleep(0.02)
         target = port_file.read_text().strip()
-        provider = TracerProvider(resource=Resource.create({"service.name": "bench"}))
+        provider = TracerProvider(resource=Resource.create(RESOURCE))
         provider.add_span_processor(
             BatchSpanProcessor(OTLPSpanExporter(endpoint=target, insecure=True))
         )
         tracer = provider.get_tracer("bench")
-        start = time.perf_counter()
+        attributes = span_attributes(make_events(random.Random(11)))
+        start = time.monotonic()
         for i in range(n):
-            with tracer.start_as_current_span("predict churn") as span:
-                span.set_attribute("predtrace.prediction.id", f"p{i}")
-                span.set_attribute("predtrace.model.name", "churn")
-                span.set_attribute("predtrace.model.version", "7")
+            with tracer.start_as_current_span(
+                "predict churn", kind=SpanKind.SERVER, attributes=attributes[i % len(attributes)]
+            ):
+                pass
         provider.shutdown()
         count_file = Path(str(port_file) + ".count")
-        received, last = 0, -1
-        while received != last:  # until the count settles
-            last = received
-            time.sleep(0.2)
-            received = int(count_file.read_text() or 0) if count_file.exists() else 0
-        elapsed = time.perf_counter() - start - 0.4
+        (received, last), previous = _sink_count(count_file), (-1, 0.0)
+        while (received, last) != previous:  # until the count settles
+            previous = (received, last)
+            time.sleep(0.3)
+            received, last = _sink_count(count_file)
     finally:
         sink.send_signal(signal.SIGTERM)
         sink.wait(10)
+    elapsed = last - start
     return {"otel_spans_per_s": received / elapsed, "otel_offered": n, "otel_lost": n - received}
 
 
@@ -244,20 +330,30 @@ def otel_anchor(tmp: Path, n: int) -> dict[str, float]:
 
 
 def end_to_end(tmp: Path, n: int) -> dict[str, float]:
-    """Events/s producer -> sidecar -> spool -> collector commit, and loss."""
-    bodies = requests(n, 1000)
+    """Events/s producer -> sidecar -> spool -> collector commit, and loss.
+
+    Timed from the first event encoded by the producer to the last one
+    committed by the collector; loss is checked id by id in the store.
+    """
+    events = prediction_events(n)
     c = collector(tmp)
     s = sidecar(tmp, f"http://{c.address}", tmp / "spool-e2e")
     try:
         start = time.perf_counter()
-        acked = send_all(s.address, bodies)
+        acked = send_all(s.address, events, 1000)
         wait_stored(c.address, acked)
         elapsed = time.perf_counter() - start
-        lost = acked - stored(c.address)
+        duplicates = stored(c.address) - acked
     finally:
         s.stop()
         c.stop()
-    return {"events_per_s": acked / elapsed, "e2e_events": acked, "e2e_lost": max(0, lost)}
+    lost = missing_ids(c.db, [e.prediction_id for e in events])
+    return {
+        "events_per_s": acked / elapsed,
+        "e2e_events": acked,
+        "e2e_lost": lost,  # every sent id missing from the store, acked or not
+        "e2e_duplicates": max(0, duplicates),
+    }
 
 
 def rss_at_rate(tmp: Path, rate: int, seconds: float) -> dict[str, float]:
@@ -416,7 +512,10 @@ def report(f: dict[str, float], *, extrapolated: bool) -> None:
         f"predtrace end to end    {f['events_per_s']:>10,.0f} events/s "
         f"(lost {f['e2e_lost']:.0f} of {f['e2e_events']:.0f})"
     )
-    print(f"  ratio vs OTel         {f['vs_otel']:>10.1f} x   (target >= 10 x, zero loss)")
+    print(
+        f"  ratio vs OTel         {f['vs_otel']:>10.1f} x   (events committed/s over OTLP spans "
+        "received/s; target >= 10 x, zero loss)"
+    )
     print(
         f"bytes per event (gzip)  {f['bytes_per_event']:>10.1f}  vs OTLP "
         f"{f['otlp_bytes_per_span']:.1f} bytes/span: ratio {f['bytes_ratio']:.3f} "
@@ -441,6 +540,7 @@ def report(f: dict[str, float], *, extrapolated: bool) -> None:
         "events_per_s",
         "otel_spans_per_s",
         "e2e_lost",
+        "e2e_duplicates",
         "otel_lost",
         "bytes_per_event",
         "otlp_bytes_per_span",

@@ -21,16 +21,24 @@ from predtrace.collector._auth import Scope
 from predtrace.collector._errors import StoreError
 from predtrace.collector._metrics import CollectorMetrics
 from predtrace.collector._security import Authorizer, AuthRefusal
-from predtrace.collector.store import IngestRecord, Store, event_problem, prediction_row
+from predtrace.collector.store import (
+    IngestRecord,
+    Store,
+    event_problem,
+    fast_prediction_row,
+    prediction_row,
+)
+from predtrace.collector.store._ops import Row
 from predtrace.wire import (
-    DecodedBatch,
     DecodeLimits,
     IngestAck,
     Rejection,
     WireError,
     WireTooLargeError,
-    decode_batch,
+    decode_batch_raw,
     encode_ack,
+    event_from_map,
+    event_rejection,
 )
 
 log = logging.getLogger("predtrace.collector.ingest")
@@ -72,7 +80,6 @@ class _Refused(Exception):
 
 @dataclass(frozen=True, slots=True)
 class _Prepared:
-    decoded: DecodedBatch
     record: IngestRecord
     rejected: tuple[Rejection, ...]
 
@@ -80,24 +87,27 @@ class _Prepared:
 def prepare(body: bytes, limits: DecodeLimits, received_ns: int) -> _Prepared:
     """Decode a body and build its store rows (CPU-bound: big bodies run in a thread).
 
+    A plain, valid event becomes its row straight from the msgpack map; any
+    other goes through the wire's precise decoder and the store's checks,
+    which reject it alone with a reason.
+
     Raises:
         WireTooLargeError / WireError: the body is refused whole.
     """
-    decoded = decode_batch(body, limits=limits)
-    batch = decoded.batch
-    bad = {r.index for r in decoded.rejected}
-    raw_index = (i for i in range(len(batch.events) + len(bad)) if i not in bad)
-    rows, rejected = [], list(decoded.rejected)
-    for index, event in zip(raw_index, batch.events, strict=False):
-        problem = event_problem(event)
-        if problem is None:
-            rows.append(prediction_row(event, batch.producer_id, batch.seq, received_ns))
-        else:
-            rejected.append(Rejection(index, problem, event.prediction_id))
+    batch = decode_batch_raw(body, limits=limits)
+    producer_id, seq, max_id = batch.producer_id, batch.seq, limits.max_id_len
+    rows: list[Row] = []
+    rejected: list[Rejection] = []
+    for index, item in enumerate(batch.events):
+        row = fast_prediction_row(item, producer_id, seq, received_ns, max_id)
+        if row is None:
+            row = _precise_row(item, index, limits, rejected, (producer_id, seq, received_ns))
+        if row is not None:
+            rows.append(row)
     record = IngestRecord(
-        producer_id=batch.producer_id,
-        seq=batch.seq,
-        digest=decoded.digest,
+        producer_id=producer_id,
+        seq=seq,
+        digest=batch.digest,
         prev_digest=batch.prev_digest,
         batch_id=batch.batch_id,
         created_ns=min(batch.created_at_unix_nano, 2**63 - 1),
@@ -105,7 +115,27 @@ def prepare(body: bytes, limits: DecodeLimits, received_ns: int) -> _Prepared:
         rows=rows,
         rejected=len(rejected),
     )
-    return _Prepared(decoded, record, tuple(sorted(rejected, key=lambda r: r.index)))
+    return _Prepared(record, tuple(rejected))
+
+
+def _precise_row(
+    item: object,
+    index: int,
+    limits: DecodeLimits,
+    rejected: list[Rejection],
+    origin: tuple[str, int, int],
+) -> Row | None:
+    """The row of an event off the fast path, or None with its rejection appended."""
+    try:
+        event = event_from_map(item, limits)
+    except WireError as exc:
+        rejected.append(event_rejection(index, item, exc))
+        return None
+    problem = event_problem(event)
+    if problem is not None:
+        rejected.append(Rejection(index, problem, event.prediction_id))
+        return None
+    return prediction_row(event, *origin)
 
 
 class IngestHandler:

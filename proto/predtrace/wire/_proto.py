@@ -7,6 +7,8 @@ hot paths carry dataclasses and msgpack, never protobuf objects.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import TypeVar
 
 from predtrace.v1 import event_pb2
 from predtrace.wire._errors import WireError
@@ -19,43 +21,42 @@ from predtrace.wire._event import (
 )
 
 
-def _model_to_proto(model: ModelRef) -> event_pb2.ModelRef:
-    return event_pb2.ModelRef(
-        name=model.name,
-        version=model.version,
-        alias=model.alias,
-        registry_model_id=model.registry_model_id,
-        artifact_digest=model.artifact_digest,
-        role=model.role,
-    )
-
-
 def _model_from_proto(msg: event_pb2.ModelRef) -> ModelRef:
     return ModelRef(
         msg.name, msg.version, msg.alias, msg.registry_model_id, msg.artifact_digest, msg.role
     )
 
 
+_V = TypeVar("_V")
+_STATUSES = (Status.UNSET, Status.OK, Status.ERROR)
+
+
+def _fill_model(msg: event_pb2.ModelRef, model: ModelRef) -> None:
+    # Attribute stores on the parent's own submessage: no temporary message
+    # and copy per event (the producer's hot path).
+    msg.SetInParent()
+    if model.name:
+        msg.name = model.name
+    if model.version:
+        msg.version = model.version
+    if model.alias:
+        msg.alias = model.alias
+    if model.registry_model_id:
+        msg.registry_model_id = model.registry_model_id
+    if model.artifact_digest:
+        msg.artifact_digest = model.artifact_digest
+    if model.role:
+        msg.role = model.role
+
+
 def event_to_proto(event: PredictionEvent) -> event_pb2.PredictionEvent:
     """Return the protobuf message for an event."""
-    dep = event.deployment
     msg = event_pb2.PredictionEvent(
         prediction_id=event.prediction_id,
         trace_id=event.trace_id,
         span_id=event.span_id,
         timestamp_unix_nano=event.timestamp_unix_nano,
         duration_nanos=event.duration_nanos,
-        model=_model_to_proto(event.model),
-        additional_models=[_model_to_proto(m) for m in event.additional_models],
-        deployment=event_pb2.DeploymentRef(
-            id=dep.id,
-            service=dep.service,
-            namespace=dep.namespace,
-            pod=dep.pod,
-            node=dep.node,
-            image_digest=dep.image_digest,
-            image_name=dep.image_name,
-        ),
         endpoint=event.endpoint,
         protocol=event.protocol,
         status=int(event.status),  # type: ignore[arg-type]
@@ -66,6 +67,13 @@ def event_to_proto(event: PredictionEvent) -> event_pb2.PredictionEvent:
         attributes=event.attributes,
         sampled=event.sampled,
     )
+    _fill_model(msg.model, event.model)
+    for extra in event.additional_models:
+        _fill_model(msg.additional_models.add(), extra)
+    dep, d = event.deployment, msg.deployment
+    d.SetInParent()
+    d.id, d.service, d.namespace, d.pod = dep.id, dep.service, dep.namespace, dep.pod
+    d.node, d.image_digest, d.image_name = dep.node, dep.image_digest, dep.image_name
     if event.output is not None:
         out = msg.output
         out.SetInParent()
@@ -78,21 +86,29 @@ def event_to_proto(event: PredictionEvent) -> event_pb2.PredictionEvent:
     return msg
 
 
+def _map(field: Mapping[str, _V]) -> dict[str, _V]:
+    # dict(field) walks a protobuf map through the Mapping ABC (~1.3 us for 4
+    # entries); indexing by its own keys is twice as fast, and empty is free.
+    return {key: field[key] for key in field} if field else {}
+
+
 def event_from_proto(msg: event_pb2.PredictionEvent, *, max_id_len: int = 256) -> PredictionEvent:
     """Build an event from its protobuf message, validating what proto cannot.
 
     Raises:
         WireError: missing prediction id, or ids of the wrong length.
     """
-    if not msg.prediction_id:
+    prediction_id, trace_id, span_id = msg.prediction_id, msg.trace_id, msg.span_id
+    if not prediction_id:
         raise WireError("prediction_id is required")
-    if len(msg.prediction_id) > max_id_len:
+    if len(prediction_id) > max_id_len:
         raise WireError(f"prediction_id longer than {max_id_len} characters")
-    if len(msg.trace_id) not in (0, 16):
+    if len(trace_id) not in (0, 16):
         raise WireError("trace_id must be 16 bytes")
-    if len(msg.span_id) not in (0, 8):
+    if len(span_id) not in (0, 8):
         raise WireError("span_id must be 8 bytes")
-    if any(not math.isfinite(v) for v in msg.features.values()):
+    features = _map(msg.features)
+    if not all(map(math.isfinite, features.values())):
         raise WireError("features values must be finite numbers")
     output = None
     if msg.HasField("output"):
@@ -102,26 +118,26 @@ def event_from_proto(msg: event_pb2.PredictionEvent, *, max_id_len: int = 256) -
             o.score if o.HasField("score") else None,
             o.value if o.HasField("value") else None,
         )
-    d = msg.deployment
+    d, status = msg.deployment, msg.status
+    # Positional arguments and a tuple lookup for the status: this runs once
+    # per event received by the sidecar.
     return PredictionEvent(
-        prediction_id=msg.prediction_id,
-        trace_id=msg.trace_id,
-        span_id=msg.span_id,
-        timestamp_unix_nano=msg.timestamp_unix_nano,
-        duration_nanos=msg.duration_nanos,
-        model=_model_from_proto(msg.model),
-        additional_models=[_model_from_proto(m) for m in msg.additional_models],
-        deployment=DeploymentRef(
-            d.id, d.service, d.namespace, d.pod, d.node, d.image_digest, d.image_name
-        ),
-        endpoint=msg.endpoint,
-        protocol=msg.protocol,
-        status=Status(msg.status) if msg.status in (0, 1, 2) else Status.UNSET,
-        status_code=msg.status_code,
-        error_type=msg.error_type,
-        input_fingerprint=msg.input_fingerprint,
-        output=output,
-        features=dict(msg.features),
-        attributes=dict(msg.attributes),
-        sampled=msg.sampled,
+        prediction_id,
+        trace_id,
+        span_id,
+        msg.timestamp_unix_nano,
+        msg.duration_nanos,
+        _model_from_proto(msg.model),
+        [_model_from_proto(m) for m in msg.additional_models],
+        DeploymentRef(d.id, d.service, d.namespace, d.pod, d.node, d.image_digest, d.image_name),
+        msg.endpoint,
+        msg.protocol,
+        _STATUSES[status] if 0 <= status <= 2 else Status.UNSET,
+        msg.status_code,
+        msg.error_type,
+        msg.input_fingerprint,
+        output,
+        features,
+        _map(msg.attributes),
+        msg.sampled,
     )

@@ -21,9 +21,12 @@ from predtrace.wire import (
     batch_digest,
     decode_ack,
     decode_batch,
+    decode_batch_raw,
     encode_ack,
     encode_batch,
     encode_events_payload,
+    event_from_map,
+    event_rejection,
     event_to_map,
 )
 
@@ -81,6 +84,26 @@ def test_bad_event_is_rejected_alone_and_the_rest_kept(batch: EventBatch) -> Non
     assert "trace_id" in decoded.rejected[0].reason
     assert decoded.rejected[0].prediction_id == batch.events[1].prediction_id
     assert "prediction_id is required" in decoded.rejected[1].reason
+
+
+def test_raw_decode_checks_the_header_and_leaves_events_as_maps(batch: EventBatch) -> None:
+    raw = _raw(batch)
+    raw[6].append("not a map")
+    body = gzip.compress(_pack(raw))
+    decoded = decode_batch_raw(body)
+    assert (decoded.producer_id, decoded.seq) == (batch.producer_id, batch.seq)
+    assert decoded.digest == decode_batch(body).digest
+    assert [event_from_map(e) for e in decoded.events[:-1]] == batch.events
+    assert decoded.events[-1] == "not a map"
+    with pytest.raises(WireError, match="seq"):
+        decode_batch_raw(_pack({**raw, 2: 0}))
+
+
+def test_event_rejection_names_the_id_when_there_is_one() -> None:
+    exc = WireError("event.trace_id must be 16 or 0 bytes")
+    assert event_rejection(3, {1: "p-1"}, exc).prediction_id == "p-1"
+    assert event_rejection(4, {1: 7}, exc).prediction_id == ""
+    assert event_rejection(5, "not a map", exc).index == 5
 
 
 def test_unknown_keys_are_ignored_and_newer_minor_accepted(batch: EventBatch) -> None:

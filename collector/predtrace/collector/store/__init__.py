@@ -2,7 +2,12 @@
 
 from predtrace.collector.store._chain import HOPS, ChainKey
 from predtrace.collector.store._postgres import PostgresEngine, PostgresOptions
-from predtrace.collector.store._rows import deployment_key, event_problem, prediction_row
+from predtrace.collector.store._rows import (
+    deployment_key,
+    event_problem,
+    fast_prediction_row,
+    prediction_row,
+)
 from predtrace.collector.store._sqlite import SqliteEngine, SqliteOptions
 from predtrace.collector.store._store import Engine, Store, open_store
 from predtrace.collector.store._writes import IngestOutcome, IngestRecord
@@ -20,6 +25,7 @@ __all__ = [
     "Store",
     "deployment_key",
     "event_problem",
+    "fast_prediction_row",
     "open_store",
     "prediction_row",
 ]

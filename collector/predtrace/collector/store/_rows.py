@@ -1,5 +1,9 @@
 """Prediction events to store rows, and stored rows back to JSON for the query API.
 
+Ingest builds the row of a plain, valid event straight from its msgpack map
+(``fast_prediction_row``); any other event goes through the wire's precise
+decoder, ``event_problem`` and ``prediction_row``.
+
 The collector's own checks live here too: what the wire format allows but a
 store cannot hold (a timestamp beyond int64 nanoseconds, a NUL in text) rejects
 that one event, the same way on SQLite and PostgreSQL.
@@ -8,9 +12,10 @@ that one event, the same way on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Final
+from typing import Any, Final
 
 from predtrace.collector.store._ops import Row
 from predtrace.wire import ModelRef, PredictionEvent
@@ -39,7 +44,8 @@ def event_problem(event: PredictionEvent) -> str | None:
     """Why the store cannot hold ``event`` (None when it can)."""
     if event.timestamp_unix_nano > INT64_MAX or event.duration_nanos > INT64_MAX:
         return "timestamp_unix_nano and duration_nanos must fit in int64"
-    if any("\x00" in text for text in _texts(event)):
+    # One scan of the joined text instead of one per field (ingest hot path).
+    if "\x00" in "".join(_texts(event)):
         return "text fields must not contain NUL characters"
     return None
 
@@ -104,6 +110,120 @@ def prediction_row(event: PredictionEvent, producer_id: str, seq: int, received_
         json.dumps(event.features) if event.features else None,
         json.dumps(event.attributes) if event.attributes else None,
         1 if event.sampled else 0,
+    )
+
+
+_MODEL_KEYS: Final = (1, 2, 3, 4, 5, 6)
+_DEPLOYMENT_KEYS: Final = (1, 2, 3, 4, 5, 6, 7)
+
+
+def _map_strs(raw: object, keys: tuple[int, ...]) -> list[str] | None:
+    if type(raw) is not dict:
+        return None
+    get = raw.get
+    values = [get(k, "") for k in keys]
+    for value in values:
+        if type(value) is not str:
+            return None
+    return values
+
+
+def _plain_output(raw: dict[Any, Any]) -> tuple[Any, Any, Any] | None:
+    """(label, score, value) of the event map's output, or None when off the fast path."""
+    if 15 not in raw:
+        return (None, None, None)
+    out = raw[15]
+    if type(out) is not dict:
+        return None
+    label, score, value = out.get(1), out.get(2), out.get(3)
+    if (
+        (label is not None and type(label) is not str)
+        or (score is not None and type(score) is not float)
+        or (value is not None and type(value) is not float)
+    ):
+        return None
+    return (label, score, value)
+
+
+def _plain_maps(features: object, attributes: object) -> bool:
+    if type(features) is not dict or type(attributes) is not dict:
+        return False
+    for key, number in features.items():
+        if type(key) is not str or type(number) is not float or not math.isfinite(number):
+            return False
+    for key, text in attributes.items():
+        if type(key) is not str or type(text) is not str:
+            return False
+    return True
+
+
+def fast_prediction_row(
+    raw: object, producer_id: str, seq: int, received_ns: int, max_id_len: int
+) -> Row | None:
+    """The row of a plain, valid event map straight from msgpack; None for any doubt.
+
+    Equal to ``prediction_row(event_from_map(raw))`` for every map it accepts
+    (a test holds it to that); everything else, including every event to be
+    rejected, goes through the precise path, which alone names reasons.
+    Skipping the event objects saves a third of the collector's decode work.
+    """
+    if type(raw) is not dict:
+        return None
+    g = raw.get
+    pid, trace_id, span_id = g(1), g(2, b""), g(3, b"")
+    ts, duration, status, fingerprint = g(4, 0), g(5, 0), g(11, 0), g(14, b"")
+    model, dep = _map_strs(g(6, {}), _MODEL_KEYS), _map_strs(g(8, {}), _DEPLOYMENT_KEYS)
+    texts = (g(9, ""), g(10, ""), g(12, ""), g(13, ""))
+    features, attributes = g(16, {}), g(17, {})
+    output = _plain_output(raw)
+    if (
+        type(pid) is not str
+        or not 0 < len(pid) <= max_id_len
+        or type(trace_id) is not bytes
+        or len(trace_id) not in (0, 16)
+        or type(span_id) is not bytes
+        or len(span_id) not in (0, 8)
+        or type(ts) is not int
+        or type(duration) is not int
+        or not 0 <= ts <= INT64_MAX
+        or not 0 <= duration <= INT64_MAX
+        or type(status) is not int
+        or status not in (0, 1, 2)
+        or type(fingerprint) is not bytes
+        or model is None
+        or dep is None
+        or output is None
+        or g(7)
+        or any(type(t) is not str for t in texts)
+        or not _plain_maps(features, attributes)
+    ):
+        return None
+    label = output[0]
+    joined = "".join((pid, *texts, *model, *dep, label or "", *features, *attributes))
+    if "\x00" in joined or "\x00" in "".join(attributes.values()):
+        return None
+    key = dep[0] or (f"{dep[2]}/{dep[1]}" if dep[2] and dep[1] else dep[1])
+    return (
+        pid,
+        trace_id or None,
+        span_id or None,
+        ts,
+        duration,
+        received_ns,
+        producer_id,
+        seq,
+        *model[:5],
+        None,
+        key,
+        *dep[1:],
+        *texts[:2],
+        status,
+        *texts[2:],
+        fingerprint or None,
+        *output,
+        json.dumps(features) if features else None,
+        json.dumps(attributes) if attributes else None,
+        1 if g(18) is True else 0,
     )
 
 
