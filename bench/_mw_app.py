@@ -8,7 +8,10 @@
 - ``predtrace``: the same SDK span export, plus ``instrument_app`` sending events
   to the collector at ``BENCH_SINK`` (direct mode);
 - ``predtrace_events_only``: ``instrument_app`` without an SDK (no span is
-  exported, the events are), to separate the middleware from span export.
+  exported, the events are), to separate the middleware from span export;
+- ``floor``: the same SDK span export behind ``FloorMiddleware``, a minimal
+  hand-written middleware making one span per request (what one exported
+  span costs, before any prediction work).
 
 The in-process mode imports ``make_app`` and ``PredictRequest`` directly.
 """
@@ -19,6 +22,7 @@ import os
 from typing import Any
 
 from fastapi import FastAPI
+from opentelemetry.trace import SpanKind
 from pydantic import BaseModel
 
 TELEMETRY_OFF: dict[str, Any] = {"tracing": False, "metrics": False, "logs": False}
@@ -38,6 +42,21 @@ class PredictRequest(BaseModel):
 
     id: str | None = None
     inputs: list[Tensor]
+
+
+class FloorMiddleware:
+    """The floor: a hand-written pure ASGI middleware making one SDK span per request."""
+
+    def __init__(self, app: Any, tracer: Any) -> None:
+        self.app = app
+        self.tracer = tracer
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        with self.tracer.start_as_current_span("predict", kind=SpanKind.SERVER):
+            await self.app(scope, receive, send)
 
 
 def make_app(telemetry: dict[str, Any] | None = None) -> FastAPI:
@@ -90,6 +109,8 @@ def _variant_app() -> FastAPI:
             _sdk(sink)
         config = MiddlewareConfig.from_env(os.environ)
         instrument_app(app, config)
+    elif variant == "floor":
+        app.add_middleware(FloorMiddleware, tracer=_sdk(sink).get_tracer("floor"))
     elif variant != "bare":
         raise SystemExit(f"unknown BENCH_VARIANT {variant!r}")
     return app

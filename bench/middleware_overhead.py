@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -39,14 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _mw_app import make_app
+from _mw_app import FloorMiddleware, make_app
 
 from predtrace.middleware import MiddlewareConfig, PredictionRuntime, instrument_app
 from predtrace.middleware.testing import (
@@ -95,21 +95,6 @@ class EncodingEventExporter:
 
     def shutdown(self, timeout: float) -> None:
         """Nothing to release."""
-
-
-class FloorMiddleware:
-    """The floor: a hand-written pure ASGI middleware making one SDK span per request."""
-
-    def __init__(self, app: Any, tracer: trace.Tracer) -> None:
-        self.app = app
-        self.tracer = tracer
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        with self.tracer.start_as_current_span("predict", kind=trace.SpanKind.SERVER):
-            await self.app(scope, receive, send)
 
 
 class InProcess:
@@ -332,42 +317,69 @@ def _env(variant: str, sink: str) -> dict[str, str]:
 
 
 def http_throughput(quick: bool) -> dict[str, float]:
-    """Requests/s and latency of each variant under uvicorn at 1 and 32 connections."""
+    """Requests/s and latency of each variant under uvicorn at 1 and 32 connections.
+
+    Every variant's server runs for the whole measurement (idle while another
+    is loaded) and the variants take turns, round after round, in rotating
+    order: a slow spell of the machine hits them all alike. Each figure is
+    the median over the rounds.
+    """
     load: Callable[[str, int, float], tuple[float, float, float]] = (
         load_wrk if shutil.which("wrk") else load_aiohttp
     )
-    seconds = 3.0 if quick else 10.0
-    figures: dict[str, float] = {}
-    print(f"HTTP, uvicorn + {load.__name__.removeprefix('load_')}, {seconds:.0f}s per point")
-    for variant in ("bare", "otel", "predtrace", "predtrace_events_only"):
-        with (
-            serve_collector() as sink,
-            run_uvicorn(
-                "_mw_app:app",
-                app_dir=BENCH_DIR,
-                env=_env(variant, sink.url),
-                ready_path="/health",
-            ) as server,
-        ):
+    rounds, seconds = (2, 1.5) if quick else (3, 5.0)
+    variants = ("bare", "otel", "floor", "predtrace", "predtrace_events_only")
+    samples: dict[str, list[tuple[float, float, float]]] = {}
+    print(
+        f"HTTP, uvicorn + {load.__name__.removeprefix('load_')}, "
+        f"median of {rounds} interleaved runs of {seconds:g}s per point"
+    )
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for variant in variants:
+            sink = stack.enter_context(serve_collector())
+            servers[variant] = stack.enter_context(
+                run_uvicorn(
+                    "_mw_app:app",
+                    app_dir=BENCH_DIR,
+                    env=_env(variant, sink.url),
+                    ready_path="/health",
+                )
+            )
+        for server in servers.values():
             for connections in (1, 32):
                 load(server.url, connections, 1.0)  # warm-up
-                rps, p50, p99 = load(server.url, connections, seconds)
-                figures[f"http_{variant}_c{connections}_rps"] = rps
-                figures[f"http_{variant}_c{connections}_p50_ms"] = p50
-                figures[f"http_{variant}_c{connections}_p99_ms"] = p99
-                print(
-                    f"  {variant:22s} c={connections:<3d} {rps:9.0f} req/s   "
-                    f"p50 {p50:7.2f} ms   p99 {p99:7.2f} ms"
-                )
+        for r in range(rounds):
+            order = variants[r % len(variants) :] + variants[: r % len(variants)]
+            for variant in order:
+                for connections in (1, 32):
+                    key = f"{variant}_c{connections}"
+                    samples.setdefault(key, []).append(
+                        load(servers[variant].url, connections, seconds)
+                    )
+        for server in servers.values():
             server.terminate()
+    figures: dict[str, float] = {}
+    for variant in variants:
+        for connections in (1, 32):
+            runs = samples[f"{variant}_c{connections}"]
+            rps, p50, p99 = (statistics.median(run[i] for run in runs) for i in range(3))
+            figures[f"http_{variant}_c{connections}_rps"] = rps
+            figures[f"http_{variant}_c{connections}_p50_ms"] = p50
+            figures[f"http_{variant}_c{connections}_p99_ms"] = p99
+            print(
+                f"  {variant:22s} c={connections:<3d} {rps:9.0f} req/s   "
+                f"p50 {p50:7.2f} ms   p99 {p99:7.2f} ms"
+            )
     for connections in (1, 32):
         bare = figures[f"http_bare_c{connections}_rps"]
-        for variant in ("otel", "predtrace", "predtrace_events_only"):
+        for variant in variants[1:]:
             ratio = figures[f"http_{variant}_c{connections}_rps"] / bare
             figures[f"http_{variant}_vs_bare_c{connections}"] = ratio
         print(
             f"  c={connections:<3d} requests/s vs bare: stock OTel "
-            f"{figures[f'http_otel_vs_bare_c{connections}']:.2f}x, predtrace "
+            f"{figures[f'http_otel_vs_bare_c{connections}']:.2f}x, one-span floor "
+            f"{figures[f'http_floor_vs_bare_c{connections}']:.2f}x, predtrace "
             f"{figures[f'http_predtrace_vs_bare_c{connections}']:.2f}x (target >= 0.8x), "
             "predtrace without span export "
             f"{figures[f'http_predtrace_events_only_vs_bare_c{connections}']:.2f}x"

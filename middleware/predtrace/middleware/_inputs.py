@@ -12,19 +12,44 @@ from __future__ import annotations
 
 import hmac
 import json
+import json.encoder
+import json.scanner
 import math
 import re
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
 from predtrace.middleware._asgi import Message, Receive
 from predtrace.middleware._routes import PROTOCOL_KSERVE_V1, PROTOCOL_OIP_V2_REST
 
 CALLER_ID_RE: Final = re.compile(r"[\x21-\x7e]{1,256}")
-_CANONICAL: Final = json.JSONEncoder(
+_CANONICAL_ENCODER: Final = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), ensure_ascii=False, check_circular=False
-).encode
+)
+_CANONICAL: Final = _CANONICAL_ENCODER.encode
+# The C scanner and encoder behind ``json.loads`` and ``_CANONICAL``, built once:
+# the public entry points detect the encoding, skip whitespace and rebuild the
+# encoder on every call, a few microseconds per request for small bodies.
+_SCAN: Final[Callable[[str, int], tuple[object, int]]] = json.scanner.make_scanner(
+    json.JSONDecoder()  # type: ignore[arg-type]  # typeshed: the class is typed, not the decoder it takes
+)
+_C_MAKE_ENCODER: Final = getattr(json.encoder, "c_make_encoder", None)  # not in typeshed
+_C_ENCODER: Final[Callable[[object, int], Sequence[str]] | None] = (
+    _C_MAKE_ENCODER(
+        None,  # markers: no circularity check, as check_circular=False
+        _CANONICAL_ENCODER.default,
+        json.encoder.encode_basestring,  # ensure_ascii=False
+        None,  # indent
+        ":",
+        ",",
+        True,  # sort_keys
+        False,  # skipkeys
+        True,  # allow_nan
+    )
+    if _C_MAKE_ENCODER is not None
+    else None
+)
 _MAX_INPUTS_SCANNED: Final = 64
 NOT_JSON: Final = object()
 
@@ -76,9 +101,33 @@ def parse_json(body: bytes) -> object:
     if not body:
         return NOT_JSON
     try:
+        # The usual body: UTF-8 that starts with the value. Anything else
+        # (leading whitespace, a BOM, UTF-16, an error) takes ``json.loads``.
+        text = body.decode()
+        value, end = _SCAN(text, 0)
+    except (ValueError, StopIteration, RecursionError):
+        return _parse_slow(body)
+    if end != len(text) and text[end:].strip(" \t\n\r"):
+        return NOT_JSON  # trailing data: json.loads refuses it too
+    return value
+
+
+def _parse_slow(body: bytes) -> object:
+    try:
         return json.loads(body)
     except (ValueError, RecursionError):
         return NOT_JSON
+
+
+def canonical_json(value: object) -> bytes:
+    """Sorted keys, no whitespace, UTF-8: the form the fingerprint covers.
+
+    Raises:
+        TypeError, ValueError, RecursionError: a value JSON cannot encode.
+    """
+    if _C_ENCODER is None or isinstance(value, str):
+        return _CANONICAL(value).encode("utf-8", "surrogatepass")
+    return "".join(_C_ENCODER(value, 0)).encode("utf-8", "surrogatepass")
 
 
 def body_caller_id(parsed: object) -> str | None:
@@ -101,7 +150,7 @@ def fingerprint(base: hmac.HMAC, parsed: object, body: bytes, protocol: str) -> 
     if protocol == PROTOCOL_OIP_V2_REST and isinstance(parsed, dict) and "id" in parsed:
         parsed = {k: v for k, v in parsed.items() if k != "id"}
     try:
-        canonical = _CANONICAL(parsed).encode("utf-8", "surrogatepass")
+        canonical = canonical_json(parsed)
     except (TypeError, ValueError, RecursionError):
         if not body:
             return b""

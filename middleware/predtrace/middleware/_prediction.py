@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Sequence
 from contextvars import Token
 from typing import Final
 
@@ -41,6 +42,10 @@ from predtrace.middleware._routes import PROTOCOL_HTTP, PROTOCOL_OIP_V2_REST, Ro
 from predtrace.middleware._runtime import PredictionRuntime
 from predtrace.wire import ModelRef, PredictionEvent, new_prediction_id
 from predtrace.wire import Status as EventStatus
+
+# Where a failed prediction leaves its id in the server's scope, for the
+# ServerErrorMiddleware hook of ``instrument_app``.
+ERROR_ID_SCOPE_KEY: Final = "predtrace.prediction_id"
 
 # Shared empty containers for the (usual) events without extra models, features
 # or attributes: fewer allocations per request and fewer objects for the
@@ -93,22 +98,31 @@ class Prediction:
         rt = self.rt
         if "fastapi.telemetry" in scope:
             self._telemetry = telemetry_data(scope)
+        messages: Sequence[Message] = ()
         if self._telemetry is None and (
             rt.wants_body or self.match.protocol == PROTOCOL_OIP_V2_REST
         ):
-            receive = await self._read_body(receive)
+            messages = await self._read_body(receive)
         try:
-            scope, receive, span_token = self._begin(scope, receive)
+            inner_scope, messages, span_token = self._begin(scope, messages)
         except Exception as exc:  # noqa: BLE001 - telemetry must never fail the request
             rt.failed("begin", exc)
-            await app(scope, receive, send)
+            await app(scope, replay(messages, receive) if messages else receive, send)
             return
+        if messages:
+            # One replaying ``receive``: the body as read (or with the OIP id
+            # added), then the server's own.
+            receive = replay(messages, receive)
         ctx_token = CURRENT.set(self._ctx)
         self._downstream = send
         try:
-            await app(scope, receive, self._send)
+            await app(inner_scope, receive, self._send)
         except BaseException as exc:
             self._finish(exc)
+            if self._status is None:
+                # For the 500 that Starlette's ServerErrorMiddleware sends
+                # outside this middleware (see ``instrument_app``).
+                scope[ERROR_ID_SCOPE_KEY] = self._ctx.prediction_id
             raise
         finally:
             if not self._finished:
@@ -117,10 +131,10 @@ class Prediction:
             if span_token is not None:
                 otel_context.detach(span_token)
 
-    async def _read_body(self, receive: Receive) -> Receive:
+    async def _read_body(self, receive: Receive) -> Sequence[Message]:
         limit = self.rt.config.max_body_bytes
         message = await receive()
-        messages: list[Message] | tuple[Message] = (message,)
+        messages: Sequence[Message] = (message,)
         if message["type"] == "http.request" and not message.get("more_body", False):
             body = message.get("body", b"")
             self._body = body if len(body) <= limit else None  # the usual case: one message
@@ -130,13 +144,13 @@ class Prediction:
             self._body, messages = rest.body, rest.messages
         if self._body is None:
             self.rt.counts["body_unread"] += 1  # too large, or the client went away
-        return replay(messages, receive)
+        return messages
 
     # -- request start -----------------------------------------------------------
 
     def _begin(
-        self, scope: Scope, receive: Receive
-    ) -> tuple[Scope, Receive, Token[Context] | None]:
+        self, scope: Scope, messages: Sequence[Message]
+    ) -> tuple[Scope, Sequence[Message], Token[Context] | None]:
         rt, protocol, body = self.rt, self.match.protocol, self._body
         self._t0 = time.perf_counter_ns()
         self._ts = time.time_ns()
@@ -171,7 +185,7 @@ class Prediction:
                 allowed = rt.config.feature_allowlist
                 ctx._merge_features(request_features(self._parsed, protocol, allowed))
             if body_id is None and is_oip and self._should_echo():
-                scope, receive = self._echo_id(scope, receive, body, pid)
+                scope, messages = self._echo_id(scope, body, pid)
         elif self._telemetry is not None:
             ctx.id_hook = self._adopt_telemetry_body
         self._start_model = rt.start_model(self.match)
@@ -180,7 +194,7 @@ class Prediction:
         except Exception as exc:  # noqa: BLE001 - a broken tracing setup: the event still goes
             rt.failed("span", exc)
             self._span, self._own_span, token = None, False, None
-        return scope, receive, token
+        return scope, messages, token
 
     def _header_id(self, request_id: bytes | None, ce_id: bytes | None) -> str | None:
         """The caller's id from ``x-request-id``, then ``ce-id``, when usable."""
@@ -196,29 +210,29 @@ class Prediction:
         parsed = self._parsed
         return self.rt.config.oip_echo_id and isinstance(parsed, dict) and "id" not in parsed
 
-    def _echo_id(
-        self, scope: Scope, receive: Receive, body: bytes, pid: str
-    ) -> tuple[Scope, Receive]:
+    def _echo_id(self, scope: Scope, body: bytes, pid: str) -> tuple[Scope, tuple[Message]]:
         # The app sees the prediction id as the OIP request id, so a conforming
         # server answers with the same id the response header carries.
         assert isinstance(self._parsed, dict)  # noqa: S101 - checked by _should_echo
         new_body = inject_oip_id(body, self._parsed, pid)
         scope = dict(scope)
         scope["headers"] = with_content_length(scope["headers"], len(new_body))
-        message = {"type": "http.request", "body": new_body, "more_body": False}
-        return scope, replay((message,), receive)
+        return scope, ({"type": "http.request", "body": new_body, "more_body": False},)
 
     def _start_span(self, scope: Scope, propagated: bool) -> Token[Context] | None:
         rt = self.rt
         name, attributes = rt.span_start(self._start_model)
         if self._telemetry is None:
             attributes[spans.ATTR_PREDICTION_ID] = self._ctx.prediction_id
-        outer = spans.enclosing_server_span()
+        # The current context, read once and handed on: the SDK and the
+        # context API would otherwise each look it up again.
+        current = otel_context.get_current()
+        outer = spans.enclosing_server_span(current)
         if outer is not None:
             outer.set_attributes(attributes)
             self._span = outer
             return None
-        parent = spans.extract_parent(scope["headers"]) if propagated else None
+        parent = spans.extract_parent(scope["headers"]) if propagated else current
         span = rt.tracer.start_span(name, parent, SpanKind.SERVER, attributes)
         self._span = span
         self._own_span = True

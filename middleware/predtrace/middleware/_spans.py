@@ -45,9 +45,9 @@ class _AsgiHeadersGetter(Getter[RawHeaders]):
 _GETTER: Final = _AsgiHeadersGetter()
 
 
-def enclosing_server_span() -> Span | None:
+def enclosing_server_span(context: Context | None = None) -> Span | None:
     """The current span when it is a recording SERVER span (made by someone else)."""
-    span = trace.get_current_span()
+    span = trace.get_current_span(context)
     if span.is_recording() and getattr(span, "kind", None) is SpanKind.SERVER:
         return span
     return None

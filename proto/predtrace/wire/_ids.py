@@ -20,6 +20,7 @@ from typing import Final
 from predtrace.wire._errors import InvalidIdError
 
 _COUNTER_MAX: Final = 0xFFF
+_UUID_FORMAT: Final = "%08x-%04x-%04x-%04x-%012x"
 _HEX_RE: Final = re.compile(r"[0-9a-fA-F]+")
 _TRACEPARENT_RE: Final = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
 _CALLER_ID_RE: Final = re.compile(r"^[\x21-\x7e]{1,256}$")
@@ -70,8 +71,28 @@ class UuidV7Generator:
 
     def new(self) -> str:
         """Return a new UUIDv7 in its canonical text form."""
-        h = f"{self.new_int():032x}"
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+        # The same bits as ``new_int``, formatted field by field: one
+        # %-format of small ints instead of a 128-bit int, hex and slices
+        # (this runs once per request).
+        now_ms = time.time_ns() // 1_000_000
+        with self._lock:
+            if now_ms > self._last_ms:
+                self._last_ms = now_ms
+                self._counter = self._rng.getrandbits(11)
+            else:
+                self._counter += 1
+                if self._counter > _COUNTER_MAX:
+                    self._last_ms += 1
+                    self._counter = 0
+            ms, counter = self._last_ms & 0xFFFFFFFFFFFF, self._counter
+            rand_b = self._rng.getrandbits(62)
+        return _UUID_FORMAT % (
+            ms >> 16,
+            ms & 0xFFFF,
+            0x7000 | counter,
+            0x8000 | rand_b >> 48,
+            rand_b & 0xFFFFFFFFFFFF,
+        )
 
 
 _GENERATOR: Final = UuidV7Generator()

@@ -430,3 +430,61 @@ async def test_lifespan_starts_and_flushes_pipeline_and_tracer_provider(
     assert len(span_exporter.get_finished_spans()) == 1
     assert runtime.stats()["exported"] == 1
     provider.shutdown()
+
+
+@pytest.mark.parametrize("telemetry", [False, True])
+async def test_app_failing_after_its_head_reaches_the_server_as_without_middleware(
+    telemetry: bool, tracing: Tracing, events: InMemoryExporter
+) -> None:
+    # The head goes out before the error, as without the middleware (a server
+    # then just closes the connection), and no second head follows it.
+    async def failing(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise RuntimeError("failed mid-response")
+
+    config = MiddlewareConfig(exporter=events, tracer_provider=tracing[0], enabled=telemetry)
+    app = PredictionTracingMiddleware(failing, config)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": _json(BODY), "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v2/models/iris/infer",
+        "headers": [(b"content-type", b"application/json")],
+    }
+    with pytest.raises(RuntimeError, match="failed mid-response"):
+        await app(scope, receive, send)
+    assert [(m["type"], m["status"]) for m in sent] == [("http.response.start", 200)]
+    if telemetry:
+        app.runtime.force_flush(5)
+        (event,) = events.events
+        assert (event.status, event.error_type) == (Status.ERROR, "RuntimeError")
+
+
+async def test_app_reading_past_the_body_gets_the_servers_next_message_once_id_is_echoed(
+    tracing: Tracing, events: InMemoryExporter
+) -> None:
+    # The body is replayed once (with the OIP id added), then the server's
+    # own receive follows: the original body must not come back a second time.
+    seen: list[dict[str, Any]] = []
+
+    async def reading(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(await receive())
+        seen.append(await receive())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    config = MiddlewareConfig(exporter=events, tracer_provider=tracing[0])
+    app = PredictionTracingMiddleware(reading, config)
+    response = await call_asgi(app, "POST", "/v2/models/iris/infer", _json(BODY), _headers())
+    assert response.status == 200
+    first, second = seen
+    assert json.loads(first["body"])["id"] == response.header("x-prediction-id")
+    assert second == {"type": "http.disconnect"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI, Request
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
@@ -20,7 +21,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from predtrace.middleware.testing import call_asgi
 from predtrace.sidecar.testing import InMemoryExporter
 
-from .conftest import Instrument, fastapi_app
+from .conftest import Instrument, fastapi_app, starlette_app
 
 Tracing = tuple[TracerProvider, InMemorySpanExporter]
 BODY = json.dumps({"id": "req-7", "inputs": [{"name": "x", "data": [1.0, 2.0]}]}).encode()
@@ -149,3 +150,39 @@ async def test_builtin_telemetry_route_without_parsed_body_counts_missing_finger
     runtime.force_flush(5)
     assert events.events[0].input_fingerprint == b""
     assert runtime.stats()["fastapi_body_missing"] == 1
+
+
+@pytest.mark.parametrize(
+    "order", ["predtrace_alone", "predtrace_first", "instrumentor_first", "starlette"]
+)
+async def test_500_sent_by_server_error_middleware_carries_the_prediction_id(
+    order: str, instrument: Instrument, tracing: Tracing, events: InMemoryExporter
+) -> None:
+    provider, exporter = tracing
+    app: Any = starlette_app() if order == "starlette" else fastapi_app()
+    if order == "instrumentor_first":
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
+    runtime = instrument(app)
+    if order == "predtrace_first":
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.post("/v2/models/boom/infer", content=BODY, headers=HEADERS)
+    finally:
+        if order in ("predtrace_first", "instrumentor_first"):
+            FastAPIInstrumentor.uninstrument_app(app)
+    assert response.status_code == 500
+    assert response.text == "Internal Server Error"  # the app's own 500, unchanged
+    assert response.headers["x-prediction-id"] == "req-7"
+    runtime.force_flush(5)
+    (event,) = events.events
+    assert (event.prediction_id, event.status_code, event.error_type) == (
+        "req-7",
+        "500",
+        "RuntimeError",
+    )
+    if order in ("predtrace_first", "instrumentor_first"):
+        (server,) = _server_spans(exporter)
+        assert server.attributes is not None
+        assert server.attributes["predtrace.prediction.id"] == "req-7"

@@ -112,10 +112,11 @@ class QueuedExporter:
             return
         if not self._started:
             self.start()
+        config = self.config
         with self._lock:
             queue = self._queue
-            if len(queue) >= self.config.max_queue_size:
-                if self.config.drop == "newest":
+            if len(queue) >= config.max_queue_size:
+                if config.drop == "newest":
                     # Never entered the queue, so it is not "handled" by a flush.
                     self.counters.add_dropped("queue_full")
                     return
@@ -123,8 +124,10 @@ class QueuedExporter:
                 self._drop_now("queue_full")
             queue.append(event)
             self.counters.enqueued += 1
-            full = len(queue) >= self.config.max_batch_size
-        if full:
+            full = len(queue) >= config.max_batch_size
+        # Until the worker takes the batch, every later emit finds the queue
+        # full: waking it once is enough (Event.set takes a lock and notifies).
+        if full and not self._wake.is_set():
             self._wake.set()
 
     def _drop_now(self, reason: str) -> None:
