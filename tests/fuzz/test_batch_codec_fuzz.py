@@ -62,7 +62,7 @@ events = st.builds(
 batches = st.builds(
     EventBatch,
     producer_id=ids,
-    seq=st.integers(min_value=1, max_value=2**64 - 1),
+    seq=st.integers(min_value=1, max_value=2**63 - 1),
     events=st.lists(events, max_size=8),
     batch_id=st.binary(max_size=16),
     created_at_unix_nano=uint64,

@@ -82,6 +82,9 @@ class DecodedBatch:
 # is the same.
 
 
+INT63_MAX = 2**63 - 1  # seq is stored as a signed 64-bit integer
+
+
 def _model_to_map(model: ModelRef) -> dict[int, str]:
     m: dict[int, str] = {}
     if model.name:
@@ -301,8 +304,8 @@ def decode_batch_raw(data: bytes, *, limits: DecodeLimits = DEFAULT_LIMITS) -> R
     _check_version(raw.get(0))
     producer_id = _batch_str(raw, 1, "producer_id", required=True, max_len=limits.max_id_len)
     seq = raw.get(2)
-    if not isinstance(seq, int) or not _is_uint(seq) or seq == 0:
-        raise WireError("seq must be a positive integer")
+    if not isinstance(seq, int) or not _is_uint(seq) or seq == 0 or seq > INT63_MAX:
+        raise WireError("seq must be a positive integer below 2**63")
     raw_events = raw.get(6, [])
     if not isinstance(raw_events, list):
         raise WireError("events must be an array")

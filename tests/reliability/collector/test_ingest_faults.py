@@ -236,3 +236,18 @@ async def test_row30_tokens_scopes_and_producer_binding_never_echo_the_token(
         assert ingest not in answer.text and read not in answer.text
         assert ingest not in str(answer.headers)
     assert ingest not in caplog.text and read not in caplog.text
+
+
+async def test_row17_seq_past_int64_is_400_and_the_writer_keeps_serving(
+    start: Start, post: Post
+) -> None:
+    # A seq of 2**63 once passed the decoder and killed the SQLite writer thread,
+    # after which every batch hung.
+    collector = await start()
+    producer = ChainedProducer("big-seq")
+    producer.seq = 2**63 - 1  # body() numbers the next batch 2**63
+    answer = await post(collector, producer.body(make_events(1)))
+    assert answer.status == 400, answer
+    assert "2**63" in answer.text
+    good = await post(collector, ChainedProducer("after").body(make_events(2)))
+    assert good.status == 200 and good.ack is not None and good.ack.accepted == 2

@@ -229,6 +229,13 @@ class SqliteEngine:
                 raise  # the whole group fails: the database itself is unavailable
             log.warning("store plan failed: %s", exc)
             return None, translate(exc)
+        except (OverflowError, ValueError, TypeError) as exc:
+            # A value SQLite cannot bind (e.g. an int past 2**63): fail this job
+            # alone, never the writer thread (which would hang every later write).
+            conn.execute("ROLLBACK TO job")
+            conn.execute("RELEASE job")
+            log.warning("store plan failed: %s", type(exc).__name__)
+            return None, StoreError(f"value cannot be stored: {type(exc).__name__}")
         conn.execute("RELEASE job")
         return result, None
 
