@@ -50,8 +50,8 @@ class UuidV7Generator:
         self._last_ms = 0
         self._counter = 0
 
-    def new_int(self) -> int:
-        """Return a new UUIDv7 as a 128-bit integer."""
+    def _next(self) -> tuple[int, int, int]:
+        """(unix ms, counter, 62 random bits) of the next id, monotonic within a millisecond."""
         now_ms = time.time_ns() // 1_000_000
         with self._lock:
             if now_ms > self._last_ms:
@@ -65,27 +65,19 @@ class UuidV7Generator:
                 if self._counter > _COUNTER_MAX:
                     self._last_ms += 1
                     self._counter = 0
-            ms, counter = self._last_ms, self._counter
-            rand_b = self._rng.getrandbits(62)
-        return (ms & 0xFFFFFFFFFFFF) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand_b
+            return self._last_ms & 0xFFFFFFFFFFFF, self._counter, self._rng.getrandbits(62)
+
+    def new_int(self) -> int:
+        """Return a new UUIDv7 as a 128-bit integer."""
+        ms, counter, rand_b = self._next()
+        return ms << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand_b
 
     def new(self) -> str:
         """Return a new UUIDv7 in its canonical text form."""
         # The same bits as ``new_int``, formatted field by field: one
         # %-format of small ints instead of a 128-bit int, hex and slices
         # (this runs once per request).
-        now_ms = time.time_ns() // 1_000_000
-        with self._lock:
-            if now_ms > self._last_ms:
-                self._last_ms = now_ms
-                self._counter = self._rng.getrandbits(11)
-            else:
-                self._counter += 1
-                if self._counter > _COUNTER_MAX:
-                    self._last_ms += 1
-                    self._counter = 0
-            ms, counter = self._last_ms & 0xFFFFFFFFFFFF, self._counter
-            rand_b = self._rng.getrandbits(62)
+        ms, counter, rand_b = self._next()
         return _UUID_FORMAT % (
             ms >> 16,
             ms & 0xFFFF,

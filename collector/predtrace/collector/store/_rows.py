@@ -19,6 +19,11 @@ from typing import Any, Final
 
 from predtrace.collector.store._ops import Row
 from predtrace.wire import ModelRef, PredictionEvent
+from predtrace.wire._codec import (  # the codec's own map readers
+    _DEPLOYMENT_KEYS,
+    _MODEL_KEYS,
+    _strs,
+)
 
 INT64_MAX: Final = 2**63 - 1
 ServedKey = tuple[str, str, str, str, str]
@@ -113,21 +118,6 @@ def prediction_row(event: PredictionEvent, producer_id: str, seq: int, received_
     )
 
 
-_MODEL_KEYS: Final = (1, 2, 3, 4, 5, 6)
-_DEPLOYMENT_KEYS: Final = (1, 2, 3, 4, 5, 6, 7)
-
-
-def _map_strs(raw: object, keys: tuple[int, ...]) -> list[str] | None:
-    if type(raw) is not dict:
-        return None
-    get = raw.get
-    values = [get(k, "") for k in keys]
-    for value in values:
-        if type(value) is not str:
-            return None
-    return values
-
-
 def _plain_output(raw: dict[Any, Any]) -> tuple[Any, Any, Any] | None:
     """(label, score, value) of the event map's output, or None when off the fast path."""
     if 15 not in raw:
@@ -172,7 +162,7 @@ def fast_prediction_row(
     g = raw.get
     pid, trace_id, span_id = g(1), g(2, b""), g(3, b"")
     ts, duration, status, fingerprint = g(4, 0), g(5, 0), g(11, 0), g(14, b"")
-    model, dep = _map_strs(g(6, {}), _MODEL_KEYS), _map_strs(g(8, {}), _DEPLOYMENT_KEYS)
+    model, dep = _strs(g(6, {}), _MODEL_KEYS), _strs(g(8, {}), _DEPLOYMENT_KEYS)
     texts = (g(9, ""), g(10, ""), g(12, ""), g(13, ""))
     features, attributes = g(16, {}), g(17, {})
     output = _plain_output(raw)
