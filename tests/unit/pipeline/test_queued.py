@@ -357,3 +357,37 @@ def test_forked_child_has_a_working_pipeline_and_never_resends_the_parent_queue(
 def test_invalid_queue_config_fails_at_startup(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError, match="QueueConfig"):
         QueueConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_an_export_outliving_shutdown_closes_the_exporter_after_it_not_under_it() -> None:
+    """A hung export: shutdown returns at its deadline; the exporter is shut down later,
+    by the worker, once the export returned (never concurrently with it)."""
+
+    class Hanging:
+        def __init__(self) -> None:
+            self.release = threading.Event()
+            self.exporting = threading.Event()
+            self.log: list[str] = []
+
+        def export(self, batch: OutgoingBatch) -> ExportResult:
+            self.exporting.set()
+            self.log.append("export started")
+            self.release.wait(10)
+            self.log.append("export returned")
+            return ExportResult(accepted=len(batch.events))
+
+        def shutdown(self, timeout: float) -> None:
+            self.log.append("shutdown")
+
+    exporter = Hanging()
+    pipeline = QueuedExporter(exporter, QueueConfig(max_batch_size=1, schedule_delay=0.01))
+    pipeline.start()
+    pipeline.emit(PredictionEvent(prediction_id="p-1"))
+    assert exporter.exporting.wait(5)
+    pipeline.shutdown(timeout=0.05)
+    assert exporter.log == ["export started"]  # not shut down under the running export
+    exporter.release.set()
+    deadline = time.monotonic() + 5
+    while "shutdown" not in exporter.log and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert exporter.log == ["export started", "export returned", "shutdown"]

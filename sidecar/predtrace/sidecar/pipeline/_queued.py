@@ -180,11 +180,18 @@ class QueuedExporter:
             thread = self._thread
         if thread is None:
             self._drain_inline()
-        else:
-            self._stop.set()
-            self._wake.set()
-            thread.join(timeout + 1.0)
+            self._drop_leftovers()
+            self._shutdown_exporter()
+            return
+        # The worker owns the exporter: it shuts it down when its last export
+        # returns, even when that outlives this deadline (a hung collector), so
+        # the exporter is never closed under an export running in another thread.
+        self._stop.set()
+        self._wake.set()
+        thread.join(timeout + 1.0)
         self._drop_leftovers()
+
+    def _shutdown_exporter(self) -> None:
         try:
             self._exporter.shutdown(max(0.0, self._remaining()))
         except Exception as exc:  # noqa: BLE001 - shutdown must not raise
@@ -233,6 +240,8 @@ class QueuedExporter:
             if not self._queue:
                 self._flushing = False
         self._drain_inline()
+        self._drop_leftovers()
+        self._shutdown_exporter()
 
     def _should_abandon(self) -> bool:
         return self._stop.is_set() and self._remaining() <= 0
