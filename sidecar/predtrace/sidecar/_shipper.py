@@ -270,9 +270,6 @@ class Shipper:
     async def _resume(self, plan: Plan) -> None:
         """Rebuild the persisted plan byte for byte, or quarantine it if it crash-loops."""
         self._spool.pin((plan.first, plan.last))
-        if plan.replays >= self.config.poison_attempts:
-            await self._quarantine(plan, f"the sidecar died {plan.replays} times sending it")
-            return
         records = await asyncio.to_thread(
             self._spool.read, self._hwm, max_records=2**31, max_bytes=2**62, until=plan.last
         )
@@ -280,6 +277,12 @@ class Shipper:
         if records:
             prev = self._state.prev_digest
             rebuilt = await asyncio.to_thread(self._build, records, plan.seq, prev)
+        if rebuilt is not None and plan.replays >= self.config.poison_attempts:
+            # Quarantine the rebuilt bytes: the persisted plan has no payload,
+            # and the quarantine file is the only copy once the marks move on.
+            rebuilt.replays = plan.replays
+            await self._quarantine(rebuilt, f"the sidecar died {plan.replays} times sending it")
+            return
         if rebuilt is None or rebuilt.digest != plan.digest:
             # Records of the batch were damaged or lost since it was planned:
             # move on to the next seq, chained to the planned batch, and send

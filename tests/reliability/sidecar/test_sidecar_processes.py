@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from predtrace.wire import PredictionEvent
+from predtrace.wire import PredictionEvent, decode_batch
 
 from .oracle import DeliveryOracle
 from .polling import eventually_sync
@@ -291,7 +291,9 @@ def test_a_batch_that_crashes_the_sidecar_on_every_start_is_quarantined_and_data
         later.send_once()
         wait_delivered(collector.address, {f"later-{i:07d}" for i in range(20)})
         assert get_prediction(collector.address, "poison-0000000") is None
-        assert list((tmp_path / "spool" / "quarantine").iterdir())
+        (kept,) = (tmp_path / "spool" / "quarantine").iterdir()
+        quarantined = decode_batch(kept.read_bytes()).batch.events
+        assert {e.prediction_id for e in quarantined} == {f"poison-{i:07d}" for i in range(20)}
         status = json.loads(_status(sidecar.address))
         assert status["quarantined_batches"] == 1
         assert status["dropped"]["quarantined"] == 20

@@ -23,7 +23,7 @@ from predtrace.sidecar.pipeline import (
 )
 from predtrace.sidecar.spool import FaultPoints, MemoryFileLayer, SimulatedCrash, Spool, SpoolConfig
 from predtrace.sidecar.testing import FakeClock
-from predtrace.wire import IngestAck, PredictionEvent
+from predtrace.wire import IngestAck, PredictionEvent, decode_batch
 from tests.reliability.sidecar.fake_collector import Answer, FakeCollector
 from tests.reliability.sidecar.polling import eventually
 
@@ -268,6 +268,11 @@ async def test_a_batch_that_kills_the_sidecar_on_every_start_is_quarantined(rig:
     await rig.wait_delivered(3)
     assert shipper.counters.quarantined == 1
     assert {e.prediction_id for e in rig.collector.events()} == {"p000100", "p000101", "p000102"}
+    # The quarantine file is the only copy of the poison batch: it must hold it.
+    path = f"{DIR}/quarantine/{1:020d}.msgpack"
+    kept = decode_batch(rig.disk.read(path, 0, rig.disk.size(path)))
+    assert kept.batch.seq == 1
+    assert [e.prediction_id for e in kept.batch.events] == [f"p{i:06d}" for i in range(7)]
 
 
 class _Offline:
