@@ -44,6 +44,8 @@ from predtrace.wire._ids import (
     parse_prediction_id,
     parse_span_id,
     parse_trace_id,
+    producer_id_base,
+    restarted_producer_id,
     uuid7_timestamp_ms,
 )
 from predtrace.wire._proto import event_from_proto, event_to_proto
@@ -88,5 +90,7 @@ __all__ = [
     "parse_prediction_id",
     "parse_span_id",
     "parse_trace_id",
+    "producer_id_base",
+    "restarted_producer_id",
     "uuid7_timestamp_ms",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import secrets
 import threading
 import time
 import uuid
@@ -24,6 +25,7 @@ _UUID_FORMAT: Final = "%08x-%04x-%04x-%04x-%012x"
 _HEX_RE: Final = re.compile(r"[0-9a-fA-F]+")
 _TRACEPARENT_RE: Final = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
 _CALLER_ID_RE: Final = re.compile(r"^[\x21-\x7e]{1,256}$")
+_RESTARTED_RE: Final = re.compile(r"^(.+)-r[0-9a-f]{6}$")
 
 
 class UuidV7Generator:
@@ -183,3 +185,18 @@ def classify_lookup_id(text: str) -> tuple[bytes | None, str | None]:
     if trace_id is None and prediction_id is None:
         raise InvalidIdError("not a trace id (32 hex digits) nor a prediction id")
     return trace_id, prediction_id
+
+
+def restarted_producer_id(producer_id: str) -> str:
+    """The id a producer continues under after losing its seq state: ``<base>-r<6 hex>``.
+
+    Always derived from the base id (never ``-r..-r..``), so a collector token
+    bound to the base id can accept it (see ``producer_id_base``).
+    """
+    return f"{producer_id_base(producer_id)}-r{secrets.token_hex(3)}"
+
+
+def producer_id_base(producer_id: str) -> str:
+    """``edge-7`` for ``edge-7-r1a2b3c``; the id itself when it is not a restarted one."""
+    match = _RESTARTED_RE.match(producer_id)
+    return match.group(1) if match else producer_id

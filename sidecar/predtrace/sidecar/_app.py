@@ -40,6 +40,7 @@ from predtrace.sidecar._status import StatusView, build_status
 from predtrace.sidecar.pipeline import CollectorClient
 from predtrace.sidecar.spool import FaultPoints, FileLayer, OsFileLayer, Spool
 from predtrace.v1 import sidecar_pb2
+from predtrace.wire import restarted_producer_id
 
 _log = logging.getLogger("predtrace.sidecar")
 PRODUCER_FILE = "producer_id"
@@ -188,7 +189,8 @@ class SidecarApp:
 
         When the spool's state was lost, its seq numbering can no longer be
         trusted, so the sidecar continues under a derived id (``<id>-r<hex>``,
-        kept in the directory) that can never collide with the old seqs.
+        kept in the directory) that can never collide with the old seqs; a
+        collector token bound to ``<id>`` accepts it.
         """
         path = posixpath.join(self.config.spool.directory, PRODUCER_FILE)
         stored = ""
@@ -200,7 +202,7 @@ class SidecarApp:
         if not kept:
             kept = _new_producer_id()
         elif self.spool.state_lost:
-            kept = f"{kept}-r{secrets.token_hex(3)}"
+            kept = restarted_producer_id(kept)
         if kept != stored:
             _write_atomic(self._files, path, kept.encode())
         return kept

@@ -8,7 +8,8 @@ then it moves the high-water mark. Elapsed time never drops anything: retries
 back off exponentially with full jitter up to a cap, forever. A batch the
 collector refuses (400/413) or keeps failing on (500s, or a crash while
 sending it on N starts in a row) is written to ``quarantine/`` and counted,
-never crash-looped.
+never crash-looped. A refused token (401/403) is not the batch's fault: the
+batch stays spooled and is retried until an operator fixes the token.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from predtrace.sidecar.spool import FaultPoints, FileLayer, Record, Spool
 from predtrace.wire import IngestAck, batch_digest, gzip_bytes
 
 _log = logging.getLogger("predtrace.sidecar.shipper")
-# Statuses that say "the collector is busy or unreachable", not "this batch is bad".
-_BUSY_STATUSES = frozenset({408, 425, 429, 502, 503, 504})
+# Statuses that say "the collector is busy or refuses our token", not "this
+# batch is bad": they never count towards quarantining a batch.
+_BUSY_STATUSES = frozenset({401, 403, 408, 425, 429, 502, 503, 504})
 Sleep = Callable[[float], Awaitable[None]]
 QUARANTINE_DIR = "quarantine"
 

@@ -10,6 +10,7 @@ from aiohttp.test_utils import make_mocked_request
 from predtrace.collector import ConfigError, Scope, TokenTable, hash_token, new_token
 from predtrace.collector._auth import bearer, is_loopback
 from predtrace.collector._security import Authorizer, AuthRefusal
+from predtrace.wire import restarted_producer_id
 
 
 def _table(tmp_path: Path, body: str) -> TokenTable:
@@ -30,6 +31,22 @@ def test_a_token_is_found_by_its_hash_with_its_scopes_and_producers(tmp_path: Pa
     assert entry.allows(Scope.INGEST) and not entry.allows(Scope.READ)
     assert entry.allows_producer("edge-7") and not entry.allows_producer("pod-1")
     assert table.authenticate(token + "x") is None
+
+
+def test_a_token_bound_to_a_producer_accepts_its_restarted_id_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    token = new_token()
+    table = _table(
+        tmp_path,
+        f'[[token]]\nsha256 = "{hash_token(token)}"\nscopes = ["ingest"]\nproducers = ["edge-7"]\n',
+    )
+    entry = table.authenticate(token)
+    assert entry is not None
+    assert entry.allows_producer("edge-7")
+    assert entry.allows_producer(restarted_producer_id("edge-7"))
+    for other in ("edge-70", "edge-7-rzzzzzz", "edge-7-r0a1b2c3", "edge-8-r0a1b2c", "x-edge-7"):
+        assert not entry.allows_producer(other), other
 
 
 def test_admin_carries_every_scope_and_producer(tmp_path: Path) -> None:

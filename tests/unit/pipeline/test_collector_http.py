@@ -152,7 +152,7 @@ def test_transient_statuses_are_retryable_with_retry_after(
     assert info.value.retry_after == 7.0
 
 
-@pytest.mark.parametrize("status", [400, 401, 403, 404, 413])
+@pytest.mark.parametrize("status", [400, 404, 413])
 def test_client_errors_are_permanent_with_the_reason(collector: FakeCollector, status: int) -> None:
     async def refuse(request: web.Request) -> web.Response:
         return web.Response(status=status, text="events must be an array")
@@ -164,6 +164,24 @@ def test_client_errors_are_permanent_with_the_reason(collector: FakeCollector, s
             exporter.export(OutgoingBatch(_events(1)))
     finally:
         exporter.shutdown(1)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_token_is_retryable_and_says_what_to_check(
+    collector: FakeCollector, status: int
+) -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        return web.Response(status=status, text="token not allowed for producer svc-1")
+
+    collector.handler = refuse
+    exporter = _exporter(collector.url)
+    try:
+        with pytest.raises(RetryableExportError, match="check the token") as info:
+            exporter.export(OutgoingBatch(_events(1)))
+    finally:
+        exporter.shutdown(1)
+    assert info.value.status == status
+    assert "not allowed for producer svc-1" in str(info.value)
 
 
 def test_unreadable_ack_is_retryable(collector: FakeCollector) -> None:

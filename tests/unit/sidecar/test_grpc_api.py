@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import grpc
@@ -197,3 +198,25 @@ async def _assert_healthy(channel: grpc.aio.Channel, stub: sidecar_pb2_grpc.Side
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
     ack = await stub.RecordBatch(sidecar_pb2.RecordBatchRequest(events=proto_events(1, 900)))
     assert ack.accepted == 1
+
+
+async def test_after_losing_its_seq_state_the_sidecar_continues_under_a_derived_id(
+    start_sidecar: StartSidecar,
+) -> None:
+    disk = MemoryFileLayer()
+    seen = []
+    for _ in range(3):
+        running = await start_sidecar(files=disk, spool=SpoolConfig(directory="/spool"))
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            stub = sidecar_pb2_grpc.SidecarStub(channel)
+            await stub.RecordBatch(sidecar_pb2.RecordBatchRequest(events=proto_events(3)))
+            shipper = running.app.shipper
+            await eventually(lambda: shipper.counters.exported >= 3)  # noqa: B023 - awaited here
+            seen.append((await stub.Status(sidecar_pb2.StatusRequest())).producer_id)
+        await running.app.stop()
+        disk.corrupt("/spool/state.0", 12)
+        disk.corrupt("/spool/state.1", 12)
+    assert seen[0] == "test-sidecar"
+    # Never nested (-r..-r..): a collector token bound to test-sidecar accepts each.
+    assert all(re.fullmatch(r"test-sidecar-r[0-9a-f]{6}", pid) for pid in seen[1:]), seen
+    assert len(set(seen)) == 3

@@ -157,6 +157,17 @@ async def test_retry_after_is_honoured_and_nothing_is_dropped(rig: Rig) -> None:
     assert len(rig.collector.stored) == 1
 
 
+async def test_a_refused_token_keeps_every_batch_until_the_token_is_fixed(rig: Rig) -> None:
+    rig.collector.script = [Answer(403)] * 6 + [Answer(401)] * 6
+    shipper = await rig.start(ShipperConfig(linger=0, max_batch_events=5, poison_attempts=3))
+    await rig.record(events(10))
+    await rig.wait_delivered(10)
+    assert shipper.counters.quarantined == 0
+    assert shipper.counters.dropped == {}
+    assert shipper.counters.retried == 12
+    assert [e.prediction_id for e in rig.collector.events()] == [f"p{i:06d}" for i in range(10)]
+
+
 @pytest.mark.parametrize("status", [400, 413])
 async def test_a_permanently_refused_batch_is_quarantined_once_and_later_data_flows(
     rig: Rig, status: int

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import uuid
 
 import pytest
@@ -15,6 +16,8 @@ from predtrace.wire import (
     parse_prediction_id,
     parse_span_id,
     parse_trace_id,
+    producer_id_base,
+    restarted_producer_id,
     uuid7_timestamp_ms,
 )
 
@@ -117,3 +120,13 @@ def test_classify_lookup_id_returns_both_candidates_for_32_hex() -> None:
     assert pred == "req-42"
     with pytest.raises(InvalidIdError):
         classify_lookup_id("two words")
+
+
+def test_a_restarted_producer_id_derives_from_the_base_id_every_time() -> None:
+    once = restarted_producer_id("edge-7")
+    twice = restarted_producer_id(once)
+    assert re.fullmatch(r"edge-7-r[0-9a-f]{6}", once)
+    assert re.fullmatch(r"edge-7-r[0-9a-f]{6}", twice)
+    assert producer_id_base(once) == producer_id_base(twice) == "edge-7"
+    assert producer_id_base("edge-7") == "edge-7"
+    assert producer_id_base("edge-7-rnothex") == "edge-7-rnothex"

@@ -5,7 +5,8 @@ collector (the sidecar's shipper uses it directly); ``CollectorHttpExporter``
 wraps it for the queued pipeline's worker thread. Answers are classified per
 the delivery contract: 2xx delivered (partial success read from the ack),
 429/502/503/504 and connection errors retryable (Retry-After honoured),
-400/401/403/404/413 permanent.
+401/403 retryable too (a token problem is fixed by an operator, not by
+throwing the batch away), 400/404/413 permanent.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from predtrace.wire import (
 
 BATCH_CONTENT_TYPE = "application/vnd.predtrace.batch+msgpack"
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+# The collector refused the credentials, not the batch: keep it and retry.
+CREDENTIAL_STATUSES = frozenset({401, 403})
 _MAX_ACK_BYTES = 1024 * 1024
 
 
@@ -158,6 +161,12 @@ class CollectorClient:
             raise RetryableExportError(
                 f"collector answered {status}",
                 retry_after=parse_retry_after(retry_after),
+                status=status,
+            )
+        if status in CREDENTIAL_STATUSES:
+            raise RetryableExportError(
+                f"collector refused the token ({status}: {reason}); check the token "
+                "and the producer ids it is bound to",
                 status=status,
             )
         raise PermanentExportError(f"collector answered {status}: {reason}")

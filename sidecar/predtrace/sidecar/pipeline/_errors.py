@@ -10,14 +10,14 @@ class ExportError(PredtraceError):
 
 
 class PermanentExportError(ExportError):
-    """The batch can never be delivered as is (400, 401, 403, 413, INVALID_ARGUMENT).
+    """The batch can never be delivered as is (400, 404, 413, INVALID_ARGUMENT).
 
     It is dead-lettered and counted, never retried.
     """
 
 
 class RetryableExportError(ExportError):
-    """A transient failure (429, 502, 503, 504, UNAVAILABLE, connection error).
+    """A failure retrying can cure (429, 502-504, 401/403, UNAVAILABLE, connection error).
 
     Args:
         message: short reason, safe to log (no credentials, no payload).
