@@ -3,8 +3,9 @@
 The delivery contract (DESIGN §4): the body is read with a hard cap (413) and
 only while the in-flight byte budget allows (else 503 + Retry-After); the
 decoder is bounded (400 with a reason, 413 for bombs); a batch is acknowledged
-only after the store committed it; (producer_id, seq) is idempotent; bad events
-are rejected alone; store failures answer 503, never 200 and never 500.
+only after the store committed it; (producer_id, seq) is idempotent (the same
+bytes again are a duplicate; other bytes under a stored seq are a 409); bad
+events are rejected alone; store failures answer 503, never 200 and never 500.
 """
 
 from __future__ import annotations
@@ -219,6 +220,13 @@ class IngestHandler:
             log.warning("store failed, answering 503: %s", exc)
             raise _Refused(503, "store unavailable, retry later", "store_unavailable") from None
         self.metrics.store_seconds.observe(time.perf_counter() - started)
+        if outcome.conflict:
+            raise _Refused(
+                409,
+                f"seq {record.seq} of producer {record.producer_id!r} was stored before with "
+                "other content; this batch was not stored (the producer reused a seq)",
+                "conflict",
+            )
         self.metrics.batches.labels("duplicate" if outcome.duplicate else "stored").inc()
         if not outcome.duplicate:
             self.metrics.chain.labels(outcome.chain).inc()

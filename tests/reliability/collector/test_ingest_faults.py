@@ -62,6 +62,24 @@ async def test_row7_duplicates_and_out_of_order_batches_store_each_seq_once(
     assert report is not None and report["batches"] == 5 and report["chain_breaks"] == 0
 
 
+async def test_row7_a_reused_seq_with_other_bytes_is_refused_409_never_acked(
+    start: Start, post: Post, tmp_path: Path
+) -> None:
+    collector = await start()
+    first = ChainedProducer("edge-7").body(make_events(10))
+    reused = ChainedProducer("edge-7").body(make_events(4))  # seq 1 again, other events
+    assert (await post(collector, first)).status == 200
+    answer = await post(collector, reused)
+    assert answer.status == 409 and answer.ack is None
+    assert "seq 1 of producer 'edge-7' was stored before with other content" in answer.text
+    again = await post(collector, first)  # a plain redelivery is still a duplicate
+    assert again.status == 200 and again.ack is not None and again.ack.duplicate
+    assert _count(tmp_path / "c.db") == 10
+    report = await collector.runner.app[PARTS].store.producer("edge-7")
+    assert report is not None
+    assert [e["kind"] for e in report["chain_events"]] == ["seq_reused"]  # type: ignore[attr-defined]
+
+
 def _version_body(events: list[dict[int, object]], extra: dict[int, object]) -> bytes:
     batch: dict[int, object] = {0: [1, 0], 1: "p", 2: 1, 6: events}
     batch.update(extra)

@@ -42,6 +42,9 @@ class IngestOutcome:
     duplicate: bool
     stored: int
     chain: str
+    # Same (producer, seq) stored before with other bytes: nothing of this
+    # batch was stored, and the sender must hear so (409), not "duplicate".
+    conflict: bool = False
 
 
 _CHAIN_EVENT = (
@@ -110,6 +113,7 @@ def _duplicate(rec: IngestRecord, digest: bytes, stored: int) -> Plan[IngestOutc
     if digest != rec.digest:
         # Same (producer, seq), different bytes: the producer re-used a number.
         yield _chain_event(rec, rec.seq, "seq_reused", digest, rec.digest)
+        return IngestOutcome(duplicate=True, stored=0, chain="seq_reused", conflict=True)
     return IngestOutcome(duplicate=True, stored=stored, chain="duplicate")
 
 
