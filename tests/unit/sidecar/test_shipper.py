@@ -168,7 +168,7 @@ async def test_a_refused_token_keeps_every_batch_until_the_token_is_fixed(rig: R
     assert [e.prediction_id for e in rig.collector.events()] == [f"p{i:06d}" for i in range(10)]
 
 
-@pytest.mark.parametrize("status", [400, 413])
+@pytest.mark.parametrize("status", [400, 409, 413])
 async def test_a_permanently_refused_batch_is_quarantined_once_and_later_data_flows(
     rig: Rig, status: int
 ) -> None:
