@@ -257,15 +257,23 @@ class SidecarApp:
             await self._forwarder.stop(timeout=min(2.0, self.config.drain_timeout))
         for proxy in self._proxies:
             await proxy.close()
-        if self._shipper is not None and self._shipper_task is not None:
-            await self._shipper.stop(self.config.drain_timeout)
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._shipper_task
-        if self._metrics is not None:
-            await self._metrics.stop()
-        await self._client.close()
-        if self._spool is not None:
-            await asyncio.to_thread(self._spool.close)
+        try:
+            if self._shipper is not None and self._shipper_task is not None:
+                await self._shipper.stop(self.config.drain_timeout)
+                try:
+                    await self._shipper_task
+                except asyncio.CancelledError:
+                    pass
+                except Exception:  # noqa: BLE001 - stop must finish closing
+                    # Whatever killed the shipper, the spool still closes
+                    # cleanly and what it holds is shipped on the next start.
+                    _log.exception("the shipper had stopped on an error")
+            if self._metrics is not None:
+                await self._metrics.stop()
+        finally:
+            await self._client.close()
+            if self._spool is not None:
+                await asyncio.to_thread(self._spool.close)
         if self.config.ready_file:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.ready_file)

@@ -10,11 +10,19 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from predtrace.sidecar._config import DeploymentConfig, RedactionConfig
+from predtrace.sidecar._app import SidecarApp
+from predtrace.sidecar._config import (
+    DeploymentConfig,
+    RedactionConfig,
+    ShipperConfig,
+    SidecarConfig,
+)
 from predtrace.sidecar._errors import SpoolUnusableError
-from predtrace.sidecar.spool import MemoryFileLayer, SpoolConfig
+from predtrace.sidecar.pipeline import CollectorClientConfig
+from predtrace.sidecar.spool import FaultPoints, MemoryFileLayer, SimulatedCrash, SpoolConfig
 from predtrace.v1 import event_pb2, sidecar_pb2, sidecar_pb2_grpc
 from predtrace.wire import ModelRef, OutputSummary, PredictionEvent, event_to_proto
+from tests.reliability.sidecar.fake_collector import FakeCollector
 from tests.reliability.sidecar.polling import eventually
 
 from .conftest import Running, StartSidecar
@@ -220,3 +228,36 @@ async def test_after_losing_its_seq_state_the_sidecar_continues_under_a_derived_
     # Never nested (-r..-r..): a collector token bound to test-sidecar accepts each.
     assert all(re.fullmatch(r"test-sidecar-r[0-9a-f]{6}", pid) for pid in seen[1:]), seen
     assert len(set(seen)) == 3
+
+
+async def test_a_shipper_that_died_still_lets_stop_close_everything_and_a_restart_ships(
+    collector: FakeCollector,
+) -> None:
+    disk = MemoryFileLayer()
+    config = SidecarConfig(
+        collector=CollectorClientConfig(url=collector.url, timeout=2),
+        spool=SpoolConfig(directory="/spool"),
+        listen="127.0.0.1:0",
+        producer_id="crashy",
+        shipper=ShipperConfig(linger=0.01),
+        drain_timeout=1.0,
+    )
+    faults = FaultPoints()
+    faults.arm("shipper.after_ack")
+    app = SidecarApp(config, files=disk, faults=faults)
+    await app.start()
+    async with grpc.aio.insecure_channel(app.addresses["grpc"]) as channel:
+        stub = sidecar_pb2_grpc.SidecarStub(channel)
+        await stub.RecordBatch(sidecar_pb2.RecordBatchRequest(events=proto_events(4)))
+    await eventually(lambda: collector.requests >= 1)
+    with pytest.raises(SimulatedCrash):  # the shipper task died; stop says so, after closing
+        await app.stop()
+    assert app._client._session is None, "the collector session was left open"
+    again = SidecarApp(config, files=disk)
+    await again.start()
+    try:
+        await eventually(lambda: again.shipper.counters.batches >= 1)
+    finally:
+        await again.stop()
+    assert collector.duplicates == 1  # the acked batch, resent byte for byte
+    assert {e.prediction_id for e in collector.events()} == {f"p{i:05d}" for i in range(4)}
