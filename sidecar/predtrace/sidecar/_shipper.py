@@ -133,9 +133,6 @@ class Shipper:
         """Ship until ``stop``; returns when stopped (never raises for delivery errors)."""
         self._loop = asyncio.get_running_loop()
         self._spool.add_listener(self._on_data)
-        plan = self._state.plan
-        if plan is not None:
-            await self._resume(plan)
         try:
             await self._loop_until_stopped()
         finally:
@@ -143,22 +140,42 @@ class Shipper:
                 self._prefetch.cancel()
                 with contextlib.suppress(asyncio.CancelledError, OSError):
                     await self._prefetch
-        await self._persist_if_dirty()
+        try:
+            await self._persist_if_dirty()
+        except OSError as exc:  # the next start resends from the older mark: duplicates only
+            _log.error("could not write the spool state at stop: %s", exc.strerror or exc)
 
     async def _loop_until_stopped(self) -> None:
+        failures = 0
         while not self._stopping:
-            plan = self._state.plan
-            if plan is None:
-                plan = await self._next_plan()
-            if plan is None:
-                await self._persist_if_dirty()
-                self._idle.set()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 1.0)
-                self._wake.clear()
-                continue
-            self._idle.clear()
-            await self._ship(plan)
+            try:
+                await self._step()
+                failures = 0
+            except OSError as exc:
+                # A full or failing disk under the spool state: the shipper
+                # waits and tries again; it never dies while the sidecar
+                # keeps accepting events.
+                failures += 1
+                self.counters.last_error = f"spool state unwritable: {exc.strerror or exc}"
+                self._log.warning("state", "spool I/O failed, retrying: %s", exc.strerror or exc)
+                await self._wait(self.config.retry.delay(failures - 1, None, self._rng))
+
+    async def _step(self) -> None:
+        plan = self._state.plan
+        if plan is not None and plan.body is None:
+            await self._resume(plan)  # persisted by an earlier run: rebuild it first
+            return
+        if plan is None:
+            plan = await self._next_plan()
+        if plan is None:
+            await self._persist_if_dirty()
+            self._idle.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+            self._wake.clear()
+            return
+        self._idle.clear()
+        await self._ship(plan)
 
     def _on_data(self) -> None:
         loop = self._loop
@@ -204,8 +221,9 @@ class Shipper:
         # Persisted as "one send started": if the sidecar dies while sending it
         # on N starts in a row, the batch is the likely cause (poison).
         plan.replays = 1
-        self._state.plan = plan
-        await self._persist()
+        state = self._state
+        # Durable before the first send (a failed write leaves no plan behind).
+        await self._commit(ShipState(state.next_seq, state.prev_digest, plan))
         return plan
 
     def _full(self, records: list[Record]) -> bool:
@@ -297,8 +315,9 @@ class Shipper:
             return
         rebuilt.replays = plan.replays + 1
         self.oldest_unsent_ns = rebuilt.first_ts_ns
-        self._state.plan = rebuilt
-        await self._persist()
+        # The count of starts is durable before this start sends (poison detection).
+        state = self._state
+        await self._commit(ShipState(state.next_seq, state.prev_digest, rebuilt))
 
     # -- sending --------------------------------------------------------------------
 
@@ -343,11 +362,14 @@ class Shipper:
         if self._deadline is not None and self._clock.monotonic() + delay > self._deadline:
             self._stopping = True
             return False
+        await self._wait(delay)
+        return not self._stopping
+
+    async def _wait(self, delay: float) -> None:
         if self._sleep_fn is not None:
             await self._sleep_fn(delay)
         else:
             await self._pause(delay)
-        return not self._stopping
 
     def _complete(self, plan: Plan, ack: IngestAck) -> None:
         c = self.counters
@@ -399,8 +421,17 @@ class Shipper:
     # -- persistence and waiting ----------------------------------------------------
 
     async def _persist(self) -> None:
+        await self._commit(self._state)
+
+    async def _commit(self, state: ShipState) -> None:
+        """Write the marks and ``state`` durably; only then is ``state`` current."""
+        try:
+            await asyncio.to_thread(self._spool.commit, self._hwm, state.encode())
+        except OSError:
+            self._dirty = True
+            raise
+        self._state = state
         self._dirty = False
-        await asyncio.to_thread(self._spool.commit, self._hwm, self._state.encode())
 
     async def _persist_if_dirty(self) -> None:
         if self._dirty:

@@ -286,6 +286,25 @@ async def test_a_batch_that_kills_the_sidecar_on_every_start_is_quarantined(rig:
     assert [e.prediction_id for e in kept.batch.events] == [f"p{i:06d}" for i in range(7)]
 
 
+async def test_row14_a_full_disk_under_the_spool_state_pauses_the_shipper_never_kills_it(
+    rig: Rig,
+) -> None:
+    shipper = await rig.start(ShipperConfig(linger=0, max_batch_events=5))
+    await rig.record(events(3))
+    await rig.wait_delivered(3)
+    await rig.record(events(7, 10))  # spooled; planning them needs a state write
+    rig.disk.capacity = rig.disk.used_bytes()
+    await eventually(lambda: "spool state unwritable" in shipper.counters.last_error)
+    assert rig.task is not None and not rig.task.done(), "the shipper died on ENOSPC"
+    rig.disk.capacity = None  # space returns
+    await rig.record(events(2, 50))
+    await rig.wait_delivered(12)
+    got = [e.prediction_id for e in rig.collector.events()]
+    assert sorted(set(got)) == sorted(f"p{i:06d}" for i in [0, 1, 2, *range(10, 17), 50, 51])
+    assert rig.collector.chain_ok("edge-1")
+    assert shipper.counters.dropped == {}
+
+
 class _Offline:
     """A link that is down for ``attempts`` sends, then the real client."""
 
