@@ -7,7 +7,6 @@ The tokens file (TOML) holds only SHA-256 hashes of tokens, never tokens::
     sha256 = "9f86d0..."           # predtrace collector token new prints this
     scopes = ["ingest"]
     producers = ["edge-*"]         # glob patterns; omit for any producer
-                                   # (<id>-r<6 hex>, a restarted <id>, matches too)
 
 Scopes: ``ingest`` (POST batches and lineage), ``read`` (queries), ``admin``
 (everything). A presented token is hashed and compared with every entry in
@@ -30,7 +29,6 @@ from pathlib import Path
 from typing import Final
 
 from predtrace.collector._errors import ConfigError
-from predtrace.wire import producer_id_base
 
 _HASH_LEN: Final = 64
 
@@ -76,12 +74,7 @@ class TokenEntry:
         """Whether this token may send batches as ``producer_id``."""
         if not self.producers or Scope.ADMIN in self.scopes:
             return True
-        # A sidecar that lost its seq state continues as <id>-r<hex>: still <id>.
-        base = producer_id_base(producer_id)
-        return any(
-            fnmatch.fnmatchcase(producer_id, p) or fnmatch.fnmatchcase(base, p)
-            for p in self.producers
-        )
+        return any(fnmatch.fnmatchcase(producer_id, p) for p in self.producers)
 
 
 def _entry(raw: object, index: int) -> TokenEntry:

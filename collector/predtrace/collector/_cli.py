@@ -396,7 +396,13 @@ def serve_command(
     required=True,
     type=click.Choice(["ingest", "read", "admin"]),
 )
-@click.option("--producer", "producers", multiple=True, help="allowed producer id glob")
+@click.option(
+    "--producer",
+    "producers",
+    multiple=True,
+    help="allowed producer id glob (repeatable); an exact id also allows <id>-r??????, "
+    "the id its sidecar continues under after losing its spool state",
+)
 def token_command(name: str, scopes: tuple[str, ...], producers: tuple[str, ...]) -> None:
     """Make a new token: prints it once, and the entry for the tokens file."""
     from predtrace.collector._auth import hash_token, new_token  # noqa: PLC0415
@@ -408,4 +414,8 @@ def token_command(name: str, scopes: tuple[str, ...], producers: tuple[str, ...]
     click.echo(f'sha256 = "{hash_token(token)}"')
     click.echo(f"scopes = {json.dumps(list(scopes))}")
     if producers:
-        click.echo(f"producers = {json.dumps(list(producers))}")
+        allowed = list(producers)
+        for producer in producers:
+            if not any(c in producer for c in "*?[") and f"{producer}-r??????" not in allowed:
+                allowed.append(f"{producer}-r??????")  # the same sidecar after state loss
+        click.echo(f"producers = {json.dumps(allowed)}")

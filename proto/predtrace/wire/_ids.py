@@ -187,16 +187,16 @@ def classify_lookup_id(text: str) -> tuple[bytes | None, str | None]:
     return trace_id, prediction_id
 
 
-def restarted_producer_id(producer_id: str) -> str:
-    """The id a producer continues under after losing its seq state: ``<base>-r<6 hex>``.
+def restarted_producer_id(base: str) -> str:
+    """The id producer ``base`` continues under after losing its seq state: ``<base>-r<6 hex>``.
 
-    Always derived from the base id (never ``-r..-r..``), so a collector token
-    bound to the base id can accept it (see ``producer_id_base``).
+    A collector token bound to ``base`` accepts it when its producers also
+    list ``<base>-r??????`` (``predtrace collector token`` writes both).
     """
-    return f"{producer_id_base(producer_id)}-r{secrets.token_hex(3)}"
+    return f"{base}-r{secrets.token_hex(3)}"
 
 
 def producer_id_base(producer_id: str) -> str:
-    """``edge-7`` for ``edge-7-r1a2b3c``; the id itself when it is not a restarted one."""
+    """``edge-7`` for ``edge-7-r1a2b3c``; the id itself when it has no restart suffix."""
     match = _RESTARTED_RE.match(producer_id)
     return match.group(1) if match else producer_id

@@ -40,7 +40,7 @@ from predtrace.sidecar._status import StatusView, build_status
 from predtrace.sidecar.pipeline import CollectorClient
 from predtrace.sidecar.spool import FaultPoints, FileLayer, OsFileLayer, Spool
 from predtrace.v1 import sidecar_pb2
-from predtrace.wire import restarted_producer_id
+from predtrace.wire import producer_id_base, restarted_producer_id
 
 _log = logging.getLogger("predtrace.sidecar")
 PRODUCER_FILE = "producer_id"
@@ -190,7 +190,7 @@ class SidecarApp:
         When the spool's state was lost, its seq numbering can no longer be
         trusted, so the sidecar continues under a derived id (``<id>-r<hex>``,
         kept in the directory) that can never collide with the old seqs; a
-        collector token bound to ``<id>`` accepts it.
+        token made by ``predtrace collector token --producer <id>`` accepts it.
         """
         path = posixpath.join(self.config.spool.directory, PRODUCER_FILE)
         stored = ""
@@ -202,7 +202,9 @@ class SidecarApp:
         if not kept:
             kept = _new_producer_id()
         elif self.spool.state_lost:
-            kept = restarted_producer_id(kept)
+            # From the configured id when there is one: a configured id may
+            # itself end in -r<6 hex> and must never be taken for a restart.
+            kept = restarted_producer_id(configured or producer_id_base(kept))
         if kept != stored:
             _write_atomic(self._files, path, kept.encode())
         return kept
@@ -259,7 +261,9 @@ class SidecarApp:
             await proxy.close()
         try:
             if self._shipper is not None and self._shipper_task is not None:
-                await self._shipper.stop(self.config.drain_timeout)
+                # A shipper that already died has nothing to drain.
+                drain = 0.0 if self._shipper_task.done() else self.config.drain_timeout
+                await self._shipper.stop(drain)
                 try:
                     await self._shipper_task
                 except asyncio.CancelledError:

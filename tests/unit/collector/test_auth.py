@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
+from click.testing import CliRunner
 
 from predtrace.collector import ConfigError, Scope, TokenTable, hash_token, new_token
 from predtrace.collector._auth import bearer, is_loopback
+from predtrace.collector._cli import collector_group
 from predtrace.collector._security import Authorizer, AuthRefusal
 from predtrace.wire import restarted_producer_id
 
@@ -33,20 +35,31 @@ def test_a_token_is_found_by_its_hash_with_its_scopes_and_producers(tmp_path: Pa
     assert table.authenticate(token + "x") is None
 
 
-def test_a_token_bound_to_a_producer_accepts_its_restarted_id_and_nothing_else(
+def test_a_made_token_for_a_producer_also_allows_its_restarted_id_and_nothing_else(
     tmp_path: Path,
 ) -> None:
-    token = new_token()
-    table = _table(
-        tmp_path,
-        f'[[token]]\nsha256 = "{hash_token(token)}"\nscopes = ["ingest"]\nproducers = ["edge-7"]\n',
+    made = CliRunner().invoke(
+        collector_group, ["token", "--name", "edge", "--scope", "ingest", "--producer", "edge-7"]
     )
-    entry = table.authenticate(token)
+    assert made.exit_code == 0, made.output
+    token = made.stderr.rsplit(" ", 1)[-1].strip()
+    entry = _table(tmp_path, made.stdout).authenticate(token)
     assert entry is not None
     assert entry.allows_producer("edge-7")
     assert entry.allows_producer(restarted_producer_id("edge-7"))
-    for other in ("edge-70", "edge-7-rzzzzzz", "edge-7-r0a1b2c3", "edge-8-r0a1b2c", "x-edge-7"):
+    for other in ("edge-70", "edge-7-rabc", "edge-7-r0a1b2c3", "edge-8-r0a1b2c", "x-edge-7"):
         assert not entry.allows_producer(other), other
+
+
+def test_a_binding_is_only_its_patterns_no_implied_restart_ids(tmp_path: Path) -> None:
+    token = new_token()
+    table = _table(
+        tmp_path,
+        f'[[token]]\nsha256 = "{hash_token(token)}"\nscopes = ["ingest"]\nproducers = ["edge"]\n',
+    )
+    entry = table.authenticate(token)
+    assert entry is not None
+    assert entry.allows_producer("edge") and not entry.allows_producer("edge-r000001")
 
 
 def test_admin_carries_every_scope_and_producer(tmp_path: Path) -> None:

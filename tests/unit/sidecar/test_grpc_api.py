@@ -208,13 +208,16 @@ async def _assert_healthy(channel: grpc.aio.Channel, stub: sidecar_pb2_grpc.Side
     assert ack.accepted == 1
 
 
+@pytest.mark.parametrize("configured", ["test-sidecar", "plant-r000123"])
 async def test_after_losing_its_seq_state_the_sidecar_continues_under_a_derived_id(
-    start_sidecar: StartSidecar,
+    start_sidecar: StartSidecar, configured: str
 ) -> None:
     disk = MemoryFileLayer()
     seen = []
     for _ in range(3):
-        running = await start_sidecar(files=disk, spool=SpoolConfig(directory="/spool"))
+        running = await start_sidecar(
+            files=disk, spool=SpoolConfig(directory="/spool"), producer_id=configured
+        )
         async with grpc.aio.insecure_channel(running.target) as channel:
             stub = sidecar_pb2_grpc.SidecarStub(channel)
             await stub.RecordBatch(sidecar_pb2.RecordBatchRequest(events=proto_events(3)))
@@ -224,9 +227,11 @@ async def test_after_losing_its_seq_state_the_sidecar_continues_under_a_derived_
         await running.app.stop()
         disk.corrupt("/spool/state.0", 12)
         disk.corrupt("/spool/state.1", 12)
-    assert seen[0] == "test-sidecar"
-    # Never nested (-r..-r..): a collector token bound to test-sidecar accepts each.
-    assert all(re.fullmatch(r"test-sidecar-r[0-9a-f]{6}", pid) for pid in seen[1:]), seen
+    assert seen[0] == configured
+    # Always <configured>-r<6 hex> (never nested, never back to an older id):
+    # the pattern `predtrace collector token --producer <configured>` allows.
+    pattern = re.escape(configured) + r"-r[0-9a-f]{6}"
+    assert all(re.fullmatch(pattern, pid) for pid in seen[1:]), seen
     assert len(set(seen)) == 3
 
 
