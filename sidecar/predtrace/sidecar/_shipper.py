@@ -156,7 +156,7 @@ class Shipper:
                 # waits and tries again; it never dies while the sidecar
                 # keeps accepting events.
                 failures += 1
-                self.counters.last_error = f"spool state unwritable: {exc.strerror or exc}"
+                self.counters.last_error = f"spool I/O failed: {exc.strerror or exc}"
                 self._log.warning("state", "spool I/O failed, retrying: %s", exc.strerror or exc)
                 await self._wait(self.config.retry.delay(failures - 1, None, self._rng))
 
@@ -297,12 +297,6 @@ class Shipper:
         if records:
             prev = self._state.prev_digest
             rebuilt = await asyncio.to_thread(self._build, records, plan.seq, prev)
-        if rebuilt is not None and plan.replays >= self.config.poison_attempts:
-            # Quarantine the rebuilt bytes: the persisted plan has no payload,
-            # and the quarantine file is the only copy once the marks move on.
-            rebuilt.replays = plan.replays
-            await self._quarantine(rebuilt, f"the sidecar died {plan.replays} times sending it")
-            return
         if rebuilt is None or rebuilt.digest != plan.digest:
             # Records of the batch were damaged or lost since it was planned:
             # move on to the next seq, chained to the planned batch, and send
@@ -312,6 +306,12 @@ class Shipper:
             )
             self._state = ShipState(plan.seq + 1, plan.digest, None)
             self._dirty = True
+            return
+        if plan.replays >= self.config.poison_attempts:
+            # Quarantine the rebuilt bytes: the persisted plan has no payload,
+            # and the quarantine file is the only copy once the marks move on.
+            rebuilt.replays = plan.replays
+            await self._quarantine(rebuilt, f"the sidecar died {plan.replays} times sending it")
             return
         rebuilt.replays = plan.replays + 1
         self.oldest_unsent_ns = rebuilt.first_ts_ns
@@ -396,7 +396,10 @@ class Shipper:
         try:
             await asyncio.to_thread(self._write_quarantine, name, plan.payload or b"")
         except OSError as exc:
+            # The file is the batch's only copy once the marks move past it:
+            # keep the batch spooled; the loop backs off and tries again.
             _log.error("could not write quarantined batch %s: %s", name, exc.strerror)
+            raise
         self.counters.quarantined += 1
         self.counters.quarantined_events += plan.events
         self.counters.drop("quarantined", plan.events)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import hashlib
 import time
 
+import pytest
+
 from predtrace.collector.lineage import parse_registration
 from predtrace.collector.store import IngestRecord, Store, prediction_row
+from predtrace.collector.store._ops import Exec, Fetch
+from predtrace.collector.store._writes import ingest_plan
 from predtrace.collector.testing import make_events
 from predtrace.wire import PredictionEvent
 
@@ -204,3 +208,19 @@ async def test_model_lineage_lists_deployments_with_counts(store: Store) -> None
     assert lineage["complete"] is True, lineage["missing"]
     assert lineage["predictions"] == 4
     assert await store.model_lineage("churn", "99") is None
+
+
+def test_a_lost_insert_race_with_other_bytes_is_a_conflict_not_a_duplicate() -> None:
+    # PostgreSQL, two deliveries of (p, 1) at once: both find no row, the other
+    # one's INSERT wins. Driven step by step: the store's answers are scripted.
+    plan = ingest_plan(record("p", 1, make_events(3)))
+    assert isinstance(next(plan), Fetch)  # the neighbours: none yet
+    insert = plan.send([])
+    assert isinstance(insert, Fetch) and insert.sql.startswith("INSERT INTO batches")
+    reread = plan.send([])  # ON CONFLICT DO NOTHING: nothing inserted
+    assert isinstance(reread, Fetch) and "WHERE producer_id = ? AND seq = ?" in reread.sql
+    event = plan.send([(b"winner" * 6, 7)])
+    assert isinstance(event, Exec) and "chain_events" in event.sql and "seq_reused" in event.args
+    with pytest.raises(StopIteration) as done:
+        plan.send(None)
+    assert done.value.value.conflict and done.value.value.stored == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -294,7 +295,7 @@ async def test_row14_a_full_disk_under_the_spool_state_pauses_the_shipper_never_
     await rig.wait_delivered(3)
     await rig.record(events(7, 10))  # spooled; planning them needs a state write
     rig.disk.capacity = rig.disk.used_bytes()
-    await eventually(lambda: "spool state unwritable" in shipper.counters.last_error)
+    await eventually(lambda: "spool I/O failed" in shipper.counters.last_error)
     assert rig.task is not None and not rig.task.done(), "the shipper died on ENOSPC"
     rig.disk.capacity = None  # space returns
     await rig.record(events(2, 50))
@@ -303,6 +304,35 @@ async def test_row14_a_full_disk_under_the_spool_state_pauses_the_shipper_never_
     assert sorted(set(got)) == sorted(f"p{i:06d}" for i in [0, 1, 2, *range(10, 17), 50, 51])
     assert rig.collector.chain_ok("edge-1")
     assert shipper.counters.dropped == {}
+
+
+class _NoRoomForQuarantine(MemoryFileLayer):
+    """A disk that is full for quarantine files only, until ``full`` is cleared."""
+
+    full = True
+
+    def open(self, path: str, *, create: bool) -> int:
+        if self.full and "/quarantine/" in path:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().open(path, create=create)
+
+
+async def test_row14_a_quarantine_file_that_cannot_be_written_keeps_the_batch(rig: Rig) -> None:
+    rig.disk = _NoRoomForQuarantine()
+    rig.collector.fail_when = lambda d: (
+        400 if d.batch.events[0].prediction_id == "p000000" else None
+    )
+    shipper = await rig.start(ShipperConfig(linger=0, max_batch_events=5))
+    await rig.record(events(5))
+    await eventually(lambda: "spool I/O failed" in shipper.counters.last_error)
+    assert shipper.counters.quarantined == 0  # not counted, not released: still spooled
+    rig.disk.full = False  # type: ignore[attr-defined]
+    await eventually(lambda: shipper.counters.quarantined == 1)
+    path = f"{DIR}/quarantine/{1:020d}.msgpack"
+    kept = decode_batch(rig.disk.read(path, 0, rig.disk.size(path)))
+    assert [e.prediction_id for e in kept.batch.events] == [f"p{i:06d}" for i in range(5)]
+    await rig.record(events(3, 10))
+    await rig.wait_delivered(3)
 
 
 class _Offline:

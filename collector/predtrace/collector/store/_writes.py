@@ -96,7 +96,15 @@ def ingest_plan(rec: IngestRecord) -> Plan[IngestOutcome]:
             chain,
         ),
     )
-    if not inserted:  # a concurrent delivery of the same batch committed first
+    if not inserted:
+        # A concurrent delivery of this (producer, seq) committed first: same
+        # bytes are a duplicate, other bytes a conflict (never a silent ack).
+        winner = yield Fetch(
+            "SELECT digest, stored FROM batches WHERE producer_id = ? AND seq = ?",
+            (rec.producer_id, rec.seq),
+        )
+        if winner:
+            return (yield from _duplicate(rec, bytes(winner[0][0]), winner[0][1]))
         return IngestOutcome(duplicate=True, stored=len(rec.rows), chain="duplicate")
     breaks = 1 if chain == "mismatch" else 0
     if chain == "mismatch" and before is not None:
