@@ -163,10 +163,14 @@ class QueryApi:
         return _json(report) if report is not None else _error(404, "unknown producer")
 
     async def _read_json(self, request: web.Request) -> object:
+        body = await request.read()  # bounded by the app's client_max_size (413)
         try:
-            return await request.json()
+            # UTF-8 whatever charset the header claims (RFC 8259 §8.1).
+            return json.loads(body.decode("utf-8"))
         except (ValueError, UnicodeDecodeError):
             raise LineageError("the body is not valid JSON") from None
+        except RecursionError:
+            raise LineageError("the body is nested too deeply") from None
 
     async def _register(
         self, request: web.Request, parse: Callable[[object], Registration]

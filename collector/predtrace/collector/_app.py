@@ -77,6 +77,7 @@ def build_app(config: CollectorConfig, *, store: Store | None = None) -> web.App
         authorizer=authorizer,
         metrics=metrics,
         retry_after_s=config.retry_after_s,
+        body_timeout_s=config.body_timeout_s,
     )
     api = QueryApi(
         service,

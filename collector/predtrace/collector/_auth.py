@@ -121,7 +121,9 @@ class TokenTable:
 
     def authenticate(self, token: str) -> TokenEntry | None:
         """The entry of a presented token, or None; the same work for every entry."""
-        presented = hashlib.sha256(token.encode()).digest()
+        # Header bytes that are not UTF-8 arrive as surrogates: they hash like
+        # any other wrong token instead of raising.
+        presented = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         found: TokenEntry | None = None
         for entry, digest in zip(self.entries, self._digests, strict=True):
             if hmac.compare_digest(presented, digest):

@@ -97,6 +97,7 @@ class CollectorConfig:
     max_inflight_bytes: int = 128 * 1024 * 1024
     max_json_bytes: int = 1024 * 1024
     retry_after_s: int = 1
+    body_timeout_s: float = 30.0  # a batch body must arrive within this (else 408)
     query_limit: int = 1000
     retention: RetentionPolicy = RetentionPolicy()
 
@@ -111,6 +112,8 @@ class CollectorConfig:
             raise ConfigError("max_inflight_bytes must be >= max_body_bytes")
         if self.retry_after_s < 1 or self.query_limit < 1:
             raise ConfigError("retry_after_s and query_limit must be >= 1")
+        if not self.body_timeout_s > 0:
+            raise ConfigError("body_timeout_s must be > 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("TLS needs both --tls-cert and --tls-key")
 

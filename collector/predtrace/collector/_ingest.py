@@ -45,6 +45,9 @@ from predtrace.wire import (
 log = logging.getLogger("predtrace.collector.ingest")
 BATCH_CONTENT_TYPE: Final = "application/vnd.predtrace.batch+msgpack"
 _CHUNK: Final = 64 * 1024
+# A body that has not fully arrived by then is refused (408): a client that
+# stalls mid-upload must not hold its share of the in-flight budget for ever.
+BODY_TIMEOUT_S: Final = 30.0
 _INLINE_DECODE_MAX: Final = 64 * 1024
 _ENCODINGS: Final = ("", "identity", "gzip", "x-gzip")
 
@@ -69,6 +72,28 @@ class InflightBudget:
         """Give back reserved bytes."""
         self.used -= count
         self._metrics.inflight_bytes.set(self.used)
+
+
+class _Reservation:
+    """One request's share of the budget: grows as its body arrives, released once."""
+
+    __slots__ = ("amount", "budget")
+
+    def __init__(self, budget: InflightBudget) -> None:
+        self.budget, self.amount = budget, 0
+
+    def grow_to(self, total: int) -> None:
+        """Hold ``total`` bytes; 503 when the budget cannot give the difference."""
+        if total > self.amount:
+            if not self.budget.try_reserve(total - self.amount):
+                raise _Refused(503, "collector busy: in-flight byte cap reached", "overloaded")
+            self.amount = total
+
+    def release(self) -> None:
+        """Give everything back (safe twice)."""
+        if self.amount:
+            self.budget.release(self.amount)
+            self.amount = 0
 
 
 class _Refused(Exception):
@@ -151,14 +176,16 @@ class IngestHandler:
         authorizer: Authorizer,
         metrics: CollectorMetrics,
         retry_after_s: int,
+        body_timeout_s: float = BODY_TIMEOUT_S,
     ) -> None:
         self.store, self.limits, self.budget = store, limits, budget
+        self.body_timeout_s = body_timeout_s
         self.authorizer, self.metrics = authorizer, metrics
         self.retry_after = str(retry_after_s)
 
     async def handle(self, request: web.Request) -> web.Response:
         """Answer one batch (see the module docstring)."""
-        reserved = 0
+        reservation = _Reservation(self.budget)
         try:
             entry = self.authorizer.check(request, Scope.INGEST)
             declared = request.content_length
@@ -169,11 +196,11 @@ class IngestHandler:
                 )
             if declared is not None and declared > self.limits.max_bytes:
                 raise _Refused(413, f"body exceeds {self.limits.max_bytes} bytes", "too_large")
-            reserved = min(declared or _CHUNK, self.limits.max_bytes)
-            if not self.budget.try_reserve(reserved):
-                reserved = 0
-                raise _Refused(503, "collector busy: in-flight byte cap reached", "overloaded")
-            body, reserved = await self._read(request, reserved)
+            # Reserve what arrives, chunk by chunk (never the declared length
+            # up front): a stalled upload holds only the bytes it sent. One
+            # byte now, so a full budget answers 503 before any read.
+            reservation.grow_to(1)
+            body = await self._read(request, reservation)
             prepared = await self._prepare(body)
             if entry is not None and not entry.allows_producer(prepared.record.producer_id):
                 raise _Refused(403, "token not allowed for this producer_id", "forbidden")
@@ -184,21 +211,26 @@ class IngestHandler:
         except _Refused as refused:
             return self._refusal(refused)
         finally:
-            if reserved:
-                self.budget.release(reserved)
+            reservation.release()
 
-    async def _read(self, request: web.Request, reserved: int) -> tuple[bytes, int]:
-        chunks, total = [], 0
-        async for chunk in request.content.iter_chunked(_CHUNK):
-            total += len(chunk)
-            if total > self.limits.max_bytes:
-                raise _Refused(413, f"body exceeds {self.limits.max_bytes} bytes", "too_large")
-            if total > reserved:
-                if not self.budget.try_reserve(total - reserved):
-                    raise _Refused(503, "collector busy: in-flight byte cap reached", "overloaded")
-                reserved = total
-            chunks.append(chunk)
-        return b"".join(chunks), reserved
+    async def _read(self, request: web.Request, reservation: _Reservation) -> bytes:
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                async for chunk in request.content.iter_chunked(_CHUNK):
+                    total += len(chunk)
+                    if total > self.limits.max_bytes:
+                        raise _Refused(
+                            413, f"body exceeds {self.limits.max_bytes} bytes", "too_large"
+                        )
+                    reservation.grow_to(total)
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise _Refused(
+                408, f"body not received within {self.body_timeout_s:g} s", "timeout"
+            ) from None
+        return b"".join(chunks)
 
     async def _prepare(self, body: bytes) -> _Prepared:
         received_ns = time.time_ns()

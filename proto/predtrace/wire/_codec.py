@@ -303,6 +303,8 @@ def decode_batch_raw(data: bytes, *, limits: DecodeLimits = DEFAULT_LIMITS) -> R
         raise WireError("batch must be a msgpack map")
     _check_version(raw.get(0))
     producer_id = _batch_str(raw, 1, "producer_id", required=True, max_len=limits.max_id_len)
+    if "\x00" in producer_id:
+        raise WireError("producer_id must not contain NUL characters")
     seq = raw.get(2)
     if not isinstance(seq, int) or not _is_uint(seq) or seq == 0 or seq > INT63_MAX:
         raise WireError("seq must be a positive integer below 2**63")
@@ -433,7 +435,13 @@ class _Fields:
             return None
         if type(value) not in (int, float):
             raise WireError(f"{self.where}.{name} must be a number")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            raise WireError(f"{self.where}.{name} is out of range") from None
+        if not math.isfinite(number):
+            raise WireError(f"{self.where}.{name} must be a finite number")
+        return number
 
     def optional_str(self, key: int, name: str) -> str | None:
         return self.text(key, name) if key in self.raw else None
@@ -588,10 +596,10 @@ def _fast_output(raw: object) -> OutputSummary | None:
     label, score, value = raw.get(1), raw.get(2), raw.get(3)
     if label is not None and type(label) is not str:
         return None
-    if (score is not None and type(score) is not float) or (
-        value is not None and type(value) is not float
+    if (score is not None and (type(score) is not float or not math.isfinite(score))) or (
+        value is not None and (type(value) is not float or not math.isfinite(value))
     ):
-        return None
+        return None  # the checked path refuses it with a reason
     return OutputSummary(label, score, value)
 
 

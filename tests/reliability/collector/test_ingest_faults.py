@@ -128,6 +128,48 @@ async def test_row18_oversized_chunked_body_is_413(start: Start, post: Post) -> 
     assert answer.status == 413
 
 
+async def test_a_refused_chunked_body_gives_back_every_reserved_byte(
+    start: Start, post: Post
+) -> None:
+    collector = await start(max_body_bytes=64 * 1024, max_inflight_bytes=1024 * 1024)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"\x00" * 16 * 1024
+
+    for _ in range(3):
+        assert (await post(collector, chunks())).status == 413
+    assert collector.runner.app[PARTS].budget.used == 0
+
+
+async def test_stalled_uploads_time_out_408_and_never_block_other_producers(
+    start: Start, post: Post
+) -> None:
+    collector = await start(
+        max_body_bytes=64 * 1024, max_inflight_bytes=512 * 1024, body_timeout_s=1.0
+    )
+    host, port = collector.url.removeprefix("http://").rsplit(":", 1)
+    stalled = []
+    for _ in range(8):  # each declares a full body and sends two bytes of it
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Length: 65536\r\n"
+            b"Content-Type: application/vnd.predtrace.batch+msgpack\r\n\r\n\x81\x00"
+        )
+        await writer.drain()
+        stalled.append((reader, writer))
+    try:
+        answer = await post(collector, ChainedProducer("p").body(make_events(3)))
+        assert answer.status == 200, answer.text
+        for reader, _ in stalled:
+            status_line = await asyncio.wait_for(reader.readline(), 10)
+            assert status_line.split()[1] == b"408", status_line
+    finally:
+        for _, writer in stalled:
+            writer.close()
+    assert collector.runner.app[PARTS].budget.used == 0
+
+
 async def test_row18_gzip_bomb_is_413_and_the_producer_treats_it_as_permanent(
     start: Start, post: Post
 ) -> None:
@@ -196,9 +238,9 @@ async def test_row29_in_flight_byte_cap_answers_503_and_later_batches_flow(
     assert all(40 * 1024 < len(b) <= 64 * 1024 for b in bodies)
 
     async def stalled(body: bytes) -> AsyncIterator[bytes]:
-        yield body[:1024]
+        yield body[:-1024]  # what arrived is what is reserved
         await release.wait()
-        yield body[1024:]
+        yield body[-1024:]
 
     async def send(body: bytes, stall: bool) -> int:
         data = stalled(body) if stall else body
@@ -208,11 +250,14 @@ async def test_row29_in_flight_byte_cap_answers_503_and_later_batches_flow(
             return resp.status
 
     first = [asyncio.create_task(send(b, stall=True)) for b in bodies]
-    for _ in range(200):  # both stalled requests hold their reservation
-        if parts.budget.used >= 2 * 40 * 1024:
+    held = sum(len(b) - 1024 for b in bodies)
+    for _ in range(200):  # both stalled requests hold what they sent
+        if parts.budget.used >= held:
             break
         await asyncio.sleep(0.01)
-    overloaded = await send(ChainedProducer("x").body(make_events(300)), stall=False)
+    third = ChainedProducer("x").body(make_events(300))
+    assert parts.budget.used + len(third) > parts.budget.cap  # the setup overflows the cap
+    overloaded = await send(third, stall=False)
     assert overloaded == 503
     assert parts.budget.used <= parts.budget.cap
     release.set()

@@ -58,9 +58,13 @@ def _num_map(value: object, where: str) -> dict[str, float]:
     for key, number in value.items():
         if isinstance(number, bool) or not isinstance(number, int | float):
             raise LineageError(f"{where}.{key} must be a number")
-        if not math.isfinite(number):
+        try:
+            value = float(number)
+        except OverflowError:  # an integer of hundreds of digits
+            raise LineageError(f"{where}.{key} is out of range") from None
+        if not math.isfinite(value):
             raise LineageError(f"{where}.{key} must be finite")
-        out[check_text(key, where)] = float(number)
+        out[check_text(key, where)] = value
     return out
 
 

@@ -30,6 +30,11 @@ def check_text(value: object, where: str, *, required: bool = False) -> str:
         raise LineageError(f"{where} is required")
     if len(value) > MAX_TEXT or "\x00" in value:
         raise LineageError(f"{where} must be at most {MAX_TEXT} characters without NUL")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: no store can keep it
+            raise LineageError(f"{where} must be valid Unicode text") from None
     return value
 
 

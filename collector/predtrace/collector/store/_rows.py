@@ -128,8 +128,8 @@ def _plain_output(raw: dict[Any, Any]) -> tuple[Any, Any, Any] | None:
     label, score, value = out.get(1), out.get(2), out.get(3)
     if (
         (label is not None and type(label) is not str)
-        or (score is not None and type(score) is not float)
-        or (value is not None and type(value) is not float)
+        or (score is not None and (type(score) is not float or not math.isfinite(score)))
+        or (value is not None and (type(value) is not float or not math.isfinite(value)))
     ):
         return None
     return (label, score, value)

@@ -18,6 +18,7 @@ from predtrace.collector.lineage import Registration
 from predtrace.collector.store._ops import Exec, ExecMany, Fetch, Insert, Plan, Row
 from predtrace.collector.store._rows import ServedKey, served_key
 from predtrace.collector.store._schema import PREDICTION_COLUMNS
+from predtrace.wire._codec import INT63_MAX
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +73,8 @@ def ingest_plan(rec: IngestRecord) -> Plan[IngestOutcome]:
     near = yield Fetch(
         "SELECT seq, digest, prev_digest, stored FROM batches"
         " WHERE producer_id = ? AND seq >= ? AND seq <= ?",
-        (rec.producer_id, rec.seq - 1, rec.seq + 1),
+        # min(): the last valid seq (2**63-1) has no successor to bind.
+        (rec.producer_id, rec.seq - 1, min(rec.seq + 1, INT63_MAX)),
     )
     by_seq = {row[0]: row for row in near}
     if rec.seq in by_seq:

@@ -1,0 +1,95 @@
+"""Bad input from the review probes: every case a 4xx with a reason, never a 500 or a 503."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+
+import aiohttp
+import msgpack
+import pytest
+
+from predtrace.collector import hash_token, new_token
+from predtrace.collector.testing import make_events
+from predtrace.wire import FORMAT_MAJOR, FORMAT_MINOR, event_to_map
+
+from .conftest import Post, Start
+
+DEEP = "[" * 100_000 + "]" * 100_000
+LINEAGE_CASES = {
+    "an integer metric of 400 digits": (
+        '{"run": {"id": "r", "metrics": {"a": ' + "1" * 400 + "}}}"
+    ),
+    "JSON nested 100,000 deep": DEEP,
+    "a lone surrogate in an id": '{"run": {"id": "\\ud800"}}',
+}
+
+
+@pytest.mark.parametrize("case", list(LINEAGE_CASES))
+async def test_bad_lineage_bodies_are_400_with_a_reason(
+    start: Start, session: aiohttp.ClientSession, case: str
+) -> None:
+    collector = await start()
+    body = LINEAGE_CASES[case].encode()
+    headers = {"Content-Type": "application/json"}
+    async with session.post(f"{collector.url}/v1/lineage", data=body, headers=headers) as resp:
+        assert resp.status == 400, (case, resp.status, await resp.text())
+        assert await resp.text()
+
+
+async def test_an_unknown_charset_is_read_as_utf8_not_a_500(
+    start: Start, session: aiohttp.ClientSession
+) -> None:
+    collector = await start()
+    body = json.dumps({"run": {"id": "run-1"}}).encode()
+    headers = {"Content-Type": "application/json; charset=bogus-xyz"}
+    async with session.post(f"{collector.url}/v1/lineage", data=body, headers=headers) as resp:
+        assert resp.status == 201, await resp.text()
+
+
+async def test_a_token_that_is_not_utf8_is_401_not_a_500(start: Start, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[[token]]\nsha256 = "{hash_token(new_token())}"\nscopes = ["read"]\n')
+    collector = await start(tokens_file=str(tokens))
+    host, port = collector.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"GET /v1/producers HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\x80\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    status_line = await asyncio.wait_for(reader.readline(), 10)
+    writer.close()
+    assert status_line.split()[1] == b"401", status_line
+
+
+def _batch(producer: str, seq: int, events: list[dict[int, object]]) -> bytes:
+    return msgpack.packb(  # type: ignore[no-any-return]
+        {0: [FORMAT_MAJOR, FORMAT_MINOR], 1: producer, 2: seq, 6: events}
+    )
+
+
+async def test_the_last_valid_seq_is_stored_not_refused_for_ever(start: Start, post: Post) -> None:
+    collector = await start()
+    event = event_to_map(make_events(1)[0])
+    answer = await post(collector, _batch("p", 2**63 - 1, [event]))
+    assert answer.status == 200 and answer.ack is not None and answer.ack.accepted == 1
+
+
+async def test_a_producer_id_with_nul_is_400(start: Start, post: Post) -> None:
+    collector = await start()
+    answer = await post(collector, _batch("edge\x007", 1, [event_to_map(make_events(1)[0])]))
+    assert answer.status == 400 and "NUL" in answer.text
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+async def test_a_non_finite_output_is_rejected_alone(start: Start, post: Post, bad: float) -> None:
+    collector = await start()
+    good, worse = (event_to_map(e) for e in make_events(2))
+    worse[15] = {1: "x", 2: bad}
+    answer = await post(collector, _batch("p", 1, [good, worse]))
+    assert answer.status == 200 and answer.ack is not None
+    assert answer.ack.accepted == 1
+    assert [r.index for r in answer.ack.rejected] == [1]
+    assert "finite" in answer.ack.rejected[0].reason
