@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -686,3 +686,51 @@ def decode_ack(data: bytes, *, limits: DecodeLimits = DEFAULT_LIMITS) -> IngestA
         rejected=tuple(rejected),
         duplicate=f.raw.get(5) is True,
     )
+
+
+_INT64_MAX: Final = 2**63 - 1
+
+
+def _texts(event: PredictionEvent) -> Iterator[str]:
+    model, dep = event.model, event.deployment
+    yield from (event.prediction_id, event.endpoint, event.protocol, event.status_code)
+    yield from (event.error_type, model.name, model.version, model.alias)
+    yield from (model.registry_model_id, model.artifact_digest, dep.id, dep.service)
+    yield from (dep.namespace, dep.pod, dep.node, dep.image_digest, dep.image_name)
+    if event.output is not None and event.output.label:
+        yield event.output.label
+    yield from event.features
+    yield from event.attributes
+    yield from event.attributes.values()
+    for extra in event.additional_models:
+        yield from (extra.name, extra.version, extra.alias, extra.role)
+
+
+def event_problem(  # noqa: PLR0911 - one answer per rule, flat on purpose
+    event: PredictionEvent, limits: DecodeLimits = DEFAULT_LIMITS
+) -> str | None:
+    """Why a collector would refuse ``event`` (None when it would store it).
+
+    The decoder's bounds (a string or binary over its limit, a map over its
+    entries) would refuse a whole batch, and a store cannot hold a time past
+    int64 or a NUL in text: a producer checks here before it acknowledges an
+    event, so one bad event never costs the batch it would travel in.
+    """
+    if event.timestamp_unix_nano > _INT64_MAX or event.duration_nanos > _INT64_MAX:
+        return "timestamp_unix_nano and duration_nanos must fit in int64"
+    texts = list(_texts(event))
+    # One scan of the joined text instead of one per field (a hot path).
+    joined = "".join(texts)
+    if "\x00" in joined:
+        return "text fields must not contain NUL characters"
+    if len(event.features) > limits.max_map_len or len(event.attributes) > limits.max_map_len:
+        return f"features and attributes hold at most {limits.max_map_len} entries each"
+    if len(event.additional_models) > max(limits.max_events, limits.max_map_len):
+        return "too many additional_models"
+    if len(event.input_fingerprint) > limits.max_bin_len:
+        return f"input_fingerprint longer than {limits.max_bin_len} bytes"
+    if len(joined) * 4 > limits.max_str_len:  # UTF-8 is at most 4 bytes a character
+        for text in texts:
+            if len(text.encode("utf-8", "surrogatepass")) > limits.max_str_len:
+                return f"a text field is longer than {limits.max_str_len} bytes"
+    return None

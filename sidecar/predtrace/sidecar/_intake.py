@@ -1,4 +1,4 @@
-"""Intake: every source's events -> processors -> encoded once -> durable spool append.
+"""Intake: every source's events -> processors -> checked -> encoded once -> durable spool append.
 
 The gRPC API, the OTLP receiver and the OIP proxy all hand events here. An
 event is encoded to its msgpack map bytes exactly once, here; the spool
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from predtrace.sidecar._batch import encode_event
 from predtrace.sidecar.pipeline import Processor, RateLimitedLog
 from predtrace.sidecar.spool import Spool
-from predtrace.wire import PredictionEvent, Rejection
+from predtrace.wire import PredictionEvent, Rejection, event_problem
 
 _log = logging.getLogger("predtrace.sidecar.intake")
 _THREAD_THRESHOLD = 256  # encode bigger requests in a thread: the loop keeps serving
@@ -75,6 +75,12 @@ class Intake:
         for index, event in enumerate(events):
             processed = self._process(event)
             if processed is None:
+                continue
+            # What the collector would refuse is refused now, to this sender:
+            # once acknowledged, one such event would cost its whole batch.
+            problem = event_problem(processed)
+            if problem is not None:
+                rejected.append(Rejection(index, problem, event.prediction_id[:256]))
                 continue
             data = encode_event(processed)
             if len(data) > self._limit:

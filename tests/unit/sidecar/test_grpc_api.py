@@ -266,3 +266,32 @@ async def test_a_shipper_that_died_still_lets_stop_close_everything_and_a_restar
         await again.stop()
     assert collector.duplicates == 1  # the acked batch, resent byte for byte
     assert {e.prediction_id for e in collector.events()} == {f"p{i:05d}" for i in range(4)}
+
+
+def _odd_events() -> dict[str, event_pb2.PredictionEvent]:
+    """Events the collector would refuse; each must be refused at the sidecar instead."""
+    long_route = event_pb2.PredictionEvent(prediction_id="route", endpoint="e" * 70_000)
+    far_future = event_pb2.PredictionEvent(prediction_id="time", timestamp_unix_nano=2**64 - 1)
+    nul = event_pb2.PredictionEvent(prediction_id="nul\x00id")
+    wide = event_pb2.PredictionEvent(prediction_id="wide")
+    for k in range(1100):
+        wide.features[f"f{k}"] = 1.0
+    return {"route": long_route, "time": far_future, "nul": nul, "wide": wide}
+
+
+async def test_an_event_the_collector_would_refuse_is_refused_to_its_sender_not_its_batch(
+    start_sidecar: StartSidecar,
+) -> None:
+    running = await start_sidecar(redaction=RedactionConfig(allow_features=("*",)))
+    odd = _odd_events()
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        stub = sidecar_pb2_grpc.SidecarStub(channel)
+        good = await stub.RecordBatch(sidecar_pb2.RecordBatchRequest(events=proto_events(50)))
+        assert good.accepted == 50
+        for name, event in odd.items():
+            ack = await stub.RecordBatch(sidecar_pb2.RecordBatchRequest(events=[event]))
+            assert ack.accepted == 0 and [r.index for r in ack.rejected] == [0], name
+            assert ack.rejected[0].reason, name
+    await eventually(lambda: len(running.collector.events()) >= 50)
+    assert running.app.shipper.counters.quarantined == 0
+    assert {e.prediction_id for e in running.collector.events()} == {f"p{i:05d}" for i in range(50)}

@@ -4,13 +4,13 @@ from predtrace.collector.store._chain import HOPS, ChainKey
 from predtrace.collector.store._postgres import PostgresEngine, PostgresOptions
 from predtrace.collector.store._rows import (
     deployment_key,
-    event_problem,
     fast_prediction_row,
     prediction_row,
 )
 from predtrace.collector.store._sqlite import SqliteEngine, SqliteOptions
 from predtrace.collector.store._store import Engine, Store, open_store
 from predtrace.collector.store._writes import IngestOutcome, IngestRecord
+from predtrace.wire import event_problem  # the store's per-event checks, shared with producers
 
 __all__ = [
     "HOPS",

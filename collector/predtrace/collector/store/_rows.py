@@ -4,16 +4,15 @@ Ingest builds the row of a plain, valid event straight from its msgpack map
 (``fast_prediction_row``); any other event goes through the wire's precise
 decoder, ``event_problem`` and ``prediction_row``.
 
-The collector's own checks live here too: what the wire format allows but a
-store cannot hold (a timestamp beyond int64 nanoseconds, a NUL in text) rejects
-that one event, the same way on SQLite and PostgreSQL.
+What the wire format allows but a store cannot hold (a timestamp beyond int64
+nanoseconds, a NUL in text) rejects that one event, the same way on SQLite and
+PostgreSQL: ``event_problem`` (from the wire, shared with the sidecar's intake).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -28,31 +27,6 @@ from predtrace.wire._codec import (  # the codec's own map readers
 INT64_MAX: Final = 2**63 - 1
 ServedKey = tuple[str, str, str, str, str]
 _STATUS_NAMES: Final = ("unset", "ok", "error")
-
-
-def _texts(event: PredictionEvent) -> Iterator[str]:
-    model, dep = event.model, event.deployment
-    yield from (event.prediction_id, event.endpoint, event.protocol, event.status_code)
-    yield from (event.error_type, model.name, model.version, model.alias)
-    yield from (model.registry_model_id, model.artifact_digest, dep.id, dep.service)
-    yield from (dep.namespace, dep.pod, dep.node, dep.image_digest, dep.image_name)
-    if event.output is not None and event.output.label:
-        yield event.output.label
-    yield from event.features
-    yield from event.attributes
-    yield from event.attributes.values()
-    for extra in event.additional_models:
-        yield from (extra.name, extra.version, extra.alias, extra.role)
-
-
-def event_problem(event: PredictionEvent) -> str | None:
-    """Why the store cannot hold ``event`` (None when it can)."""
-    if event.timestamp_unix_nano > INT64_MAX or event.duration_nanos > INT64_MAX:
-        return "timestamp_unix_nano and duration_nanos must fit in int64"
-    # One scan of the joined text instead of one per field (ingest hot path).
-    if "\x00" in "".join(_texts(event)):
-        return "text fields must not contain NUL characters"
-    return None
 
 
 def deployment_key(event: PredictionEvent) -> str:
