@@ -28,6 +28,9 @@ SERVICE_NAME: Final = "predtrace.v1.Sidecar"
 MAX_EVENTS_PER_STREAM: Final = 1_000_000
 _STREAM_CHUNK: Final = 1000
 _PUSHBACK_MS: Final = "1000"
+# An ack lists at most this many rejections (the first ones), so it always fits
+# a gRPC message; the sender counts the rest as sent - accepted - listed.
+MAX_LISTED_REJECTIONS: Final = 1000
 
 
 def convert_events(
@@ -49,7 +52,7 @@ def convert_events(
 
 def _ack(accepted: int, rejected: Sequence[Rejection]) -> sidecar_pb2.RecordAck:
     ack = sidecar_pb2.RecordAck(accepted=accepted)
-    for r in sorted(rejected, key=lambda r: r.index):
+    for r in sorted(rejected, key=lambda r: r.index)[:MAX_LISTED_REJECTIONS]:
         ack.rejected.add(index=r.index, prediction_id=r.prediction_id, reason=r.reason)
     return ack
 
@@ -113,6 +116,7 @@ class GrpcSource:
         accepted, seen = 0, 0
         rejected: list[Rejection] = []
         chunk: list[event_pb2.PredictionEvent] = []
+        places: list[int] = []  # each chunk message's position in the stream
         async for raw in requests:
             if seen >= MAX_EVENTS_PER_STREAM:
                 await _abort(
@@ -122,28 +126,27 @@ class GrpcSource:
                 )
             try:
                 chunk.append(event_pb2.PredictionEvent.FromString(raw))
+                places.append(seen)
             except DecodeError:
-                rejected.append(Rejection(seen, "malformed PredictionEvent"))
+                _note(rejected, [Rejection(seen, "malformed PredictionEvent")])
             seen += 1
             if len(chunk) >= _STREAM_CHUNK:
-                accepted += await self._spool_chunk(context, chunk, seen - len(chunk), rejected)
-                chunk = []
+                accepted += await self._spool_chunk(context, chunk, places, rejected)
+                chunk, places = [], []
         if chunk:
-            accepted += await self._spool_chunk(context, chunk, seen - len(chunk), rejected)
+            accepted += await self._spool_chunk(context, chunk, places, rejected)
         return _ack(accepted, rejected)
 
     async def _spool_chunk(
         self,
         context: grpc.aio.ServicerContext[bytes, sidecar_pb2.RecordAck],
         chunk: list[event_pb2.PredictionEvent],
-        offset: int,
+        places: list[int],
         rejected: list[Rejection],
     ) -> int:
-        # Positions are exact only when no message of the chunk was malformed;
-        # a malformed one is reported at its own stream position above.
-        events, positions, bad = convert_events(chunk, offset)
-        rejected.extend(bad)
-        return await self._spool(context, events, positions, rejected)
+        events, positions, bad = convert_events(chunk)
+        _note(rejected, [Rejection(places[r.index], r.reason, r.prediction_id) for r in bad])
+        return await self._spool(context, events, [places[p] for p in positions], rejected)
 
     async def _spool(
         self,
@@ -162,8 +165,9 @@ class GrpcSource:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "the sidecar is shutting down")
         except SpoolError as exc:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc), pushback=True)
-        rejected.extend(
-            Rejection(positions[r.index], r.reason, r.prediction_id) for r in result.rejected
+        _note(
+            rejected,
+            [Rejection(positions[r.index], r.reason, r.prediction_id) for r in result.rejected],
         )
         return result.accepted
 
@@ -184,3 +188,10 @@ async def _abort(
     metadata = (("grpc-retry-pushback-ms", _PUSHBACK_MS),) if pushback else ()
     await context.abort(code, details, trailing_metadata=metadata)
     raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+
+def _note(rejected: list[Rejection], more: Sequence[Rejection]) -> None:
+    """Keep rejections for the ack, no more than it lists (memory stays bounded)."""
+    room = MAX_LISTED_REJECTIONS - len(rejected)
+    if room > 0:
+        rejected.extend(more[:room])

@@ -19,9 +19,10 @@ from typing import Final
 
 import grpc
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
@@ -39,6 +40,7 @@ from predtrace.wire import (
     gunzip_bounded,
 )
 
+TRACE_SERVICE: Final = "opentelemetry.proto.collector.trace.v1.TraceService"
 _log = logging.getLogger("predtrace.sidecar.otlp")
 PREDICTION_ID: Final = "predtrace.prediction.id"
 PROTOBUF: Final = "application/x-protobuf"
@@ -192,17 +194,38 @@ def request_to_events(request: ExportRequest) -> tuple[list[PredictionEvent], in
     return events, spans
 
 
-class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+class _TraceService:
+    """OTLP/gRPC ``TraceService.Export``, parsing the request bytes itself.
+
+    gRPC's generated deserializer turns malformed bytes into UNKNOWN with a
+    traceback in the log; here they are INVALID_ARGUMENT with a reason.
+    """
+
     def __init__(self, receiver: OtlpReceiver) -> None:
         self._receiver = receiver
 
-    async def Export(
+    def generic_handler(self) -> grpc.GenericRpcHandler[bytes, bytes]:
+        serialize = trace_service_pb2.ExportTraceServiceResponse.SerializeToString
+        return grpc.method_handlers_generic_handler(
+            TRACE_SERVICE,
+            {
+                "Export": grpc.unary_unary_rpc_method_handler(
+                    self.export, response_serializer=serialize
+                )
+            },
+        )
+
+    async def export(
         self,
-        request: ExportRequest,
-        context: grpc.aio.ServicerContext[
-            ExportRequest, trace_service_pb2.ExportTraceServiceResponse
-        ],
+        body: bytes,
+        context: grpc.aio.ServicerContext[bytes, trace_service_pb2.ExportTraceServiceResponse],
     ) -> trace_service_pb2.ExportTraceServiceResponse:
+        try:
+            request = ExportRequest.FromString(body)
+        except (DecodeError, RecursionError):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "malformed ExportTraceServiceRequest"
+            )
         try:
             await self._receiver.accept(request)
         except (SpoolBusyError, SpoolFullError) as exc:
@@ -233,9 +256,7 @@ class OtlpReceiver:
 
     def add_to_grpc_server(self, server: grpc.aio.Server) -> None:
         """Register the OTLP TraceService on a gRPC server."""
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            _TraceService(self), server
-        )
+        server.add_generic_rpc_handlers((_TraceService(self).generic_handler(),))
 
     async def start_http(
         self, listen: str, *, max_body: int, ssl_context: ssl.SSLContext | None = None
@@ -266,7 +287,7 @@ class OtlpReceiver:
         response = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
         return web.Response(body=response, content_type=PROTOBUF)
 
-    async def _decode_http(
+    async def _decode_http(  # noqa: PLR0911 - one answer per way a body can be bad
         self, request: web.Request, encoding: str
     ) -> ExportRequest | web.Response:
         """The request's spans, or the 4xx answer that says why there are none."""
@@ -281,6 +302,8 @@ class OtlpReceiver:
             return ExportRequest.FromString(body) if encoding == PROTOBUF else parse_json(body)
         except web.HTTPRequestEntityTooLarge:
             return web.Response(status=413, text="body too large")
+        except RequestPayloadError:  # a Content-Encoding that does not decode
+            return web.Response(status=400, text="the body does not match its Content-Encoding")
         except WireTooLargeError:
             return web.Response(status=413, text="decompressed body too large")
         except (WireError, DecodeError):

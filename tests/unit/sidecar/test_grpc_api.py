@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -18,6 +19,7 @@ from predtrace.sidecar._config import (
     SidecarConfig,
 )
 from predtrace.sidecar._errors import SpoolUnusableError
+from predtrace.sidecar._grpc_api import MAX_LISTED_REJECTIONS
 from predtrace.sidecar.pipeline import CollectorClientConfig
 from predtrace.sidecar.spool import FaultPoints, MemoryFileLayer, SimulatedCrash, SpoolConfig
 from predtrace.v1 import event_pb2, sidecar_pb2, sidecar_pb2_grpc
@@ -295,3 +297,26 @@ async def test_an_event_the_collector_would_refuse_is_refused_to_its_sender_not_
     await eventually(lambda: len(running.collector.events()) >= 50)
     assert running.app.shipper.counters.quarantined == 0
     assert {e.prediction_id for e in running.collector.events()} == {f"p{i:05d}" for i in range(50)}
+
+
+async def test_a_stream_of_rejections_gets_an_ack_that_fits_and_right_positions(
+    start_sidecar: StartSidecar,
+) -> None:
+    running = await start_sidecar()
+    bad_id = event_pb2.PredictionEvent(prediction_id="p" * 256, trace_id=b"x")  # bad trace id
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield event_pb2.PredictionEvent(prediction_id="").SerializeToString()  # 0: no id
+        yield b"\xff\xff"  # 1: not a PredictionEvent
+        yield proto_events(1)[0].SerializeToString()  # 2: good
+        for _ in range(15_000):  # 3...: rejected, with long ids in every rejection
+            yield bad_id.SerializeToString()
+
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        record = channel.stream_unary(
+            "/predtrace.v1.Sidecar/Record", response_deserializer=sidecar_pb2.RecordAck.FromString
+        )
+        ack = await record(stream())
+    assert ack.accepted == 1
+    assert [r.index for r in ack.rejected[:3]] == [0, 1, 3]
+    assert len(ack.rejected) == MAX_LISTED_REJECTIONS

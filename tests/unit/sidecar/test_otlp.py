@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiohttp
+import grpc
 import pytest
 from aiohttp import web
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
@@ -18,6 +19,8 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
     OTLPSpanExporter as HttpSpanExporter,
 )
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+from opentelemetry.proto.common.v1 import common_pb2
+from opentelemetry.proto.trace.v1 import trace_pb2
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter
@@ -172,6 +175,15 @@ async def test_bad_otlp_http_bodies_get_a_4xx_and_the_receiver_keeps_serving(
         bomb = gzip.compress(b"\x00" * 10_000_000)
         async with session.post(url, data=bomb, headers={**proto, "Content-Encoding": "gzip"}) as r:
             assert r.status == 413
+    for coding in ("gzip", "deflate"):  # a body that is not what its encoding says
+        headers = {"Content-Type": "application/json", "Content-Encoding": coding}
+        # A fresh session each time: the server closes such a connection.
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, data=b"not gzip", headers=headers) as r,
+        ):
+            assert r.status == 400, (coding, r.status)
+            assert "Content-Encoding" in await r.text()
     exporter = HttpSpanExporter(endpoint=url)
     await asyncio.to_thread(produce, exporter)
     await eventually(lambda: len(running.collector.events()) == 2)
@@ -265,3 +277,42 @@ async def test_the_forwarder_drops_oldest_past_its_cap_and_counts_each_reason(
     c = forwarder.counters
     assert c.offered == 5
     assert c.forwarded + sum(c.dropped.values()) == 5
+
+
+async def test_bad_otlp_grpc_requests_are_invalid_argument_and_the_receiver_keeps_serving(
+    start_sidecar: StartSidecar, sink: OtlpSink
+) -> None:
+    running: Running = await start_sidecar(otlp_listen="127.0.0.1:0", otlp_export=sink.url)
+    # 120 nested AnyValue arrays, deeper than the protobuf parser allows (built
+    # as bytes: the Python protobuf runtime refuses to build it as a message).
+    deep = common_pb2.AnyValue(string_value="leaf").SerializeToString()
+    for _ in range(120):
+        deep = _field(5, _field(1, deep))  # AnyValue.array_value.values
+    span = trace_pb2.Span(name="s", trace_id=b"t" * 16).SerializeToString()
+    span += _field(9, _field(1, b"deep") + _field(2, deep))  # Span.attributes
+    nested = _field(1, _field(2, _field(2, span)))  # resource_spans.scope_spans.spans
+    method = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+    async with grpc.aio.insecure_channel(running.app.addresses["otlp-grpc"]) as channel:
+        export = channel.unary_unary(method)
+        for body in (b"\xff\xff\xff", nested):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await export(body)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+            assert "malformed" in (info.value.details() or "")
+    exporter = GrpcSpanExporter(endpoint=running.app.addresses["otlp-grpc"], insecure=True)
+    await asyncio.to_thread(produce, exporter)
+    await eventually(lambda: len(running.collector.events()) == 2)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
