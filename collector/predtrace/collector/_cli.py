@@ -73,6 +73,14 @@ def _call(request: Callable[[], Answer]) -> Answer:
     return answer
 
 
+def _call_ok(request: Callable[[], Answer], what: str) -> Answer:
+    """``_call`` for writes: any answer but 2xx is a failure, said as such."""
+    answer = _call(request)
+    if not 200 <= answer.status < 300:
+        _fail(f"{what} failed: the collector answered {answer.status}: {answer.error}")
+    return answer
+
+
 def _show(output: str, answer: Mapping[str, Any], render: Callable[[Any, Any], None]) -> None:
     if output == "json":
         click.echo(json.dumps(answer, indent=2, default=str))
@@ -232,6 +240,10 @@ def _body_from_options(opts: Mapping[str, Any]) -> dict[str, object]:
             "aliases": list(opts["alias"]),
             "artifact_digest": opts["artifact_digest"] or "",
         }
+    if (opts["param"] or opts["metric"] or opts["run_name"] or opts["run_url"]) and not opts[
+        "run_id"
+    ]:
+        raise click.UsageError("--param, --metric, --run-name and --run-url need --run-id")
     if opts["run_id"]:
         body["run"] = {
             "id": opts["run_id"],
@@ -297,10 +309,12 @@ def register_command(collector: str, token: str | None, file_: Any, **opts: Any)
             body = json.load(file_)
         except ValueError as exc:
             raise click.BadParameter(f"not JSON: {exc}", param_hint="--file") from None
+        except RecursionError:
+            raise click.BadParameter("JSON nested too deeply", param_hint="--file") from None
     else:
         body = _body_from_options(opts)
     client = _client(collector, token)
-    _call(lambda: client.post("/v1/lineage", body))
+    _call_ok(lambda: client.post("/v1/lineage", body), "registration")
     click.echo("registered")
 
 

@@ -6,6 +6,7 @@ token is sent as a bearer header and never printed.
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -48,8 +49,17 @@ class QueryClient:
     """Talks to one collector: ``get`` and ``post`` JSON."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 30.0) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(url)
+            port_ok = parts.port is None or parts.port > 0  # reading .port validates it
+        except ValueError:
+            port_ok = False
+        if (
+            not port_ok
+            or parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or any(c.isspace() for c in url)
+        ):
             raise ConfigError(f"collector URL must be http(s)://host[:port], got {url!r}")
         self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
 
@@ -75,7 +85,7 @@ class QueryClient:
                     f"collector answered {exc.code}: {answer.error}"
                 ) from None
             return answer
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, http.client.InvalidURL) as exc:
             reason = getattr(exc, "reason", exc)
             raise CollectorUnreachableError(
                 f"cannot reach the collector at {self.url}: {reason}"

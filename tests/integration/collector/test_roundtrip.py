@@ -6,6 +6,7 @@ import asyncio
 import json
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -186,3 +187,14 @@ def test_an_openlineage_event_produces_the_same_chain(
     assert lineage["run"]["commit"]["sha"] == SHA
     assert [d["digest"] for d in lineage["run"]["datasets"]] == ["sha256:ol-train"]
     assert code == 0, err
+
+
+def test_lineage_register_fails_loudly_when_the_collector_refuses_the_body(
+    serve_collector: Callable[..., Served], tmp_path: Path
+) -> None:
+    served = serve_collector(f"sqlite:///{tmp_path}/c.db")
+    big = tmp_path / "big.json"  # over the collector's 1 MiB lineage body limit: 413
+    big.write_text(json.dumps({"run": {"id": "r", "name": "x" * (2 * 1024 * 1024)}}))
+    code, out, err = cli(served.url, "lineage", "register", "--file", str(big))
+    assert code == 1 and "registered" not in out
+    assert "413" in err

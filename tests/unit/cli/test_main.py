@@ -53,3 +53,21 @@ def test_every_registered_subcommand_loads_and_has_help() -> None:
         result = CliRunner().invoke(main, [name, "--help"])
         assert result.exit_code == 0, (name, result.output)
         assert "Usage:" in result.output
+
+
+def test_a_malformed_collector_url_is_a_clear_error_not_a_traceback() -> None:
+    for url in ("http://[::1", "http://127.0.0.1:abc", "http://a b", "http://127.0.0.1:0"):
+        result = CliRunner().invoke(main, ["trace", "p-1", "--collector", url])
+        assert result.exit_code != 0, url
+        assert result.exception is None or isinstance(result.exception, SystemExit), (
+            url,
+            result.exception,
+        )
+        assert "Traceback" not in result.output
+
+
+def test_lineage_register_refuses_run_options_without_a_run_id() -> None:
+    args = ["lineage", "register", "--model", "churn/3", "--metric", "auc=abc"]
+    result = CliRunner().invoke(main, [*args, "--collector", "http://127.0.0.1:9"])
+    assert result.exit_code == 2
+    assert "need --run-id" in result.output
