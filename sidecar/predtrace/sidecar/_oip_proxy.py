@@ -169,15 +169,18 @@ class OipProxy(_Handler):
         """Forward one inference; record it (with the id and version actually used)."""
         self.requests += 1
         start_ns, started = time.time_ns(), time.perf_counter_ns()
-        fields = _fields(request)
+        parsed = _fields(request)
+        fields = parsed or {}
         prediction_id = fields.get(3, "")
-        if not prediction_id:
+        if parsed is not None and not prediction_id:
             prediction_id = new_prediction_id()
             request = append_string_field(request, 3, prediction_id)
+        # Bytes it cannot read (an id over 4 KiB, group fields) pass through
+        # untouched: an appended id would override the caller's own.
         metadata = _forwardable(context.invocation_metadata())
         trace_id, span_id = _trace_context(metadata)
         event = PredictionEvent(
-            prediction_id=prediction_id[:256],
+            prediction_id=(prediction_id or new_prediction_id())[:256],
             trace_id=trace_id,
             span_id=span_id,
             timestamp_unix_nano=start_ns,
@@ -195,7 +198,9 @@ class OipProxy(_Handler):
             )
         await context.send_initial_metadata(_forwardable(await call.initial_metadata()))
         context.set_trailing_metadata(_forwardable(await call.trailing_metadata()))
-        served = _fields(response)
+        served = _fields(response) or {}
+        if parsed is None and served.get(3):  # unreadable request: the answer's id
+            event.prediction_id = served[3][:256]
         event.model.name = served.get(1) or event.model.name
         event.model.version = served.get(2) or event.model.version
         self._finish(event, started, status=grpc.StatusCode.OK)
@@ -215,9 +220,9 @@ class OipProxy(_Handler):
         await self._channel.close(None)
 
 
-def _fields(message: bytes) -> dict[int, str]:
-    """model_name, model_version and id; nothing if the bytes are not readable."""
+def _fields(message: bytes) -> dict[int, str] | None:
+    """model_name, model_version and id; None if the bytes are not readable."""
     try:
         return top_level_strings(message, (1, 2, 3))
     except ProtoWireError:
-        return {}
+        return None

@@ -145,3 +145,22 @@ async def test_an_unreachable_model_server_is_unavailable_to_the_client_and_reco
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     (event,) = await recorded(running, 1)
     assert event.status_code == "UNAVAILABLE"  # type: ignore[attr-defined]
+
+
+async def test_a_request_the_proxy_cannot_read_passes_untouched_never_with_a_new_id(
+    proxied: Running, model_server: str
+) -> None:
+    long_id = "L" * 5000  # over the proxy's 4 KiB field bound: unreadable to it
+    body = request([[12.0, 70.5, 3.0]], request_id=long_id)
+    async with (
+        grpc.aio.insecure_channel(model_server) as direct,
+        grpc.aio.insecure_channel(proxied.app.addresses["oip-proxy"]) as via_proxy,
+    ):
+        method = "/inference.GRPCInferenceService/ModelInfer"
+        metadata = (("traceparent", TRACEPARENT),)
+        expected = await direct.unary_unary(method)(body, metadata=metadata)
+        got = await via_proxy.unary_unary(method)(body, metadata=metadata)
+    assert got == expected
+    assert pb.ModelInferResponse.FromString(got).id == long_id
+    (event,) = await recorded(proxied, 1)
+    assert event.status == Status.OK  # type: ignore[attr-defined]
