@@ -41,6 +41,7 @@ from predtrace.wire import (
 )
 
 TRACE_SERVICE: Final = "opentelemetry.proto.collector.trace.v1.TraceService"
+_CODINGS: Final = frozenset({"", "identity", "gzip", "deflate"})
 _log = logging.getLogger("predtrace.sidecar.otlp")
 PREDICTION_ID: Final = "predtrace.prediction.id"
 PROTOBUF: Final = "application/x-protobuf"
@@ -293,6 +294,9 @@ class OtlpReceiver:
         """The request's spans, or the 4xx answer that says why there are none."""
         if encoding not in (PROTOBUF, JSON):
             return web.Response(status=415, text=f"send {PROTOBUF} or {JSON}")
+        coding = request.headers.get("Content-Encoding", "").strip().lower()
+        if coding not in _CODINGS:  # aiohttp would pass an unknown one through as is
+            return web.Response(status=415, text="Content-Encoding must be gzip or deflate")
         try:
             # aiohttp already inflates a gzip Content-Encoding within
             # client_max_size; a body that is still gzip is inflated here, bounded.

@@ -158,6 +158,9 @@ async def test_bad_otlp_http_bodies_get_a_4xx_and_the_receiver_keeps_serving(
             assert resp.status == 400
         async with session.post(url, data=b"{}", headers={"Content-Type": "text/plain"}) as r:
             assert r.status == 415
+        snappy = {"Content-Type": "application/json", "Content-Encoding": "snappy"}
+        async with session.post(url, data=b"{}", headers=snappy) as r:
+            assert r.status == 415 and "Content-Encoding" in await r.text()
         as_json = {"Content-Type": "application/json"}
         for bad in (
             b"{not json",
