@@ -30,6 +30,7 @@ from predtrace.sidecar.pipeline import (
 )
 from predtrace.wire import (
     IngestAck,
+    ModelRef,
     PredictionEvent,
     Rejection,
     decode_batch,
@@ -243,6 +244,20 @@ def test_retry_resends_identical_bytes_with_the_same_seq(collector: FakeCollecto
     assert len(collector.bodies) == 3
     assert collector.bodies[0] == collector.bodies[1] == collector.bodies[2]
     assert pipeline.counters.snapshot()["exported"] == 2
+
+
+def test_an_event_the_collector_would_refuse_is_dropped_alone_not_with_its_batch(
+    collector: FakeCollector,
+) -> None:
+    pipeline = QueuedExporter(_exporter(collector.url), QueueConfig())
+    huge = PredictionEvent(prediction_id="huge", model=ModelRef("m" * 70_000, "1"))
+    for event in [*_events(3), huge, *_events(2)]:
+        pipeline.emit(event)
+    pipeline.shutdown(timeout=10)
+    stored = [e.prediction_id for b in collector.bodies for e in decode_batch(b).batch.events]
+    assert sorted(stored) == ["e0", "e0", "e1", "e1", "e2"]
+    counts = pipeline.counters.snapshot()
+    assert counts["exported"] == 5 and counts["dropped.invalid"] == 1
 
 
 def test_token_over_plaintext_to_a_remote_host_is_refused_at_startup() -> None:

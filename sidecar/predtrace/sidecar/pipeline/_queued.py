@@ -25,7 +25,7 @@ from predtrace.sidecar.pipeline._counters import PipelineCounters, RateLimitedLo
 from predtrace.sidecar.pipeline._errors import PermanentExportError, RetryableExportError
 from predtrace.sidecar.pipeline._retry import RetryPolicy
 from predtrace.sidecar.pipeline._stages import Exporter, OutgoingBatch, Processor
-from predtrace.wire import PredictionEvent
+from predtrace.wire import PredictionEvent, event_problem
 
 _log = logging.getLogger("predtrace.pipeline")
 _INSTANCES: weakref.WeakSet[QueuedExporter] = weakref.WeakSet()
@@ -264,13 +264,19 @@ class QueuedExporter:
         return take
 
     def _process(self, events: list[PredictionEvent]) -> list[PredictionEvent]:
-        if not self._processors:
-            return events
         kept = []
         for event in events:
-            processed = self._process_one(event)
-            if processed is not None:
-                kept.append(processed)
+            processed = self._process_one(event) if self._processors else event
+            if processed is None:
+                continue
+            # An event the collector would refuse would cost its whole batch
+            # (a 400): it is dropped alone, counted (off the request path).
+            problem = event_problem(processed)
+            if problem is not None:
+                self.counters.add_dropped("invalid")
+                self._log.warning("invalid", "event dropped: %s", problem)
+                continue
+            kept.append(processed)
         return kept
 
     def _process_one(self, event: PredictionEvent) -> PredictionEvent | None:
