@@ -235,6 +235,8 @@ def gunzip_bounded(data: bytes, max_bytes: int) -> bytes:
         raise WireTooLargeError(f"decompressed body exceeds {max_bytes} bytes")
     if not decompressor.eof:
         raise WireError("truncated gzip data")
+    if decompressor.unused_data:
+        raise WireError("trailing bytes after the gzip data (one gzip member only)")
     return out
 
 

@@ -216,6 +216,9 @@ def test_truncated_and_corrupt_gzip_are_wire_errors(batch: EventBatch) -> None:
         decode_batch(body[: len(body) // 2])
     with pytest.raises(WireError, match="invalid gzip"):
         decode_batch(body[:10] + b"\xff" * 20)
+    for tail in (b"junk", body):  # junk, or a second gzip member
+        with pytest.raises(WireError, match="trailing bytes after the gzip data"):
+            decode_batch(body + tail)
 
 
 def test_non_finite_feature_rejects_the_event() -> None:
