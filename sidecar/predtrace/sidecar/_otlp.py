@@ -10,12 +10,13 @@ protobuf and the JSON encodings (gzip'd or not).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
 import ssl
-from collections.abc import Mapping
-from typing import Final
+from collections.abc import Callable, Mapping
+from typing import Final, TypeVar
 
 import grpc
 from aiohttp import web
@@ -42,6 +43,20 @@ from predtrace.wire import (
 
 TRACE_SERVICE: Final = "opentelemetry.proto.collector.trace.v1.TraceService"
 _CODINGS: Final = frozenset({"", "identity", "gzip", "deflate"})
+# Requests bigger than this are parsed and converted in a thread: a 4 MiB
+# export must not stall every other connection of the loop for a second.
+_THREAD_BYTES: Final = 256 * 1024
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
+
+
+async def _off_loop(size: int, work: Callable[[_In], _Out], arg: _In) -> _Out:
+    """``work(arg)``, in a thread when ``size`` says it is big."""
+    if size > _THREAD_BYTES:
+        return await asyncio.to_thread(work, arg)
+    return work(arg)
+
+
 _log = logging.getLogger("predtrace.sidecar.otlp")
 PREDICTION_ID: Final = "predtrace.prediction.id"
 PROTOBUF: Final = "application/x-protobuf"
@@ -222,13 +237,13 @@ class _TraceService:
         context: grpc.aio.ServicerContext[bytes, trace_service_pb2.ExportTraceServiceResponse],
     ) -> trace_service_pb2.ExportTraceServiceResponse:
         try:
-            request = ExportRequest.FromString(body)
+            request = await _off_loop(len(body), ExportRequest.FromString, body)
         except (DecodeError, RecursionError):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "malformed ExportTraceServiceRequest"
             )
         try:
-            await self._receiver.accept(request)
+            await self._receiver.accept(request, len(body))
         except (SpoolBusyError, SpoolFullError) as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except SpoolError as exc:
@@ -246,9 +261,9 @@ class OtlpReceiver:
         self._max_body = 4 * 1024 * 1024
         self.spans_received = 0
 
-    async def accept(self, request: ExportRequest) -> None:
+    async def accept(self, request: ExportRequest, size: int = 0) -> None:
         """Spool the request's prediction events (durably), then hand it to the forwarder."""
-        events, spans = request_to_events(request)
+        events, spans = await _off_loop(size, request_to_events, request)
         self.spans_received += spans
         if events:
             await self._intake.record(events)
@@ -280,7 +295,7 @@ class OtlpReceiver:
         if isinstance(decoded, web.Response):
             return decoded
         try:
-            await self.accept(decoded)
+            await self.accept(decoded, request.content_length or 0)
         except SpoolError as exc:
             return web.Response(status=503, text=str(exc), headers={"Retry-After": "1"})
         if encoding == JSON:  # answer in the encoding asked in (OTLP/HTTP spec)
@@ -303,7 +318,8 @@ class OtlpReceiver:
             body = await request.read()
             if body[:2] == b"\x1f\x8b":
                 body = gunzip_bounded(body, self._max_body)
-            return ExportRequest.FromString(body) if encoding == PROTOBUF else parse_json(body)
+            parse = ExportRequest.FromString if encoding == PROTOBUF else parse_json
+            return await _off_loop(len(body), parse, body)
         except web.HTTPRequestEntityTooLarge:
             return web.Response(status=413, text="body too large")
         except RequestPayloadError:  # a Content-Encoding that does not decode

@@ -319,3 +319,31 @@ def _varint(value: int) -> bytes:
         out.append(byte | (0x80 if value else 0))
         if not value:
             return bytes(out)
+
+
+async def test_a_big_export_is_parsed_off_the_loop_and_every_prediction_is_kept(
+    start_sidecar: StartSidecar, sink: OtlpSink
+) -> None:
+    running: Running = await start_sidecar(
+        otlp_listen="127.0.0.1:0", otlp_export=sink.url, max_message_bytes=8 * 1024 * 1024
+    )
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    scope = request.resource_spans.add().scope_spans.add()
+    for k in range(2000):  # about 600 kB: over the in-loop bound
+        span = scope.spans.add(name="predict", trace_id=b"t" * 16, span_id=k.to_bytes(8, "big"))
+        span.attributes.add(key="predtrace.prediction.id").value.string_value = f"big-{k:04d}"
+        span.attributes.add(key="filler").value.string_value = "x" * 200
+    body = request.SerializeToString()
+    assert len(body) > 256 * 1024
+    url = f"http://{running.app.addresses['otlp-http']}/v1/traces"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=body, headers={"Content-Type": "application/x-protobuf"}) as r,
+    ):
+        assert r.status == 200
+    method = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+    async with grpc.aio.insecure_channel(running.app.addresses["otlp-grpc"]) as channel:
+        await channel.unary_unary(method)(body)
+    await eventually(lambda: len(running.collector.events()) >= 4000)
+    ids = {e.prediction_id for e in running.collector.events()}
+    assert ids == {f"big-{k:04d}" for k in range(2000)}
