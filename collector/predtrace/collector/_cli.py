@@ -10,6 +10,7 @@ for ``collector serve``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -203,6 +204,8 @@ def completeness_command(
     fail_under: float | None, output: str, collector: str, token: str | None
 ) -> None:
     """Per model, the share of predictions whose lineage chain is complete."""
+    if fail_under is not None and math.isnan(fail_under):  # FloatRange lets NaN through
+        raise click.BadParameter("must be a number from 0 to 1", param_hint="--fail-under")
     client = _client(collector, token)
     answer = _call(lambda: client.get("/v1/completeness"))
     _show(output, answer.body, _render("render_completeness"))

@@ -71,3 +71,10 @@ def test_lineage_register_refuses_run_options_without_a_run_id() -> None:
     result = CliRunner().invoke(main, [*args, "--collector", "http://127.0.0.1:9"])
     assert result.exit_code == 2
     assert "need --run-id" in result.output
+
+
+def test_completeness_fail_under_nan_is_a_usage_error_not_a_gate_that_always_passes() -> None:
+    result = CliRunner().invoke(
+        main, ["completeness", "--fail-under", "nan", "--collector", "http://127.0.0.1:9"]
+    )
+    assert result.exit_code == 2 and "--fail-under" in result.output
