@@ -82,7 +82,7 @@ class DecodedBatch:
 # is the same.
 
 
-INT63_MAX = 2**63 - 1  # seq is stored as a signed 64-bit integer
+INT63_MAX: Final = 2**63 - 1  # the largest signed 64-bit integer: seq, times as stored
 
 
 def _model_to_map(model: ModelRef) -> dict[int, str]:
@@ -690,9 +690,6 @@ def decode_ack(data: bytes, *, limits: DecodeLimits = DEFAULT_LIMITS) -> IngestA
     )
 
 
-_INT64_MAX: Final = 2**63 - 1
-
-
 def _texts(event: PredictionEvent) -> Iterator[str]:
     model, dep = event.model, event.deployment
     yield from (event.prediction_id, event.endpoint, event.protocol, event.status_code)
@@ -718,7 +715,7 @@ def event_problem(  # noqa: PLR0911 - one answer per rule, flat on purpose
     int64 or a NUL in text: a producer checks here before it acknowledges an
     event, so one bad event never costs the batch it would travel in.
     """
-    if event.timestamp_unix_nano > _INT64_MAX or event.duration_nanos > _INT64_MAX:
+    if event.timestamp_unix_nano > INT63_MAX or event.duration_nanos > INT63_MAX:
         return "timestamp_unix_nano and duration_nanos must fit in int64"
     texts = list(_texts(event))
     # One scan of the joined text instead of one per field (a hot path).

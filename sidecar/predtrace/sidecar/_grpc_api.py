@@ -34,13 +34,13 @@ MAX_LISTED_REJECTIONS: Final = 1000
 
 
 def convert_events(
-    messages: Sequence[event_pb2.PredictionEvent], offset: int = 0
+    messages: Sequence[event_pb2.PredictionEvent],
 ) -> tuple[list[PredictionEvent], list[int], list[Rejection]]:
     """Validate protobuf events: the good ones, their request positions, and rejections."""
     events: list[PredictionEvent] = []
     positions: list[int] = []
     rejected: list[Rejection] = []
-    for index, message in enumerate(messages, start=offset):
+    for index, message in enumerate(messages):
         try:
             events.append(event_from_proto(message))
         except WireError as exc:

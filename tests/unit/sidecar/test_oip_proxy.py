@@ -56,6 +56,21 @@ def request(rows: list[list[float]], request_id: str = "", version: str = "") ->
     return message.SerializeToString()
 
 
+async def direct_and_proxied(
+    model_server: str, proxied: Running, body: bytes
+) -> tuple[bytes, bytes]:
+    """The model server's answer to ``body`` sent directly, and through the proxy."""
+    async with (
+        grpc.aio.insecure_channel(model_server) as direct,
+        grpc.aio.insecure_channel(proxied.app.addresses["oip-proxy"]) as via_proxy,
+    ):
+        method = "/inference.GRPCInferenceService/ModelInfer"
+        metadata = (("traceparent", TRACEPARENT),)
+        expected = await direct.unary_unary(method)(body, metadata=metadata)
+        got = await via_proxy.unary_unary(method)(body, metadata=metadata)
+    return expected, got
+
+
 async def recorded(running: Running, n: int) -> list[object]:
     await eventually(lambda: len(running.collector.events()) >= n)
     return list(running.collector.events())
@@ -65,14 +80,7 @@ async def test_a_request_with_an_id_passes_byte_for_byte_and_is_recorded_with_th
     proxied: Running, model_server: str
 ) -> None:
     body = request([[12.0, 70.5, 3.0]], request_id="req-42")
-    async with (
-        grpc.aio.insecure_channel(model_server) as direct,
-        grpc.aio.insecure_channel(proxied.app.addresses["oip-proxy"]) as via_proxy,
-    ):
-        method = "/inference.GRPCInferenceService/ModelInfer"
-        metadata = (("traceparent", TRACEPARENT),)
-        expected = await direct.unary_unary(method)(body, metadata=metadata)
-        got = await via_proxy.unary_unary(method)(body, metadata=metadata)
+    expected, got = await direct_and_proxied(model_server, proxied, body)
     assert got == expected
     (event,) = await recorded(proxied, 1)
     assert event.prediction_id == "req-42"  # type: ignore[attr-defined]
@@ -152,14 +160,7 @@ async def test_a_request_the_proxy_cannot_read_passes_untouched_never_with_a_new
 ) -> None:
     long_id = "L" * 5000  # over the proxy's 4 KiB field bound: unreadable to it
     body = request([[12.0, 70.5, 3.0]], request_id=long_id)
-    async with (
-        grpc.aio.insecure_channel(model_server) as direct,
-        grpc.aio.insecure_channel(proxied.app.addresses["oip-proxy"]) as via_proxy,
-    ):
-        method = "/inference.GRPCInferenceService/ModelInfer"
-        metadata = (("traceparent", TRACEPARENT),)
-        expected = await direct.unary_unary(method)(body, metadata=metadata)
-        got = await via_proxy.unary_unary(method)(body, metadata=metadata)
+    expected, got = await direct_and_proxied(model_server, proxied, body)
     assert got == expected
     assert pb.ModelInferResponse.FromString(got).id == long_id
     (event,) = await recorded(proxied, 1)

@@ -18,13 +18,13 @@ from typing import Any, Final
 
 from predtrace.collector.store._ops import Row
 from predtrace.wire import ModelRef, PredictionEvent
-from predtrace.wire._codec import (  # the codec's own map readers
+from predtrace.wire._codec import (  # the codec's own map readers and bound
     _DEPLOYMENT_KEYS,
     _MODEL_KEYS,
+    INT63_MAX,
     _strs,
 )
 
-INT64_MAX: Final = 2**63 - 1
 ServedKey = tuple[str, str, str, str, str]
 _STATUS_NAMES: Final = ("unset", "ok", "error")
 
@@ -149,8 +149,8 @@ def fast_prediction_row(
         or len(span_id) not in (0, 8)
         or type(ts) is not int
         or type(duration) is not int
-        or not 0 <= ts <= INT64_MAX
-        or not 0 <= duration <= INT64_MAX
+        or not 0 <= ts <= INT63_MAX
+        or not 0 <= duration <= INT63_MAX
         or type(status) is not int
         or status not in (0, 1, 2)
         or type(fingerprint) is not bytes
