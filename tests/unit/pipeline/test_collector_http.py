@@ -18,6 +18,7 @@ from aiohttp import web
 
 from predtrace.sidecar.pipeline import (
     BATCH_CONTENT_TYPE,
+    CollectorClient,
     CollectorClientConfig,
     CollectorHttpExporter,
     OutgoingBatch,
@@ -222,6 +223,44 @@ def test_server_that_never_answers_hits_the_attempt_timeout(collector: FakeColle
             exporter.export(OutgoingBatch(_events(1)))
     finally:
         exporter.shutdown(1)
+
+
+def test_a_send_racing_close_fails_retryably_and_opens_no_new_session(
+    collector: FakeCollector,
+) -> None:
+    """A shipper still retrying while the app closes its client must not leak a session."""
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.5)
+        return web.Response(status=503)
+
+    collector.handler = slow
+
+    async def scenario() -> None:
+        client = CollectorClient(CollectorClientConfig(url=collector.url, timeout=5))
+        in_flight = asyncio.create_task(client.send(b"x", compressed=False))
+        await asyncio.sleep(0.1)  # the POST is on the wire
+        await client.close()
+        with pytest.raises(RetryableExportError):
+            await in_flight
+        with pytest.raises(RetryableExportError, match="closed"):
+            await client.send(b"x", compressed=False)  # the retry
+        assert client._session is None
+
+    asyncio.run(scenario())
+
+
+def test_an_exporter_shut_down_and_used_again_opens_a_fresh_session(
+    collector: FakeCollector,
+) -> None:
+    exporter = _exporter(collector.url)
+    try:
+        exporter.export(OutgoingBatch(_events(1)))
+        exporter.shutdown(1)
+        exporter.export(OutgoingBatch(_events(1)))
+    finally:
+        exporter.shutdown(1)
+    assert len(collector.bodies) == 2
 
 
 def test_retry_resends_identical_bytes_with_the_same_seq(collector: FakeCollector) -> None:

@@ -116,6 +116,7 @@ class CollectorClient:
     def __init__(self, config: CollectorClientConfig) -> None:
         self.config = config
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     def _headers(self, compressed: bool) -> dict[str, str]:
         headers = {"Content-Type": BATCH_CONTENT_TYPE, "Accept": BATCH_CONTENT_TYPE}
@@ -132,6 +133,9 @@ class CollectorClient:
             RetryableExportError: transient failure; retry after ``retry_after``.
             PermanentExportError: the collector will never accept this body.
         """
+        if self._closed:
+            # A send racing shutdown must not open a session nobody closes.
+            raise RetryableExportError("collector client is closed")
         if self._session is None:
             timeout = aiohttp.ClientTimeout(total=self.config.timeout)
             connector = None
@@ -172,7 +176,8 @@ class CollectorClient:
         raise PermanentExportError(f"collector answered {status}: {reason}")
 
     async def close(self) -> None:
-        """Close the HTTP session. Safe twice."""
+        """Close the HTTP session; later sends fail as retryable. Safe twice."""
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -243,6 +248,7 @@ class CollectorHttpExporter:
         self._loop.run_until_complete(self._client.close())
         self._loop.close()
         self._loop = None
+        self._client = CollectorClient(self.config)  # an export after this opens afresh
 
 
 _INSTANCES: weakref.WeakSet[CollectorHttpExporter] = weakref.WeakSet()
