@@ -2,7 +2,8 @@
 
 Client -> **OipProxy** -> model server (``inference.GRPCInferenceService``).
 Every method is passed through as bytes (a generic stream handler, so any
-cardinality works). ``ModelInfer`` alone is looked into: the proxy reads
+cardinality works; a single request goes upstream as a unary request, see
+``_passthrough``). ``ModelInfer`` alone is looked into: the proxy reads
 model_name, model_version and id from the request and response bytes, adds
 an id when the caller sent none (rewriting the request bytes), forwards or
 starts a W3C ``traceparent``, and records a prediction event with the version
@@ -35,6 +36,15 @@ MODEL_INFER: Final = f"/{SERVICE}/ModelInfer"
 PROTOCOL: Final = "oip-v2-grpc"
 _SKIP_METADATA: Final = ("grpc-", ":")
 _SKIP_KEYS: Final = frozenset({"user-agent", "te", "content-type", "host"})
+# Methods whose caller may wait for an answer before it sends its next request:
+# streamed upstream at once, never held back to see whether more requests follow.
+_STREAMED_REQUESTS: Final = frozenset(
+    {
+        f"/{SERVICE}/ModelStreamInfer",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    }
+)
 Metadata = list[tuple[str, str | bytes]]
 if TYPE_CHECKING:
     _Handler = grpc.GenericRpcHandler[bytes, bytes]
@@ -150,10 +160,32 @@ class OipProxy(_Handler):
         requests: AsyncIterator[bytes],
         context: grpc.aio.ServicerContext[bytes, bytes],
     ) -> AsyncIterator[bytes]:
+        """Forward one call of any cardinality; the upstream's status reaches the caller.
+
+        A call that sent exactly one request goes upstream as unary-stream, not
+        as a request stream: grpc.aio reports a request write that fails
+        because the upstream already ended the call (an unknown method, an
+        early abort) as INTERNAL "Internal error from Core", overwriting the
+        upstream's status (grpc/grpc#36066); a unary request is sent in one
+        batch whose failure defers to the status the upstream sent. Only calls
+        that really stream requests keep that grpc.aio race.
+        """
         metadata = _forwardable(context.invocation_metadata())
-        call = self._channel.stream_stream(method, None, None)(
-            requests, metadata=metadata, timeout=context.time_remaining()
-        )
+        call: grpc.aio.UnaryStreamCall[bytes, bytes] | grpc.aio.StreamStreamCall[bytes, bytes]
+        if method in _STREAMED_REQUESTS:
+            call = self._channel.stream_stream(method, None, None)(
+                requests, metadata=metadata, timeout=context.time_remaining()
+            )
+        else:
+            head = [item async for item in _take(requests, 2)]
+            if len(head) == 1:
+                call = self._channel.unary_stream(method, None, None)(
+                    head[0], metadata=metadata, timeout=context.time_remaining()
+                )
+            else:
+                call = self._channel.stream_stream(method, None, None)(
+                    _chain(head, requests), metadata=metadata, timeout=context.time_remaining()
+                )
         try:
             async for response in call:
                 yield response
@@ -218,6 +250,22 @@ class OipProxy(_Handler):
         """Flush recorded events briefly and close the upstream channel. Safe twice."""
         await self._recorder.close()
         await self._channel.close(None)
+
+
+async def _take(items: AsyncIterator[bytes], n: int) -> AsyncIterator[bytes]:
+    """The first ``n`` items (fewer if the caller half-closes), leaving the rest."""
+    for _ in range(n):
+        item = await anext(items, None)
+        if item is None:
+            return
+        yield item
+
+
+async def _chain(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    for item in head:
+        yield item
+    async for item in rest:
+        yield item
 
 
 def _fields(message: bytes) -> dict[int, str] | None:
