@@ -334,16 +334,30 @@ def otel_anchor(tmp: Path, n: int) -> dict[str, float]:
 # -- 3. predtrace end to end, and RSS at 20k/s ----------------------------------------
 
 
-def end_to_end(tmp: Path, n: int) -> dict[str, float]:
+def py_spy(server: Server, out: Path) -> subprocess.Popen[bytes]:
+    """``py-spy record`` of ``server`` into ``out`` (raw collapsed stacks), until it exits."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    args = [spy, "record", "-p", str(server.proc.pid), "-f", "raw", "-r", "200", "--threads"]
+    proc = subprocess.Popen([*args, "-o", str(out)], stdout=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached before the first event
+    return proc
+
+
+def end_to_end(tmp: Path, n: int, profile: Path | None = None) -> dict[str, float]:
     """Events/s producer -> sidecar -> spool -> collector commit, and loss.
 
     Timed from the first event encoded by the producer to the last one
     committed by the collector; loss is checked id by id in the store. Also
     the CPU each process spent per event (where a faster pipeline must save).
+    With ``profile``, py-spy samples the sidecar and the collector into
+    ``sidecar.raw`` and ``collector.raw`` there (it costs them CPU).
     """
     events = prediction_events(n)
     c = collector(tmp)
     s = sidecar(tmp, f"http://{c.address}", tmp / "spool-e2e")
+    spies = []
+    if profile is not None:
+        spies = [py_spy(s, profile / "sidecar.raw"), py_spy(c, profile / "collector.raw")]
     try:
         cpu0 = (time.process_time(), s.cpu_s(), c.cpu_s())
         start = time.perf_counter()
@@ -356,6 +370,8 @@ def end_to_end(tmp: Path, n: int) -> dict[str, float]:
     finally:
         s.stop()
         c.stop()
+        for spy in spies:
+            spy.wait(60)
     lost = missing_ids(c.db, [e.prediction_id for e in events])
     return {
         "events_per_s": acked / elapsed,
@@ -488,9 +504,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer events (under a minute)")
     parser.add_argument("--otlp-sink", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        type=Path,
+        help="only the end-to-end part, with py-spy sampling the sidecar and the collector "
+        "into DIR/sidecar.raw and DIR/collector.raw (figures are then not comparable)",
+    )
     args = parser.parse_args()
     if args.otlp_sink:
         otlp_sink(args.otlp_sink)
+        return
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="predtrace-bench-") as name:
+            figures = end_to_end(Path(name), 100_000, args.profile)
+        print(json.dumps({k: round(v, 3) for k, v in figures.items()}))
         return
     sizes = {
         "otel": 20_000 if args.quick else 50_000,

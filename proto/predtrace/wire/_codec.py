@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -690,19 +690,37 @@ def decode_ack(data: bytes, *, limits: DecodeLimits = DEFAULT_LIMITS) -> IngestA
     )
 
 
-def _texts(event: PredictionEvent) -> Iterator[str]:
-    model, dep = event.model, event.deployment
-    yield from (event.prediction_id, event.endpoint, event.protocol, event.status_code)
-    yield from (event.error_type, model.name, model.version, model.alias)
-    yield from (model.registry_model_id, model.artifact_digest, dep.id, dep.service)
-    yield from (dep.namespace, dep.pod, dep.node, dep.image_digest, dep.image_name)
-    if event.output is not None and event.output.label:
-        yield event.output.label
-    yield from event.features
-    yield from event.attributes
-    yield from event.attributes.values()
+def _texts(event: PredictionEvent) -> list[str]:
+    # One list display instead of a generator of ``yield from``: this runs
+    # once per event in the sidecar's intake (about twice as fast).
+    model, dep, out = event.model, event.deployment, event.output
+    texts = [
+        event.prediction_id,
+        event.endpoint,
+        event.protocol,
+        event.status_code,
+        event.error_type,
+        model.name,
+        model.version,
+        model.alias,
+        model.registry_model_id,
+        model.artifact_digest,
+        dep.id,
+        dep.service,
+        dep.namespace,
+        dep.pod,
+        dep.node,
+        dep.image_digest,
+        dep.image_name,
+        *event.features,
+        *event.attributes,
+        *event.attributes.values(),
+    ]
+    if out is not None and out.label:
+        texts.append(out.label)
     for extra in event.additional_models:
-        yield from (extra.name, extra.version, extra.alias, extra.role)
+        texts += (extra.name, extra.version, extra.alias, extra.role)
+    return texts
 
 
 def event_problem(  # noqa: PLR0911 - one answer per rule, flat on purpose
@@ -717,7 +735,7 @@ def event_problem(  # noqa: PLR0911 - one answer per rule, flat on purpose
     """
     if event.timestamp_unix_nano > INT63_MAX or event.duration_nanos > INT63_MAX:
         return "timestamp_unix_nano and duration_nanos must fit in int64"
-    texts = list(_texts(event))
+    texts = _texts(event)
     # One scan of the joined text instead of one per field (a hot path).
     joined = "".join(texts)
     if "\x00" in joined:

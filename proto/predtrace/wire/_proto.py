@@ -118,7 +118,7 @@ def event_from_proto(msg: event_pb2.PredictionEvent, *, max_id_len: int = 256) -
             o.score if o.HasField("score") else None,
             o.value if o.HasField("value") else None,
         )
-    d, status = msg.deployment, msg.status
+    m, d, status, extra = msg.model, msg.deployment, msg.status, msg.additional_models
     # Positional arguments and a tuple lookup for the status: this runs once
     # per event received by the sidecar.
     return PredictionEvent(
@@ -127,8 +127,8 @@ def event_from_proto(msg: event_pb2.PredictionEvent, *, max_id_len: int = 256) -
         span_id,
         msg.timestamp_unix_nano,
         msg.duration_nanos,
-        _model_from_proto(msg.model),
-        [_model_from_proto(m) for m in msg.additional_models],
+        ModelRef(m.name, m.version, m.alias, m.registry_model_id, m.artifact_digest, m.role),
+        [_model_from_proto(x) for x in extra] if extra else [],
         DeploymentRef(d.id, d.service, d.namespace, d.pod, d.node, d.image_digest, d.image_name),
         msg.endpoint,
         msg.protocol,

@@ -111,6 +111,13 @@ OFF_PATH = {
     "model not a map": _raw(6, "churn"),
     "deployment value not text": _raw(8, {1: 5}),
     "fingerprint as text": _raw(14, "ab"),
+    "id as bytes": _raw(1, b"0190a1b2"),
+    "endpoint as bytes": _raw(9, b"/v2"),
+    "model role not text": _raw(6, {1: "churn", 6: 7}),
+    "feature name not text": _raw(16, {7: 1.0}),
+    "attribute value not text": _raw(17, {"k": 5}),
+    "attribute name not text": _raw(17, {b"k": "v"}),
+    "label not text": _raw(15, {1: 0}),
 }
 
 

@@ -22,7 +22,6 @@ from predtrace.wire._codec import (  # the codec's own map readers and bound
     _DEPLOYMENT_KEYS,
     _MODEL_KEYS,
     INT63_MAX,
-    _strs,
 )
 
 ServedKey = tuple[str, str, str, str, str]
@@ -109,16 +108,15 @@ def _plain_output(raw: dict[Any, Any]) -> tuple[Any, Any, Any] | None:
     return (label, score, value)
 
 
-def _plain_maps(features: object, attributes: object) -> bool:
-    if type(features) is not dict or type(attributes) is not dict:
-        return False
-    for key, number in features.items():
-        if type(key) is not str or type(number) is not float or not math.isfinite(number):
-            return False
-    for key, text in attributes.items():
-        if type(key) is not str or type(text) is not str:
+def _plain_features(features: dict[Any, Any]) -> bool:
+    for number in features.values():
+        if type(number) is not float or not math.isfinite(number):
             return False
     return True
+
+
+_NO_MAP: Final[dict[Any, Any]] = {}
+_BLANKS: Final = ("",) * len(_DEPLOYMENT_KEYS)
 
 
 def fast_prediction_row(
@@ -134,14 +132,33 @@ def fast_prediction_row(
     if type(raw) is not dict:
         return None
     g = raw.get
-    pid, trace_id, span_id = g(1), g(2, b""), g(3, b"")
-    ts, duration, status, fingerprint = g(4, 0), g(5, 0), g(11, 0), g(14, b"")
-    model, dep = _strs(g(6, {}), _MODEL_KEYS), _strs(g(8, {}), _DEPLOYMENT_KEYS)
-    texts = (g(9, ""), g(10, ""), g(12, ""), g(13, ""))
-    features, attributes = g(16, {}), g(17, {})
+    model, dep, features, attributes = g(6, _NO_MAP), g(8, _NO_MAP), g(16, _NO_MAP), g(17, _NO_MAP)
     output = _plain_output(raw)
     if (
-        type(pid) is not str
+        type(model) is not dict
+        or type(dep) is not dict
+        or type(features) is not dict
+        or type(attributes) is not dict
+        or output is None
+        or g(7)
+    ):
+        return None
+    # Missing keys read as "" (map() calls .get(key, "") in C: no Python loop).
+    m = tuple(map(model.get, _MODEL_KEYS, _BLANKS))
+    d = tuple(map(dep.get, _DEPLOYMENT_KEYS, _BLANKS))
+    pid, texts = g(1, ""), (g(9, ""), g(10, ""), g(12, ""), g(13, ""))
+    try:
+        # One join both type-checks every text field (a non-str raises
+        # TypeError) and gives one string to scan for NUL.
+        joined = "".join(
+            (pid, *texts, *m, *d, output[0] or "", *features, *attributes, *attributes.values())
+        )
+    except TypeError:
+        return None
+    trace_id, span_id = g(2, b""), g(3, b"")
+    ts, duration, status, fingerprint = g(4, 0), g(5, 0), g(11, 0), g(14, b"")
+    if (
+        "\x00" in joined
         or not 0 < len(pid) <= max_id_len
         or type(trace_id) is not bytes
         or len(trace_id) not in (0, 16)
@@ -154,19 +171,10 @@ def fast_prediction_row(
         or type(status) is not int
         or status not in (0, 1, 2)
         or type(fingerprint) is not bytes
-        or model is None
-        or dep is None
-        or output is None
-        or g(7)
-        or any(type(t) is not str for t in texts)
-        or not _plain_maps(features, attributes)
+        or (features and not _plain_features(features))
     ):
         return None
-    label = output[0]
-    joined = "".join((pid, *texts, *model, *dep, label or "", *features, *attributes))
-    if "\x00" in joined or "\x00" in "".join(attributes.values()):
-        return None
-    key = dep[0] or (f"{dep[2]}/{dep[1]}" if dep[2] and dep[1] else dep[1])
+    key = d[0] or (f"{d[2]}/{d[1]}" if d[2] and d[1] else d[1])
     return (
         pid,
         trace_id or None,
@@ -176,10 +184,10 @@ def fast_prediction_row(
         received_ns,
         producer_id,
         seq,
-        *model[:5],
+        *m[:5],
         None,
         key,
-        *dep[1:],
+        *d[1:],
         *texts[:2],
         status,
         *texts[2:],

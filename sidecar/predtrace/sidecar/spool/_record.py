@@ -74,12 +74,11 @@ def _parse_at(data: bytes, pos: int, max_payload: int) -> Record | int | None:
     end = pos + HEADER_SIZE + length
     if end > len(data):
         return end - pos
-    expected: int = google_crc32c.extend(
-        google_crc32c.value(data[pos + 2 : pos + 22]), data[pos + HEADER_SIZE : end]
-    )
+    payload = data[pos + HEADER_SIZE : end]  # one copy, checked and then kept
+    expected: int = google_crc32c.extend(google_crc32c.value(data[pos + 2 : pos + 22]), payload)
     if expected != crc:
         return None
-    return Record(index, ts_ns, data[pos + HEADER_SIZE : end], end)
+    return Record(index, ts_ns, payload, end)
 
 
 def scan(
