@@ -8,7 +8,6 @@ socket accepts connections. SIGTERM/SIGINT stop it gracefully.
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import signal
 import socket
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from predtrace.cli._serving import tune_gc
 from predtrace.collector._app import build_app
 from predtrace.collector._config import CollectorConfig, parse_listen
 
@@ -71,26 +71,6 @@ def write_ready_file(path: str, lines: list[str]) -> None:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
     tmp.replace(target)
-
-
-# Young-generation threshold of the cyclic GC while serving. Ingest allocates
-# tens of thousands of containers per batch (maps, rows) that refcounting
-# frees; Python's default (700) runs a collection every few events.
-GC_GEN0_THRESHOLD = 50_000
-
-
-def tune_gc() -> None:
-    """Freeze what startup allocated and collect young objects less often.
-
-    Objects alive after startup (modules, the app) move to the permanent
-    generation, so full collections stop re-scanning them; together with the
-    higher threshold this is ~15 % of the CPU of decoding a batch. Garbage
-    without cycles is still freed at once by reference counting.
-    """
-    gc.collect()
-    gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 async def serve(config: CollectorConfig, *, ready_file: str | None = None) -> None:

@@ -193,7 +193,13 @@ def encode_events_payload(batch: EventBatch) -> bytes:
     return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def encode_batch(batch: EventBatch, *, compress: bool = False, level: int = 6) -> bytes:
+# Level 1: on realistic batches (bench/codec.py's events) it gives 127 bytes an
+# event against 123.5 at level 6, for less than half the CPU (2.6 against
+# 5.8 us an event), and compression runs once per event in every producer.
+GZIP_LEVEL: Final = 1
+
+
+def encode_batch(batch: EventBatch, *, compress: bool = False, level: int = GZIP_LEVEL) -> bytes:
     """Encode a batch for the wire, gzip'd when ``compress`` is set.
 
     Example:
@@ -205,7 +211,7 @@ def encode_batch(batch: EventBatch, *, compress: bool = False, level: int = 6) -
     return gzip_bytes(payload, level)
 
 
-def gzip_bytes(payload: bytes, level: int = 6) -> bytes:
+def gzip_bytes(payload: bytes, level: int = GZIP_LEVEL) -> bytes:
     """Gzip ``payload`` (a standard gzip member, mtime 0 for reproducible bytes)."""
     compressor = zlib.compressobj(level, zlib.DEFLATED, 31)
     return compressor.compress(payload) + compressor.flush()

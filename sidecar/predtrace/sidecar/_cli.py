@@ -159,6 +159,7 @@ def serve(log_level: str, **options: Any) -> None:
 
 
 async def _serve(config: SidecarConfig, faults: FaultPoints) -> None:
+    from predtrace.cli._serving import tune_gc  # noqa: PLC0415
     from predtrace.sidecar._app import SidecarApp  # noqa: PLC0415 - servers load only when serving
 
     app = SidecarApp(config, faults=faults)
@@ -168,6 +169,7 @@ async def _serve(config: SidecarConfig, faults: FaultPoints) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await app.start()
+        tune_gc()
         _log.info("sidecar %s ready: %s", app.producer_id, app.addresses)
         await stop.wait()
         _log.info("stopping: draining for up to %.1f s", config.drain_timeout)
