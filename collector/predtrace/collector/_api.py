@@ -16,7 +16,7 @@ from typing import Final
 from aiohttp import web
 
 from predtrace.collector._auth import Scope
-from predtrace.collector._errors import LineageError, StoreError
+from predtrace.collector._errors import LineageConflictError, LineageError, StoreError
 from predtrace.collector._metrics import CollectorMetrics
 from predtrace.collector._retention import Retainer
 from predtrace.collector._security import Authorizer, AuthRefusal
@@ -26,6 +26,9 @@ from predtrace.wire import InvalidIdError, parse_prediction_id, parse_trace_id
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _IMPACT_KINDS: Final = ("dataset", "commit", "image")
+
+# ``?replace=`` of the lineage endpoints: overwrite links that disagree.
+_FLAGS: Final = {"true": True, "1": True, "false": False, "0": False}
 
 
 def _json(data: object, status: int = 200) -> web.Response:
@@ -175,13 +178,19 @@ class QueryApi:
     async def _register(
         self, request: web.Request, parse: Callable[[object], Registration]
     ) -> web.Response:
+        replace = request.query.get("replace", "false").lower()
+        if replace not in _FLAGS:
+            return _error(400, "replace must be true or false")
         try:
             registration = parse(await self._read_json(request))
         except LineageError as exc:
             return _error(400, str(exc))
         except web.HTTPRequestEntityTooLarge:
             return _error(413, "lineage body too large")
-        await self.service.register(registration)
+        try:
+            await self.service.register(registration, replace=_FLAGS[replace])
+        except LineageConflictError as exc:
+            return _error(409, str(exc))
         return _json({"registered": True, "source": registration.source}, 201)
 
     async def register(self, request: web.Request) -> web.Response:

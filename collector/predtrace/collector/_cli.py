@@ -300,12 +300,22 @@ def lineage_group() -> None:
 @click.option("--service")
 @click.option("--namespace")
 @click.option("--source", default="ci", show_default=True, help="who registers (recorded)")
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Overwrite a stored run commit, model run or artifact digest that this "
+    "registration contradicts (else the collector refuses it with 409).",
+)
 @_connection
-def register_command(collector: str, token: str | None, file_: Any, **opts: Any) -> None:
+def register_command(
+    collector: str, token: str | None, file_: Any, replace: bool, **opts: Any
+) -> None:
     """Register a model version's lineage: run, datasets, commit, image, deployment.
 
     Either build it from options or give a JSON body with --file (the body of
-    POST /v1/lineage).
+    POST /v1/lineage). Lineage already stored is evidence: a registration that
+    names another commit for a run, or another run or artifact digest for a
+    model version, is refused unless --replace is given.
     """
     if file_ is not None:
         try:
@@ -317,7 +327,8 @@ def register_command(collector: str, token: str | None, file_: Any, **opts: Any)
     else:
         body = _body_from_options(opts)
     client = _client(collector, token)
-    _call_ok(lambda: client.post("/v1/lineage", body), "registration")
+    path = "/v1/lineage?replace=true" if replace else "/v1/lineage"
+    _call_ok(lambda: client.post(path, body), "registration")
     click.echo("registered")
 
 

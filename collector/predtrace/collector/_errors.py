@@ -29,5 +29,9 @@ class LineageError(CollectorError, ValueError):
     """A lineage registration or OpenLineage event that cannot be read (400)."""
 
 
+class LineageConflictError(LineageError):
+    """A registration that contradicts stored lineage, sent without replace (409)."""
+
+
 class RegistryError(CollectorError):
     """The model registry (MLflow) could not be reached or answered badly."""

@@ -13,7 +13,7 @@ import asyncio
 import logging
 from typing import Final
 
-from predtrace.collector._errors import RegistryError
+from predtrace.collector._errors import LineageConflictError, RegistryError
 from predtrace.collector._metrics import CollectorMetrics
 from predtrace.collector.lineage import MlflowRegistry, Registration
 from predtrace.collector.store import ChainKey, Store
@@ -32,9 +32,9 @@ class LineageService:
         self.store, self.registry, self.metrics = store, registry, metrics
         self._refreshing: set[asyncio.Task[None]] = set()
 
-    async def register(self, registration: Registration) -> None:
-        """Merge lineage into the store."""
-        await self.store.register(registration)
+    async def register(self, registration: Registration, *, replace: bool = False) -> None:
+        """Merge lineage into the store (see ``Store.register`` for conflicts)."""
+        await self.store.register(registration, replace=replace)
         self.metrics.registrations.labels(registration.source).inc()
 
     async def _from_registry(self, name: str, version: str) -> bool:
@@ -49,7 +49,12 @@ class LineageService:
             return False
         self.metrics.registry_lookups.labels("found" if registration else "missing").inc()
         if registration is not None:
-            await self.register(registration)
+            try:
+                await self.register(registration)
+            except LineageConflictError as exc:
+                # What was registered first stays; the disagreement is shown.
+                self.metrics.registry_lookups.labels("conflict").inc()
+                log.warning("MLflow disagrees with stored lineage: %s", exc)
         return registration is not None
 
     def _maybe_refresh(self, name: str, version: str, model: object) -> None:

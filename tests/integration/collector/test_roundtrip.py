@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -198,3 +199,27 @@ def test_lineage_register_fails_loudly_when_the_collector_refuses_the_body(
     code, out, err = cli(served.url, "lineage", "register", "--file", str(big))
     assert code == 1 and "registered" not in out
     assert "413" in err
+
+
+def test_a_contradicting_registration_is_409_until_replace_says_so(
+    serve_collector: Callable[..., Served], tmp_path: Path
+) -> None:
+    served = serve_collector(f"sqlite:///{tmp_path}/c.db")
+    first = ["lineage", "register", "--model", "churn/3", "--run-id", "run-42", "--commit", SHA]
+    assert cli(served.url, *first)[0] == 0
+    other = [*first[:-1], "0badc0de"]
+    code, out, err = cli(served.url, *other)
+    assert code == 1 and "registered" not in out
+    assert f"409: run run-42 is built from commit {SHA}, not 0badc0de" in err
+    assert "replace" in err
+
+    url = f"{served.url}/v1/lineage?replace=maybe"
+    request = urllib.request.Request(url, data=b"{}", method="POST")  # noqa: S310 - loopback
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)  # noqa: S310 - loopback
+    assert refused.value.code == 400
+
+    code, out, err = cli(served.url, *other, "--replace")
+    assert code == 0, err
+    _, out, _ = cli(served.url, "model", "lineage", "churn/3", "-o", "json")  # 1: chain incomplete
+    assert json.loads(out)["run"]["commit"]["sha"] == "0badc0de"

@@ -7,7 +7,10 @@ import time
 
 import pytest
 
-from predtrace.collector.lineage import parse_registration
+from predtrace.collector._errors import LineageConflictError
+from predtrace.collector._metrics import CollectorMetrics
+from predtrace.collector._service import LineageService
+from predtrace.collector.lineage import Registration, parse_registration
 from predtrace.collector.store import IngestRecord, Store, prediction_row
 from predtrace.collector.store._ops import Exec, Fetch
 from predtrace.collector.store._writes import ingest_plan
@@ -148,6 +151,47 @@ async def test_a_registration_merges_and_keeps_what_it_does_not_mention(store: S
     assert lineage["model_version"]["aliases"] == ["prod"]  # type: ignore[index]
 
 
+CONTRADICTIONS = {
+    "another commit for the run": (
+        {"run": {"id": "run-42"}, "commit": {"sha": "0badc0de"}},
+        f"run run-42 is built from commit {SHA}, not 0badc0de",
+    ),
+    "another run for the model version": (
+        {"model": {"name": "churn", "version": "3"}, "run": {"id": "run-99"}},
+        "model churn/3 was produced by run run-42, not run-99",
+    ),
+    "another artifact digest": (
+        {"model": {"name": "churn", "version": "3", "artifact_digest": "sha256:other"}},
+        "model churn/3 has artifact digest sha256:model, not sha256:other",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CONTRADICTIONS, ids=list(CONTRADICTIONS))
+async def test_a_registration_that_contradicts_stored_lineage_is_refused_and_writes_nothing(
+    store: Store, case: str
+) -> None:
+    first = {**FULL_LINEAGE, "model": {**FULL_LINEAGE["model"], "artifact_digest": "sha256:model"}}
+    await store.register(parse_registration(first))
+    before = await store.model_lineage("churn", "3")
+    body, reason = CONTRADICTIONS[case]
+    with pytest.raises(LineageConflictError, match=reason):
+        await store.register(parse_registration({**body, "image": {"digest": "sha256:new"}}))
+    assert await store.model_lineage("churn", "3") == before
+    assert await store.impact("image", "sha256:new") is None  # not even the image
+
+
+async def test_replace_corrects_a_stored_link(store: Store) -> None:
+    await store.register(parse_registration(FULL_LINEAGE))
+    fix = {"run": {"id": "run-42"}, "commit": {"sha": "0badc0de"}}
+    await store.register(parse_registration(fix), replace=True)
+    lineage = await store.model_lineage("churn", "3")
+    assert lineage is not None
+    assert lineage["run"]["commit"]["sha"] == "0badc0de"  # type: ignore[index]
+    same = {"run": {"id": "run-42"}, "commit": {"sha": "0badc0de", "repo": "r"}}
+    await store.register(parse_registration(same))  # agreeing again is fine
+
+
 async def test_an_alias_only_prediction_resolves_through_the_registered_alias(store: Store) -> None:
     await store.register(parse_registration(FULL_LINEAGE))
     await store.ingest(
@@ -224,3 +268,28 @@ def test_a_lost_insert_race_with_other_bytes_is_a_conflict_not_a_duplicate() -> 
     with pytest.raises(StopIteration) as done:
         plan.send(None)
     assert done.value.value.conflict and done.value.value.stored == 0
+
+
+class _Registry:
+    """A registry that answers one fixed registration (unit test fake)."""
+
+    def __init__(self, body: dict[str, object]) -> None:
+        self.body = body
+
+    async def lookup(self, name: str, version: str) -> Registration:
+        return parse_registration(self.body, source="mlflow")
+
+
+async def test_a_registry_that_disagrees_is_logged_and_the_stored_lineage_kept(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    await store.register(parse_registration(FULL_LINEAGE))
+    registry = _Registry({"model": {"name": "churn", "version": "3"}, "run": {"id": "run-7"}})
+    metrics = CollectorMetrics()
+    service = LineageService(store, registry, metrics)  # type: ignore[arg-type]
+    assert await service._from_registry("churn", "3") is True
+    assert "MLflow disagrees with stored lineage" in caplog.text
+    assert metrics.registry_lookups.labels("conflict")._value.get() == 1
+    lineage = await store.model_lineage("churn", "3")
+    assert lineage is not None
+    assert lineage["run"]["id"] == "run-42"  # type: ignore[index]

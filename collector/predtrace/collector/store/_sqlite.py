@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from predtrace.collector._errors import StoreError, StoreUnavailableError
+from predtrace.collector._errors import CollectorError, StoreError, StoreUnavailableError
 from predtrace.collector.store._ops import Exec, ExecMany, Fetch, Op, Plan, Row, T
 from predtrace.collector.store._schema import MIGRATIONS, MIGRATIONS_TABLE, render
 
@@ -229,6 +229,11 @@ class SqliteEngine:
                 raise  # the whole group fails: the database itself is unavailable
             log.warning("store plan failed: %s", exc)
             return None, translate(exc)
+        except CollectorError as exc:
+            # The plan's own refusal (a lineage conflict): this job alone, as raised.
+            conn.execute("ROLLBACK TO job")
+            conn.execute("RELEASE job")
+            return None, exc
         except (OverflowError, ValueError, TypeError) as exc:
             # A value SQLite cannot bind (e.g. an int past 2**63): fail this job
             # alone, never the writer thread (which would hang every later write).

@@ -102,9 +102,13 @@ class Store:
             await self.engine.prepare_ingest(record.received_ns)
         return await self.engine.write(ingest_plan(record))
 
-    async def register(self, registration: Registration) -> None:
-        """Merge lineage into the graph."""
-        await self.engine.write(register_plan(registration, time.time_ns()))
+    async def register(self, registration: Registration, *, replace: bool = False) -> None:
+        """Merge lineage into the graph.
+
+        Raises:
+            LineageConflictError: it contradicts stored lineage and ``replace`` is off.
+        """
+        await self.engine.write(register_plan(registration, time.time_ns(), replace=replace))
 
     async def pivot(
         self, column: str, value: object, limit: int = 1000

@@ -14,6 +14,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from predtrace.collector._errors import LineageConflictError
 from predtrace.collector.lineage import Registration
 from predtrace.collector.store._ops import Exec, ExecMany, Fetch, Insert, Plan, Row
 from predtrace.collector.store._rows import ServedKey, served_key
@@ -239,8 +240,18 @@ def _merge(table: str, column: str) -> str:
     )
 
 
-def register_plan(reg: Registration, now_ns: int) -> Plan[None]:
-    """Merge one registration into the graph (empty fields keep what is stored)."""
+def register_plan(reg: Registration, now_ns: int, *, replace: bool = False) -> Plan[None]:
+    """Merge one registration into the graph (empty fields keep what is stored).
+
+    The links that answer "trained on what" (a run's commit, a model
+    version's run and artifact digest) are evidence: once stored, a
+    registration that says otherwise is refused unless ``replace`` is set.
+
+    Raises:
+        LineageConflictError: ``reg`` contradicts a stored link (nothing written).
+    """
+    if not replace:
+        yield from _check_conflicts(reg)
     if reg.commit is not None:
         yield Exec(
             "INSERT INTO commits (sha, repo, registered_ns) VALUES (?, ?, ?)"  # noqa: S608 - fixed SQL fragments, values are bound
@@ -259,6 +270,41 @@ def register_plan(reg: Registration, now_ns: int) -> Plan[None]:
         yield from _register_model(reg, now_ns)
     if reg.deployment is not None:
         yield from _register_deployment(reg)
+
+
+def _check_conflicts(reg: Registration) -> Plan[None]:
+    # Reads only, before any write: a refused registration leaves no trace.
+    problems: list[str] = []
+    if reg.run is not None and reg.commit is not None:
+        rows = yield Fetch("SELECT commit_sha FROM runs WHERE run_id = ?", (reg.run.run_id,))
+        if rows and rows[0][0] and rows[0][0] != reg.commit.sha:
+            problems.append(
+                f"run {reg.run.run_id} is built from commit {rows[0][0]}, not {reg.commit.sha}"
+            )
+    model = reg.model
+    if model is not None:
+        rows = yield Fetch(
+            "SELECT run_id, artifact_digest FROM model_versions WHERE name = ? AND version = ?",
+            (model.name, model.version),
+        )
+        if rows:
+            stored_run, stored_digest = rows[0]
+            run_id = reg.run.run_id if reg.run else ""
+            if stored_run and run_id and stored_run != run_id:
+                problems.append(
+                    f"model {model.name}/{model.version} was produced by run {stored_run}, "
+                    f"not {run_id}"
+                )
+            digest = model.artifact_digest
+            if stored_digest and digest and stored_digest != digest:
+                problems.append(
+                    f"model {model.name}/{model.version} has artifact digest {stored_digest}, "
+                    f"not {digest}"
+                )
+    if problems:
+        raise LineageConflictError(
+            "; ".join(problems) + " (stored lineage kept; register with replace to correct it)"
+        )
 
 
 def _register_run(reg: Registration, now_ns: int) -> Plan[None]:
