@@ -217,6 +217,7 @@ def test_a_contradicting_registration_is_409_until_replace_says_so(
     request = urllib.request.Request(url, data=b"{}", method="POST")  # noqa: S310 - loopback
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)  # noqa: S310 - loopback
+    refused.value.close()  # an HTTPError holds the response and its socket
     assert refused.value.code == 400
 
     code, out, err = cli(served.url, *other, "--replace")
