@@ -3,13 +3,15 @@
 Measures in one run, on this machine:
 
 * events/s end to end (producer encode -> sidecar gRPC -> spool fsync ->
-  shipper -> collector commit), beside the OTel SDK's spans/s (span creation
-  -> BatchSpanProcessor -> OTLP gRPC exporter, default settings) into a
-  counting OTLP receiver; loss of each. Both sides start from the same
-  in-memory content (predtrace events; spans carrying it as attributes) and
-  both time their producer's encoding. ``vs_otel`` = predtrace events
-  committed per second (every id checked in the store) / OTLP spans received
-  per second (first span started to last span received);
+  shipper -> collector commit; the producer packs its events as msgpack in
+  ``RecordBatchRequest.packed_events``, as the client library does), beside
+  the OTel SDK's spans/s (span creation -> BatchSpanProcessor -> OTLP gRPC
+  exporter, default settings) into a counting OTLP receiver; loss of each.
+  Both sides start from the same in-memory content (predtrace events; spans
+  carrying it as attributes) and both time their producer's encoding.
+  ``vs_otel`` = predtrace events committed per second (every id checked in
+  the store) / OTLP spans received per second (first span started to last
+  span received);
 * compressed bytes per event as the shipper sends them, beside OTLP protobuf
   bytes per span for the same content (the SDK's own encoder);
 * the sidecar's RSS while it takes 20,000 events/s;
@@ -62,7 +64,7 @@ from predtrace.oip.v2 import grpc_predict_v2_pb2 as pb
 from predtrace.sidecar._batch import assemble_payload, encode_event
 from predtrace.sidecar.spool import Spool, SpoolConfig
 from predtrace.v1 import sidecar_pb2
-from predtrace.wire import PredictionEvent, event_to_proto, gzip_bytes, new_prediction_id
+from predtrace.wire import PredictionEvent, gzip_bytes, new_prediction_id, pack_events
 
 ROOT = Path(__file__).resolve().parents[1]
 RESOURCE = {  # the resource of make_otlp_spans: the deployment the events carry
@@ -169,9 +171,8 @@ def prediction_events(n: int) -> list[PredictionEvent]:
 
 
 def encode_request(events: Sequence[PredictionEvent]) -> bytes:
-    """A serialized RecordBatch request, as the client library builds it."""
-    request = sidecar_pb2.RecordBatchRequest(events=[event_to_proto(e) for e in events])
-    return request.SerializeToString()
+    """A serialized RecordBatch request, as the client library builds it (packed events)."""
+    return sidecar_pb2.RecordBatchRequest(packed_events=pack_events(events)).SerializeToString()
 
 
 def requests(n: int, per_request: int) -> list[bytes]:

@@ -10,6 +10,7 @@ every other code (INVALID_ARGUMENT, UNAUTHENTICATED, ...) is permanent.
 
 from __future__ import annotations
 
+import logging
 import os
 import weakref
 from pathlib import Path
@@ -25,7 +26,7 @@ from predtrace.sidecar.pipeline import (
     RetryableExportError,
 )
 from predtrace.v1 import sidecar_pb2, sidecar_pb2_grpc
-from predtrace.wire import Rejection, event_to_proto
+from predtrace.wire import Rejection, event_to_proto, pack_events
 
 RETRYABLE_CODES: Final = frozenset(
     {
@@ -35,6 +36,7 @@ RETRYABLE_CODES: Final = frozenset(
         grpc.StatusCode.ABORTED,
     }
 )
+_log = logging.getLogger("predtrace.middleware.sidecar")
 _INSTANCES: weakref.WeakSet[SidecarGrpcExporter] = weakref.WeakSet()
 # Channels a forked child inherited: never touched, never collected (closing a
 # parent's channel in the child can hang on gRPC's internal threads).
@@ -74,6 +76,7 @@ class SidecarGrpcExporter:
         self._credentials = grpc.ssl_channel_credentials(ca, key, cert) if ca or cert else None
         self._channel: grpc.Channel | None = None
         self._stub: sidecar_pb2_grpc.SidecarStub | None = None
+        self._packed = True
         _INSTANCES.add(self)
 
     def _connect(self) -> sidecar_pb2_grpc.SidecarStub:
@@ -87,16 +90,33 @@ class SidecarGrpcExporter:
 
     def export(self, batch: OutgoingBatch) -> ExportResult:
         """Deliver one batch; raise Retryable/PermanentExportError on failure."""
-        request = sidecar_pb2.RecordBatchRequest(events=[event_to_proto(e) for e in batch.events])
-        try:
-            ack = self._connect().RecordBatch(request, timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise _classify(exc) from None
+        if self._packed:
+            # msgpack: about a tenth of the CPU of building protobuf messages.
+            request = sidecar_pb2.RecordBatchRequest(packed_events=pack_events(batch.events))
+        else:
+            request = sidecar_pb2.RecordBatchRequest(
+                events=[event_to_proto(e) for e in batch.events]
+            )
+        ack = self._call(request)
+        if self._packed and batch.events and ack.accepted == 0 and not ack.rejected:
+            # A sidecar from before packed_events ignores the field and spools
+            # nothing: fall back to protobuf events for good.
+            _log.warning(
+                "the sidecar at %s does not read packed events: sending protobuf", self.target
+            )
+            self._packed = False
+            return self.export(batch)
         rejected = tuple(
             Rejection(index=r.index, reason=r.reason, prediction_id=r.prediction_id)
             for r in ack.rejected
         )
         return ExportResult(accepted=ack.accepted, rejected=rejected)
+
+    def _call(self, request: sidecar_pb2.RecordBatchRequest) -> sidecar_pb2.RecordAck:
+        try:
+            return self._connect().RecordBatch(request, timeout=self.timeout)  # type: ignore[no-any-return]
+        except grpc.RpcError as exc:
+            raise _classify(exc) from None
 
     def shutdown(self, timeout: float) -> None:
         """Close the channel. Safe twice."""

@@ -33,7 +33,14 @@ from aiohttp import web
 
 from predtrace.middleware._asgi import ASGIApp, Message
 from predtrace.v1 import event_pb2, sidecar_pb2, sidecar_pb2_grpc
-from predtrace.wire import IngestAck, WireError, decode_batch, encode_ack
+from predtrace.wire import (
+    IngestAck,
+    WireError,
+    decode_batch,
+    encode_ack,
+    event_to_proto,
+    unpack_events,
+)
 
 _BATCH_TYPE = "application/vnd.predtrace.batch+msgpack"
 
@@ -111,14 +118,18 @@ class RecordingSidecar(sidecar_pb2_grpc.SidecarServicer):
     ``script`` holds outcomes for the next ``RecordBatch`` calls: a
     ``grpc.StatusCode`` aborts the call with that code (a tuple adds trailing
     metadata); ``None`` accepts. When the script is empty every call is accepted.
+    Packed events are read like protobuf ones, unless ``reads_packed`` is off
+    (a sidecar from before ``packed_events``, which ignores the field).
     """
 
     script: list[grpc.StatusCode | tuple[grpc.StatusCode, tuple[tuple[str, str], ...]] | None] = (
         field(default_factory=list)
     )
     reject_ids: frozenset[str] = frozenset()
+    reads_packed: bool = True
     events: list[event_pb2.PredictionEvent] = field(default_factory=list)
     calls: int = 0
+    packed_calls: int = 0
     target: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -135,8 +146,13 @@ class RecordingSidecar(sidecar_pb2_grpc.SidecarServicer):
                 context.set_trailing_metadata(metadata)
             context.abort(code, f"scripted {code.name}")
         ack = sidecar_pb2.RecordAck()
+        received = list(request.events)
+        if request.packed_events and self.reads_packed:
+            self.packed_calls += 1
+            packed, _, _ = unpack_events(request.packed_events)
+            received += [event_to_proto(e) for e in packed]
         with self._lock:
-            for index, event in enumerate(request.events):
+            for index, event in enumerate(received):
                 if event.prediction_id in self.reject_ids:
                     ack.rejected.add(index=index, prediction_id=event.prediction_id, reason="test")
                 else:

@@ -9,10 +9,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RecordBatchRequest(_message.Message):
-    __slots__ = ("events",)
+    __slots__ = ("events", "packed_events")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_EVENTS_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[_event_pb2.PredictionEvent]
-    def __init__(self, events: _Optional[_Iterable[_Union[_event_pb2.PredictionEvent, _Mapping]]] = ...) -> None: ...
+    packed_events: bytes
+    def __init__(self, events: _Optional[_Iterable[_Union[_event_pb2.PredictionEvent, _Mapping]]] = ..., packed_events: _Optional[bytes] = ...) -> None: ...
 
 class RecordAck(_message.Message):
     __slots__ = ("accepted", "rejected")

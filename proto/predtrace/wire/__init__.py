@@ -25,6 +25,8 @@ from predtrace.wire._codec import (
     event_to_map,
     gunzip_bounded,
     gzip_bytes,
+    pack_events,
+    unpack_events,
 )
 from predtrace.wire._errors import InvalidIdError, PredtraceError, WireError, WireTooLargeError
 from predtrace.wire._event import (
@@ -89,10 +91,12 @@ __all__ = [
     "gunzip_bounded",
     "gzip_bytes",
     "new_prediction_id",
+    "pack_events",
     "parse_prediction_id",
     "parse_span_id",
     "parse_trace_id",
     "producer_id_base",
     "restarted_producer_id",
+    "unpack_events",
     "uuid7_timestamp_ms",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -191,6 +191,46 @@ def encode_events_payload(batch: EventBatch) -> bytes:
     if batch.prev_digest:
         body[5] = batch.prev_digest
     return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def pack_events(events: Sequence[PredictionEvent]) -> bytes:
+    """A msgpack array of event maps: ``RecordBatchRequest.packed_events``.
+
+    Example:
+        >>> RecordBatchRequest(packed_events=pack_events(events))
+    """
+    return msgpack.packb([event_to_map(e) for e in events], use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def unpack_events(
+    data: bytes, *, first_index: int = 0, limits: DecodeLimits = DEFAULT_LIMITS
+) -> tuple[list[PredictionEvent], list[int], list[Rejection]]:
+    """Read ``pack_events`` bytes: the good events, their positions, and rejections.
+
+    A bad event is rejected alone (positions count from ``first_index``).
+
+    Raises:
+        WireTooLargeError: more bytes or events than ``limits`` allow.
+        WireError: the bytes are not a msgpack array (nothing is accepted).
+    """
+    if len(data) > limits.max_bytes:
+        raise WireTooLargeError(f"packed events exceed {limits.max_bytes} bytes")
+    raw = unpack_bounded(data, limits)
+    if not isinstance(raw, list):
+        raise WireError("packed events must be a msgpack array")
+    if len(raw) > limits.max_events:
+        raise WireTooLargeError(f"more than {limits.max_events} packed events")
+    events: list[PredictionEvent] = []
+    positions: list[int] = []
+    rejected: list[Rejection] = []
+    for index, item in enumerate(raw, first_index):
+        try:
+            events.append(event_from_map(item, limits))
+        except WireError as exc:
+            rejected.append(event_rejection(index, item, exc))
+            continue
+        positions.append(index)
+    return events, positions, rejected
 
 
 # Level 1: on realistic batches (bench/codec.py's events) it gives 127 bytes an

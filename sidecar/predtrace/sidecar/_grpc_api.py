@@ -19,7 +19,15 @@ from google.protobuf.message import DecodeError
 from predtrace.sidecar._errors import SpoolBusyError, SpoolClosedError, SpoolError, SpoolFullError
 from predtrace.sidecar._intake import Intake
 from predtrace.v1 import event_pb2, sidecar_pb2
-from predtrace.wire import PredictionEvent, Rejection, WireError, event_from_proto
+from predtrace.wire import (
+    DecodeLimits,
+    PredictionEvent,
+    Rejection,
+    WireError,
+    WireTooLargeError,
+    event_from_proto,
+    unpack_events,
+)
 
 _log = logging.getLogger("predtrace.sidecar.grpc")
 _Req = TypeVar("_Req")
@@ -97,13 +105,28 @@ class GrpcSource:
             message = sidecar_pb2.RecordBatchRequest.FromString(request)
         except DecodeError:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed RecordBatchRequest")
-        if len(message.events) > self._max_events:
+        room = self._max_events - len(message.events)
+        if room < 0 or (room == 0 and message.packed_events):
             await _abort(
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"more than {self._max_events} events in one request",
             )
         events, positions, rejected = convert_events(message.events)
+        if message.packed_events:
+            try:
+                more, places, bad = unpack_events(
+                    message.packed_events,
+                    first_index=len(message.events),
+                    limits=DecodeLimits(max_events=room),
+                )
+            except WireTooLargeError as exc:
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{exc} in one request")
+            except WireError as exc:
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"packed_events: {exc}")
+            events += more
+            positions += places
+            rejected += bad
         accepted = await self._spool(context, events, positions, rejected)
         return _ack(accepted, rejected)
 

@@ -53,6 +53,27 @@ def test_batch_arrives_intact_and_accepted_count_is_returned() -> None:
     assert [event_from_proto(e) for e in sidecar.events] == _events(3)
 
 
+def test_batches_go_packed_and_a_sidecar_that_ignores_packed_events_gets_protobuf() -> None:
+    with serve_sidecar() as sidecar:
+        exporter = SidecarGrpcExporter(sidecar.target)
+        try:
+            exporter.export(OutgoingBatch(_events(3)))
+        finally:
+            exporter.shutdown(1)
+    assert sidecar.packed_calls == 1
+    old = RecordingSidecar(reads_packed=False)  # from before packed_events
+    with serve_sidecar(old) as sidecar:
+        exporter = SidecarGrpcExporter(sidecar.target)
+        try:
+            first = exporter.export(OutgoingBatch(_events(3)))
+            second = exporter.export(OutgoingBatch(_events(2)))
+        finally:
+            exporter.shutdown(1)
+    assert (first.accepted, second.accepted) == (3, 2)
+    assert sidecar.prediction_ids == ["p0", "p1", "p2", "p0", "p1"]
+    assert sidecar.calls == 3, "one packed try, then protobuf for good"
+
+
 def test_rejected_events_are_reported_with_index_and_id() -> None:
     with serve_sidecar(RecordingSidecar(reject_ids=frozenset({"p1"}))) as sidecar:
         exporter = SidecarGrpcExporter(sidecar.target)

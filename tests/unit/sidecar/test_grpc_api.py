@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import msgpack
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -23,7 +24,15 @@ from predtrace.sidecar._grpc_api import MAX_LISTED_REJECTIONS
 from predtrace.sidecar.pipeline import CollectorClientConfig
 from predtrace.sidecar.spool import FaultPoints, MemoryFileLayer, SimulatedCrash, SpoolConfig
 from predtrace.v1 import event_pb2, sidecar_pb2, sidecar_pb2_grpc
-from predtrace.wire import ModelRef, OutputSummary, PredictionEvent, event_to_proto
+from predtrace.wire import (
+    ModelRef,
+    OutputSummary,
+    PredictionEvent,
+    event_from_proto,
+    event_to_map,
+    event_to_proto,
+    pack_events,
+)
 from tests.reliability.sidecar.fake_collector import FakeCollector
 from tests.reliability.sidecar.polling import eventually
 
@@ -80,6 +89,73 @@ async def test_invalid_events_are_rejected_alone_with_their_position_and_reason(
         (1, "trace_id must be 16 bytes"),
         (3, "prediction_id is required"),
     ]
+
+
+def plain_events(n: int, start: int = 0) -> list[PredictionEvent]:
+    return [event_from_proto(e) for e in proto_events(n, start)]
+
+
+async def test_packed_events_are_spooled_redacted_and_shipped_like_protobuf_ones(
+    start_sidecar: StartSidecar,
+) -> None:
+    running = await start_sidecar(
+        redaction=RedactionConfig(allow_features=("age",), allow_attributes=("route",)),
+    )
+    request = sidecar_pb2.RecordBatchRequest(
+        events=proto_events(3), packed_events=pack_events(plain_events(5, 3))
+    )
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        ack = await sidecar_pb2_grpc.SidecarStub(channel).RecordBatch(request)
+    assert (ack.accepted, list(ack.rejected)) == (8, [])
+    await eventually(lambda: len(running.collector.events()) == 8)
+    events = running.collector.events()
+    assert [e.prediction_id for e in events] == [f"p{i:05d}" for i in range(8)]
+    assert all(e.features == {"age": 41.0} for e in events), "redaction runs on both forms"
+    assert events[5].output == OutputSummary(label="stay", score=0.9)
+
+
+async def test_a_bad_packed_event_is_rejected_alone_at_its_position_after_the_protobuf_ones(
+    start_sidecar: StartSidecar,
+) -> None:
+    running = await start_sidecar()
+    packed = [event_to_map(e) for e in plain_events(3, 2)]
+    packed[1][2] = b"short"  # trace_id
+    packed.append({1: "p00009", 4: 2**63})  # a time past int64: the collector would refuse it
+    request = sidecar_pb2.RecordBatchRequest(
+        events=proto_events(2), packed_events=msgpack.packb(packed, use_bin_type=True)
+    )
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        ack = await sidecar_pb2_grpc.SidecarStub(channel).RecordBatch(request)
+    assert ack.accepted == 4  # two protobuf events, two of the four packed ones
+    assert [(r.index, r.prediction_id) for r in ack.rejected] == [(3, "p00003"), (5, "p00009")]
+    assert "trace_id" in ack.rejected[0].reason
+    assert "int64" in ack.rejected[1].reason
+    assert running.app.spool.stats().records == 4
+
+
+@pytest.mark.parametrize(
+    ("packed", "reason"),
+    [
+        (b"\xc1", "packed_events: malformed msgpack"),
+        (msgpack.packb({1: "p"}), "packed_events: packed events must be a msgpack array"),
+        (b"\x92\xa1a", "packed_events: malformed msgpack"),  # truncated
+        (msgpack.packb([{1: f"p{i}"} for i in range(8)]), "more than 5 packed events"),
+    ],
+    ids=["not msgpack", "a map", "truncated", "too many"],
+)
+async def test_unreadable_or_too_many_packed_events_get_invalid_argument(
+    start_sidecar: StartSidecar, packed: bytes, reason: str
+) -> None:
+    running = await start_sidecar(max_events_per_request=10)
+    request = sidecar_pb2.RecordBatchRequest(events=proto_events(5), packed_events=packed)
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        stub = sidecar_pb2_grpc.SidecarStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.RecordBatch(request)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert reason in (info.value.details() or "")
+        assert running.app.spool.stats().records == 0, "nothing of a refused request is spooled"
+        await _assert_healthy(channel, stub)
 
 
 async def test_a_client_stream_is_acknowledged_after_every_event_is_durable(
