@@ -15,7 +15,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from predtrace.cli._serving import tune_gc
+from predtrace.cli._serving import quiet_client_errors, tune_gc
 from predtrace.collector._app import build_app
 from predtrace.collector._config import CollectorConfig, parse_listen
 
@@ -48,6 +48,7 @@ async def start_collector(
     """
     host, port = parse_listen(config.listen)
     ssl_context = config.ssl_context()  # a bad certificate fails before anything binds
+    quiet_client_errors()
     # auto_decompress off: the bounded decoder inflates gzip itself (gzip bombs -> 413).
     runner = web.AppRunner(app or build_app(config), auto_decompress=False, access_log=None)
     await runner.setup()

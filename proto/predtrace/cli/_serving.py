@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import gc
+import logging
+import time
 from typing import Final
+
+from aiohttp.http_exceptions import HttpProcessingError
 
 # Young-generation threshold of the cyclic GC while serving. Ingest allocates
 # tens of thousands of containers per batch (maps, rows, event objects) that
@@ -25,3 +29,44 @@ def tune_gc() -> None:
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
+class _ClientErrorLog(logging.Filter):
+    """aiohttp's log of a malformed request it has already answered with a 4xx.
+
+    aiohttp logs such a request (a request line or header over 8 KiB, bytes
+    that are not HTTP) as an ERROR with a traceback: a client could fill the
+    server's log with them. This makes it one WARNING line, at most one a
+    second, with the count of those left out.
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self.left_out = 0
+        self._last = -interval
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError) or not 400 <= exc.code < 500:
+            return True
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self.left_out += 1
+            return False
+        self._last = now
+        reason = exc.message.split("\n", 1)[0].split(":", 1)[0][:120]
+        extra = f" ({self.left_out} more since the last one)" if self.left_out else ""
+        record.msg = f"{record.getMessage()}: answered {exc.code}, {reason}{extra}"
+        record.args = ()
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        self.left_out = 0
+        return True
+
+
+def quiet_client_errors() -> None:
+    """Log malformed client requests to aiohttp servers as one line each. Idempotent."""
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ClientErrorLog) for f in server_log.filters):
+        server_log.addFilter(_ClientErrorLog())

@@ -27,6 +27,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
+from predtrace.cli._serving import quiet_client_errors
 from predtrace.sidecar._config import parse_hostport
 from predtrace.sidecar._errors import SpoolBusyError, SpoolError, SpoolFullError
 from predtrace.sidecar._intake import Intake
@@ -281,6 +282,7 @@ class OtlpReceiver:
         self._max_body = max_body
         app = web.Application(client_max_size=max_body)
         app.router.add_post("/v1/traces", self._http_export)
+        quiet_client_errors()
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         host, port = parse_hostport(listen, "--otlp-http-listen")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -93,3 +94,21 @@ async def test_a_non_finite_output_is_rejected_alone(start: Start, post: Post, b
     assert answer.ack.accepted == 1
     assert [r.index for r in answer.ack.rejected] == [1]
     assert "finite" in answer.ack.rejected[0].reason
+
+
+async def test_oversized_request_lines_are_400s_logged_as_one_line_not_tracebacks(
+    start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    collector = await start()
+    host, port = collector.url.removeprefix("http://").rsplit(":", 1)
+    caplog.set_level(logging.INFO, logger="aiohttp.server")
+    for _ in range(5):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+        writer.close()
+        assert status_line.split()[1] == b"400", status_line
+    server = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert not [r for r in server if r.exc_info or r.levelno >= logging.ERROR]
+    assert len(server) == 1, "five in a second: one line, the rest counted"
+    assert "answered 400, Got more than 8190 bytes when reading" in server[0].getMessage()
