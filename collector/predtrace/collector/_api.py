@@ -22,6 +22,7 @@ from predtrace.collector._retention import Retainer
 from predtrace.collector._security import Authorizer, AuthRefusal
 from predtrace.collector._service import LineageService
 from predtrace.collector.lineage import Registration, parse_registration, parse_run_event
+from predtrace.collector.store import OnConflict
 from predtrace.wire import InvalidIdError, parse_prediction_id, parse_trace_id
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -176,7 +177,10 @@ class QueryApi:
             raise LineageError("the body is nested too deeply") from None
 
     async def _register(
-        self, request: web.Request, parse: Callable[[object], Registration]
+        self,
+        request: web.Request,
+        parse: Callable[[object], Registration],
+        on_conflict: OnConflict,
     ) -> web.Response:
         replace = request.query.get("replace", "false").lower()
         if replace not in _FLAGS:
@@ -188,18 +192,25 @@ class QueryApi:
         except web.HTTPRequestEntityTooLarge:
             return _error(413, "lineage body too large")
         try:
-            await self.service.register(registration, replace=_FLAGS[replace])
+            conflicts = await self.service.register(
+                registration, on_conflict="replace" if _FLAGS[replace] else on_conflict
+            )
         except LineageConflictError as exc:
             return _error(409, str(exc))
-        return _json({"registered": True, "source": registration.source}, 201)
+        answer: dict[str, object] = {"registered": True, "source": registration.source}
+        if conflicts:
+            answer["conflicts_kept_as_stored"] = conflicts
+        return _json(answer, 201)
 
     async def register(self, request: web.Request) -> web.Response:
         """``POST /v1/lineage``: a CI/CD hook registers lineage."""
-        return await self._register(request, parse_registration)
+        return await self._register(request, parse_registration, "refuse")
 
     async def openlineage(self, request: web.Request) -> web.Response:
         """``POST /v1/openlineage``: an OpenLineage RunEvent."""
-        return await self._register(request, parse_run_event)
+        # An OpenLineage run is not the authority on which run made a model
+        # version (its runId is its own): conflicting links are kept as stored.
+        return await self._register(request, parse_run_event, "keep")
 
     async def retention(self, request: web.Request) -> web.Response:
         """``GET /v1/retention``: the policy and the latest reports."""

@@ -59,6 +59,12 @@ class CollectorMetrics:
             ["result"],
             registry=r,
         )
+        self.lineage_conflicts = Counter(
+            "predtrace_collector_lineage_conflicts",
+            "Registrations that contradicted stored lineage and left it as stored, by source",
+            ["source"],
+            registry=r,
+        )
         self.retention_removed = Counter(
             "predtrace_collector_retention_removed",
             "Rows removed by retention",

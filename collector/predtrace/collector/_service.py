@@ -13,10 +13,10 @@ import asyncio
 import logging
 from typing import Final
 
-from predtrace.collector._errors import LineageConflictError, RegistryError
+from predtrace.collector._errors import RegistryError
 from predtrace.collector._metrics import CollectorMetrics
 from predtrace.collector.lineage import MlflowRegistry, Registration
-from predtrace.collector.store import ChainKey, Store
+from predtrace.collector.store import ChainKey, OnConflict, Store
 
 log = logging.getLogger("predtrace.collector.lineage")
 Json = dict[str, object]
@@ -32,10 +32,15 @@ class LineageService:
         self.store, self.registry, self.metrics = store, registry, metrics
         self._refreshing: set[asyncio.Task[None]] = set()
 
-    async def register(self, registration: Registration, *, replace: bool = False) -> None:
-        """Merge lineage into the store (see ``Store.register`` for conflicts)."""
-        await self.store.register(registration, replace=replace)
+    async def register(
+        self, registration: Registration, *, on_conflict: OnConflict = "refuse"
+    ) -> list[str]:
+        """Merge lineage into the store; the conflicts kept (see ``Store.register``)."""
+        conflicts = await self.store.register(registration, on_conflict=on_conflict)
         self.metrics.registrations.labels(registration.source).inc()
+        if conflicts:
+            self.metrics.lineage_conflicts.labels(registration.source).inc(len(conflicts))
+        return conflicts
 
     async def _from_registry(self, name: str, version: str) -> bool:
         """Fetch one model version from MLflow into the store; True when found."""
@@ -49,12 +54,10 @@ class LineageService:
             return False
         self.metrics.registry_lookups.labels("found" if registration else "missing").inc()
         if registration is not None:
-            try:
-                await self.register(registration)
-            except LineageConflictError as exc:
-                # What was registered first stays; the disagreement is shown.
-                self.metrics.registry_lookups.labels("conflict").inc()
-                log.warning("MLflow disagrees with stored lineage: %s", exc)
+            # What was registered first stays; the rest of MLflow's answer is stored.
+            conflicts = await self.register(registration, on_conflict="keep")
+            if conflicts:
+                log.warning("MLflow disagrees with stored lineage: %s", "; ".join(conflicts))
         return registration is not None
 
     def _maybe_refresh(self, name: str, version: str, model: object) -> None:

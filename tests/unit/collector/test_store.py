@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 
@@ -184,12 +185,42 @@ async def test_a_registration_that_contradicts_stored_lineage_is_refused_and_wri
 async def test_replace_corrects_a_stored_link(store: Store) -> None:
     await store.register(parse_registration(FULL_LINEAGE))
     fix = {"run": {"id": "run-42"}, "commit": {"sha": "0badc0de"}}
-    await store.register(parse_registration(fix), replace=True)
+    await store.register(parse_registration(fix), on_conflict="replace")
     lineage = await store.model_lineage("churn", "3")
     assert lineage is not None
     assert lineage["run"]["commit"]["sha"] == "0badc0de"  # type: ignore[index]
     same = {"run": {"id": "run-42"}, "commit": {"sha": "0badc0de", "repo": "r"}}
     await store.register(parse_registration(same))  # agreeing again is fine
+
+
+@pytest.mark.parametrize("again", [SHA[:7], SHA.upper(), SHA[:12].upper()])
+async def test_the_same_commit_written_another_way_agrees_and_the_full_sha_stays(
+    store: Store, again: str
+) -> None:
+    short = {**FULL_LINEAGE, "commit": {"sha": SHA[:7]}}
+    await store.register(parse_registration(short))
+    await store.register(parse_registration({"run": {"id": "run-42"}, "commit": {"sha": SHA}}))
+    await store.register(parse_registration({"run": {"id": "run-42"}, "commit": {"sha": again}}))
+    lineage = await store.model_lineage("churn", "3")
+    assert lineage is not None
+    assert lineage["run"]["commit"]["sha"] == SHA  # type: ignore[index]
+
+
+async def test_keep_stores_the_rest_and_leaves_contradicted_links_as_stored(store: Store) -> None:
+    await store.register(parse_registration(FULL_LINEAGE))
+    other = {
+        "model": {"name": "churn", "version": "3", "aliases": ["canary"]},
+        "run": {"id": "ol-run-1"},
+        "datasets": [{"digest": "sha256:eval", "context": "evaluation"}],
+        "commit": {"sha": "0badc0de"},
+    }
+    kept = await store.register(parse_registration(other), on_conflict="keep")
+    assert kept == ["model churn/3 was produced by run run-42, not ol-run-1"]
+    lineage = await store.model_lineage("churn", "3")
+    assert lineage is not None
+    assert lineage["run"]["id"] == "run-42"  # type: ignore[index]
+    assert sorted(lineage["model_version"]["aliases"]) == ["canary", "prod"]  # type: ignore[index]
+    assert await store.impact("dataset", "sha256:eval") is not None, "the new run is stored"
 
 
 async def test_an_alias_only_prediction_resolves_through_the_registered_alias(store: Store) -> None:
@@ -280,16 +311,55 @@ class _Registry:
         return parse_registration(self.body, source="mlflow")
 
 
-async def test_a_registry_that_disagrees_is_logged_and_the_stored_lineage_kept(
+async def test_a_registry_that_disagrees_is_logged_and_the_rest_of_its_answer_stored(
     store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     await store.register(parse_registration(FULL_LINEAGE))
-    registry = _Registry({"model": {"name": "churn", "version": "3"}, "run": {"id": "run-7"}})
+    answer = {
+        "model": {"name": "churn", "version": "3", "artifact_digest": "sha256:m3"},
+        "run": {"id": "run-7"},
+    }
     metrics = CollectorMetrics()
-    service = LineageService(store, registry, metrics)  # type: ignore[arg-type]
+    service = LineageService(store, _Registry(answer), metrics)  # type: ignore[arg-type]
     assert await service._from_registry("churn", "3") is True
     assert "MLflow disagrees with stored lineage" in caplog.text
-    assert metrics.registry_lookups.labels("conflict")._value.get() == 1
+    assert metrics.lineage_conflicts.labels("mlflow")._value.get() == 1
     lineage = await store.model_lineage("churn", "3")
     assert lineage is not None
     assert lineage["run"]["id"] == "run-42"  # type: ignore[index]
+    assert lineage["model_version"]["artifact_digest"] == "sha256:m3"  # type: ignore[index]
+
+
+async def test_mlflow_naming_the_full_sha_of_a_short_registered_one_is_no_conflict(
+    store: Store,
+) -> None:
+    await store.register(parse_registration({**FULL_LINEAGE, "commit": {"sha": SHA[:7]}}))
+    answer = {
+        "model": {"name": "churn", "version": "4"},
+        "run": {"id": "run-42"},
+        "commit": {"sha": SHA},
+    }
+    metrics = CollectorMetrics()
+    service = LineageService(store, _Registry(answer), metrics)  # type: ignore[arg-type]
+    assert await service._from_registry("churn", "4") is True
+    assert metrics.lineage_conflicts.labels("mlflow")._value.get() == 0
+    lineage = await store.model_lineage("churn", "4")
+    assert lineage is not None
+    assert lineage["run"]["commit"]["sha"] == SHA  # type: ignore[index]
+
+
+async def test_concurrent_contradicting_registrations_give_exactly_one_409(store: Store) -> None:
+    # PostgreSQL: without the registration lock both could read "no commit"
+    # and the second write would overwrite the first in silence.
+    async def register(run_id: str, sha: str) -> str:
+        body = {"run": {"id": run_id}, "commit": {"sha": sha}}
+        try:
+            await store.register(parse_registration(body))
+        except LineageConflictError:
+            return "409"
+        return "ok"
+
+    for attempt in range(10):
+        run_id = f"run-{attempt}"
+        outcomes = await asyncio.gather(register(run_id, "aaaa111"), register(run_id, "bbbb222"))
+        assert sorted(outcomes) == ["409", "ok"], f"attempt {attempt}"

@@ -9,7 +9,7 @@ from predtrace.collector.store._rows import (
 )
 from predtrace.collector.store._sqlite import SqliteEngine, SqliteOptions
 from predtrace.collector.store._store import Engine, Store, open_store
-from predtrace.collector.store._writes import IngestOutcome, IngestRecord
+from predtrace.collector.store._writes import IngestOutcome, IngestRecord, OnConflict
 from predtrace.wire import event_problem  # the store's per-event checks, shared with producers
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "Engine",
     "IngestOutcome",
     "IngestRecord",
+    "OnConflict",
     "PostgresEngine",
     "PostgresOptions",
     "SqliteEngine",

@@ -53,7 +53,16 @@ class Insert:
     rows: Sequence[tuple[object, ...]]
 
 
-Op = Fetch | Exec | ExecMany | Insert
+@dataclass(frozen=True, slots=True)
+class Serialize:
+    """Run the rest of this write after any other holding ``key`` (PostgreSQL:
+    ``pg_advisory_xact_lock``; SQLite's single writer serialises every write);
+    sends back ``[]``."""
+
+    key: int
+
+
+Op = Fetch | Exec | ExecMany | Insert | Serialize
 Plan = Generator[Op, list[Row], T]
 
 _PLACEHOLDER = re.compile(r"\?")

@@ -16,7 +16,17 @@ from typing import Any, Final
 
 from predtrace.collector._errors import ConfigError, StoreError, StoreUnavailableError
 from predtrace.collector.store._maintenance import uncount_plan
-from predtrace.collector.store._ops import Exec, ExecMany, Fetch, Op, Plan, Row, T, numbered
+from predtrace.collector.store._ops import (
+    Exec,
+    ExecMany,
+    Fetch,
+    Op,
+    Plan,
+    Row,
+    Serialize,
+    T,
+    numbered,
+)
 from predtrace.collector.store._schema import MIGRATIONS, MIGRATIONS_TABLE, render
 
 try:
@@ -70,6 +80,9 @@ async def _execute(conn: Any, op: Op) -> list[Row]:
     if isinstance(op, ExecMany):
         if op.rows:
             await conn.executemany(numbered(op.sql), op.rows)
+        return []
+    if isinstance(op, Serialize):
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", op.key)
         return []
     await conn.copy_records_to_table(op.table, records=op.rows, columns=list(op.columns))
     return []

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from predtrace.collector._errors import CollectorError, StoreError, StoreUnavailableError
-from predtrace.collector.store._ops import Exec, ExecMany, Fetch, Op, Plan, Row, T
+from predtrace.collector.store._ops import Exec, ExecMany, Fetch, Op, Plan, Row, Serialize, T
 from predtrace.collector.store._schema import MIGRATIONS, MIGRATIONS_TABLE, render
 
 log = logging.getLogger("predtrace.collector.store")
@@ -45,6 +45,8 @@ def _execute(conn: sqlite3.Connection, op: Op) -> list[Row]:
     if isinstance(op, ExecMany):
         conn.executemany(op.sql, op.rows)
         return []
+    if isinstance(op, Serialize):
+        return []  # one writer thread: every write is serialised already
     marks = ", ".join("?" * len(op.columns))
     sql = f"INSERT INTO {op.table} ({', '.join(op.columns)}) VALUES ({marks})"  # noqa: S608 - our own table and columns
     conn.executemany(sql, op.rows)

@@ -29,6 +29,7 @@ from predtrace.collector.store._sqlite import SqliteEngine, SqliteOptions
 from predtrace.collector.store._writes import (
     IngestOutcome,
     IngestRecord,
+    OnConflict,
     ingest_plan,
     register_plan,
 )
@@ -102,13 +103,16 @@ class Store:
             await self.engine.prepare_ingest(record.received_ns)
         return await self.engine.write(ingest_plan(record))
 
-    async def register(self, registration: Registration, *, replace: bool = False) -> None:
-        """Merge lineage into the graph.
+    async def register(
+        self, registration: Registration, *, on_conflict: OnConflict = "refuse"
+    ) -> list[str]:
+        """Merge lineage into the graph; the conflicts kept (see ``register_plan``).
 
         Raises:
-            LineageConflictError: it contradicts stored lineage and ``replace`` is off.
+            LineageConflictError: it contradicts stored lineage and ``on_conflict`` is refuse.
         """
-        await self.engine.write(register_plan(registration, time.time_ns(), replace=replace))
+        plan = register_plan(registration, time.time_ns(), on_conflict=on_conflict)
+        return await self.engine.write(plan)
 
     async def pivot(
         self, column: str, value: object, limit: int = 1000

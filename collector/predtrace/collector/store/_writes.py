@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final, Literal
 
 from predtrace.collector._errors import LineageConflictError
 from predtrace.collector.lineage import Registration
-from predtrace.collector.store._ops import Exec, ExecMany, Fetch, Insert, Plan, Row
+from predtrace.collector.store._ops import Exec, ExecMany, Fetch, Insert, Plan, Row, Serialize
 from predtrace.collector.store._rows import ServedKey, served_key
 from predtrace.collector.store._schema import PREDICTION_COLUMNS
 from predtrace.wire._codec import INT63_MAX
@@ -240,18 +241,38 @@ def _merge(table: str, column: str) -> str:
     )
 
 
-def register_plan(reg: Registration, now_ns: int, *, replace: bool = False) -> Plan[None]:
+# Every registration of a PostgreSQL store takes this transaction lock, so the
+# conflict check and the write it guards are one step (SQLite has one writer).
+_REGISTER_LOCK: Final = 0x70726564  # "pred"
+
+OnConflict = Literal["refuse", "replace", "keep"]
+
+
+def register_plan(
+    reg: Registration, now_ns: int, *, on_conflict: OnConflict = "refuse"
+) -> Plan[list[str]]:
     """Merge one registration into the graph (empty fields keep what is stored).
 
     The links that answer "trained on what" (a run's commit, a model
-    version's run and artifact digest) are evidence: once stored, a
-    registration that says otherwise is refused unless ``replace`` is set.
+    version's run and artifact digest) are evidence. When a registration
+    contradicts a stored one (a commit that is not a prefix of the stored
+    sha or the other way round, another run, another digest), ``on_conflict``
+    decides: ``refuse`` raises and writes nothing; ``replace`` overwrites;
+    ``keep`` writes everything else and leaves the stored links as they are
+    (for sources that are not the authority on them: MLflow lookups,
+    OpenLineage events). Returns the conflicts that were kept.
 
     Raises:
-        LineageConflictError: ``reg`` contradicts a stored link (nothing written).
+        LineageConflictError: ``refuse`` and a contradiction (nothing written).
     """
-    if not replace:
-        yield from _check_conflicts(reg)
+    yield Serialize(_REGISTER_LOCK)
+    found = {} if on_conflict == "replace" else (yield from _conflicts(reg))
+    conflicts = list(found.values())
+    if conflicts and on_conflict == "refuse":
+        raise LineageConflictError(
+            "; ".join(conflicts) + " (stored lineage kept; register with replace to correct it)"
+        )
+    keep = frozenset(found)  # the links to leave as stored (``keep``)
     if reg.commit is not None:
         yield Exec(
             "INSERT INTO commits (sha, repo, registered_ns) VALUES (?, ?, ?)"  # noqa: S608 - fixed SQL fragments, values are bound
@@ -259,7 +280,7 @@ def register_plan(reg: Registration, now_ns: int, *, replace: bool = False) -> P
             (reg.commit.sha, reg.commit.repo, now_ns),
         )
     if reg.run is not None:
-        yield from _register_run(reg, now_ns)
+        yield from _register_run(reg, now_ns, keep=keep, replace=on_conflict == "replace")
     if reg.image is not None:
         yield Exec(
             "INSERT INTO images (digest, name) VALUES (?, ?)"  # noqa: S608 - fixed SQL fragments, values are bound
@@ -267,18 +288,26 @@ def register_plan(reg: Registration, now_ns: int, *, replace: bool = False) -> P
             (reg.image.digest, reg.image.name),
         )
     if reg.model is not None:
-        yield from _register_model(reg, now_ns)
+        yield from _register_model(reg, now_ns, keep=keep)
     if reg.deployment is not None:
         yield from _register_deployment(reg)
+    return conflicts
 
 
-def _check_conflicts(reg: Registration) -> Plan[None]:
+def same_commit(a: str, b: str) -> bool:
+    """Whether two shas name the same commit: equal, or one a prefix of the other."""
+    a, b = a.lower(), b.lower()
+    return a.startswith(b) or b.startswith(a)
+
+
+def _conflicts(reg: Registration) -> Plan[dict[str, str]]:
+    """Stored links ``reg`` contradicts: column -> what is wrong."""
     # Reads only, before any write: a refused registration leaves no trace.
-    problems: list[str] = []
+    problems: dict[str, str] = {}
     if reg.run is not None and reg.commit is not None:
         rows = yield Fetch("SELECT commit_sha FROM runs WHERE run_id = ?", (reg.run.run_id,))
-        if rows and rows[0][0] and rows[0][0] != reg.commit.sha:
-            problems.append(
+        if rows and rows[0][0] and not same_commit(rows[0][0], reg.commit.sha):
+            problems["commit_sha"] = (
                 f"run {reg.run.run_id} is built from commit {rows[0][0]}, not {reg.commit.sha}"
             )
     model = reg.model
@@ -291,26 +320,44 @@ def _check_conflicts(reg: Registration) -> Plan[None]:
             stored_run, stored_digest = rows[0]
             run_id = reg.run.run_id if reg.run else ""
             if stored_run and run_id and stored_run != run_id:
-                problems.append(
+                problems["run_id"] = (
                     f"model {model.name}/{model.version} was produced by run {stored_run}, "
                     f"not {run_id}"
                 )
             digest = model.artifact_digest
-            if stored_digest and digest and stored_digest != digest:
-                problems.append(
+            if stored_digest and digest and stored_digest.lower() != digest.lower():
+                problems["artifact_digest"] = (
                     f"model {model.name}/{model.version} has artifact digest {stored_digest}, "
                     f"not {digest}"
                 )
-    if problems:
-        raise LineageConflictError(
-            "; ".join(problems) + " (stored lineage kept; register with replace to correct it)"
-        )
+    return problems
 
 
-def _register_run(reg: Registration, now_ns: int) -> Plan[None]:
+def _fill(table: str, column: str) -> str:
+    """Keep the stored value; take the new one only where nothing is stored."""
+    return (
+        f"{column} = CASE WHEN {table}.{column} <> '' THEN {table}.{column}"
+        f" ELSE excluded.{column} END"
+    )
+
+
+def _longer(table: str, column: str) -> str:
+    """Of two agreeing values (a short sha and the full one), keep the longer."""
+    return (
+        f"{column} = CASE WHEN length(excluded.{column}) > length({table}.{column})"
+        f" THEN excluded.{column} ELSE {table}.{column} END"
+    )
+
+
+def _register_run(
+    reg: Registration, now_ns: int, *, keep: frozenset[str], replace: bool
+) -> Plan[None]:
     run = reg.run
     assert run is not None  # noqa: S101 - checked by the caller
-    merges = ", ".join(_merge("runs", c) for c in ("registry", "name", "url", "commit_sha"))
+    commit = _fill if "commit_sha" in keep else _merge if replace else _longer
+    merges = ", ".join(
+        [*(_merge("runs", c) for c in ("registry", "name", "url")), commit("runs", "commit_sha")]
+    )
     yield Exec(
         "INSERT INTO runs (run_id, registry, name, url, params, metrics, tags, commit_sha,"  # noqa: S608 - fixed SQL fragments, values are bound
         " origin, registered_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -347,7 +394,7 @@ def _register_run(reg: Registration, now_ns: int) -> Plan[None]:
         )
 
 
-def _register_model(reg: Registration, now_ns: int) -> Plan[None]:
+def _register_model(reg: Registration, now_ns: int, *, keep: frozenset[str]) -> Plan[None]:
     model = reg.model
     assert model is not None  # noqa: S101 - checked by the caller
     columns = ("registry", "registry_id", "artifact_digest", "source", "run_id")
@@ -355,7 +402,7 @@ def _register_model(reg: Registration, now_ns: int) -> Plan[None]:
         "INSERT INTO model_versions (name, version, registry, registry_id, artifact_digest,"  # noqa: S608 - fixed SQL fragments, values are bound
         " source, run_id, origin, registered_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (name, version) DO UPDATE SET "
-        + ", ".join(_merge("model_versions", c) for c in columns)
+        + ", ".join((_fill if c in keep else _merge)("model_versions", c) for c in columns)
         + ", origin = excluded.origin",
         (
             model.name,
