@@ -2,13 +2,14 @@
 
 Client -> **OipProxy** -> model server (``inference.GRPCInferenceService``).
 Every method is passed through as bytes (a generic stream handler, so any
-cardinality works; a single request goes upstream as a unary request, see
-``_passthrough``). ``ModelInfer`` alone is looked into: the proxy reads
-model_name, model_version and id from the request and response bytes, adds
-an id when the caller sent none (rewriting the request bytes), forwards or
-starts a W3C ``traceparent``, and records a prediction event with the version
-actually served, or with the error. Events are recorded off the response
-path: the model's answer never waits for telemetry.
+cardinality works; a single request to a method known to be unary goes
+upstream as a unary request, see ``_passthrough``). ``ModelInfer`` alone is
+looked into: the proxy reads model_name, model_version and id from the
+request and response bytes, adds an id when the caller sent none (rewriting
+the request bytes), forwards or starts a W3C ``traceparent``, and records a
+prediction event with the version actually served, or with the error. Events
+are recorded off the response path: the model's answer never waits for
+telemetry.
 """
 
 from __future__ import annotations
@@ -36,15 +37,21 @@ MODEL_INFER: Final = f"/{SERVICE}/ModelInfer"
 PROTOCOL: Final = "oip-v2-grpc"
 _SKIP_METADATA: Final = ("grpc-", ":")
 _SKIP_KEYS: Final = frozenset({"user-agent", "te", "content-type", "host"})
-# Methods whose caller may wait for an answer before it sends its next request:
-# streamed upstream at once, never held back to see whether more requests follow.
-_STREAMED_REQUESTS: Final = frozenset(
-    {
-        f"/{SERVICE}/ModelStreamInfer",
-        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-    }
-)
+# Methods known to take exactly one request: every method of the OIP v2
+# service but the streaming one (and any the model server lacks), and health
+# checks. Only these are read ahead to be sent as unary requests; any other
+# method streams at once, since its caller may wait for an answer before it
+# sends again.
+_STREAM_INFER: Final = f"/{SERVICE}/ModelStreamInfer"
+_HEALTH_CHECK: Final = "/grpc.health.v1.Health/Check"
+
+
+def _takes_one_request(method: str) -> bool:
+    if method == _HEALTH_CHECK:
+        return True
+    return method.startswith(f"/{SERVICE}/") and method != _STREAM_INFER
+
+
 Metadata = list[tuple[str, str | bytes]]
 if TYPE_CHECKING:
     _Handler = grpc.GenericRpcHandler[bytes, bytes]
@@ -162,17 +169,18 @@ class OipProxy(_Handler):
     ) -> AsyncIterator[bytes]:
         """Forward one call of any cardinality; the upstream's status reaches the caller.
 
-        A call that sent exactly one request goes upstream as unary-stream, not
-        as a request stream: grpc.aio reports a request write that fails
+        A call to a method known to take one request (``_takes_one_request``)
+        that sent exactly one goes upstream as unary-stream, not as a request
+        stream: grpc.aio reports a request write that fails
         because the upstream already ended the call (an unknown method, an
         early abort) as INTERNAL "Internal error from Core", overwriting the
         upstream's status (grpc/grpc#36066); a unary request is sent in one
-        batch whose failure defers to the status the upstream sent. Only calls
-        that really stream requests keep that grpc.aio race.
+        batch whose failure defers to the status the upstream sent. Calls that
+        stream requests (or may: methods of other services) keep that race.
         """
         metadata = _forwardable(context.invocation_metadata())
         call: grpc.aio.UnaryStreamCall[bytes, bytes] | grpc.aio.StreamStreamCall[bytes, bytes]
-        if method in _STREAMED_REQUESTS:
+        if not _takes_one_request(method):
             call = self._channel.stream_stream(method, None, None)(
                 requests, metadata=metadata, timeout=context.time_remaining()
             )

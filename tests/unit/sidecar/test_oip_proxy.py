@@ -227,6 +227,8 @@ class Streaming(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             return grpc.unary_stream_rpc_method_handler(self.count)
         if details.method == "/test.Streams/Join":
             return grpc.stream_unary_rpc_method_handler(self.join)
+        if details.method == "/test.Streams/Chat":  # bidi, another service
+            return grpc.stream_stream_rpc_method_handler(self.echo)
         return None
 
     async def echo(self, requests: AsyncIterator[bytes], context: object) -> AsyncIterator[bytes]:
@@ -260,10 +262,11 @@ async def test_streams_of_any_cardinality_pass_through(streaming_proxy: str) -> 
         assert await join(iter([b"a", b"b", b"c"])) == b"a+b+c"
         assert await join(iter([])) == b""
         assert await join(iter([b"one"])) == b"one"
-        # a bidi call that waits for each answer before it sends the next request
-        bidi = channel.stream_stream(STREAM_INFER)()
-        for request in (b"1", b"2"):
-            await bidi.write(request)
-            assert await asyncio.wait_for(bidi.read(), 5) == b"echo:" + request
-        await bidi.done_writing()
-        assert await bidi.read() is grpc.aio.EOF
+        # bidi calls that wait for each answer before they send the next request
+        for method in (STREAM_INFER, "/test.Streams/Chat"):
+            bidi = channel.stream_stream(method)()
+            for request in (b"1", b"2"):
+                await bidi.write(request)
+                assert await asyncio.wait_for(bidi.read(), 5) == b"echo:" + request
+            await bidi.done_writing()
+            assert await bidi.read() is grpc.aio.EOF
