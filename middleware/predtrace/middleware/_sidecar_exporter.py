@@ -98,9 +98,9 @@ class SidecarGrpcExporter:
                 events=[event_to_proto(e) for e in batch.events]
             )
         ack = self._call(request)
-        if self._packed and batch.events and ack.accepted == 0 and not ack.rejected:
-            # A sidecar from before packed_events ignores the field and spools
-            # nothing: fall back to protobuf events for good.
+        if self._packed and batch.events and not ack.read_packed:
+            # A sidecar from before packed_events ignores the field (and spools
+            # nothing): fall back to protobuf events for good.
             _log.warning(
                 "the sidecar at %s does not read packed events: sending protobuf", self.target
             )

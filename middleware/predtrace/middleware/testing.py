@@ -146,13 +146,22 @@ class RecordingSidecar(sidecar_pb2_grpc.SidecarServicer):
                 context.set_trailing_metadata(metadata)
             context.abort(code, f"scripted {code.name}")
         ack = sidecar_pb2.RecordAck()
-        received = list(request.events)
+        received = list(enumerate(request.events))
         if request.packed_events and self.reads_packed:
-            self.packed_calls += 1
-            packed, _, _ = unpack_events(request.packed_events)
-            received += [event_to_proto(e) for e in packed]
+            try:
+                packed, places, bad = unpack_events(
+                    request.packed_events, first_index=len(request.events)
+                )
+            except WireError as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"packed_events: {exc}")
+            with self._lock:
+                self.packed_calls += 1
+            received += zip(places, (event_to_proto(e) for e in packed), strict=True)
+            for r in bad:
+                ack.rejected.add(index=r.index, prediction_id=r.prediction_id, reason=r.reason)
+            ack.read_packed = True
         with self._lock:
-            for index, event in enumerate(received):
+            for index, event in received:
                 if event.prediction_id in self.reject_ids:
                     ack.rejected.add(index=index, prediction_id=event.prediction_id, reason="test")
                 else:

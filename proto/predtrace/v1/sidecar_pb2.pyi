@@ -17,12 +17,14 @@ class RecordBatchRequest(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[_event_pb2.PredictionEvent, _Mapping]]] = ..., packed_events: _Optional[bytes] = ...) -> None: ...
 
 class RecordAck(_message.Message):
-    __slots__ = ("accepted", "rejected")
+    __slots__ = ("accepted", "rejected", "read_packed")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
+    READ_PACKED_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     rejected: _containers.RepeatedCompositeFieldContainer[_batch_pb2.Rejection]
-    def __init__(self, accepted: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[_batch_pb2.Rejection, _Mapping]]] = ...) -> None: ...
+    read_packed: bool
+    def __init__(self, accepted: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[_batch_pb2.Rejection, _Mapping]]] = ..., read_packed: _Optional[bool] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

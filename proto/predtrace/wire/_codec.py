@@ -208,6 +208,10 @@ def unpack_events(
     """Read ``pack_events`` bytes: the good events, their positions, and rejections.
 
     A bad event is rejected alone (positions count from ``first_index``).
+    Strings, binaries and maps are bounded here by the size of ``data`` only:
+    one event over the per-field limits must not cost the others, so those
+    are the consumer's to check per event (``event_problem``, as the
+    sidecar's intake does for every event).
 
     Raises:
         WireTooLargeError: more bytes or events than ``limits`` allow.
@@ -215,7 +219,9 @@ def unpack_events(
     """
     if len(data) > limits.max_bytes:
         raise WireTooLargeError(f"packed events exceed {limits.max_bytes} bytes")
-    raw = unpack_bounded(data, limits)
+    size = max(len(data), 1)
+    whole = DecodeLimits(max_events=size, max_str_len=size, max_bin_len=size, max_map_len=size)
+    raw = unpack_bounded(data, whole)
     if not isinstance(raw, list):
         raise WireError("packed events must be a msgpack array")
     if len(raw) > limits.max_events:

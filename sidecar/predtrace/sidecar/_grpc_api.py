@@ -128,7 +128,9 @@ class GrpcSource:
             positions += places
             rejected += bad
         accepted = await self._spool(context, events, positions, rejected)
-        return _ack(accepted, rejected)
+        ack = _ack(accepted, rejected)
+        ack.read_packed = bool(message.packed_events)
+        return ack
 
     async def record(
         self,

@@ -74,6 +74,19 @@ def test_batches_go_packed_and_a_sidecar_that_ignores_packed_events_gets_protobu
     assert sidecar.calls == 3, "one packed try, then protobuf for good"
 
 
+def test_a_batch_the_sidecar_accepts_none_of_stays_packed_not_sent_twice() -> None:
+    everyone = RecordingSidecar(reject_ids=frozenset({"p0", "p1"}))
+    with serve_sidecar(everyone) as sidecar:
+        exporter = SidecarGrpcExporter(sidecar.target)
+        try:
+            result = exporter.export(OutgoingBatch(_events(2)))
+            exporter.export(OutgoingBatch(_events(2)))
+        finally:
+            exporter.shutdown(1)
+    assert result.accepted == 0 and [r.index for r in result.rejected] == [0, 1]
+    assert (sidecar.calls, sidecar.packed_calls) == (2, 2)
+
+
 def test_rejected_events_are_reported_with_index_and_id() -> None:
     with serve_sidecar(RecordingSidecar(reject_ids=frozenset({"p1"}))) as sidecar:
         exporter = SidecarGrpcExporter(sidecar.target)

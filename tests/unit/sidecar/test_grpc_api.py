@@ -106,7 +106,7 @@ async def test_packed_events_are_spooled_redacted_and_shipped_like_protobuf_ones
     )
     async with grpc.aio.insecure_channel(running.target) as channel:
         ack = await sidecar_pb2_grpc.SidecarStub(channel).RecordBatch(request)
-    assert (ack.accepted, list(ack.rejected)) == (8, [])
+    assert (ack.accepted, list(ack.rejected), ack.read_packed) == (8, [], True)
     await eventually(lambda: len(running.collector.events()) == 8)
     events = running.collector.events()
     assert [e.prediction_id for e in events] == [f"p{i:05d}" for i in range(8)]
@@ -121,15 +121,21 @@ async def test_a_bad_packed_event_is_rejected_alone_at_its_position_after_the_pr
     packed = [event_to_map(e) for e in plain_events(3, 2)]
     packed[1][2] = b"short"  # trace_id
     packed.append({1: "p00009", 4: 2**63})  # a time past int64: the collector would refuse it
+    packed.append({1: "p00010", 9: "/" + "x" * 70_000})  # an endpoint over 64 KiB
     request = sidecar_pb2.RecordBatchRequest(
         events=proto_events(2), packed_events=msgpack.packb(packed, use_bin_type=True)
     )
     async with grpc.aio.insecure_channel(running.target) as channel:
         ack = await sidecar_pb2_grpc.SidecarStub(channel).RecordBatch(request)
     assert ack.accepted == 4  # two protobuf events, two of the four packed ones
-    assert [(r.index, r.prediction_id) for r in ack.rejected] == [(3, "p00003"), (5, "p00009")]
+    assert [(r.index, r.prediction_id) for r in ack.rejected] == [
+        (3, "p00003"),
+        (5, "p00009"),
+        (6, "p00010"),
+    ]
     assert "trace_id" in ack.rejected[0].reason
     assert "int64" in ack.rejected[1].reason
+    assert "longer than 65536 bytes" in ack.rejected[2].reason, "alone, as in protobuf"
     assert running.app.spool.stats().records == 4
 
 
