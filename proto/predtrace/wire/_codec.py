@@ -757,6 +757,7 @@ def _texts(event: PredictionEvent) -> list[str]:
         model.alias,
         model.registry_model_id,
         model.artifact_digest,
+        model.role,
         dep.id,
         dep.service,
         dep.namespace,
@@ -771,7 +772,14 @@ def _texts(event: PredictionEvent) -> list[str]:
     if out is not None and out.label:
         texts.append(out.label)
     for extra in event.additional_models:
-        texts += (extra.name, extra.version, extra.alias, extra.role)
+        texts += (
+            extra.name,
+            extra.version,
+            extra.alias,
+            extra.registry_model_id,
+            extra.artifact_digest,
+            extra.role,
+        )
     return texts
 
 

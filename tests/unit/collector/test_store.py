@@ -206,6 +206,26 @@ async def test_the_same_commit_written_another_way_agrees_and_the_full_sha_stays
     assert lineage["run"]["commit"]["sha"] == SHA  # type: ignore[index]
 
 
+async def test_the_full_sha_keeps_the_repository_the_short_one_was_registered_with(
+    store: Store,
+) -> None:
+    short = {**FULL_LINEAGE, "commit": {"sha": SHA[:7], "repo": "https://git.example/churn"}}
+    await store.register(parse_registration(short))
+    await store.register(parse_registration({"run": {"id": "run-42"}, "commit": {"sha": SHA}}))
+    lineage = await store.model_lineage("churn", "3")
+    assert lineage is not None
+    assert lineage["run"]["commit"] == {"sha": SHA, "repo": "https://git.example/churn"}  # type: ignore[index]
+
+
+@pytest.mark.parametrize(("stored", "again"), [(SHA, "1"), (SHA, SHA[:6]), ("v1.2", "v1.2.3")])
+async def test_a_prefix_too_short_or_not_a_sha_does_not_agree(
+    store: Store, stored: str, again: str
+) -> None:
+    await store.register(parse_registration({"run": {"id": "r"}, "commit": {"sha": stored}}))
+    with pytest.raises(LineageConflictError):
+        await store.register(parse_registration({"run": {"id": "r"}, "commit": {"sha": again}}))
+
+
 async def test_keep_stores_the_rest_and_leaves_contradicted_links_as_stored(store: Store) -> None:
     await store.register(parse_registration(FULL_LINEAGE))
     other = {

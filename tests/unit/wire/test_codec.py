@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import tracemalloc
 from collections.abc import Callable
@@ -12,8 +13,11 @@ import pytest
 from predtrace.v1 import batch_pb2, event_pb2
 from predtrace.wire import (
     DecodeLimits,
+    DeploymentRef,
     EventBatch,
     IngestAck,
+    ModelRef,
+    OutputSummary,
     PredictionEvent,
     Rejection,
     WireError,
@@ -26,6 +30,7 @@ from predtrace.wire import (
     encode_batch,
     encode_events_payload,
     event_from_map,
+    event_problem,
     event_rejection,
     event_to_map,
 )
@@ -236,3 +241,49 @@ def test_ack_round_trip() -> None:
 def test_ack_with_wrong_types_is_a_wire_error() -> None:
     with pytest.raises(WireError, match=r"ack\.accepted"):
         decode_ack(_pack({1: "p", 2: 1, 3: "many"}))
+
+
+def _text_fields_of_every_kind() -> list[tuple[str, Callable[[str], PredictionEvent]]]:
+    """Every text field an event carries, each as a way to build an event with it set."""
+    cases: list[tuple[str, Callable[[str], PredictionEvent]]] = []
+    for f in dataclasses.fields(PredictionEvent):
+        if f.type in ("str", str) and f.name != "prediction_id":
+            cases.append((f.name, lambda v, n=f.name: PredictionEvent("p", **{n: v})))
+    for f in dataclasses.fields(ModelRef):
+        cases.append(
+            (f"model.{f.name}", lambda v, n=f.name: PredictionEvent("p", model=ModelRef(**{n: v})))
+        )
+        cases.append(
+            (
+                f"additional_models[].{f.name}",
+                lambda v, n=f.name: PredictionEvent("p", additional_models=[ModelRef(**{n: v})]),
+            )
+        )
+    for f in dataclasses.fields(DeploymentRef):
+        cases.append(
+            (
+                f"deployment.{f.name}",
+                lambda v, n=f.name: PredictionEvent("p", deployment=DeploymentRef(**{n: v})),
+            )
+        )
+    cases.append(("output.label", lambda v: PredictionEvent("p", output=OutputSummary(label=v))))
+    cases.append(("features key", lambda v: PredictionEvent("p", features={v: 1.0})))
+    cases.append(("attributes key", lambda v: PredictionEvent("p", attributes={v: "x"})))
+    cases.append(("attributes value", lambda v: PredictionEvent("p", attributes={"k": v})))
+    return cases
+
+
+TEXT_FIELDS = _text_fields_of_every_kind()
+
+
+@pytest.mark.parametrize("build", [b for _, b in TEXT_FIELDS], ids=[n for n, _ in TEXT_FIELDS])
+def test_event_problem_sees_every_text_field_the_decoder_bounds(
+    build: Callable[[str], PredictionEvent],
+) -> None:
+    # An event event_problem passes must decode at the collector: one text over
+    # the bound would otherwise cost the whole batch it travels in.
+    assert event_problem(build("x" * 70_000)) is not None
+    assert event_problem(build("a\x00b")) is not None
+    ok = build("fine")
+    assert event_problem(ok) is None
+    decode_batch(encode_batch(EventBatch("p", 1, [ok])))

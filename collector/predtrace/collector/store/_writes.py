@@ -274,10 +274,13 @@ def register_plan(
         )
     keep = frozenset(found)  # the links to leave as stored (``keep``)
     if reg.commit is not None:
+        # A full sha registered after a short one (or the other way round)
+        # keeps the repository the other form was registered with.
+        repo = reg.commit.repo or (yield from _known_repo(reg.commit.sha))
         yield Exec(
             "INSERT INTO commits (sha, repo, registered_ns) VALUES (?, ?, ?)"  # noqa: S608 - fixed SQL fragments, values are bound
             f" ON CONFLICT (sha) DO UPDATE SET {_merge('commits', 'repo')}",
-            (reg.commit.sha, reg.commit.repo, now_ns),
+            (reg.commit.sha, repo, now_ns),
         )
     if reg.run is not None:
         yield from _register_run(reg, now_ns, keep=keep, replace=on_conflict == "replace")
@@ -294,10 +297,35 @@ def register_plan(
     return conflicts
 
 
+_MIN_SHORT_SHA: Final = 7
+
+
 def same_commit(a: str, b: str) -> bool:
-    """Whether two shas name the same commit: equal, or one a prefix of the other."""
+    """Whether two commit names agree: equal, or hex shas one a prefix of the other.
+
+    Case does not matter; a prefix counts only from 7 hex digits (git's
+    shortest default abbreviation), so "1" does not agree with every sha.
+    """
     a, b = a.lower(), b.lower()
-    return a.startswith(b) or b.startswith(a)
+    if a == b:
+        return True
+    short, full = sorted((a, b), key=len)
+    return len(short) >= _MIN_SHORT_SHA and _is_hex(a) and _is_hex(b) and full.startswith(short)
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
+
+
+def _known_repo(sha: str) -> Plan[str]:
+    """The repository stored for another form of the same commit ("" if none)."""
+    if len(sha) < _MIN_SHORT_SHA:
+        return ""
+    rows = yield Fetch(
+        "SELECT sha, repo FROM commits WHERE repo <> '' AND lower(substr(sha, 1, 7)) = ?",
+        (sha[:_MIN_SHORT_SHA].lower(),),
+    )
+    return next((repo for stored, repo in rows if same_commit(stored, sha)), "")
 
 
 def _conflicts(reg: Registration) -> Plan[dict[str, str]]:
