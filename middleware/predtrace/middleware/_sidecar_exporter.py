@@ -91,7 +91,7 @@ class SidecarGrpcExporter:
     def export(self, batch: OutgoingBatch) -> ExportResult:
         """Deliver one batch; raise Retryable/PermanentExportError on failure."""
         if self._packed:
-            # msgpack: about a tenth of the CPU of building protobuf messages.
+            # msgpack: about half the CPU of building protobuf messages.
             request = sidecar_pb2.RecordBatchRequest(packed_events=pack_events(batch.events))
         else:
             request = sidecar_pb2.RecordBatchRequest(

@@ -226,10 +226,17 @@ def unpack_events(
         raise WireError("packed events must be a msgpack array")
     if len(raw) > limits.max_events:
         raise WireTooLargeError(f"more than {limits.max_events} packed events")
+    return _events_from_maps(raw, limits, first_index=first_index)
+
+
+def _events_from_maps(
+    items: Sequence[object], limits: DecodeLimits, *, first_index: int = 0
+) -> tuple[list[PredictionEvent], list[int], list[Rejection]]:
+    """Build events from raw maps: the good ones, their positions, and rejections."""
     events: list[PredictionEvent] = []
     positions: list[int] = []
     rejected: list[Rejection] = []
-    for index, item in enumerate(raw, first_index):
+    for index, item in enumerate(items, first_index):
         try:
             events.append(event_from_map(item, limits))
         except WireError as exc:
@@ -392,13 +399,7 @@ def decode_batch(data: bytes, *, limits: DecodeLimits = DEFAULT_LIMITS) -> Decod
         WireError: the batch itself is malformed (the whole body is refused).
     """
     raw = decode_batch_raw(data, limits=limits)
-    events: list[PredictionEvent] = []
-    rejected: list[Rejection] = []
-    for index, item in enumerate(raw.events):
-        try:
-            events.append(event_from_map(item, limits))
-        except WireError as exc:
-            rejected.append(event_rejection(index, item, exc))
+    events, _, rejected = _events_from_maps(raw.events, limits)
     batch = EventBatch(
         producer_id=raw.producer_id,
         seq=raw.seq,

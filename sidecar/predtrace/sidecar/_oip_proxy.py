@@ -171,12 +171,12 @@ class OipProxy(_Handler):
 
         A call to a method known to take one request (``_takes_one_request``)
         that sent exactly one goes upstream as unary-stream, not as a request
-        stream: grpc.aio reports a request write that fails
-        because the upstream already ended the call (an unknown method, an
-        early abort) as INTERNAL "Internal error from Core", overwriting the
-        upstream's status (grpc/grpc#36066); a unary request is sent in one
-        batch whose failure defers to the status the upstream sent. Calls that
-        stream requests (or may: methods of other services) keep that race.
+        stream: grpc.aio reports a request write that fails because the
+        upstream already ended the call (an unknown method, an early abort) as
+        INTERNAL "Internal error from Core", overwriting the upstream's status
+        (grpc/grpc#36066); a unary request is sent in one batch whose failure
+        defers to the status the upstream sent. Calls that stream requests (or
+        may: methods of other services) keep that race.
         """
         metadata = _forwardable(context.invocation_metadata())
         call: grpc.aio.UnaryStreamCall[bytes, bytes] | grpc.aio.StreamStreamCall[bytes, bytes]
