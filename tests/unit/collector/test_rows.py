@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import msgpack
@@ -10,6 +11,7 @@ import pytest
 
 from predtrace.collector._ingest import prepare
 from predtrace.collector.store import event_problem, fast_prediction_row, prediction_row
+from predtrace.collector.store._rows import json_text
 from predtrace.wire import (
     DecodeLimits,
     DeploymentRef,
@@ -143,3 +145,25 @@ def test_prepare_mixes_fast_rows_precise_rows_and_rejections_in_order() -> None:
     assert prepared.rejected[1].prediction_id == "nul"
     assert "NUL" in prepared.rejected[1].reason
     assert prepared.record.rejected == 3
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"age": 42.0, "tenure": 1e16, "tiny": 5e-324, "neg": -0.0},
+        {"country": "Côte d'Ivoire", "quote": 'say "hi"\n', "emoji": "\U0001f600"},
+        [{"name": "ranker", "version": "2"}],
+    ],
+)
+def test_json_columns_read_back_to_the_same_values(value: object) -> None:
+    text = json_text(value)
+    assert isinstance(text, str)
+    assert json.loads(text) == value
+
+
+def test_json_columns_escape_what_utf8_cannot_hold() -> None:
+    # A lone surrogate cannot come off the wire (msgpack strings are UTF-8),
+    # but a row built any other way must still store, not raise.
+    text = json_text({"k": "\ud800"})
+    assert json.loads(text) == {"k": "\ud800"}
+    assert text.isascii()

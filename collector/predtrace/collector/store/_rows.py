@@ -16,6 +16,8 @@ import math
 from datetime import UTC, datetime
 from typing import Any, Final
 
+import orjson
+
 from predtrace.collector.store._ops import Row
 from predtrace.wire import ModelRef, PredictionEvent
 from predtrace.wire._codec import (  # the codec's own map readers and bound
@@ -36,6 +38,19 @@ def deployment_key(event: PredictionEvent) -> str:
     if dep.service:
         return f"{dep.namespace}/{dep.service}" if dep.namespace else dep.service
     return ""
+
+
+def json_text(value: object) -> str:
+    """Compact JSON text of a features, attributes or models column.
+
+    orjson: a tenth of ``json.dumps``' time on a small map, and this runs for
+    every stored event. The text differs from ``json.dumps``' only in spacing
+    and in leaving non-ASCII unescaped; it reads back to the same values.
+    """
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:  # e.g. a lone surrogate: json escapes it
+        return json.dumps(value)
 
 
 def _model_json(model: ModelRef) -> dict[str, str]:
@@ -68,7 +83,7 @@ def prediction_row(event: PredictionEvent, producer_id: str, seq: int, received_
         model.alias,
         model.registry_model_id,
         model.artifact_digest,
-        json.dumps(extra) if extra else None,
+        json_text(extra) if extra else None,
         deployment_key(event),
         dep.service,
         dep.namespace,
@@ -85,8 +100,8 @@ def prediction_row(event: PredictionEvent, producer_id: str, seq: int, received_
         out.label if out is not None else None,
         out.score if out is not None else None,
         out.value if out is not None else None,
-        json.dumps(event.features) if event.features else None,
-        json.dumps(event.attributes) if event.attributes else None,
+        json_text(event.features) if event.features else None,
+        json_text(event.attributes) if event.attributes else None,
         1 if event.sampled else 0,
     )
 
@@ -193,8 +208,8 @@ def fast_prediction_row(
         *texts[2:],
         fingerprint or None,
         *output,
-        json.dumps(features) if features else None,
-        json.dumps(attributes) if attributes else None,
+        json_text(features) if features else None,
+        json_text(attributes) if attributes else None,
         1 if g(18) is True else 0,
     )
 

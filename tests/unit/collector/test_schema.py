@@ -1,0 +1,119 @@
+"""Schema migrations: a store of any age opens to the current schema."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from predtrace.collector.store import Store, open_store
+from predtrace.collector.store._ops import Exec, Fetch, Plan
+from predtrace.collector.store._schema import MIGRATIONS
+
+from .conftest import _drop_schema, postgres_url
+
+
+def _index_names(dialect: str) -> Plan[set[str]]:
+    if dialect == "sqlite":
+        sql = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'predictions'"
+    else:
+        sql = (
+            "SELECT indexname FROM pg_indexes"
+            " WHERE tablename = 'predictions' AND schemaname = current_schema()"
+        )
+    rows = yield Fetch(sql, ())
+    return {row[0] for row in rows}
+
+
+def _versions() -> Plan[list[int]]:
+    rows = yield Fetch("SELECT version FROM schema_migrations ORDER BY version", ())
+    return [row[0] for row in rows]
+
+
+def _back_to_v1() -> Plan[None]:
+    """What a store written before migration 2 looks like."""
+    yield Exec(
+        "CREATE INDEX predictions_model ON predictions"
+        " (model_name, model_version, deployment_id, ts_ns)",
+        (),
+    )
+    yield Exec("DELETE FROM schema_migrations WHERE version = 2", ())
+
+
+async def test_predictions_carry_only_the_indexes_a_query_uses(store: Store) -> None:
+    names = await store.engine.read(_index_names(store.dialect))
+    assert {"predictions_trace", "predictions_pid", "predictions_received"} <= names
+    assert "predictions_model" not in names
+    assert await store.engine.read(_versions()) == [v for v, _ in MIGRATIONS]
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
+async def test_a_store_from_before_migration_2_loses_the_model_index_and_keeps_its_data(
+    dialect: str, tmp_path: Path
+) -> None:
+    schema = f"t_{secrets.token_hex(6)}"
+    base = postgres_url() if dialect == "postgres" else None
+    url = f"{base}?schema={schema}" if base else f"sqlite:///{tmp_path}/old.db"
+    first = open_store(url)
+    await first.open()
+    try:
+        await first.engine.write(_back_to_v1())
+        now = time.time_ns()
+        await first.engine.prepare_ingest(now)  # PostgreSQL: the day's partition
+        await first.engine.write(_one_prediction(now))
+        assert "predictions_model" in await first.engine.read(_index_names(dialect))
+    finally:
+        await first.close()
+    again = open_store(url)
+    await again.open()
+    try:
+        assert "predictions_model" not in await again.engine.read(_index_names(dialect))
+        assert await again.engine.read(_versions()) == [1, 2]
+        assert await again.engine.read(_prediction_ids()) == ["p-kept"]
+    finally:
+        await again.close()
+        if base:
+            await _drop_schema(base, schema)
+
+
+def _one_prediction(received_ns: int) -> Plan[None]:
+    yield Exec(
+        "INSERT INTO predictions (prediction_id, ts_ns, duration_ns, received_ns, producer_id,"
+        " seq, model_name, model_version, model_alias, model_registry_id, model_digest,"
+        " deployment_id, service, namespace, pod, node, image_digest, image_name, endpoint,"
+        " protocol, status, status_code, error_type, sampled)"
+        " VALUES ('p-kept', 1, 1, ?, 'p', 1, 'm', '1', '', '', '', '', '', '', '', '', '', '',"
+        " '', '', 1, '', '', 0)",
+        (received_ns,),
+    )
+
+
+def _prediction_ids() -> Plan[list[str]]:
+    rows = yield Fetch("SELECT prediction_id FROM predictions", ())
+    return [row[0] for row in rows]
+
+
+def test_a_new_sqlite_file_gets_16k_pages_and_an_old_one_keeps_its_own(tmp_path: Path) -> None:
+    old = tmp_path / "old.db"
+    conn = sqlite3.connect(old)
+    conn.execute("PRAGMA page_size = 4096")
+    conn.execute("CREATE TABLE before_us (x INTEGER)")
+    conn.close()
+
+    async def open_close(path: Path) -> None:
+        s = open_store(f"sqlite:///{path}")
+        await s.open()
+        await s.close()
+
+    asyncio.run(open_close(tmp_path / "new.db"))
+    asyncio.run(open_close(old))
+    sizes = {}
+    for name in ("new.db", "old.db"):
+        conn = sqlite3.connect(tmp_path / name)
+        sizes[name] = conn.execute("PRAGMA page_size").fetchone()[0]
+        conn.close()
+    assert sizes == {"new.db": 16_384, "old.db": 4096}
