@@ -26,6 +26,7 @@ from predtrace.wire._codec import (
     gunzip_bounded,
     gzip_bytes,
     pack_events,
+    unpack_event_maps,
     unpack_events,
 )
 from predtrace.wire._errors import InvalidIdError, PredtraceError, WireError, WireTooLargeError
@@ -51,6 +52,7 @@ from predtrace.wire._ids import (
     restarted_producer_id,
     uuid7_timestamp_ms,
 )
+from predtrace.wire._plain import plain_event_map, plain_map_problem
 from predtrace.wire._proto import event_from_proto, event_to_proto
 
 __all__ = [
@@ -95,8 +97,11 @@ __all__ = [
     "parse_prediction_id",
     "parse_span_id",
     "parse_trace_id",
+    "plain_event_map",
+    "plain_map_problem",
     "producer_id_base",
     "restarted_producer_id",
+    "unpack_event_maps",
     "unpack_events",
     "uuid7_timestamp_ms",
 ]

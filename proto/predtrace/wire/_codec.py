@@ -217,6 +217,17 @@ def unpack_events(
         WireTooLargeError: more bytes or events than ``limits`` allow.
         WireError: the bytes are not a msgpack array (nothing is accepted).
     """
+    raw = unpack_event_maps(data, limits=limits)
+    return _events_from_maps(raw, limits, first_index=first_index)
+
+
+def unpack_event_maps(data: bytes, *, limits: DecodeLimits = DEFAULT_LIMITS) -> list[object]:
+    """The items of ``pack_events`` bytes, not yet checked (``event_from_map`` checks one).
+
+    Raises:
+        WireTooLargeError: more bytes or events than ``limits`` allow.
+        WireError: the bytes are not a msgpack array.
+    """
     if len(data) > limits.max_bytes:
         raise WireTooLargeError(f"packed events exceed {limits.max_bytes} bytes")
     size = max(len(data), 1)
@@ -226,7 +237,7 @@ def unpack_events(
         raise WireError("packed events must be a msgpack array")
     if len(raw) > limits.max_events:
         raise WireTooLargeError(f"more than {limits.max_events} packed events")
-    return _events_from_maps(raw, limits, first_index=first_index)
+    return raw
 
 
 def _events_from_maps(

@@ -26,7 +26,7 @@ from predtrace.wire import (
     WireError,
     WireTooLargeError,
     event_from_proto,
-    unpack_events,
+    unpack_event_maps,
 )
 
 _log = logging.getLogger("predtrace.sidecar.grpc")
@@ -112,21 +112,21 @@ class GrpcSource:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"more than {self._max_events} events in one request",
             )
-        events, positions, rejected = convert_events(message.events)
+        converted, positions, rejected = convert_events(message.events)
+        events: list[PredictionEvent | object] = list(converted)
         if message.packed_events:
             try:
-                more, places, bad = unpack_events(
-                    message.packed_events,
-                    first_index=len(message.events),
-                    limits=DecodeLimits(max_events=room),
+                # The maps themselves go to the intake: a plain one is never
+                # turned into an object (see Intake).
+                maps = unpack_event_maps(
+                    message.packed_events, limits=DecodeLimits(max_events=room)
                 )
             except WireTooLargeError as exc:
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{exc} in one request")
             except WireError as exc:
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"packed_events: {exc}")
-            events += more
-            positions += places
-            rejected += bad
+            events += maps
+            positions += range(len(message.events), len(message.events) + len(maps))
         accepted = await self._spool(context, events, positions, rejected)
         ack = _ack(accepted, rejected)
         ack.read_packed = bool(message.packed_events)
@@ -176,7 +176,7 @@ class GrpcSource:
     async def _spool(
         self,
         context: grpc.aio.ServicerContext[bytes, sidecar_pb2.RecordAck],
-        events: list[PredictionEvent],
+        events: Sequence[PredictionEvent | object],
         positions: list[int],
         rejected: list[Rejection],
     ) -> int:

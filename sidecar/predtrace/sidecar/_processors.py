@@ -3,6 +3,11 @@
 Intake -> **processors** -> spool. A processor is ``event -> event | None``
 (STYLE: "a processor is just a callable"). Redaction runs last and before any
 byte reaches the disk, so values that must not leave never reach the spool.
+
+The built-in processors also have ``on_map``: the same change made to a plain
+event map (``predtrace.wire.plain_event_map``), so events that arrive as
+msgpack maps are processed without being turned into objects and back. The
+two forms are held equal by a test.
 """
 
 from __future__ import annotations
@@ -10,10 +15,12 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from predtrace.sidecar._config import DeploymentConfig, RedactionConfig
 from predtrace.sidecar.pipeline import Processor
 from predtrace.wire import DeploymentRef, PredictionEvent
+from predtrace.wire._codec import _DEPLOYMENT_FIELDS  # the wire's deployment keys
 
 REDACTED = "[redacted]"
 
@@ -63,6 +70,23 @@ class RedactionProcessor:
             event.output.label = self._mask.sub(REDACTED, event.output.label)
         return event
 
+    def on_map(self, raw: dict[Any, Any]) -> dict[Any, Any]:
+        """``__call__`` on a plain event map (in place)."""
+        features = raw.get(16)
+        if features and not self._features.everything:
+            raw[16] = {k: v for k, v in features.items() if self._features(k)}
+        attributes = raw.get(17)
+        if attributes:
+            if not self._attributes.everything:
+                attributes = {k: v for k, v in attributes.items() if self._attributes(k)}
+            if self._mask is not None:
+                attributes = {k: self._mask.sub(REDACTED, v) for k, v in attributes.items()}
+            raw[17] = attributes
+        output = raw.get(15)
+        if self._mask is not None and output and output.get(1):
+            output[1] = self._mask.sub(REDACTED, output[1])
+        return raw
+
 
 class DeploymentEnricher:
     """Fills the deployment fields an event left empty from the sidecar's own identity."""
@@ -82,6 +106,8 @@ class DeploymentEnricher:
             )
             if value
         )
+        keys = {name: key for key, name in enumerate(_DEPLOYMENT_FIELDS, start=1)}
+        self._keyed = tuple((keys[name], value) for name, value in self._fields)
 
     def __call__(self, event: PredictionEvent) -> PredictionEvent:
         """Return the event with empty deployment fields filled (in place)."""
@@ -90,6 +116,17 @@ class DeploymentEnricher:
             if not getattr(dep, name):
                 setattr(dep, name, value)
         return event
+
+    def on_map(self, raw: dict[Any, Any]) -> dict[Any, Any]:
+        """``__call__`` on a plain event map (in place)."""
+        if self._keyed:
+            dep = raw.get(8)
+            if dep is None:
+                raw[8] = dep = {}
+            for key, value in self._keyed:
+                if not dep.get(key):
+                    dep[key] = value
+        return raw
 
     def resource_attributes(self) -> dict[str, str]:
         """The same identity as OTel resource attributes (semantic conventions)."""
