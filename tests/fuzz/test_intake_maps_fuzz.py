@@ -34,7 +34,7 @@ FAST = settings(max_examples=600, deadline=None, suppress_health_check=[HealthCh
 
 
 class _Spool:
-    class config:  # noqa: N801 - the attribute the intake reads
+    class config:  # the attribute the intake reads
         max_record_bytes = 400_000  # over every per-field bound: those must decide
 
 

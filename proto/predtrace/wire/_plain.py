@@ -38,7 +38,9 @@ def _finite(value: object) -> bool:
     return value is None or (type(value) is float and math.isfinite(value))
 
 
-def plain_event_map(raw: object, limits: DecodeLimits = DEFAULT_LIMITS) -> bool:
+def plain_event_map(  # noqa: PLR0911 - one answer per field group, flat on purpose
+    raw: object, limits: DecodeLimits = DEFAULT_LIMITS
+) -> bool:
     """True when ``raw`` needs no conversion to be the event it encodes.
 
     Never true for a map ``event_from_map`` would refuse; false also for many
