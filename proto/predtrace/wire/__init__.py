@@ -52,7 +52,7 @@ from predtrace.wire._ids import (
     restarted_producer_id,
     uuid7_timestamp_ms,
 )
-from predtrace.wire._plain import plain_event_map, plain_map_problem
+from predtrace.wire._plain import canonical_event_map, plain_event_map, plain_map_problem
 from predtrace.wire._proto import event_from_proto, event_to_proto
 
 __all__ = [
@@ -76,6 +76,7 @@ __all__ = [
     "WireError",
     "WireTooLargeError",
     "batch_digest",
+    "canonical_event_map",
     "classify_lookup_id",
     "decode_ack",
     "decode_batch",

@@ -2,14 +2,15 @@
 
 A producer that receives events as msgpack maps (the sidecar, from
 ``packed_events``) would otherwise build an object from each map only to
-encode it back into the same map. For a *plain* map (only known keys, every
-field of the type the decoder builds without conversion, no additional
-models) the map itself is the event: ``event_from_map`` would accept it and
-``event_to_map`` would give back a map that decodes to the same event.
+encode it back into the same map. For a *plain* map (every field of the type
+the decoder keeps without conversion, no additional models) the map itself
+is the event: ``event_from_map`` would accept it as it is.
 
-``plain_event_map`` says whether a map is plain; ``plain_map_problem`` is
-``event_problem`` for such a map, with the same rules, in the same order and
-with the same reasons. Anything not plain takes the precise path
+``plain_event_map`` says whether a map is plain; ``canonical_event_map`` is
+``event_to_map(event_from_map(raw))`` for a plain map (the same keys, as
+ints, in the same order: the same bytes once packed); ``plain_map_problem``
+is ``event_problem`` for a canonical map, with the same rules, in the same
+order and with the same reasons. Anything not plain takes the precise path
 (``event_from_map``, then ``event_problem``), which alone decides the rest.
 """
 
@@ -27,10 +28,6 @@ from predtrace.wire._codec import (
     DecodeLimits,
 )
 
-_EVENT_KEYS: Final = frozenset((1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18))
-_MODEL_KEYSET: Final = frozenset(_MODEL_KEYS)
-_DEPLOYMENT_KEYSET: Final = frozenset(_DEPLOYMENT_KEYS)
-_OUTPUT_KEYS: Final = frozenset((1, 2, 3))
 _EMPTY: Final[dict[Any, Any]] = {}
 
 
@@ -43,11 +40,12 @@ def plain_event_map(  # noqa: PLR0911 - one answer per field group, flat on purp
 ) -> bool:
     """True when ``raw`` needs no conversion to be the event it encodes.
 
-    Never true for a map ``event_from_map`` would refuse; false also for many
-    it would accept (an integer feature value, additional models, unknown
-    keys), which then take the precise path.
+    Never true for a map ``event_from_map`` would refuse or convert; false
+    also for some it would accept (an integer feature value, additional
+    models), which then take the precise path. Keys it does not know are
+    ignored, as the decoder ignores them.
     """
-    if type(raw) is not dict or not raw.keys() <= _EVENT_KEYS:
+    if type(raw) is not dict or raw.get(7):  # additional models: the precise path
         return False
     g = raw.get
     model, dep, features, attributes = g(6, _EMPTY), g(8, _EMPTY), g(16, _EMPTY), g(17, _EMPTY)
@@ -58,8 +56,6 @@ def plain_event_map(  # noqa: PLR0911 - one answer per field group, flat on purp
         or type(dep) is not dict
         or type(features) is not dict
         or type(attributes) is not dict
-        or not model.keys() <= _MODEL_KEYSET
-        or not dep.keys() <= _DEPLOYMENT_KEYSET
         or type(pid) is not str
         or not 0 < len(pid) <= limits.max_id_len
         or type(trace_id) is not bytes
@@ -98,7 +94,7 @@ def plain_event_map(  # noqa: PLR0911 - one answer per field group, flat on purp
             return False
     if 15 in raw:
         out = raw[15]
-        if type(out) is not dict or not out.keys() <= _OUTPUT_KEYS:
+        if type(out) is not dict:
             return False
         label = out.get(1)
         if (label is not None and type(label) is not str) or not (
@@ -108,8 +104,44 @@ def plain_event_map(  # noqa: PLR0911 - one answer per field group, flat on purp
     return True
 
 
+def canonical_event_map(raw: dict[Any, Any]) -> dict[int, Any]:
+    """``event_to_map(event_from_map(raw))`` for a plain map, without the event in between.
+
+    Empty fields are left out and keys are the wire's ints in ``event_to_map``'s
+    order, whatever the map held (``1.0`` or ``True`` look up as ``1`` in a
+    dict, and are written back as ``1``).
+    """
+    g = raw.get
+    m: dict[int, Any] = {1: g(1)}
+    for key in (2, 3, 4, 5):
+        value = g(key)
+        if value:
+            m[key] = value
+    model = g(6)
+    if model:
+        kept = {k: v for k in _MODEL_KEYS if (v := model.get(k))}
+        if kept:
+            m[6] = kept
+    dep = g(8)
+    if dep:
+        kept = {k: v for k in _DEPLOYMENT_KEYS if (v := dep.get(k))}
+        if kept:
+            m[8] = kept
+    for key in (9, 10, 11, 12, 13, 14, 16, 17):
+        value = g(key)
+        if value:
+            m[key] = value
+    if g(18) is True:
+        m[18] = True
+    out = g(15)
+    if out is not None:
+        # Present even when empty, as event_to_map writes it.
+        m[15] = {k: v for k in (1, 2, 3) if (v := out.get(k)) is not None}
+    return m
+
+
 def plain_map_problem(raw: dict[Any, Any], limits: DecodeLimits = DEFAULT_LIMITS) -> str | None:
-    """``event_problem`` for a plain map (see ``plain_event_map``): same rules, same reasons."""
+    """``event_problem`` for a canonical map (``canonical_event_map``): same rules, same reasons."""
     g = raw.get
     if g(4, 0) > INT63_MAX or g(5, 0) > INT63_MAX:
         return "timestamp_unix_nano and duration_nanos must fit in int64"

@@ -113,6 +113,7 @@ class GrpcSource:
                 f"more than {self._max_events} events in one request",
             )
         converted, positions, rejected = convert_events(message.events)
+        self._intake.count_refused(len(rejected))
         events: list[PredictionEvent | object] = list(converted)
         if message.packed_events:
             try:
@@ -153,6 +154,7 @@ class GrpcSource:
                 chunk.append(event_pb2.PredictionEvent.FromString(raw))
                 places.append(seen)
             except DecodeError:
+                self._intake.count_refused(1)
                 _note(rejected, [Rejection(seen, "malformed PredictionEvent")])
             seen += 1
             if len(chunk) >= _STREAM_CHUNK:
@@ -170,6 +172,7 @@ class GrpcSource:
         rejected: list[Rejection],
     ) -> int:
         events, positions, bad = convert_events(chunk)
+        self._intake.count_refused(len(bad))
         _note(rejected, [Rejection(places[r.index], r.reason, r.prediction_id) for r in bad])
         return await self._spool(context, events, [places[p] for p in positions], rejected)
 

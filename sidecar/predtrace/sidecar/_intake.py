@@ -6,10 +6,12 @@ stores those bytes and the shipper sends them unchanged. ``record`` returns
 only when the accepted events are durable (RELIABILITY rule 1).
 
 Events that arrive as msgpack maps (``packed_events``) may be handed over as
-those maps. A plain one (``plain_event_map``) stays a map: the processors'
-``on_map`` and ``plain_map_problem`` do to it what they would do to its
-event, at under half the cost. Any other map takes the precise path
-(``event_from_map``), which alone names why a map is refused.
+those maps (the intake changes them in place). A plain one
+(``plain_event_map``) stays a map: the processors' ``on_map``,
+``canonical_event_map`` and ``plain_map_problem`` do to it what they would do
+to its event, and the spooled bytes are the same, at about 70 % of the cost.
+Any other map takes the precise path (``event_from_map``), which alone names
+why a map is refused.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from predtrace.wire import (
     PredictionEvent,
     Rejection,
     WireError,
+    canonical_event_map,
     event_from_map,
     event_problem,
     event_rejection,
@@ -69,12 +72,17 @@ class Intake:
         self.counters = IntakeCounters()
         self._processors = tuple(processors)
         # Maps stay maps only when every processor can work on one.
-        on_maps = [getattr(p, "on_map", None) for p in self._processors]
+        on_maps = [_map_form(p) for p in self._processors]
         self._map_processors: tuple[MapProcessor, ...] | None = (
-            tuple(on_maps) if all(callable(m) for m in on_maps) else None  # type: ignore[arg-type]
+            tuple(m for m in on_maps if m is not None) if None not in on_maps else None
         )
         self._limit = spool.config.max_record_bytes
         self._log = RateLimitedLog(_log)
+
+    def count_refused(self, count: int) -> None:
+        """Count events a source refused before handing them over (unreadable ones)."""
+        self.counters.received += count
+        self.counters.rejected += count
 
     async def record(self, events: Sequence[PredictionEvent | object]) -> IntakeResult:
         """Spool ``events``; return once the accepted ones are durable.
@@ -155,11 +163,12 @@ class Intake:
                 self.counters.filtered += 1
                 return
             current = result
-        problem = plain_map_problem(current)
+        canonical = canonical_event_map(current)  # the bytes the object path would spool
+        problem = plain_map_problem(canonical)
         if problem is not None:
             rejected.append(Rejection(index, problem, prediction_id[:256]))
             return
-        data: bytes = msgpack.packb(current, use_bin_type=True)
+        data: bytes = msgpack.packb(canonical, use_bin_type=True)
         if len(data) > self._limit:
             reason = f"event larger than {self._limit} bytes"
             rejected.append(Rejection(index, reason, prediction_id))
@@ -180,3 +189,19 @@ class Intake:
                 return None
             current = result
         return current
+
+
+def _map_form(processor: Processor) -> MapProcessor | None:
+    """The processor's ``on_map``, if the class that defines it also defines ``__call__``.
+
+    A subclass that overrides ``__call__`` alone must not inherit an
+    ``on_map`` that no longer does the same thing: its events take the
+    object path.
+    """
+    on_map = getattr(processor, "on_map", None)
+    if not callable(on_map):
+        return None
+    for cls in type(processor).__mro__:
+        if "__call__" in vars(cls) or "on_map" in vars(cls):
+            return on_map if "__call__" in vars(cls) and "on_map" in vars(cls) else None
+    return None

@@ -139,6 +139,24 @@ async def test_a_bad_packed_event_is_rejected_alone_at_its_position_after_the_pr
     assert running.app.spool.stats().records == 4
 
 
+async def test_refused_events_count_alike_whether_protobuf_or_packed(
+    start_sidecar: StartSidecar,
+) -> None:
+    running = await start_sidecar()
+    bad_proto = proto_events(1)[0]
+    bad_proto.trace_id = b"abc"
+    packed = [{1: "p00007", 2: b"abc"}, event_to_map(plain_events(1, 8)[0])]
+    request = sidecar_pb2.RecordBatchRequest(
+        events=[bad_proto, *proto_events(1, 1)], packed_events=msgpack.packb(packed)
+    )
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        ack = await sidecar_pb2_grpc.SidecarStub(channel).RecordBatch(request)
+    assert ack.accepted == 2
+    assert [r.index for r in ack.rejected] == [0, 2]
+    counters = running.app.intake.counters
+    assert (counters.received, counters.accepted, counters.rejected) == (4, 2, 2)
+
+
 @pytest.mark.parametrize(
     ("packed", "reason"),
     [
