@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from predtrace.collector.store import Store, open_store
+from predtrace.collector._errors import StoreUnavailableError
+from predtrace.collector.store import PostgresOptions, Store, open_store
 from predtrace.collector.store._ops import Exec, Fetch, Plan
 from predtrace.collector.store._schema import MIGRATIONS
 
@@ -117,3 +118,34 @@ def test_a_new_sqlite_file_gets_16k_pages_and_an_old_one_keeps_its_own(tmp_path:
         sizes[name] = conn.execute("PRAGMA page_size").fetchone()[0]
         conn.close()
     assert sizes == {"new.db": 16_384, "old.db": 4096}
+
+
+async def test_a_migration_blocked_by_a_long_query_fails_the_start_and_a_later_one_works() -> None:
+    import asyncpg  # noqa: PLC0415 - only this PostgreSQL test needs it
+
+    base = postgres_url()
+    assert base is not None
+    schema = f"t_{secrets.token_hex(6)}"
+    url = f"{base}?schema={schema}"
+    first = open_store(url)
+    await first.open()
+    await first.engine.write(_back_to_v1())
+    await first.close()
+    reader = await asyncpg.connect(base, server_settings={"search_path": schema})
+    try:
+        long_query = reader.transaction()
+        await long_query.start()
+        await reader.execute("SELECT count(*) FROM predictions")  # holds its lock until commit
+        blocked = open_store(url, postgres=PostgresOptions(migration_lock_timeout=0.3))
+        with pytest.raises(StoreUnavailableError, match="schema migration 2 waited 300 ms"):
+            await blocked.open()
+        await long_query.commit()
+        again = open_store(url, postgres=PostgresOptions(migration_lock_timeout=0.3))
+        await again.open()
+        try:
+            assert await again.engine.read(_versions()) == [1, 2]
+        finally:
+            await again.close()
+    finally:
+        await reader.close()
+        await _drop_schema(base, schema)

@@ -96,12 +96,18 @@ class PostgresOptions:
     min_size: int = 1
     max_size: int = 10
     command_timeout: float = 30.0
+    # A migration waits this long for the locks it needs (DROP INDEX locks the
+    # predictions table) and then fails the start, instead of queueing every
+    # other replica's ingest behind a long-running query.
+    migration_lock_timeout: float = 15.0
 
     def __post_init__(self) -> None:
         if self.schema and not _SCHEMA_RE.match(self.schema):
             raise ConfigError("schema must be a lower-case SQL identifier")
         if not 0 <= self.min_size <= self.max_size or self.max_size < 1:
             raise ConfigError("need 0 <= min_size <= max_size and max_size >= 1")
+        if not self.migration_lock_timeout > 0:
+            raise ConfigError("migration_lock_timeout must be positive")
 
 
 class PostgresEngine:
@@ -145,16 +151,27 @@ class PostgresEngine:
         except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError) as exc:
             await self.close()
             raise translate(exc) from None
+        except StoreError:
+            await self.close()
+            raise
 
-    @staticmethod
-    async def _migrate(conn: Any) -> None:
+    async def _migrate(self, conn: Any) -> None:
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
         await conn.execute(MIGRATIONS_TABLE.format(INT="BIGINT"))
         done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        timeout_ms = int(self.options.migration_lock_timeout * 1000)
+        await conn.execute(f"SET LOCAL lock_timeout = {timeout_ms}")
         for version, template in MIGRATIONS:
             if version not in done:
-                for statement in render(template, "postgres"):
-                    await conn.execute(statement)
+                try:
+                    for statement in render(template, "postgres"):
+                        await conn.execute(statement)
+                except asyncpg.exceptions.LockNotAvailableError:
+                    raise StoreUnavailableError(
+                        f"schema migration {version} waited {timeout_ms} ms for a lock on the"
+                        " store's tables (a long query holds it); start the collector again"
+                        " once it is done"
+                    ) from None
                 await conn.execute(
                     "INSERT INTO schema_migrations VALUES ($1, $2)", version, time.time_ns()
                 )

@@ -44,8 +44,9 @@ def json_text(value: object) -> str:
     """Compact JSON text of a features, attributes or models column.
 
     orjson: a tenth of ``json.dumps``' time on a small map, and this runs for
-    every stored event. The text differs from ``json.dumps``' only in spacing
-    and in leaving non-ASCII unescaped; it reads back to the same values.
+    every stored event. The text differs from ``json.dumps``' in spacing and
+    in leaving non-ASCII unescaped, and reads back to the same values; NaN and
+    infinities become ``null`` (ingest refuses them, so no stored row has one).
     """
     try:
         return orjson.dumps(value).decode()

@@ -8,6 +8,7 @@ registrations, the query plans and retention. ``open_store`` reads the
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -184,12 +185,7 @@ def open_store(
         dsn = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(query), ""))
         options = postgres or PostgresOptions()
         if schema:
-            options = PostgresOptions(
-                schema=schema,
-                min_size=options.min_size,
-                max_size=options.max_size,
-                command_timeout=options.command_timeout,
-            )
+            options = dataclasses.replace(options, schema=schema)
         return Store(PostgresEngine(dsn, options))
     if scheme == "sqlite":
         path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
