@@ -13,14 +13,17 @@ with telemetry off.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Final
 
 from predtrace.middleware._asgi import ASGIApp, Message, Receive, Scope, Send
 from predtrace.middleware._config import MiddlewareConfig
+from predtrace.middleware._errors import ConfigError
 from predtrace.middleware._prediction import Prediction
 from predtrace.middleware._runtime import PredictionRuntime
 
+_log = logging.getLogger("predtrace.middleware")
 _LIFESPAN_DONE: Final = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
 
 
@@ -41,8 +44,22 @@ class PredictionTracingMiddleware:
         runtime: PredictionRuntime | None = None,
     ) -> None:
         self.app = app
+        self.config_error: str | None = None
         if runtime is None:
-            runtime = PredictionRuntime(config or MiddlewareConfig.from_env(os.environ))
+            try:
+                runtime = PredictionRuntime(config or MiddlewareConfig.from_env(os.environ))
+            except ConfigError as exc:
+                if config is not None:
+                    raise
+                # Read from the environment by ``app.add_middleware(...)``, i.e.
+                # when the server first calls the app: raising here would give
+                # a server that answers 500 to everything. The lifespan startup
+                # fails instead, with this message (see __call__).
+                self.config_error = f"predtrace: invalid PREDTRACE_* settings: {exc}"
+                _log.error("%s", self.config_error)
+                self.runtime = None
+                self._enabled = False
+                return
         self.runtime = runtime
         self._match = runtime.routes.match
         self._enabled = runtime.config.enabled
@@ -50,18 +67,33 @@ class PredictionTracingMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI connection."""
         kind = scope["type"]
+        if self.config_error is not None and kind == "lifespan":
+            await self._refuse_startup(receive, send)
+            return
         if kind == "http" and self._enabled:
             match = self._match(scope["method"], scope["path"])
             if match is not None:
-                await Prediction(self.runtime, match).run(self.app, scope, receive, send)
+                await Prediction(self.runtime, match).run(self.app, scope, receive, send)  # type: ignore[arg-type]
                 return
         elif kind == "lifespan" and self._enabled:
             await self._lifespan(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
+    async def _refuse_startup(self, receive: Receive, send: Send) -> None:
+        """Answer the server's lifespan startup with the configuration error."""
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.failed", "message": self.config_error})
+                return
+            if message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         runtime = self.runtime
+        assert runtime is not None  # noqa: S101 - only a config error leaves it unset
 
         async def lifespan_receive() -> Message:
             message = await receive()

@@ -288,12 +288,17 @@ class Prediction:
         return message
 
     def _wants_response(self, headers: list[tuple[bytes, bytes]]) -> bool:
-        if self.match.protocol == PROTOCOL_HTTP:
+        protocol = self.match.protocol
+        if protocol == PROTOCOL_HTTP:
             return False
-        override = self._ctx.model_override
-        version_known = self._start_model[1] or (override and override.get("version"))
-        if version_known and not (self._ctx.sampled and self._ctx.output is None):
-            return False
+        # An OIP v2 response names the model version actually served, which
+        # wins over the configured or routed one: always read it. Elsewhere
+        # the body is read only for a version still unknown or an output.
+        if protocol != PROTOCOL_OIP_V2_REST:
+            override = self._ctx.model_override
+            version_known = self._start_model[1] or (override and override.get("version"))
+            if version_known and not (self._ctx.sampled and self._ctx.output is None):
+                return False
         return is_json(headers)
 
     # -- completion ---------------------------------------------------------------
@@ -321,10 +326,14 @@ class Prediction:
             self._settle_telemetry_inputs()
         model, run_id = self._model(response)
         if span is not None:
-            if self._own_span:
-                self._end_own_span(span, model, run_id, error_type, status if exc is None else None)
-            else:
-                self._annotate(span, model, run_id)
+            try:
+                if self._own_span:
+                    status_code = status if exc is None else None
+                    self._end_own_span(span, model, run_id, error_type, status_code)
+                else:
+                    self._annotate(span, model, run_id)
+            except Exception as error:  # noqa: BLE001 - e.g. an app's span processor raising in on_end: the event still goes
+                rt.failed("span_end", error)
         trace_id, span_id = spans.ids_of(span) if span is not None else (b"", b"")
         sampled = ctx.sampled
         output = ctx.output

@@ -12,6 +12,8 @@ import logging
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.trace import NoOpTracerProvider, Tracer, TracerProvider
 
 from predtrace.middleware import MiddlewareConfig, ResolvedModel, instrument_app
@@ -64,6 +66,19 @@ class BrokenTracerProvider(TracerProvider):
         return tracer
 
 
+class RaisingOnEnd(SpanProcessor):
+    """An application's span processor with a bug: ``span.end()`` raises."""
+
+    def on_end(self, span: ReadableSpan) -> None:
+        raise RuntimeError("processor bug")
+
+
+def _provider_with_a_raising_processor() -> SdkTracerProvider:
+    provider = SdkTracerProvider()
+    provider.add_span_processor(RaisingOnEnd())
+    return provider
+
+
 class RaisingResolver:
     """A registry that is down."""
 
@@ -101,6 +116,10 @@ FAILURES = {
         "exporter": RaisingExporter(RuntimeError("bug")),
         "tracer_provider": BrokenTracerProvider(),
     },
+    "span processor raises on end": lambda: {
+        "exporter": RaisingExporter(RuntimeError("bug")),
+        "tracer_provider": _provider_with_a_raising_processor(),
+    },
     "registry down": lambda: {
         "exporter": RaisingExporter(RuntimeError("bug")),
         "resolver": RaisingResolver(),
@@ -129,6 +148,8 @@ async def test_responses_are_byte_identical_to_telemetry_off(
     assert stats["dropped"] == stats["enqueued"]  # and every one counted as dropped
     if failure == "tracing sdk raises":
         assert stats["error.span"] == len(REQUESTS) * 3
+    if failure == "span processor raises on end":
+        assert stats["error.span_end"] == len(REQUESTS) * 3
     # The same failure is logged once, not once per batch or request.
     messages = [r.getMessage() for r in caplog.records]
     assert all(messages.count(m) == 1 for m in set(messages) if "raised" in m or "error in" in m)

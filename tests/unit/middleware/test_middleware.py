@@ -488,3 +488,21 @@ async def test_app_reading_past_the_body_gets_the_servers_next_message_once_id_i
     first, second = seen
     assert json.loads(first["body"])["id"] == response.header("x-prediction-id")
     assert second == {"type": "http.disconnect"}
+
+
+@pytest.mark.parametrize("sample_rate", [0.0, 1.0])
+async def test_the_version_the_oip_response_names_wins_over_the_configured_one(
+    instrument: Instrument, events: InMemoryExporter, sample_rate: float
+) -> None:
+    # The configured version is what the deployment was meant to serve; the
+    # response says what actually answered, sampled or not.
+    app = fastapi_app()
+    static = {"model_name": "iris", "model_version": "3", "model_id": "models:/iris/3"}
+    runtime = instrument(app, sample_rate=sample_rate, **static)
+    await call_asgi(app, "POST", "/v2/models/iris/infer", _json(BODY), _headers())
+    await call_asgi(app, "POST", "/v2/models/iris/versions/5/infer", _json(BODY), _headers())
+    runtime.force_flush(5)
+    plain, routed = events.events
+    assert (plain.model.name, plain.model.version) == ("iris", "7")
+    assert plain.model.registry_model_id == "models:/iris/3"  # static fields fill the rest
+    assert routed.model.version == "5"
