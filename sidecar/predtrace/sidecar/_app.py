@@ -20,6 +20,7 @@ import socket
 import ssl
 import time
 from collections.abc import Mapping
+from typing import Final
 
 import grpc
 from grpc_health.v1 import _async as health_aio  # the package's asyncio servicer
@@ -43,6 +44,8 @@ from predtrace.v1 import sidecar_pb2
 from predtrace.wire import producer_id_base, restarted_producer_id
 
 _log = logging.getLogger("predtrace.sidecar")
+# What a shipper gets to finish its last step once the drain deadline passed.
+_SHIPPER_EXIT_GRACE_S: Final = 0.5
 PRODUCER_FILE = "producer_id"
 
 
@@ -54,7 +57,6 @@ def grpc_server_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ("grpc.max_connection_age_grace_ms", 10_000),
     ]
 
 
@@ -173,7 +175,12 @@ class SidecarApp:
         )
 
     async def _start_oip(self, intake: Intake, listen: str, upstream: str, index: int) -> None:
-        proxy = OipProxy(intake, upstream, deployment=self.config.deployment)
+        proxy = OipProxy(
+            intake,
+            upstream,
+            deployment=self.config.deployment,
+            max_message_bytes=self.config.max_message_bytes,
+        )
         server = grpc.aio.server(options=grpc_server_options(self.config.max_message_bytes))
         server.add_generic_rpc_handlers((proxy.generic_handler(),))
         name = "oip-proxy" if index == 0 else f"oip-proxy-{index + 1}"
@@ -250,6 +257,7 @@ class SidecarApp:
         if self._stopped:
             return
         self._stopped = True
+        deadline = asyncio.get_running_loop().time() + self.config.drain_timeout
         await self._health.enter_graceful_shutdown()
         grace = min(2.0, max(0.1, self.config.drain_timeout / 4))
         await asyncio.gather(*(server.stop(grace) for server in self._servers))
@@ -264,8 +272,18 @@ class SidecarApp:
                 # A shipper that already died has nothing to drain.
                 drain = 0.0 if self._shipper_task.done() else self.config.drain_timeout
                 await self._shipper.stop(drain)
+                # A send still in flight (a collector that takes the connection
+                # and never answers) must not hold the exit for the client
+                # timeout: past the deadline it is cancelled; its batch stays
+                # spooled and goes again on the next start.
+                left = max(_SHIPPER_EXIT_GRACE_S, deadline - asyncio.get_running_loop().time())
                 try:
-                    await self._shipper_task
+                    await asyncio.wait_for(self._shipper_task, left)
+                except TimeoutError:
+                    _log.warning(
+                        "a delivery was still in flight at the drain deadline; it was cancelled"
+                        " and its events stay spooled for the next start"
+                    )
                 except asyncio.CancelledError:
                     pass
                 except Exception:  # noqa: BLE001 - stop must finish closing

@@ -127,10 +127,21 @@ class OipProxy(_Handler):
     """Handles every method of the service; register it on a grpc.aio server."""
 
     def __init__(
-        self, intake: Intake, upstream: str, *, deployment: DeploymentConfig | None = None
+        self,
+        intake: Intake,
+        upstream: str,
+        *,
+        deployment: DeploymentConfig | None = None,
+        max_message_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self.upstream = upstream
-        self._channel = grpc.aio.insecure_channel(upstream)
+        # The same message limit towards the model server as towards its
+        # clients: a tensor the proxy's listener takes must also come back.
+        limits = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        self._channel = grpc.aio.insecure_channel(upstream, options=limits)
         self._infer = self._channel.unary_unary(MODEL_INFER, None, None)
         self._recorder = _Recorder(intake)
         self.requests = 0

@@ -230,6 +230,39 @@ def test_sigterm_with_a_backlog_and_no_collector_exits_in_time_and_keeps_everyth
             sidecar.stop()
 
 
+def test_sigterm_with_a_collector_that_never_answers_exits_in_time_and_keeps_everything(
+    tmp_path: Path,
+) -> None:
+    # A collector that takes the connection and never answers: the send in
+    # flight would hold the exit for the whole client timeout (30 s here).
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        port = silent.getsockname()[1]
+        book = oracle()
+        sidecar = start_sidecar(
+            tmp_path,
+            f"http://127.0.0.1:{port}",
+            *("--drain-timeout", "1", "--collector-timeout", "30"),
+        )
+        with running(sidecar):
+            producer = Producer(book, sidecar.address, "silent", batch=200)
+            for _ in range(3):
+                producer.send_once()
+            time.sleep(0.5)  # the shipper's first send is on the wire
+            started = time.monotonic()
+            assert sidecar.stop(within=40) == 0
+            took = time.monotonic() - started
+        assert took < 10, f"SIGTERM took {took:.1f} s with a 1 s drain deadline"
+        assert "still in flight at the drain deadline" in sidecar.tail()
+    collector = start_collector(tmp_path)
+    sidecar = start_sidecar(tmp_path, f"http://{collector.address}")
+    with running(collector, sidecar):
+        wait_delivered(collector.address, book.acked)
+        check(collector.address, book)
+        sidecar.stop()
+
+
 def test_sigterm_with_a_backlog_drains_it_to_the_collector_within_the_deadline(
     tmp_path: Path,
 ) -> None:

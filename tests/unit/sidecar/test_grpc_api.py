@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -112,6 +113,32 @@ async def test_packed_events_are_spooled_redacted_and_shipped_like_protobuf_ones
     assert [e.prediction_id for e in events] == [f"p{i:05d}" for i in range(8)]
     assert all(e.features == {"age": 41.0} for e in events), "redaction runs on both forms"
     assert events[5].output == OutputSummary(label="stay", score=0.9)
+
+
+def _all_bytes_under(root: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())
+
+
+async def test_what_redaction_removes_never_reaches_the_spool_files(
+    start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    # The collector is down, so every event stays in the spool's files.
+    running = await start_sidecar(
+        collector=CollectorClientConfig(url="http://127.0.0.1:9", timeout=1),
+        redaction=RedactionConfig(
+            allow_features=("age",), allow_attributes=("route",), patterns=(r"stay",)
+        ),
+    )
+    request = sidecar_pb2.RecordBatchRequest(
+        events=proto_events(3), packed_events=pack_events(plain_events(3, 3))
+    )
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        ack = await sidecar_pb2_grpc.SidecarStub(channel).RecordBatch(request)
+    assert ack.accepted == 6
+    spooled = await asyncio.to_thread(_all_bytes_under, tmp_path)
+    assert spooled.count(b"/predict") == 6  # the allowed attribute: the files hold the events
+    for removed in (b"ssn_digits", b"customer_email", b"a@example.org", b"stay"):
+        assert removed not in spooled, removed
 
 
 async def test_a_bad_packed_event_is_rejected_alone_at_its_position_after_the_protobuf_ones(

@@ -270,3 +270,41 @@ async def test_streams_of_any_cardinality_pass_through(streaming_proxy: str) -> 
                 assert await asyncio.wait_for(bidi.read(), 5) == b"echo:" + request
             await bidi.done_writing()
             assert await bidi.read() is grpc.aio.EOF
+
+
+async def test_a_response_over_grpcs_default_4_mib_passes_when_the_limit_allows_it(
+    start_sidecar: StartSidecar,
+) -> None:
+    limit = 16 * 1024 * 1024
+    options = [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+    ]
+    big = pb.ModelInferResponse(model_name="churn", model_version="2", id="r")
+    big.raw_output_contents.append(b"\x01" * (6 * 1024 * 1024))
+
+    async def infer(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        return big.SerializeToString()
+
+    upstream = grpc.aio.server(options=options)
+    upstream.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "inference.GRPCInferenceService",
+                {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)},
+            ),
+        )
+    )
+    port = upstream.add_insecure_port("127.0.0.1:0")
+    await upstream.start()
+    try:
+        running = await start_sidecar(
+            oip_proxies=(("127.0.0.1:0", f"127.0.0.1:{port}"),), max_message_bytes=limit
+        )
+        target = running.app.addresses["oip-proxy"]
+        async with grpc.aio.insecure_channel(target, options=options) as channel:
+            method = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            answer = await method(request([[1.0, 2.0, 3.0]]), timeout=30)
+        assert answer == big.SerializeToString()
+    finally:
+        await upstream.stop(None)
