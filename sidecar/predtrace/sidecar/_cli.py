@@ -89,19 +89,36 @@ def build_config(options: dict[str, Any], environ: dict[str, str]) -> SidecarCon
 
 
 @sidecar.command()
-@click.option("--listen", help="HOST:PORT of the gRPC API [127.0.0.1:4555]; port 0 picks one.")
+@click.option(
+    "--listen",
+    help="HOST:PORT of the gRPC API [PREDTRACE_SIDECAR_LISTEN, else 127.0.0.1:4555]; "
+    "port 0 picks one.",
+)
 @click.option("--collector", "collector_url", help="Collector URL [PREDTRACE_COLLECTOR_URL].")
 @click.option("--spool", "spool_dir", help="Spool directory [PREDTRACE_SPOOL_DIR].")
 @click.option("--ready-file", help="Written once ready: 'host:port', then 'name host:port' lines.")
 @click.option("--token", help="Collector bearer token [PREDTRACE_TOKEN]; never logged.")
 @click.option("--collector-timeout", type=float, help="Seconds per delivery attempt [10].")
-@click.option("--producer-id", help="Stable producer id [kept in the spool directory].")
-@click.option("--edge/--no-edge", default=False, help="Edge mode: long outages, capped backoff.")
-@click.option("--spool-max-bytes", help="Spool byte cap, e.g. 2GiB; oldest dropped past it.")
+@click.option(
+    "--producer-id",
+    help="Stable producer id [PREDTRACE_PRODUCER_ID, else one kept in the spool directory].",
+)
+@click.option(
+    "--edge/--no-edge",
+    default=False,
+    help="Edge mode: long outages, bigger batches, backoff capped at 5 min [PREDTRACE_EDGE=1].",
+)
+@click.option(
+    "--spool-max-bytes",
+    help="Spool byte cap, e.g. 2GiB; oldest dropped past it [PREDTRACE_SPOOL_MAX_BYTES].",
+)
 @click.option("--spool-segment-bytes", help="Spool segment size [8MiB]; small flash: 1MiB.")
-@click.option("--otlp-listen", help="HOST:PORT of the OTLP/gRPC receiver.")
+@click.option("--otlp-listen", help="HOST:PORT of the OTLP/gRPC receiver [PREDTRACE_OTLP_LISTEN].")
 @click.option("--otlp-http-listen", help="HOST:PORT of OTLP/HTTP [--otlp-listen's port + 1].")
-@click.option("--otlp-export", help="OTLP/HTTP traces URL every received span is forwarded to.")
+@click.option(
+    "--otlp-export",
+    help="OTLP/HTTP traces URL every received span is forwarded to [PREDTRACE_OTLP_EXPORT].",
+)
 @click.option(
     "--otlp-export-header",
     "otlp_export_headers",
@@ -114,7 +131,9 @@ def build_config(options: dict[str, Any], environ: dict[str, str]) -> SidecarCon
     multiple=True,
     help="LISTEN=UPSTREAM: proxy OIP v2 gRPC to a model server (repeatable).",
 )
-@click.option("--metrics-listen", help="HOST:PORT for Prometheus /metrics.")
+@click.option(
+    "--metrics-listen", help="HOST:PORT for Prometheus /metrics [PREDTRACE_METRICS_LISTEN]."
+)
 @click.option("--max-message-bytes", help="Largest gRPC message accepted [4MiB].")
 @click.option("--drain-timeout", type=float, help="Seconds to ship after SIGTERM [10].")
 @click.option("--poison-attempts", type=int, help="Failures before a batch is quarantined [5].")
@@ -145,7 +164,12 @@ def build_config(options: dict[str, Any], environ: dict[str, str]) -> SidecarCon
 )
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
 def serve(log_level: str, **options: Any) -> None:
-    """Run the sidecar: gRPC API, durable spool, shipper, optional OTLP and OIP proxy."""
+    """Run the sidecar: gRPC API, durable spool, shipper, optional OTLP and OIP proxy.
+
+    Runs until SIGTERM or SIGINT, then ships for up to --drain-timeout and
+    exits; what is left stays spooled for the next start. Exit codes: 0
+    stopped cleanly, 1 could not start (the reason on stderr), 2 usage error.
+    """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     try:
         config = build_config(options, dict(os.environ))

@@ -53,3 +53,12 @@ def test_unlimited_attempts_by_default() -> None:
 def test_invalid_policy_fails_at_construction(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="RetryPolicy"):
         RetryPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_retry_after_is_honoured_up_to_an_hour_or_the_backoff_cap() -> None:
+    rng = random.Random(1)
+    edge = RetryPolicy(initial_backoff=1.0, max_backoff=300.0)
+    assert edge.delay(0, 1800.0, rng) == 1800.0
+    assert edge.delay(0, 86_400.0, rng) == 3600.0  # a broken header: not a day
+    patient = RetryPolicy(initial_backoff=1.0, max_backoff=7200.0)
+    assert patient.delay(0, 86_400.0, rng) == 7200.0

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Final
+
+_MAX_RETRY_AFTER_S: Final = 3600.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -12,8 +15,10 @@ class RetryPolicy:
 
     The n-th retry waits a uniform random time in [0, min(max_backoff,
     initial_backoff * multiplier**n)] ("full jitter"), and never less than the
-    receiver's Retry-After. ``max_attempts=None`` retries for as long as it
-    takes: elapsed time alone never drops data (only the queue's cap does).
+    receiver's Retry-After, up to an hour (or ``max_backoff`` if longer): a
+    broken header asking for days must not stall delivery for days.
+    ``max_attempts=None`` retries for as long as it takes: elapsed time alone
+    never drops data (only the queue's cap does).
 
     Example:
         >>> RetryPolicy(initial_backoff=0.5, max_backoff=30.0)
@@ -41,7 +46,7 @@ class RetryPolicy:
         """Seconds to wait before retry number ``retry``."""
         jittered = rng.uniform(0.0, self.ceiling(retry))
         if retry_after is not None and retry_after > jittered:
-            return retry_after
+            return min(retry_after, max(self.max_backoff, _MAX_RETRY_AFTER_S))
         return jittered
 
     def gives_up_after(self, attempts: int) -> bool:
