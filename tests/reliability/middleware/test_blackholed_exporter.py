@@ -2,7 +2,9 @@
 
 The request path never waits for the exporter (if it did, these tests would
 deadlock: the exporter is released only after every request was answered),
-memory stays bounded by the queue size, and every drop is counted exactly.
+every answer is byte for byte the one the app gives without telemetry (the
+added ``x-prediction-id`` aside), memory stays bounded by the queue size, and
+every drop is counted exactly.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class BlackHole:
 
 async def test_burst_of_ten_times_the_queue_is_answered_while_export_hangs() -> None:
     hole = BlackHole()
+    plain = model_app()  # the same app without telemetry: what every answer must equal
     app = model_app()
     queue = QueueConfig(max_queue_size=QUEUE, max_batch_size=BATCH, schedule_delay=0.01)
     runtime = instrument_app(app, MiddlewareConfig(exporter=hole, queue=queue))
@@ -52,7 +55,11 @@ async def test_burst_of_ten_times_the_queue_is_answered_while_export_hangs() -> 
         for i in range(QUEUE * 10):
             body = json.dumps({"id": f"b-{i}"}).encode()
             response = await call_asgi(app, "POST", "/v2/models/m/infer", body, JSON)
-            assert response.status == 200
+            expected = await call_asgi(plain, "POST", "/v2/models/m/infer", body, JSON)
+            assert response.status == expected.status == 200
+            assert response.body == expected.body
+            headers = [(k, v) for k, v in response.headers if k != b"x-prediction-id"]
+            assert headers == expected.headers
             ids.append(response.header("x-prediction-id"))
             assert runtime.pipeline.queue_depth <= QUEUE  # bounded at every step
         stats = runtime.stats()
