@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import select
+import signal
+import time
+import types
 import uuid
 
 import pytest
@@ -11,6 +15,7 @@ import pytest
 from predtrace.wire import (
     InvalidIdError,
     UuidV7Generator,
+    _ids,  # the module generator's internals
     classify_lookup_id,
     new_prediction_id,
     parse_prediction_id,
@@ -129,3 +134,72 @@ def test_a_restarted_producer_id_is_the_base_plus_six_hex_digits() -> None:
     assert producer_id_base(once) == "edge-7"
     assert producer_id_base("edge-7") == "edge-7"
     assert producer_id_base("edge-7-rnothex") == "edge-7-rnothex"
+
+
+def _read_child_report(read_fd: int, timeout: float) -> bytes:
+    """All the child writes to the pipe until it closes it, or what came before ``timeout``."""
+
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([read_fd], [], [], left)
+        if not ready:
+            break
+        chunk = os.read(read_fd, 4096)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _reap(pid: int, timeout: float) -> int:
+    """Wait for the child; kill it if it is still there after ``timeout``. Its exit status."""
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)[1]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_reseeds_the_module_generator_right_after_the_fork(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Compares the random source itself, not ids that differ by their timestamp
+    # anyway: the next 64 bits of the module generator's RNG, and the next id
+    # under a frozen clock. Without the after-fork reseed, parent and child
+    # hold the same generator state and both draws are equal, every time.
+
+    gen = _ids._GENERATOR
+    frozen_ns = time.time_ns()
+    monkeypatch.setattr(_ids, "time", types.SimpleNamespace(time_ns=lambda: frozen_ns))
+    # A known start for both sides (the one a reseed gives), put back after the test.
+    monkeypatch.setattr(gen, "_last_ms", 0)
+    monkeypatch.setattr(gen, "_counter", 0)
+    rng = gen._rng
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report and leave, whatever happens; never back into pytest
+        code = 1
+        try:
+            os.close(read_fd)
+            os.write(write_fd, f"{rng.getrandbits(64)} {new_prediction_id()}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        os.close(write_fd)
+        parent_bits, parent_id = rng.getrandbits(64), new_prediction_id()
+        report = _read_child_report(read_fd, timeout=10.0)
+    finally:
+        os.close(read_fd)
+        status = _reap(pid, timeout=10.0)
+    assert os.waitstatus_to_exitcode(status) == 0, report
+    child_bits, child_id = report.decode().split(" ")
+    assert uuid7_timestamp_ms(child_id) == uuid7_timestamp_ms(parent_id)  # the frozen clock
+    assert int(child_bits) != parent_bits
+    assert child_id != parent_id  # only their random bits can tell them apart
