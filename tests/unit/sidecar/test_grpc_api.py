@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -447,3 +448,69 @@ async def test_a_stream_of_rejections_gets_an_ack_that_fits_and_right_positions(
     assert ack.accepted == 1
     assert [r.index for r in ack.rejected[:3]] == [0, 1, 3]
     assert len(ack.rejected) == MAX_LISTED_REJECTIONS
+
+
+class _GatedSegmentDisk(MemoryFileLayer):
+    """Once ``armed``, holds the spool writer in the fsync of a segment until ``release``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self._paths: dict[int, str] = {}
+
+    def open(self, path: str, *, create: bool) -> int:
+        handle = super().open(path, create=create)
+        self._paths[handle] = path
+        return handle
+
+    def fsync(self, handle: int) -> None:
+        if self.armed and "/seg-" in self._paths.get(handle, ""):
+            self.entered.set()
+            self.release.wait(30)
+        super().fsync(handle)
+
+
+async def test_row27_a_deadline_expiring_while_the_server_spools_is_deadline_exceeded_and_safe(
+    start_sidecar: StartSidecar,
+) -> None:
+    disk = _GatedSegmentDisk()
+    running = await start_sidecar(files=disk, spool=SpoolConfig(directory="/spool"))
+    acked = {f"p{i:05d}" for i in range(10)}
+    cancelled = {f"p{i:05d}" for i in range(100, 150)}
+    try:
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            stub = sidecar_pb2_grpc.SidecarStub(channel)
+            first = await stub.RecordBatch(sidecar_pb2.RecordBatchRequest(events=proto_events(10)))
+            assert first.accepted == 10
+            await eventually(lambda: len(running.collector.events()) == 10)
+            disk.armed = True  # the next spool write is slower than the caller's deadline
+            call = asyncio.ensure_future(
+                stub.RecordBatch(
+                    sidecar_pb2.RecordBatchRequest(events=proto_events(50, 100)), timeout=1.0
+                )
+            )
+            # The call reached the server: its events are being written to the spool.
+            await eventually(disk.entered.is_set, within=5)
+            assert running.app.intake.counters.received == 60
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert not disk.release.is_set(), "the deadline expired while the server worked"
+            disk.release.set()
+            await _assert_healthy(channel, stub)  # health SERVING and p00900 acknowledged
+            acked.add("p00900")
+            later = await stub.RecordBatch(
+                sidecar_pb2.RecordBatchRequest(events=proto_events(5, 200))
+            )
+            assert later.accepted == 5
+            acked |= {f"p{i:05d}" for i in range(200, 205)}
+    finally:
+        disk.release.set()  # never leave the writer thread parked
+    await eventually(lambda: acked <= {e.prediction_id for e in running.collector.events()})
+    delivered = {e.prediction_id for e in running.collector.events()}
+    # At least once: every acknowledged event arrives; the cancelled call's events
+    # may or may not have been spooled, and nothing else appears.
+    assert delivered - acked <= cancelled
+    assert running.app.shipper.counters.quarantined == 0

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
+from collections.abc import Callable
 
 import aiohttp
 import grpc
 from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
 
 from predtrace.cli import main
+from predtrace.sidecar._config import ShipperConfig
+from predtrace.sidecar.pipeline import RetryPolicy
 from predtrace.sidecar.spool import SpoolConfig
 from predtrace.v1 import sidecar_pb2, sidecar_pb2_grpc
 from predtrace.wire import PredictionEvent, event_to_proto
+from tests.reliability.sidecar.fake_collector import Answer
 from tests.reliability.sidecar.polling import eventually
 
 from .conftest import Running, StartSidecar
@@ -77,3 +84,142 @@ def test_the_status_command_says_when_no_sidecar_answers() -> None:
     )
     assert result.exit_code == 1
     assert "cannot reach the sidecar at 127.0.0.1:9" in result.output
+
+
+# -- delivery counters through the real /metrics endpoint ---------------------------------
+
+Samples = dict[str, float]
+_FAST_RETRY = ShipperConfig(linger=0, retry=RetryPolicy(initial_backoff=0.02, max_backoff=0.05))
+
+
+async def _scrape(running: Running) -> Samples:
+    """One GET /metrics of the running sidecar, parsed by prometheus_client."""
+    url = f"http://{running.app.addresses['metrics']}/metrics"
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+async def _scrape_until(
+    running: Running, predicate: Callable[[Samples], bool], within: float = 10.0
+) -> Samples:
+    """Scrape until ``predicate`` holds (polled with a deadline, like ``eventually``)."""
+    latest: list[Samples] = [await _scrape(running)]
+
+    async def scrape_in_background() -> None:
+        while True:
+            latest.append(await _scrape(running))
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(scrape_in_background())
+    try:
+        await eventually(lambda: predicate(latest[-1]), within)
+    except AssertionError:
+        raise AssertionError(f"metrics never matched; last scrape: {latest[-1]}") from None
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return latest[-1]
+
+
+async def _record_ids(running: Running, ids: list[str]) -> None:
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        ack = await sidecar_pb2_grpc.SidecarStub(channel).RecordBatch(
+            sidecar_pb2.RecordBatchRequest(events=[event_to_proto(PredictionEvent(i)) for i in ids])
+        )
+    assert ack.accepted == len(ids)
+
+
+async def test_metrics_count_a_retried_delivery_and_the_age_gauge_tracks_the_backlog(
+    start_sidecar: StartSidecar,
+) -> None:
+    running: Running = await start_sidecar(metrics_listen="127.0.0.1:0", shipper=_FAST_RETRY)
+    collector = running.collector
+    idle = await _scrape(running)
+    assert idle["predtrace_sidecar_exported_events_total"] == 0
+    assert idle["predtrace_sidecar_retried_batches_total"] == 0
+    assert idle["predtrace_sidecar_oldest_unsent_age_seconds"] == 0
+    collector.script = [Answer(503)] * 10_000  # busy until the test lets the batch through
+    await _record_ids(running, [f"r{i}" for i in range(8)])
+    stuck = await _scrape_until(
+        running, lambda m: m["predtrace_sidecar_retried_batches_total"] >= 1
+    )
+    assert stuck["predtrace_sidecar_exported_events_total"] == 0
+    assert stuck["predtrace_sidecar_queue_depth"] == 8
+    age = stuck["predtrace_sidecar_oldest_unsent_age_seconds"]
+    assert age > 0
+    # The age of an undelivered event keeps growing while the collector is busy.
+    await _scrape_until(running, lambda m: m["predtrace_sidecar_oldest_unsent_age_seconds"] > age)
+    collector.script.clear()
+    done = await _scrape_until(
+        running,
+        lambda m: (
+            m["predtrace_sidecar_exported_events_total"] == 8
+            and m["predtrace_sidecar_oldest_unsent_age_seconds"] == 0
+            and m["predtrace_sidecar_queue_depth"] == 0
+        ),
+    )
+    assert done["predtrace_sidecar_exported_batches_total"] == 1
+    # Every attempt but the accepted one was answered 503 and counted as a retry.
+    assert done["predtrace_sidecar_retried_batches_total"] == collector.requests - 1
+    assert done["predtrace_sidecar_retried_batches_total"] >= 1
+    assert done["predtrace_sidecar_quarantined_batches_total"] == 0
+    assert {e.prediction_id for e in collector.events()} == {f"r{i}" for i in range(8)}
+
+
+async def test_metrics_count_a_quarantined_poison_batch_and_its_dropped_events(
+    start_sidecar: StartSidecar,
+) -> None:
+    running: Running = await start_sidecar(metrics_listen="127.0.0.1:0", shipper=_FAST_RETRY)
+    running.collector.fail_when = lambda d: (
+        400 if d.batch.events[0].prediction_id.startswith("poison") else None
+    )
+    before = await _scrape(running)
+    assert before["predtrace_sidecar_quarantined_batches_total"] == 0
+    assert 'predtrace_sidecar_dropped_events_total{reason="quarantined"}' not in before
+    await _record_ids(running, [f"poison{i}" for i in range(5)])
+    await _scrape_until(running, lambda m: m["predtrace_sidecar_quarantined_batches_total"] == 1)
+    await _record_ids(running, ["good0", "good1", "good2"])
+    after = await _scrape_until(
+        running, lambda m: m["predtrace_sidecar_exported_events_total"] == 3
+    )
+    assert after["predtrace_sidecar_quarantined_batches_total"] == 1
+    assert after['predtrace_sidecar_dropped_events_total{reason="quarantined"}'] == 5
+    assert after["predtrace_sidecar_exported_batches_total"] == 1
+    assert after["predtrace_sidecar_retried_batches_total"] == 0, "a 400 is not retried"
+    assert {e.prediction_id for e in running.collector.events()} == {"good0", "good1", "good2"}
+
+
+async def test_status_reports_the_last_success_once_a_batch_is_delivered(
+    start_sidecar: StartSidecar,
+) -> None:
+    running: Running = await start_sidecar()
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        stub = sidecar_pb2_grpc.SidecarStub(channel)
+        fresh = await stub.Status(sidecar_pb2.StatusRequest())
+        assert fresh.last_success_unix_nano == 0, "nothing was delivered yet"
+        before_ns = time.time_ns()
+        await _record_ids(running, ["s0", "s1", "s2"])
+        await eventually(lambda: running.app.shipper.counters.exported == 3)
+        status = await stub.Status(sidecar_pb2.StatusRequest())
+        after_ns = time.time_ns()
+    assert before_ns <= status.last_success_unix_nano <= after_ns
+    assert status.exported_events == 3
+    args = ["sidecar", "status", "--target", running.target, "-o", "json"]
+    result = await asyncio.to_thread(CliRunner().invoke, main, args)
+    assert result.exit_code == 0, result.output
+    view = json.loads(result.output)
+    assert view["last_success_unix_nano"] == status.last_success_unix_nano
+    table = await asyncio.to_thread(
+        CliRunner().invoke, main, ["sidecar", "status", "--target", running.target]
+    )
+    assert table.exit_code == 0, table.output
+    row = next(line for line in table.output.splitlines() if "last success" in line)
+    assert "s ago" in row, row

@@ -347,3 +347,55 @@ async def test_a_big_export_is_parsed_off_the_loop_and_every_prediction_is_kept(
     await eventually(lambda: len(running.collector.events()) >= 4000)
     ids = {e.prediction_id for e in running.collector.events()}
     assert ids == {f"big-{k:04d}" for k in range(2000)}
+
+
+@dataclass
+class FlakySink(OtlpSink):
+    """An OTLP/HTTP receiver that answers 503 to its first ``fail_first`` requests."""
+
+    fail_first: int = 1
+    attempts: int = 0
+    refused: list[bytes] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+
+
+@pytest.fixture
+async def flaky_sink() -> AsyncIterator[FlakySink]:
+    state = FlakySink()
+
+    async def receive(request: web.Request) -> web.Response:
+        state.attempts += 1
+        body = await request.read()
+        if state.attempts <= state.fail_first:
+            state.refused.append(body)
+            return web.Response(status=503)
+        state.bodies.append(body)
+        state.requests.append(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", receive)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    state.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/traces"
+    yield state
+    await runner.cleanup()
+
+
+async def test_a_forwarded_span_whose_first_attempt_gets_503_is_retried_and_delivered_once(
+    start_sidecar: StartSidecar, flaky_sink: FlakySink
+) -> None:
+    running: Running = await start_sidecar(otlp_listen="127.0.0.1:0", otlp_export=flaky_sink.url)
+    url = f"http://{running.app.addresses['otlp-http']}/v1/traces"
+    await asyncio.to_thread(produce, HttpSpanExporter(endpoint=url))  # three spans, one each
+    await eventually(lambda: len(flaky_sink.spans()) == 3)
+    forward = running.app.status_view().otlp_forward
+    assert forward is not None
+    assert flaky_sink.attempts == 4, "three exports plus the one retry"
+    assert forward.retried == 1
+    assert (forward.offered, forward.forwarded, forward.dropped) == (3, 3, {})
+    names = sorted(span.name for span in flaky_sink.spans())  # type: ignore[attr-defined]
+    assert names == ["db.query", "predict", "predict"], "each span delivered exactly once"
+    assert flaky_sink.refused[0] in flaky_sink.bodies, "the refused request itself was resent"
+    await eventually(lambda: len(running.collector.events()) == 2)  # predictions unaffected

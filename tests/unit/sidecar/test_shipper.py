@@ -411,3 +411,96 @@ async def test_stop_with_a_drain_deadline_ships_what_it_can_and_keeps_the_rest(r
     assert rig.task is not None
     await asyncio.wait_for(rig.task, 5)
     assert rig.spool is not None and rig.spool.stats().records == 30
+
+
+# -- batching by time (linger) and by size ----------------------------------------------
+
+
+def padded(n: int, start: int = 0) -> list[PredictionEvent]:
+    """Events of one identical encoded size (about 220 bytes each)."""
+    return [
+        PredictionEvent(prediction_id=f"p{i:06d}", attributes={"pad": "x" * 200})
+        for i in range(start, start + n)
+    ]
+
+
+def batch_sizes(collector: FakeCollector) -> list[int]:
+    """Events per stored batch, in seq order."""
+    return [len(collector.stored[key].batch.events) for key in sorted(collector.stored)]
+
+
+async def test_linger_holds_a_small_backlog_then_sends_it_as_one_batch(rig: Rig) -> None:
+    # The linger waits on the event loop's clock (it takes neither the injected
+    # clock nor the injected sleep), so this test runs on wall time: the linger
+    # is long enough that the second append lands well inside it.
+    linger = 1.0
+    shipper = await rig.start(ShipperConfig(linger=linger, max_batch_events=50))
+    loop = asyncio.get_running_loop()
+    await rig.record(events(3))
+    spooled_at = loop.time()
+    # The shipper has read them (or, with linger broken, already sent them).
+    await eventually(lambda: shipper.oldest_unsent_ns != 0 or rig.collector.requests > 0)
+    await rig.record(events(4, 3))
+    assert loop.time() < spooled_at + linger, "the test stalled for the whole linger"
+    assert rig.collector.requests == 0, "a small backlog was sent before the linger ran out"
+    await rig.wait_delivered(7)
+    assert loop.time() - spooled_at >= linger - 0.05, "sent before the linger ran out"
+    assert batch_sizes(rig.collector) == [7], "the backlog was not sent as one batch"
+    assert rig.collector.requests == 1
+    assert [e.prediction_id for e in rig.collector.events()] == [f"p{i:06d}" for i in range(7)]
+    assert rig.sleeps == [], "no retry backoff was involved"
+
+
+@pytest.mark.parametrize("limit", ["events", "bytes"])
+async def test_a_full_batch_goes_at_once_and_only_the_remainder_lingers(
+    rig: Rig, limit: str
+) -> None:
+    size = len(encode_event(padded(1)[0]))
+    if limit == "events":
+        config = ShipperConfig(linger=60, max_batch_events=10)
+    else:
+        config = ShipperConfig(linger=60, max_batch_events=1000, max_batch_bytes=10 * size)
+    await rig.start(config)
+    await rig.record(padded(25))  # one append: two full batches and five events over
+    await rig.wait_delivered(20, within=30)  # a lingering full batch would take 60 s each
+    assert batch_sizes(rig.collector) == [10, 10]
+    # The remaining five are not a full batch: they wait out the 60 s linger.
+    assert rig.collector.requests == 2
+    assert len(rig.collector.events()) == 20
+
+
+async def test_max_batch_events_splits_a_backlog_into_batches_of_at_most_that_many(
+    rig: Rig,
+) -> None:
+    await rig.start(ShipperConfig(linger=0, max_batch_events=7))
+    await rig.record(events(30))
+    await rig.wait_delivered(30)
+    assert batch_sizes(rig.collector) == [7, 7, 7, 7, 2]
+    assert [e.prediction_id for e in rig.collector.events()] == [f"p{i:06d}" for i in range(30)]
+    assert rig.collector.chain_ok("edge-1")
+
+
+async def test_max_batch_bytes_splits_a_backlog_into_batches_of_at_most_that_many_bytes(
+    rig: Rig,
+) -> None:
+    size = len(encode_event(padded(1)[0]))
+    assert size * 5 >= 1024  # the smallest max_batch_bytes allowed
+    await rig.start(ShipperConfig(linger=0, max_batch_events=1000, max_batch_bytes=5 * size))
+    await rig.record(padded(23))
+    await rig.wait_delivered(23)
+    assert batch_sizes(rig.collector) == [5, 5, 5, 5, 3]
+    for key in sorted(rig.collector.stored):
+        stored = rig.collector.stored[key].batch.events
+        assert sum(len(encode_event(e)) for e in stored) <= 5 * size
+    assert [e.prediction_id for e in rig.collector.events()] == [f"p{i:06d}" for i in range(23)]
+
+
+async def test_a_byte_limit_between_event_boundaries_is_never_exceeded(rig: Rig) -> None:
+    size = len(encode_event(padded(1)[0]))
+    max_bytes = 5 * size + size // 2  # room for five and a half events
+    await rig.start(ShipperConfig(linger=0, max_batch_events=1000, max_batch_bytes=max_bytes))
+    await rig.record(padded(23))
+    await rig.wait_delivered(23)
+    for key in sorted(rig.collector.stored):
+        stored = rig.collector.stored[key].batch.events
+        assert sum(len(encode_event(e)) for e in stored) <= max_bytes, batch_sizes(rig.collector)

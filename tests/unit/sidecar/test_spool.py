@@ -196,3 +196,33 @@ async def test_many_concurrent_appends_are_group_committed(disk: MemoryFileLayer
     assert sorted(r.start for r in results) == list(range(1, 201))
     assert spool.counters.commits < 200
     spool.close()
+
+
+@pytest.mark.parametrize("cap_in_events", [1.5, 7.5, 40.5, 200.0])
+def test_reads_under_a_byte_cap_never_pass_it_and_together_miss_nothing(
+    disk: MemoryFileLayer, cap_in_events: float
+) -> None:
+    # 4 KiB segments hold 80 of these 44-byte records: reads cross segment
+    # boundaries, and every cap here falls between record boundaries.
+    spool = Spool.open(small(), files=disk)
+    spool.append_sync(payloads(300))
+    size = len(payloads(1)[0])
+    cap = int(size * cap_in_events)
+    after, seen = 0, []
+    while True:
+        records = spool.read(after, max_records=1 << 30, max_bytes=cap)
+        if not records:
+            break
+        assert sum(len(r.payload) for r in records) <= cap
+        seen += [r.payload for r in records]
+        after = records[-1].index
+    assert seen == payloads(300)
+    spool.close()
+
+
+def test_the_first_record_of_a_read_comes_whatever_its_size(disk: MemoryFileLayer) -> None:
+    spool = Spool.open(small(), files=disk)
+    spool.append_sync([b"x" * 900, b"y" * 10])
+    assert [len(r.payload) for r in spool.read(0, max_records=10, max_bytes=100)] == [900]
+    assert [len(r.payload) for r in spool.read(1, max_records=10, max_bytes=100)] == [10]
+    spool.close()

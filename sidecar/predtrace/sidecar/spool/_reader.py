@@ -36,9 +36,20 @@ class SegmentReader:
         self._counted: dict[str, int] = {}  # damage counted up to this offset, per segment
 
     def read(
-        self, seg: Segment, after: int, *, max_records: int, max_bytes: int, until: int | None
+        self,
+        seg: Segment,
+        after: int,
+        *,
+        max_records: int,
+        max_bytes: int,
+        until: int | None,
+        taken_before: bool = False,
     ) -> list[Record]:
-        """Records of ``seg`` with index > ``after``, within the limits."""
+        """Records of ``seg`` with index > ``after``, within the limits.
+
+        ``taken_before``: the caller already holds records of this read, so
+        even the first record here must fit in ``max_bytes``.
+        """
         cursor = self._cursor
         if cursor is not None and cursor.path == seg.path and cursor.after == after:
             offset, expected = cursor.offset, after + 1
@@ -60,6 +71,7 @@ class SegmentReader:
                 max_bytes=max_bytes - total,
                 skip_through=after,
                 until=until,
+                taken_before=taken_before or bool(records),
             )
             self._count_damage(seg.path, offset, result.corrupt_regions, result.skipped)
             records.extend(result.records)

@@ -91,6 +91,7 @@ def scan(
     max_bytes: int | None = None,
     skip_through: int = 0,
     until: int | None = None,
+    taken_before: bool = False,
 ) -> ScanResult:
     """Read records from ``data``, skipping corrupt regions.
 
@@ -101,10 +102,13 @@ def scan(
         final: ``data`` reaches the end of what is readable; an incomplete or
             invalid tail is then trailing garbage (a torn tail), not "more to read".
         max_records: stop after this many records.
-        max_bytes: stop once the payloads reach this many bytes.
+        max_bytes: take no record that would bring the payloads past this many
+            bytes (the first record of a read is taken whatever its size).
         skip_through: pass over records with an index <= this (a seek); they
             count toward nothing.
         until: stop before the first record with an index above this.
+        taken_before: the caller already holds records of this read (so
+            ``max_bytes`` applies to the first record here too).
     """
     result = ScanResult([], 0, 0)
     pos, total = 0, 0
@@ -117,6 +121,13 @@ def scan(
         if isinstance(found, Record):
             if until is not None and found.index > until:
                 break
+            if (
+                max_bytes is not None
+                and (result.records or taken_before)
+                and found.index > skip_through
+                and total + len(found.payload) > max_bytes
+            ):
+                break  # a cap, not a threshold: only a read's first record may pass it
             _count_gap(result, found, expected_index)
             expected_index = found.index + 1
             if found.index > skip_through:

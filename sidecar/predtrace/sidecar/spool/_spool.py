@@ -206,8 +206,9 @@ class Spool(SpoolWriter):
         """Durable records with index > ``after`` in order (blocking: call from a thread).
 
         Damaged records are skipped (and counted); records dropped at the cap
-        are simply absent. Stops at ``max_records``, ``max_bytes`` of payload
-        or after index ``until``.
+        are simply absent. Stops at ``max_records``, before the record that
+        would bring the payloads past ``max_bytes`` (the first one is read
+        whatever its size), or after index ``until``.
         """
         out: list[Record] = []
         total = 0
@@ -223,8 +224,11 @@ class Spool(SpoolWriter):
                 max_records=max_records - len(out),
                 max_bytes=max_bytes - total,
                 until=until,
+                taken_before=bool(out),
             )
             if not records:
+                if out:
+                    break  # the next record would pass max_bytes (or this segment is damaged)
                 after = max(after, seg.durable_last)
                 continue
             out.extend(records)
