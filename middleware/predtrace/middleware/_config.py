@@ -97,8 +97,9 @@ class MiddlewareConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
         for name in ("collector_timeout", "sidecar_timeout", "shutdown_timeout"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0 seconds")
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a finite number of seconds > 0, got {value}")
         if self.fingerprint_key is not None and len(self.fingerprint_key) < _MIN_KEY_LEN:
             raise ConfigError(f"fingerprint_key must be at least {_MIN_KEY_LEN} characters")
         if not self.id_header or not set(self.id_header) <= _HEADER_CHARS:

@@ -48,6 +48,12 @@ class RoutePattern:
         names = _PLACEHOLDER_RE.findall(self.template)
         if len(names) != len(set(names)):
             raise ConfigError(f"route template repeats a placeholder: {self.template!r}")
+        rest = _PLACEHOLDER_RE.sub("", self.template)
+        if "{" in rest or "}" in rest:
+            raise ConfigError(
+                f"route template has an unclosed or stray brace: {self.template!r}"
+                " (placeholders look like {name})"
+            )
 
     @classmethod
     def parse(cls, text: str) -> RoutePattern:
