@@ -211,6 +211,10 @@ class Shipper:
                 return None
             self.oldest_unsent_ns = records[0].ts_ns
             if not self._full(records) and self.config.linger > 0 and self._deadline is None:
+                # What was delivered is marked in the spool before the wait,
+                # not after it: the depth is right meanwhile, and a crash in
+                # the wait resends nothing already delivered.
+                await self._persist_if_dirty()
                 await self._pause(self.config.linger)
                 if self._stopping:
                     return None
@@ -227,10 +231,13 @@ class Shipper:
         return plan
 
     def _full(self, records: list[Record]) -> bool:
-        return (
-            len(records) >= self.config.max_batch_events
-            or sum(len(r.payload) for r in records) >= self.config.max_batch_bytes
-        )
+        if len(records) >= self.config.max_batch_events:
+            return True
+        # The byte cap is never passed, so a read that stopped at it leaves
+        # less room than the record it could not take: full when the room
+        # left would not hold one more record of the batch's average size.
+        size = sum(len(r.payload) for r in records)
+        return size + size / len(records) > self.config.max_batch_bytes
 
     async def _prebuild(self, current: Plan) -> Plan | None:
         """The full batch after ``current``, built while ``current`` is on the wire."""

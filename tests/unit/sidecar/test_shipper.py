@@ -451,20 +451,25 @@ async def test_linger_holds_a_small_backlog_then_sends_it_as_one_batch(rig: Rig)
     assert rig.sleeps == [], "no retry backoff was involved"
 
 
-@pytest.mark.parametrize("limit", ["events", "bytes"])
+@pytest.mark.parametrize("limit", ["events", "bytes", "bytes between events"])
 async def test_a_full_batch_goes_at_once_and_only_the_remainder_lingers(
     rig: Rig, limit: str
 ) -> None:
     size = len(encode_event(padded(1)[0]))
     if limit == "events":
         config = ShipperConfig(linger=60, max_batch_events=10)
-    else:
+    elif limit == "bytes":
         config = ShipperConfig(linger=60, max_batch_events=1000, max_batch_bytes=10 * size)
+    else:  # room for 10.5 events: the 11th does not fit, so the batch of 10 is full
+        cap = 10 * size + size // 2
+        config = ShipperConfig(linger=60, max_batch_events=1000, max_batch_bytes=cap)
     await rig.start(config)
     await rig.record(padded(25))  # one append: two full batches and five events over
     await rig.wait_delivered(20, within=30)  # a lingering full batch would take 60 s each
     assert batch_sizes(rig.collector) == [10, 10]
-    # The remaining five are not a full batch: they wait out the 60 s linger.
+    # The remaining five are not a full batch: they wait out the 60 s linger,
+    # with what was delivered already marked in the spool (its depth is 5).
+    await eventually(lambda: rig.spool.stats().records == 5)
     assert rig.collector.requests == 2
     assert len(rig.collector.events()) == 20
 
