@@ -7,15 +7,18 @@ oracle against what the collector stored. Seeds are printed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import socket
+import sqlite3
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import libfaketime
 import pytest
 
 from predtrace.wire import PredictionEvent, decode_batch
@@ -299,6 +302,60 @@ def test_events_from_a_device_with_a_wrong_clock_are_stored_in_seq_order_with_re
         assert int(row["received_unix_nano"]) >= before - 60 * 10**9  # type: ignore[call-overload]
         check(collector.address, book)
         sidecar.stop()
+
+
+def _clock_env(offset: str) -> dict[str, str]:
+    """Environment that runs a process with its wall clock moved by ``offset`` (libfaketime).
+
+    Only the wall clock moves (``DONT_FAKE_MONOTONIC``): timers and deadlines
+    keep working, as they do on a device whose clock was set wrong.
+    """
+    env: dict[str, str] = dict(libfaketime.get_reload_information()[1])
+    env["FAKETIME"] = offset
+    return env
+
+
+def test_a_sidecar_whose_clock_jumps_back_keeps_seq_order_and_dedupe_with_receive_time(
+    tmp_path: Path,
+) -> None:
+    book = oracle()
+    collector = start_collector(tmp_path)
+    url = f"http://{collector.address}"
+    with running(collector):
+        # Run 1: the device's clock is a day ahead. The sidecar dies right
+        # after the collector acknowledged batch 1 (its state not yet written).
+        ahead = {**_clock_env("+1d"), "PREDTRACE_SIDECAR_FAULTS": "shipper.after_ack:1"}
+        sidecar = start_sidecar(tmp_path, url, env=ahead)
+        first = Producer(book, sidecar.address, "ahead")
+        assert first.send_once() == 20
+        assert sidecar.popen.wait(30) == 86
+        # Run 2: the clock jumped back four days. Batch 1 goes again (a
+        # duplicate to the collector), then new events follow as batch 2.
+        sidecar = start_sidecar(tmp_path, url, env=_clock_env("-3d"))
+        with running(sidecar):
+            second = Producer(book, sidecar.address, "behind")
+            assert second.send_once() == 20
+            before = time.time_ns()
+            wait_delivered(collector.address, book.acked)
+            sidecar.stop()
+        check(collector.address, book)  # every event once: the resent batch was deduplicated
+        report = producer_report(collector.address)
+        assert (report["first_seq"], report["last_seq"], report["batches"]) == (1, 2, 2)
+        assert report["events"] == 40
+        assert (report["chain_breaks"], report["missing_batches"]) == (0, 0)
+        # The batches carry the device's wrong times (so the clocks really were
+        # wrong); the collector's own clock stamps the receive time.
+        day = 86_400 * 10**9
+        db = sqlite3.connect(f"file:{tmp_path / 'collector.db'}?mode=ro", uri=True)
+        with contextlib.closing(db):
+            created = dict(db.execute("SELECT seq, created_ns FROM batches").fetchall())
+        assert abs(created[1] - (before + day)) < day / 2
+        assert abs(created[2] - (before - 3 * day)) < day / 2
+        for prediction_id in ("ahead-0000000", "behind-0000000"):
+            row = get_prediction(collector.address, prediction_id)
+            assert row is not None
+            received = int(row["received_unix_nano"])  # type: ignore[call-overload]
+            assert abs(received - before) < 120 * 10**9, prediction_id
 
 
 # -- row 26: poison batch ----------------------------------------------------------------
