@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import resource
 import socket
 import sqlite3
 import subprocess
@@ -18,10 +19,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import grpc
 import libfaketime
 import pytest
 
-from predtrace.wire import PredictionEvent, decode_batch
+from predtrace.v1 import sidecar_pb2, sidecar_pb2_grpc
+from predtrace.wire import PredictionEvent, decode_batch, event_to_proto
 
 from .oracle import DeliveryOracle
 from .polling import eventually_sync
@@ -30,6 +33,7 @@ from .procs import (
     Producer,
     collector_available,
     get_prediction,
+    make_event,
     running,
     start_collector,
     start_sidecar,
@@ -209,6 +213,50 @@ def test_an_unusable_spool_directory_exits_non_zero_naming_path_and_reason(
     stderr = result.stderr.decode()
     assert str(blocker / "spool") in stderr
     assert "Not a directory" in stderr
+
+
+# -- row 14: disk full, in the real process --------------------------------------------
+
+
+def test_a_write_that_finds_no_room_is_refused_whole_and_the_sidecar_resumes_when_room_returns(
+    tmp_path: Path,
+) -> None:
+    # No room, for real: RLIMIT_FSIZE makes the kernel refuse any write that
+    # grows the segment past 96 KiB (EFBIG, as ENOSPC or a quota would).
+    port = free_port()
+    book = oracle()
+    sidecar = start_sidecar(tmp_path, f"http://127.0.0.1:{port}", "--spool-segment-bytes", "8MiB")
+    with running(sidecar):
+        limit = 96 * 1024
+        # The soft limit only: raising it again needs no privilege.
+        resource.prlimit(sidecar.popen.pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        producer = Producer(book, sidecar.address, "full", batch=200)
+        request = sidecar_pb2.RecordBatchRequest(
+            events=[event_to_proto(make_event(i, "refused")) for i in range(200)]
+        )
+        codes = []
+        with grpc.insecure_channel(sidecar.address) as channel:
+            stub = sidecar_pb2_grpc.SidecarStub(channel)  # type: ignore[no-untyped-call]
+            for _ in range(40):
+                if producer.send_once() == 0:
+                    try:
+                        stub.RecordBatch(request, timeout=5)
+                    except grpc.RpcError as exc:
+                        codes.append(exc.code())
+                    break
+            status = stub.Status(sidecar_pb2.StatusRequest(), timeout=5)
+        assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED], "the spool should have filled"
+        assert status.spool_records == len(book.acked)  # alive, and nothing half-written counted
+        unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+        resource.prlimit(sidecar.popen.pid, resource.RLIMIT_FSIZE, unlimited)
+        assert Producer(book, sidecar.address, "after").send_once() == 20
+        collector = start_collector(tmp_path, listen=f"127.0.0.1:{port}")
+        with running(collector):
+            wait_delivered(collector.address, book.acked)
+            check(collector.address, book, allowed_lost=0)
+            for refused in ("refused-0000000", "refused-0000199"):
+                assert get_prediction(collector.address, refused) is None
+            sidecar.stop()
 
 
 # -- row 22: SIGTERM with a full queue ---------------------------------------------------

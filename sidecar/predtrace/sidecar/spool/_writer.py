@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from predtrace.sidecar._errors import (
     EventTooLargeError,
@@ -33,6 +34,8 @@ from predtrace.sidecar.spool._meta import SpoolState
 from predtrace.sidecar.spool._record import HEADER_SIZE, encode_record
 from predtrace.sidecar.spool._segments import Segment, segment_name
 
+# The write failed for lack of room: a full disk, a quota, a file-size limit.
+_NO_ROOM: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _log = logging.getLogger("predtrace.sidecar.spool")
 Callback = Callable[[range | BaseException], None]
 
@@ -227,7 +230,7 @@ class SpoolWriter:
             self._files.truncate(self._handle, active.durable_size)
         active.size = active.durable_size
         self._next_index = max(active.durable_last + 1, self._state.hwm + 1)
-        if exc.errno == errno.ENOSPC:
+        if exc.errno in _NO_ROOM:
             self.counters.add("disk_full")
             error: SpoolError = SpoolFullError("the disk under the spool is full; retry later")
         else:
