@@ -233,11 +233,12 @@ class Shipper:
     def _full(self, records: list[Record]) -> bool:
         if len(records) >= self.config.max_batch_events:
             return True
-        # The byte cap is never passed, so a read that stopped at it leaves
-        # less room than the record it could not take: full when the room
-        # left would not hold one more record of the batch's average size.
         size = sum(len(r.payload) for r in records)
-        return size + size / len(records) > self.config.max_batch_bytes
+        if size + self._spool.config.max_record_bytes <= self.config.max_batch_bytes:
+            return False  # any next record would have fit: the read reached the end
+        # The byte cap is never passed: the read may have stopped before a
+        # record that did not fit, and did if the spool holds more after it.
+        return records[-1].index < self._spool.stats().next_index - 1
 
     async def _prebuild(self, current: Plan) -> Plan | None:
         """The full batch after ``current``, built while ``current`` is on the wire."""
@@ -338,6 +339,14 @@ class Shipper:
             self._faults.hit("shipper.before_send")
             try:
                 ack = await self._sender.send(plan.body, compressed=self.config.compress)
+            except asyncio.CancelledError:
+                # Cancelled at the drain deadline (SIGTERM): a stop, not a
+                # crash while sending, so it must not count toward poison.
+                if plan.replays:
+                    plan.replays = 0
+                    with contextlib.suppress(OSError):
+                        await self._persist()
+                raise
             except RetryableExportError as exc:
                 if plan.replays:
                     plan.replays = 0  # it did not kill us: not a crash loop

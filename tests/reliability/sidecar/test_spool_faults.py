@@ -173,6 +173,29 @@ def test_a_bit_flip_in_a_middle_record_skips_only_that_record_and_counts_it(seal
         again.close()
 
 
+@pytest.mark.parametrize("records_per_read", [1, 2, 3, 100])
+def test_reads_under_a_byte_cap_count_a_damaged_record_exactly_once(
+    records_per_read: int,
+) -> None:
+    # A read that stops at the cap just past a damaged record leaves it to
+    # the next read, which must count it: one region, one dropped event.
+    disk = MemoryFileLayer()
+    spool = Spool.open(config(), files=disk)
+    acked = fill(spool, 9, per_append=1)
+    start = sum(HEADER_SIZE + len(acked[i]) for i in range(1, 3))
+    # Damaged on disk while the spool runs (not seen by a recovery scan).
+    disk.corrupt(f"{DIR}/{segment_name(1)}", start + HEADER_SIZE + 3)  # record 3's payload
+    cap = len(acked[1]) * records_per_read + 1
+    after, got = 0, []
+    while records := spool.read(after, max_records=1 << 30, max_bytes=cap):
+        got += [r.index for r in records]
+        after = records[-1].index
+    assert got == [1, 2, 4, 5, 6, 7, 8, 9]
+    assert spool.counters.dropped["corrupt"] == 1
+    assert spool.counters.corrupt_regions == 1
+    spool.close()
+
+
 # -- row 12: index garbage ---------------------------------------------------------------
 
 

@@ -509,3 +509,61 @@ async def test_a_byte_limit_between_event_boundaries_is_never_exceeded(rig: Rig)
     for key in sorted(rig.collector.stored):
         stored = rig.collector.stored[key].batch.events
         assert sum(len(encode_event(e)) for e in stored) <= max_bytes, batch_sizes(rig.collector)
+
+
+class HangingSender:
+    """A collector that takes the request and never answers."""
+
+    def __init__(self) -> None:
+        self.sending = asyncio.Event()
+
+    async def send(self, body: bytes, *, compressed: bool) -> IngestAck:
+        self.sending.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_send_cancelled_at_the_drain_deadline_never_counts_toward_poison(
+    rig: Rig,
+) -> None:
+    # What SidecarApp.stop does at SIGTERM, on seven starts in a row: drain
+    # for 0.1 s, then cancel the send still in flight. Stops are not crashes:
+    # the batch must never be quarantined as poison (poison_attempts is 5).
+    first = Spool.open(spool_config(), files=rig.disk)
+    await first.append([encode_event(e) for e in events(10)])
+    first.close()
+    config = ShipperConfig(linger=0, poison_attempts=5)
+    for _ in range(7):
+        spool = Spool.open(spool_config(), files=rig.disk)
+        sender = HangingSender()
+        shipper = Shipper(spool, sender, config, "edge-1", files=rig.disk, seed=1)
+        task = asyncio.create_task(shipper.run())
+        await asyncio.wait_for(sender.sending.wait(), 10)
+        await shipper.stop(0.1)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(task, 0.5)
+        assert task.done()
+        assert shipper.counters.quarantined == 0
+        assert spool.stats().records == 10
+        spool.close()
+
+
+async def test_a_backlog_of_mixed_sizes_goes_without_waiting_out_the_linger(rig: Rig) -> None:
+    # Each batch stops before a record much bigger than the rest: still a
+    # full batch while more is spooled, so no 60 s linger between them.
+    mixed = []
+    for i in range(60):
+        pad = 900 if i % 6 == 5 else 10
+        mixed.append(PredictionEvent(prediction_id=f"p{i:06d}", attributes={"pad": "x" * pad}))
+    await rig.start(ShipperConfig(linger=60, max_batch_events=1000, max_batch_bytes=1024))
+    await rig.record(mixed)
+    # Only the spool's last few events may wait (nothing follows them); a
+    # linger per batch would take minutes.
+    await rig.wait_delivered(54, within=30)
+    delivered = [e.prediction_id for e in rig.collector.events()]
+    assert delivered == [f"p{i:06d}" for i in range(len(delivered))]
+    for key in rig.collector.stored:
+        assert sum(len(encode_event(e)) for e in rig.collector.stored[key].batch.events) <= 1024

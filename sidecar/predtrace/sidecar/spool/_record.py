@@ -112,6 +112,7 @@ def scan(
     """
     result = ScanResult([], 0, 0)
     pos, total = 0, 0
+    unsettled = 0  # corrupt regions passed since the last valid record
     while pos < len(data):
         if (max_records is not None and len(result.records) >= max_records) or (
             max_bytes is not None and total >= max_bytes
@@ -119,15 +120,17 @@ def scan(
             break
         found = _parse_at(data, pos, max_payload)
         if isinstance(found, Record):
-            if until is not None and found.index > until:
-                break
-            if (
+            if (until is not None and found.index > until) or (
                 max_bytes is not None
                 and (result.records or taken_before)
                 and found.index > skip_through
-                and total + len(found.payload) > max_bytes
+                and total + len(found.payload) > max_bytes  # a cap: only a read's first may pass
             ):
-                break  # a cap, not a threshold: only a read's first record may pass it
+                # The next read resumes at valid_end, before any damage passed
+                # since: that read counts it (and the records it held), not this one.
+                result.corrupt_regions -= unsettled
+                break
+            unsettled = 0
             _count_gap(result, found, expected_index)
             expected_index = found.index + 1
             if found.index > skip_through:
@@ -138,6 +141,7 @@ def scan(
         nxt = _resync(data, pos + 1, max_payload)
         if nxt is not None:
             result.corrupt_regions += 1
+            unsettled += 1
             pos = nxt
             continue
         result.consumed = _stop(
