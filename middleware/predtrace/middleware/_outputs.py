@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Final
 
 from predtrace.middleware._context import clip
@@ -21,19 +22,33 @@ _LABEL_HINTS: Final = ("label", "class", "category")
 _SCORE_HINTS: Final = ("score", "prob", "confidence")
 
 
-class ResponseCapture:
-    """A bounded copy of a response body, taken as its chunks pass by."""
+_HEAD_BYTES: Final = 4096
+# A top-level string member of a JSON object, found without parsing the rest:
+# strings (skipped whole) and the brackets between them, to know the depth.
+_TOKENS: Final = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]]')
+_STRING_VALUE: Final = re.compile(rb'\s*:\s*("(?:[^"\\]|\\.){0,1024}")')
 
-    __slots__ = ("_chunks", "_limit", "_size", "overflowed")
+
+class ResponseCapture:
+    """A bounded copy of a response body, taken as its chunks pass by.
+
+    The first 4 KiB are kept even past the bound: the served model's name
+    and version are read from there without parsing the whole body.
+    """
+
+    __slots__ = ("_chunks", "_head", "_limit", "_size", "overflowed")
 
     def __init__(self, limit: int) -> None:
         self._chunks: list[bytes] = []
+        self._head = b""
         self._limit = limit
         self._size = 0
         self.overflowed = False
 
     def add(self, chunk: bytes) -> None:
         """Keep ``chunk`` unless the copy would pass the bound (then keep nothing)."""
+        if len(self._head) < _HEAD_BYTES and chunk:
+            self._head += chunk[: _HEAD_BYTES - len(self._head)]
         if self.overflowed or not chunk:
             return
         self._size += len(chunk)
@@ -51,6 +66,45 @@ class ResponseCapture:
             return json.loads(b"".join(self._chunks))
         except (ValueError, RecursionError):
             return None
+
+    def served(self) -> tuple[str, str] | None:
+        """OIP v2 ``(model_name, model_version)`` from the body's first 4 KiB, cheaply.
+
+        None when they cannot be told apart from there (not found as
+        top-level members, or escaped oddly): parse the whole body instead.
+        """
+        members = _top_level_strings(self._head, (b"model_name", b"model_version"))
+        if members is None:
+            return None
+        return clip(members.get(b"model_name", "")), clip(members.get(b"model_version", ""))
+
+
+def _top_level_strings(data: bytes, keys: tuple[bytes, ...]) -> dict[bytes, str] | None:
+    """The string values of ``keys`` at depth 1 of a JSON object, or None if unsure."""
+    if not data.lstrip().startswith(b"{"):
+        return None
+    found: dict[bytes, str] = {}
+    depth = 0
+    for token in _TOKENS.finditer(data):
+        text = token.group()
+        if text in (b"{", b"["):
+            depth += 1
+        elif text in (b"}", b"]"):
+            depth -= 1
+            if depth == 0:
+                return found  # the whole object was seen: absent keys are absent
+        elif depth == 1 and text[1:-1] in keys:
+            value = _STRING_VALUE.match(data, token.end())
+            if value is None:
+                return None  # not a string value, or cut off: let the parser decide
+            try:
+                decoded = json.loads(value.group(1))
+            except ValueError:
+                return None
+            found[text[1:-1]] = decoded
+            if len(found) == len(keys):
+                return found
+    return None  # the head ended before the object did
 
 
 def is_json(headers: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...]) -> bool:

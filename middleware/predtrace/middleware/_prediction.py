@@ -321,10 +321,10 @@ class Prediction:
             error_type, code = "IncompleteResponse", ""
         else:
             error_type, code = ("" if status < 400 else str(status)), str(status)
-        response = self._capture.parsed() if self._capture is not None else None
+        response, served = self._read_response()
         if self._telemetry is not None:
             self._settle_telemetry_inputs()
-        model, run_id = self._model(response)
+        model, run_id = self._model(served)
         if span is not None:
             try:
                 if self._own_span:
@@ -377,13 +377,31 @@ class Prediction:
             if not self._fingerprint:  # form data or another value JSON cannot encode
                 rt.counts["fingerprint_unavailable"] += 1
 
-    def _model(self, response: object) -> tuple[ModelRef, str]:
+    def _read_response(self) -> tuple[object, tuple[str, str]]:
+        """The parsed response when an output summary needs it, and the served model.
+
+        An OIP v2 response is read for the model it names as served; when no
+        summary is needed, from its first 4 KiB only (no parse of the body).
+        """
+        capture = self._capture
+        if capture is None:
+            return None, ("", "")
+        ctx = self._ctx
+        if not (ctx.sampled and ctx.output is None):
+            served = capture.served()
+            if served is not None:
+                return None, served
+        response = capture.parsed()
+        if response is None:  # over the bound (or not JSON): the head may still say
+            return None, capture.served() or ("", "")
+        return response, served_model(response)
+
+    def _model(self, served: tuple[str, str]) -> tuple[ModelRef, str]:
         rt = self.rt
         name, version = self._start_model
         override = self._ctx.model_override
-        if response is not None:
-            served_name, served_version = served_model(response)
-            name, version = served_name or name, served_version or version
+        served_name, served_version = served
+        name, version = served_name or name, served_version or version
         if override is None and rt.resolver is None:
             return rt.model_ref(name, version), ""
         config = rt.config

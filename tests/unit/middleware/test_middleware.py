@@ -14,6 +14,10 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from predtrace.middleware import ConfigError, MiddlewareConfig, PredictionTracingMiddleware
 from predtrace.middleware import instrument_app as real_instrument_app
@@ -506,3 +510,24 @@ async def test_the_version_the_oip_response_names_wins_over_the_configured_one(
     assert (plain.model.name, plain.model.version) == ("iris", "7")
     assert plain.model.registry_model_id == "models:/iris/3"  # static fields fill the rest
     assert routed.model.version == "5"
+
+
+async def test_the_served_version_is_read_from_a_response_larger_than_the_capture_bound(
+    instrument: Instrument, events: InMemoryExporter
+) -> None:
+    big_answer = {
+        "model_name": "iris",
+        "model_version": "7",
+        "outputs": [{"name": "e", "shape": [5000], "datatype": "FP32", "data": [0.5] * 5000}],
+    }
+
+    async def infer(request: Request) -> Response:
+        return JSONResponse(big_answer)
+
+    app = Starlette(routes=[Route("/v2/models/{name}/infer", infer, methods=["POST"])])
+    runtime = instrument(app, model_name="iris", model_version="3", max_output_bytes=1024)
+    response = await call_asgi(app, "POST", "/v2/models/iris/infer", _json(BODY), _headers())
+    assert len(response.body) > 10 * 1024
+    runtime.force_flush(5)
+    (event,) = events.events
+    assert event.model.version == "7"  # named in the response's head, past the 1 KiB bound

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from predtrace.middleware._outputs import (
     ResponseCapture,
     is_json,
@@ -66,3 +70,42 @@ def test_kserve_summary_uses_the_first_prediction() -> None:
     assert summarise({"predictions": ["spam"]}, "kserve-v1") == OutputSummary(label="spam")
     assert summarise({"predictions": []}, "kserve-v1") is None
     assert summarise({"outputs": []}, "http") is None
+
+
+@pytest.mark.parametrize(
+    ("body", "served"),
+    [
+        (b'{"model_name":"iris","model_version":"7","outputs":[]}', ("iris", "7")),
+        (b' {"id": "r", "model_version" : "7", "model_name": "iris"}', ("iris", "7")),
+        (
+            b'{"outputs":[{"model_version":"x"}],"model_name":"iris","model_version":"7"}',
+            ("iris", "7"),
+        ),
+        (b'{"parameters":{"model_version":"nested"},"model_name":"iris"}', ("iris", "")),
+        (b'{"model_name":"ir\\"is\\u00e9","model_version":"7"}', ('ir"is\u00e9', "7")),
+        (b'{"a":"}","model_version":"9"}', ("", "9")),
+        (b"{}", ("", "")),
+        (b'{"model_version":7}', None),  # not a string: the parser decides
+        (b'{"a":"model_name","model_name":"x"}', None),  # a value that looks like a key
+        (b"[1, 2]", None),
+        (b'{"model_name":"iris", "outputs": [', None),  # cut off before the end
+    ],
+)
+def test_the_served_model_is_read_from_the_head_without_parsing(
+    body: bytes, served: tuple[str, str] | None
+) -> None:
+    capture = ResponseCapture(1 << 20)
+    capture.add(body)
+    assert capture.served() == served
+    if served is not None and body.strip().endswith(b"}"):
+        assert served_model(json.loads(body)) == served  # what the full parse says
+
+
+def test_the_served_model_is_read_even_past_the_capture_bound() -> None:
+    data = b"1," * 50_000
+    body = b'{"model_name":"iris","model_version":"7","outputs":[{"data":[' + data + b"1]}]}"
+    capture = ResponseCapture(64 * 1024)
+    for start in range(0, len(body), 1000):  # as a server streams it, in chunks
+        capture.add(body[start : start + 1000])
+    assert capture.overflowed and capture.parsed() is None
+    assert capture.served() == ("iris", "7")
