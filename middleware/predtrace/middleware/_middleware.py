@@ -13,6 +13,7 @@ with telemetry off.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Final
@@ -25,6 +26,15 @@ from predtrace.middleware._runtime import PredictionRuntime
 
 _log = logging.getLogger("predtrace.middleware")
 _LIFESPAN_DONE: Final = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
+
+
+def _in_running_loop() -> bool:
+    """Whether we are built inside a running server (Starlette builds its stack lazily)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 class PredictionTracingMiddleware:
@@ -49,8 +59,8 @@ class PredictionTracingMiddleware:
             try:
                 runtime = PredictionRuntime(config or MiddlewareConfig.from_env(os.environ))
             except ConfigError as exc:
-                if config is not None:
-                    raise
+                if config is not None or not _in_running_loop():
+                    raise  # built by the user's code at startup: fail right there
                 # Read from the environment by ``app.add_middleware(...)``, i.e.
                 # when the server first calls the app: raising here would give
                 # a server that answers 500 to everything. The lifespan startup

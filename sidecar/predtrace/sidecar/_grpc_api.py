@@ -113,7 +113,6 @@ class GrpcSource:
                 f"more than {self._max_events} events in one request",
             )
         converted, positions, rejected = convert_events(message.events)
-        self._intake.count_refused(len(rejected))
         events: list[PredictionEvent | object] = list(converted)
         if message.packed_events:
             try:
@@ -128,6 +127,7 @@ class GrpcSource:
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"packed_events: {exc}")
             events += maps
             positions += range(len(message.events), len(message.events) + len(maps))
+        self._intake.count_refused(len(rejected))  # once the request is known to be readable
         accepted = await self._spool(context, events, positions, rejected)
         ack = _ack(accepted, rejected)
         ack.read_packed = bool(message.packed_events)

@@ -47,3 +47,16 @@ def test_invalid_environment_settings_fail_the_startup_with_the_reason(tmp_path:
     assert "predtrace: invalid PREDTRACE_* settings" in done.stderr
     assert "sample_rate must be within 0..1, got 2.0" in done.stderr
     assert "Application startup failed" in done.stderr
+
+
+def test_wrapping_an_app_directly_with_invalid_settings_raises_right_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fastapi import FastAPI  # noqa: PLC0415
+
+    from predtrace.middleware import ConfigError, PredictionTracingMiddleware  # noqa: PLC0415
+
+    monkeypatch.setenv("PREDTRACE_COLLECTOR_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("PREDTRACE_SAMPLE_RATE", "2")
+    with pytest.raises(ConfigError, match=r"sample_rate must be within 0\.\.1"):
+        PredictionTracingMiddleware(FastAPI())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from predtrace.collector._errors import StoreUnavailableError
+from predtrace.collector._errors import ConfigError, StoreUnavailableError
 from predtrace.collector.store import PostgresOptions, Store, open_store
 from predtrace.collector.store._ops import Exec, Fetch, Plan
 from predtrace.collector.store._schema import MIGRATIONS
@@ -149,3 +149,9 @@ async def test_a_migration_blocked_by_a_long_query_fails_the_start_and_a_later_o
     finally:
         await reader.close()
         await _drop_schema(base, schema)
+
+
+@pytest.mark.parametrize("wait", [float("inf"), float("nan"), 0.0, 0.0004])
+def test_a_migration_lock_timeout_postgresql_cannot_take_is_refused(wait: float) -> None:
+    with pytest.raises(ConfigError, match="migration_lock_timeout"):
+        PostgresOptions(migration_lock_timeout=wait)

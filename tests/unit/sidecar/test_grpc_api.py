@@ -183,6 +183,13 @@ async def test_refused_events_count_alike_whether_protobuf_or_packed(
     assert [r.index for r in ack.rejected] == [0, 2]
     counters = running.app.intake.counters
     assert (counters.received, counters.accepted, counters.rejected) == (4, 2, 2)
+    # A request refused whole (unreadable packed events) counts nothing.
+    unreadable = sidecar_pb2.RecordBatchRequest(events=[bad_proto], packed_events=b"\xc1")
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await sidecar_pb2_grpc.SidecarStub(channel).RecordBatch(unreadable)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (counters.received, counters.accepted, counters.rejected) == (4, 2, 2)
 
 
 @pytest.mark.parametrize(

@@ -433,7 +433,7 @@ async def test_linger_holds_a_small_backlog_then_sends_it_as_one_batch(rig: Rig)
     # The linger waits on the event loop's clock (it takes neither the injected
     # clock nor the injected sleep), so this test runs on wall time: the linger
     # is long enough that the second append lands well inside it.
-    linger = 1.0
+    linger = 3.0  # long enough that a loaded machine still sends the 2nd append within it
     shipper = await rig.start(ShipperConfig(linger=linger, max_batch_events=50))
     loop = asyncio.get_running_loop()
     await rig.record(events(3))
