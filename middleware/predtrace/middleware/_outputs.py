@@ -23,6 +23,7 @@ _SCORE_HINTS: Final = ("score", "prob", "confidence")
 
 
 _HEAD_BYTES: Final = 4096
+_PARSE_BELOW: Final = 2048  # bytes: below this, json.loads beats the head scan
 # A top-level string member of a JSON object, found without parsing the rest:
 # strings (skipped whole) and the brackets between them, to know the depth.
 _TOKENS: Final = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]]')
@@ -73,6 +74,8 @@ class ResponseCapture:
         None when they cannot be told apart from there (not found as
         top-level members, or escaped oddly): parse the whole body instead.
         """
+        if not self.overflowed and self._size <= _PARSE_BELOW:
+            return None  # a small body: one full parse is cheaper than the scan
         members = _top_level_strings(self._head, (b"model_name", b"model_version"))
         if members is None:
             return None
@@ -97,9 +100,10 @@ def _top_level_strings(data: bytes, keys: tuple[bytes, ...]) -> dict[bytes, str]
             value = _STRING_VALUE.match(data, token.end())
             if value is None:
                 return None  # not a string value, or cut off: let the parser decide
+            raw = value.group(1)
             try:
-                decoded = json.loads(value.group(1))
-            except ValueError:
+                decoded = json.loads(raw) if b"\\" in raw else raw[1:-1].decode()
+            except ValueError:  # UnicodeDecodeError included
                 return None
             found[text[1:-1]] = decoded
             if len(found) == len(keys):

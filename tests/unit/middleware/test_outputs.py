@@ -8,6 +8,7 @@ import pytest
 
 from predtrace.middleware._outputs import (
     ResponseCapture,
+    _top_level_strings,
     is_json,
     response_id,
     served_model,
@@ -94,9 +95,11 @@ def test_kserve_summary_uses_the_first_prediction() -> None:
 def test_the_served_model_is_read_from_the_head_without_parsing(
     body: bytes, served: tuple[str, str] | None
 ) -> None:
-    capture = ResponseCapture(1 << 20)
-    capture.add(body)
-    assert capture.served() == served
+    members = _top_level_strings(body, (b"model_name", b"model_version"))
+    if members is None:
+        assert served is None
+    else:
+        assert (members.get(b"model_name", ""), members.get(b"model_version", "")) == served
     if served is not None and body.strip().endswith(b"}"):
         assert served_model(json.loads(body)) == served  # what the full parse says
 
@@ -109,3 +112,10 @@ def test_the_served_model_is_read_even_past_the_capture_bound() -> None:
         capture.add(body[start : start + 1000])
     assert capture.overflowed and capture.parsed() is None
     assert capture.served() == ("iris", "7")
+
+
+def test_a_small_body_is_parsed_whole_instead_of_scanned() -> None:
+    capture = ResponseCapture(1 << 20)
+    capture.add(b'{"model_name":"iris","model_version":"7"}')
+    assert capture.served() is None  # the caller parses it: cheaper for a small body
+    assert served_model(capture.parsed()) == ("iris", "7")
