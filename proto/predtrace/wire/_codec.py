@@ -14,7 +14,7 @@ import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import msgpack
 
@@ -585,6 +585,37 @@ _MODEL_KEYS: Final = (1, 2, 3, 4, 5, 6)
 _DEPLOYMENT_KEYS: Final = (1, 2, 3, 4, 5, 6, 7)
 
 
+def plain_scalars(  # noqa: PLR0917 - six scalar fields of an event map, two bounds
+    pid: object,
+    trace_id: object,
+    span_id: object,
+    ts: object,
+    duration: object,
+    status: object,
+    max_id_len: int,
+    max_time: int = _UINT64_MAX,
+) -> bool:
+    """Whether an event map's scalar fields are of the types the decoder keeps as they are.
+
+    The one definition the fast paths share (decode, the sidecar's plain
+    maps, the collector's rows); ``max_time`` is 2**63-1 for a store.
+    """
+    return (
+        type(pid) is str
+        and 0 < len(pid) <= max_id_len
+        and type(trace_id) is bytes
+        and len(trace_id) in (0, 16)
+        and type(span_id) is bytes
+        and len(span_id) in (0, 8)
+        and type(ts) is int
+        and type(duration) is int
+        and 0 <= ts <= max_time
+        and 0 <= duration <= max_time
+        and type(status) is int
+        and status in (0, 1, 2)
+    )
+
+
 def _fast_event(raw: dict[Any, Any], limits: DecodeLimits) -> PredictionEvent | None:
     """Build a well-formed event quickly; None sends it to the precise slow path.
 
@@ -599,18 +630,7 @@ def _fast_event(raw: dict[Any, Any], limits: DecodeLimits) -> PredictionEvent | 
     texts = (g(9, ""), g(10, ""), g(12, ""), g(13, ""))
     features, attributes, extra = g(16, {}), g(17, {}), g(7, [])
     if (
-        type(pid) is not str
-        or not 0 < len(pid) <= limits.max_id_len
-        or type(trace_id) is not bytes
-        or len(trace_id) not in (0, 16)
-        or type(span_id) is not bytes
-        or len(span_id) not in (0, 8)
-        or type(ts) is not int
-        or type(duration) is not int
-        or not 0 <= ts <= _UINT64_MAX
-        or not 0 <= duration <= _UINT64_MAX
-        or status not in (0, 1, 2)
-        or type(status) is not int
+        not plain_scalars(pid, trace_id, span_id, ts, duration, status, limits.max_id_len)
         or model is None
         or deployment is None
         or any(type(t) is not str for t in texts)
@@ -632,7 +652,7 @@ def _fast_event(raw: dict[Any, Any], limits: DecodeLimits) -> PredictionEvent | 
         if output is None:
             return None
     return PredictionEvent(
-        pid,
+        cast("str", pid),  # checked by plain_scalars, as are the next four
         trace_id,
         span_id,
         ts,

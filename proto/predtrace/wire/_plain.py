@@ -22,10 +22,10 @@ from typing import Any, Final
 from predtrace.wire._codec import (
     _DEPLOYMENT_KEYS,
     _MODEL_KEYS,
-    _UINT64_MAX,
     DEFAULT_LIMITS,
     INT63_MAX,
     DecodeLimits,
+    plain_scalars,
 )
 
 _EMPTY: Final[dict[Any, Any]] = {}
@@ -56,18 +56,7 @@ def plain_event_map(  # noqa: PLR0911 - one answer per field group, flat on purp
         or type(dep) is not dict
         or type(features) is not dict
         or type(attributes) is not dict
-        or type(pid) is not str
-        or not 0 < len(pid) <= limits.max_id_len
-        or type(trace_id) is not bytes
-        or len(trace_id) not in (0, 16)
-        or type(span_id) is not bytes
-        or len(span_id) not in (0, 8)
-        or type(ts) is not int
-        or type(duration) is not int
-        or not 0 <= ts <= _UINT64_MAX
-        or not 0 <= duration <= _UINT64_MAX
-        or type(status) is not int
-        or status not in (0, 1, 2)
+        or not plain_scalars(pid, trace_id, span_id, ts, duration, status, limits.max_id_len)
         or type(g(14, b"")) is not bytes
         or type(g(18, False)) is not bool
     ):

@@ -24,6 +24,7 @@ from predtrace.wire._codec import (  # the codec's own map readers and bound
     _DEPLOYMENT_KEYS,
     _MODEL_KEYS,
     INT63_MAX,
+    plain_scalars,
 )
 
 ServedKey = tuple[str, str, str, str, str]
@@ -175,17 +176,7 @@ def fast_prediction_row(
     ts, duration, status, fingerprint = g(4, 0), g(5, 0), g(11, 0), g(14, b"")
     if (
         "\x00" in joined
-        or not 0 < len(pid) <= max_id_len
-        or type(trace_id) is not bytes
-        or len(trace_id) not in (0, 16)
-        or type(span_id) is not bytes
-        or len(span_id) not in (0, 8)
-        or type(ts) is not int
-        or type(duration) is not int
-        or not 0 <= ts <= INT63_MAX
-        or not 0 <= duration <= INT63_MAX
-        or type(status) is not int
-        or status not in (0, 1, 2)
+        or not plain_scalars(pid, trace_id, span_id, ts, duration, status, max_id_len, INT63_MAX)
         or type(fingerprint) is not bytes
         or (features and not _plain_features(features))
     ):
