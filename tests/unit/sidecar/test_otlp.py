@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -60,6 +61,22 @@ class OtlpSink:
         ]
 
 
+@contextlib.asynccontextmanager
+async def _traces_endpoint(
+    receive: Callable[[web.Request], Awaitable[web.Response]],
+) -> AsyncIterator[str]:
+    """A real OTLP/HTTP ``/v1/traces`` endpoint on 127.0.0.1 port 0; yields its URL."""
+    app = web.Application()
+    app.router.add_post("/v1/traces", receive)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1/traces"
+    finally:
+        await runner.cleanup()
+
+
 @pytest.fixture
 async def sink() -> AsyncIterator[OtlpSink]:
     state = OtlpSink()
@@ -71,14 +88,8 @@ async def sink() -> AsyncIterator[OtlpSink]:
         state.requests.append(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
         return web.Response(body=b"", content_type="application/x-protobuf")
 
-    app = web.Application()
-    app.router.add_post("/v1/traces", receive)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    state.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/traces"
-    yield state
-    await runner.cleanup()
+    async with _traces_endpoint(receive) as state.url:
+        yield state
 
 
 def produce(exporter: SpanExporter) -> None:
@@ -373,14 +384,8 @@ async def flaky_sink() -> AsyncIterator[FlakySink]:
         state.requests.append(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
         return web.Response(body=b"", content_type="application/x-protobuf")
 
-    app = web.Application()
-    app.router.add_post("/v1/traces", receive)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    state.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/traces"
-    yield state
-    await runner.cleanup()
+    async with _traces_endpoint(receive) as state.url:
+        yield state
 
 
 async def test_a_forwarded_span_whose_first_attempt_gets_503_is_retried_and_delivered_once(
