@@ -24,9 +24,10 @@ _SCORE_HINTS: Final = ("score", "prob", "confidence")
 
 _HEAD_BYTES: Final = 4096
 _PARSE_BELOW: Final = 2048  # bytes: below this, json.loads beats the head scan
+_MAX_TOKENS: Final = 256  # strings and brackets scanned before giving up on the head
 # A top-level string member of a JSON object, found without parsing the rest:
 # strings (skipped whole) and the brackets between them, to know the depth.
-_TOKENS: Final = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]]')
+_TOKENS: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?|[{}\[\]]', re.DOTALL)
 _STRING_VALUE: Final = re.compile(rb'\s*:\s*("(?:[^"\\]|\\.){0,1024}")')
 
 
@@ -82,14 +83,25 @@ class ResponseCapture:
         return clip(members.get(b"model_name", "")), clip(members.get(b"model_version", ""))
 
 
-def _top_level_strings(data: bytes, keys: tuple[bytes, ...]) -> dict[bytes, str] | None:
-    """The string values of ``keys`` at depth 1 of a JSON object, or None if unsure."""
+def _top_level_strings(  # noqa: PLR0911 - every way to be unsure says so, flat on purpose
+    data: bytes, keys: tuple[bytes, ...]
+) -> dict[bytes, str] | None:
+    """The string values of ``keys`` at depth 1 of a JSON object, or None if unsure.
+
+    One pass of a regular expression over strings and brackets, linear in
+    ``data``. A key written twice gives its first value (``json.loads`` keeps
+    the last); servers do not write them twice.
+    """
     if not data.lstrip().startswith(b"{"):
         return None
     found: dict[bytes, str] = {}
     depth = 0
-    for token in _TOKENS.finditer(data):
+    for count, token in enumerate(_TOKENS.finditer(data)):
+        if count == _MAX_TOKENS:
+            return None  # the names are not near the start: parse instead of scanning on
         text = token.group()
+        if text[:1] == b'"' and (len(text) < 2 or text[-1:] != b'"'):
+            return None  # a string cut off by the end of the head: unsure from here
         if text in (b"{", b"["):
             depth += 1
         elif text in (b"}", b"]"):

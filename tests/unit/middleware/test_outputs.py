@@ -119,3 +119,20 @@ def test_a_small_body_is_parsed_whole_instead_of_scanned() -> None:
     capture.add(b'{"model_name":"iris","model_version":"7"}')
     assert capture.served() is None  # the caller parses it: cheaper for a small body
     assert served_model(capture.parsed()) == ("iris", "7")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [b"x" * 3000 + b"]}]}" + b"y" * 2000, b'\\"' * 20_000],
+    ids=["brackets-in-a-cut-string", "escaped-quotes"],
+)
+def test_a_string_cut_off_by_the_head_makes_the_scan_unsure(text: bytes) -> None:
+    body = (
+        b'{"outputs":[{"name":"o","datatype":"BYTES","shape":[1],"data":["'
+        + text
+        + b'"]}],"model_name":"m","model_version":"7"}'
+    )
+    capture = ResponseCapture(1 << 20)
+    capture.add(body)
+    assert capture.served() is None  # never a guess from brackets inside a string
+    assert served_model(capture.parsed()) == ("m", "7")
