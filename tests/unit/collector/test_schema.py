@@ -151,7 +151,7 @@ async def test_a_migration_blocked_by_a_long_query_fails_the_start_and_a_later_o
         await _drop_schema(base, schema)
 
 
-@pytest.mark.parametrize("wait", [float("inf"), float("nan"), 0.0, 0.0004])
+@pytest.mark.parametrize("wait", [float("inf"), float("nan"), 0.0, 0.0004, 3e6])
 def test_a_migration_lock_timeout_postgresql_cannot_take_is_refused(wait: float) -> None:
     with pytest.raises(ConfigError, match="migration_lock_timeout"):
         PostgresOptions(migration_lock_timeout=wait)

@@ -9,7 +9,6 @@ and serialization failures become ``StoreUnavailableError`` (retry, 503).
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
 from dataclasses import dataclass
@@ -107,10 +106,8 @@ class PostgresOptions:
             raise ConfigError("schema must be a lower-case SQL identifier")
         if not 0 <= self.min_size <= self.max_size or self.max_size < 1:
             raise ConfigError("need 0 <= min_size <= max_size and max_size >= 1")
-        if not (
-            math.isfinite(self.migration_lock_timeout) and self.migration_lock_timeout >= 0.001
-        ):
-            raise ConfigError("migration_lock_timeout must be a finite number of seconds >= 0.001")
+        if not 0.001 <= self.migration_lock_timeout <= 86_400:  # NaN fails too
+            raise ConfigError("migration_lock_timeout must be between 0.001 and 86400 seconds")
 
 
 class PostgresEngine:
