@@ -55,6 +55,7 @@ class PredictionTracingMiddleware:
     ) -> None:
         self.app = app
         self.config_error: str | None = None
+        self.runtime: PredictionRuntime | None = None
         if runtime is None:
             try:
                 runtime = PredictionRuntime(config or MiddlewareConfig.from_env(os.environ))
@@ -67,8 +68,6 @@ class PredictionTracingMiddleware:
                 # fails instead, with this message (see __call__).
                 self.config_error = f"predtrace: invalid PREDTRACE_* settings: {exc}"
                 _log.error("%s", self.config_error)
-                self.runtime = None
-                self._enabled = False
                 return
         self.runtime = runtime
         self._match = runtime.routes.match
@@ -77,16 +76,20 @@ class PredictionTracingMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI connection."""
         kind = scope["type"]
-        if self.config_error is not None and kind == "lifespan":
-            await self._refuse_startup(receive, send)
+        runtime = self.runtime
+        if runtime is None:  # invalid settings (see __init__): no telemetry, no startup
+            if kind == "lifespan":
+                await self._refuse_startup(receive, send)
+            else:
+                await self.app(scope, receive, send)
             return
         if kind == "http" and self._enabled:
             match = self._match(scope["method"], scope["path"])
             if match is not None:
-                await Prediction(self.runtime, match).run(self.app, scope, receive, send)  # type: ignore[arg-type]
+                await Prediction(runtime, match).run(self.app, scope, receive, send)
                 return
         elif kind == "lifespan" and self._enabled:
-            await self._lifespan(scope, receive, send)
+            await self._lifespan(runtime, scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -101,9 +104,9 @@ class PredictionTracingMiddleware:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        runtime = self.runtime
-        assert runtime is not None  # noqa: S101 - only a config error leaves it unset
+    async def _lifespan(
+        self, runtime: PredictionRuntime, scope: Scope, receive: Receive, send: Send
+    ) -> None:
 
         async def lifespan_receive() -> Message:
             message = await receive()
