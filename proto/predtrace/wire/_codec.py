@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -676,6 +676,11 @@ def _fast_event(raw: dict[Any, Any], limits: DecodeLimits) -> PredictionEvent | 
 _STATUSES: Final = (Status.UNSET, Status.OK, Status.ERROR)
 
 
+def finite_floats(values: Iterable[object]) -> bool:
+    """Whether every value is a finite float (feature values as the decoder keeps them)."""
+    return all(type(value) is float and math.isfinite(value) for value in values)
+
+
 def _fast_output(raw: object) -> OutputSummary | None:
     if type(raw) is not dict:
         return None
@@ -815,9 +820,7 @@ def _texts(event: PredictionEvent) -> list[str]:
     return texts
 
 
-def event_problem(  # noqa: PLR0911 - one answer per rule, flat on purpose
-    event: PredictionEvent, limits: DecodeLimits = DEFAULT_LIMITS
-) -> str | None:
+def event_problem(event: PredictionEvent, limits: DecodeLimits = DEFAULT_LIMITS) -> str | None:
     """Why a collector would refuse ``event`` (None when it would store it).
 
     The decoder's bounds (a string or binary over its limit, a map over its
@@ -825,18 +828,37 @@ def event_problem(  # noqa: PLR0911 - one answer per rule, flat on purpose
     int64 or a NUL in text: a producer checks here before it acknowledges an
     event, so one bad event never costs the batch it would travel in.
     """
-    if event.timestamp_unix_nano > INT63_MAX or event.duration_nanos > INT63_MAX:
+    return stored_problem(
+        limits,
+        times=(event.timestamp_unix_nano, event.duration_nanos),
+        texts=_texts(event),
+        map_sizes=(len(event.features), len(event.attributes)),
+        extra_models=len(event.additional_models),
+        fingerprint_len=len(event.input_fingerprint),
+    )
+
+
+def stored_problem(  # noqa: PLR0911 - one answer per rule, flat on purpose
+    limits: DecodeLimits,
+    *,
+    times: tuple[int, int],
+    texts: list[str],
+    map_sizes: tuple[int, int],
+    extra_models: int,
+    fingerprint_len: int,
+) -> str | None:
+    """The rules of ``event_problem`` on an event's parts (any form of the event)."""
+    if times[0] > INT63_MAX or times[1] > INT63_MAX:
         return "timestamp_unix_nano and duration_nanos must fit in int64"
-    texts = _texts(event)
     # One scan of the joined text instead of one per field (a hot path).
     joined = "".join(texts)
     if "\x00" in joined:
         return "text fields must not contain NUL characters"
-    if len(event.features) > limits.max_map_len or len(event.attributes) > limits.max_map_len:
+    if map_sizes[0] > limits.max_map_len or map_sizes[1] > limits.max_map_len:
         return f"features and attributes hold at most {limits.max_map_len} entries each"
-    if len(event.additional_models) > max(limits.max_events, limits.max_map_len):
+    if extra_models > max(limits.max_events, limits.max_map_len):
         return "too many additional_models"
-    if len(event.input_fingerprint) > limits.max_bin_len:
+    if fingerprint_len > limits.max_bin_len:
         return f"input_fingerprint longer than {limits.max_bin_len} bytes"
     if len(joined) * 4 > limits.max_str_len:  # UTF-8 is at most 4 bytes a character
         for text in texts:

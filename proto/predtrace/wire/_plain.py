@@ -16,28 +16,23 @@ order and with the same reasons. Anything not plain takes the precise path
 
 from __future__ import annotations
 
-import math
 from typing import Any, Final
 
 from predtrace.wire._codec import (
     _DEPLOYMENT_KEYS,
     _MODEL_KEYS,
     DEFAULT_LIMITS,
-    INT63_MAX,
     DecodeLimits,
+    _fast_output,
+    finite_floats,
     plain_scalars,
+    stored_problem,
 )
 
 _EMPTY: Final[dict[Any, Any]] = {}
 
 
-def _finite(value: object) -> bool:
-    return value is None or (type(value) is float and math.isfinite(value))
-
-
-def plain_event_map(  # noqa: PLR0911 - one answer per field group, flat on purpose
-    raw: object, limits: DecodeLimits = DEFAULT_LIMITS
-) -> bool:
+def plain_event_map(raw: object, limits: DecodeLimits = DEFAULT_LIMITS) -> bool:
     """True when ``raw`` needs no conversion to be the event it encodes.
 
     Never true for a map ``event_from_map`` would refuse or convert; false
@@ -78,19 +73,9 @@ def plain_event_map(  # noqa: PLR0911 - one answer per field group, flat on purp
         )
     except TypeError:
         return False
-    for number in features.values():
-        if type(number) is not float or not math.isfinite(number):
-            return False
-    if 15 in raw:
-        out = raw[15]
-        if type(out) is not dict:
-            return False
-        label = out.get(1)
-        if (label is not None and type(label) is not str) or not (
-            _finite(out.get(2)) and _finite(out.get(3))
-        ):
-            return False
-    return True
+    if not finite_floats(features.values()):
+        return False
+    return 15 not in raw or _fast_output(raw[15]) is not None
 
 
 def canonical_event_map(raw: dict[Any, Any]) -> dict[int, Any]:
@@ -130,10 +115,8 @@ def canonical_event_map(raw: dict[Any, Any]) -> dict[int, Any]:
 
 
 def plain_map_problem(raw: dict[Any, Any], limits: DecodeLimits = DEFAULT_LIMITS) -> str | None:
-    """``event_problem`` for a canonical map (``canonical_event_map``): same rules, same reasons."""
+    """``event_problem`` for a canonical map (``canonical_event_map``): the same rules."""
     g = raw.get
-    if g(4, 0) > INT63_MAX or g(5, 0) > INT63_MAX:
-        return "timestamp_unix_nano and duration_nanos must fit in int64"
     features, attributes, out = g(16, _EMPTY), g(17, _EMPTY), g(15)
     texts = [
         g(1),
@@ -150,15 +133,11 @@ def plain_map_problem(raw: dict[Any, Any], limits: DecodeLimits = DEFAULT_LIMITS
     label = out.get(1) if out is not None else None
     if label:
         texts.append(label)
-    joined = "".join(texts)
-    if "\x00" in joined:
-        return "text fields must not contain NUL characters"
-    if len(features) > limits.max_map_len or len(attributes) > limits.max_map_len:
-        return f"features and attributes hold at most {limits.max_map_len} entries each"
-    if len(g(14, b"")) > limits.max_bin_len:
-        return f"input_fingerprint longer than {limits.max_bin_len} bytes"
-    if len(joined) * 4 > limits.max_str_len:  # UTF-8 is at most 4 bytes a character
-        for text in texts:
-            if len(text.encode("utf-8", "surrogatepass")) > limits.max_str_len:
-                return f"a text field is longer than {limits.max_str_len} bytes"
-    return None
+    return stored_problem(
+        limits,
+        times=(g(4, 0), g(5, 0)),
+        texts=texts,
+        map_sizes=(len(features), len(attributes)),
+        extra_models=0,  # a plain map has none
+        fingerprint_len=len(g(14, b"")),
+    )

@@ -24,6 +24,7 @@ from predtrace.wire._codec import (  # the codec's own map readers and bound
     _DEPLOYMENT_KEYS,
     _MODEL_KEYS,
     INT63_MAX,
+    finite_floats,
     plain_scalars,
 )
 
@@ -125,13 +126,6 @@ def _plain_output(raw: dict[Any, Any]) -> tuple[Any, Any, Any] | None:
     return (label, score, value)
 
 
-def _plain_features(features: dict[Any, Any]) -> bool:
-    for number in features.values():
-        if type(number) is not float or not math.isfinite(number):
-            return False
-    return True
-
-
 _NO_MAP: Final[dict[Any, Any]] = {}
 _BLANKS: Final = ("",) * len(_DEPLOYMENT_KEYS)
 
@@ -178,7 +172,7 @@ def fast_prediction_row(
         "\x00" in joined
         or not plain_scalars(pid, trace_id, span_id, ts, duration, status, max_id_len, INT63_MAX)
         or type(fingerprint) is not bytes
-        or (features and not _plain_features(features))
+        or not finite_floats(features.values())
     ):
         return None
     key = d[0] or (f"{d[2]}/{d[1]}" if d[2] and d[1] else d[1])
