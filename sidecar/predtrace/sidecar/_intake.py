@@ -9,8 +9,8 @@ Events that arrive as msgpack maps (``packed_events``) may be handed over as
 those maps (the intake changes them in place). A plain one
 (``plain_event_map``) stays a map: the processors' ``on_map``,
 ``canonical_event_map`` and ``plain_map_problem`` do to it what they would do
-to its event, and the spooled bytes are the same, for about 1 us an event
-less than building the event (in-process, of about 13 us).
+to its event, and the spooled bytes are the same, a little cheaper than
+building the event and encoding it again.
 Any other map takes the precise path (``event_from_map``), which alone names
 why a map is refused.
 """

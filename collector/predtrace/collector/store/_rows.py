@@ -45,8 +45,8 @@ def deployment_key(event: PredictionEvent) -> str:
 def json_text(value: object) -> str:
     """Compact JSON text of a features, attributes or models column.
 
-    orjson: a tenth of ``json.dumps``' time on a small map, and this runs for
-    every stored event. The text differs from ``json.dumps``' in spacing and
+    orjson: much cheaper than ``json.dumps`` on a small map, and this runs
+    for every stored event. The text differs from ``json.dumps``' in spacing and
     in leaving non-ASCII unescaped, and reads back to the same values; NaN and
     infinities become ``null`` (ingest refuses them, so no stored row has one).
     """

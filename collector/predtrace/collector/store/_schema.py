@@ -131,7 +131,7 @@ CREATE INDEX predictions_received ON predictions (received_ns);
 """
 
 # No query reads predictions by (model, version, deployment, time) yet, and
-# that index was a third of SQLite's cost per stored row (random inserts into
+# that index was a large share of SQLite's cost per stored row (random inserts into
 # a long text key): an index earns its place when a query needs it.
 _V2_NO_MODEL_INDEX: Final = "DROP INDEX IF EXISTS predictions_model;"
 

@@ -94,7 +94,8 @@ class SqliteOptions:
     writer_cache_mib: int = 64
     wal_autocheckpoint_pages: int = 10_000
     # Pages of a new database file (an existing file keeps its own): with
-    # 16 KiB instead of SQLite's 4 KiB, a row costs ~15 % less to insert.
+    # 16 KiB instead of SQLite's 4 KiB, a row costs less to insert
+    # (bench/collector_ingest.py).
     page_size: int = 16_384
 
     def __post_init__(self) -> None:
