@@ -49,13 +49,21 @@ _SHIPPER_EXIT_GRACE_S: Final = 0.5
 PRODUCER_FILE = "producer_id"
 
 
-def grpc_server_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Message size limits and keepalive for every gRPC listener of the sidecar."""
+def grpc_server_options(config: SidecarConfig) -> list[tuple[str, int]]:
+    """Message size limits and keepalive for every gRPC listener of the sidecar.
+
+    The server pings a connection with calls in flight every
+    ``keepalive_time`` and closes it when a ping goes unanswered for
+    ``keepalive_timeout``: a producer that vanished (an edge device losing
+    its link) frees its streams instead of holding them open. gRPC core
+    by default), not by the keepalive timeout alone, so both are set.
+    """
     return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", round(config.keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", round(config.keepalive_timeout * 1000)),
+        ("grpc.http2.ping_timeout_ms", round(config.keepalive_timeout * 1000)),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
 
@@ -148,7 +156,7 @@ class SidecarApp:
         source = GrpcSource(
             intake, self.status_message, max_events_per_request=config.max_events_per_request
         )
-        server = grpc.aio.server(options=grpc_server_options(config.max_message_bytes))
+        server = grpc.aio.server(options=grpc_server_options(config))
         server.add_generic_rpc_handlers((source.generic_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -162,7 +170,7 @@ class SidecarApp:
         config = self.config
         assert config.otlp_listen is not None  # noqa: S101 - checked by the caller
         self._otlp = OtlpReceiver(intake, self._forwarder)
-        server = grpc.aio.server(options=grpc_server_options(config.max_message_bytes))
+        server = grpc.aio.server(options=grpc_server_options(config))
         self._otlp.add_to_grpc_server(server)
         self.addresses["otlp-grpc"] = _bind(
             server, config.otlp_listen, "--otlp-listen", self._credentials
@@ -181,7 +189,7 @@ class SidecarApp:
             deployment=self.config.deployment,
             max_message_bytes=self.config.max_message_bytes,
         )
-        server = grpc.aio.server(options=grpc_server_options(self.config.max_message_bytes))
+        server = grpc.aio.server(options=grpc_server_options(self.config))
         server.add_generic_rpc_handlers((proxy.generic_handler(),))
         name = "oip-proxy" if index == 0 else f"oip-proxy-{index + 1}"
         self.addresses[name] = _bind(server, listen, "--oip-proxy", self._credentials)

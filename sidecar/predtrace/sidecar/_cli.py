@@ -136,6 +136,16 @@ def build_config(options: dict[str, Any], environ: dict[str, str]) -> SidecarCon
 )
 @click.option("--max-message-bytes", help="Largest gRPC message accepted [4MiB].")
 @click.option("--drain-timeout", type=float, help="Seconds to ship after SIGTERM [10].")
+@click.option(
+    "--keepalive-time",
+    type=float,
+    help="Seconds between the server's pings on a connection with calls in flight [60].",
+)
+@click.option(
+    "--keepalive-timeout",
+    type=float,
+    help="Seconds a client has to answer a ping before its connection is closed [20].",
+)
 @click.option("--poison-attempts", type=int, help="Failures before a batch is quarantined [5].")
 @click.option("--batch-max-events", type=int, help="Events per batch to the collector.")
 @click.option("--batch-linger", type=float, help="Seconds to wait for a fuller batch.")

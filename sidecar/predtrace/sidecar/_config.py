@@ -196,6 +196,8 @@ class SidecarConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     max_events_per_request: int = 10_000
     drain_timeout: float = 10.0
+    keepalive_time: float = 60.0
+    keepalive_timeout: float = 20.0
     redaction: RedactionConfig = field(default_factory=RedactionConfig)
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     tls_cert: str | None = None
@@ -228,6 +230,13 @@ class SidecarConfig:
             raise ConfigError("max_events_per_request must be >= 1")
         if self.drain_timeout < 0:
             raise ConfigError("drain_timeout must be >= 0 seconds")
+        for seconds, what in (
+            (self.keepalive_time, "--keepalive-time"),
+            (self.keepalive_timeout, "--keepalive-timeout"),
+        ):
+            # A finite, sane range: gRPC takes milliseconds as a C int.
+            if not 0.01 <= seconds <= 86_400:
+                raise ConfigError(f"{what} must be between 0.01 and 86400 seconds, not {seconds}")
         if len(self.producer_id) > 200:
             raise ConfigError("producer id must be at most 200 characters")
 
