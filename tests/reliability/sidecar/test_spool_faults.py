@@ -196,6 +196,30 @@ def test_reads_under_a_byte_cap_count_a_damaged_record_exactly_once(
     spool.close()
 
 
+@pytest.mark.parametrize("max_bytes", [64, 1 << 40])
+def test_a_damaged_run_longer_than_a_read_chunk_counts_as_one_region(max_bytes: int) -> None:
+    # The reader scans a segment in chunks of about twice the largest record;
+    # a run of bad bytes longer than that spans a chunk boundary, and the
+    # chunk that starts inside it continues the region counted before.
+    disk = MemoryFileLayer()
+    spool = Spool.open(config(segment_bytes=1 << 20), files=disk)
+    acked = fill(spool, 400, per_append=1)
+    path = f"{DIR}/{segment_name(1)}"
+    frame = HEADER_SIZE + len(acked[1])
+    first, run = 10 * frame + 5, 5000  # from inside record 11, over 2.4 read chunks
+    for offset in range(first, first + run):
+        disk.corrupt(path, offset, 0)
+    lost = {i for i in acked if (i - 1) * frame < first + run and i * frame > first}
+    after, got = 0, []
+    while records := spool.read(after, max_records=1 << 30, max_bytes=max_bytes):
+        got += [r.index for r in records]
+        after = records[-1].index
+    assert got == [i for i in acked if i not in lost]
+    assert spool.counters.corrupt_regions == 1
+    assert spool.counters.dropped["corrupt"] == len(lost)
+    spool.close()
+
+
 # -- row 12: index garbage ---------------------------------------------------------------
 
 

@@ -73,3 +73,24 @@ def test_scan_counts_an_index_gap_as_skipped_records() -> None:
     result = scan(data, expected_index=1, max_payload=LIMIT, final=True)
     assert [r.index for r in result.records] == [1, 2, 6, 7]
     assert result.skipped == 3
+
+
+def test_a_damaged_run_across_two_buffers_is_one_region() -> None:
+    frames = [encode_record(i, i, bytes([i]) * 200) for i in range(1, 41)]
+    data = bytearray(b"".join(frames))
+    start = sum(len(f) for f in frames[:3])
+    data[start : start + 3000] = bytes(3000)  # records 4 to about 30, zeroed
+    head = scan(bytes(data[:2500]), expected_index=1, max_payload=LIMIT, final=False)
+    assert [r.index for r in head.records] == [1, 2, 3]
+    assert (head.corrupt_regions, head.ends_in_damage) == (1, True)
+    tail = scan(
+        bytes(data[head.consumed :]),
+        expected_index=4,
+        max_payload=LIMIT,
+        final=True,
+        continues_damage=True,
+    )
+    assert tail.corrupt_regions == 0  # the same run, counted once by the head
+    assert tail.records[-1].index == 40
+    alone = scan(bytes(data[head.consumed :]), expected_index=4, max_payload=LIMIT, final=True)
+    assert alone.corrupt_regions == 1  # without the hint it would be a second region

@@ -59,6 +59,7 @@ class SegmentReader:
         chunk = min(_MAX_CHUNK, max(2 * (HEADER_SIZE + limit), max_bytes + max_bytes // 4))
         records: list[Record] = []
         total = 0
+        in_damage = False
         while offset < seg.durable_size and len(records) < max_records and total < max_bytes:
             data = self._files.read(seg.path, offset, min(chunk, seg.durable_size - offset))
             final = offset + len(data) >= seg.durable_size
@@ -72,17 +73,18 @@ class SegmentReader:
                 skip_through=after,
                 until=until,
                 taken_before=taken_before or bool(records),
+                continues_damage=in_damage,
             )
+            in_damage = result.ends_in_damage
             self._count_damage(seg.path, offset, result.corrupt_regions, result.skipped)
             records.extend(result.records)
             total += sum(len(r.payload) for r in result.records)
             if result.records:
                 expected = result.records[-1].index + 1
-            if result.consumed == 0 or (until is not None and expected > until):
-                offset += result.consumed
-                break
             offset += result.consumed
-            if final:
+            if final or result.at_limit or result.consumed == 0:
+                break
+            if until is not None and expected > until:
                 break
         if records:
             self._cursor = _Cursor(seg.path, records[-1].index, offset)

@@ -53,6 +53,9 @@ class ScanResult:
     tail is cut); ``consumed`` where the next scan should start when the
     buffer was not final. ``corrupt_regions`` counts runs of bad bytes
     between valid records; ``skipped`` the record indexes those runs held.
+    ``ends_in_damage``: the buffer ended inside a run of bad bytes, already
+    counted, that the next buffer continues. ``at_limit``: a record was left
+    for the next read by ``max_bytes`` or ``until``.
     """
 
     records: list[Record]
@@ -61,6 +64,8 @@ class ScanResult:
     corrupt_regions: int = 0
     skipped: int = 0
     trailing_garbage: int = 0
+    ends_in_damage: bool = False
+    at_limit: bool = False
 
 
 def _parse_at(data: bytes, pos: int, max_payload: int) -> Record | int | None:
@@ -92,6 +97,7 @@ def scan(
     skip_through: int = 0,
     until: int | None = None,
     taken_before: bool = False,
+    continues_damage: bool = False,
 ) -> ScanResult:
     """Read records from ``data``, skipping corrupt regions.
 
@@ -109,10 +115,11 @@ def scan(
         until: stop before the first record with an index above this.
         taken_before: the caller already holds records of this read (so
             ``max_bytes`` applies to the first record here too).
+        continues_damage: ``data`` starts inside a damaged region the previous
+            buffer ended in (its ``ends_in_damage``), already counted there.
     """
     result = ScanResult([], 0, 0)
     pos, total = 0, 0
-    unsettled = 0  # corrupt regions passed since the last valid record
     while pos < len(data):
         if (max_records is not None and len(result.records) >= max_records) or (
             max_bytes is not None and total >= max_bytes
@@ -126,11 +133,12 @@ def scan(
                 and found.index > skip_through
                 and total + len(found.payload) > max_bytes  # a cap: only a read's first may pass
             ):
-                # The next read resumes at valid_end, before any damage passed
-                # since: that read counts it (and the records it held), not this one.
-                result.corrupt_regions -= unsettled
+                # The next read resumes at this record, past any damage this
+                # scan counted since the last record it took (the records that
+                # damage held count as skipped there, by the index gap).
+                result.consumed = pos
+                result.at_limit = True
                 break
-            unsettled = 0
             _count_gap(result, found, expected_index)
             expected_index = found.index + 1
             if found.index > skip_through:
@@ -138,21 +146,31 @@ def scan(
                 total += len(found.payload)
             pos = result.valid_end = result.consumed = found.end
             continue
+        # Bad bytes at the very start of a buffer that continues a damaged
+        # region belong to that region: counted once, by the buffer before.
+        counted = not (continues_damage and pos == 0)
         nxt = _resync(data, pos + 1, max_payload)
         if nxt is not None:
-            result.corrupt_regions += 1
-            unsettled += 1
+            if counted:
+                result.corrupt_regions += 1
             pos = nxt
             continue
         result.consumed = _stop(
-            result, data, pos, invalid=found is None, final=final, limit=max_payload
+            result, data, pos, invalid=found is None, final=final, limit=max_payload, count=counted
         )
         break
     return result
 
 
 def _stop(
-    result: ScanResult, data: bytes, pos: int, *, invalid: bool, final: bool, limit: int
+    result: ScanResult,
+    data: bytes,
+    pos: int,
+    *,
+    invalid: bool,
+    final: bool,
+    limit: int,
+    count: bool,
 ) -> int:
     """Where to resume after the last valid record when nothing valid follows."""
     if final:
@@ -163,7 +181,9 @@ def _stop(
     # that the next, longer read completes.
     safe = len(data) - (HEADER_SIZE + limit)
     if invalid and safe > pos:
-        result.corrupt_regions += 1
+        if count:
+            result.corrupt_regions += 1
+        result.ends_in_damage = True
         return safe
     return pos
 

@@ -97,10 +97,18 @@ def scan_segment(
     offset, expected = 0, first
     limit = config.max_record_bytes
     chunk = max(_SCAN_CHUNK, 2 * (HEADER_SIZE + limit))
+    in_damage = False
     while offset < total:
         data = files.read(path, offset, chunk)
         final = offset + len(data) >= total
-        result = scan(data, expected_index=expected, max_payload=limit, final=final)
+        result = scan(
+            data,
+            expected_index=expected,
+            max_payload=limit,
+            final=final,
+            continues_damage=in_damage,
+        )
+        in_damage = result.ends_in_damage
         counters.add("corrupt_regions", result.corrupt_regions)
         counters.drop("corrupt", result.skipped)
         if result.records:
