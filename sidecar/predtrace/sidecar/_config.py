@@ -235,8 +235,8 @@ class SidecarConfig:
             (self.keepalive_timeout, "--keepalive-timeout"),
         ):
             # A finite, sane range: gRPC takes milliseconds as a C int.
-            if not 0.01 <= seconds <= 86_400:
-                raise ConfigError(f"{what} must be between 0.01 and 86400 seconds, not {seconds}")
+            if not 0.1 <= seconds <= 86_400:
+                raise ConfigError(f"{what} must be between 0.1 and 86400 seconds, not {seconds}")
         if len(self.producer_id) > 200:
             raise ConfigError("producer id must be at most 200 characters")
 
