@@ -230,6 +230,12 @@ def unpack_event_maps(data: bytes, *, limits: DecodeLimits = DEFAULT_LIMITS) -> 
     """
     if len(data) > limits.max_bytes:
         raise WireTooLargeError(f"packed events exceed {limits.max_bytes} bytes")
+    declared = _declared_array_len(data)
+    if declared is None:
+        raise WireError("packed events must be a msgpack array")
+    if declared > limits.max_events:
+        # Refused from the array header, before one item is built.
+        raise WireTooLargeError(f"more than {limits.max_events} packed events")
     size = max(len(data), 1)
     whole = DecodeLimits(max_events=size, max_str_len=size, max_bin_len=size, max_map_len=size)
     raw = unpack_bounded(data, whole)
@@ -238,6 +244,22 @@ def unpack_event_maps(data: bytes, *, limits: DecodeLimits = DEFAULT_LIMITS) -> 
     if len(raw) > limits.max_events:
         raise WireTooLargeError(f"more than {limits.max_events} packed events")
     return raw
+
+
+def _declared_array_len(data: bytes) -> int | None:
+    """The item count an msgpack array header at the start of ``data`` declares.
+
+    None when ``data`` does not start with an array header (or is cut in it).
+    """
+    if not data:
+        return None
+    first = data[0]
+    if 0x90 <= first <= 0x9F:  # fixarray
+        return first & 0x0F
+    width = {0xDC: 2, 0xDD: 4}.get(first)
+    if width is None or len(data) < 1 + width:
+        return None
+    return int.from_bytes(data[1 : 1 + width], "big")
 
 
 def _events_from_maps(
@@ -628,13 +650,13 @@ def _fast_event(raw: dict[Any, Any], limits: DecodeLimits) -> PredictionEvent | 
     model = _strs(g(6, {}), _MODEL_KEYS)
     deployment = _strs(g(8, {}), _DEPLOYMENT_KEYS)
     texts = (g(9, ""), g(10, ""), g(12, ""), g(13, ""))
-    features, attributes, extra = g(16, {}), g(17, {}), g(7, [])
+    features, attributes = g(16, {}), g(17, {})
     if (
         not plain_scalars(pid, trace_id, span_id, ts, duration, status, limits.max_id_len)
         or model is None
         or deployment is None
         or any(type(t) is not str for t in texts)
-        or extra
+        or not no_additional_models(raw)
         or type(g(14, b"")) is not bytes
         or type(features) is not dict
         or type(attributes) is not dict
@@ -681,12 +703,22 @@ def finite_floats(values: Iterable[object]) -> bool:
     return all(type(value) is float and math.isfinite(value) for value in values)
 
 
+def no_additional_models(raw: dict[Any, Any]) -> bool:
+    """Whether an event map has no additional models in the form the decoder reads as none.
+
+    Absent or an empty array; anything else (a nil, a 0, an empty map) is for
+    the checked path, which refuses it with a reason.
+    """
+    extra = raw.get(7)
+    return (extra is None and 7 not in raw) or (type(extra) is list and not extra)
+
+
 def _fast_output(raw: object) -> OutputSummary | None:
     if type(raw) is not dict:
         return None
     label, score, value = raw.get(1), raw.get(2), raw.get(3)
-    if label is not None and type(label) is not str:
-        return None
+    if (label is not None or 1 in raw) and type(label) is not str:
+        return None  # a nil label is refused by the checked path
     if (score is not None and (type(score) is not float or not math.isfinite(score))) or (
         value is not None and (type(value) is not float or not math.isfinite(value))
     ):
@@ -828,6 +860,11 @@ def event_problem(event: PredictionEvent, limits: DecodeLimits = DEFAULT_LIMITS)
     int64 or a NUL in text: a producer checks here before it acknowledges an
     event, so one bad event never costs the batch it would travel in.
     """
+    # An event object was built by code, not decoded (which checks numbers):
+    # what the collector's decoder would refuse is refused here.
+    numbers = _number_problem(event)
+    if numbers is not None:
+        return numbers
     return stored_problem(
         limits,
         times=(event.timestamp_unix_nano, event.duration_nanos),
@@ -836,6 +873,28 @@ def event_problem(event: PredictionEvent, limits: DecodeLimits = DEFAULT_LIMITS)
         extra_models=len(event.additional_models),
         fingerprint_len=len(event.input_fingerprint),
     )
+
+
+def _number_problem(event: PredictionEvent) -> str | None:
+    """Why the decoder would refuse the event's feature or output numbers, if it would."""
+    out = event.output
+    if out is not None:
+        for name, value in (("score", out.score), ("value", out.value)):
+            if value is not None and not _finite_number(value):
+                return f"output.{name} must be a finite number"
+    if event.features and not all(map(_finite_number, event.features.values())):
+        return "features values must be finite numbers"
+    return None
+
+
+def _finite_number(value: object) -> bool:
+    """A number the decoder keeps: an int or float (not a bool), finite as a float."""
+    if type(value) is not int and type(value) is not float:
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past a float's range
+        return False
 
 
 def stored_problem(  # noqa: PLR0911 - one answer per rule, flat on purpose

@@ -25,6 +25,7 @@ from predtrace.wire._codec import (
     DecodeLimits,
     _fast_output,
     finite_floats,
+    no_additional_models,
     plain_scalars,
     stored_problem,
 )
@@ -40,7 +41,7 @@ def plain_event_map(raw: object, limits: DecodeLimits = DEFAULT_LIMITS) -> bool:
     models), which then take the precise path. Keys it does not know are
     ignored, as the decoder ignores them.
     """
-    if type(raw) is not dict or raw.get(7):  # additional models: the precise path
+    if type(raw) is not dict or not no_additional_models(raw):  # for the precise path
         return False
     g = raw.get
     model, dep, features, attributes = g(6, _EMPTY), g(8, _EMPTY), g(16, _EMPTY), g(17, _EMPTY)

@@ -154,7 +154,10 @@ class SidecarApp:
     async def _start_api(self, intake: Intake) -> None:
         config = self.config
         source = GrpcSource(
-            intake, self.status_message, max_events_per_request=config.max_events_per_request
+            intake,
+            self.status_message,
+            max_events_per_request=config.max_events_per_request,
+            max_message_bytes=config.max_message_bytes,
         )
         server = grpc.aio.server(options=grpc_server_options(config))
         server.add_generic_rpc_handlers((source.generic_handler(),))

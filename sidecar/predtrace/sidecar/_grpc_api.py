@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 
 from predtrace.sidecar._errors import SpoolBusyError, SpoolClosedError, SpoolError, SpoolFullError
 from predtrace.sidecar._intake import Intake
-from predtrace.v1 import event_pb2, sidecar_pb2
+from predtrace.v1 import batch_pb2, event_pb2, sidecar_pb2
 from predtrace.wire import (
     DecodeLimits,
     PredictionEvent,
@@ -36,9 +36,14 @@ SERVICE_NAME: Final = "predtrace.v1.Sidecar"
 MAX_EVENTS_PER_STREAM: Final = 1_000_000
 _STREAM_CHUNK: Final = 1000
 _PUSHBACK_MS: Final = "1000"
-# An ack lists at most this many rejections (the first ones), so it always fits
-# a gRPC message; the sender counts the rest as sent - accepted - listed.
+# An ack lists at most this many rejections (the first ones by position), and
+# fewer when they would not fit the message size limit; the sender counts the
+# rest as sent - accepted - listed.
 MAX_LISTED_REJECTIONS: Final = 1000
+# A listed rejection echoes at most this much of the event's id and reason.
+_ID_CHARS: Final = 256
+_REASON_CHARS: Final = 512
+_ACK_HEADROOM: Final = 64  # bytes for the ack's own fields
 
 
 def convert_events(
@@ -58,10 +63,25 @@ def convert_events(
     return events, positions, rejected
 
 
-def _ack(accepted: int, rejected: Sequence[Rejection]) -> sidecar_pb2.RecordAck:
+def _ack(accepted: int, rejected: Sequence[Rejection], max_bytes: int) -> sidecar_pb2.RecordAck:
+    """The ack: the first rejections by position, as many as fit ``max_bytes``.
+
+    Its events are spooled by the time it is built: an ack the server cannot
+    send would fail a call whose events go out anyway (and come back as
+    duplicates when the sender retries).
+    """
     ack = sidecar_pb2.RecordAck(accepted=accepted)
+    budget = max_bytes - _ACK_HEADROOM
     for r in sorted(rejected, key=lambda r: r.index)[:MAX_LISTED_REJECTIONS]:
-        ack.rejected.add(index=r.index, prediction_id=r.prediction_id, reason=r.reason)
+        entry = batch_pb2.Rejection(
+            index=r.index,
+            prediction_id=r.prediction_id[:_ID_CHARS],
+            reason=r.reason[:_REASON_CHARS],
+        )
+        budget -= entry.ByteSize() + 4  # the field's tag and length prefix
+        if budget < 0:
+            break
+        ack.rejected.append(entry)
     return ack
 
 
@@ -74,10 +94,12 @@ class GrpcSource:
         status: Callable[[], sidecar_pb2.SidecarStatus],
         *,
         max_events_per_request: int,
+        max_message_bytes: int,
     ) -> None:
         self._intake = intake
         self._status = status
         self._max_events = max_events_per_request
+        self._max_ack_bytes = max_message_bytes
 
     def generic_handler(self) -> grpc.GenericRpcHandler[bytes, bytes]:
         """The service's handlers, taking raw request bytes."""
@@ -105,31 +127,32 @@ class GrpcSource:
             message = sidecar_pb2.RecordBatchRequest.FromString(request)
         except DecodeError:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed RecordBatchRequest")
+        too_many = f"more than {self._max_events} events in one request"
         room = self._max_events - len(message.events)
-        if room < 0 or (room == 0 and message.packed_events):
-            await _abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"more than {self._max_events} events in one request",
-            )
+        if room < 0:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, too_many)
         converted, positions, rejected = convert_events(message.events)
         events: list[PredictionEvent | object] = list(converted)
         if message.packed_events:
+            packed = message.packed_events
+            # The message size limit already bounds the bytes; the count is
+            # checked from the array header, before any event is built.
+            limits = DecodeLimits(max_events=max(room, 1), max_bytes=max(len(packed), 1))
             try:
                 # The maps themselves go to the intake: a plain one is never
                 # turned into an object (see Intake).
-                maps = unpack_event_maps(
-                    message.packed_events, limits=DecodeLimits(max_events=room)
-                )
-            except WireTooLargeError as exc:
-                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{exc} in one request")
+                maps = unpack_event_maps(packed, limits=limits)
+            except WireTooLargeError:
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, too_many)
             except WireError as exc:
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"packed_events: {exc}")
+            if len(maps) > room:
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, too_many)
             events += maps
             positions += range(len(message.events), len(message.events) + len(maps))
         self._intake.count_refused(len(rejected))  # once the request is known to be readable
         accepted = await self._spool(context, events, positions, rejected)
-        ack = _ack(accepted, rejected)
+        ack = _ack(accepted, rejected, self._max_ack_bytes)
         ack.read_packed = bool(message.packed_events)
         return ack
 
@@ -162,7 +185,7 @@ class GrpcSource:
                 chunk, places = [], []
         if chunk:
             accepted += await self._spool_chunk(context, chunk, places, rejected)
-        return _ack(accepted, rejected)
+        return _ack(accepted, rejected, self._max_ack_bytes)
 
     async def _spool_chunk(
         self,
@@ -219,7 +242,12 @@ async def _abort(
 
 
 def _note(rejected: list[Rejection], more: Sequence[Rejection]) -> None:
-    """Keep rejections for the ack, no more than it lists (memory stays bounded)."""
-    room = MAX_LISTED_REJECTIONS - len(rejected)
-    if room > 0:
-        rejected.extend(more[:room])
+    """Keep the rejections the ack may list: the first by position, no more than it lists.
+
+    Noted in any order (a request's protobuf events are checked before the
+    intake checks the rest), kept in order of position; memory stays bounded.
+    """
+    rejected.extend(more)
+    if len(rejected) > MAX_LISTED_REJECTIONS:
+        rejected.sort(key=lambda r: r.index)
+        del rejected[MAX_LISTED_REJECTIONS:]

@@ -120,6 +120,10 @@ OFF_PATH = {
     "attribute value not text": _raw(17, {"k": 5}),
     "attribute name not text": _raw(17, {b"k": "v"}),
     "label not text": _raw(15, {1: 0}),
+    "nil label": _raw(15, {1: None}),
+    "additional models nil": _raw(7, None),
+    "additional models zero": _raw(7, 0),
+    "additional models empty map": _raw(7, {}),
 }
 
 

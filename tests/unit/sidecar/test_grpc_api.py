@@ -195,10 +195,10 @@ async def test_refused_events_count_alike_whether_protobuf_or_packed(
 @pytest.mark.parametrize(
     ("packed", "reason"),
     [
-        (b"\xc1", "packed_events: malformed msgpack"),
+        (b"\xc1", "packed_events: packed events must be a msgpack array"),  # refused unread
         (msgpack.packb({1: "p"}), "packed_events: packed events must be a msgpack array"),
         (b"\x92\xa1a", "packed_events: malformed msgpack"),  # truncated
-        (msgpack.packb([{1: f"p{i}"} for i in range(8)]), "more than 5 packed events"),
+        (msgpack.packb([{1: f"p{i}"} for i in range(8)]), "more than 10 events in one request"),
     ],
     ids=["not msgpack", "a map", "truncated", "too many"],
 )
@@ -521,3 +521,89 @@ async def test_row27_a_deadline_expiring_while_the_server_spools_is_deadline_exc
     # may or may not have been spooled, and nothing else appears.
     assert delivered - acked <= cancelled
     assert running.app.shipper.counters.quarantined == 0
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        event_pb2.OutputSummary(score=float("nan")),
+        event_pb2.OutputSummary(score=float("inf")),
+        event_pb2.OutputSummary(value=float("-inf")),
+    ],
+)
+async def test_a_non_finite_output_is_rejected_not_acknowledged_then_lost(
+    start_sidecar: StartSidecar, output: event_pb2.OutputSummary
+) -> None:
+    running = await start_sidecar()
+    bad = event_pb2.PredictionEvent(prediction_id="nan-output", output=output)
+    request = sidecar_pb2.RecordBatchRequest(events=[*proto_events(1), bad])
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        ack = await sidecar_pb2_grpc.SidecarStub(channel).RecordBatch(request)
+    assert ack.accepted == 1
+    [rejection] = ack.rejected
+    assert (rejection.index, rejection.prediction_id) == (1, "nan-output")
+    assert rejection.reason.endswith("must be a finite number")
+    await eventually(lambda: len(running.collector.events()) == 1)
+    assert running.app._shipper.counters.rejected == 0  # the collector refused nothing
+
+
+async def test_the_ack_fits_the_message_limit_however_many_rejections_it_could_list(
+    start_sidecar: StartSidecar,
+) -> None:
+    # 1,000 small events, each refused with a reason: listing them all would
+    # make an ack larger than the request and than the 64 KiB limit.
+    limit = 64 * 1024
+    running = await start_sidecar(max_message_bytes=limit)
+    packed = msgpack.packb([{1: f"refused-event-{i:06d}", 9: "a\x00b"} for i in range(1000)])
+    request = sidecar_pb2.RecordBatchRequest(events=proto_events(1), packed_events=packed)
+    assert request.ByteSize() < limit
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        ack = await sidecar_pb2_grpc.SidecarStub(channel).RecordBatch(request)
+    assert ack.accepted == 1
+    assert ack.ByteSize() <= limit
+    assert 0 < len(ack.rejected) < 1000
+    assert [r.index for r in ack.rejected] == list(range(1, len(ack.rejected) + 1))
+
+
+async def test_listed_rejections_echo_at_most_256_characters_of_an_id(
+    start_sidecar: StartSidecar,
+) -> None:
+    running = await start_sidecar()
+    packed = msgpack.packb([{1: "x" * 4000} for _ in range(3)])  # ids over the 256 bound
+    request = sidecar_pb2.RecordBatchRequest(packed_events=packed)
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        ack = await sidecar_pb2_grpc.SidecarStub(channel).RecordBatch(request)
+    assert ack.accepted == 0
+    assert [r.prediction_id for r in ack.rejected] == ["x" * 256] * 3
+
+
+async def test_the_event_limit_counts_protobuf_and_packed_events_together(
+    start_sidecar: StartSidecar,
+) -> None:
+    running = await start_sidecar(max_events_per_request=5)
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        stub = sidecar_pb2_grpc.SidecarStub(channel)
+        full = sidecar_pb2.RecordBatchRequest(events=proto_events(5), packed_events=b"\x90")
+        assert (await stub.RecordBatch(full)).accepted == 5  # exactly the limit, empty array
+        over = sidecar_pb2.RecordBatchRequest(
+            events=proto_events(4, 10), packed_events=msgpack.packb([{1: "a"}, {1: "b"}])
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.RecordBatch(over)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "more than 5 events in one request"
+
+
+async def test_the_ack_lists_the_first_rejections_by_position_whoever_found_them(
+    start_sidecar: StartSidecar,
+) -> None:
+    # Positions 0-499 are refused by the intake (NUL), 500-1499 while reading
+    # the protobuf events (no id), which happens first.
+    running = await start_sidecar()
+    nul = [event_pb2.PredictionEvent(prediction_id=f"n{i}", endpoint="a\x00") for i in range(500)]
+    no_id = [event_pb2.PredictionEvent(prediction_id="") for _ in range(1000)]
+    request = sidecar_pb2.RecordBatchRequest(events=[*nul, *no_id])
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        ack = await sidecar_pb2_grpc.SidecarStub(channel).RecordBatch(request)
+    assert ack.accepted == 0
+    assert [r.index for r in ack.rejected] == list(range(MAX_LISTED_REJECTIONS))

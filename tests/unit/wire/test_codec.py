@@ -33,6 +33,8 @@ from predtrace.wire import (
     event_problem,
     event_rejection,
     event_to_map,
+    plain_event_map,
+    unpack_event_maps,
 )
 
 
@@ -287,3 +289,71 @@ def test_event_problem_sees_every_text_field_the_decoder_bounds(
     ok = build("fine")
     assert event_problem(ok) is None
     decode_batch(encode_batch(EventBatch("p", 1, [ok])))
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        OutputSummary(score=float("nan")),
+        OutputSummary(score=float("inf")),
+        OutputSummary(value=float("-inf")),
+        OutputSummary(score=10**400),  # type: ignore[arg-type] - built by code, any number
+    ],
+)
+def test_event_problem_refuses_a_non_finite_output_the_collector_would_refuse(
+    output: OutputSummary,
+) -> None:
+    # Built from protobuf or by code, such an event was acknowledged by the
+    # sidecar, then refused by the collector: acknowledged, then lost.
+    event = PredictionEvent("p", output=output)
+    problem = event_problem(event)
+    assert problem is not None
+    assert problem.startswith("output.")
+    assert problem.endswith("must be a finite number")
+    if isinstance(output.score or output.value, float):  # an int past 2**64 cannot be packed
+        decoded = decode_batch(encode_batch(EventBatch("p", 1, [event])))
+        assert decoded.batch.events == []
+        assert [r.reason for r in decoded.rejected] == [problem]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 10**400, True, "1"])
+def test_event_problem_refuses_features_the_decoder_would_refuse(value: object) -> None:
+    assert event_problem(PredictionEvent("p", features={"f": value})) == (  # type: ignore[dict-item]
+        "features values must be finite numbers"
+    )
+    assert (
+        event_problem(PredictionEvent("p", features={"f": 2}, output=OutputSummary(score=1)))
+        is None
+    )
+
+
+@pytest.mark.parametrize("extra", [0, "", {}, None, False], ids=repr)
+def test_additional_models_other_than_an_array_are_refused_on_every_path(extra: object) -> None:
+    # The fast paths once read a falsy value as "none" where the checked path refuses it.
+    raw = {1: "p1", 7: extra}
+    assert not plain_event_map(raw)
+    with pytest.raises(WireError, match="additional_models must be an array"):
+        event_from_map(raw)
+    assert event_from_map({1: "p1", 7: []}).additional_models == []
+
+
+def test_a_nil_output_label_is_refused_on_every_path() -> None:
+    raw = {1: "p1", 15: {1: None}}
+    assert not plain_event_map(raw)
+    with pytest.raises(WireError, match=r"output\.label must be a string"):
+        event_from_map(raw)
+
+
+@pytest.mark.parametrize("header", [b"\xdd\xff\xff\xff\xff", b"\xdc\x27\x11", b"\x9f"])
+def test_packed_events_over_the_count_are_refused_from_the_array_header(header: bytes) -> None:
+    # Nothing follows the header: the refusal cannot have come from building items.
+    with pytest.raises(WireTooLargeError, match="more than 10 packed events"):
+        unpack_event_maps(header, limits=DecodeLimits(max_events=10))
+    with pytest.raises(WireTooLargeError, match="more than 10000 packed events"):
+        unpack_event_maps(b"\xdc\x27\x11", limits=DecodeLimits(max_events=10_000))  # 10,001
+
+
+@pytest.mark.parametrize("data", [b"\x80", b"\xc0", b"\xa1x", b"", b"\xdc\x00"])
+def test_packed_events_that_are_not_an_array_are_refused_unread(data: bytes) -> None:
+    with pytest.raises(WireError, match="must be a msgpack array"):
+        unpack_event_maps(data)

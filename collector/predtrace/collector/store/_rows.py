@@ -25,6 +25,7 @@ from predtrace.wire._codec import (  # the codec's own map readers and bound
     _MODEL_KEYS,
     INT63_MAX,
     finite_floats,
+    no_additional_models,
     plain_scalars,
 )
 
@@ -118,7 +119,7 @@ def _plain_output(raw: dict[Any, Any]) -> tuple[Any, Any, Any] | None:
         return None
     label, score, value = out.get(1), out.get(2), out.get(3)
     if (
-        (label is not None and type(label) is not str)
+        ((label is not None or 1 in out) and type(label) is not str)
         or (score is not None and (type(score) is not float or not math.isfinite(score)))
         or (value is not None and (type(value) is not float or not math.isfinite(value)))
     ):
@@ -151,7 +152,7 @@ def fast_prediction_row(
         or type(features) is not dict
         or type(attributes) is not dict
         or output is None
-        or g(7)
+        or not no_additional_models(raw)
     ):
         return None
     # Missing keys read as "" (map() calls .get(key, "") in C: no Python loop).
