@@ -51,6 +51,7 @@ _C_ENCODER: Final[Callable[[object, int], Sequence[str]] | None] = (
     else None
 )
 _MAX_INPUTS_SCANNED: Final = 64
+_UTF8: Final = frozenset({"utf-8", "utf-8-sig"})
 NOT_JSON: Final = object()
 
 
@@ -213,15 +214,23 @@ def _pick(items: Iterable[tuple[object, object]], allowed: frozenset[str]) -> di
 def _number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # a JSON integer beyond any float (valid JSON): no number
+        return None
     return number if math.isfinite(number) else None
+
+
+def is_utf8_json(body: bytes) -> bool:
+    """Whether a JSON body is UTF-8 (with or without a BOM), not UTF-16 or UTF-32."""
+    return json.detect_encoding(body) in _UTF8
 
 
 def inject_oip_id(body: bytes, parsed: dict[str, object], prediction_id: str) -> bytes:
     """``body`` with ``"id": prediction_id`` added, so a conforming server echoes it.
 
-    Only called for a JSON object without ``id``; the rest of the bytes are
-    kept as they were (no re-encoding).
+    Only called for a UTF-8 JSON object without ``id`` (see ``is_utf8_json``);
+    the rest of the bytes are kept as they were (no re-encoding).
     """
     start = body.index(b"{") + 1
     quoted = (

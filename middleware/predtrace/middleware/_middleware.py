@@ -37,6 +37,23 @@ def _in_running_loop() -> bool:
     return True
 
 
+def route_path(scope: Scope) -> str:
+    """The path the app routes on: ``path`` without the ``root_path`` prefix.
+
+    Under ``uvicorn --root-path`` or a Starlette ``Mount`` the full path
+    includes the prefix; the prediction routes are written without it. The
+    same rule as Starlette's ``get_route_path``.
+    """
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        if path == root_path:
+            return ""
+        if path[len(root_path)] == "/":
+            return path[len(root_path) :]
+    return path
+
+
 class PredictionTracingMiddleware:
     """Pure ASGI middleware: a span, an id and an event for every prediction.
 
@@ -84,7 +101,7 @@ class PredictionTracingMiddleware:
                 await self.app(scope, receive, send)
             return
         if kind == "http" and self._enabled:
-            match = self._match(scope["method"], scope["path"])
+            match = self._match(scope["method"], route_path(scope))
             if match is not None:
                 await Prediction(runtime, match).run(self.app, scope, receive, send)
                 return

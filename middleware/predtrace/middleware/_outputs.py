@@ -207,5 +207,8 @@ def _first(data: object) -> object:
 def _number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # a JSON integer beyond any float (valid JSON): no number
+        return None
     return number if math.isfinite(number) else None

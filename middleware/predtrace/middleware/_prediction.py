@@ -31,6 +31,7 @@ from predtrace.middleware._inputs import (
     body_caller_id,
     fingerprint,
     inject_oip_id,
+    is_utf8_json,
     parse_json,
     read_rest,
     replay,
@@ -104,7 +105,7 @@ class Prediction:
         ):
             messages = await self._read_body(receive)
         try:
-            inner_scope, messages, span_token = self._begin(scope, messages)
+            messages, span_token = self._begin(scope, messages)
         except Exception as exc:  # noqa: BLE001 - telemetry must never fail the request
             rt.failed("begin", exc)
             await app(scope, replay(messages, receive) if messages else receive, send)
@@ -116,7 +117,7 @@ class Prediction:
         ctx_token = CURRENT.set(self._ctx)
         self._downstream = send
         try:
-            await app(inner_scope, receive, self._send)
+            await app(scope, receive, self._send)
         except BaseException as exc:
             self._finish(exc)
             if self._status is None:
@@ -150,8 +151,9 @@ class Prediction:
 
     def _begin(
         self, scope: Scope, messages: Sequence[Message]
-    ) -> tuple[Scope, Sequence[Message], Token[Context] | None]:
+    ) -> tuple[Sequence[Message], Token[Context] | None]:
         rt, protocol, body = self.rt, self.match.protocol, self._body
+        echo: tuple[list[tuple[bytes, bytes]], Sequence[Message]] | None = None
         self._t0 = time.perf_counter_ns()
         self._ts = time.time_ns()
         is_oip = protocol == PROTOCOL_OIP_V2_REST
@@ -184,8 +186,8 @@ class Prediction:
             if sampled and rt.config.feature_allowlist:
                 allowed = rt.config.feature_allowlist
                 ctx._merge_features(request_features(self._parsed, protocol, allowed))
-            if body_id is None and is_oip and self._should_echo():
-                scope, messages = self._echo_id(scope, body, pid)
+            if body_id is None and is_oip and self._should_echo(body):
+                echo = self._echo_id(scope, body, pid)
         elif self._telemetry is not None:
             ctx.id_hook = self._adopt_telemetry_body
         self._start_model = rt.start_model(self.match)
@@ -194,7 +196,14 @@ class Prediction:
         except Exception as exc:  # noqa: BLE001 - a broken tracing setup: the event still goes
             rt.failed("span", exc)
             self._span, self._own_span, token = None, False, None
-        return scope, messages, token
+        if echo is not None:
+            # Last, so a failure above leaves the request as it came. The app
+            # gets the server's own scope, not a copy: what its router writes
+            # there (path_params, route, endpoint) must reach the code around
+            # this middleware (Starlette's 500 handler, an outer OTel middleware).
+            # A new headers list: the old one may be shared with that code.
+            scope["headers"], messages = echo
+        return messages, token
 
     def _header_id(self, request_id: bytes | None, ce_id: bytes | None) -> str | None:
         """The caller's id from ``x-request-id``, then ``ce-id``, when usable."""
@@ -206,18 +215,27 @@ class Prediction:
                 self.rt.counts["invalid_caller_id"] += 1
         return None
 
-    def _should_echo(self) -> bool:
+    def _should_echo(self, body: bytes) -> bool:
         parsed = self._parsed
-        return self.rt.config.oip_echo_id and isinstance(parsed, dict) and "id" not in parsed
+        return (
+            self.rt.config.oip_echo_id
+            and isinstance(parsed, dict)
+            and "id" not in parsed
+            # The id is spliced in as UTF-8 bytes: in a UTF-16 or UTF-32 body
+            # (valid JSON too) that would corrupt it. Such a body goes as sent.
+            and is_utf8_json(body)
+        )
 
-    def _echo_id(self, scope: Scope, body: bytes, pid: str) -> tuple[Scope, tuple[Message]]:
+    def _echo_id(
+        self, scope: Scope, body: bytes, pid: str
+    ) -> tuple[list[tuple[bytes, bytes]], tuple[Message]]:
+        """The request headers and body messages with the prediction id added to the body."""
         # The app sees the prediction id as the OIP request id, so a conforming
         # server answers with the same id the response header carries.
         assert isinstance(self._parsed, dict)  # noqa: S101 - checked by _should_echo
         new_body = inject_oip_id(body, self._parsed, pid)
-        scope = dict(scope)
-        scope["headers"] = with_content_length(scope["headers"], len(new_body))
-        return scope, ({"type": "http.request", "body": new_body, "more_body": False},)
+        headers = with_content_length(scope["headers"], len(new_body))
+        return headers, ({"type": "http.request", "body": new_body, "more_body": False},)
 
     def _start_span(self, scope: Scope, propagated: bool) -> Token[Context] | None:
         rt = self.rt
@@ -273,14 +291,18 @@ class Prediction:
             self._status = message["status"]
             self._trailers = bool(message.get("trailers", False))
             pid = self._ctx.prediction_id  # settles the id in FastAPI telemetry mode
-            headers = message.get("headers") or []
+            # Read once into a new list, passed on in a new message: ASGI allows
+            # any iterable, and a one-shot one (a generator) would reach the
+            # server empty after the scan below; and a Response object reused
+            # by the app is never changed.
+            headers = list(message.get("headers") or ())
+            message = {**message, "headers": headers}
             wanted = self.rt.id_header
             for key, _ in headers:
                 if key == wanted:
                     break  # the app set it itself
             else:
-                # A new list: a Response object reused by the app is never changed.
-                message = {**message, "headers": [*headers, (wanted, pid.encode("latin-1"))]}
+                headers.append((wanted, pid.encode("latin-1")))
             if self._wants_response(headers):
                 self._capture = ResponseCapture(self.rt.config.max_output_bytes)
         except Exception as exc:  # noqa: BLE001 - the response goes out regardless

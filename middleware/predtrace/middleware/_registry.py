@@ -147,9 +147,25 @@ class ResolverCache:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
+    def reopened(self) -> ResolverCache:
+        """A new open cache with what this one resolved for good, and its counts.
+
+        For an app started again after ``close``. A new object: this one's
+        thread may still be in a registry call that outlived ``close``.
+        """
+        cache = ResolverCache(
+            self._resolver, max_models=self._max, retry_interval=self._retry_interval
+        )
+        cache._entries.update(self._resolved())
+        cache.overflow, cache.failures = self.overflow, self.failures
+        return cache
+
+    def _resolved(self) -> dict[tuple[str, str], _Entry | None]:
+        return {k: v for k, v in self._entries.items() if v is not None and not v.retry_at}
+
     def _after_fork_in_child(self) -> None:
         # Keep what the parent learnt; the parent's thread does not exist here.
-        done = {k: v for k, v in self._entries.items() if v is not None and not v.retry_at}
+        done = self._resolved()
         self._reset()
         self._entries.update(done)
 

@@ -164,15 +164,34 @@ class PredictionRuntime:
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the pipeline and resolve the static model. Idempotent; blocking."""
-        if self._started:
+        """Start the pipeline and resolve the static model. Idempotent; blocking.
+
+        After ``shutdown`` it starts afresh (the same app served again: a
+        second lifespan, a second ``TestClient``), with a new pipeline whose
+        counts go on from the last one's.
+        """
+        if self._started and not self._stopped:
             return
-        self._started = True
+        if self._stopped:
+            self._reopen()
+        self._started, self._stopped = True, False
         self.propagation_fields = _propagation_fields()
         if self.pipeline is not None:
             self.pipeline.start()
         if self.resolver is not None and self.config.model_name:
             self.resolver.prime(self.config.model_name, self.config.model_version)
+
+    def _reopen(self) -> None:
+        # New objects rather than reopened ones: the old worker may still own
+        # the old exporter (an export that outlived the shutdown deadline). A
+        # user's exporter object is the same one, already shut down once.
+        config = self.config
+        old = self.pipeline
+        if old is not None:
+            exporter = build_exporter(config)
+            self.pipeline = QueuedExporter(exporter, config.queue, counters=old.counters)
+        if self.resolver is not None:
+            self.resolver = self.resolver.reopened()
 
     async def astart(self) -> None:
         """``start`` off the event loop (a registry lookup may block)."""

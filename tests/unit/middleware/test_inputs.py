@@ -11,6 +11,7 @@ from predtrace.middleware._inputs import (
     body_caller_id,
     fingerprint,
     inject_oip_id,
+    is_utf8_json,
     new_hmac,
     parse_json,
     read_rest,
@@ -129,3 +130,13 @@ def test_injected_id_keeps_the_rest_of_the_body_byte_for_byte() -> None:
 def test_content_length_is_replaced_not_duplicated() -> None:
     headers = [(b"host", b"h"), (b"content-length", b"3")]
     assert with_content_length(headers, 10) == [(b"host", b"h"), (b"content-length", b"10")]
+
+
+def test_only_a_utf8_body_takes_the_injected_id() -> None:
+    # The id is spliced in as UTF-8 bytes; a BOM in front of "{" is kept as it was.
+    text = '{"inputs": []}'
+    assert is_utf8_json(text.encode()) and is_utf8_json(text.encode("utf-8-sig"))
+    for encoding in ("utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le"):
+        assert not is_utf8_json(text.encode(encoding)), encoding
+    bom = inject_oip_id(text.encode("utf-8-sig"), {"inputs": []}, "p-3")
+    assert json.loads(bom) == {"id": "p-3", "inputs": []}

@@ -17,9 +17,14 @@ from opentelemetry.trace import SpanKind, StatusCode
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
-from predtrace.middleware import ConfigError, MiddlewareConfig, PredictionTracingMiddleware
+from predtrace.middleware import (
+    ConfigError,
+    MiddlewareConfig,
+    PredictionTracingMiddleware,
+    current_prediction,
+)
 from predtrace.middleware import instrument_app as real_instrument_app
 from predtrace.middleware.testing import call_asgi
 from predtrace.sidecar.testing import InMemoryExporter
@@ -531,3 +536,164 @@ async def test_the_served_version_is_read_from_a_response_larger_than_the_captur
     runtime.force_flush(5)
     (event,) = events.events
     assert event.model.version == "7"  # named in the response's head, past the 1 KiB bound
+
+
+@pytest.mark.parametrize("served", ["root_path", "mount"])
+async def test_prediction_is_recognised_under_a_root_path_or_a_mount(
+    served: str, instrument: Instrument, events: InMemoryExporter
+) -> None:
+    # ASGI puts the root path in ``path`` too (uvicorn --root-path, Mount):
+    # the routes are matched on what follows it, as Starlette's router does.
+    app = fastapi_app()
+    runtime = instrument(app)
+    outer: Any = Starlette(routes=[Mount("/ml", app=app)])
+    path = "/ml/v2/models/iris/infer"
+    if served == "root_path":
+
+        async def under_api(scope: Any, receive: Any, send: Any) -> None:
+            await app({**scope, "root_path": "/api"}, receive, send)  # as uvicorn sets it
+
+        outer, path = under_api, "/api/v2/models/iris/infer"
+    response = await call_asgi(outer, "POST", path, _json(BODY), _headers())
+    assert response.status == 200
+    pid = response.header("x-prediction-id")
+    assert pid is not None and json.loads(response.body)["id"] == pid
+    runtime.force_flush(5)
+    (event,) = events.events
+    assert (event.prediction_id, event.endpoint) == (pid, "/v2/models/{name}/infer")
+    assert event.model.name == "iris"
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+async def test_utf16_or_utf32_body_reaches_the_app_as_sent_and_gets_the_same_answer(
+    encoding: str, instrument: Instrument, events: InMemoryExporter
+) -> None:
+    # Valid JSON (RFC 8259 readers such as json.loads accept it): the OIP id
+    # is spliced in as UTF-8, so such a body is left alone.
+    raw = json.dumps(BODY).encode(encoding)
+    bare = await call_asgi(fastapi_app(), "POST", "/v2/models/iris/infer", raw, _headers())
+    app = fastapi_app()
+    runtime = instrument(app)
+    response = await call_asgi(app, "POST", "/v2/models/iris/infer", raw, _headers())
+    assert bare.status == 200
+    assert (response.status, response.body) == (bare.status, bare.body)
+    pid = response.header("x-prediction-id")
+    assert pid is not None
+    runtime.force_flush(5)
+    (event,) = events.events
+    assert event.prediction_id == pid and event.status == Status.OK
+
+
+HUGE = 10**400  # a valid JSON integer that no float can hold
+
+
+@pytest.mark.parametrize("telemetry", [False, True], ids=["body-read", "fastapi-telemetry"])
+async def test_a_request_feature_beyond_any_float_is_skipped_and_the_event_still_goes(
+    telemetry: bool, instrument: Instrument, tracing: Tracing, events: InMemoryExporter
+) -> None:
+    settings = {"tracer_provider": tracing[0], "metrics": False, "logs": False}
+    app = fastapi_app(telemetry=settings if telemetry else None)
+    runtime = instrument(app, feature_allowlist=frozenset({"x", "y"}))
+    body = {"inputs": [{"name": "y", "data": [2.0]}, {"name": "x", "data": [HUGE]}]}
+    response = await call_asgi(app, "POST", "/v2/models/iris/infer", _json(body), _headers())
+    assert response.status == 200
+    pid = response.header("x-prediction-id")
+    assert pid is not None
+    runtime.force_flush(5)
+    (event,) = events.events
+    assert (event.prediction_id, event.features) == (pid, {"y": 2.0})
+    assert not any(k.startswith("error.") for k in runtime.stats())
+
+
+@pytest.mark.parametrize(
+    ("path", "answer"),
+    [
+        (
+            "/v2/models/iris/infer",
+            {"model_name": "iris", "outputs": [{"name": "score", "data": [HUGE]}]},
+        ),
+        ("/v1/models/iris:predict", {"predictions": [HUGE]}),
+    ],
+    ids=["oip", "kserve"],
+)
+async def test_an_output_beyond_any_float_gives_no_summary_and_the_event_still_goes(
+    path: str, answer: dict[str, Any], tracing: Tracing, events: InMemoryExporter
+) -> None:
+    async def answering(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": _json(answer)})
+
+    config = MiddlewareConfig(exporter=events, tracer_provider=tracing[0], sample_rate=1.0)
+    app = PredictionTracingMiddleware(answering, config)
+    headers = _headers(x_request_id="big-out")
+    response = await call_asgi(app, "POST", path, b"{}", headers)
+    assert response.status == 200 and response.header("x-prediction-id") == "big-out"
+    assert app.runtime is not None and app.runtime.force_flush(5)
+    (event,) = events.events
+    assert (event.prediction_id, event.status, event.output) == ("big-out", Status.OK, None)
+    assert not any(k.startswith("error.") for k in app.runtime.stats())
+
+
+async def test_handler_recording_numbers_beyond_any_float_gets_no_error_and_the_event_goes(
+    instrument: Instrument, events: InMemoryExporter
+) -> None:
+    async def infer(request: Request) -> Response:
+        await request.body()
+        p = current_prediction()
+        p.record_features({"big": HUGE, "y": 2.0})
+        p.record_output(label="big", score=HUGE, value=HUGE)
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/v2/models/{name}/infer", infer, methods=["POST"])])
+    runtime = instrument(app, feature_allowlist=frozenset({"big", "y"}))
+    response = await call_asgi(app, "POST", "/v2/models/iris/infer", _json(BODY), _headers())
+    assert response.status == 200
+    runtime.force_flush(5)
+    (event,) = events.events
+    assert event.features == {"y": 2.0}
+    assert event.output is not None
+    assert (event.output.label, event.output.score, event.output.value) == ("big", None, None)
+
+
+async def test_response_headers_given_as_a_generator_all_reach_the_server(
+    tracing: Tracing, events: InMemoryExporter
+) -> None:
+    # ASGI allows any iterable of headers, a one-shot generator included.
+    app_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"2"),
+        (b"set-cookie", b"s=1"),
+    ]
+
+    async def generating(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        headers = (header for header in app_headers)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    config = MiddlewareConfig(exporter=events, tracer_provider=tracing[0])
+    app = PredictionTracingMiddleware(generating, config)
+    body = _json({"id": "gen-1", **BODY})
+    response = await call_asgi(app, "POST", "/v2/models/iris/infer", body, _headers())
+    assert response.headers == [*app_headers, (b"x-prediction-id", b"gen-1")]
+
+
+# starlette.testclient warns on import that it prefers httpx2 (not installed here).
+@pytest.mark.filterwarnings("ignore::starlette.exceptions.StarletteDeprecationWarning")
+def test_an_app_started_again_after_shutdown_exports_the_events_of_each_run(
+    tracing: Tracing, events: InMemoryExporter
+) -> None:
+    from starlette.testclient import TestClient  # noqa: PLC0415 - imported under the filter above
+
+    app = fastapi_app()
+    config = MiddlewareConfig(exporter=events, tracer_provider=tracing[0])
+    runtime = real_instrument_app(app, config)
+    for run in range(2):  # e.g. one TestClient per test on a module-level app
+        with TestClient(app) as client:
+            response = client.post("/v2/models/iris/infer", json={"id": f"run-{run}", **BODY})
+            assert response.status_code == 200
+    assert [e.prediction_id for e in events.events] == ["run-0", "run-1"]
+    stats = runtime.stats()
+    assert (stats["enqueued"], stats["exported"], stats["dropped"]) == (2, 2, 0)  # counted on

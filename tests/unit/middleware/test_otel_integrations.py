@@ -17,6 +17,10 @@ from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from starlette.applications import Starlette
+from starlette.requests import Request as StarletteRequest
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from predtrace.middleware.testing import call_asgi
 from predtrace.sidecar.testing import InMemoryExporter
@@ -186,3 +190,39 @@ async def test_500_sent_by_server_error_middleware_carries_the_prediction_id(
         (server,) = _server_spans(exporter)
         assert server.attributes is not None
         assert server.attributes["predtrace.prediction.id"] == "req-7"
+
+
+async def test_the_500_handler_sees_what_the_router_wrote_in_the_scope_when_the_id_is_echoed(
+    instrument: Instrument,
+) -> None:
+    # Starlette's 500 handler (like an outer OTel middleware reading
+    # scope["route"]) runs outside the middleware: the app must get the
+    # server's own scope, not a copy, when the OIP id is added to the body.
+    def build() -> Starlette:
+        async def infer(request: StarletteRequest) -> Response:
+            await request.json()
+            raise RuntimeError("model failed")
+
+        async def on_error(request: StarletteRequest, exc: Exception) -> Response:
+            route = getattr(request.scope.get("route"), "path", None)
+            seen = {"name": request.path_params.get("name"), "route": route}
+            return JSONResponse(seen, status_code=500)
+
+        return Starlette(
+            routes=[Route("/v2/models/{name}/infer", infer, methods=["POST"])],
+            exception_handlers={Exception: on_error},
+        )
+
+    async def post(app: Any) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            body = json.dumps({"inputs": [{"name": "x", "data": [1.0]}]}).encode()  # no id
+            return await client.post("/v2/models/churn/infer", content=body, headers=HEADERS)
+
+    bare = await post(build())
+    app = build()
+    instrument(app)
+    response = await post(app)
+    assert bare.json() == {"name": "churn", "route": "/v2/models/{name}/infer"}
+    assert (response.status_code, response.json()) == (500, bare.json())
+    assert response.headers["x-prediction-id"]

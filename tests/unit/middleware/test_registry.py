@@ -121,3 +121,20 @@ def test_static_model_is_resolved_at_startup() -> None:
 
 def test_static_resolver_returns_none_for_unknown_models() -> None:
     assert StaticResolver({}).resolve("a", "1") is None
+
+
+def test_a_closed_cache_reopened_resolves_new_models_and_keeps_what_it_knew() -> None:
+    # An app started again after its shutdown (a second lifespan) goes on resolving.
+    resolver = GatedResolver(ResolvedModel(run_id="run-1"))
+    resolver.release.set()
+    cache = ResolverCache(resolver)
+    cache.prime("m", "1")
+    cache.close()
+    assert cache.lookup("n", "1") is None  # closed: never asked
+    reopened = cache.reopened()
+    try:
+        assert reopened.lookup("m", "1") == ResolvedModel(run_id="run-1")  # not asked again
+        _wait_until(lambda: reopened.lookup("n", "1") is not None)
+        assert resolver.calls == [("m", "1"), ("n", "1")]
+    finally:
+        reopened.close()

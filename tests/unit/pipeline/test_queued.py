@@ -391,3 +391,31 @@ def test_an_export_outliving_shutdown_closes_the_exporter_after_it_not_under_it(
     while "shutdown" not in exporter.log and time.monotonic() < deadline:
         time.sleep(0.01)
     assert exporter.log == ["export started", "export returned", "shutdown"]
+
+
+def test_an_exporter_returning_no_result_drops_the_batch_and_the_worker_survives(
+    make_events: Events, caplog: pytest.LogCaptureFixture
+) -> None:
+    class ReturnsNoneFirst(InMemoryExporter):
+        returned_none = False
+
+        def export(self, batch: OutgoingBatch) -> ExportResult:
+            if not self.returned_none:
+                self.returned_none = True
+                return None  # type: ignore[return-value]  # the exporter bug under test
+            return super().export(batch)
+
+    exporter = ReturnsNoneFirst()
+    pipeline = QueuedExporter(exporter, QueueConfig(max_batch_size=10, schedule_delay=0.05))
+    with caplog.at_level(logging.WARNING, logger="predtrace.pipeline"):
+        for event in make_events(10):
+            pipeline.emit(event)
+        assert pipeline.force_flush(timeout=5)
+        for event in make_events(10, start=10):
+            pipeline.emit(event)
+        assert pipeline.force_flush(timeout=5)  # the worker is still there
+    assert [e.prediction_id for e in exporter.events] == [f"e{i}" for i in range(10, 20)]
+    counters = pipeline.counters.snapshot()
+    assert (counters["dropped.exporter_error"], counters["exported"]) == (10, 10)
+    assert "exporter returned NoneType" in caplog.text
+    pipeline.shutdown(timeout=5)

@@ -16,7 +16,7 @@ import random
 import threading
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -73,9 +73,12 @@ class QueuedExporter:
         processors: Sequence[Processor] = (),
         clock: Clock | None = None,
         seed: int | None = None,
+        counters: PipelineCounters | None = None,
     ) -> None:
         self.config = config or QueueConfig()
-        self.counters = PipelineCounters()
+        # Shared counters let a pipeline that replaces a shut-down one (an app
+        # started again) count on from where that one stopped.
+        self.counters = counters if counters is not None else PipelineCounters()
         self._exporter = exporter
         self._processors = tuple(processors)
         self._clock = clock or SystemClock()
@@ -312,10 +315,20 @@ class QueuedExporter:
                 self.counters.add_dropped("exporter_error", size)
                 self._log.warning("exporter", "exporter raised %s", type(exc).__name__)
                 return
+            counts = _result_counts(result)
+            if counts is None:
+                # As much an exporter bug as raising (None, say): reading it
+                # here would kill the worker and strand every later event.
+                self.counters.add_dropped("exporter_error", size)
+                self._log.warning(
+                    "exporter", "exporter returned %s, not an ExportResult", type(result).__name__
+                )
+                return
+            accepted, rejected = counts
             self.counters.add("batches")
-            self.counters.add("exported", result.accepted)
-            if result.rejected:
-                self.counters.add_dropped("rejected", len(result.rejected))
+            self.counters.add("exported", accepted)
+            if rejected:
+                self.counters.add_dropped("rejected", rejected)
             return
 
     def _retry_wait(self, batch: OutgoingBatch, exc: RetryableExportError, size: int) -> bool:
@@ -340,6 +353,18 @@ class QueuedExporter:
         with self._done:
             self._handled += count
             self._done.notify_all()
+
+
+def _result_counts(result: object) -> tuple[int, int] | None:
+    """``(accepted, rejected)`` of what ``export`` returned; None when it is no ExportResult.
+
+    Read by attribute, so an exporter's own result type with the same fields works.
+    """
+    accepted = getattr(result, "accepted", None)
+    rejected = getattr(result, "rejected", ())
+    if not isinstance(accepted, int) or not isinstance(rejected, Sized):
+        return None
+    return accepted, len(rejected)
 
 
 def _reinit_after_fork() -> None:
