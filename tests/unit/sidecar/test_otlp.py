@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gzip
+import json
+import threading
+import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -12,6 +17,7 @@ import aiohttp
 import grpc
 import pytest
 from aiohttp import web
+from google.protobuf import json_format
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
     OTLPSpanExporter as GrpcSpanExporter,
 )
@@ -27,6 +33,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter
 from opentelemetry.trace import Status, StatusCode
 
+from predtrace.sidecar import _otlp
 from predtrace.sidecar._config import DeploymentConfig
 from predtrace.sidecar._otlp_export import OtlpForwarder
 from predtrace.sidecar.pipeline import RetryPolicy
@@ -404,3 +411,228 @@ async def test_a_forwarded_span_whose_first_attempt_gets_503_is_retried_and_deli
     assert names == ["db.query", "predict", "predict"], "each span delivered exactly once"
     assert flaky_sink.refused[0] in flaky_sink.bodies, "the refused request itself was resent"
     await eventually(lambda: len(running.collector.events()) == 2)  # predictions unaffected
+
+
+def _camel_to_snake(document: object) -> object:
+    """The same OTLP/JSON document with every key in snake_case."""
+    if isinstance(document, list):
+        return [_camel_to_snake(item) for item in document]
+    if not isinstance(document, dict):
+        return document
+    snake = {
+        "".join(f"_{c.lower()}" if c.isupper() else c for c in key): _camel_to_snake(value)
+        for key, value in document.items()
+    }
+    if "key" in snake and "value" in snake:  # an attribute: its AnyValue keeps camelCase
+        snake["value"] = document["value"]
+    return snake
+
+
+def _json_request(*spans: dict[str, object]) -> dict[str, object]:
+    """An OTLP/JSON export request of ``spans``, lowerCamelCase keys."""
+    return {"resourceSpans": [{"scopeSpans": [{"spans": list(spans)}]}]}
+
+
+async def test_snake_case_otlp_json_gives_the_same_ids_as_camel_case(
+    start_sidecar: StartSidecar, sink: OtlpSink
+) -> None:
+    running = await start(start_sidecar, sink)
+    url = f"http://{running.app.addresses['otlp-http']}/v1/traces"
+    related = {
+        "parentSpanId": "EEE19B7EC3C1B173",
+        "links": [{"traceId": "0A" * 16, "spanId": "0B" * 8}],
+    }
+    camel = _json_request(_json_span("pred-camel", "EEE19B7EC3C1B174", **related))
+    snake = _camel_to_snake(_json_request(_json_span("pred-snake", "EEE19B7EC3C1B174", **related)))
+    span = snake["resource_spans"][0]["scope_spans"][0]["spans"][0]  # type: ignore[index]
+    assert {"trace_id", "span_id", "parent_span_id"} <= span.keys()
+    assert span["links"][0].keys() == {"trace_id", "span_id"}
+    async with aiohttp.ClientSession() as session:
+        for body in (camel, snake):
+            async with session.post(url, json=body) as resp:
+                assert resp.status == 200
+    await eventually(lambda: len(running.collector.events()) == 2)
+    await eventually(lambda: len(sink.spans()) == 2)
+    ids = {(e.prediction_id, e.trace_id.hex(), e.span_id.hex()) for e in running.collector.events()}
+    trace = "5b8efff798038103d269b633813fc60c"
+    assert ids == {
+        ("pred-camel", trace, "eee19b7ec3c1b174"),
+        ("pred-snake", trace, "eee19b7ec3c1b174"),
+    }
+    forwarded = {
+        (s.parent_span_id.hex(), s.links[0].trace_id.hex(), s.links[0].span_id.hex())  # type: ignore[attr-defined]
+        for s in sink.spans()
+    }
+    assert forwarded == {("eee19b7ec3c1b173", "0a" * 16, "0b" * 8)}
+
+
+# Spans whose predictions the intake must refuse, or keep clipped: (id suffix, attributes, start).
+_REFUSABLE: list[tuple[str, dict[str, str], int]] = [
+    ("ok", {}, 10),
+    ("nul-model", {"predtrace.model.name": "churn\x00"}, 10),
+    ("long-route", {"http.route": "/r" * 40_000}, 10),  # 80 KB: clipped, kept
+    ("past-int64", {}, 2**63),
+    ("long-id" + "x" * 257, {}, 10),
+]
+
+
+def _refusable_request() -> trace_service_pb2.ExportTraceServiceRequest:
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    scope = request.resource_spans.add().scope_spans.add()
+    for suffix, attributes, start in _REFUSABLE:
+        span = scope.spans.add(name="predict", trace_id=b"t" * 16, span_id=b"s" * 8)
+        span.start_time_unix_nano, span.end_time_unix_nano = start, start + 5
+        for key, value in {"predtrace.prediction.id": "r-" + suffix, **attributes}.items():
+            span.attributes.add(key=key).value.string_value = value
+    return request
+
+
+def _as_otlp_json(request: trace_service_pb2.ExportTraceServiceRequest) -> bytes:
+    """OTLP/JSON of a request: protobuf's JSON mapping, with hex ids instead of base64."""
+    document = json_format.MessageToDict(request)
+    for span in document["resourceSpans"][0]["scopeSpans"][0]["spans"]:
+        for key in ("traceId", "spanId"):
+            span[key] = base64.b64decode(span[key]).hex()
+    return json.dumps(document).encode()
+
+
+async def _export_refusable(
+    running: Running, transport: str
+) -> trace_service_pb2.ExportTraceServiceResponse:
+    """Export ``_REFUSABLE`` over ``transport``; the Export answer."""
+    request = _refusable_request()
+    response_type = trace_service_pb2.ExportTraceServiceResponse
+    if transport == "grpc":
+        method = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+        async with grpc.aio.insecure_channel(running.app.addresses["otlp-grpc"]) as channel:
+            export = channel.unary_unary(method, response_deserializer=response_type.FromString)
+            answer: trace_service_pb2.ExportTraceServiceResponse = await export(
+                request.SerializeToString()
+            )
+            return answer
+    url = f"http://{running.app.addresses['otlp-http']}/v1/traces"
+    as_json = transport == "http-json"
+    body = _as_otlp_json(request) if as_json else request.SerializeToString()
+    kind = "application/json" if as_json else "application/x-protobuf"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=body, headers={"Content-Type": kind}) as resp,
+    ):
+        assert (resp.status, resp.content_type) == (200, kind)
+        if as_json:
+            return json_format.ParseDict(await resp.json(), response_type())
+        return response_type.FromString(await resp.read())
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http-protobuf", "http-json"])
+async def test_refused_predictions_are_named_in_partial_success_and_their_spans_forwarded(
+    start_sidecar: StartSidecar, sink: OtlpSink, transport: str
+) -> None:
+    running = await start(start_sidecar, sink)
+    answer = await _export_refusable(running, transport)
+    assert answer.HasField("partial_success")
+    assert answer.partial_success.rejected_spans == 0, "every span was accepted"
+    message = answer.partial_success.error_message
+    assert message.startswith("3 prediction event(s) refused"), message
+    assert "span 1 of the request" in message and "NUL" in message, message
+    await eventually(lambda: len(sink.spans()) == len(_REFUSABLE))
+    await eventually(lambda: len(running.collector.events()) == 2)
+    by_id = {e.prediction_id: e for e in running.collector.events()}
+    assert by_id.keys() == {"r-ok", "r-long-route"}
+    assert by_id["r-long-route"].endpoint == "/r" * 512, "clipped to 1024 characters"
+    intake = running.app.status_view().intake
+    assert (intake.received, intake.accepted, intake.rejected) == (5, 2, 3)
+
+
+def _one_prediction(prediction_id: str) -> bytes:
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    span = request.resource_spans.add().scope_spans.add().spans.add(name="p", trace_id=b"t" * 16)
+    span.attributes.add(key="predtrace.prediction.id").value.string_value = prediction_id
+    span.attributes.add(key="filler").value.string_value = "the same words again " * 40
+    return request.SerializeToString()
+
+
+async def test_a_compressed_body_cut_short_or_without_its_trailer_is_refused_400(
+    start_sidecar: StartSidecar, sink: OtlpSink
+) -> None:
+    running = await start(start_sidecar, sink)
+    url = f"http://{running.app.addresses['otlp-http']}/v1/traces"
+    body = _one_prediction("cut")
+    gzipped, zlibbed = gzip.compress(body), zlib.compress(body)
+    crc_flipped = gzipped[:-8] + bytes([gzipped[-8] ^ 1]) + gzipped[-7:]
+    bad = {
+        "gzip without its CRC and size trailer": ("gzip", gzipped[:-8]),
+        "gzip missing the size": ("gzip", gzipped[:-4]),
+        "gzip with a wrong CRC": ("gzip", crc_flipped),
+        "gzip cut inside the deflate data": ("gzip", gzipped[: len(gzipped) // 2]),
+        "gzip followed by other bytes": ("gzip", gzipped + b"junk"),
+        "deflate without its adler32": ("deflate", zlibbed[:-4]),
+        "deflate cut inside the data": ("deflate", zlibbed[: len(zlibbed) // 2]),
+    }
+    for name, (coding, data) in bad.items():
+        headers = {"Content-Type": "application/x-protobuf", "Content-Encoding": coding}
+        # A fresh session each time: the server may close such a connection.
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, data=data, headers=headers) as r,
+        ):
+            assert r.status == 400, (name, r.status)
+            assert "Content-Encoding" in await r.text(), name
+    raw_deflate = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    good = {
+        "gzip": ("gzip", gzip.compress(_one_prediction("gzip"))),
+        "zlib deflate": ("deflate", zlib.compress(_one_prediction("zlib"))),
+        "raw deflate": (
+            "deflate",
+            raw_deflate.compress(_one_prediction("raw")) + raw_deflate.flush(),
+        ),
+        "gzip twice": ("gzip", gzip.compress(gzip.compress(_one_prediction("twice")))),
+        "two gzip members": ("gzip", gzip.compress(b"") + gzip.compress(_one_prediction("two"))),
+    }
+    async with aiohttp.ClientSession() as session:
+        for name, (coding, data) in good.items():
+            headers = {"Content-Type": "application/x-protobuf", "Content-Encoding": coding}
+            async with session.post(url, data=data, headers=headers) as r:
+                assert r.status == 200, (name, r.status, await r.text())
+    await eventually(lambda: len(running.collector.events()) == len(good))
+    ids = {e.prediction_id for e in running.collector.events()}
+    assert ids == {"gzip", "zlib", "raw", "twice", "two"}, "nothing of the refused bodies was kept"
+
+
+async def test_at_most_two_big_otlp_bodies_are_parsed_at_once_over_grpc_and_http(
+    start_sidecar: StartSidecar, sink: OtlpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = await start(start_sidecar, sink)
+    lock = threading.Lock()
+    active, peak, parsed = [0], [0], [0]
+
+    def slow_parse(body: bytes) -> trace_service_pb2.ExportTraceServiceRequest:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.2)  # long enough for the others to pile up, were they let in
+        with lock:
+            active[0] -= 1
+            parsed[0] += 1
+        return trace_service_pb2.ExportTraceServiceRequest()
+
+    monkeypatch.setattr(_otlp, "parse_json", slow_parse)
+    monkeypatch.setattr(_otlp, "parse_protobuf", slow_parse)
+    big = b"{}" + b" " * 300_000  # over the size parsed on the loop
+    url = f"http://{running.app.addresses['otlp-http']}/v1/traces"
+    method = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+    async def over_http(session: aiohttp.ClientSession) -> None:
+        async with session.post(url, data=big, headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 200
+
+    async with (
+        aiohttp.ClientSession() as session,
+        grpc.aio.insecure_channel(running.app.addresses["otlp-grpc"]) as channel,
+    ):
+        export = channel.unary_unary(method)
+        await asyncio.gather(
+            *[over_http(session) for _ in range(3)], *[export(big) for _ in range(3)]
+        )
+    assert parsed[0] == 6
+    assert peak[0] <= 2, f"{peak[0]} bodies parsed at once"
