@@ -56,6 +56,8 @@ _THREAD_BYTES: Final = 256 * 1024
 # bounds that peak whatever the thread pool's size or the number of concurrent
 # exports. Smaller bodies are parsed on the loop, one at a time by construction.
 _MAX_BIG_PARSES: Final = 2
+# About 4,000 spans of 30 attributes each; JSON is the slow encoding.
+_MAX_JSON_OBJECTS: Final = 250_000
 _GZIP_MAGIC: Final = b"\x1f\x8b"
 # A gzip body may be several members back to back (RFC 1952): a few are taken,
 # not thousands, as each one costs a copy of the rest of the body.
@@ -141,8 +143,14 @@ def parse_json(body: bytes) -> trace_service_pb2.ExportTraceServiceRequest:
     Unknown fields are ignored, as the OTLP spec asks of receivers.
 
     Raises:
-        OtlpJsonError: not JSON, nested too deep, or not the request's shape.
+        OtlpJsonError: not JSON, nested too deep, too many objects, or not the
+            request's shape.
     """
+    # protobuf's ParseDict walks every object in Python (some microseconds
+    # each): a body of nothing but ``{}`` would cost seconds of CPU. Braces
+    # are counted first, at C speed (those in strings too: a generous bound).
+    if body.count(b"{") > _MAX_JSON_OBJECTS:
+        raise OtlpJsonError(f"more than {_MAX_JSON_OBJECTS} JSON objects in one request")
     try:
         document = json.loads(body)
     except (ValueError, RecursionError):
