@@ -13,12 +13,10 @@ refusal in ``partial_success`` (``rejected_spans`` stays 0: no span was).
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import ssl
-import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
@@ -35,6 +33,15 @@ from predtrace.cli._serving import quiet_client_errors
 from predtrace.sidecar._config import parse_hostport
 from predtrace.sidecar._errors import SpoolBusyError, SpoolError, SpoolFullError
 from predtrace.sidecar._intake import Intake
+from predtrace.sidecar._otlp_body import (
+    CODINGS,
+    ExportRequest,
+    OtlpJsonError,
+    UndecodableBodyError,
+    decompress,
+    parse_json,
+    parse_protobuf,
+)
 from predtrace.sidecar._otlp_export import OtlpForwarder
 from predtrace.wire import (
     DEFAULT_LIMITS,
@@ -46,7 +53,6 @@ from predtrace.wire import (
 )
 
 TRACE_SERVICE: Final = "opentelemetry.proto.collector.trace.v1.TraceService"
-_CODINGS: Final = frozenset({"", "identity", "gzip", "deflate"})
 # Requests bigger than this are parsed and converted in a thread: a 4 MiB
 # export must not stall every other connection of the loop for a second.
 _THREAD_BYTES: Final = 256 * 1024
@@ -56,12 +62,6 @@ _THREAD_BYTES: Final = 256 * 1024
 # bounds that peak whatever the thread pool's size or the number of concurrent
 # exports. Smaller bodies are parsed on the loop, one at a time by construction.
 _MAX_BIG_PARSES: Final = 2
-# About 4,000 spans of 30 attributes each; JSON is the slow encoding.
-_MAX_JSON_OBJECTS: Final = 250_000
-_GZIP_MAGIC: Final = b"\x1f\x8b"
-# A gzip body may be several members back to back (RFC 1952): a few are taken,
-# not thousands, as each one costs a copy of the rest of the body.
-_MAX_GZIP_MEMBERS: Final = 16
 _In = TypeVar("_In")
 _Out = TypeVar("_Out")
 
@@ -82,94 +82,7 @@ _MAX_VALUE_LEN: Final = 1024
 _MAX_ID_LEN: Final = DEFAULT_LIMITS.max_id_len
 _REASON_CHARS: Final = 512
 _ERROR: Final = trace_pb2.Status.STATUS_CODE_ERROR
-ExportRequest = trace_service_pb2.ExportTraceServiceRequest
 ExportResponse = trace_service_pb2.ExportTraceServiceResponse
-
-
-class OtlpJsonError(ValueError):
-    """An OTLP/JSON body that does not describe an ExportTraceServiceRequest."""
-
-
-# OTLP/JSON writes these bytes fields as hex, where protobuf's JSON mapping says base64.
-_HEX_ID_FIELDS: Final = (
-    "traceId",
-    "spanId",
-    "parentSpanId",
-    "trace_id",
-    "span_id",
-    "parent_span_id",
-)
-
-
-def _hex_ids_to_base64(item: dict[str, object]) -> None:
-    for key in _HEX_ID_FIELDS:
-        value = item.get(key)
-        if isinstance(value, str) and value:
-            try:
-                item[key] = base64.b64encode(bytes.fromhex(value)).decode()
-            except ValueError:
-                raise OtlpJsonError(f"{key} must be hex") from None
-
-
-def _list(value: object, where: str) -> list[object]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise OtlpJsonError(f"{where} must be a list")
-    return value
-
-
-def _items(parent: dict[str, object], *keys: str) -> Iterator[dict[str, object]]:
-    """The objects listed in ``parent``'s field, under each of its spellings."""
-    for key in keys:
-        for item in _list(parent.get(key), key):
-            if not isinstance(item, dict):
-                raise OtlpJsonError(f"{key}[] must be objects")
-            yield item
-
-
-def parse_protobuf(body: bytes) -> ExportRequest:
-    """Decode an OTLP protobuf body (gRPC or HTTP).
-
-    Raises:
-        DecodeError: not an ExportTraceServiceRequest (or nested too deep).
-    """
-    return ExportRequest.FromString(body)
-
-
-def parse_json(body: bytes) -> trace_service_pb2.ExportTraceServiceRequest:
-    """Decode an OTLP/HTTP JSON body (hex ids, lowerCamelCase or snake_case keys).
-
-    Unknown fields are ignored, as the OTLP spec asks of receivers.
-
-    Raises:
-        OtlpJsonError: not JSON, nested too deep, too many objects, or not the
-            request's shape.
-    """
-    # protobuf's ParseDict walks every object in Python (some microseconds
-    # each): a body of nothing but ``{}`` would cost seconds of CPU. Braces
-    # are counted first, at C speed (those in strings too: a generous bound).
-    if body.count(b"{") > _MAX_JSON_OBJECTS:
-        raise OtlpJsonError(f"more than {_MAX_JSON_OBJECTS} JSON objects in one request")
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
-        raise OtlpJsonError("not JSON (or nested too deep)") from None
-    if not isinstance(document, dict):
-        raise OtlpJsonError("the body must be a JSON object")
-    # Protobuf's JSON parser takes a field under its name or its lowerCamelCase
-    # json_name: the walk to the ids follows both, or a snake_case body's hex
-    # ids would be read as base64.
-    for resource_spans in _items(document, "resourceSpans", "resource_spans"):
-        for scope_spans in _items(resource_spans, "scopeSpans", "scope_spans"):
-            for span in _items(scope_spans, "spans"):
-                _hex_ids_to_base64(span)
-                for link in _items(span, "links"):
-                    _hex_ids_to_base64(link)
-    try:
-        return json_format.ParseDict(document, ExportRequest(), ignore_unknown_fields=True)
-    except (json_format.ParseError, RecursionError, TypeError, ValueError) as exc:
-        raise OtlpJsonError(str(exc)[:200]) from None
 
 
 def _text(value: common_pb2.AnyValue) -> str:
@@ -290,60 +203,6 @@ def export_response(refused: list[tuple[int, str]]) -> ExportResponse:
             f" the first (span {position} of the request): {why[:_REASON_CHARS]}"
         )
     return response
-
-
-class _UndecodableError(ValueError):
-    """A compressed body that is corrupt, cut short, or followed by stray bytes."""
-
-
-def _decompress(raw: bytes, coding: str, limit: int) -> bytes:
-    """The body under its Content-Encoding, and under one sniffed gzip layer, bounded.
-
-    Raises:
-        WireTooLargeError: it inflates past ``limit`` (a bomb).
-        _UndecodableError: a layer is corrupt, cut short, or has trailing bytes.
-    """
-    body = raw if coding in ("", "identity") else _inflate(raw, coding, limit)
-    if body[:2] == _GZIP_MAGIC:  # gzip'd twice, or unsaid: no protobuf or JSON starts so
-        body = _inflate(body, "gzip", limit)
-    return body
-
-
-def _inflate(data: bytes, coding: str, limit: int) -> bytes:
-    """``data`` inflated; at most ``limit`` bytes, and each stream must end properly.
-
-    aiohttp's own inflation is off for this reason: it takes a stream cut
-    short, or without its CRC trailer, as a complete (shorter) body.
-    """
-    wbits = _wbits(data, coding)
-    parts: list[bytes] = []
-    size = 0
-    for _ in range(_MAX_GZIP_MEMBERS if coding == "gzip" else 1):
-        inflater = zlib.decompressobj(wbits)
-        try:
-            parts.append(inflater.decompress(data, limit + 1 - size))
-        except zlib.error as exc:
-            raise _UndecodableError(f"invalid {coding} data ({exc})") from None
-        size += len(parts[-1])
-        if size > limit or inflater.unconsumed_tail:
-            raise WireTooLargeError(f"decompressed body exceeds {limit} bytes")
-        if not inflater.eof:
-            raise _UndecodableError(f"{coding} data cut short (no end of stream)")
-        data = inflater.unused_data
-        if not data:
-            return b"".join(parts)
-    if coding == "gzip":
-        raise _UndecodableError(f"more than {_MAX_GZIP_MEMBERS} gzip members")
-    raise _UndecodableError(f"bytes after the end of the {coding} data")
-
-
-def _wbits(data: bytes, coding: str) -> int:
-    """zlib's ``wbits`` for a body of ``coding``."""
-    if coding == "gzip":
-        return 16 + zlib.MAX_WBITS
-    if data[:1] and data[0] & 0x0F == 8:  # deflate as RFC 9110 has it: zlib-wrapped
-        return zlib.MAX_WBITS
-    return -zlib.MAX_WBITS  # raw deflate, as some clients send it (and aiohttp took it)
 
 
 class _TraceService:
@@ -475,17 +334,17 @@ class OtlpReceiver:
         if request.content_type not in (PROTOBUF, JSON):
             return web.Response(status=415, text=f"send {PROTOBUF} or {JSON}")
         coding = request.headers.get("Content-Encoding", "").strip().lower()
-        if coding not in _CODINGS:  # the parser would get it still encoded
+        if coding not in CODINGS:  # the parser would get it still encoded
             return web.Response(status=415, text="Content-Encoding must be gzip or deflate")
         try:
-            return _decompress(await request.read(), coding, self._max_body)
+            return decompress(await request.read(), coding, self._max_body)
         except web.HTTPRequestEntityTooLarge:
             return web.Response(status=413, text="body too large")
         except RequestPayloadError:
             return web.Response(status=400, text="the body could not be read")
         except WireTooLargeError:
             return web.Response(status=413, text="decompressed body too large")
-        except _UndecodableError as exc:
+        except UndecodableBodyError as exc:
             text = f"cannot decompress the body (Content-Encoding: {coding or 'none'}): {exc}"
             return web.Response(status=400, text=text)
 
