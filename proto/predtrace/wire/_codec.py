@@ -10,11 +10,12 @@ batch is rejected alone (partial success).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import Any, Final, TypeVar, cast
 
 import msgpack
 
@@ -333,11 +334,26 @@ def gunzip_bounded(data: bytes, max_bytes: int) -> bytes:
 
 
 def unpack_bounded(payload: bytes, limits: DecodeLimits) -> object:
-    """Unpack msgpack bytes with every declared length bounded.
+    """Unpack msgpack bytes with every declared length, and the number of containers, bounded.
+
+    An empty map or array is one byte on the wire and some 60 in memory: a
+    body of nothing else would cost about 75 times its size. A map that
+    means something holds a key and a value (the smallest event, an id of
+    one character, is four bytes), so at most one container per
+    ``_BYTES_PER_CONTAINER`` bytes is allowed: about 16 times the bytes at
+    worst, as for the scalars a decode allocates.
 
     Raises:
         WireError: malformed, truncated, trailing data or a bound exceeded.
     """
+    count = itertools.count()
+    most = len(payload) // _BYTES_PER_CONTAINER + 64
+
+    def counted(container: _C) -> _C:
+        if next(count) > most:
+            raise _TooManyContainersError
+        return container
+
     try:
         return msgpack.unpackb(
             payload,
@@ -349,13 +365,27 @@ def unpack_bounded(payload: bytes, limits: DecodeLimits) -> object:
             max_array_len=max(limits.max_events, limits.max_map_len),
             max_map_len=limits.max_map_len,
             max_ext_len=0,
+            object_hook=counted,
+            list_hook=counted,
         )
+    except _TooManyContainersError:
+        raise WireError(
+            f"more than one map or array per {_BYTES_PER_CONTAINER} bytes of msgpack"
+        ) from None
     except msgpack.ExtraData:
         raise WireError("trailing bytes after the msgpack value") from None
     except (msgpack.OutOfData, msgpack.FormatError, msgpack.StackError) as exc:
         raise WireError(f"malformed msgpack: {type(exc).__name__}") from None
     except (ValueError, TypeError, UnicodeDecodeError) as exc:
         raise WireError(f"malformed msgpack: {_short(exc)}") from None
+
+
+_BYTES_PER_CONTAINER: Final = 4
+_C = TypeVar("_C")
+
+
+class _TooManyContainersError(Exception):
+    """Raised inside the decoder's hooks; becomes a WireError."""
 
 
 def _short(exc: BaseException) -> str:

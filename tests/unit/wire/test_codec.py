@@ -357,3 +357,24 @@ def test_packed_events_over_the_count_are_refused_from_the_array_header(header: 
 def test_packed_events_that_are_not_an_array_are_refused_unread(data: bytes) -> None:
     with pytest.raises(WireError, match="must be a msgpack array"):
         unpack_event_maps(data)
+
+
+@pytest.mark.parametrize("empty", [[], {}], ids=["arrays", "maps"])
+def test_a_body_of_empty_containers_is_refused_within_a_bounded_cost(empty: object) -> None:
+    # One byte on the wire, some 60 in memory: 2 MiB of them would cost ~150 MiB.
+    body = _pack({0: [1, 0], 1: "p", 2: 1, 6: [[empty] * 1000] * 2000})
+    tracemalloc.start()
+    try:
+        with pytest.raises(WireError, match="one map or array per 4 bytes"):
+            decode_batch(body)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * len(body)
+
+
+def test_the_smallest_real_events_are_within_the_container_bound() -> None:
+    events = [PredictionEvent(chr(ord("a") + i % 26)) for i in range(10_000)]
+    decoded = decode_batch(encode_batch(EventBatch("p", 1, events)))
+    assert len(decoded.batch.events) == 10_000
+    assert decoded.rejected == ()
