@@ -80,6 +80,7 @@ class SidecarApp:
     ) -> None:
         self.config = config
         self.addresses: dict[str, str] = {}
+        self._wrote_ready_file = False
         self.producer_id = ""
         self._files = files or OsFileLayer()
         self._faults = faults or FaultPoints()
@@ -231,9 +232,13 @@ class SidecarApp:
         lines = [self.addresses["grpc"]]
         lines += [f"{name} {addr}" for name, addr in self.addresses.items() if name != "grpc"]
         tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write("\n".join(lines) + "\n")
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write("\n".join(lines) + "\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise ConfigError(f"cannot write --ready-file {path}: {exc.strerror or exc}") from None
+        self._wrote_ready_file = True
 
     # -- status -----------------------------------------------------------------------
 
@@ -307,7 +312,9 @@ class SidecarApp:
             await self._client.close()
             if self._spool is not None:
                 await asyncio.to_thread(self._spool.close)
-        if self.config.ready_file:
+        if self.config.ready_file and self._wrote_ready_file:
+            # Only this sidecar's own: one that failed to start (the spool in
+            # use by another) must not remove the running one's ready file.
             with contextlib.suppress(OSError):
                 os.unlink(self.config.ready_file)
 
@@ -345,12 +352,15 @@ def _bind(
 ) -> str:
     host, port = parse_hostport(listen, what)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if credentials is None:
-        bound = server.add_insecure_port(address)
-    else:
-        bound = server.add_secure_port(address, credentials)
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError:  # what current grpcio raises where it used to return 0
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {listen} ({what})")
+        raise OSError(f"cannot listen on {listen} ({what}): the address is in use or unusable")
     return f"{host}:{bound}"
 
 

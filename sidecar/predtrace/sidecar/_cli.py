@@ -155,7 +155,8 @@ def build_config(options: dict[str, Any], environ: dict[str, str]) -> SidecarCon
 @click.option(
     "--tls-cert",
     type=click.Path(exists=True, dir_okay=False),
-    help="PEM certificate chain: TLS on the gRPC and OTLP listeners [PREDTRACE_SIDECAR_TLS_CERT].",
+    help="PEM certificate chain: TLS on the gRPC, OTLP and OIP proxy listeners "
+    "[PREDTRACE_SIDECAR_TLS_CERT].",
 )
 @click.option(
     "--tls-key",
@@ -241,13 +242,9 @@ def status(
     from predtrace.sidecar._status import status_to_dict  # noqa: PLC0415 - lazy CLI
     from predtrace.v1 import sidecar_pb2, sidecar_pb2_grpc  # noqa: PLC0415 - lazy CLI
 
-    if ready_file:
-        try:
-            with open(ready_file, encoding="utf-8") as fh:
-                target = fh.readline().strip()
-        except OSError as exc:
-            raise click.UsageError(f"cannot read {ready_file}: {exc.strerror}") from None
-    target = target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+    if not 0 < timeout <= 3600:  # NaN fails too: it compares false
+        raise click.UsageError(f"--timeout must be between 0 and 3600 seconds, not {timeout}")
+    target = _status_target(target, ready_file)
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
     if tls_ca or tls_cert:
@@ -261,13 +258,39 @@ def status(
             answer = stub.Status(sidecar_pb2.StatusRequest(), timeout=timeout)
         except grpc.RpcError as exc:
             code = exc.code().name if isinstance(exc, grpc.Call) else "UNKNOWN"
-            click.echo(f"cannot reach the sidecar at {target}: {code}", err=True)
+            if code == "UNIMPLEMENTED":
+                click.echo(f"{target} answers gRPC but is not a predtrace sidecar", err=True)
+            else:
+                click.echo(f"cannot reach the sidecar at {target}: {code}", err=True)
             sys.exit(1)
     view = status_to_dict(answer)
     if output == "json":
         click.echo(json.dumps(view, indent=2))
     else:
         _print_table(view)
+
+
+def _status_target(target: str | None, ready_file: str | None) -> str:
+    """The address ``status`` asks: --ready-file's first line, --target, the env, the default.
+
+    A sidecar removes its ready file when it stops: missing or empty means
+    not running (or not ready yet), exit 1 as for one that does not answer.
+    """
+    if target is not None and not target.strip():
+        raise click.UsageError("--target is empty: give HOST:PORT")
+    if ready_file:
+        try:
+            with open(ready_file, encoding="utf-8") as fh:
+                target = fh.readline().strip()
+        except OSError as exc:
+            click.echo(
+                f"cannot read {ready_file}: {exc.strerror} (is the sidecar running?)", err=True
+            )
+            sys.exit(1)
+        if not target:
+            click.echo(f"{ready_file} is empty (is the sidecar ready?)", err=True)
+            sys.exit(1)
+    return target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
 
 
 def _when(ns: object) -> str:

@@ -228,8 +228,10 @@ class SidecarConfig:
             raise ConfigError("max_message_bytes must be at least 64 KiB")
         if self.max_events_per_request < 1:
             raise ConfigError("max_events_per_request must be >= 1")
-        if self.drain_timeout < 0:
-            raise ConfigError("drain_timeout must be >= 0 seconds")
+        if not 0 <= self.drain_timeout <= 86_400:  # NaN fails too: it compares false
+            raise ConfigError(
+                f"--drain-timeout must be between 0 and 86400 seconds, not {self.drain_timeout}"
+            )
         for seconds, what in (
             (self.keepalive_time, "--keepalive-time"),
             (self.keepalive_timeout, "--keepalive-timeout"),

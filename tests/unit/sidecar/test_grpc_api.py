@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from predtrace.sidecar._config import (
     ShipperConfig,
     SidecarConfig,
 )
-from predtrace.sidecar._errors import SpoolUnusableError
+from predtrace.sidecar._errors import ConfigError, SpoolUnusableError
 from predtrace.sidecar._grpc_api import MAX_LISTED_REJECTIONS
 from predtrace.sidecar.pipeline import CollectorClientConfig
 from predtrace.sidecar.spool import FaultPoints, MemoryFileLayer, SimulatedCrash, SpoolConfig
@@ -607,3 +608,51 @@ async def test_the_ack_lists_the_first_rejections_by_position_whoever_found_them
         ack = await sidecar_pb2_grpc.SidecarStub(channel).RecordBatch(request)
     assert ack.accepted == 0
     assert [r.index for r in ack.rejected] == list(range(MAX_LISTED_REJECTIONS))
+
+
+async def test_a_port_in_use_fails_startup_naming_the_flag_not_with_a_traceback(
+    start_sidecar: StartSidecar,
+) -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        with pytest.raises(OSError, match=rf"cannot listen on 127.0.0.1:{port} \(--listen\)"):
+            await start_sidecar(listen=f"127.0.0.1:{port}")
+
+
+async def test_a_sidecar_refused_the_spool_leaves_the_running_ones_ready_file(
+    start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    ready = tmp_path / "s.ready"
+    first = await start_sidecar(ready_file=str(ready))
+    assert ready.read_text().startswith(first.target)
+    second = SidecarApp(first.app.config)  # the same command line: spool and ready file
+    with pytest.raises(SpoolUnusableError, match="in use"):
+        await second.start()
+    await second.stop()  # as the CLI does after a failed start
+    assert ready.read_text().startswith(first.target)
+
+
+async def test_a_ready_file_that_cannot_be_written_fails_startup_naming_the_flag(
+    start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match="cannot write --ready-file"):
+        await start_sidecar(ready_file=str(tmp_path / "no-such-dir" / "s.ready"))
+
+
+def test_an_unusable_drain_timeout_is_refused_by_name(tmp_path: Path) -> None:
+    environ = {"PREDTRACE_COLLECTOR_URL": "http://127.0.0.1:1"}
+    environ["PREDTRACE_SPOOL_DIR"] = str(tmp_path)
+    for value in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ConfigError, match="--drain-timeout must be between"):
+            SidecarConfig.from_env(environ, drain_timeout=value)
+
+
+async def test_a_spool_path_that_is_a_file_is_named_as_such(
+    start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    path = tmp_path / "a-file"
+    path.write_text("x")
+    with pytest.raises(SpoolUnusableError, match="exists and is not a directory"):
+        await start_sidecar(spool=SpoolConfig(directory=str(path)))

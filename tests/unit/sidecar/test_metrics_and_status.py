@@ -7,9 +7,12 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
+from concurrent import futures
+from pathlib import Path
 
 import aiohttp
 import grpc
+import pytest
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -223,3 +226,47 @@ async def test_status_reports_the_last_success_once_a_batch_is_delivered(
     assert table.exit_code == 0, table.output
     row = next(line for line in table.output.splitlines() if "last success" in line)
     assert "s ago" in row, row
+
+
+def test_status_of_a_stopped_sidecar_by_its_ready_file_is_unreachable_not_a_usage_error(
+    tmp_path: Path,
+) -> None:
+    # A sidecar removes its ready file when it stops; an empty one is still starting.
+    missing = CliRunner().invoke(
+        main, ["sidecar", "status", "--ready-file", str(tmp_path / "gone.ready")]
+    )
+    assert missing.exit_code == 1
+    assert "is the sidecar running?" in missing.output
+    empty = tmp_path / "empty.ready"
+    empty.write_text("")
+    answered = CliRunner().invoke(main, ["sidecar", "status", "--ready-file", str(empty)])
+    assert answered.exit_code == 1
+    assert "is empty" in answered.output
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--target", ""], "--target is empty"),
+        (["--target", "127.0.0.1:9", "--timeout", "nan"], "--timeout must be between"),
+        (["--target", "127.0.0.1:9", "--timeout", "-1"], "--timeout must be between"),
+    ],
+)
+def test_status_refuses_an_empty_target_or_an_unusable_timeout(args: list[str], says: str) -> None:
+    result = CliRunner().invoke(main, ["sidecar", "status", *args])
+    assert result.exit_code == 2
+    assert says in result.output
+
+
+def test_status_against_a_grpc_server_that_is_no_sidecar_says_so() -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        result = CliRunner().invoke(
+            main, ["sidecar", "status", "--target", f"127.0.0.1:{port}", "--timeout", "5"]
+        )
+    finally:
+        server.stop(None)
+    assert result.exit_code == 1
+    assert "answers gRPC but is not a predtrace sidecar" in result.output

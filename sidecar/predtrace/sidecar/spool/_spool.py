@@ -122,6 +122,8 @@ class Spool(SpoolWriter):
             spool._unlock()
             reason = exc.strerror or type(exc).__name__
             where = exc.filename or config.directory
+            if isinstance(exc, FileExistsError):  # makedirs on a path that is a file
+                reason = "exists and is not a directory"
             raise SpoolUnusableError(
                 f"spool directory {config.directory} is unusable: {where}: {reason}"
             ) from None
