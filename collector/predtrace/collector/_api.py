@@ -2,42 +2,112 @@
 
 Queries (scope ``read``): the on-call pivot by trace id or prediction id, model
 lineage by version or alias, impact from a dataset, commit or image, completeness
-and the per-producer gap report. Lineage registration (scope ``ingest``): the
-CI/CD hook body and OpenLineage run events. Retention (scope ``admin``).
+and the per-producer gap report. A pivot answer is bounded in rows and bytes and
+says what it left out. Lineage registration (scope ``ingest``): the CI/CD hook
+body and OpenLineage run events, read as batches are (a deadline, the shared
+in-flight byte budget). Retention (scope ``admin``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
 from predtrace.collector._auth import Scope
 from predtrace.collector._errors import LineageConflictError, LineageError, StoreError
+from predtrace.collector._ingest import _Refused, _Reservation
 from predtrace.collector._metrics import CollectorMetrics
 from predtrace.collector._retention import Retainer
 from predtrace.collector._security import Authorizer, AuthRefusal
 from predtrace.collector._service import LineageService
 from predtrace.collector.lineage import Registration, parse_registration, parse_run_event
-from predtrace.collector.store import OnConflict
+from predtrace.collector.store import OnConflict, PivotAnswer
 from predtrace.wire import InvalidIdError, parse_prediction_id, parse_trace_id
 
+if TYPE_CHECKING:
+    from predtrace.collector._app import CollectorParts
+
+log = logging.getLogger("predtrace.collector.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _IMPACT_KINDS: Final = ("dataset", "commit", "image")
+_CHUNK: Final = 64 * 1024
+# A path segment: any text but "/" (aiohttp's default, [^{}/]+, leaves ids
+# holding a brace unreachable, though ingest and registration accept them).
+_SEGMENT: Final = "[^/]+"
+_CUT_BY: Final = {
+    "limit": "the answer's row limit",
+    "bytes": "the answer's byte budget",
+}
 
 # ``?replace=`` of the lineage endpoints: overwrite links that disagree.
 _FLAGS: Final = {"true": True, "1": True, "false": False, "0": False}
 
 
-def _json(data: object, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, default=str))
+def _json(data: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(
+        data, status=status, headers=headers, dumps=lambda d: json.dumps(d, default=str)
+    )
 
 
-def _error(status: int, message: str) -> web.Response:
-    return _json({"error": message}, status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return _json({"error": message}, status, headers)
+
+
+def _parts(request: web.Request) -> CollectorParts:
+    # The app module builds this API (it imports this module): read per request.
+    from predtrace.collector._app import PARTS  # noqa: PLC0415 - see above
+
+    return request.app[PARTS]
+
+
+def _refuse_constant(name: str) -> object:
+    raise LineageError(f"the body holds {name}, which JSON does not allow")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: json reads it as infinity
+        raise LineageError(f"the number {text[:32]} in the body is out of range")
+    return value
+
+
+def _decode_json(body: bytes) -> object:
+    try:
+        # UTF-8 whatever charset the header claims (RFC 8259 §8.1). NaN,
+        # Infinity and numbers beyond a double are not JSON numbers: json
+        # would read them, and an id would be stored as the text "nan".
+        return json.loads(
+            body.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float
+        )
+    except LineageError:
+        raise
+    except (ValueError, UnicodeDecodeError):
+        raise LineageError("the body is not valid JSON") from None
+    except RecursionError:
+        raise LineageError("the body is nested too deeply") from None
+
+
+class _DisconnectLog:
+    """Uploads whose client hung up mid-body: one line a minute at most, with a count."""
+
+    def __init__(self, interval_s: float = 60.0) -> None:
+        self.interval_s, self.count = interval_s, 0
+        self._last = -math.inf
+
+    def record(self, path: str) -> None:
+        """Count one; log when the last line is older than the interval."""
+        self.count += 1
+        now = time.monotonic()
+        if now - self._last >= self.interval_s:
+            log.info("%d upload(s) to %s ended by the client mid-body", self.count, path)
+            self._last, self.count = now, 0
 
 
 class QueryApi:
@@ -56,6 +126,7 @@ class QueryApi:
         self.service, self.retainer, self.authorizer = service, retainer, authorizer
         self.metrics, self.limit = metrics, query_limit
         self.retry_after = str(retry_after_s)
+        self.disconnects = _DisconnectLog()
 
     def _guard(self, scope: Scope, name: str, handler: Handler) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
@@ -77,21 +148,24 @@ class QueryApi:
     def routes(self) -> list[web.RouteDef]:
         """Every route of the API."""
         read, ingest, admin = Scope.READ, Scope.INGEST, Scope.ADMIN
+        seg = _SEGMENT
         return [
-            web.get("/v1/traces/{trace_id}", self._guard(read, "trace", self.trace)),
-            web.get("/v1/predictions/{id}", self._guard(read, "prediction", self.prediction)),
+            web.get(f"/v1/traces/{{trace_id:{seg}}}", self._guard(read, "trace", self.trace)),
             web.get(
-                "/v1/models/{name}/versions/{version}/lineage",
+                f"/v1/predictions/{{id:{seg}}}", self._guard(read, "prediction", self.prediction)
+            ),
+            web.get(
+                f"/v1/models/{{name:{seg}}}/versions/{{version:{seg}}}/lineage",
                 self._guard(read, "model_lineage", self.model_lineage),
             ),
             web.get(
-                "/v1/models/{name}/aliases/{alias}/lineage",
+                f"/v1/models/{{name:{seg}}}/aliases/{{alias:{seg}}}/lineage",
                 self._guard(read, "model_lineage", self.alias_lineage),
             ),
             web.get("/v1/impact", self._guard(read, "impact", self.impact)),
             web.get("/v1/completeness", self._guard(read, "completeness", self.completeness)),
             web.get("/v1/producers", self._guard(read, "producers", self.producers)),
-            web.get("/v1/producers/{id}", self._guard(read, "producer", self.producer)),
+            web.get(f"/v1/producers/{{id:{seg}}}", self._guard(read, "producer", self.producer)),
             web.post("/v1/lineage", self._guard(ingest, "register", self.register)),
             web.post("/v1/openlineage", self._guard(ingest, "openlineage", self.openlineage)),
             web.get("/v1/retention", self._guard(admin, "retention", self.retention)),
@@ -100,10 +174,29 @@ class QueryApi:
 
     async def _pivot(self, column: str, value: object, what: str) -> web.Response:
         predictions = await self.service.pivot(column, value, self.limit)
-        if not predictions:
+        answer = predictions if isinstance(predictions, PivotAnswer) else _as_answer(predictions)
+        if not answer.total:
             return _error(404, f"no predictions for {what}")
-        complete = all(p["lineage"]["complete"] for p in predictions)  # type: ignore[index]
-        return _json({"query": what, "predictions": predictions, "complete": complete})
+        body: dict[str, object] = {
+            "query": what,
+            "predictions": list(answer),
+            "complete": answer.complete,
+            "total": answer.total,
+            "truncated": answer.cut_by is not None,
+        }
+        if answer.cut_by is not None:
+            checked = (
+                "the chains of all of them were checked (see unlisted)"
+                if answer.unlisted is not None
+                else "too many chains to check them all: completeness unknown"
+            )
+            body["truncated_by"] = answer.cut_by
+            body["unlisted"] = answer.unlisted
+            body["note"] = (
+                f"{len(answer)} of {answer.total} predictions listed ({_CUT_BY[answer.cut_by]});"
+                f" {checked}"
+            )
+        return _json(body)
 
     async def trace(self, request: web.Request) -> web.Response:
         """``GET /v1/traces/{trace_id}``: predictions of a trace and their chains."""
@@ -115,11 +208,14 @@ class QueryApi:
 
     async def prediction(self, request: web.Request) -> web.Response:
         """``GET /v1/predictions/{id}``: one prediction (or several sharing a caller id)."""
+        given = request.match_info["id"].strip()
         try:
-            prediction_id = parse_prediction_id(request.match_info["id"])
+            canonical = parse_prediction_id(given)
         except InvalidIdError as exc:
             return _error(400, str(exc))
-        return await self._pivot("prediction_id", prediction_id, f"prediction {prediction_id}")
+        # Ingest keeps a caller's id as sent: a UUID may be stored upper case or
+        # without dashes. Both the text given and the canonical form, in one query.
+        return await self._pivot("prediction_id", (given, canonical), f"prediction {given}")
 
     async def _lineage(self, name: str, version: str, what: str) -> web.Response:
         lineage = await self.service.model_lineage(name, version)
@@ -167,14 +263,26 @@ class QueryApi:
         return _json(report) if report is not None else _error(404, "unknown producer")
 
     async def _read_json(self, request: web.Request) -> object:
-        body = await request.read()  # bounded by the app's client_max_size (413)
+        """The JSON body, read under the same rules as a batch's.
+
+        Within the body deadline (408) and the lineage body cap (413), each
+        byte held in the in-flight budget that batches share (503 when full).
+
+        Raises:
+            LineageError: the body is not JSON (400).
+            _Refused: 408, 413 or 503 with the reason.
+            ConnectionResetError: the client hung up mid-body.
+        """
+        parts = _parts(request)
+        reservation = _Reservation(parts.budget)
         try:
-            # UTF-8 whatever charset the header claims (RFC 8259 §8.1).
-            return json.loads(body.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            raise LineageError("the body is not valid JSON") from None
-        except RecursionError:
-            raise LineageError("the body is nested too deeply") from None
+            reservation.grow_to(1)  # a full budget answers 503 before any read
+            body = await _read_body(
+                request, parts.config.max_json_bytes, parts.config.body_timeout_s, reservation
+            )
+            return _decode_json(body)
+        finally:
+            reservation.release()
 
     async def _register(
         self,
@@ -189,8 +297,14 @@ class QueryApi:
             registration = parse(await self._read_json(request))
         except LineageError as exc:
             return _error(400, str(exc))
-        except web.HTTPRequestEntityTooLarge:
-            return _error(413, "lineage body too large")
+        except _Refused as refused:
+            headers = {"Retry-After": self.retry_after} if refused.status == 503 else None
+            return _error(refused.status, refused.reason, headers)
+        except ConnectionResetError:
+            # Nobody reads this answer; left to aiohttp, each dropped upload
+            # would be an ERROR with a traceback.
+            self.disconnects.record(request.path)
+            return _error(400, "client disconnected before the body ended")
         try:
             conflicts = await self.service.register(
                 registration, on_conflict="replace" if _FLAGS[replace] else on_conflict
@@ -230,3 +344,31 @@ class QueryApi:
     async def run_retention(self, request: web.Request) -> web.Response:
         """``POST /v1/retention/run``: one pass now; answers its report."""
         return _json(await self.retainer.run_once())
+
+
+def _as_answer(predictions: list[dict[str, object]]) -> PivotAnswer:
+    answer = PivotAnswer()
+    answer.extend(predictions)
+    answer.total = len(predictions)
+    return answer
+
+
+async def _read_body(
+    request: web.Request, cap: int, timeout_s: float, reservation: _Reservation
+) -> bytes:
+    if request.content_length is not None and request.content_length > cap:
+        raise _Refused(413, f"lineage body exceeds {cap} bytes", "too_large")
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.content.iter_chunked(_CHUNK):
+                total += len(chunk)
+                if total > cap:
+                    raise _Refused(413, f"lineage body exceeds {cap} bytes", "too_large")
+                reservation.grow_to(total)
+                chunks.append(chunk)
+    except TimeoutError:
+        # A stalled upload must not hold its bytes (and a connection) for ever.
+        raise _Refused(408, f"body not received within {timeout_s:g} s", "timeout") from None
+    return b"".join(chunks)

@@ -16,7 +16,7 @@ from predtrace.collector._api import QueryApi
 from predtrace.collector._auth import TokenTable
 from predtrace.collector._config import CollectorConfig
 from predtrace.collector._errors import StoreError
-from predtrace.collector._ingest import InflightBudget, IngestHandler
+from predtrace.collector._ingest import DecodeSlots, InflightBudget, IngestHandler
 from predtrace.collector._metrics import CollectorMetrics
 from predtrace.collector._retention import Retainer
 from predtrace.collector._security import Authorizer
@@ -38,6 +38,7 @@ class CollectorParts:
     retainer: Retainer
     metrics: CollectorMetrics
     budget: InflightBudget
+    decoding: DecodeSlots
 
 
 PARTS = web.AppKey("predtrace_collector", CollectorParts)
@@ -66,8 +67,9 @@ def build_app(config: CollectorConfig, *, store: Store | None = None) -> web.App
     service = LineageService(store, registry, metrics)
     retainer = Retainer(store, config.retention, metrics)
     budget = InflightBudget(config.max_inflight_bytes, metrics)
+    decoding = DecodeSlots()
     authorizer = Authorizer(tokens)
-    parts = CollectorParts(config, store, service, retainer, metrics, budget)
+    parts = CollectorParts(config, store, service, retainer, metrics, budget, decoding)
     app = web.Application(client_max_size=config.max_json_bytes)
     app[PARTS] = parts
     ingest = IngestHandler(
@@ -78,6 +80,7 @@ def build_app(config: CollectorConfig, *, store: Store | None = None) -> web.App
         metrics=metrics,
         retry_after_s=config.retry_after_s,
         body_timeout_s=config.body_timeout_s,
+        slots=decoding,
     )
     api = QueryApi(
         service,

@@ -25,6 +25,7 @@ from predtrace.collector._client import (
     Answer,
     CollectorUnreachableError,
     QueryClient,
+    UnreadableAnswerError,
     path_part,
 )
 from predtrace.collector._errors import CollectorError
@@ -65,7 +66,7 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 def _call(request: Callable[[], Answer]) -> Answer:
     try:
         answer = request()
-    except CollectorUnreachableError as exc:
+    except (CollectorUnreachableError, UnreadableAnswerError) as exc:
         _fail(str(exc))
     if answer.status in (401, 403):
         _fail(f"not allowed: {answer.error} (set --token or {PREDTRACE_TOKEN})")
@@ -125,17 +126,62 @@ def trace_command(lookup_id: str, output: str, collector: str, token: str | None
     if trace_id is not None:
         answer = _call(lambda: client.get(f"/v1/traces/{trace_id.hex()}"))
     if (answer is None or answer.status == 404) and prediction_id is not None:
-        answer = _call(lambda: client.get(f"/v1/predictions/{path_part(prediction_id)}"))
+        # The id as typed: the collector looks up both it and its canonical
+        # form (a UUID may be stored upper case or without dashes).
+        given = path_part(lookup_id.strip())
+        answer = _call(lambda: client.get(f"/v1/predictions/{given}"))
     assert answer is not None  # noqa: S101 - classify_lookup_id returns at least one
     if answer.status == 404:
         _fail(f"no prediction found for {lookup_id}")
+    predictions = answer.body.get("predictions")
+    if not isinstance(predictions, list):
+        _fail(f"the collector's answer ({answer.status}) holds no predictions: {answer.error}")
     _show(output, answer.body, _render("render_pivot"))
-    missing = []
-    for p in answer.body["predictions"]:
-        for hop in p["lineage"]["missing"]:
-            item = (f"{p['prediction_id']} {hop['hop']}", hop["reason"])
-            missing.append(item)
-    _broken(missing)
+    _broken(_missing_hops(answer.body, predictions))
+
+
+def _missing_hops(body: Mapping[str, Any], predictions: list[Any]) -> list[tuple[str, str]]:
+    """Every missing hop of a pivot answer, those of predictions it left out too.
+
+    Exit codes (DESIGN §7): a truncated answer still found the trace, so it
+    exits 0 only when the collector checked the chain of every stored
+    prediction, listed or not, and found each complete; 1 when a hop is
+    missing (named, for unlisted predictions too) or when not every chain
+    could be checked, since the chain is then not known to be complete.
+    """
+    missing = [
+        (f"{p['prediction_id']} {hop['hop']}", hop["reason"])
+        for p in predictions
+        for hop in p["lineage"]["missing"]
+    ]
+    if body.get("truncated"):
+        click.echo(
+            f"predtrace: answer truncated: {len(predictions)} of {body.get('total')}"
+            f" predictions listed ({body.get('truncated_by')})",
+            err=True,
+        )
+        missing += _unlisted_missing(body.get("unlisted"))
+    if not missing and body.get("complete") is not True:
+        missing = [("answer", "the collector did not find every chain complete")]
+    return missing
+
+
+def _unlisted_missing(unlisted: object) -> list[tuple[str, str]]:
+    """The broken hops of the predictions a truncated answer left out."""
+    if not isinstance(unlisted, list):
+        return [("unlisted predictions", "too many chains to check: completeness unknown")]
+    return [
+        (f"{_group_name(group)} {hop['hop']}", hop["reason"])
+        for group in unlisted
+        for hop in group["missing"]
+    ]
+
+
+def _group_name(group: Mapping[str, Any]) -> str:
+    model = group["model"]
+    version = model["version"] or f"@{model['alias']}"
+    where = group["deployment"] or "-"
+    return f"{group['predictions']} unlisted prediction(s) of {model['name']}/{version} on {where}"
 
 
 @click.group("model")

@@ -20,11 +20,15 @@ from predtrace.collector._errors import CollectorError, ConfigError
 PREDTRACE_COLLECTOR_URL: Final = "PREDTRACE_COLLECTOR_URL"
 PREDTRACE_TOKEN: Final = "PREDTRACE_TOKEN"  # noqa: S105 - the variable's name, not a secret
 DEFAULT_URL: Final = "http://127.0.0.1:8700"
-_MAX_ANSWER: Final = 64 * 1024 * 1024
+MAX_ANSWER_BYTES: Final = 64 * 1024 * 1024
 
 
 class CollectorUnreachableError(CollectorError):
     """The collector could not be reached, or answered with a server error."""
+
+
+class UnreadableAnswerError(CollectorError):
+    """The collector's answer was larger than the client reads, or not JSON."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +52,14 @@ def path_part(text: str) -> str:
 class QueryClient:
     """Talks to one collector: ``get`` and ``post`` JSON."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = 30.0,
+        *,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
+    ) -> None:
         try:
             parts = urlsplit(url)
             port_ok = parts.port is None or parts.port > 0  # reading .port validates it
@@ -62,6 +73,7 @@ class QueryClient:
         ):
             raise ConfigError(f"collector URL must be http(s)://host[:port], got {url!r}")
         self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
+        self.max_answer_bytes = max_answer_bytes
 
     def __repr__(self) -> str:
         return f"QueryClient(url={self.url!r}, token={'<set>' if self.token else None})"
@@ -76,10 +88,10 @@ class QueryClient:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 - see above
-                return _answer(response.status, response.read(_MAX_ANSWER))
+                return _answer(response.status, self._read(response))
         except urllib.error.HTTPError as exc:
-            with exc:
-                answer = _answer(exc.code, exc.read(_MAX_ANSWER))
+            with exc:  # an error's text: what fits is enough
+                answer = _answer(exc.code, exc.read(self.max_answer_bytes))
             if exc.code >= 500:
                 raise CollectorUnreachableError(
                     f"collector answered {exc.code}: {answer.error}"
@@ -90,6 +102,19 @@ class QueryClient:
             raise CollectorUnreachableError(
                 f"cannot reach the collector at {self.url}: {reason}"
             ) from None
+        except http.client.HTTPException as exc:  # e.g. IncompleteRead: the answer was cut short
+            raise UnreadableAnswerError(
+                f"the collector's answer could not be read: {type(exc).__name__}"
+            ) from None
+
+    def _read(self, response: http.client.HTTPResponse) -> bytes:
+        # One byte past the cap tells a cut answer from one that fits exactly.
+        raw = response.read(self.max_answer_bytes + 1)
+        if len(raw) > self.max_answer_bytes:
+            raise UnreadableAnswerError(
+                f"the collector's answer is larger than {self.max_answer_bytes} bytes"
+            )
+        return raw
 
     def get(self, path: str, query: Mapping[str, str] | None = None) -> Answer:
         """GET a JSON resource."""
@@ -101,9 +126,14 @@ class QueryClient:
 
 
 def _answer(status: int, raw: bytes) -> Answer:
+    ok = 200 <= status < 300
     try:
-        body = json.loads(raw) if raw else {}
-    except ValueError:
+        body = json.loads(raw) if raw or ok else {}
+    except (ValueError, RecursionError):
+        if ok:  # an answer cut short or garbled: nothing to show
+            raise UnreadableAnswerError(
+                f"the collector answered {status} with a body that is not JSON"
+            ) from None
         body = {"error": raw[:300].decode("utf-8", "replace").strip()}
     if not isinstance(body, dict):
         body = {"value": body}

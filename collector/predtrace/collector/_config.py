@@ -5,6 +5,7 @@ Validated at startup (fail fast); every environment variable is a constant below
 
 from __future__ import annotations
 
+import math
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,6 +27,11 @@ MLFLOW_TRACKING_URI: Final = "MLFLOW_TRACKING_URI"
 DEFAULT_PORT: Final = 8700
 DEFAULT_LISTEN: Final = f"127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_DB: Final = "sqlite:///predtrace-collector.db"
+# The longest retention accepted. A pass's cutoff is "now - days" in int64
+# nanoseconds, which reach back only to 1677 (about 350 years from now): any more
+# overflows the store's columns and fails every pass. A century is beyond any
+# record kept here; an operator who wants more means "for ever" and omits it.
+MAX_RETENTION_DAYS: Final = 100 * 365.25
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -42,8 +48,12 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 def _days(value: float | None, name: str) -> None:
-    if value is not None and value <= 0:
-        raise ConfigError(f"{name} must be > 0 days (omit it to keep forever)")
+    # "not 0 < value <= max" also refuses nan, for which every comparison is false.
+    if value is not None and not 0 < value <= MAX_RETENTION_DAYS:
+        raise ConfigError(
+            f"{name} must be a number of days > 0 and <= {MAX_RETENTION_DAYS:g} "
+            f"(100 years), got {value!r} (omit it to keep for ever)"
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,11 +71,14 @@ class RetentionPolicy:
     chunk: int = 2000
 
     def __post_init__(self) -> None:
-        _days(self.predictions_days, "predictions retention")
-        _days(self.batches_days, "batches retention")
+        _days(
+            self.predictions_days,
+            f"predictions retention (--retention-days, {PREDTRACE_RETENTION_PREDICTIONS_DAYS})",
+        )
+        _days(self.batches_days, f"batches retention ({PREDTRACE_RETENTION_BATCHES_DAYS})")
         _days(self.chain_events_days, "chain events retention")
-        if self.interval_s <= 0 or self.chunk < 1:
-            raise ConfigError("retention interval must be > 0 and chunk >= 1")
+        if not 0 < self.interval_s < math.inf or self.chunk < 1:
+            raise ConfigError("retention interval must be a finite number > 0 and chunk >= 1")
 
     @property
     def enabled(self) -> bool:
@@ -160,8 +173,8 @@ class CollectorConfig:
             if environ.get(name):
                 values[key] = _int(environ[name], name)
         values["retention"] = RetentionPolicy(
-            predictions_days=_float(environ.get(PREDTRACE_RETENTION_PREDICTIONS_DAYS)),
-            batches_days=_float(environ.get(PREDTRACE_RETENTION_BATCHES_DAYS)),
+            predictions_days=_float(environ, PREDTRACE_RETENTION_PREDICTIONS_DAYS),
+            batches_days=_float(environ, PREDTRACE_RETENTION_BATCHES_DAYS),
         )
         if not str(values.get("mlflow_url", "http://")).startswith(("http://", "https://")):
             del values["mlflow_url"]  # file: or databricks tracking URIs have no REST registry
@@ -176,10 +189,11 @@ def _int(text: str, name: str) -> int:
         raise ConfigError(f"{name} must be an integer") from None
 
 
-def _float(text: str | None) -> float | None:
+def _float(environ: Mapping[str, str], name: str) -> float | None:
+    text = environ.get(name)
     if not text:
         return None
     try:
         return float(text)
     except ValueError:
-        raise ConfigError(f"retention days must be a number, got {text!r}") from None
+        raise ConfigError(f"{name} must be a number of days, got {text[:32]!r}") from None

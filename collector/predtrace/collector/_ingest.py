@@ -1,18 +1,24 @@
 """Ingest: ``POST /v1/batches`` -> bounded read -> decode -> store commit -> ack.
 
 The delivery contract (DESIGN §4): the body is read with a hard cap (413) and
-only while the in-flight byte budget allows (else 503 + Retry-After); the
-decoder is bounded (400 with a reason, 413 for bombs); a batch is acknowledged
-only after the store committed it; (producer_id, seq) is idempotent (the same
-bytes again are a duplicate; other bytes under a stored seq are a 409); bad
-events are rejected alone; store failures answer 503, never 200 and never 500.
+only while the in-flight byte budget allows (else 503 + Retry-After); a gzip'd
+body's decompressed bytes are charged to that budget too, and only a few
+batches are decoded at once; the decoder is bounded (400 with a reason, 413
+for bombs); a client that hangs up mid-body is let go without a log line (it is
+counted); a batch is acknowledged only after the store committed it;
+(producer_id, seq) is idempotent (the same bytes again are a duplicate; other
+bytes under a stored seq are a 409); bad events are rejected alone; store
+failures answer 503, never 200 and never 500.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -40,7 +46,9 @@ from predtrace.wire import (
     encode_ack,
     event_from_map,
     event_rejection,
+    gunzip_bounded,
 )
+from predtrace.wire._codec import GZIP_MAGIC
 
 log = logging.getLogger("predtrace.collector.ingest")
 BATCH_CONTENT_TYPE: Final = "application/vnd.predtrace.batch+msgpack"
@@ -48,12 +56,21 @@ _CHUNK: Final = 64 * 1024
 # A body that has not fully arrived by then is refused (408): a client that
 # stalls mid-upload must not hold its share of the in-flight budget for ever.
 BODY_TIMEOUT_S: Final = 30.0
+# A plain (not gzip'd) body up to this size is decoded on the event loop: its
+# decode costs about its size, less than a round trip through a thread.
 _INLINE_DECODE_MAX: Final = 64 * 1024
+# Batches decoded at once. A decode costs many times the batch's decompressed
+# size in Python objects, and the default thread pool runs dozens of threads:
+# this bounds the peak whatever the pool's size (two keep a small host busy).
+DECODES_AT_ONCE: Final = 2
 _ENCODINGS: Final = ("", "identity", "gzip", "x-gzip")
 
 
 class InflightBudget:
-    """Bytes of request bodies being ingested now, capped (event-loop only)."""
+    """Bytes of request bodies, and of their decompressed forms, being ingested now, capped.
+
+    Event-loop only.
+    """
 
     def __init__(self, cap: int, metrics: CollectorMetrics) -> None:
         self.cap = cap
@@ -94,6 +111,27 @@ class _Reservation:
         if self.amount:
             self.budget.release(self.amount)
             self.amount = 0
+
+
+class DecodeSlots:
+    """At most ``size`` batches decoded at once; the others wait (event-loop only)."""
+
+    def __init__(self, size: int = DECODES_AT_ONCE) -> None:
+        self._free = asyncio.Semaphore(size)
+        self.waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one slot for the body of an ``async with``."""
+        self.waiting += 1
+        try:
+            await self._free.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            yield
+        finally:
+            self._free.release()
 
 
 class _Refused(Exception):
@@ -144,6 +182,20 @@ def prepare(body: bytes, limits: DecodeLimits, received_ns: int) -> _Prepared:
     return _Prepared(record, tuple(rejected))
 
 
+def inflate(body: bytes, limits: DecodeLimits) -> bytes:
+    """The msgpack bytes of a gzip'd body (CPU-bound: run in a thread).
+
+    Raises:
+        WireTooLargeError: they would exceed ``limits.max_decompressed_bytes``.
+        WireError: the body is not one valid gzip member of a msgpack batch.
+    """
+    payload = gunzip_bounded(body, limits.max_decompressed_bytes)
+    if payload[:2] == GZIP_MAGIC:
+        # The decoder would inflate it again, past what was charged for it.
+        raise WireError("batch must be a msgpack map, not gzip'd twice")
+    return payload
+
+
 def _precise_row(
     item: object,
     index: int,
@@ -177,8 +229,12 @@ class IngestHandler:
         metrics: CollectorMetrics,
         retry_after_s: int,
         body_timeout_s: float = BODY_TIMEOUT_S,
+        slots: DecodeSlots | None = None,
     ) -> None:
         self.store, self.limits, self.budget = store, limits, budget
+        self.slots = slots or DecodeSlots()
+        # An inflated body is bounded by the decompressed cap, not the body cap.
+        self._inflated_limits = dataclasses.replace(limits, max_bytes=limits.max_decompressed_bytes)
         self.body_timeout_s = body_timeout_s
         self.authorizer, self.metrics = authorizer, metrics
         self.retry_after = str(retry_after_s)
@@ -201,7 +257,7 @@ class IngestHandler:
             # byte now, so a full budget answers 503 before any read.
             reservation.grow_to(1)
             body = await self._read(request, reservation)
-            prepared = await self._prepare(body)
+            prepared = await self._prepare(body, reservation)
             if entry is not None and not entry.allows_producer(prepared.record.producer_id):
                 raise _Refused(403, "token not allowed for this producer_id", "forbidden")
             return await self._store(prepared, len(body))
@@ -230,18 +286,43 @@ class IngestHandler:
             raise _Refused(
                 408, f"body not received within {self.body_timeout_s:g} s", "timeout"
             ) from None
+        except ConnectionResetError:
+            # The client hung up mid-body: nobody reads the answer, and left to
+            # aiohttp this is an ERROR with a traceback per dropped upload.
+            raise _Refused(
+                400, "client disconnected before the body ended", "disconnected"
+            ) from None
         return b"".join(chunks)
 
-    async def _prepare(self, body: bytes) -> _Prepared:
+    async def _prepare(self, body: bytes, reservation: _Reservation) -> _Prepared:
         received_ns = time.time_ns()
         try:
-            if len(body) <= _INLINE_DECODE_MAX:
+            # What decides is what the decode costs: a gzip'd body of a few KiB
+            # can inflate to the decompressed cap (seconds of CPU on the loop).
+            if body[:2] != GZIP_MAGIC and len(body) <= _INLINE_DECODE_MAX:
                 return prepare(body, self.limits, received_ns)
-            return await asyncio.to_thread(prepare, body, self.limits, received_ns)
+            async with self.slots.slot():
+                return await self._prepare_in_thread(body, reservation, received_ns)
         except WireTooLargeError as exc:
             raise _Refused(413, str(exc), "too_large") from None
         except WireError as exc:
             raise _Refused(400, str(exc), "bad_request") from None
+
+    async def _prepare_in_thread(
+        self, body: bytes, reservation: _Reservation, received_ns: int
+    ) -> _Prepared:
+        if body[:2] != GZIP_MAGIC:
+            return await asyncio.to_thread(prepare, body, self.limits, received_ns)
+        payload = await asyncio.to_thread(inflate, body, self.limits)
+        total = len(body) + len(payload)  # both stay alive until the batch is stored
+        if total > self.budget.cap:  # it would never fit: retrying cannot help
+            raise _Refused(
+                413,
+                f"decompressed body exceeds the in-flight cap of {self.budget.cap} bytes",
+                "too_large",
+            )
+        reservation.grow_to(total)
+        return await asyncio.to_thread(prepare, payload, self._inflated_limits, received_ns)
 
     async def _store(self, prepared: _Prepared, size: int) -> web.Response:
         record = prepared.record

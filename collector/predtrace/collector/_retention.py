@@ -30,6 +30,9 @@ from predtrace.collector.store._rows import iso_time
 
 log = logging.getLogger("predtrace.collector.retention")
 _DAY_NS = 86_400 * 1_000_000_000
+# At most one traceback of an unexpected pass failure this often: a pass that
+# fails the same way every few seconds must not fill the log.
+_FAILURE_LOG_INTERVAL_S = 600.0
 Json = dict[str, object]
 
 
@@ -46,6 +49,8 @@ class Retainer:
     ) -> None:
         self.store, self.policy, self.metrics, self._clock = store, policy, metrics, clock
         self._task: asyncio.Task[None] | None = None
+        self._next_failure_log = 0.0
+        self._failures_left_out = 0
 
     def _cutoff(self, days: float | None, now_ns: int) -> int | None:
         return None if days is None else now_ns - int(days * _DAY_NS)
@@ -111,7 +116,22 @@ class Retainer:
                 log.info("retention pass removed %s", report["removed"])
             except StoreError as exc:
                 log.warning("retention pass failed, will retry: %s", exc)
+            # The task must outlive any bug in a pass: if it died, retention
+            # would stop for good with nothing in the log (do not crash after startup).
+            except Exception:  # noqa: BLE001 - logged with its traceback, then retried
+                self._log_failure()
             await asyncio.sleep(self.policy.interval_s)
+
+    def _log_failure(self) -> None:
+        """Log the current exception, at most once per interval, counting the rest."""
+        now = time.monotonic()
+        if now < self._next_failure_log:
+            self._failures_left_out += 1
+            return
+        left_out, self._failures_left_out = self._failures_left_out, 0
+        self._next_failure_log = now + _FAILURE_LOG_INTERVAL_S
+        extra = f" ({left_out} more since the last one)" if left_out else ""
+        log.exception("retention pass failed unexpectedly, will retry%s", extra)
 
     async def stop(self) -> None:
         """Cancel the background task and wait for it. Safe twice."""

@@ -32,12 +32,13 @@ def tune_gc() -> None:
 
 
 class _ClientErrorLog(logging.Filter):
-    """aiohttp's log of a malformed request it has already answered with a 4xx.
+    """aiohttp's log of a client's fault: a malformed request, or a dropped connection.
 
-    aiohttp logs such a request (a request line or header over 8 KiB, bytes
-    that are not HTTP) as an ERROR with a traceback: a client could fill the
-    server's log with them. This makes it one WARNING line, at most one a
-    second, with the count of those left out.
+    aiohttp logs a request it answered with a 4xx for being malformed (a
+    request line or header over 8 KiB, bytes that are not HTTP), and a handler
+    whose client hung up mid-body (``ConnectionResetError``), as an ERROR with a
+    traceback: a client could fill the server's log with them. This makes them
+    one WARNING line, at most one a second, with the count of those left out.
     """
 
     def __init__(self, interval: float = 1.0) -> None:
@@ -48,16 +49,16 @@ class _ClientErrorLog(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, HttpProcessingError) or not 400 <= exc.code < 500:
+        what = _client_fault(exc)
+        if what is None:
             return True
         now = time.monotonic()
         if now - self._last < self.interval:
             self.left_out += 1
             return False
         self._last = now
-        reason = exc.message.split("\n", 1)[0].split(":", 1)[0][:120]
         extra = f" ({self.left_out} more since the last one)" if self.left_out else ""
-        record.msg = f"{record.getMessage()}: answered {exc.code}, {reason}{extra}"
+        record.msg = f"{record.getMessage()}: {what}{extra}"
         record.args = ()
         record.exc_info = record.exc_text = None
         record.levelno, record.levelname = logging.WARNING, "WARNING"
@@ -65,8 +66,21 @@ class _ClientErrorLog(logging.Filter):
         return True
 
 
+def _client_fault(exc: BaseException | None) -> str | None:
+    """What the client did wrong, in a few words; None when it is not the client's fault."""
+    if isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500:
+        reason = exc.message.split("\n", 1)[0].split(":", 1)[0][:120]
+        return f"answered {exc.code}, {reason}"
+    # How a client's hang-up mid-body reaches a handler (aiohttp's
+    # ClientConnectionResetError is one too). Outgoing calls (MLflow) turn
+    # their connection errors into our own before they could reach aiohttp.
+    if isinstance(exc, ConnectionResetError):
+        return f"the client disconnected ({str(exc)[:120] or type(exc).__name__})"
+    return None
+
+
 def quiet_client_errors() -> None:
-    """Log malformed client requests to aiohttp servers as one line each. Idempotent."""
+    """Log malformed requests and dropped uploads to aiohttp servers as one line. Idempotent."""
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _ClientErrorLog) for f in server_log.filters):
         server_log.addFilter(_ClientErrorLog())

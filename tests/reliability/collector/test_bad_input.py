@@ -25,6 +25,14 @@ LINEAGE_CASES = {
     ),
     "JSON nested 100,000 deep": DEEP,
     "a lone surrogate in an id": '{"run": {"id": "\\ud800"}}',
+    # Not JSON numbers (RFC 8259), though Python's json reads them: stored
+    # as the ids "nan", "-inf" and "inf" before.
+    "NaN as a version": '{"model": {"name": "m", "version": NaN}}',
+    "-Infinity as a run id": '{"run": {"id": -Infinity}}',
+    "1e400 as a version": '{"model": {"name": "m", "version": 1e400}}',
+    "Infinity as a run name": '{"run": {"id": "r", "name": Infinity}}',
+    "a float as a version (1.10 would read 1.1)": '{"model": {"name": "m", "version": 1.10}}',
+    "NaN where the registration reads nothing": '{"run": {"id": "r"}, "note": NaN}',
 }
 
 

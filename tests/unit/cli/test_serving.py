@@ -10,6 +10,7 @@ import weakref
 from collections.abc import Iterator
 
 import pytest
+from aiohttp import ClientConnectionResetError
 from aiohttp.http_exceptions import LineTooLong
 
 from predtrace.cli._serving import GC_GEN0_THRESHOLD, _ClientErrorLog, tune_gc
@@ -90,3 +91,38 @@ def test_server_errors_keep_their_traceback() -> None:
     )
     assert _ClientErrorLog().filter(record)
     assert record.exc_info is not None and record.levelno == logging.ERROR
+
+
+def _dropped_upload_record(error: ConnectionResetError) -> logging.LogRecord:
+    try:
+        raise error
+    except ConnectionResetError:
+        exc_info = sys.exc_info()
+    return logging.LogRecord(
+        "aiohttp.server",
+        logging.ERROR,
+        __file__,
+        1,
+        "Error handling request from %s",
+        ("127.0.0.1",),
+        exc_info,
+    )
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ConnectionResetError("Connection lost"), ClientConnectionResetError("Connection lost")],
+    ids=["builtin", "aiohttp"],
+)
+def test_dropped_uploads_become_one_warning_a_second_without_traceback(
+    error: ConnectionResetError,
+) -> None:
+    quiet = _ClientErrorLog(interval=60)
+    passed = [r for r in (_dropped_upload_record(error) for _ in range(5)) if quiet.filter(r)]
+    assert len(passed) == 1
+    (first,) = passed
+    assert (first.levelno, first.exc_info) == (logging.WARNING, None)
+    assert first.getMessage() == (
+        "Error handling request from 127.0.0.1: the client disconnected (Connection lost)"
+    )
+    assert quiet.left_out == 4

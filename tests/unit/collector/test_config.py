@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
+from click.testing import CliRunner
 
 from predtrace.collector import CollectorConfig, ConfigError, RetentionPolicy, open_store
-from predtrace.collector._config import parse_listen
+from predtrace.collector._cli import collector_group
+from predtrace.collector._config import MAX_RETENTION_DAYS, parse_listen
 
 
 def test_settings_come_from_the_environment_and_flags_win() -> None:
@@ -49,3 +54,42 @@ def test_unsupported_db_urls_are_refused(url: str) -> None:
 def test_retention_days_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="predictions retention"):
         RetentionPolicy(predictions_days=0)
+
+
+NOT_A_RETENTION = [math.nan, math.inf, -math.inf, 1e300, 1e10, MAX_RETENTION_DAYS + 1]
+
+
+@pytest.mark.parametrize("days", NOT_A_RETENTION, ids=repr)
+def test_retention_days_not_finite_or_past_a_century_are_refused_naming_the_setting(
+    days: float,
+) -> None:
+    with pytest.raises(ConfigError, match=r"predictions retention \(--retention-days"):
+        RetentionPolicy(predictions_days=days)
+    with pytest.raises(ConfigError, match="PREDTRACE_RETENTION_BATCHES_DAYS"):
+        RetentionPolicy(batches_days=days)
+    with pytest.raises(ConfigError, match="chain events retention"):
+        RetentionPolicy(chain_events_days=days)
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "1e400", "1e10"])
+def test_retention_days_from_the_environment_are_refused_at_startup(text: str) -> None:
+    with pytest.raises(ConfigError, match="PREDTRACE_RETENTION_PREDICTIONS_DAYS"):
+        CollectorConfig.from_env({"PREDTRACE_RETENTION_PREDICTIONS_DAYS": text})
+
+
+@pytest.mark.parametrize("interval", [math.nan, math.inf])
+def test_a_retention_interval_that_is_not_finite_is_refused(interval: float) -> None:
+    with pytest.raises(ConfigError, match="retention interval"):
+        RetentionPolicy(predictions_days=1, interval_s=interval)
+
+
+@pytest.mark.timeout(10)  # without the check it would serve until killed
+@pytest.mark.parametrize("days", ["nan", "1e10"])
+def test_serve_refuses_retention_days_that_would_break_every_pass_before_it_listens(
+    days: str, tmp_path: Path
+) -> None:
+    db = f"sqlite:///{tmp_path}/c.db"
+    flags = ["serve", "--db", db, "--listen", "127.0.0.1:0", "--retention-days", days]
+    result = CliRunner().invoke(collector_group, flags)
+    assert result.exit_code == 1
+    assert "cannot start the collector: predictions retention (--retention-days" in result.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from predtrace.collector import LineageError
@@ -39,6 +41,10 @@ def test_a_registration_body_becomes_nodes_and_edges() -> None:
         ({"run": {"id": "r", "metrics": {"auc": "high"}}}, "run.metrics.auc must be a number"),
         ({"run": {"id": "r\x00"}}, "without NUL"),
         ({"deployment": {"id": "d", "started": "yesterday"}}, "ISO 8601"),
+        ({"model": {"name": "m", "version": math.nan}}, "model.version must be a string"),
+        ({"run": {"id": -math.inf}}, "run.id must be a string"),
+        ({"model": {"name": "m", "version": 1.1}}, "model.version must be a string"),
+        ({"run": {"id": "r", "name": math.inf}}, "run.name must be a string"),
     ],
 )
 def test_a_bad_registration_is_refused_with_a_reason(body: object, reason: str) -> None:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from pathlib import Path
 
-from predtrace.collector._config import RetentionPolicy
+import pytest
+
+from predtrace.collector._config import MAX_RETENTION_DAYS, RetentionPolicy
 from predtrace.collector._metrics import CollectorMetrics
 from predtrace.collector._retention import Retainer
 from predtrace.collector.lineage import parse_registration
-from predtrace.collector.store import Store
+from predtrace.collector.store import Store, open_store
 from predtrace.collector.testing import make_events
 
 from .test_store import FULL_LINEAGE, record
@@ -51,3 +56,45 @@ async def test_batch_records_are_kept_unless_a_policy_says_otherwise(store: Stor
     assert duplicate.duplicate  # the dedupe key outlives the predictions
     report = await Retainer(store, RetentionPolicy(batches_days=1), metrics).run_once()
     assert report["removed"]["batches"] == 1  # type: ignore[index]
+
+
+class BrokenPassRetainer(Retainer):
+    """A retainer whose every pass fails with a bug (not a store error)."""
+
+    def __init__(self, store: Store, policy: RetentionPolicy) -> None:
+        super().__init__(store, policy, CollectorMetrics())
+        self.passes = 0
+        self.fifth = asyncio.Event()
+
+    async def run_once(self) -> dict[str, object]:
+        self.passes += 1
+        if self.passes == 5:
+            self.fifth.set()
+        raise ValueError("cannot convert float NaN to integer")
+
+
+async def test_a_pass_that_fails_unexpectedly_is_logged_once_and_the_task_keeps_running(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    unused = open_store(f"sqlite:///{tmp_path}/c.db")  # the passes never reach it
+    policy = RetentionPolicy(predictions_days=1, interval_s=0.001)
+    retainer = BrokenPassRetainer(unused, policy)
+    retainer.start()
+    try:
+        async with asyncio.timeout(10):
+            await retainer.fifth.wait()
+        assert retainer._task is not None and not retainer._task.done()
+    finally:
+        await retainer.stop()
+    failures = [r for r in caplog.records if r.name == "predtrace.collector.retention"]
+    assert len(failures) == 1, "one traceback per window, not one per pass"
+    (failure,) = failures
+    assert failure.levelno == logging.ERROR and failure.exc_info is not None
+    assert "will retry" in failure.getMessage()
+
+
+async def test_the_longest_retention_accepted_still_runs_a_pass(store: Store) -> None:
+    days = MAX_RETENTION_DAYS
+    policy = RetentionPolicy(predictions_days=days, batches_days=days, chain_events_days=days)
+    report = await Retainer(store, policy, CollectorMetrics()).run_once()
+    assert report["removed"] == {"partitions": 0, "predictions": 0, "batches": 0, "chain_events": 0}

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
+import uuid
+from dataclasses import replace
 
 import pytest
 
@@ -12,7 +15,7 @@ from predtrace.collector._errors import LineageConflictError
 from predtrace.collector._metrics import CollectorMetrics
 from predtrace.collector._service import LineageService
 from predtrace.collector.lineage import Registration, parse_registration
-from predtrace.collector.store import IngestRecord, Store, prediction_row
+from predtrace.collector.store import IngestRecord, PivotAnswer, Store, prediction_row
 from predtrace.collector.store._ops import Exec, Fetch
 from predtrace.collector.store._writes import ingest_plan
 from predtrace.collector.testing import make_events
@@ -383,3 +386,89 @@ async def test_concurrent_contradicting_registrations_give_exactly_one_409(store
         run_id = f"run-{attempt}"
         outcomes = await asyncio.gather(register(run_id, "aaaa111"), register(run_id, "bbbb222"))
         assert sorted(outcomes) == ["409", "ok"], f"attempt {attempt}"
+
+
+async def test_a_prediction_id_is_looked_up_in_every_spelling_given_at_once(store: Store) -> None:
+    dashless, upper = "83aae1e491c34cb38bf1413c1a7703d2", "6171FCAE-2F54-46B8-BCA7-D147BCEB6835"
+    events = [
+        replace(e, prediction_id=p) for e, p in zip(make_events(2), (dashless, upper), strict=True)
+    ]
+    await store.ingest(record("p", 1, events))
+    for stored in (dashless, upper):
+        canonical = str(uuid.UUID(stored))
+        predictions, _ = await store.pivot("prediction_id", (stored, canonical))
+        assert [p["prediction_id"] for p in predictions] == [stored]
+
+
+async def test_a_pivot_past_its_row_limit_says_so_and_checks_the_chains_it_left_out(
+    store: Store,
+) -> None:
+    await store.register(parse_registration(FULL_LINEAGE))
+    await store.ingest(record("p", 1, make_events(3, trace_id=TRACE, timestamp_ns=1_000)))
+    within, _ = await store.pivot("trace_id", TRACE, limit=3)
+    assert isinstance(within, PivotAnswer)
+    assert (len(within), within.total, within.cut_by, within.complete) == (3, 3, None, True)
+    late = make_events(1, trace_id=TRACE, model=("churn", "9"), timestamp_ns=2_000)
+    await store.ingest(record("p", 2, late))
+    predictions, unresolved = await store.pivot("trace_id", TRACE, limit=3)
+    assert isinstance(predictions, PivotAnswer)
+    assert (len(predictions), predictions.total, predictions.cut_by) == (3, 4, "limit")
+    assert all(p["lineage"]["complete"] for p in predictions)  # type: ignore[index]
+    assert predictions.complete is False, "the unlisted prediction's chain is broken"
+    assert predictions.unlisted is not None
+    [group] = predictions.unlisted
+    assert (group["model"], group["predictions"]) == (
+        {"name": "churn", "version": "9", "alias": ""},
+        1,
+    )
+    assert "model_version" in [m["hop"] for m in group["missing"]]  # type: ignore[attr-defined]
+    assert ("churn", "9", "", "churn-prod", "sha256:image-churn-3") in unresolved
+
+
+async def test_a_pivot_stops_listing_at_its_byte_budget_and_counts_the_rest(store: Store) -> None:
+    big = {f"k{i}": "\x01" * 1000 for i in range(20)}  # 20 kB stored, 120 kB of JSON
+    events = [replace(e, attributes=big) for e in make_events(3, trace_id=TRACE)]
+    await store.ingest(record("p", 1, [*make_events(1, trace_id=TRACE, timestamp_ns=1), *events]))
+    predictions, _ = await store.pivot("trace_id", TRACE, max_bytes=100_000)
+    assert isinstance(predictions, PivotAnswer)
+    assert (len(predictions), predictions.total, predictions.cut_by) == (1, 4, "bytes")
+    assert predictions.unlisted is not None
+    assert [g["predictions"] for g in predictions.unlisted] == [3]
+    assert len(json.dumps(list(predictions))) <= 100_000
+
+
+async def test_a_pivot_whose_first_prediction_passes_the_budget_lists_none_but_counts_it(
+    store: Store,
+) -> None:
+    big = {"k": "x" * 200_000}  # its stored text alone is past the budget: never loaded
+    await store.ingest(record("p", 1, [replace(make_events(1, trace_id=TRACE)[0], attributes=big)]))
+    predictions, _ = await store.pivot("trace_id", TRACE, max_bytes=100_000)
+    assert isinstance(predictions, PivotAnswer)
+    assert (len(predictions), predictions.total, predictions.cut_by) == (0, 1, "bytes")
+
+
+FULL_B = hashlib.sha1(b"run B").hexdigest()  # noqa: S324 - a commit-like name, not security
+
+
+@pytest.mark.parametrize(
+    ("given", "run"),
+    [
+        (SHA.upper(), "run-42"),  # case does not matter
+        (SHA[:7].upper(), "run-42"),  # a short sha finds the full one stored
+        (FULL_B, "run-b"),  # a full sha finds the short one stored
+        (FULL_B[:10], "run-b"),  # a longer short sha finds a shorter one
+        (FULL_B[:8].upper(), "run-b"),
+    ],
+)
+async def test_impact_by_commit_follows_registrations_rule_for_case_and_short_shas(
+    store: Store, given: str, run: str
+) -> None:
+    await store.register(parse_registration(FULL_LINEAGE))
+    short_b = {"model": {"name": "churn", "version": "4"}, "run": {"id": "run-b"}}
+    await store.register(parse_registration({**short_b, "commit": {"sha": FULL_B[:8]}}))
+    impact = await store.impact("commit", given)
+    assert impact is not None
+    assert impact["runs"] == [run]
+    # Another commit that shares only the first 7 digits is not the same one.
+    eighth = next(c for c in "0123456789abcdef" if c not in (SHA[7], FULL_B[7]))
+    assert await store.impact("commit", given[:7] + eighth * 33) is None

@@ -8,6 +8,7 @@ model version PACKAGED_IN image, deployment SERVES model version.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
@@ -19,10 +20,19 @@ MAX_ITEMS: Final = 256
 
 
 def check_text(value: object, where: str, *, required: bool = False) -> str:
-    """Return ``value`` as bounded text, or raise LineageError naming ``where``."""
+    """Return ``value`` as bounded text, or raise LineageError naming ``where``.
+
+    An integer reads as its digits (a version written as a JSON number). A
+    float does not name an id (``required``): its text is not what was sent
+    (1.10 reads "1.1", 1e400 "inf"); elsewhere only a finite one is taken.
+    """
     if value is None:
         value = ""
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    elif isinstance(value, float):
+        if required or not math.isfinite(value):
+            raise LineageError(f"{where} must be a string, not the number {value!r}")
         value = str(value)
     if not isinstance(value, str):
         raise LineageError(f"{where} must be a string")

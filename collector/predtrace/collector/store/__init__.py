@@ -2,6 +2,7 @@
 
 from predtrace.collector.store._chain import HOPS, ChainKey
 from predtrace.collector.store._postgres import PostgresEngine, PostgresOptions
+from predtrace.collector.store._reads import PIVOT_MAX_BYTES, PivotAnswer
 from predtrace.collector.store._rows import (
     deployment_key,
     fast_prediction_row,
@@ -14,11 +15,13 @@ from predtrace.wire import event_problem  # the store's per-event checks, shared
 
 __all__ = [
     "HOPS",
+    "PIVOT_MAX_BYTES",
     "ChainKey",
     "Engine",
     "IngestOutcome",
     "IngestRecord",
     "OnConflict",
+    "PivotAnswer",
     "PostgresEngine",
     "PostgresOptions",
     "SqliteEngine",

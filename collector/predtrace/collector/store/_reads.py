@@ -8,6 +8,8 @@ cost one row per (deployment, model version, image), not one per prediction.
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from collections.abc import Sequence
 from typing import Final
 
@@ -21,8 +23,78 @@ from predtrace.collector.store._chain import (
 )
 from predtrace.collector.store._ops import Fetch, Plan, Row, in_list
 from predtrace.collector.store._rows import SELECT_PREDICTION, iso_time, prediction_json
+from predtrace.collector.store._writes import same_commit
 
-_FULL_SHA: Final = 40
+PIVOT_MAX_BYTES: Final = 16 * 1024 * 1024
+"""JSON bytes the listed predictions of one pivot answer may take, chains included."""
+
+# Every text column of a prediction row. Each character is at least one byte of
+# JSON, so the sum of their lengths is a lower bound of a row's size in the
+# answer that the store computes without handing the text over.
+_TEXT_COLUMNS: Final = (
+    "prediction_id",
+    "producer_id",
+    "model_name",
+    "model_version",
+    "model_alias",
+    "model_registry_id",
+    "model_digest",
+    "additional_models",
+    "deployment_id",
+    "service",
+    "namespace",
+    "pod",
+    "node",
+    "image_digest",
+    "image_name",
+    "endpoint",
+    "protocol",
+    "status_code",
+    "error_type",
+    "output_label",
+    "features",
+    "attributes",
+)
+_TEXT_SIZE: Final = " + ".join(f"coalesce(length({c}), 0)" for c in _TEXT_COLUMNS)
+_KEY_COLUMNS: Final = "model_name, model_version, model_alias, deployment_id, image_digest"
+_LINEAGE_KEY: Final = len(', "lineage": ')
+_MIN_SHORT_SHA: Final = 7
+
+
+class PivotAnswer(list[Json]):
+    """The predictions a pivot lists (oldest first), and what it left out.
+
+    A list, so that what only reads the listed predictions (the registry
+    fallback) takes it as one. ``total`` counts every stored match. When
+    the row limit or the byte budget left some out (``cut_by``), ``unlisted``
+    holds one entry per chain group (model, version, alias, deployment, image)
+    with unlisted predictions: how many, and the chain's missing hops; so
+    ``complete`` still covers every stored prediction. ``unlisted`` is None
+    when the groups were too many to check (``complete`` is then unknown).
+    """
+
+    __slots__ = ("cut_by", "total", "unlisted")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+        self.cut_by: str | None = None
+        self.unlisted: list[Json] | None = []
+
+    @property
+    def complete(self) -> bool | None:
+        """Whether every stored prediction's chain is complete; None when unknown."""
+        if not all(_lineage(p)["complete"] for p in self):
+            return False
+        if self.unlisted is None:
+            return None
+        return all(group["complete"] for group in self.unlisted)
+
+
+def _lineage(prediction: Json) -> Json:
+    lineage = prediction["lineage"]
+    assert isinstance(lineage, dict)  # noqa: S101 - the pivot plan sets it
+    return lineage
 
 
 def chain_key(row: Row) -> ChainKey:
@@ -30,31 +102,114 @@ def chain_key(row: Row) -> ChainKey:
     return (row[8], row[9], row[10], row[14], row[19])
 
 
-def predictions_plan(column: str, value: object, limit: int) -> Plan[list[Row]]:
-    """Predictions by ``trace_id`` or ``prediction_id`` (both indexed), oldest first."""
+def _match(column: str, value: object) -> tuple[str, tuple[object, ...]]:
+    """``WHERE`` text and arguments: a tuple ``value`` matches any of its items."""
     if column not in ("trace_id", "prediction_id"):
         raise ValueError(f"cannot look predictions up by {column}")
-    rows = yield Fetch(
-        f"{SELECT_PREDICTION} WHERE {column} = ? ORDER BY ts_ns, id LIMIT ?",
-        (value, limit),
+    values = tuple(dict.fromkeys(value)) if isinstance(value, tuple) else (value,)
+    return f"{column} IN ({in_list(len(values))})", values
+
+
+def _fitting(sized: Sequence[Row], max_bytes: int) -> list[object]:
+    """Ids of the leading rows whose text alone stays within ``max_bytes``."""
+    ids, used = [], 0
+    for row_id, size in sized:
+        used += int(size)
+        if used > max_bytes:
+            break
+        ids.append(row_id)
+    return ids
+
+
+def _size(value: object) -> int:
+    return len(json.dumps(value, default=str))
+
+
+def pivot_plan(
+    column: str, value: object, limit: int, max_bytes: int = PIVOT_MAX_BYTES
+) -> Plan[tuple[PivotAnswer, list[ChainKey]]]:
+    """Predictions by ``trace_id`` or ``prediction_id`` (both indexed) with their chains.
+
+    At most ``limit`` predictions and ``max_bytes`` of their JSON are listed
+    (see ``PivotAnswer``); also returned: the keys whose model version is
+    unregistered, listed or not.
+    """
+    where, args = _match(column, value)
+    # Sizes first: a row too big for the budget is never loaded.
+    sized = yield Fetch(
+        f"SELECT id, {_TEXT_SIZE} FROM predictions WHERE {where} ORDER BY ts_ns, id LIMIT ?",  # noqa: S608 - fixed SQL fragments, values are bound
+        (*args, limit + 1),
     )
-    return rows
-
-
-def pivot_plan(column: str, value: object, limit: int) -> Plan[tuple[list[Json], list[ChainKey]]]:
-    """Predictions with their chains; also the keys whose model version is unregistered."""
-    rows = yield from predictions_plan(column, value, limit)
+    ids = _fitting(sized[:limit], max_bytes)
+    rows: list[Row] = []
+    if ids:
+        rows = yield Fetch(
+            f"{SELECT_PREDICTION} WHERE id IN ({in_list(len(ids))}) ORDER BY ts_ns, id",
+            tuple(ids),
+        )
+    answer = PivotAnswer()
     chains: dict[ChainKey, Json] = {}
-    out = []
+    sizes: dict[ChainKey, int] = {}
+    listed: Counter[ChainKey] = Counter()
+    room = max_bytes
     for row in rows:
         key = chain_key(row)
         if key not in chains:
             chains[key] = yield from chain_plan(key)
+            sizes[key] = _size(chains[key])
         prediction = prediction_json(row)
+        room -= _size(prediction) + _LINEAGE_KEY + sizes[key]
+        if room < 0:
+            break
         prediction["lineage"] = chains[key]
-        out.append(prediction)
+        answer.append(prediction)
+        listed[key] += 1
+    answer.total = len(sized)
+    if len(answer) < len(sized):
+        answer.cut_by = "limit" if len(answer) == limit else "bytes"
+        yield from _unlisted_plan(answer, (where, args), limit, listed, chains)
     unresolved = [k for k, c in chains.items() if c["model_version"] is None and k[0] and k[1]]
-    return out, unresolved
+    return answer, unresolved
+
+
+def _unlisted_plan(
+    answer: PivotAnswer,
+    match: tuple[str, tuple[object, ...]],
+    limit: int,
+    listed: Counter[ChainKey],
+    chains: dict[ChainKey, Json],
+) -> Plan[None]:
+    """Count every stored match, and check the chains of the groups left out."""
+    where, args = match
+    counted = yield Fetch(f"SELECT count(*) FROM predictions WHERE {where}", args)  # noqa: S608 - fixed SQL fragments, values are bound
+    answer.total = int(counted[0][0])
+    groups = yield Fetch(
+        f"SELECT {_KEY_COLUMNS}, count(*) FROM predictions WHERE {where}"  # noqa: S608 - fixed SQL fragments, values are bound
+        f" GROUP BY {_KEY_COLUMNS} ORDER BY {_KEY_COLUMNS} LIMIT ?",
+        (*args, limit + 1),
+    )
+    if len(groups) > limit:
+        answer.unlisted = None  # too many chains to check in one answer
+        return
+    entries: list[Json] = []
+    for group in groups:
+        key: ChainKey = (group[0], group[1], group[2], group[3], group[4])
+        left = int(group[5]) - listed[key]
+        if left <= 0:
+            continue
+        if key not in chains:
+            chains[key] = yield from chain_plan(key)
+        entries.append(
+            {
+                "model": {"name": key[0], "version": key[1], "alias": key[2]},
+                "deployment": key[3],
+                "image_digest": key[4],
+                "predictions": left,
+                "complete": chains[key]["complete"],
+                "missing": chains[key]["missing"],
+            }
+        )
+    answer.unlisted = entries
 
 
 def _deployments_of(name: str, version: str, image: str | None) -> Plan[list[Json]]:
@@ -123,13 +278,14 @@ def _runs_for(kind: str, value: str) -> Plan[tuple[list[str], Json | None]]:
         )
         found = {"digest": node[0][0], "source": node[0][1], "name": node[0][2]} if node else None
         return [r[0] for r in runs], found
-    if len(value) >= _FULL_SHA:
-        runs = yield Fetch("SELECT run_id, commit_sha FROM runs WHERE commit_sha = ?", (value,))
-    else:
-        runs = yield Fetch(
-            "SELECT run_id, commit_sha FROM runs WHERE substr(commit_sha, 1, ?) = ?",
-            (len(value), value),
-        )
+    # Registration's rule (same_commit): case does not matter, and a short sha
+    # of 7+ hex digits names the same commit as a full one, whichever was given
+    # and whichever was stored. Every such form shares its first 7 characters.
+    candidates = yield Fetch(
+        "SELECT run_id, commit_sha FROM runs WHERE lower(substr(commit_sha, 1, 7)) = ?",
+        (value[:_MIN_SHORT_SHA].lower(),),
+    )
+    runs = [r for r in candidates if same_commit(r[1], value)]
     shas = sorted({r[1] for r in runs})
     return sorted(r[0] for r in runs), ({"sha": shas} if shas else None)
 

@@ -20,6 +20,8 @@ from predtrace.collector.store._maintenance import producer_plan, producers_plan
 from predtrace.collector.store._ops import Fetch, Plan, T
 from predtrace.collector.store._postgres import PostgresEngine, PostgresOptions
 from predtrace.collector.store._reads import (
+    PIVOT_MAX_BYTES,
+    PivotAnswer,
     completeness_plan,
     impact_plan,
     model_lineage_plan,
@@ -116,10 +118,15 @@ class Store:
         return await self.engine.write(plan)
 
     async def pivot(
-        self, column: str, value: object, limit: int = 1000
-    ) -> tuple[list[Json], list[ChainKey]]:
-        """Predictions by trace id or prediction id with chains, and unregistered versions."""
-        return await self.engine.read(pivot_plan(column, value, limit))
+        self, column: str, value: object, limit: int = 1000, max_bytes: int = PIVOT_MAX_BYTES
+    ) -> tuple[PivotAnswer, list[ChainKey]]:
+        """Predictions by trace id or prediction id with chains, and unregistered versions.
+
+        A tuple ``value`` matches any of its items (one prediction id in
+        several spellings). At most ``limit`` predictions and ``max_bytes`` of
+        their JSON are listed; the answer says what it left out (``PivotAnswer``).
+        """
+        return await self.engine.read(pivot_plan(column, value, limit, max_bytes))
 
     async def chain(self, key: ChainKey) -> Json:
         """The chain of one (model, version, alias, deployment, image) group."""

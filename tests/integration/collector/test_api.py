@@ -1,0 +1,168 @@
+"""The query API and `predtrace trace` against `predtrace collector serve`: lookups that
+must find what ingest stored, and answers that must say what they left out."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from urllib.parse import quote
+
+import pytest
+from click.testing import CliRunner
+
+from predtrace.cli import main
+from predtrace.collector.testing import ChainedProducer, make_events
+from predtrace.wire import PredictionEvent, decode_ack
+
+from .conftest import Served
+
+pytestmark = pytest.mark.integration
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+LINEAGE = {
+    "model": {"name": "churn", "version": "3"},
+    "run": {"id": "run-42"},
+    "datasets": [{"digest": "sha256:train"}],
+    "commit": {"sha": "1f2e3d4c5b6a79881f2e3d4c5b6a79881f2e3d4c"},
+    "image": {"digest": "sha256:image-churn-3"},
+    "deployment": {"id": "churn-prod"},
+}
+
+
+def cli(url: str, *args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args), env={"PREDTRACE_COLLECTOR_URL": url})
+    assert not isinstance(result.exception, Exception) or isinstance(
+        result.exception, SystemExit
+    ), result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def get(url: str) -> tuple[int, str, dict[str, object]]:
+    """Status, content type and JSON body of a GET (any status)."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:  # noqa: S310 - loopback
+            status, ctype, raw = resp.status, resp.headers["Content-Type"], resp.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            status, ctype, raw = exc.code, exc.headers["Content-Type"], exc.read()
+    return status, ctype, json.loads(raw) if ctype.startswith("application/json") else {}
+
+
+def post_json(url: str, body: object) -> int:
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(  # noqa: S310 - loopback
+        url, data=data, headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310 - loopback
+        return int(resp.status)
+
+
+def send(url: str, producer: str, events: list[PredictionEvent]) -> None:
+    request = urllib.request.Request(  # noqa: S310 - loopback
+        f"{url}/v1/batches",
+        data=ChainedProducer(producer).body(events),
+        headers={"Content-Type": "application/vnd.predtrace.batch+msgpack"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=60) as resp:  # noqa: S310 - loopback
+        ack = decode_ack(resp.read())
+    assert ack.accepted == len(events), ack
+
+
+@pytest.fixture
+def served(serve_collector: Callable[..., Served], db_url: str) -> Served:
+    """A collector on each store (SQLite, PostgreSQL)."""
+    return serve_collector(db_url)
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        "83aae1e491c34cb38bf1413c1a7703d2",  # .NET Guid.ToString("N")
+        "6171FCAE-2F54-46B8-BCA7-D147BCEB6835",  # upper case
+    ],
+)
+def test_a_uuid_prediction_id_stored_in_another_spelling_is_found_by_that_spelling(
+    served: Served, stored: str
+) -> None:
+    canonical = str(uuid.uuid4())
+    events = [
+        replace(e, prediction_id=p)
+        for e, p in zip(make_events(2), (stored, canonical), strict=True)
+    ]
+    send(served.url, "p", events)
+    post_json(f"{served.url}/v1/lineage", LINEAGE)
+    status, _, body = get(f"{served.url}/v1/predictions/{stored}")
+    assert status == 200, body
+    assert [p["prediction_id"] for p in body["predictions"]] == [stored]  # type: ignore[attr-defined]
+    code, out, err = cli(served.url, "trace", stored, "-o", "json")
+    assert code == 0, err
+    assert [p["prediction_id"] for p in json.loads(out)["predictions"]] == [stored]
+    # An id stored in canonical form is still found by its other spellings.
+    for given in (canonical.upper(), canonical.replace("-", "")):
+        status, _, body = get(f"{served.url}/v1/predictions/{given}")
+        assert status == 200, (given, body)
+
+
+def test_ids_holding_braces_are_reachable_on_every_route(served: Served) -> None:
+    prediction_id, producer = "req-{42}", "edge-{7}"
+    event = replace(make_events(1)[0], prediction_id=prediction_id)
+    event = replace(event, model=replace(event.model, name="m{x}", version="1"))
+    send(served.url, producer, [event])
+    registration = {"model": {"name": "m{x}", "version": "1", "aliases": ["c{1}"]}}
+    assert post_json(f"{served.url}/v1/lineage", {**registration, "run": {"id": "r"}}) == 201
+
+    def q(text: str) -> str:
+        return quote(text, safe="")
+
+    for path, found in (
+        (f"/v1/predictions/{q(prediction_id)}", "predictions"),
+        (f"/v1/producers/{q(producer)}", "producer_id"),
+        (f"/v1/models/{q('m{x}')}/versions/1/lineage", "model_version"),
+        (f"/v1/models/{q('m{x}')}/aliases/{q('c{1}')}/lineage", "model_version"),
+    ):
+        status, ctype, body = get(served.url + path)
+        assert (status, found in body) == (200, True), (path, status, ctype, body)
+    status, ctype, body = get(f"{served.url}/v1/traces/{q('{x}')}")
+    assert (status, "error" in body) == (400, True), (ctype, body)
+    assert cli(served.url, "trace", prediction_id)[0] == 1  # found; its chain has no commit
+    _, _, err = cli(served.url, "model", "lineage", "m{x}/1")
+    assert "chain broken" in err and "not found" not in err, err
+
+
+def test_a_trace_past_the_row_limit_says_so_and_names_the_hop_broken_after_it(
+    served: Served,
+) -> None:
+    post_json(f"{served.url}/v1/lineage", LINEAGE)
+    trace_id = bytes.fromhex(TRACE)
+    good = make_events(1000, trace_id=trace_id, timestamp_ns=1_000_000)
+    bad = make_events(1, trace_id=trace_id, model=("churn", "999"), timestamp_ns=2_000_000)
+    send(served.url, "p", [*good, *bad])
+    status, _, body = get(f"{served.url}/v1/traces/{TRACE}")
+    assert status == 200
+    assert len(body["predictions"]) == 1000  # type: ignore[arg-type]
+    assert (body["truncated"], body["total"], body["complete"]) == (True, 1001, False)
+    code, _, err = cli(served.url, "trace", TRACE, "-o", "json")
+    assert code == 1
+    assert "answer truncated: 1000 of 1001" in err
+    assert "churn/999" in err and "model_version" in err
+
+
+def test_a_trace_answer_stops_at_its_byte_budget_and_says_so(served: Served) -> None:
+    post_json(f"{served.url}/v1/lineage", LINEAGE)
+    # 3 MB of control characters: 18 MB as JSON (\u0001), past the 16 MiB budget.
+    huge = {f"k{i}": "\x01" * 60_000 for i in range(50)}
+    small = make_events(1, trace_id=bytes.fromhex(TRACE), timestamp_ns=1)
+    event = replace(make_events(1, trace_id=bytes.fromhex(TRACE))[0], attributes=huge)
+    send(served.url, "p", [*small, event])
+    status, _, body = get(f"{served.url}/v1/traces/{TRACE}")
+    assert status == 200
+    assert len(body["predictions"]) == 1  # type: ignore[arg-type]
+    assert (body["truncated"], body["truncated_by"], body["total"]) == (True, "bytes", 2)
+    assert body["complete"] is True, "the unlisted prediction's chain was checked too"
+    code, _, err = cli(served.url, "trace", TRACE)
+    assert code == 0, err  # found, and every chain checked complete: see _cli
+    assert "answer truncated: 1 of 2" in err
