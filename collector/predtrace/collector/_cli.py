@@ -437,7 +437,7 @@ def serve_command(
     import asyncio  # noqa: PLC0415 - the server stack loads only here
     import logging  # noqa: PLC0415
 
-    from predtrace.collector._config import CollectorConfig, RetentionPolicy  # noqa: PLC0415
+    from predtrace.collector._config import CollectorConfig  # noqa: PLC0415
     from predtrace.collector._server import serve  # noqa: PLC0415
 
     logging.basicConfig(
@@ -452,7 +452,7 @@ def serve_command(
             mlflow_url=mlflow,
             tls_cert=tls_cert,
             tls_key=tls_key,
-            retention=RetentionPolicy(predictions_days=retention_days) if retention_days else None,
+            retention_days=retention_days,
         )
         asyncio.run(serve(config, ready_file=ready_file))
     except CollectorError as exc:

@@ -172,8 +172,15 @@ class CollectorConfig:
         ):
             if environ.get(name):
                 values[key] = _int(environ[name], name)
+        # --retention-days replaces the predictions' setting only: the
+        # batches' one from the environment still holds.
+        flag_days = overrides.pop("retention_days", None)
         values["retention"] = RetentionPolicy(
-            predictions_days=_float(environ, PREDTRACE_RETENTION_PREDICTIONS_DAYS),
+            predictions_days=(
+                float(flag_days)  # type: ignore[arg-type]  # a float flag when given
+                if flag_days is not None
+                else _float(environ, PREDTRACE_RETENTION_PREDICTIONS_DAYS)
+            ),
             batches_days=_float(environ, PREDTRACE_RETENTION_BATCHES_DAYS),
         )
         if not str(values.get("mlflow_url", "http://")).startswith(("http://", "https://")):

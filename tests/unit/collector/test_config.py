@@ -93,3 +93,22 @@ def test_serve_refuses_retention_days_that_would_break_every_pass_before_it_list
     result = CliRunner().invoke(collector_group, flags)
     assert result.exit_code == 1
     assert "cannot start the collector: predictions retention (--retention-days" in result.stderr
+
+
+def test_the_retention_days_flag_sets_predictions_only_and_keeps_the_batches_setting() -> None:
+    environ = {
+        "PREDTRACE_RETENTION_BATCHES_DAYS": "90",
+        "PREDTRACE_RETENTION_PREDICTIONS_DAYS": "7",
+    }
+    config = CollectorConfig.from_env(environ, retention_days=30.0)
+    assert (config.retention.predictions_days, config.retention.batches_days) == (30.0, 90.0)
+    assert CollectorConfig.from_env(environ).retention.predictions_days == 7.0
+
+
+@pytest.mark.timeout(10)  # without the check it would serve until killed
+def test_serve_refuses_zero_retention_days_instead_of_ignoring_them(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path}/c.db"
+    flags = ["serve", "--db", db, "--listen", "127.0.0.1:0", "--retention-days", "0"]
+    result = CliRunner().invoke(collector_group, flags)
+    assert result.exit_code == 1
+    assert "predictions retention (--retention-days" in result.stderr
