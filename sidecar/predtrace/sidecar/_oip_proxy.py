@@ -5,11 +5,13 @@ Every method is passed through as bytes (a generic stream handler, so any
 cardinality works; a single request to a method known to be unary goes
 upstream as a unary request, see ``_passthrough``). ``ModelInfer`` alone is
 looked into: the proxy reads model_name, model_version and id from the
-request and response bytes, adds an id when the caller sent none (rewriting
-the request bytes), forwards or starts a W3C ``traceparent``, and records a
-prediction event with the version actually served, or with the error. Events
-are recorded off the response path: the model's answer never waits for
-telemetry.
+request and response bytes, picks the prediction id (DESIGN §3: the OIP id,
+then ``x-request-id``, then ``ce-id``, else a new UUIDv7), adds it when the
+request has no id (rewriting the request bytes; a caller's id is never
+replaced), forwards or starts a W3C ``traceparent``, and records a prediction
+event with the version actually served, or with the error (a deadline or a
+cancellation included). Events are recorded off the response path: the
+model's answer never waits for telemetry.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeGuard
 
 import grpc
 
@@ -37,6 +40,34 @@ MODEL_INFER: Final = f"/{SERVICE}/ModelInfer"
 PROTOCOL: Final = "oip-v2-grpc"
 _SKIP_METADATA: Final = ("grpc-", ":")
 _SKIP_KEYS: Final = frozenset({"user-agent", "te", "content-type", "host"})
+# The middleware's rule for a usable caller id (``CALLER_ID_RE`` in
+# predtrace.middleware._inputs), repeated here: the sidecar does not import
+# the middleware. An id outside it is refused by the intake (a NUL) or cannot
+# be looked up in the collector (a space, non-ASCII, over 256 characters).
+_CALLER_ID_RE: Final = re.compile(r"[\x21-\x7e]{1,256}")
+# Where a caller's id may come from after the OIP ``id``, in order (DESIGN §3).
+_CALLER_ID_KEYS: Final = ("x-request-id", "ce-id")
+# W3C Trace Context: lower-case hex only; version 00 has exactly four fields,
+# a later version may add more after a dash (and version ff is invalid).
+_TRACEPARENT_RE: Final = re.compile(
+    r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?"
+)
+# gRPC's connection backoff (1 s, growing to 120 s) would keep answering
+# UNAVAILABLE for up to two minutes after the model server next to the proxy
+# restarts. Retry from 100 ms, growing to at most 1 s: a local server that
+# comes back is reached within about a second, at the cost of one refused
+# connect a second while it is down. (grpc.min_reconnect_backoff_ms is not a
+# backoff but the time one connection attempt may take, 20 s by default: it
+# stays, so a slow handshake is not cut short.)
+_RECONNECT_BACKOFF: Final = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+# Room on the upstream channel for the id field the proxy appends to a request
+# its listener took at the full message limit: at most a 256-character caller
+# id (a UUIDv7 is 36) with a one-byte tag and a two-byte length; rounded up.
+_APPENDED_ID_HEADROOM: Final = 1024
+_GRPC_MAX_INT: Final = 2**31 - 1  # channel options are C ints
 # Methods known to take exactly one request: every method of the OIP v2
 # service but the streaming one (and any the model server lacks), and health
 # checks. Only these are read ahead to be sent as unary requests; any other
@@ -68,16 +99,43 @@ def _forwardable(metadata: Iterable[Any] | None) -> Metadata:
 
 
 def _trace_context(metadata: Metadata) -> tuple[bytes, bytes]:
-    """Trace and span id of the caller's traceparent, adding a new one when absent."""
+    """Trace and span id of the caller's traceparent; a missing or invalid one is replaced."""
     for key, value in metadata:
-        if key == "traceparent" and isinstance(value, str):
-            parts = value.split("-")
-            if len(parts) == 4 and len(parts[1]) == 32 and len(parts[2]) == 16:
-                with contextlib.suppress(ValueError):
-                    return bytes.fromhex(parts[1]), bytes.fromhex(parts[2])
+        if key == "traceparent":
+            parsed = _parse_traceparent(value) if isinstance(value, str) else None
+            if parsed is not None:
+                return parsed
+            break
+    metadata[:] = [(key, value) for key, value in metadata if key != "traceparent"]
     trace_id, span_id = secrets.token_bytes(16), secrets.token_bytes(8)
     metadata.append(("traceparent", f"00-{trace_id.hex()}-{span_id.hex()}-01"))
     return trace_id, span_id
+
+
+def _parse_traceparent(value: str) -> tuple[bytes, bytes] | None:
+    """Trace and span id of a traceparent W3C Trace Context accepts, else None."""
+    match = _TRACEPARENT_RE.fullmatch(value)
+    if match is None:
+        return None
+    version, trace_hex, span_hex, more = match.groups()
+    if version == "ff" or (version == "00" and more is not None):
+        return None
+    trace_id, span_id = bytes.fromhex(trace_hex), bytes.fromhex(span_hex)
+    if trace_id == bytes(16) or span_id == bytes(8):  # all zeros: no trace, no parent
+        return None
+    return trace_id, span_id
+
+
+def _usable(caller_id: object) -> TypeGuard[str]:
+    return isinstance(caller_id, str) and _CALLER_ID_RE.fullmatch(caller_id) is not None
+
+
+def _cancel_status(context: grpc.aio.ServicerContext[bytes, bytes]) -> grpc.StatusCode:
+    """Why grpc.aio cancelled a handler: its deadline passed, or the call was cancelled."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 class _Recorder:
@@ -136,15 +194,20 @@ class OipProxy(_Handler):
     ) -> None:
         self.upstream = upstream
         # The same message limit towards the model server as towards its
-        # clients: a tensor the proxy's listener takes must also come back.
-        limits = [
+        # clients (a tensor the proxy's listener takes must also come back),
+        # plus room for the id the proxy may add to a request.
+        send_limit = min(max_message_bytes + _APPENDED_ID_HEADROOM, _GRPC_MAX_INT)
+        options = [
             ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", send_limit),
+            *_RECONNECT_BACKOFF,
         ]
-        self._channel = grpc.aio.insecure_channel(upstream, options=limits)
+        self._channel = grpc.aio.insecure_channel(upstream, options=options)
         self._infer = self._channel.unary_unary(MODEL_INFER, None, None)
         self._recorder = _Recorder(intake)
+        self._log = RateLimitedLog(_log)
         self.requests = 0
+        self.invalid_caller_ids = 0
         del deployment  # identity is stamped by the intake's enricher
 
     @property
@@ -206,6 +269,11 @@ class OipProxy(_Handler):
                     _chain(head, requests), metadata=metadata, timeout=context.time_remaining()
                 )
         try:
+            # Before the first response, and also when there is none: the
+            # caller may read the headers before (or without) a message.
+            initial = _forwardable(await call.initial_metadata())
+            if initial:  # none: grpc sends its own headers, or a trailers-only error
+                await context.send_initial_metadata(initial)
             async for response in call:
                 yield response
             context.set_trailing_metadata(_forwardable(await call.trailing_metadata()))
@@ -221,41 +289,81 @@ class OipProxy(_Handler):
         self.requests += 1
         start_ns, started = time.time_ns(), time.perf_counter_ns()
         parsed = _fields(request)
-        fields = parsed or {}
-        prediction_id = fields.get(3, "")
-        if parsed is not None and not prediction_id:
-            prediction_id = new_prediction_id()
-            request = append_string_field(request, 3, prediction_id)
-        # Bytes it cannot read (an id over 4 KiB, group fields) pass through
-        # untouched: an appended id would override the caller's own.
         metadata = _forwardable(context.invocation_metadata())
+        # "": the request has no id (or the proxy cannot read the request at
+        # all); None: it has one the proxy cannot read (over 4 KiB, not UTF-8).
+        oip_id = "" if parsed is None else parsed.get(3, "")
+        prediction_id = self._caller_id(oip_id, metadata) or new_prediction_id()
+        if parsed is not None and oip_id == "":
+            # The model server echoes the prediction id. An id of the caller's,
+            # usable or not, and bytes the proxy cannot read pass untouched:
+            # an appended id would override the caller's own.
+            request = append_string_field(request, 3, prediction_id)
         trace_id, span_id = _trace_context(metadata)
+        fields = parsed or {}
         event = PredictionEvent(
-            prediction_id=(prediction_id or new_prediction_id())[:256],
+            prediction_id=prediction_id,
             trace_id=trace_id,
             span_id=span_id,
             timestamp_unix_nano=start_ns,
-            model=ModelRef(fields.get(1, ""), fields.get(2, "")),
+            model=ModelRef(fields.get(1) or "", fields.get(2) or ""),
             endpoint=MODEL_INFER,
             protocol=PROTOCOL,
         )
+        return await self._forward(
+            request, metadata, context, event=event, started=started, unreadable=parsed is None
+        )
+
+    async def _forward(
+        self,
+        request: bytes,
+        metadata: Metadata,
+        context: grpc.aio.ServicerContext[bytes, bytes],
+        *,
+        event: PredictionEvent,
+        started: int,
+        unreadable: bool,
+    ) -> bytes:
+        """Send the request upstream; answer the caller and record the outcome, whatever it is."""
         call = self._infer(request, metadata=metadata, timeout=context.time_remaining())
         try:
             response: bytes = await call
+            _note_served(event, response, unreadable_request=unreadable)
+            await context.send_initial_metadata(_forwardable(await call.initial_metadata()))
+            context.set_trailing_metadata(_forwardable(await call.trailing_metadata()))
         except grpc.aio.AioRpcError as exc:
             self._finish(event, started, status=exc.code())
             await context.abort(
                 exc.code(), exc.details() or "", tuple(_forwardable(exc.trailing_metadata()))
             )
-        await context.send_initial_metadata(_forwardable(await call.initial_metadata()))
-        context.set_trailing_metadata(_forwardable(await call.trailing_metadata()))
-        served = _fields(response) or {}
-        if parsed is None and served.get(3):  # unreadable request: the answer's id
-            event.prediction_id = served[3][:256]
-        event.model.name = served.get(1) or event.model.name
-        event.model.version = served.get(2) or event.model.version
+        except asyncio.CancelledError:
+            # grpc.aio cancels the handler when the call's deadline passes, the
+            # client cancels or the server stops: the model server may have run
+            # the prediction, so it is recorded (without waiting: the recorder
+            # only buffers), and the cancellation goes on.
+            self._finish(event, started, status=_cancel_status(context))
+            raise
         self._finish(event, started, status=grpc.StatusCode.OK)
         return response
+
+    def _caller_id(self, oip_id: str | None, metadata: Metadata) -> str | None:
+        """The first usable caller id: the OIP id, then ``x-request-id``, then ``ce-id``.
+
+        An unusable one is skipped, counted and logged (never its value).
+        """
+        candidates: list[tuple[str, str | bytes | None]] = [] if oip_id == "" else [("id", oip_id)]
+        for name in _CALLER_ID_KEYS:
+            candidates += [(key, value) for key, value in metadata if key == name][:1]
+        for source, value in candidates:
+            if _usable(value):
+                return value
+            self.invalid_caller_ids += 1
+            self._log.warning(
+                f"caller-id-{source}",
+                "OIP proxy: a caller's %s is not 1-256 printable ASCII characters; not used",
+                source,
+            )
+        return None
 
     def _finish(self, event: PredictionEvent, started: int, *, status: grpc.StatusCode) -> None:
         event.duration_nanos = time.perf_counter_ns() - started
@@ -287,8 +395,18 @@ async def _chain(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator
         yield item
 
 
-def _fields(message: bytes) -> dict[int, str] | None:
-    """model_name, model_version and id; None if the bytes are not readable."""
+def _note_served(event: PredictionEvent, response: bytes, *, unreadable_request: bool) -> None:
+    """The model and version that answered; for an unreadable request, the answer's id."""
+    served = _fields(response) or {}
+    answered_id = served.get(3)
+    if unreadable_request and _usable(answered_id):
+        event.prediction_id = answered_id
+    event.model.name = served.get(1) or event.model.name
+    event.model.version = served.get(2) or event.model.version
+
+
+def _fields(message: bytes) -> dict[int, str | None] | None:
+    """model_name, model_version and id (None: unreadable); None if the bytes are malformed."""
     try:
         return top_level_strings(message, (1, 2, 3))
     except ProtoWireError:

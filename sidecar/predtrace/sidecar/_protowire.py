@@ -3,7 +3,9 @@
 The OIP proxy passes messages through as bytes; it reads only model_name,
 model_version and id (fields 1-3 of ModelInferRequest/Response) and appends
 an id when the caller sent none. Parsing is bounded: varints of at most ten
-bytes, lengths checked against the buffer, a cap on the number of fields.
+bytes, lengths checked against the buffer, a cap on the number of fields. A
+wanted field that is not text it can use (over 4 KiB, not UTF-8) is marked
+unreadable on its own: the other fields of the message stay readable.
 """
 
 from __future__ import annotations
@@ -47,14 +49,16 @@ def encode_varint(value: int) -> bytes:
     return bytes(out)
 
 
-def top_level_strings(data: bytes, fields: Collection[int]) -> dict[int, str]:
+def top_level_strings(data: bytes, fields: Collection[int]) -> dict[int, str | None]:
     """The values of the given top-level string fields (the last occurrence wins).
 
+    A wanted field that is present but not UTF-8 text of at most 4 KiB maps to
+    None (unreadable), so a caller can tell it from an absent one.
+
     Raises:
-        ProtoWireError: malformed bytes, or a wanted field that is not UTF-8
-            text of at most 4 KiB.
+        ProtoWireError: malformed bytes.
     """
-    found: dict[int, str] = {}
+    found: dict[int, str | None] = {}
     pos, count, end = 0, 0, len(data)
     while pos < end:
         count += 1
@@ -84,13 +88,14 @@ def top_level_strings(data: bytes, fields: Collection[int]) -> dict[int, str]:
     return found
 
 
-def _text(raw: bytes) -> str:
+def _text(raw: bytes) -> str | None:
+    """The field as text; None when it is over 4 KiB or not UTF-8."""
     if len(raw) > _MAX_STRING:
-        raise ProtoWireError("string field longer than 4 KiB")
+        return None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise ProtoWireError("string field is not UTF-8") from None
+        return None
 
 
 def append_string_field(data: bytes, number: int, value: str) -> bytes:

@@ -17,6 +17,8 @@ import pytest
 
 from predtrace.oip.v2 import grpc_predict_v2_pb2 as pb
 from predtrace.oip.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
+from predtrace.sidecar._oip_proxy import OipProxy
+from predtrace.sidecar._protowire import ProtoWireError, encode_varint, top_level_strings
 from predtrace.wire import Status, parse_prediction_id, uuid7_timestamp_ms
 from tests.reliability.sidecar.polling import eventually
 
@@ -308,3 +310,387 @@ async def test_a_response_over_grpcs_default_4_mib_passes_when_the_limit_allows_
         assert answer == big.SerializeToString()
     finally:
         await upstream.stop(None)
+
+
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+SERVER_LIVE = "/inference.GRPCInferenceService/ServerLive"
+HEADERS_ONLY = "/test.Streams/HeadersOnly"
+
+
+class Upstream(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """A model server that keeps what reached it, answers as scripted, or holds a call."""
+
+    def __init__(self) -> None:
+        self.requests: list[bytes] = []
+        self.metadata: list[list[tuple[str, str | bytes]]] = []
+        self.arrived = asyncio.Event()
+        self.hold = False  # ModelInfer never answers (until cancelled)
+        self.cancelled: list[bytes] = []
+        self.reply: bytes | None = None  # else churn version 7, echoing the request's id
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:  # type: ignore[type-arg]
+        if details.method == MODEL_INFER:
+            return grpc.unary_unary_rpc_method_handler(self.infer)
+        if details.method == SERVER_LIVE:
+            return grpc.unary_unary_rpc_method_handler(self.live)
+        if details.method == HEADERS_ONLY:
+            return grpc.unary_stream_rpc_method_handler(self.headers_only)
+        return None
+
+    async def infer(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        self.requests.append(request)
+        self.metadata.append(list(context.invocation_metadata() or ()))
+        self.arrived.set()
+        if self.hold:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled.append(request)
+                raise
+        if self.reply is not None:
+            return self.reply
+        echoed = pb.ModelInferRequest.FromString(request).id
+        return pb.ModelInferResponse(
+            model_name="churn", model_version="7", id=echoed
+        ).SerializeToString()
+
+    async def live(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        await context.send_initial_metadata((("x-up-initial", "live"),))
+        return pb.ServerLiveResponse(live=True).SerializeToString()
+
+    async def headers_only(
+        self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        await context.send_initial_metadata((("x-up-initial", "headers-only"),))
+        return
+        yield b""  # a generator that sends no message
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[Upstream, str]]:
+    handler = Upstream()
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield handler, f"127.0.0.1:{port}"
+    await server.stop(None)
+
+
+@pytest.fixture
+async def scripted(
+    start_sidecar: StartSidecar, upstream: tuple[Upstream, str]
+) -> tuple[Upstream, Running]:
+    handler, address = upstream
+    running: Running = await start_sidecar(oip_proxies=(("127.0.0.1:0", address),))
+    return handler, running
+
+
+def proxy_of(running: Running) -> OipProxy:
+    (proxy,) = running.app._proxies
+    return proxy
+
+
+async def infer(
+    running: Running, body: bytes, metadata: tuple[tuple[str, str], ...] = ()
+) -> pb.ModelInferResponse:
+    async with grpc.aio.insecure_channel(running.app.addresses["oip-proxy"]) as channel:
+        answer = await channel.unary_unary(MODEL_INFER)(body, metadata=metadata, timeout=10)
+    return pb.ModelInferResponse.FromString(answer)
+
+
+# -- pass-through: the upstream's initial metadata ------------------------------------
+
+
+async def test_a_passed_through_call_gives_the_caller_the_upstreams_initial_metadata(
+    scripted: tuple[Upstream, Running],
+) -> None:
+    _, running = scripted
+    async with grpc.aio.insecure_channel(running.app.addresses["oip-proxy"]) as channel:
+        call = channel.unary_unary(SERVER_LIVE)(b"", timeout=10)
+        assert pb.ServerLiveResponse.FromString(await call).live
+        assert ("x-up-initial", "live") in tuple(await call.initial_metadata())
+        stream = channel.unary_stream(HEADERS_ONLY)(b"", timeout=10)
+        assert [item async for item in stream] == []
+        assert ("x-up-initial", "headers-only") in tuple(await stream.initial_metadata())
+        assert await stream.code() == grpc.StatusCode.OK
+
+
+# -- a deadline, a cancellation and a stopping sidecar are recorded -------------------
+
+
+async def test_an_inference_past_its_deadline_is_recorded_as_deadline_exceeded(
+    scripted: tuple[Upstream, Running],
+) -> None:
+    upstream, running = scripted
+    upstream.hold = True
+    async with grpc.aio.insecure_channel(running.app.addresses["oip-proxy"]) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await channel.unary_unary(MODEL_INFER)(request([[1, 2, 3]], "late-1"), timeout=0.3)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    (event,) = await recorded(running, 1)
+    assert event.prediction_id == "late-1"  # type: ignore[attr-defined]
+    assert event.status == Status.ERROR  # type: ignore[attr-defined]
+    assert event.status_code == "DEADLINE_EXCEEDED"  # type: ignore[attr-defined]
+
+
+async def test_an_inference_the_client_cancels_is_recorded_as_cancelled(
+    scripted: tuple[Upstream, Running],
+) -> None:
+    upstream, running = scripted
+    upstream.hold = True
+    async with grpc.aio.insecure_channel(running.app.addresses["oip-proxy"]) as channel:
+        call = channel.unary_unary(MODEL_INFER)(request([[1, 2, 3]], "gone-1"), timeout=30)
+        await asyncio.wait_for(upstream.arrived.wait(), 10)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    (event,) = await recorded(running, 1)
+    assert event.prediction_id == "gone-1"  # type: ignore[attr-defined]
+    assert event.status_code == "CANCELLED"  # type: ignore[attr-defined]
+    await eventually(lambda: upstream.cancelled)  # the model server's call ended too
+
+
+async def test_an_inference_in_flight_when_the_sidecar_stops_is_still_recorded(
+    scripted: tuple[Upstream, Running],
+) -> None:
+    upstream, running = scripted
+    upstream.hold = True
+    async with grpc.aio.insecure_channel(running.app.addresses["oip-proxy"]) as channel:
+        call = channel.unary_unary(MODEL_INFER)(request([[1, 2, 3]], "inflight-1"), timeout=30)
+        await asyncio.wait_for(upstream.arrived.wait(), 10)
+        await running.app.stop()
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call
+    (event,) = await recorded(running, 1)
+    assert event.prediction_id == "inflight-1"  # type: ignore[attr-defined]
+    assert event.status_code == "CANCELLED"  # type: ignore[attr-defined]
+
+
+# -- traceparents W3C Trace Context calls invalid -------------------------------------
+
+VALID_TRACE, VALID_SPAN = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        "zz-not-a-traceparent",
+        f"00-{'0' * 32}-{VALID_SPAN}-01",  # all-zero trace id
+        f"00-{VALID_TRACE}-{'0' * 16}-01",  # all-zero span (parent) id
+        f"ff-{VALID_TRACE}-{VALID_SPAN}-01",  # version ff
+        f"00-{VALID_TRACE.upper()}-{VALID_SPAN.upper()}-01",  # upper-case hex
+        f"00-{VALID_TRACE}-{VALID_SPAN}-01-more",  # version 00 has four fields
+    ],
+)
+async def test_an_invalid_traceparent_is_replaced_by_a_new_trace(
+    scripted: tuple[Upstream, Running], traceparent: str
+) -> None:
+    upstream, running = scripted
+    await infer(running, request([[1, 2, 3]], "tp-1"), (("traceparent", traceparent),))
+    (sent,) = [value for key, value in upstream.metadata[0] if key == "traceparent"]
+    assert isinstance(sent, str)
+    _, trace_hex, span_hex, _ = sent.split("-")
+    assert trace_hex not in (VALID_TRACE, "0" * 32)
+    (event,) = await recorded(running, 1)
+    assert event.trace_id.hex() == trace_hex  # type: ignore[attr-defined]
+    assert event.span_id.hex() == span_hex  # type: ignore[attr-defined]
+
+
+async def test_a_traceparent_of_a_later_version_is_continued(
+    scripted: tuple[Upstream, Running],
+) -> None:
+    upstream, running = scripted
+    later = f"01-{VALID_TRACE}-{VALID_SPAN}-01-what-comes-next"
+    await infer(running, request([[1, 2, 3]], "tp-2"), (("traceparent", later),))
+    assert [value for key, value in upstream.metadata[0] if key == "traceparent"] == [later]
+    (event,) = await recorded(running, 1)
+    assert event.trace_id.hex() == VALID_TRACE  # type: ignore[attr-defined]
+
+
+# -- an unreadable id leaves the other fields readable --------------------------------
+
+
+def string_field(number: int, raw: bytes) -> bytes:
+    return encode_varint(number << 3 | 2) + encode_varint(len(raw)) + raw
+
+
+@pytest.mark.parametrize("raw_id", [b"L" * 5000, b"\xff\xfe-not-utf-8"], ids=["5000", "binary"])
+async def test_an_unreadable_id_still_records_the_model_and_version_served(
+    scripted: tuple[Upstream, Running], raw_id: bytes
+) -> None:
+    upstream, running = scripted
+    body = pb.ModelInferRequest(model_name="churn").SerializeToString() + string_field(3, raw_id)
+    served = pb.ModelInferResponse(model_name="churn", model_version="7").SerializeToString()
+    upstream.reply = served + string_field(3, raw_id)
+    async with grpc.aio.insecure_channel(running.app.addresses["oip-proxy"]) as channel:
+        assert await channel.unary_unary(MODEL_INFER)(body, timeout=10) == upstream.reply
+    assert upstream.requests == [body]  # untouched: no id appended over the caller's
+    (event,) = await recorded(running, 1)
+    assert (event.model.name, event.model.version) == ("churn", "7")  # type: ignore[attr-defined]
+    assert uuid7_timestamp_ms(event.prediction_id) is not None  # type: ignore[attr-defined]
+
+
+def test_the_field_reader_marks_an_unreadable_field_and_reads_the_others() -> None:
+    body = pb.ModelInferRequest(model_name="churn", model_version="3").SerializeToString()
+    assert top_level_strings(body + string_field(3, b"\xff"), (1, 2, 3)) == {
+        1: "churn",
+        2: "3",
+        3: None,
+    }
+    assert top_level_strings(body + string_field(3, b"x" * 4097), (1, 2, 3))[3] is None
+    with pytest.raises(ProtoWireError):
+        top_level_strings(body + b"\x1a\x05ab", (1, 2, 3))  # cut short: malformed
+
+
+# -- the appended id fits the upstream channel ----------------------------------------
+
+
+async def test_a_request_at_the_message_limit_passes_with_the_id_the_proxy_adds(
+    start_sidecar: StartSidecar, upstream: tuple[Upstream, str]
+) -> None:
+    handler, address = upstream
+    limit = 256 * 1024
+    running = await start_sidecar(oip_proxies=(("127.0.0.1:0", address),), max_message_bytes=limit)
+    base = pb.ModelInferRequest(model_name="churn").SerializeToString()
+    padding = b"\x00" * (limit - len(base) - 5)  # field 100: a 2-byte tag, a 3-byte length
+    body = base + string_field(100, padding)  # an unknown field up to the limit
+    assert len(body) == limit
+    caller_id = "c" * 256  # the longest id the proxy appends
+    answer = await infer(running, body, (("x-request-id", caller_id),))
+    assert answer.id == caller_id
+    assert handler.requests == [body + string_field(3, caller_id.encode())]
+
+
+# -- a restarted model server is reached again at once --------------------------------
+
+
+async def serve(handler: Upstream, port: int = 0) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server, bound
+
+
+@contextlib.asynccontextmanager
+async def refusing(port: int) -> AsyncIterator[list[object]]:
+    """A stand-in on ``port`` that takes each connection and closes it at once, counting them."""
+    attempts: list[object] = []
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        attempts.append(writer.get_extra_info("peername"))
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", port, reuse_address=True)
+    try:
+        yield attempts
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_restarted_model_server_is_reached_again_within_a_few_retries(
+    start_sidecar: StartSidecar,
+) -> None:
+    handler = Upstream()
+    server, port = await serve(handler)
+    running = await start_sidecar(oip_proxies=(("127.0.0.1:0", f"127.0.0.1:{port}"),))
+    body = request([[1, 2, 3]], "again")
+    await infer(running, body)
+    await server.stop(None)
+    # While the model server is down, every connection the proxy opens is
+    # refused; each refusal lengthens the proxy's reconnect backoff (with
+    # gRPC's defaults, after five the next attempt is 5 s or more away).
+    async with (
+        refusing(port) as attempts,
+        grpc.aio.insecure_channel(running.app.addresses["oip-proxy"]) as channel,
+    ):
+        call = channel.unary_unary(MODEL_INFER)
+        deadline = asyncio.get_running_loop().time() + 60
+        while len(attempts) < 5 and asyncio.get_running_loop().time() < deadline:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call(body, timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            await asyncio.sleep(0.05)
+    server, _ = await serve(handler, port)  # back, on the same port
+    try:
+        failures = 0
+        while True:
+            try:
+                await infer(running, body)
+                break
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE
+                failures += 1
+                assert failures < 40, "still UNAVAILABLE 4 s after the model server came back"
+                await asyncio.sleep(0.1)
+    finally:
+        await server.stop(None)
+
+
+# -- the prediction id (DESIGN §3) ----------------------------------------------------
+
+UNUSABLE_IDS = ["nul\x00id", "req 42", "ünïcödé", "A" * 257, "tab\tid"]
+
+
+@pytest.mark.parametrize("caller_id", UNUSABLE_IDS, ids=["nul", "space", "non-ascii", "257", "tab"])
+async def test_an_unusable_oip_id_passes_untouched_and_is_recorded_under_a_new_id(
+    scripted: tuple[Upstream, Running], caller_id: str
+) -> None:
+    upstream, running = scripted
+    body = request([[1, 2, 3]], caller_id)
+    answer = await infer(running, body)
+    assert answer.id == caller_id
+    assert upstream.requests == [body]
+    (event,) = await recorded(running, 1)
+    assert uuid7_timestamp_ms(event.prediction_id) is not None  # type: ignore[attr-defined]
+    assert (event.model.name, event.model.version) == ("churn", "7")  # type: ignore[attr-defined]
+    assert proxy_of(running).invalid_caller_ids == 1
+
+
+@pytest.mark.parametrize(
+    ("oip_id", "metadata", "expected"),
+    [
+        ("", (("x-request-id", "req-1"),), "req-1"),
+        ("", (("ce-id", "ce-1"),), "ce-1"),
+        ("", (("x-request-id", "req-1"), ("ce-id", "ce-1")), "req-1"),
+        ("oip-1", (("x-request-id", "req-1"), ("ce-id", "ce-1")), "oip-1"),
+        ("", (("x-request-id", "has space"), ("ce-id", "ce-1")), "ce-1"),
+        ("has space", (("x-request-id", "req-1"),), "req-1"),
+    ],
+    ids=["request-id", "ce-id", "request-id-first", "oip-id-first", "skip-unusable", "oip-bad"],
+)
+async def test_the_prediction_id_is_the_first_usable_caller_id(
+    scripted: tuple[Upstream, Running],
+    oip_id: str,
+    metadata: tuple[tuple[str, str], ...],
+    expected: str,
+) -> None:
+    upstream, running = scripted
+    body = request([[1, 2, 3]], oip_id)
+    answer = await infer(running, body, metadata)
+    (event,) = await recorded(running, 1)
+    assert event.prediction_id == expected  # type: ignore[attr-defined]
+    if oip_id:  # the caller's own id is never rewritten
+        assert upstream.requests == [body]
+        assert answer.id == oip_id
+    else:  # no id: the chosen one is added, and the model server echoes it
+        assert upstream.requests == [body + string_field(3, expected.encode())]
+        assert answer.id == expected
+
+
+async def test_without_any_usable_caller_id_the_prediction_id_is_a_new_uuid7(
+    scripted: tuple[Upstream, Running],
+) -> None:
+    upstream, running = scripted
+    metadata = (("x-request-id", "has space"), ("ce-id", "x" * 257))
+    body = request([[1, 2, 3]])
+    answer = await infer(running, body, metadata)
+    (event,) = await recorded(running, 1)
+    assert event.prediction_id == answer.id  # type: ignore[attr-defined]
+    assert uuid7_timestamp_ms(answer.id) is not None
+    assert upstream.requests == [body + string_field(3, answer.id.encode())]
+    assert proxy_of(running).invalid_caller_ids == 2
