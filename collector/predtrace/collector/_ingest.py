@@ -314,14 +314,10 @@ class IngestHandler:
         if body[:2] != GZIP_MAGIC:
             return await asyncio.to_thread(prepare, body, self.limits, received_ns)
         payload = await asyncio.to_thread(inflate, body, self.limits)
-        total = len(body) + len(payload)  # both stay alive until the batch is stored
-        if total > self.budget.cap:  # it would never fit: retrying cannot help
-            raise _Refused(
-                413,
-                f"decompressed body exceeds the in-flight cap of {self.budget.cap} bytes",
-                "too_large",
-            )
-        reservation.grow_to(total)
+        # Both stay alive until the batch is stored. A batch within the decoder's
+        # limits is never refused for good: past the whole budget it is charged
+        # the whole budget (it waits for an idle collector: 503 until then).
+        reservation.grow_to(min(len(body) + len(payload), self.budget.cap))
         return await asyncio.to_thread(prepare, payload, self._inflated_limits, received_ns)
 
     async def _store(self, prepared: _Prepared, size: int) -> web.Response:

@@ -337,11 +337,12 @@ def unpack_bounded(payload: bytes, limits: DecodeLimits) -> object:
     """Unpack msgpack bytes with every declared length, and the number of containers, bounded.
 
     An empty map or array is one byte on the wire and some 60 in memory: a
-    body of nothing else would cost about 75 times its size. A map that
-    means something holds a key and a value (the smallest event, an id of
-    one character, is four bytes), so at most one container per
-    ``_BYTES_PER_CONTAINER`` bytes is allowed: about 16 times the bytes at
-    worst, as for the scalars a decode allocates.
+    body of nothing else would cost about 75 times its size. What predtrace's
+    encoder writes spends at least three bytes a container (the densest event,
+    a one-character id and an empty output, is six bytes in two; an empty
+    additional model, one byte, is refused by ``event_problem``), so at most
+    one container per ``_BYTES_PER_CONTAINER`` bytes is allowed: some 30 times
+    the bytes at worst.
 
     Raises:
         WireError: malformed, truncated, trailing data or a bound exceeded.
@@ -380,7 +381,7 @@ def unpack_bounded(payload: bytes, limits: DecodeLimits) -> object:
         raise WireError(f"malformed msgpack: {_short(exc)}") from None
 
 
-_BYTES_PER_CONTAINER: Final = 4
+_BYTES_PER_CONTAINER: Final = 2
 _C = TypeVar("_C")
 
 
@@ -895,6 +896,10 @@ def event_problem(event: PredictionEvent, limits: DecodeLimits = DEFAULT_LIMITS)
     numbers = _number_problem(event)
     if numbers is not None:
         return numbers
+    if _EMPTY_MODEL in event.additional_models:
+        # One byte on the wire: a batch of such would pass the decoder's bound
+        # of containers per byte and be refused whole.
+        return "additional_models[] must not be empty"
     return stored_problem(
         limits,
         times=(event.timestamp_unix_nano, event.duration_nanos),
@@ -903,6 +908,9 @@ def event_problem(event: PredictionEvent, limits: DecodeLimits = DEFAULT_LIMITS)
         extra_models=len(event.additional_models),
         fingerprint_len=len(event.input_fingerprint),
     )
+
+
+_EMPTY_MODEL: Final = ModelRef()
 
 
 def _number_problem(event: PredictionEvent) -> str | None:

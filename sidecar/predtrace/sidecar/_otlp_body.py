@@ -23,8 +23,11 @@ from predtrace.wire import WireTooLargeError
 ExportRequest = trace_service_pb2.ExportTraceServiceRequest
 # The Content-Encodings a body may come in; anything else is refused (415).
 CODINGS: Final = frozenset({"", "identity", "gzip", "deflate"})
-# About 4,000 spans of 30 attributes each; JSON is the slow encoding.
-_MAX_JSON_OBJECTS: Final = 250_000
+# At least this many objects are taken (about 4,000 spans of 30 attributes
+# each), and more in a bigger body: one per 16 bytes (a real span spends some
+# 25 bytes an object; a bomb of ``{}`` 2 or 3).
+_MIN_JSON_OBJECTS: Final = 250_000
+_BYTES_PER_JSON_OBJECT: Final = 16
 _GZIP_MAGIC: Final = b"\x1f\x8b"
 # A gzip body may be several members back to back (RFC 1952): a few are taken,
 # not thousands, as each one costs a copy of the rest of the body.
@@ -94,8 +97,9 @@ def parse_json(body: bytes) -> trace_service_pb2.ExportTraceServiceRequest:
     # protobuf's ParseDict walks every object in Python (some microseconds
     # each): a body of nothing but ``{}`` would cost seconds of CPU. Braces
     # are counted first, at C speed (those in strings too: a generous bound).
-    if body.count(b"{") > _MAX_JSON_OBJECTS:
-        raise OtlpJsonError(f"more than {_MAX_JSON_OBJECTS} JSON objects in one request")
+    most = max(_MIN_JSON_OBJECTS, len(body) // _BYTES_PER_JSON_OBJECT)
+    if body.count(b"{") > most:
+        raise OtlpJsonError(f"more than {most} JSON objects in one request")
     try:
         document = json.loads(body)
     except (ValueError, RecursionError):

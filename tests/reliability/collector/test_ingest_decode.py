@@ -107,14 +107,16 @@ async def test_a_gzip_body_holds_its_decompressed_size_of_the_in_flight_budget(
     assert budget.used == 0
 
 
-async def test_a_gzip_body_that_inflates_past_the_in_flight_cap_is_413_not_503_for_ever(
+async def test_a_gzip_body_that_inflates_past_the_in_flight_cap_is_stored_not_refused(
     start: Start, post: Post
 ) -> None:
+    # A valid config (in-flight cap >= body cap) and a batch within the decoder's
+    # limits: a permanent refusal here would make the sender quarantine it.
     collector = await start(max_body_bytes=64 * 1024, max_inflight_bytes=128 * 1024)
     payload = ChainedProducer("p").body(make_events(1000))
     assert len(payload) > 128 * 1024
     answer = await post(collector, gzip_bytes(payload), **{"Content-Encoding": "gzip"})
-    assert answer.status == 413 and "in-flight cap" in answer.text, answer
+    assert answer.status == 200, answer
     assert collector.runner.app[PARTS].budget.used == 0
     assert (await post(collector, ChainedProducer("q").body(make_events(2)))).status == 200
 

@@ -220,6 +220,45 @@ def test_a_damaged_run_longer_than_a_read_chunk_counts_as_one_region(max_bytes: 
     spool.close()
 
 
+def test_a_capped_read_counts_the_damaged_record_before_a_reread_from_an_older_mark() -> None:
+    # A prefetch read stops at its cap just past the damage; the next read
+    # starts over from an older mark (not the cursor): the lost record is
+    # counted once, by the first.
+    disk = MemoryFileLayer()
+    spool = Spool.open(config(), files=disk)
+    acked = fill(spool, 9, per_append=1)
+    start = sum(HEADER_SIZE + len(acked[i]) for i in range(1, 3))
+    disk.corrupt(f"{DIR}/{segment_name(1)}", start + HEADER_SIZE + 3)  # record 3's payload
+    first = spool.read(0, max_records=1 << 30, max_bytes=len(acked[1]) * 2 + 1)
+    assert [r.index for r in first] == [1, 2]
+    again = spool.read(0, max_records=1 << 30, max_bytes=1 << 30)
+    assert [r.index for r in again] == [1, 2, 4, 5, 6, 7, 8, 9]
+    assert (spool.counters.corrupt_regions, spool.counters.dropped["corrupt"]) == (1, 1)
+    spool.close()
+
+
+def test_a_read_stopped_by_until_inside_damage_leaves_the_region_counted_once() -> None:
+    # Shipper._resume reads up to a planned batch's last index; when its last
+    # chunk ends inside a damaged run, the next read continues that run.
+    disk = MemoryFileLayer()
+    big = config(segment_bytes=64 << 20, max_bytes=256 << 20, max_record_bytes=1 << 20)
+    spool = Spool.open(big, files=disk)
+    payload = bytes(range(256)) * 400  # 100 KiB
+    for _ in range(300):
+        spool.append_sync([payload])
+    frame = HEADER_SIZE + len(payload)
+    first, run = 150 * frame + 10, 3 << 20  # from just after record 150, across 16 MiB
+    for offset in range(first, first + run, 4096):
+        disk.corrupt(f"{DIR}/{segment_name(1)}", offset, 0)
+    got = spool.read(0, max_records=2**31, max_bytes=2**62, until=150)
+    assert [r.index for r in got] == list(range(1, 151))
+    after = 150
+    while records := spool.read(after, max_records=1 << 30, max_bytes=4 << 20):
+        after = records[-1].index
+    assert spool.counters.corrupt_regions == 1
+    spool.close()
+
+
 # -- row 12: index garbage ---------------------------------------------------------------
 
 

@@ -656,3 +656,21 @@ async def test_a_spool_path_that_is_a_file_is_named_as_such(
     path.write_text("x")
     with pytest.raises(SpoolUnusableError, match="exists and is not a directory"):
         await start_sidecar(spool=SpoolConfig(directory=str(path)))
+
+
+async def test_an_event_of_empty_additional_models_is_refused_and_its_batch_still_ships(
+    start_sidecar: StartSidecar,
+) -> None:
+    # Acknowledged, such an event would make the collector refuse its whole
+    # batch (the decoder's containers-per-byte bound) and the shipper quarantine it.
+    running = await start_sidecar()
+    empty = event_to_proto(PredictionEvent("empties", additional_models=[ModelRef()] * 2000))
+    request = sidecar_pb2.RecordBatchRequest(events=[*proto_events(10), empty])
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        ack = await sidecar_pb2_grpc.SidecarStub(channel).RecordBatch(request)
+    assert ack.accepted == 10
+    assert [(r.index, r.reason) for r in ack.rejected] == [
+        (10, "additional_models[] must not be empty")
+    ]
+    await eventually(lambda: len(running.collector.events()) == 10)
+    assert running.app._shipper.counters.quarantined == 0

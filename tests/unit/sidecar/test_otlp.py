@@ -648,3 +648,22 @@ def test_a_json_body_of_too_many_objects_is_refused_before_it_is_parsed(
     with pytest.raises(_otlp.OtlpJsonError, match="more than 250000 JSON objects"):
         _otlp.parse_json(bomb)
     assert parsed == []  # refused from a count of braces, not after json.loads
+
+
+def test_a_big_real_json_export_is_within_the_object_bound() -> None:
+    # 4,500 spans of 30 attributes: 6.4 MiB, about 280,000 objects (a sidecar
+    # with --max-message-bytes 8MiB takes such a body).
+    attributes = [{"key": f"k{i}", "value": {"stringValue": "v" * 8}} for i in range(30)]
+    span = {
+        "traceId": "ab" * 16,
+        "spanId": "cd" * 8,
+        "name": "predict",
+        "startTimeUnixNano": "1",
+        "endTimeUnixNano": "2",
+        "attributes": attributes,
+    }
+    document = {"resourceSpans": [{"scopeSpans": [{"spans": [span] * 4500}]}]}
+    body = json.dumps(document).encode()
+    assert body.count(b"{") > 250_000
+    request = _otlp.parse_json(body)
+    assert len(request.resource_spans[0].scope_spans[0].spans) == 4500

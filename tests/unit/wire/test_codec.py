@@ -33,6 +33,7 @@ from predtrace.wire import (
     event_problem,
     event_rejection,
     event_to_map,
+    pack_events,
     plain_event_map,
     unpack_event_maps,
 )
@@ -365,16 +366,38 @@ def test_a_body_of_empty_containers_is_refused_within_a_bounded_cost(empty: obje
     body = _pack({0: [1, 0], 1: "p", 2: 1, 6: [[empty] * 1000] * 2000})
     tracemalloc.start()
     try:
-        with pytest.raises(WireError, match="one map or array per 4 bytes"):
+        with pytest.raises(WireError, match="one map or array per 2 bytes"):
             decode_batch(body)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 20 * len(body)
+    assert peak < 40 * len(body)
 
 
-def test_the_smallest_real_events_are_within_the_container_bound() -> None:
-    events = [PredictionEvent(chr(ord("a") + i % 26)) for i in range(10_000)]
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda i: PredictionEvent(chr(ord("a") + i % 26)),
+        lambda i: PredictionEvent(chr(ord("a") + i % 26), output=OutputSummary()),  # {} output
+        lambda i: PredictionEvent("x", additional_models=[ModelRef(role="r")] * 5),
+    ],
+    ids=["id only", "id and empty output", "minimal additional models"],
+)
+def test_the_densest_events_event_problem_passes_are_within_the_container_bound(
+    make: Callable[[int], PredictionEvent],
+) -> None:
+    events = [make(i) for i in range(10_000)]
+    assert all(event_problem(e) is None for e in events)
     decoded = decode_batch(encode_batch(EventBatch("p", 1, events)))
     assert len(decoded.batch.events) == 10_000
     assert decoded.rejected == ()
+    assert len(unpack_event_maps(pack_events(events))) == 10_000
+
+
+def test_an_empty_additional_model_is_refused_before_it_can_sink_a_batch() -> None:
+    # One byte each: 2,000 of them in one event would make its whole batch
+    # fail the decoder's containers-per-byte bound at the collector.
+    event = PredictionEvent("p", additional_models=[ModelRef()] * 2000)
+    assert event_problem(event) == "additional_models[] must not be empty"
+    with pytest.raises(WireError, match="one map or array per 2 bytes"):
+        decode_batch(encode_batch(EventBatch("p", 1, [event])))

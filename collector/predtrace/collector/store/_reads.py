@@ -143,9 +143,11 @@ def pivot_plan(
     ids = _fitting(sized[:limit], max_bytes)
     rows: list[Row] = []
     if ids:
+        # The trace or prediction id index drives the fetch: PostgreSQL's
+        # partitioned table has no index on ``id`` alone.
         rows = yield Fetch(
-            f"{SELECT_PREDICTION} WHERE id IN ({in_list(len(ids))}) ORDER BY ts_ns, id",
-            tuple(ids),
+            f"{SELECT_PREDICTION} WHERE {where} AND id IN ({in_list(len(ids))}) ORDER BY ts_ns, id",
+            (*args, *ids),
         )
     answer = PivotAnswer()
     chains: dict[ChainKey, Json] = {}

@@ -22,7 +22,9 @@ _MAX_CHUNK: Final = 16 * 1024 * 1024
 class _Cursor:
     path: str
     after: int  # index of the last record returned
-    offset: int  # where the record after it starts
+    offset: int  # where the next read starts
+    expected: int  # the index expected there (lost records before it already counted)
+    in_damage: bool  # the offset is inside a damaged region already counted
 
 
 class SegmentReader:
@@ -51,15 +53,15 @@ class SegmentReader:
         even the first record here must fit in ``max_bytes``.
         """
         cursor = self._cursor
+        in_damage = False
         if cursor is not None and cursor.path == seg.path and cursor.after == after:
-            offset, expected = cursor.offset, after + 1
+            offset, expected, in_damage = cursor.offset, cursor.expected, cursor.in_damage
         else:
             offset, expected = 0, seg.first
         limit = self._config.max_record_bytes
         chunk = min(_MAX_CHUNK, max(2 * (HEADER_SIZE + limit), max_bytes + max_bytes // 4))
         records: list[Record] = []
         total = 0
-        in_damage = False
         while offset < seg.durable_size and len(records) < max_records and total < max_bytes:
             data = self._files.read(seg.path, offset, min(chunk, seg.durable_size - offset))
             final = offset + len(data) >= seg.durable_size
@@ -76,26 +78,33 @@ class SegmentReader:
                 continues_damage=in_damage,
             )
             in_damage = result.ends_in_damage
-            self._count_damage(seg.path, offset, result.corrupt_regions, result.skipped)
+            # A read stopped at a record counted what lies before it only: the
+            # next read, from that record, counts what follows.
+            scanned = result.consumed if result.at_limit else max(result.consumed, 1)
+            self._count_damage(seg.path, offset, scanned, result.corrupt_regions, result.skipped)
             records.extend(result.records)
             total += sum(len(r.payload) for r in result.records)
             if result.records:
                 expected = result.records[-1].index + 1
+            if result.resume_index is not None:
+                expected = result.resume_index
             offset += result.consumed
             if final or result.at_limit or result.consumed == 0:
                 break
             if until is not None and expected > until:
                 break
         if records:
-            self._cursor = _Cursor(seg.path, records[-1].index, offset)
+            self._cursor = _Cursor(seg.path, records[-1].index, offset, expected, in_damage)
         return records
 
     def mark_counted(self, path: str, size: int) -> None:
         """Damage in ``path`` up to ``size`` was already counted (by the recovery scan)."""
         self._counted[path] = size + 1
 
-    def _count_damage(self, path: str, offset: int, regions: int, skipped: int) -> None:
+    def _count_damage(
+        self, path: str, offset: int, scanned: int, regions: int, skipped: int
+    ) -> None:
         if (regions or skipped) and offset >= self._counted.get(path, 0):
             self._counters.add("corrupt_regions", regions)
             self._counters.drop("corrupt", skipped)
-            self._counted[path] = offset + 1
+            self._counted[path] = offset + scanned

@@ -55,7 +55,8 @@ class ScanResult:
     between valid records; ``skipped`` the record indexes those runs held.
     ``ends_in_damage``: the buffer ended inside a run of bad bytes, already
     counted, that the next buffer continues. ``at_limit``: a record was left
-    for the next read by ``max_bytes`` or ``until``.
+    for the next read by ``max_bytes`` or ``until``; ``resume_index`` is its
+    index (the records missing before it are counted in ``skipped`` here).
     """
 
     records: list[Record]
@@ -66,6 +67,7 @@ class ScanResult:
     trailing_garbage: int = 0
     ends_in_damage: bool = False
     at_limit: bool = False
+    resume_index: int | None = None
 
 
 def _parse_at(data: bytes, pos: int, max_payload: int) -> Record | int | None:
@@ -136,8 +138,12 @@ def scan(
                 # The next read resumes at this record, past any damage this
                 # scan counted since the last record it took (the records that
                 # damage held count as skipped there, by the index gap).
+                # Damage and lost records before it are counted here, with
+                # the region they sit in; the next read expects this record.
+                _count_gap(result, found, expected_index)
                 result.consumed = pos
                 result.at_limit = True
+                result.resume_index = found.index
                 break
             _count_gap(result, found, expected_index)
             expected_index = found.index + 1
