@@ -260,6 +260,7 @@ class SidecarApp:
             intake=self.intake.counters,
             otlp_forward=forwarder,
             oip_dropped=sum(proxy.dropped for proxy in self._proxies),
+            oip_invalid_caller_ids=sum(proxy.invalid_caller_ids for proxy in self._proxies),
         )
 
     def status_message(self) -> sidecar_pb2.SidecarStatus:

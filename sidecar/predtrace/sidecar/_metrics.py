@@ -57,6 +57,12 @@ class SidecarMetrics(Collector):
         for reason, count in sorted(view.dropped().items()):
             dropped.add_metric([reason], count)
         yield dropped
+        if self._app.config.oip_proxies:
+            yield _counter(
+                "oip_invalid_caller_ids",
+                "OIP calls whose caller id could not be a prediction id (recorded under a new one)",
+                view.oip_invalid_caller_ids,
+            )
         if view.otlp_forward is not None:
             yield _counter(
                 "otlp_forwarded_spans",

@@ -33,6 +33,7 @@ class StatusView:
     intake: IntakeCounters
     otlp_forward: ForwarderCounters | None = None
     oip_dropped: int = 0
+    oip_invalid_caller_ids: int = 0
 
     def dropped(self) -> dict[str, int]:
         """Events dropped, by reason, across spool, shipper, intake and OTLP forwarding."""

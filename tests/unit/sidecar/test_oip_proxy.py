@@ -17,6 +17,7 @@ import pytest
 
 from predtrace.oip.v2 import grpc_predict_v2_pb2 as pb
 from predtrace.oip.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
+from predtrace.sidecar._metrics import SidecarMetrics
 from predtrace.sidecar._oip_proxy import OipProxy
 from predtrace.sidecar._protowire import ProtoWireError, encode_varint, top_level_strings
 from predtrace.wire import Status, parse_prediction_id, uuid7_timestamp_ms
@@ -649,6 +650,10 @@ async def test_an_unusable_oip_id_passes_untouched_and_is_recorded_under_a_new_i
     assert uuid7_timestamp_ms(event.prediction_id) is not None  # type: ignore[attr-defined]
     assert (event.model.name, event.model.version) == ("churn", "7")  # type: ignore[attr-defined]
     assert proxy_of(running).invalid_caller_ids == 1
+    exported = {
+        m.name: m.samples[0].value for m in SidecarMetrics(running.app).collect() if m.samples
+    }
+    assert exported["predtrace_sidecar_oip_invalid_caller_ids"] == 1  # on /metrics too
 
 
 @pytest.mark.parametrize(
