@@ -26,7 +26,7 @@ from predtrace.wire import (
     encode_batch,
     event_to_map,
 )
-from predtrace.wire._codec import _checked_event, _fast_event
+from predtrace.wire._maps import _checked_event, _fast_event
 
 text = st.text(max_size=40)
 ids = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=64)

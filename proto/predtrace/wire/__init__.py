@@ -6,11 +6,9 @@ depends on nothing else of predtrace. The .proto files beside it
 """
 
 from predtrace.wire._codec import (
-    DEFAULT_LIMITS,
     FORMAT_MAJOR,
     FORMAT_MINOR,
     DecodedBatch,
-    DecodeLimits,
     RawBatch,
     batch_digest,
     decode_ack,
@@ -19,10 +17,7 @@ from predtrace.wire._codec import (
     encode_ack,
     encode_batch,
     encode_events_payload,
-    event_from_map,
-    event_problem,
     event_rejection,
-    event_to_map,
     gunzip_bounded,
     gzip_bytes,
     pack_events,
@@ -52,7 +47,10 @@ from predtrace.wire._ids import (
     restarted_producer_id,
     uuid7_timestamp_ms,
 )
+from predtrace.wire._limits import DEFAULT_LIMITS, DecodeLimits
+from predtrace.wire._maps import event_from_map, event_to_map
 from predtrace.wire._plain import canonical_event_map, plain_event_map, plain_map_problem
+from predtrace.wire._problems import event_problem
 from predtrace.wire._proto import event_from_proto, event_to_proto
 
 __all__ = [

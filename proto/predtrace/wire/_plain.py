@@ -18,17 +18,16 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from predtrace.wire._codec import (
+from predtrace.wire._limits import DEFAULT_LIMITS, DecodeLimits
+from predtrace.wire._maps import (
     _DEPLOYMENT_KEYS,
     _MODEL_KEYS,
-    DEFAULT_LIMITS,
-    DecodeLimits,
     _fast_output,
     finite_floats,
     no_additional_models,
     plain_scalars,
-    stored_problem,
 )
+from predtrace.wire._problems import stored_problem
 
 _EMPTY: Final[dict[Any, Any]] = {}
 

@@ -20,7 +20,7 @@ from typing import Any
 from predtrace.sidecar._config import DeploymentConfig, RedactionConfig
 from predtrace.sidecar.pipeline import Processor
 from predtrace.wire import DeploymentRef, PredictionEvent
-from predtrace.wire._codec import _DEPLOYMENT_FIELDS  # the wire's deployment keys
+from predtrace.wire._maps import _DEPLOYMENT_FIELDS  # the wire's deployment keys
 
 REDACTED = "[redacted]"
 

@@ -20,10 +20,10 @@ import orjson
 
 from predtrace.collector.store._ops import Row
 from predtrace.wire import ModelRef, PredictionEvent
-from predtrace.wire._codec import (  # the codec's own map readers and bound
+from predtrace.wire._limits import INT63_MAX
+from predtrace.wire._maps import (  # the wire's own map readers
     _DEPLOYMENT_KEYS,
     _MODEL_KEYS,
-    INT63_MAX,
     finite_floats,
     no_additional_models,
     plain_scalars,

@@ -20,7 +20,7 @@ from predtrace.collector.lineage import Registration
 from predtrace.collector.store._ops import Exec, ExecMany, Fetch, Insert, Plan, Row, Serialize
 from predtrace.collector.store._rows import ServedKey, served_key
 from predtrace.collector.store._schema import PREDICTION_COLUMNS
-from predtrace.wire._codec import INT63_MAX
+from predtrace.wire._limits import INT63_MAX
 
 
 @dataclass(frozen=True, slots=True)
