@@ -15,15 +15,14 @@ import json
 import json.encoder
 import json.scanner
 import math
-import re
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
 from predtrace.middleware._asgi import Message, Receive
 from predtrace.middleware._routes import PROTOCOL_KSERVE_V1, PROTOCOL_OIP_V2_REST
+from predtrace.wire import CALLER_ID_RE
 
-CALLER_ID_RE: Final = re.compile(r"[\x21-\x7e]{1,256}")
 _CANONICAL_ENCODER: Final = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), ensure_ascii=False, check_circular=False
 )

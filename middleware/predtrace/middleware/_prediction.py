@@ -26,7 +26,6 @@ from predtrace.middleware._asgi import ASGIApp, Message, Receive, Scope, Send
 from predtrace.middleware._context import CURRENT, PredictionContext
 from predtrace.middleware._fastapi import telemetry_data
 from predtrace.middleware._inputs import (
-    CALLER_ID_RE,
     NOT_JSON,
     body_caller_id,
     fingerprint,
@@ -41,7 +40,7 @@ from predtrace.middleware._inputs import (
 from predtrace.middleware._outputs import ResponseCapture, is_json, served_model, summarise
 from predtrace.middleware._routes import PROTOCOL_HTTP, PROTOCOL_OIP_V2_REST, RouteMatch
 from predtrace.middleware._runtime import PredictionRuntime
-from predtrace.wire import ModelRef, PredictionEvent, new_prediction_id
+from predtrace.wire import CALLER_ID_RE, ModelRef, PredictionEvent, new_prediction_id
 from predtrace.wire import Status as EventStatus
 
 # Where a failed prediction leaves its id in the server's scope, for the

@@ -36,6 +36,7 @@ from predtrace.wire._event import (
     Status,
 )
 from predtrace.wire._ids import (
+    CALLER_ID_RE,
     UuidV7Generator,
     classify_lookup_id,
     format_trace_id,
@@ -54,6 +55,7 @@ from predtrace.wire._problems import event_problem
 from predtrace.wire._proto import event_from_proto, event_to_proto
 
 __all__ = [
+    "CALLER_ID_RE",
     "DEFAULT_LIMITS",
     "FORMAT_MAJOR",
     "FORMAT_MINOR",

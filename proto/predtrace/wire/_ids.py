@@ -24,7 +24,8 @@ _COUNTER_MAX: Final = 0xFFF
 _UUID_FORMAT: Final = "%08x-%04x-%04x-%04x-%012x"
 _HEX_RE: Final = re.compile(r"[0-9a-fA-F]+")
 _TRACEPARENT_RE: Final = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
-_CALLER_ID_RE: Final = re.compile(r"^[\x21-\x7e]{1,256}$")
+CALLER_ID_RE: Final = re.compile(r"[\x21-\x7e]{1,256}")
+"""A caller's id usable as a prediction id (``fullmatch``): printable ASCII, no space, 1-256."""
 _RESTARTED_RE: Final = re.compile(r"^(.+)-r[0-9a-f]{6}$")
 
 
@@ -156,7 +157,7 @@ def parse_prediction_id(text: str) -> str:
     candidate = stripped.lower().removeprefix("urn:uuid:").strip("{}")
     if len(candidate.replace("-", "")) == 32 and _HEX_RE.fullmatch(candidate.replace("-", "")):
         return str(uuid.UUID(candidate))
-    if not _CALLER_ID_RE.match(stripped):
+    if not CALLER_ID_RE.fullmatch(stripped):
         raise InvalidIdError(
             "prediction id must be a UUID or 1-256 printable characters without spaces"
         )

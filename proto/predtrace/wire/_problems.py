@@ -66,6 +66,8 @@ def event_problem(event: PredictionEvent, limits: DecodeLimits = DEFAULT_LIMITS)
     """
     # An event object was built by code, not decoded (which checks numbers):
     # what the collector's decoder would refuse is refused here.
+    if not 0 < len(event.prediction_id) <= limits.max_id_len:
+        return f"prediction_id must be 1 to {limits.max_id_len} characters"
     numbers = _number_problem(event)
     if numbers is not None:
         return numbers

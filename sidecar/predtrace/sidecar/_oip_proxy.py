@@ -19,20 +19,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any, Final, TypeGuard
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from predtrace.sidecar._config import DeploymentConfig
 from predtrace.sidecar._errors import SpoolError
 from predtrace.sidecar._intake import Intake
 from predtrace.sidecar._protowire import ProtoWireError, append_string_field, top_level_strings
 from predtrace.sidecar.pipeline import RateLimitedLog
-from predtrace.wire import ModelRef, PredictionEvent, Status, new_prediction_id
+from predtrace.wire import CALLER_ID_RE, ModelRef, PredictionEvent, Status, new_prediction_id
 
 _log = logging.getLogger("predtrace.sidecar.oip")
 SERVICE: Final = "inference.GRPCInferenceService"
@@ -40,18 +41,14 @@ MODEL_INFER: Final = f"/{SERVICE}/ModelInfer"
 PROTOCOL: Final = "oip-v2-grpc"
 _SKIP_METADATA: Final = ("grpc-", ":")
 _SKIP_KEYS: Final = frozenset({"user-agent", "te", "content-type", "host"})
-# The middleware's rule for a usable caller id (``CALLER_ID_RE`` in
-# predtrace.middleware._inputs), repeated here: the sidecar does not import
-# the middleware. An id outside it is refused by the intake (a NUL) or cannot
-# be looked up in the collector (a space, non-ASCII, over 256 characters).
-_CALLER_ID_RE: Final = re.compile(r"[\x21-\x7e]{1,256}")
+# A caller id outside the wire's rule (CALLER_ID_RE, as in the middleware) is
+# refused by the intake (a NUL) or cannot be looked up in the collector (a
+# space, non-ASCII, over 256 characters).
 # Where a caller's id may come from after the OIP ``id``, in order (DESIGN §3).
 _CALLER_ID_KEYS: Final = ("x-request-id", "ce-id")
-# W3C Trace Context: lower-case hex only; version 00 has exactly four fields,
-# a later version may add more after a dash (and version ff is invalid).
-_TRACEPARENT_RE: Final = re.compile(
-    r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?"
-)
+# W3C Trace Context's rules (lower-case hex, no version ff, four fields in
+# version 00, no all-zero ids), as OpenTelemetry's propagator applies them.
+_TRACE_CONTEXT: Final = TraceContextTextMapPropagator()
 # gRPC's connection backoff (1 s, growing to 120 s) would keep answering
 # UNAVAILABLE for up to two minutes after the model server next to the proxy
 # restarts. Retry from 100 ms, growing to at most 1 s: a local server that
@@ -114,20 +111,15 @@ def _trace_context(metadata: Metadata) -> tuple[bytes, bytes]:
 
 def _parse_traceparent(value: str) -> tuple[bytes, bytes] | None:
     """Trace and span id of a traceparent W3C Trace Context accepts, else None."""
-    match = _TRACEPARENT_RE.fullmatch(value)
-    if match is None:
+    carrier = {"traceparent": value}
+    context = trace.get_current_span(_TRACE_CONTEXT.extract(carrier)).get_span_context()
+    if not context.is_valid:
         return None
-    version, trace_hex, span_hex, more = match.groups()
-    if version == "ff" or (version == "00" and more is not None):
-        return None
-    trace_id, span_id = bytes.fromhex(trace_hex), bytes.fromhex(span_hex)
-    if trace_id == bytes(16) or span_id == bytes(8):  # all zeros: no trace, no parent
-        return None
-    return trace_id, span_id
+    return context.trace_id.to_bytes(16, "big"), context.span_id.to_bytes(8, "big")
 
 
 def _usable(caller_id: object) -> TypeGuard[str]:
-    return isinstance(caller_id, str) and _CALLER_ID_RE.fullmatch(caller_id) is not None
+    return isinstance(caller_id, str) and CALLER_ID_RE.fullmatch(caller_id) is not None
 
 
 def _cancel_status(context: grpc.aio.ServicerContext[bytes, bytes]) -> grpc.StatusCode:

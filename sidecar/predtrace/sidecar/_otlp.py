@@ -44,7 +44,6 @@ from predtrace.sidecar._otlp_body import (
 )
 from predtrace.sidecar._otlp_export import OtlpForwarder
 from predtrace.wire import (
-    DEFAULT_LIMITS,
     DeploymentRef,
     ModelRef,
     PredictionEvent,
@@ -79,7 +78,6 @@ PROTOBUF: Final = "application/x-protobuf"
 JSON: Final = "application/json"
 _MAX_ATTRIBUTES: Final = 64
 _MAX_VALUE_LEN: Final = 1024
-_MAX_ID_LEN: Final = DEFAULT_LIMITS.max_id_len
 _REASON_CHARS: Final = 512
 _ERROR: Final = trace_pb2.Status.STATUS_CODE_ERROR
 ExportResponse = trace_service_pb2.ExportTraceServiceResponse
@@ -160,16 +158,15 @@ def span_to_event(span: trace_pb2.Span, resource: Mapping[str, str]) -> Predicti
 
 @dataclass(slots=True)
 class Conversion:
-    """A request's prediction events, and the predictions that made none."""
+    """A request's span count and prediction events, with the span each came from."""
 
     spans: int = 0
     events: list[PredictionEvent] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)  # each event's span, in request order
-    refused: list[tuple[int, str]] = field(default_factory=list)  # (span, why)
 
 
 def request_to_events(request: ExportRequest) -> Conversion:
-    """Prediction events of an export request, its span count, and refused predictions."""
+    """Prediction events of an export request, and its span count."""
     out = Conversion()
     for resource_spans in request.resource_spans:
         resource = _attrs(resource_spans.resource.attributes)
@@ -178,10 +175,6 @@ def request_to_events(request: ExportRequest) -> Conversion:
                 position, out.spans = out.spans, out.spans + 1
                 event = span_to_event(span, resource)
                 if event is None:
-                    continue
-                if len(event.prediction_id) > _MAX_ID_LEN:  # the gRPC API's rule
-                    why = f"prediction_id longer than {_MAX_ID_LEN} characters"
-                    out.refused.append((position, why))
                     continue
                 out.events.append(event)
                 out.positions.append(position)
@@ -276,12 +269,10 @@ class OtlpReceiver:
         """
         converted = await _off_loop(size, request_to_events, request)
         self.spans_received += converted.spans
-        refused = list(converted.refused)
+        refused: list[tuple[int, str]] = []
         if converted.events:
             result = await self._intake.record(converted.events)  # counts what it refuses
-            refused += [(converted.positions[r.index], r.reason) for r in result.rejected]
-        # Those refused here are counted with the intake's, once the request stands.
-        self._intake.count_refused(len(converted.refused))
+            refused = [(converted.positions[r.index], r.reason) for r in result.rejected]
         if self._forwarder is not None:
             self._forwarder.offer(request, converted.spans)
         return export_response(refused)

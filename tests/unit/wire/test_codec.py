@@ -401,3 +401,15 @@ def test_an_empty_additional_model_is_refused_before_it_can_sink_a_batch() -> No
     assert event_problem(event) == "additional_models[] must not be empty"
     with pytest.raises(WireError, match="one map or array per 2 bytes"):
         decode_batch(encode_batch(EventBatch("p", 1, [event])))
+
+
+@pytest.mark.parametrize("prediction_id", ["", "x" * 257])
+def test_event_problem_refuses_a_prediction_id_the_decoder_would_refuse(
+    prediction_id: str,
+) -> None:
+    # One rule for every source that builds events (OTLP spans, code): the
+    # decoder refuses such an id, so acknowledging it would lose it.
+    assert event_problem(PredictionEvent(prediction_id)) == (
+        "prediction_id must be 1 to 256 characters"
+    )
+    assert event_problem(PredictionEvent("x" * 256)) is None

@@ -23,38 +23,21 @@ from predtrace.collector.store._chain import (
 )
 from predtrace.collector.store._ops import Fetch, Plan, Row, in_list
 from predtrace.collector.store._rows import SELECT_PREDICTION, iso_time, prediction_json
+from predtrace.collector.store._schema import PREDICTION_COLUMNS
 from predtrace.collector.store._writes import same_commit
 
 PIVOT_MAX_BYTES: Final = 16 * 1024 * 1024
 """JSON bytes the listed predictions of one pivot answer may take, chains included."""
 
-# Every text column of a prediction row. Each character is at least one byte of
-# JSON, so the sum of their lengths is a lower bound of a row's size in the
-# answer that the store computes without handing the text over.
-_TEXT_COLUMNS: Final = (
-    "prediction_id",
-    "producer_id",
-    "model_name",
-    "model_version",
-    "model_alias",
-    "model_registry_id",
-    "model_digest",
-    "additional_models",
-    "deployment_id",
-    "service",
-    "namespace",
-    "pod",
-    "node",
-    "image_digest",
-    "image_name",
-    "endpoint",
-    "protocol",
-    "status_code",
-    "error_type",
-    "output_label",
-    "features",
-    "attributes",
+# The text columns of a prediction row: all but these numbers and binaries.
+# Each character is at least one byte of JSON, so the sum of their lengths is a
+# lower bound of a row's size in the answer that the store computes without
+# handing the text over.
+_NOT_TEXT: Final = frozenset(
+    {"trace_id", "span_id", "ts_ns", "duration_ns", "received_ns", "seq", "status"}
+    | {"input_fingerprint", "output_score", "output_value", "sampled"}
 )
+_TEXT_COLUMNS: Final = tuple(c for c in PREDICTION_COLUMNS if c not in _NOT_TEXT)
 _TEXT_SIZE: Final = " + ".join(f"coalesce(length({c}), 0)" for c in _TEXT_COLUMNS)
 _KEY_COLUMNS: Final = "model_name, model_version, model_alias, deployment_id, image_digest"
 _LINEAGE_KEY: Final = len(', "lineage": ')
