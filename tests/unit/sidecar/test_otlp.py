@@ -402,6 +402,14 @@ async def test_a_forwarded_span_whose_first_attempt_gets_503_is_retried_and_deli
     url = f"http://{running.app.addresses['otlp-http']}/v1/traces"
     await asyncio.to_thread(produce, HttpSpanExporter(endpoint=url))  # three spans, one each
     await eventually(lambda: len(flaky_sink.spans()) == 3)
+
+    # The sink holds a span before the forwarder has read its answer: wait
+    # for the forwarder's own count, then check every count.
+    def all_forwarded() -> bool:
+        forward = running.app.status_view().otlp_forward
+        return forward is not None and forward.forwarded == 3
+
+    await eventually(all_forwarded)
     forward = running.app.status_view().otlp_forward
     assert forward is not None
     assert flaky_sink.attempts == 4, "three exports plus the one retry"
