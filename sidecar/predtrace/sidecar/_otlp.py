@@ -56,8 +56,8 @@ TRACE_SERVICE: Final = "opentelemetry.proto.collector.trace.v1.TraceService"
 # export must not stall every other connection of the loop for a second.
 _THREAD_BYTES: Final = 256 * 1024
 # At most this many of those big bodies, over gRPC and HTTP together, are
-# parsed, converted and held as messages at once: a parsed request costs up to
-# ~60 times its body (4 MiB of JSON ``{}`` objects peaks near 250 MiB), so this
+# parsed, converted and held as messages at once: a parsed request costs many
+# times its body (every JSON object becomes a dict, then a message), so this
 # bounds that peak whatever the thread pool's size or the number of concurrent
 # exports. Smaller bodies are parsed on the loop, one at a time by construction.
 _MAX_BIG_PARSES: Final = 2
