@@ -3,7 +3,8 @@
 Queries (scope ``read``): the on-call pivot by trace id or prediction id, model
 lineage by version or alias, impact from a dataset, commit or image, completeness
 and the per-producer gap report. A pivot answer is bounded in rows and bytes and
-says what it left out. Lineage registration (scope ``ingest``): the CI/CD hook
+says what it left out. Lineage registration (scope ``ingest``, on a token bound to
+no producer): the CI/CD hook
 body and OpenLineage run events, read as batches are (a deadline, the shared
 in-flight byte budget). Retention (scope ``admin``).
 """
@@ -128,11 +129,28 @@ class QueryApi:
         self.retry_after = str(retry_after_s)
         self.disconnects = _DisconnectLog()
 
-    def _guard(self, scope: Scope, name: str, handler: Handler) -> Handler:
+    def _guard(
+        self, scope: Scope, name: str, handler: Handler, *, unbound: bool = False
+    ) -> Handler:
+        """``handler`` behind the scope check; ``unbound``: no producer-bound token either.
+
+        A token bound to producer ids (an edge device's, a sidecar's) may send
+        those producers' batches and nothing else: lineage is registry
+        evidence that no single producer owns, so writing it takes an ingest
+        token without producers (a CI/CD hook's) or an admin one.
+        """
+
         async def guarded(request: web.Request) -> web.StreamResponse:
             started = time.perf_counter()
             try:
-                self.authorizer.check(request, scope)
+                entry = self.authorizer.check(request, scope)
+                bound = entry is not None and entry.producers and not entry.allows(Scope.ADMIN)
+                if unbound and bound:
+                    raise AuthRefusal(
+                        403,
+                        "this token is bound to producers: it may send their batches, not "
+                        "register lineage (use an ingest token without --producer)",
+                    )
                 return await handler(request)
             except AuthRefusal as refusal:
                 return refusal.response()
@@ -166,8 +184,11 @@ class QueryApi:
             web.get("/v1/completeness", self._guard(read, "completeness", self.completeness)),
             web.get("/v1/producers", self._guard(read, "producers", self.producers)),
             web.get(f"/v1/producers/{{id:{seg}}}", self._guard(read, "producer", self.producer)),
-            web.post("/v1/lineage", self._guard(ingest, "register", self.register)),
-            web.post("/v1/openlineage", self._guard(ingest, "openlineage", self.openlineage)),
+            web.post("/v1/lineage", self._guard(ingest, "register", self.register, unbound=True)),
+            web.post(
+                "/v1/openlineage",
+                self._guard(ingest, "openlineage", self.openlineage, unbound=True),
+            ),
             web.get("/v1/retention", self._guard(admin, "retention", self.retention)),
             web.post("/v1/retention/run", self._guard(admin, "retention", self.run_retention)),
         ]

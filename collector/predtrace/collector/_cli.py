@@ -475,7 +475,8 @@ def serve_command(
     "producers",
     multiple=True,
     help="allowed producer id glob (repeatable); an exact id also allows <id>-r??????, "
-    "the id its sidecar continues under after losing its spool state",
+    "the id its sidecar continues under after losing its spool state; a token bound to "
+    "producers sends their batches only (lineage takes an ingest token without --producer)",
 )
 def token_command(name: str, scopes: tuple[str, ...], producers: tuple[str, ...]) -> None:
     """Make a new token: prints it once, and the entry for the tokens file."""

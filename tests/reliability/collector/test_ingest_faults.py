@@ -301,6 +301,51 @@ async def test_row30_tokens_scopes_and_producer_binding_never_echo_the_token(
     assert ingest not in caplog.text and read not in caplog.text
 
 
+async def test_row30_a_producer_bound_token_sends_batches_but_never_writes_lineage(
+    start: Start, post: Post, tmp_path: Path
+) -> None:
+    # An edge device's token could otherwise rewrite which run a model version
+    # came from: lineage is registry evidence that no producer owns.
+    edge, ci, admin = new_token(), new_token(), new_token()
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(
+        f'[[token]]\nname = "edge"\nsha256 = "{hash_token(edge)}"\n'
+        'scopes = ["ingest"]\nproducers = ["edge-*"]\n'
+        f'[[token]]\nname = "ci"\nsha256 = "{hash_token(ci)}"\nscopes = ["ingest"]\n'
+        f'[[token]]\nname = "ops"\nsha256 = "{hash_token(admin)}"\nscopes = ["admin"]\n'
+        'producers = ["edge-*"]\n'
+    )
+    collector = await start(tokens_file=str(tokens))
+    registration = {"model": {"name": "churn", "version": "3"}, "run": {"id": "r-1"}}
+    run_event = {
+        "eventType": "COMPLETE",
+        "eventTime": "2026-11-29T10:00:00Z",
+        "run": {"runId": "01890a5d-ac96-774b-b9aa-0bb2b3a4e8f1"},
+        "job": {"namespace": "ci", "name": "train"},
+        "producer": "https://example.invalid/ci",
+    }
+
+    async def write(path: str, body: object, token: str) -> tuple[int, str]:
+        headers = {"Authorization": f"Bearer {token}"}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{collector.url}{path}", json=body, headers=headers) as resp,
+        ):
+            return resp.status, await resp.text()
+
+    for path, body in (("/v1/lineage", registration), ("/v1/openlineage", run_event)):
+        status, text = await write(path, body, edge)
+        assert status == 403, (path, text)
+        assert "bound to producers" in text and edge not in text
+    batch = ChainedProducer("edge-1").body(make_events(1))
+    assert (await post(collector, batch, token=edge)).status == 200
+    assert (await write("/v1/lineage", registration, ci))[0] == 201
+    replace = {**registration, "run": {"id": "r-2"}}
+    assert (await write("/v1/lineage?replace=true", replace, edge))[0] == 403
+    assert (await write("/v1/lineage?replace=true", replace, admin))[0] == 201
+    assert (await write("/v1/openlineage", run_event, ci))[0] in (200, 201, 202)
+
+
 async def test_row17_seq_past_int64_is_400_and_the_writer_keeps_serving(
     start: Start, post: Post
 ) -> None:
