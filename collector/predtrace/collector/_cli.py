@@ -37,6 +37,15 @@ _OUTPUT = click.option(
 
 def _connection(func: Callable[..., None]) -> Callable[..., None]:
     func = click.option(
+        "--retry-for",
+        type=click.FloatRange(0, 86400),
+        default=30.0,
+        show_default=True,
+        metavar="SECONDS",
+        help="keep retrying this long while the collector answers 429/502/503/504 "
+        "(busy or restarting), honouring its Retry-After; 0: fail at once",
+    )(func)
+    func = click.option(
         "--token",
         envvar=PREDTRACE_TOKEN,
         default=None,
@@ -51,11 +60,15 @@ def _connection(func: Callable[..., None]) -> Callable[..., None]:
     )(func)
 
 
-def _client(collector: str, token: str | None) -> QueryClient:
+def _client(collector: str, token: str | None, retry_for: float) -> QueryClient:
     try:
-        return QueryClient(collector, token)
+        return QueryClient(collector, token, retry_for=retry_for, on_retry=_say_retry)
     except CollectorError as exc:
         raise click.UsageError(str(exc)) from None
+
+
+def _say_retry(reason: str, wait: float) -> None:
+    click.echo(f"predtrace: {reason}; retrying in {wait:.1f} s", err=True)
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -109,7 +122,9 @@ def _broken(missing: list[tuple[str, str]]) -> None:
 @click.argument("lookup_id", metavar="TRACE_ID|PREDICTION_ID")
 @_OUTPUT
 @_connection
-def trace_command(lookup_id: str, output: str, collector: str, token: str | None) -> None:
+def trace_command(
+    lookup_id: str, output: str, collector: str, token: str | None, retry_for: float
+) -> None:
     """Show the prediction(s) of a trace id or prediction id and their full lineage.
 
     Exits 1 when nothing is found or a chain is incomplete (each missing hop
@@ -121,7 +136,7 @@ def trace_command(lookup_id: str, output: str, collector: str, token: str | None
         trace_id, prediction_id = classify_lookup_id(lookup_id)
     except InvalidIdError as exc:
         raise click.BadParameter(str(exc), param_hint="TRACE_ID|PREDICTION_ID") from None
-    client = _client(collector, token)
+    client = _client(collector, token, retry_for)
     answer = None
     if trace_id is not None:
         answer = _call(lambda: client.get(f"/v1/traces/{trace_id.hex()}"))
@@ -193,7 +208,9 @@ def model_group() -> None:
 @click.argument("model_ref", metavar="NAME/VERSION|NAME@ALIAS")
 @_OUTPUT
 @_connection
-def model_lineage_command(model_ref: str, output: str, collector: str, token: str | None) -> None:
+def model_lineage_command(
+    model_ref: str, output: str, collector: str, token: str | None, retry_for: float
+) -> None:
     """Show a model version's lineage; exits 1 when it is unknown or incomplete."""
     if "@" in model_ref:
         name, _, alias = model_ref.rpartition("@")
@@ -203,7 +220,7 @@ def model_lineage_command(model_ref: str, output: str, collector: str, token: st
         path = f"/v1/models/{path_part(name)}/versions/{path_part(version)}/lineage"
     if not name or not model_ref.rpartition("@" if "@" in model_ref else "/")[2]:
         raise click.BadParameter("use NAME/VERSION or NAME@ALIAS", param_hint="MODEL")
-    client = _client(collector, token)
+    client = _client(collector, token, retry_for)
     answer = _call(lambda: client.get(path))
     if answer.status == 404:
         _fail(answer.error)
@@ -225,12 +242,13 @@ def impact_command(
     output: str,
     collector: str,
     token: str | None,
+    retry_for: float,
 ) -> None:
     """What a dataset, commit or image touched: model versions, deployments, predictions."""
     given = {k: v for k, v in (("dataset", dataset), ("commit", commit), ("image", image)) if v}
     if len(given) != 1:
         raise click.UsageError("give exactly one of --dataset, --commit or --image")
-    client = _client(collector, token)
+    client = _client(collector, token, retry_for)
     answer = _call(lambda: client.get("/v1/impact", given))
     if answer.status == 404:
         _fail(answer.error)
@@ -247,12 +265,12 @@ def impact_command(
 @_OUTPUT
 @_connection
 def completeness_command(
-    fail_under: float | None, output: str, collector: str, token: str | None
+    fail_under: float | None, output: str, collector: str, token: str | None, retry_for: float
 ) -> None:
     """Per model, the share of predictions whose lineage chain is complete."""
     if fail_under is not None and math.isnan(fail_under):  # FloatRange lets NaN through
         raise click.BadParameter("must be a number from 0 to 1", param_hint="--fail-under")
-    client = _client(collector, token)
+    client = _client(collector, token, retry_for)
     answer = _call(lambda: client.get("/v1/completeness"))
     _show(output, answer.body, _render("render_completeness"))
     share = float(answer.body.get("share", 1.0))
@@ -354,7 +372,12 @@ def lineage_group() -> None:
 )
 @_connection
 def register_command(
-    collector: str, token: str | None, file_: Any, replace: bool, **opts: Any
+    collector: str,
+    token: str | None,
+    retry_for: float,
+    file_: Any,
+    replace: bool,
+    **opts: Any,
 ) -> None:
     """Register a model version's lineage: run, datasets, commit, image, deployment.
 
@@ -372,7 +395,7 @@ def register_command(
             raise click.BadParameter("JSON nested too deeply", param_hint="--file") from None
     else:
         body = _body_from_options(opts)
-    client = _client(collector, token)
+    client = _client(collector, token, retry_for)
     path = "/v1/lineage?replace=true" if replace else "/v1/lineage"
     _call_ok(lambda: client.post(path, body), "registration")
     click.echo("registered")

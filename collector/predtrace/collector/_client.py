@@ -1,16 +1,20 @@
 """A small synchronous client of the collector's query API, for the CLI.
 
 Standard library only (``urllib``), so ``predtrace trace`` starts fast. The
-token is sent as a bearer header and never printed.
+token is sent as a bearer header and never printed. An answer that asks the
+client to come back (429, 502, 503, 504: overload, a restart) is retried with
+jittered backoff, honouring Retry-After, for up to ``retry_for`` seconds.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import random
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import quote, urlencode, urlsplit
@@ -21,6 +25,8 @@ PREDTRACE_COLLECTOR_URL: Final = "PREDTRACE_COLLECTOR_URL"
 PREDTRACE_TOKEN: Final = "PREDTRACE_TOKEN"  # noqa: S105 - the variable's name, not a secret
 DEFAULT_URL: Final = "http://127.0.0.1:8700"
 MAX_ANSWER_BYTES: Final = 64 * 1024 * 1024
+RETRY_STATUSES: Final = frozenset({429, 502, 503, 504})
+_MAX_BACKOFF_S: Final = 8.0
 
 
 class CollectorUnreachableError(CollectorError):
@@ -59,6 +65,8 @@ class QueryClient:
         timeout: float = 30.0,
         *,
         max_answer_bytes: int = MAX_ANSWER_BYTES,
+        retry_for: float = 0.0,
+        on_retry: Callable[[str, float], None] | None = None,
     ) -> None:
         try:
             parts = urlsplit(url)
@@ -72,13 +80,33 @@ class QueryClient:
             or any(c.isspace() for c in url)
         ):
             raise ConfigError(f"collector URL must be http(s)://host[:port], got {url!r}")
+        if not 0 <= retry_for <= 86400:  # also refuses NaN
+            raise ConfigError(f"retry time must be 0 to 86400 seconds, got {retry_for}")
         self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
         self.max_answer_bytes = max_answer_bytes
+        self.retry_for, self.on_retry = retry_for, on_retry
 
     def __repr__(self) -> str:
         return f"QueryClient(url={self.url!r}, token={'<set>' if self.token else None})"
 
     def _request(self, method: str, path: str, body: object = None) -> Answer:
+        """One call; a come-back-later answer is retried until ``retry_for`` runs out."""
+        deadline = time.monotonic() + self.retry_for
+        for attempt in range(1_000_000):
+            try:
+                return self._once(method, path, body)
+            except _ComeBackError as exc:
+                left = deadline - time.monotonic()
+                ceiling = min(_MAX_BACKOFF_S, 0.25 * 2 ** min(attempt, 16))
+                wait = max(exc.retry_after or 0.0, random.uniform(0.0, ceiling))  # noqa: S311 - jitter
+                if wait > left:
+                    raise CollectorUnreachableError(exc.message) from None
+                if self.on_retry is not None:
+                    self.on_retry(exc.message, wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _once(self, method: str, path: str, body: object) -> Answer:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(self.url + path, data=data, method=method)  # noqa: S310 - scheme checked in __init__
         request.add_header("Accept", "application/json")
@@ -92,10 +120,12 @@ class QueryClient:
         except urllib.error.HTTPError as exc:
             with exc:  # an error's text: what fits is enough
                 answer = _answer(exc.code, exc.read(self.max_answer_bytes))
+                retry_after = _retry_after(exc.headers.get("Retry-After"))
+            message = f"collector answered {exc.code}: {answer.error}"
+            if exc.code in RETRY_STATUSES:
+                raise _ComeBackError(message, retry_after) from None
             if exc.code >= 500:
-                raise CollectorUnreachableError(
-                    f"collector answered {exc.code}: {answer.error}"
-                ) from None
+                raise CollectorUnreachableError(message) from None
             return answer
         except (urllib.error.URLError, OSError, http.client.InvalidURL) as exc:
             reason = getattr(exc, "reason", exc)
@@ -123,6 +153,24 @@ class QueryClient:
     def post(self, path: str, body: object) -> Answer:
         """POST a JSON body."""
         return self._request("POST", path, body)
+
+
+class _ComeBackError(Exception):
+    """An answer that asks for a later retry (429, 502, 503, 504)."""
+
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.message, self.retry_after = message, retry_after
+
+
+def _retry_after(value: str | None) -> float | None:
+    """A Retry-After header in seconds; None if absent or unreadable."""
+    if not value:
+        return None
+    # Loaded only when a retry is due: the pipeline's parser brings aiohttp.
+    from predtrace.sidecar.pipeline import parse_retry_after  # noqa: PLC0415
+
+    return parse_retry_after(value)
 
 
 def _answer(status: int, raw: bytes) -> Answer:

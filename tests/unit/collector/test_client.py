@@ -5,12 +5,17 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 from click.testing import CliRunner
 
 from predtrace.cli import main
-from predtrace.collector._client import QueryClient, UnreadableAnswerError
+from predtrace.collector._client import (
+    CollectorUnreachableError,
+    QueryClient,
+    UnreadableAnswerError,
+)
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 ANSWERS: dict[str, tuple[bytes, int | None]] = {
@@ -85,3 +90,91 @@ def test_trace_prints_an_unreadable_answer_as_an_error_and_exits_1(scripted: str
     assert result.exit_code == 1
     assert "predtrace: the collector answered 200 with a body that is not JSON" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+class _Busy(BaseHTTPRequestHandler):
+    """POST: answers the scripted statuses in turn (then 201), counting the bodies it got."""
+
+    script: ClassVar[list[tuple[int, str | None]]] = []
+    bodies: ClassVar[list[bytes]] = []
+
+    def do_POST(self) -> None:
+        _Busy.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+        status, retry_after = _Busy.script.pop(0) if _Busy.script else (201, None)
+        body = b'{"error": "busy"}' if status >= 400 else b'{"registered": true}'
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if retry_after is not None:
+            self.send_header("Retry-After", retry_after)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet: the test reads the client's side."""
+
+
+@pytest.fixture
+def busy() -> Iterator[str]:
+    _Busy.script, _Busy.bodies = [], []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Busy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def test_a_busy_or_restarting_collector_is_retried_with_the_same_body(busy: str) -> None:
+    _Busy.script = [(503, "0"), (429, None), (502, None), (504, "0")]
+    said: list[tuple[str, float]] = []
+    client = QueryClient(busy, retry_for=60, on_retry=lambda r, w: said.append((r, w)))
+    answer = client.post("/v1/lineage", {"model": {"name": "m", "version": "1"}})
+    assert answer.status == 201
+    assert len(_Busy.bodies) == 5 and len(set(_Busy.bodies)) == 1
+    assert [reason.split(":")[0] for reason, _ in said] == [
+        f"collector answered {code}" for code in (503, 429, 502, 504)
+    ]
+    assert all(0 <= wait <= 8 for _, wait in said)
+
+
+@pytest.mark.parametrize(
+    ("script", "retry_for", "requests"),
+    [
+        ([(503, "0")], 0, 1),  # --retry-for 0: fail at once
+        ([(503, "3600")], 5, 1),  # asked to wait past the budget: give up now, not in an hour
+        ([(500, None)], 60, 1),  # a server error is not a come-back-later
+    ],
+)
+def test_a_collector_that_will_not_answer_in_time_fails_at_once_with_its_reason(
+    busy: str, script: list[tuple[int, str | None]], retry_for: float, requests: int
+) -> None:
+    _Busy.script = list(script)
+    client = QueryClient(busy, retry_for=retry_for)
+    with pytest.raises(CollectorUnreachableError, match=f"collector answered {script[0][0]}: busy"):
+        client.post("/v1/lineage", {})
+    assert len(_Busy.bodies) == requests
+
+
+def test_a_refusal_is_answered_not_retried(busy: str) -> None:
+    _Busy.script = [(409, None)]
+    answer = QueryClient(busy, retry_for=60).post("/v1/lineage", {})
+    assert answer.status == 409 and len(_Busy.bodies) == 1
+
+
+def test_register_says_it_retries_and_succeeds_when_the_collector_comes_back(busy: str) -> None:
+    _Busy.script = [(503, "0"), (503, "0")]
+    args = ["lineage", "register", "--model", "churn/3", "--run-id", "r-1"]
+    result = CliRunner().invoke(main, [*args, "--collector", busy, "--retry-for", "30"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "registered"
+    assert result.stderr.count("predtrace: collector answered 503: busy; retrying in") == 2
+    _Busy.script = [(503, "0")]
+    failed = CliRunner().invoke(main, [*args, "--collector", busy, "--retry-for", "0"])
+    assert failed.exit_code == 1
+    assert "predtrace: collector answered 503: busy" in failed.stderr
+    bad = CliRunner().invoke(main, [*args, "--collector", busy, "--retry-for", "nan"])
+    assert bad.exit_code == 2 and "retry time" in bad.stderr
