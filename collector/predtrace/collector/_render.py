@@ -188,6 +188,15 @@ def render_impact(console: Console, answer: J) -> None:
                 str(d["last_seen"] or "-"),
             )
     console.print(table)
+    for version in answer["model_versions"]:
+        if version.get("image_unknown"):
+            console.print(
+                escape(
+                    f"not counted: {version['image_unknown']} prediction(s) of "
+                    f"{version['name']}/{version['version']} name no image, and that version "
+                    "is in other images too"
+                )
+            )
     if answer.get("runs"):
         console.print(escape(f"runs: {', '.join(answer['runs'])}"))
 

@@ -60,3 +60,15 @@ def test_completeness_with_no_predictions_does_not_claim_100_percent() -> None:
     out = _printed(render_completeness, {"share": 1.0, "predictions": 0, "models": []})
     assert "no predictions stored yet" in out
     assert "100.0%" not in out
+
+
+def test_impact_by_image_names_the_predictions_it_could_not_attribute() -> None:
+    version = {"name": "churn", "version": "3", "run_id": "r-42", "deployments": []}
+    answer = {
+        "query": {"kind": "image", "value": "sha256:a"},
+        "predictions": 0,
+        "model_versions": [{**version, "image_unknown": 2}, {**version, "version": "4"}],
+    }
+    out = _printed(render_impact, answer)
+    assert "not counted: 2 prediction(s) of churn/3 name no image" in out
+    assert "churn/4 name" not in out

@@ -285,6 +285,27 @@ async def test_impact_from_dataset_commit_and_image_counts_predictions(store: St
     assert await store.impact("dataset", "sha256:unknown") is None
 
 
+async def test_impact_by_image_counts_imageless_predictions_only_for_a_versions_sole_image(
+    store: Store,
+) -> None:
+    await store.register(parse_registration(FULL_LINEAGE))  # churn/3 in image-churn-3
+    await store.ingest(record("p", 1, make_events(4)))
+    await store.ingest(record("p", 2, make_events(2, image="")))
+    alone = await store.impact("image", "sha256:image-churn-3")
+    assert alone is not None
+    assert alone["predictions"] == 6  # its only image: the image-less two were served from it
+    assert alone["model_versions"][0]["image_unknown"] == 0  # type: ignore[index]
+
+    await store.ingest(record("p", 3, make_events(3, image="sha256:rebuilt")))
+    for image, counted in (("sha256:image-churn-3", 4), ("sha256:rebuilt", 3)):
+        impact = await store.impact("image", image)
+        assert impact is not None
+        # Two images now: the image-less two could be either's, so neither counts them.
+        assert impact["predictions"] == counted, image
+        version = impact["model_versions"][0]  # type: ignore[index]
+        assert (version["predictions"], version["image_unknown"]) == (counted, 2), image
+
+
 async def test_completeness_counts_predictions_by_model(store: Store) -> None:
     await store.register(parse_registration(FULL_LINEAGE))
     await store.ingest(record("p", 1, make_events(6)))

@@ -197,7 +197,13 @@ def _unlisted_plan(
     answer.unlisted = entries
 
 
-def _deployments_of(name: str, version: str, image: str | None) -> Plan[list[Json]]:
+def _deployments_of(
+    name: str, version: str, image: str | None, *, imageless: bool = True
+) -> Plan[list[Json]]:
+    """Per deployment, the predictions of a model version (in ``image``, when given).
+
+    With ``image``, predictions that name no image count too when ``imageless``.
+    """
     sql = (
         "SELECT deployment_id, sum(predictions), min(CASE WHEN first_seen_ns > 0"
         " THEN first_seen_ns END), max(last_seen_ns) FROM served"
@@ -205,7 +211,8 @@ def _deployments_of(name: str, version: str, image: str | None) -> Plan[list[Jso
     )
     args: tuple[object, ...] = (name, version)
     if image is not None:
-        sql, args = sql + " AND image_digest IN (?, '')", (*args, image)
+        condition = " AND image_digest IN (?, '')" if imageless else " AND image_digest = ?"
+        sql, args = sql + condition, (*args, image)
     rows = yield Fetch(sql + " GROUP BY deployment_id ORDER BY deployment_id", args)
     return [
         {
@@ -228,12 +235,7 @@ def model_lineage_plan(name: str, version: str) -> Plan[Json | None]:
     for item in deployments:
         if item["id"]:
             item["node"] = yield from deployment_plan(str(item["id"]))
-    images = yield Fetch(
-        "SELECT DISTINCT image_digest FROM served WHERE model_name = ? AND model_version = ?"
-        " AND image_digest <> ''",
-        (name, version),
-    )
-    model["images"] = sorted({*model["images"], *(r[0] for r in images)})  # type: ignore[misc]
+    model["images"] = yield from _images_of(name, version, model)
     missing = [hop for hop, ok in _hops_present(model, run, deployments) if not ok]
     return {
         "model_version": model,
@@ -243,6 +245,27 @@ def model_lineage_plan(name: str, version: str) -> Plan[Json | None]:
         "missing": missing,
         "complete": not missing,
     }
+
+
+def _images_of(name: str, version: str, model: Json | None) -> Plan[list[str]]:
+    """The images a model version is known in: registered, and named by its predictions."""
+    served = yield Fetch(
+        "SELECT DISTINCT image_digest FROM served WHERE model_name = ? AND model_version = ?"
+        " AND image_digest <> ''",
+        (name, version),
+    )
+    registered = model["images"] if model is not None else []
+    return sorted({*registered, *(r[0] for r in served)})  # type: ignore[misc]
+
+
+def _imageless(name: str, version: str) -> Plan[int]:
+    """How many predictions of a model version name no image."""
+    rows = yield Fetch(
+        "SELECT sum(predictions) FROM served WHERE model_name = ? AND model_version = ?"
+        " AND image_digest = ''",
+        (name, version),
+    )
+    return int(rows[0][0] or 0) if rows else 0
 
 
 def _hops_present(model: Json, run: Json | None, deps: list[Json]) -> list[tuple[str, bool]]:
@@ -310,8 +333,17 @@ def impact_plan(kind: str, value: str) -> Plan[Json | None]:
     versions = []
     for name, version in models:
         model = yield from model_plan(name, version)
-        deployments = yield from _deployments_of(name, version, value if kind == "image" else None)
-        versions.append(_impact_entry(name, version, model, deployments))
+        if kind != "image":
+            deployments = yield from _deployments_of(name, version, None)
+            versions.append(_impact_entry(name, version, model, deployments))
+            continue
+        # A prediction that names no image was served from this one only if
+        # it is the version's only known image; else it is reported apart.
+        sole = (yield from _images_of(name, version, model)) == [value]
+        deployments = yield from _deployments_of(name, version, value, imageless=sole)
+        entry = _impact_entry(name, version, model, deployments)
+        entry["image_unknown"] = 0 if sole else (yield from _imageless(name, version))
+        versions.append(entry)
     return {
         "query": {"kind": kind, "value": value},
         "node": node,
