@@ -79,13 +79,27 @@ def _finite_float(text: str) -> float:
     return value
 
 
+_MAX_INT_DIGITS: Final = 4000
+
+
+def _bounded_int(text: str) -> int:
+    # Python refuses to read integers past 4,300 digits with a ValueError that
+    # would say "not valid JSON"; name the real reason.
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise LineageError(f"a number has more than {_MAX_INT_DIGITS} digits")
+    return int(text)
+
+
 def _decode_json(body: bytes) -> object:
     try:
         # UTF-8 whatever charset the header claims (RFC 8259 §8.1). NaN,
         # Infinity and numbers beyond a double are not JSON numbers: json
         # would read them, and an id would be stored as the text "nan".
         return json.loads(
-            body.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float
+            body.decode("utf-8"),
+            parse_constant=_refuse_constant,
+            parse_float=_finite_float,
+            parse_int=_bounded_int,
         )
     except LineageError:
         raise
@@ -263,8 +277,8 @@ class QueryApi:
         if len(given) != 1:
             return _error(400, "give exactly one of dataset=, commit= or image=")
         kind, value = given[0]
-        if kind == "commit" and len(value) < 7:
-            return _error(400, "a commit needs at least 7 hex digits")
+        # A commit shorter than git's 7-digit abbreviation finds only itself:
+        # registration stores any name an OpenLineage source gives.
         result = await self.service.store.impact(kind, value)
         if result is None:
             return _error(404, f"nothing known about {kind} {value}")

@@ -230,7 +230,10 @@ def model_lineage_command(
 
 @click.command("impact")
 @click.option("--dataset", help="dataset digest")
-@click.option("--commit", help="commit sha (at least 7 hex digits)")
+@click.option(
+    "--commit",
+    help="commit sha; from 7 hex digits on, a prefix finds the full sha (shorter: exact only)",
+)
 @click.option("--image", help="container image digest")
 @_OUTPUT
 @_connection

@@ -48,6 +48,35 @@ async def test_bad_lineage_bodies_are_400_with_a_reason(
         assert await resp.text()
 
 
+async def test_an_integer_too_long_to_read_is_named_as_such_not_as_bad_json(
+    start: Start, session: aiohttp.ClientSession
+) -> None:
+    collector = await start()
+    body = ('{"run": {"id": "r", "metrics": {"a": ' + "9" * 5000 + "}}}").encode()
+    headers = {"Content-Type": "application/json"}
+    async with session.post(f"{collector.url}/v1/lineage", data=body, headers=headers) as resp:
+        assert resp.status == 400
+        assert "more than 4000 digits" in await resp.text()
+
+
+async def test_a_commit_shorter_than_an_abbreviation_is_found_exactly(
+    start: Start, session: aiohttp.ClientSession
+) -> None:
+    # Registration stores any commit name an OpenLineage source gives; impact
+    # refused every name under 7 characters, so such a commit was never found.
+    collector = await start()
+    registration = {"model": {"name": "m", "version": "1"}, "run": {"id": "r"}}
+    async with session.post(
+        f"{collector.url}/v1/lineage", json={**registration, "commit": {"sha": "v1.2"}}
+    ) as resp:
+        assert resp.status == 201, await resp.text()
+    for given, status in (("V1.2", 200), ("v1", 404)):
+        async with session.get(f"{collector.url}/v1/impact", params={"commit": given}) as resp:
+            assert resp.status == status, (given, await resp.text())
+            if status == 200:
+                assert (await resp.json())["runs"] == ["r"]
+
+
 async def test_an_unknown_charset_is_read_as_utf8_not_a_500(
     start: Start, session: aiohttp.ClientSession
 ) -> None:
