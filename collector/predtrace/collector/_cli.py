@@ -371,7 +371,8 @@ def lineage_group() -> None:
     "--replace",
     is_flag=True,
     help="Overwrite a stored run commit, model run or artifact digest that this "
-    "registration contradicts (else the collector refuses it with 409).",
+    "registration contradicts (else the collector refuses it with 409); the datasets "
+    "and image given become the run's and the version's only ones.",
 )
 @_connection
 def register_command(

@@ -196,6 +196,32 @@ async def test_replace_corrects_a_stored_link(store: Store) -> None:
     await store.register(parse_registration(same))  # agreeing again is fine
 
 
+async def test_replace_with_datasets_and_an_image_makes_them_the_only_ones_stored(
+    store: Store,
+) -> None:
+    wrong = {
+        **FULL_LINEAGE,
+        "datasets": [{"digest": "sha256:wrong"}, {"digest": "sha256:train"}],
+        "image": {"digest": "sha256:wrong-image"},
+        "deployment": {"id": "churn-prod"},
+    }
+    await store.register(parse_registration(wrong))
+    await store.register(parse_registration({**FULL_LINEAGE, "deployment": {"id": "other"}}))
+    right = {**FULL_LINEAGE, "deployment": {"id": "churn-prod"}}
+    await store.register(parse_registration(right), on_conflict="replace")
+    lineage = await store.model_lineage("churn", "3")
+    assert lineage is not None
+    assert [d["digest"] for d in lineage["run"]["datasets"]] == ["sha256:train"]  # type: ignore[index]
+    assert lineage["model_version"]["images"] == ["sha256:image-churn-3"]  # type: ignore[index]
+    wrong_data = await store.impact("dataset", "sha256:wrong")
+    assert wrong_data is not None and wrong_data["model_versions"] == []  # the node alone
+    assert await store.impact("image", "sha256:wrong-image") is None
+    # Without replace, a registration only adds.
+    await store.register(parse_registration({**FULL_LINEAGE, "image": {"digest": "sha256:b"}}))
+    images = (await store.model_lineage("churn", "3"))["model_version"]["images"]  # type: ignore[index]
+    assert images == ["sha256:b", "sha256:image-churn-3"]
+
+
 @pytest.mark.parametrize("again", [SHA[:7], SHA.upper(), SHA[:12].upper()])
 async def test_the_same_commit_written_another_way_agrees_and_the_full_sha_stays(
     store: Store, again: str

@@ -17,7 +17,16 @@ from typing import Final, Literal
 
 from predtrace.collector._errors import LineageConflictError
 from predtrace.collector.lineage import Registration
-from predtrace.collector.store._ops import Exec, ExecMany, Fetch, Insert, Plan, Row, Serialize
+from predtrace.collector.store._ops import (
+    Exec,
+    ExecMany,
+    Fetch,
+    Insert,
+    Plan,
+    Row,
+    Serialize,
+    in_list,
+)
 from predtrace.collector.store._rows import ServedKey, served_key
 from predtrace.collector.store._schema import PREDICTION_COLUMNS
 from predtrace.wire._limits import INT63_MAX
@@ -257,7 +266,9 @@ def register_plan(
     version's run and artifact digest) are evidence. When a registration
     contradicts a stored one (a commit that is not a prefix of the stored
     sha or the other way round, another run, another digest), ``on_conflict``
-    decides: ``refuse`` raises and writes nothing; ``replace`` overwrites;
+    decides: ``refuse`` raises and writes nothing; ``replace`` overwrites,
+    and a run's datasets or a model version's image given with it become the
+    only ones stored (a wrong link is corrected by registering the right one);
     ``keep`` writes everything else and leaves the stored links as they are
     (for sources that are not the authority on them: MLflow lookups,
     OpenLineage events). Returns the conflicts that were kept.
@@ -291,7 +302,7 @@ def register_plan(
             (reg.image.digest, reg.image.name),
         )
     if reg.model is not None:
-        yield from _register_model(reg, now_ns, keep=keep)
+        yield from _register_model(reg, now_ns, keep=keep, replace=on_conflict == "replace")
     if reg.deployment is not None:
         yield from _register_deployment(reg)
     return conflicts
@@ -420,9 +431,18 @@ def _register_run(
             f" ON CONFLICT (run_id, digest) DO UPDATE SET {_merge('run_datasets', 'context')}",
             [(run.run_id, d.digest, d.context) for d in reg.datasets],
         )
+        if replace:
+            digests = sorted({d.digest for d in reg.datasets})
+            yield Exec(
+                "DELETE FROM run_datasets WHERE run_id = ?"  # noqa: S608 - placeholders only
+                f" AND digest NOT IN ({in_list(len(digests))})",
+                (run.run_id, *digests),
+            )
 
 
-def _register_model(reg: Registration, now_ns: int, *, keep: frozenset[str]) -> Plan[None]:
+def _register_model(
+    reg: Registration, now_ns: int, *, keep: frozenset[str], replace: bool
+) -> Plan[None]:
     model = reg.model
     assert model is not None  # noqa: S101 - checked by the caller
     columns = ("registry", "registry_id", "artifact_digest", "source", "run_id")
@@ -455,6 +475,24 @@ def _register_model(reg: Registration, now_ns: int, *, keep: frozenset[str]) -> 
             "INSERT INTO model_images (name, version, image_digest) VALUES (?, ?, ?)"
             " ON CONFLICT (name, version, image_digest) DO NOTHING",
             (model.name, model.version, reg.image.digest),
+        )
+        if replace:
+            yield from _replace_image(reg, model.name, model.version, reg.image.digest)
+
+
+def _replace_image(reg: Registration, name: str, version: str, image: str) -> Plan[None]:
+    """Forget the other images registered for a model version (and this deployment's)."""
+    yield Exec(
+        "DELETE FROM model_images WHERE name = ? AND version = ? AND image_digest <> ?",
+        (name, version, image),
+    )
+    if reg.deployment is not None:
+        # Only the placeholder a registration made (no prediction named it):
+        # what predictions said they ran on stays as they said it.
+        yield Exec(
+            "DELETE FROM served WHERE deployment_id = ? AND model_name = ?"
+            " AND model_version = ? AND image_digest <> ? AND predictions = 0",
+            (reg.deployment.id, name, version, image),
         )
 
 
