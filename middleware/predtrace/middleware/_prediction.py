@@ -64,6 +64,7 @@ class Prediction:
         "_capture",
         "_ctx",
         "_downstream",
+        "_ended",
         "_fingerprint",
         "_finished",
         "_own_span",
@@ -84,6 +85,7 @@ class Prediction:
         self.match = match
         self._status: int | None = None
         self._trailers = False
+        self._ended = False  # the response's last message went to the server
         self._finished = False
         self._capture: ResponseCapture | None = None
         self._fingerprint = b""
@@ -275,14 +277,14 @@ class Prediction:
             if self._capture is not None:
                 self._capture.add(message.get("body", b""))
             if not message.get("more_body", False) and not self._trailers:
-                self._finish(None)
+                self._end()
         elif kind == "http.response.start":
             message = self._on_start(message)
         elif kind == "http.response.trailers":
             if not message.get("more_trailers", False):
-                self._finish(None)
+                self._end()
         elif kind == "http.response.pathsend":
-            self._finish(None)
+            self._end()
         await self._downstream(message)
 
     def _on_start(self, message: Message) -> Message:
@@ -324,6 +326,11 @@ class Prediction:
 
     # -- completion ---------------------------------------------------------------
 
+    def _end(self) -> None:
+        """The response's last message is leaving: complete the prediction first."""
+        self._ended = True
+        self._finish(None)
+
     def _finish(self, exc: BaseException | None) -> None:
         if self._finished:
             return
@@ -338,8 +345,10 @@ class Prediction:
         status = self._status
         if exc is not None:
             error_type, code = type(exc).__name__, str(status or 500)
-        elif status is None:
-            error_type, code = "IncompleteResponse", ""
+        elif status is None or not self._ended:
+            # No answer, or the app returned mid-body (a streamed answer the
+            # client hung up on): the prediction was not delivered whole.
+            error_type, code = "IncompleteResponse", str(status or "")
         else:
             error_type, code = ("" if status < 400 else str(status)), str(status)
         response, served = self._read_response()
@@ -472,7 +481,7 @@ class Prediction:
     ) -> None:
         """End our span; error status for an exception, no response, or a 5xx."""
         attributes = self._late_attributes(model, run_id)
-        if error_type and (not status or status >= 500):
+        if error_type and (not status or status >= 500 or not self._ended):
             attributes["error.type"] = error_type
             if status:
                 attributes["http.response.status_code"] = status

@@ -6,6 +6,7 @@ spans collected by the SDK's InMemorySpanExporter, events by InMemoryExporter.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any
@@ -16,7 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 
 from predtrace.middleware import (
@@ -248,6 +249,46 @@ async def test_streaming_response_streams_and_span_ends_before_last_chunk(
     bodies = [m for m in response.messages if m["type"] == "http.response.body"]
     assert [m["body"] for m in bodies if m["body"]] == [b"chunk-0;", b"chunk-1;", b"chunk-2;"]
     assert seen_before_last == [1]  # the span was complete before the last body left
+
+
+class _HalfAnswer:
+    """An ASGI endpoint that starts a streamed answer and returns mid-body (a cut stream)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"chunk-0;", "more_body": True})
+
+
+async def _slow_chunks() -> Any:
+    for i in range(50):
+        yield f"chunk-{i};".encode()
+        await asyncio.sleep(0.01)  # the client's hang-up arrives between two chunks
+
+
+@pytest.mark.parametrize("endpoint", ["raw", "streaming_response"])
+async def test_a_streamed_answer_cut_short_is_recorded_as_incomplete_not_ok(
+    instrument: Instrument, tracing: Tracing, events: InMemoryExporter, endpoint: str
+) -> None:
+    async def streaming(request: Request) -> StreamingResponse:
+        return StreamingResponse(_slow_chunks())
+
+    handler: Any = _HalfAnswer() if endpoint == "raw" else streaming
+    app = Starlette(routes=[Route("/v2/models/{name}/infer", handler, methods=["POST"])])
+    runtime = instrument(app)
+    # call_asgi's client hangs up (http.disconnect) once the request body is read.
+    response = await call_asgi(app, "POST", "/v2/models/m/infer", _json(BODY), _headers())
+    bodies = [m for m in response.messages if m["type"] == "http.response.body"]
+    assert response.status == 200 and bodies and all(m.get("more_body") for m in bodies)
+    runtime.force_flush(5)
+    (event,) = events.events
+    assert (event.status, event.status_code, event.error_type) == (
+        Status.ERROR,
+        "200",
+        "IncompleteResponse",
+    )
+    (span,) = tracing[1].get_finished_spans()
+    assert span.status.status_code is StatusCode.ERROR
 
 
 async def test_handler_helper_names_model_and_records_allowed_data_only(
