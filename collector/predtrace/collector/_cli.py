@@ -29,6 +29,7 @@ from predtrace.collector._client import (
     path_part,
 )
 from predtrace.collector._errors import CollectorError
+from predtrace.collector._terminal import printable
 
 _OUTPUT = click.option(
     "-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True
@@ -68,11 +69,11 @@ def _client(collector: str, token: str | None, retry_for: float) -> QueryClient:
 
 
 def _say_retry(reason: str, wait: float) -> None:
-    click.echo(f"predtrace: {reason}; retrying in {wait:.1f} s", err=True)
+    click.echo(f"predtrace: {printable(reason)}; retrying in {wait:.1f} s", err=True)
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"predtrace: {message}", err=True)
+    click.echo(f"predtrace: {printable(message)}", err=True)
     sys.exit(code)
 
 
@@ -96,13 +97,29 @@ def _call_ok(request: Callable[[], Answer], what: str) -> Answer:
     return answer
 
 
-def _show(output: str, answer: Mapping[str, Any], render: Callable[[Any, Any], None]) -> None:
+def _show(
+    output: str,
+    answer: Mapping[str, Any],
+    render: Callable[[Any, Any], None],
+    required: tuple[str, ...],
+) -> None:
+    """Print ``answer``; an answer without the ``required`` keys is an error (exit 1).
+
+    ``--collector`` may name another service that answers JSON: its answer
+    must not end in a traceback.
+    """
+    lacking = [key for key in required if key not in answer]
+    if lacking:
+        _fail(f"the answer is not a predtrace collector's: it has no {lacking[0]!r}")
     if output == "json":
         click.echo(json.dumps(answer, indent=2, default=str))
         return
     from predtrace.collector._render import terminal_console  # noqa: PLC0415 - rich on demand
 
-    render(terminal_console(), answer)
+    try:
+        render(terminal_console(), answer)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        _fail(f"the answer is not in the shape a predtrace collector gives ({type(exc).__name__})")
 
 
 def _render(name: str) -> Callable[[Any, Any], None]:
@@ -114,7 +131,7 @@ def _render(name: str) -> Callable[[Any, Any], None]:
 def _broken(missing: list[tuple[str, str]]) -> None:
     if missing:
         for where, reason in missing:
-            click.echo(f"chain broken: {where}: {reason}", err=True)
+            click.echo(printable(f"chain broken: {where}: {reason}"), err=True)
         sys.exit(1)
 
 
@@ -151,8 +168,12 @@ def trace_command(
     predictions = answer.body.get("predictions")
     if not isinstance(predictions, list):
         _fail(f"the collector's answer ({answer.status}) holds no predictions: {answer.error}")
-    _show(output, answer.body, _render("render_pivot"))
-    _broken(_missing_hops(answer.body, predictions))
+    _show(output, answer.body, _render("render_pivot"), ("predictions",))
+    try:
+        missing = _missing_hops(answer.body, predictions)
+    except (KeyError, TypeError, AttributeError) as exc:
+        _fail(f"the answer is not in the shape a predtrace collector gives ({type(exc).__name__})")
+    _broken(missing)
 
 
 def _missing_hops(body: Mapping[str, Any], predictions: list[Any]) -> list[tuple[str, str]]:
@@ -224,7 +245,7 @@ def model_lineage_command(
     answer = _call(lambda: client.get(path))
     if answer.status == 404:
         _fail(answer.error)
-    _show(output, answer.body, _render("render_model_lineage"))
+    _show(output, answer.body, _render("render_model_lineage"), ("model_version", "missing"))
     _broken([(str(hop), "not registered") for hop in answer.body.get("missing", [])])
 
 
@@ -255,7 +276,7 @@ def impact_command(
     answer = _call(lambda: client.get("/v1/impact", given))
     if answer.status == 404:
         _fail(answer.error)
-    _show(output, answer.body, _render("render_impact"))
+    _show(output, answer.body, _render("render_impact"), ("query", "model_versions"))
 
 
 @click.command("completeness")
@@ -275,8 +296,10 @@ def completeness_command(
         raise click.BadParameter("must be a number from 0 to 1", param_hint="--fail-under")
     client = _client(collector, token, retry_for)
     answer = _call(lambda: client.get("/v1/completeness"))
-    _show(output, answer.body, _render("render_completeness"))
-    share = float(answer.body.get("share", 1.0))
+    _show(output, answer.body, _render("render_completeness"), ("share", "predictions", "models"))
+    share = answer.body["share"]
+    if not isinstance(share, (int, float)):
+        _fail("the answer is not in the shape a predtrace collector gives (share)")
     if fail_under is not None and share < fail_under:
         _fail(f"completeness {share:.1%} is below {fail_under:.1%}")
 
@@ -391,6 +414,17 @@ def register_command(
     model version, is refused unless --replace is given.
     """
     if file_ is not None:
+        context = click.get_current_context()
+        given = [
+            name
+            for name in opts
+            if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+        ]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in sorted(given))
+            raise click.UsageError(
+                f"--file is the whole registration: put {flags} in the file instead"
+            )
         try:
             body = json.load(file_)
         except ValueError as exc:

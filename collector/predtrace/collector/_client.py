@@ -82,6 +82,11 @@ class QueryClient:
             raise ConfigError(f"collector URL must be http(s)://host[:port], got {url!r}")
         if not 0 <= retry_for <= 86400:  # also refuses NaN
             raise ConfigError(f"retry time must be 0 to 86400 seconds, got {retry_for}")
+        # A token read from a mounted secret often ends in a newline; anything
+        # else that cannot go in a header is refused without quoting the token.
+        token = token.strip() if token else None
+        if token and not all(" " < c < "\x7f" for c in token):
+            raise ConfigError("the token holds spaces, control or non-ASCII characters")
         self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
         self.max_answer_bytes = max_answer_bytes
         self.retry_for, self.on_retry = retry_for, on_retry

@@ -6,10 +6,17 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as markup_escape
 from rich.table import Table
 
+from predtrace.collector._terminal import printable
+
 J = Mapping[str, Any]
+
+
+def escape(text: str) -> str:
+    """Collector data for a rich table: no markup, no terminal control sequences."""
+    return markup_escape(printable(text))
 
 
 def _short(text: object, width: int = 24) -> str:

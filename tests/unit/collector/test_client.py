@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -178,3 +179,67 @@ def test_register_says_it_retries_and_succeeds_when_the_collector_comes_back(bus
     assert "predtrace: collector answered 503: busy" in failed.stderr
     bad = CliRunner().invoke(main, [*args, "--collector", busy, "--retry-for", "nan"])
     assert bad.exit_code == 2 and "retry time" in bad.stderr
+
+
+class _Other(BaseHTTPRequestHandler):
+    """Another JSON service: 200 and an answer of its own shape to every GET."""
+
+    def do_GET(self) -> None:
+        body = b'{"status": "ok", "predictions": [{"id": 1}]}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet: the test reads the client's side."""
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["completeness"],
+        ["impact", "--dataset", "sha256:d"],
+        ["model", "lineage", "churn/3"],
+        ["trace", TRACE],
+        ["trace", TRACE, "-o", "json"],
+    ],
+)
+def test_an_answer_from_another_json_service_is_an_error_not_a_traceback(
+    command: list[str],
+) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Other)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = CliRunner().invoke(main, [*command, "--collector", url])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "predtrace: the answer is not" in result.stderr
+
+
+def test_a_token_read_with_its_newline_works_and_a_bad_one_is_refused_unquoted(
+    busy: str,
+) -> None:
+    args = ["lineage", "register", "--model", "churn/3", "--collector", busy]
+    ok = CliRunner().invoke(main, args, env={"PREDTRACE_TOKEN": "pt_secret\n"})
+    assert ok.exit_code == 0, ok.output
+    bad = CliRunner().invoke(main, args, env={"PREDTRACE_TOKEN": "pt_se cret\x01"})
+    assert bad.exit_code == 2
+    assert "token holds spaces, control or non-ASCII characters" in bad.stderr
+    assert "pt_se" not in bad.output and "Traceback" not in bad.output
+
+
+def test_register_refuses_options_beside_a_file_instead_of_ignoring_them(tmp_path: Path) -> None:
+    body = tmp_path / "reg.json"
+    body.write_text('{"model": {"name": "m", "version": "1"}}')
+    args = ["lineage", "register", "--file", str(body), "--model", "x/1", "--alias", "prod"]
+    result = CliRunner().invoke(main, [*args, "--collector", "http://127.0.0.1:9"])
+    assert result.exit_code == 2
+    assert "put --alias, --model in the file instead" in result.stderr

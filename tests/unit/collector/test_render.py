@@ -72,3 +72,16 @@ def test_impact_by_image_names_the_predictions_it_could_not_attribute() -> None:
     out = _printed(render_impact, answer)
     assert "not counted: 2 prediction(s) of churn/3 name no image" in out
     assert "churn/4 name" not in out
+
+
+def test_control_sequences_in_collector_data_are_shown_not_sent_to_the_terminal() -> None:
+    evil = "m\x1b[2J\x1b[31mRED\x1b]0;pwned\x07\x9b"
+    answer = {
+        "query": {"kind": "dataset", "value": evil},
+        "predictions": 1,
+        "model_versions": [{"name": evil, "version": "3", "run_id": None, "deployments": []}],
+    }
+    out = _printed(render_impact, answer)
+    assert "\x1b" not in out.replace("\x1b[0m", "").replace("\x1b[1m", "").replace("\x1b[3m", "")
+    assert "\x07" not in out and "\x9b" not in out
+    assert "m\\x1b[2J\\x1b[31mRED\\x1b]0;pwned\\x07\\x9b" in out
