@@ -55,10 +55,15 @@ def grpc_server_options(config: SidecarConfig) -> list[tuple[str, int]]:
     The server pings a connection with calls in flight every
     ``keepalive_time`` and closes it when a ping goes unanswered for
     ``keepalive_timeout``: a producer that vanished (an edge device losing
-    its link) frees its streams instead of holding them open. gRPC core
+    its link) frees its streams instead of holding them open. A dead peer
+    is cut off by ``grpc.http2.ping_timeout_ms`` (a minute in gRPC core
     by default), not by the keepalive timeout alone, so both are set.
+    ``SO_REUSEPORT`` (on by default in gRPC) is off: with it, a second
+    sidecar, or a second listener of this one, bound the same port and the
+    kernel split producers between them.
     """
     return [
+        ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.keepalive_time_ms", round(config.keepalive_time * 1000)),

@@ -621,6 +621,19 @@ async def test_a_port_in_use_fails_startup_naming_the_flag_not_with_a_traceback(
             await start_sidecar(listen=f"127.0.0.1:{port}")
 
 
+async def test_a_port_another_sidecar_serves_is_refused_not_shared(
+    start_sidecar: StartSidecar,
+) -> None:
+    # gRPC sets SO_REUSEPORT: a second sidecar bound the first one's port and
+    # the kernel split producers between the two spools.
+    first = await start_sidecar()
+    with pytest.raises(OSError, match=rf"cannot listen on {first.target} \(--listen\)"):
+        await start_sidecar(listen=first.target)
+    port = first.target.rsplit(":", 1)[1]
+    with pytest.raises(OSError, match=r"\(--otlp-listen\)"):
+        await start_sidecar(otlp_listen=f"127.0.0.1:{port}")
+
+
 async def test_a_sidecar_refused_the_spool_leaves_the_running_ones_ready_file(
     start_sidecar: StartSidecar, tmp_path: Path
 ) -> None:
