@@ -48,6 +48,14 @@ def test_demo_stores_every_prediction_and_prints_the_pivot(tmp_path: Path) -> No
     assert hits == 1
 
 
+def test_the_demo_runs_again_on_its_own_workdir(tmp_path: Path) -> None:
+    # The demo's closing hint suggests --workdir; a second run registered the
+    # same model version with another (random) run and got a 409.
+    for attempt in range(2):
+        result = _run("--predictions", "5", "--workdir", str(tmp_path))
+        assert result.returncode == 0, (attempt, result.stdout + result.stderr)
+
+
 def test_demo_keep_running_leaves_a_collector_that_answers(tmp_path: Path) -> None:
     result = _run("--predictions", "5", "--workdir", str(tmp_path), "--keep-running")
     assert result.returncode == 0, result.stdout + result.stderr

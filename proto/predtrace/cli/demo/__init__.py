@@ -74,8 +74,10 @@ def _run(console: Console, workdir: Path, count: int, keep: bool, stack: ExitSta
         f"dataset {model.dataset_digest[:19]}…"
     )
     url = _start_collector(console, workdir, keep, stack)
-    run_id = "run-" + secrets.token_hex(4)
     commit = _commit_sha()
+    # The same model and commit give the same run: a second demo on the same
+    # --workdir registers what the first one did, which the collector accepts.
+    run_id = "run-" + _digest(model.artifact_digest.encode() + commit.encode())[:8]
     image = "sha256:" + _digest(model.artifact + commit.encode())
     _register_lineage(url, model, run_id, commit, image)
     console.print(
@@ -175,11 +177,16 @@ def _http(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[in
         with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310
             return resp.status, json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as exc:
-        return exc.code, None
+        with exc:
+            return exc.code, exc.read(2000).decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        message = f"the demo's collector at {url} stopped answering: {reason}"
+        raise click.ClickException(message) from None
 
 
 def _register_lineage(url: str, model: Any, run_id: str, commit: str, image: str) -> None:
-    status, _ = _http(
+    status, answer = _http(
         "POST",
         f"{url}/v1/lineage",
         {
@@ -197,7 +204,7 @@ def _register_lineage(url: str, model: Any, run_id: str, commit: str, image: str
         },
     )
     if status >= 300:
-        raise click.ClickException(f"lineage registration failed with HTTP {status}")
+        raise click.ClickException(f"lineage registration failed with HTTP {status}: {answer}")
 
 
 def _serve_and_predict(console: Console, url: str, model: Any, image: str, count: int) -> str:
