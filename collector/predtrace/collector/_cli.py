@@ -522,6 +522,15 @@ def serve_command(
         _fail(f"cannot listen on {listen}: {exc.strerror}", 1)
 
 
+def _toml(value: str | list[str]) -> str:
+    """A TOML string or array of strings.
+
+    JSON's escapes are TOML's, but ``json.dumps`` writes a character past
+    U+FFFF as a surrogate pair, which TOML refuses, and leaves DEL bare.
+    """
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 @collector_group.command("token")
 @click.option("--name", required=True, help="a label for the token")
 @click.option(
@@ -546,7 +555,7 @@ def token_command(name: str, scopes: tuple[str, ...], producers: tuple[str, ...]
     token = new_token()
     click.echo(f"token (give it to the client, it is not stored): {token}", err=True)
     click.echo("[[token]]")
-    click.echo(f"name = {json.dumps(name)}")
+    click.echo(f"name = {_toml(name)}")
     click.echo(f'sha256 = "{hash_token(token)}"')
     click.echo(f"scopes = {json.dumps(list(scopes))}")
     if producers:
@@ -554,4 +563,4 @@ def token_command(name: str, scopes: tuple[str, ...], producers: tuple[str, ...]
         for producer in producers:
             if not any(c in producer for c in "*?[") and f"{producer}-r??????" not in allowed:
                 allowed.append(f"{producer}-r??????")  # the same sidecar after state loss
-        click.echo(f"producers = {json.dumps(allowed)}")
+        click.echo(f"producers = {_toml(allowed)}")

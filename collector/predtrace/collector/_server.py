@@ -8,6 +8,8 @@ socket accepts connections. SIGTERM/SIGINT stop it gracefully.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import signal
 import socket
@@ -18,6 +20,8 @@ from aiohttp import web
 from predtrace.cli._serving import quiet_client_errors, tune_gc
 from predtrace.collector._app import build_app
 from predtrace.collector._config import CollectorConfig, parse_listen
+
+log = logging.getLogger("predtrace.collector")
 
 
 class RunningCollector:
@@ -82,12 +86,27 @@ async def serve(config: CollectorConfig, *, ready_file: str | None = None) -> No
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    wrote_ready_file = False
     try:
         host = f"[{running.host}]" if ":" in running.host else running.host
         if ready_file:
             write_ready_file(ready_file, [f"{host}:{running.port}"])
+            wrote_ready_file = True
+        log.info("collector ready on %s (store %s)", running.url, _store_name(config.db))
         await stop.wait()
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         await running.stop()
+        if ready_file and wrote_ready_file:
+            # A supervisor polling the file must not find a dead address in it.
+            with contextlib.suppress(OSError):
+                os.unlink(ready_file)
+
+
+def _store_name(db: str) -> str:
+    """The store URL without its credentials (``user:password@``)."""
+    scheme, sep, rest = db.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    return scheme + sep + rest

@@ -9,6 +9,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -18,7 +19,7 @@ from predtrace.cli import main
 from predtrace.collector.testing import ChainedProducer, make_events
 from predtrace.wire import PredictionEvent, decode_ack
 
-from .conftest import Served
+from .conftest import Served, stop
 
 pytestmark = pytest.mark.integration
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -166,3 +167,23 @@ def test_a_trace_answer_stops_at_its_byte_budget_and_says_so(served: Served) -> 
     code, _, err = cli(served.url, "trace", TRACE)
     assert code == 0, err  # found, and every chain checked complete: see _cli
     assert "answer truncated: 1 of 2" in err
+
+
+def test_serve_says_where_it_listens_and_takes_its_ready_file_away_on_exit(
+    serve_collector: Callable[..., Served], tmp_path: Path
+) -> None:
+    db = tmp_path / "c.db"
+    served = serve_collector(f"sqlite:///{db}")
+    ready = tmp_path / "ready-0"
+    assert ready.exists()
+    stop(served.process)
+    assert served.process.returncode == 0
+    assert not ready.exists()  # a supervisor polling it must not find a dead address
+    assert f"collector ready on {served.url} (store sqlite:///{db})" in served.log.read_text()
+
+
+def test_the_store_named_in_the_log_carries_no_password() -> None:
+    from predtrace.collector._server import _store_name  # noqa: PLC0415
+
+    assert _store_name("postgresql://pt:s3cret@db:5432/p") == "postgresql://***@db:5432/p"
+    assert _store_name("sqlite:////var/lib/p.db") == "sqlite:////var/lib/p.db"

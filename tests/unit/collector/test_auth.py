@@ -127,3 +127,18 @@ def test_with_tokens_the_answer_never_quotes_the_token(tmp_path: Path) -> None:
     with pytest.raises(AuthRefusal) as scoped:
         Authorizer(table).check(good, Scope.INGEST)
     assert scoped.value.status == 403 and token not in scoped.value.reason
+
+
+def test_a_made_token_entry_loads_whatever_its_name_holds(tmp_path: Path) -> None:
+    # json.dumps wrote "🚀" as a surrogate pair, which TOML refuses: the
+    # collector would not start with the entry it had just printed.
+    name = 'edge 🚀 "east"\x7f\\'
+    made = CliRunner().invoke(
+        collector_group,
+        ["token", "--name", name, "--scope", "ingest", "--producer", "édge-🚀"],
+    )
+    assert made.exit_code == 0, made.output
+    token = made.stderr.rsplit(" ", 1)[-1].strip()
+    entry = _table(tmp_path, made.stdout).authenticate(token)
+    assert entry is not None and entry.name == name
+    assert entry.allows_producer("édge-🚀")
