@@ -78,6 +78,8 @@ class QueryClient:
             or parts.scheme not in ("http", "https")
             or not parts.hostname
             or any(c.isspace() for c in url)
+            or parts.query
+            or parts.fragment
         ):
             raise ConfigError(f"collector URL must be http(s)://host[:port], got {url!r}")
         if not 0 <= retry_for <= 86400:  # also refuses NaN

@@ -243,3 +243,14 @@ def test_register_refuses_options_beside_a_file_instead_of_ignoring_them(tmp_pat
     result = CliRunner().invoke(main, [*args, "--collector", "http://127.0.0.1:9"])
     assert result.exit_code == 2
     assert "put --alias, --model in the file instead" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8700?x=1", "http://127.0.0.1:8700/#top", "127.0.0.1:8700"]
+)
+def test_a_collector_url_with_a_query_or_no_scheme_is_a_usage_error(url: str) -> None:
+    # With a query, every path the CLI appended landed in it: a foreign 404
+    # read as "no prediction found".
+    result = CliRunner().invoke(main, ["trace", TRACE, "--collector", url])
+    assert result.exit_code == 2
+    assert "collector URL must be http(s)://host[:port]" in result.stderr
