@@ -21,7 +21,13 @@ from typing import Any
 import click
 import grpc
 
-from predtrace.sidecar._config import RedactionConfig, ShipperConfig, SidecarConfig, parse_size
+from predtrace.sidecar._config import (
+    RedactionConfig,
+    ShipperConfig,
+    SidecarConfig,
+    edge_from_env,
+    parse_size,
+)
 from predtrace.sidecar._errors import ConfigError, SidecarError
 from predtrace.sidecar.spool import FaultPoints
 
@@ -82,8 +88,9 @@ def build_config(options: dict[str, Any], environ: dict[str, str]) -> SidecarCon
         otlp_export_headers=_pairs(options["otlp_export_headers"], "=", "NAME=VALUE") or None,
         oip_proxies=_pairs(options["oip_proxies"], "=", "LISTEN=UPSTREAM") or None,
     )
-    if shipper_overrides or edge:
-        make = ShipperConfig.edge if edge else ShipperConfig
+    if shipper_overrides or edge is not None:
+        on_edge = edge if edge is not None else edge_from_env(environ)
+        make = ShipperConfig.edge if on_edge else ShipperConfig
         overrides["shipper"] = make(**shipper_overrides)
     return SidecarConfig.from_env(environ, **overrides)
 
@@ -105,7 +112,7 @@ def build_config(options: dict[str, Any], environ: dict[str, str]) -> SidecarCon
 )
 @click.option(
     "--edge/--no-edge",
-    default=False,
+    default=None,
     help="Edge mode: long outages, bigger batches, backoff capped at 5 min [PREDTRACE_EDGE=1].",
 )
 @click.option(

@@ -293,7 +293,8 @@ class SidecarConfig:
         segment_bytes = given.pop("spool_segment_bytes", None)
         if segment_bytes:
             spool_args["segment_bytes"] = parse_size(str(segment_bytes))
-        edge = bool(given.pop("edge", False)) or environ.get(ev.EDGE, "") in ("1", "true", "yes")
+        flag = given.pop("edge", None)  # --edge/--no-edge win over PREDTRACE_EDGE
+        edge = bool(flag) if flag is not None else edge_from_env(environ)
         values: dict[str, Any] = {
             "listen": environ.get(ev.LISTEN, "127.0.0.1:4555"),
             "producer_id": environ.get(ev.PRODUCER_ID, ""),
@@ -310,3 +311,8 @@ class SidecarConfig:
         }
         values.update(given)
         return cls(collector=collector, spool=SpoolConfig(**spool_args), **values)
+
+
+def edge_from_env(environ: Mapping[str, str]) -> bool:
+    """Whether ``PREDTRACE_EDGE`` asks for edge mode (1, true or yes)."""
+    return environ.get(ev.EDGE, "").strip().lower() in ("1", "true", "yes")

@@ -30,7 +30,7 @@ def options(**kw: object) -> dict[str, object]:
             "drain_timeout", "poison_attempts", "batch_max_events", "batch_linger",
         )
     }  # fmt: skip
-    values.update(edge=False, otlp_export_headers=(), oip_proxies=(), allow_feature=())
+    values.update(edge=None, otlp_export_headers=(), oip_proxies=(), allow_feature=())
     values.update(allow_attribute=(), redact=())
     values.update(kw)
     return values
@@ -53,6 +53,24 @@ def test_edge_mode_caps_backoff_at_five_minutes_and_never_gives_up() -> None:
     assert config.shipper.retry.max_backoff == 300.0
     assert config.shipper.retry.max_attempts is None
     assert config.shipper.poison_attempts == 7
+
+
+@pytest.mark.parametrize(
+    ("flag", "env", "edge"),
+    [
+        (None, "1", True),
+        (False, "1", False),
+        (True, "", True),
+        (None, "", False),
+        (None, "YES", True),
+    ],
+)
+def test_the_edge_flag_wins_over_predtrace_edge_either_way(
+    flag: bool | None, env: str, edge: bool
+) -> None:
+    config = build_config(options(edge=flag, poison_attempts=None), {**BASE, "PREDTRACE_EDGE": env})
+    assert config.edge is edge
+    assert (config.shipper.retry.max_backoff == 300.0) is edge  # edge's capped backoff, or not
 
 
 def test_missing_collector_and_spool_are_named() -> None:
