@@ -35,9 +35,19 @@ def _plain_row(table: Table, *cells: str) -> None:
     table.add_row(*(escape(cell) for cell in cells))
 
 
+_PIPE_WIDTH = 200  # output to a file or a pipe: wide, so ids and digests stay on one line
+
+
 def terminal_console() -> Console:
-    """The console for tables: no emoji codes or highlighting applied to ids and digests."""
-    return Console(emoji=False, highlight=False)
+    """The console for tables: no emoji codes or highlighting applied to ids and digests.
+
+    Written to a file or pipe (``predtrace trace ID > out; grep ...``), the
+    tables are laid out wide: an id folded over two lines cannot be found.
+    """
+    console = Console(emoji=False, highlight=False)
+    if not console.is_terminal:
+        console.width = max(console.width, _PIPE_WIDTH)
+    return console
 
 
 def _missing_reasons(chain: J) -> dict[str, str]:
@@ -110,7 +120,10 @@ def render_pivot(console: Console, answer: J) -> None:
     table = Table(
         title=escape(f"{answer['query']}: {len(predictions)} prediction(s)"), title_justify="left"
     )
-    for column in ("prediction", "time", "model", "deployment / pod", "status", "output"):
+    # An id is copied and pasted: never folded, the other columns give way.
+    widest = max((len(str(p["prediction_id"])) for p in predictions), default=10)
+    table.add_column("prediction", no_wrap=True, min_width=min(widest, 64))
+    for column in ("time", "model", "deployment / pod", "status", "output"):
         table.add_column(column, overflow="fold")
     for p in predictions:
         model, dep, out = p["model"], p["deployment"], p.get("output") or {}

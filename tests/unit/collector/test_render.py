@@ -6,6 +6,7 @@ from predtrace.collector._render import (
     render_completeness,
     render_impact,
     render_model_lineage,
+    render_pivot,
     terminal_console,
 )
 
@@ -85,3 +86,25 @@ def test_control_sequences_in_collector_data_are_shown_not_sent_to_the_terminal(
     assert "\x1b" not in out.replace("\x1b[0m", "").replace("\x1b[1m", "").replace("\x1b[3m", "")
     assert "\x07" not in out and "\x9b" not in out
     assert "m\\x1b[2J\\x1b[31mRED\\x1b]0;pwned\\x07\\x9b" in out
+
+
+def test_a_pivot_keeps_each_prediction_id_on_one_line_even_at_80_columns() -> None:
+    pid = "01a2279a-bdd5-732d-9dfc-bbcc89e2526c"
+    prediction = {
+        "prediction_id": pid,
+        "timestamp": "2026-11-29T10:00:00.000000Z",
+        "model": {"name": "churn-with-a-long-name", "version": "3", "alias": ""},
+        "deployment": {"id": "churn-prod-eu-west-1", "pod": "churn-prod-eu-west-1-abcdef"},
+        "status": "OK",
+        "output": {"label": "stay", "score": 0.93},
+        "lineage": {"missing": []},
+    }
+    console = terminal_console()
+    console.width = 80
+    with console.capture() as capture:
+        render_pivot(console, {"query": "trace x", "predictions": [prediction]})
+    assert pid in capture.get()
+
+
+def test_tables_written_to_a_pipe_are_laid_out_wide() -> None:
+    assert terminal_console().width >= 200  # pytest captures stdout: not a terminal
