@@ -28,7 +28,7 @@ from predtrace.collector._client import (
     UnreadableAnswerError,
     path_part,
 )
-from predtrace.collector._errors import CollectorError
+from predtrace.collector._errors import CollectorError, ConfigError
 from predtrace.collector._terminal import printable
 
 _OUTPUT = click.option(
@@ -515,11 +515,18 @@ def serve_command(
             tls_key=tls_key,
             retention_days=retention_days,
         )
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None  # exit 2, as for any bad flag
+    try:
         asyncio.run(serve(config, ready_file=ready_file))
+    except ConfigError as exc:  # found on opening: the --db scheme, the tokens file
+        raise click.UsageError(str(exc)) from None
     except CollectorError as exc:
         _fail(f"cannot start the collector: {exc}", 1)
     except OSError as exc:
-        _fail(f"cannot listen on {listen}: {exc.strerror}", 1)
+        if exc.filename:  # the store's or the ready file's path, not the socket
+            _fail(f"cannot start the collector: {exc.filename}: {exc.strerror}", 1)
+        _fail(f"cannot listen on {config.listen}: {exc.strerror}", 1)
 
 
 def _toml(value: str | list[str]) -> str:

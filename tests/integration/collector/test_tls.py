@@ -91,7 +91,7 @@ def test_a_key_without_a_certificate_fails_at_startup(
         timeout=30,
         check=False,
     )  # fmt: skip
-    assert result.returncode == 1
+    assert result.returncode == 2  # a usage error (DESIGN §7)
     assert "TLS needs both --tls-cert and --tls-key" in result.stderr
 
 
@@ -106,5 +106,5 @@ def test_an_unreadable_certificate_is_named(tmp_path: Path) -> None:
         timeout=30,
         check=False,
     )  # fmt: skip
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert f"cannot load the TLS certificate {junk}" in result.stderr

@@ -91,8 +91,8 @@ def test_serve_refuses_retention_days_that_would_break_every_pass_before_it_list
     db = f"sqlite:///{tmp_path}/c.db"
     flags = ["serve", "--db", db, "--listen", "127.0.0.1:0", "--retention-days", days]
     result = CliRunner().invoke(collector_group, flags)
-    assert result.exit_code == 1
-    assert "cannot start the collector: predictions retention (--retention-days" in result.stderr
+    assert result.exit_code == 2  # a usage error (DESIGN §7), as sidecar serve answers
+    assert "predictions retention (--retention-days" in result.stderr
 
 
 def test_the_retention_days_flag_sets_predictions_only_and_keeps_the_batches_setting() -> None:
@@ -110,5 +110,22 @@ def test_serve_refuses_zero_retention_days_instead_of_ignoring_them(tmp_path: Pa
     db = f"sqlite:///{tmp_path}/c.db"
     flags = ["serve", "--db", db, "--listen", "127.0.0.1:0", "--retention-days", "0"]
     result = CliRunner().invoke(collector_group, flags)
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "predictions retention (--retention-days" in result.stderr
+
+
+@pytest.mark.timeout(10)
+def test_serve_names_a_bad_db_scheme_as_usage_and_a_ready_file_path_it_cannot_write(
+    tmp_path: Path,
+) -> None:
+    scheme = CliRunner().invoke(
+        collector_group, ["serve", "--db", "mysql://x/y", "--listen", "127.0.0.1:0"]
+    )
+    assert scheme.exit_code == 2
+    assert "unsupported --db URL scheme 'mysql'" in scheme.stderr
+    ready = tmp_path / "missing-dir" / "ready"
+    flags = ["serve", "--db", f"sqlite:///{tmp_path}/c.db", "--listen", "127.0.0.1:0"]
+    result = CliRunner().invoke(collector_group, [*flags, "--ready-file", str(ready)])
+    assert result.exit_code == 1
+    assert f"cannot start the collector: {ready.parent}" in result.stderr  # not "cannot listen"
+    assert "cannot listen" not in result.stderr
