@@ -22,7 +22,12 @@ from typing import TYPE_CHECKING, Final
 from aiohttp import web
 
 from predtrace.collector._auth import Scope
-from predtrace.collector._errors import LineageConflictError, LineageError, StoreError
+from predtrace.collector._errors import (
+    LineageConflictError,
+    LineageError,
+    RegistryError,
+    StoreError,
+)
 from predtrace.collector._ingest import _Refused, _Reservation
 from predtrace.collector._metrics import CollectorMetrics
 from predtrace.collector._retention import Retainer
@@ -252,8 +257,19 @@ class QueryApi:
         # without dashes. Both the text given and the canonical form, in one query.
         return await self._pivot("prediction_id", (given, canonical), f"prediction {given}")
 
+    def _registry_failed(self, what: str, exc: RegistryError) -> web.Response:
+        # Not "not registered": MLflow may have it. The CLI retries a 503.
+        return _error(
+            503,
+            f"{what} is not in the store; the MLflow lookup failed: {exc}",
+            {"Retry-After": self.retry_after},
+        )
+
     async def _lineage(self, name: str, version: str, what: str) -> web.Response:
-        lineage = await self.service.model_lineage(name, version)
+        try:
+            lineage = await self.service.model_lineage(name, version)
+        except RegistryError as exc:
+            return self._registry_failed(f"model version {what}", exc)
         if lineage is None:
             return _error(404, f"model version {what} is not registered")
         return _json(lineage)
@@ -266,7 +282,10 @@ class QueryApi:
     async def alias_lineage(self, request: web.Request) -> web.Response:
         """``GET /v1/models/{name}/aliases/{alias}/lineage``."""
         name, alias = request.match_info["name"], request.match_info["alias"]
-        version = await self.service.resolve_alias(name, alias)
+        try:
+            version = await self.service.resolve_alias(name, alias)
+        except RegistryError as exc:
+            return self._registry_failed(f"alias {name}@{alias}", exc)
         if version is None:
             return _error(404, f"alias {name}@{alias} is not registered")
         return await self._lineage(name, version, f"{name}@{alias} (version {version})")

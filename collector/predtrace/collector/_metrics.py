@@ -1,13 +1,24 @@
 """The collector's Prometheus metrics (``/metrics``), on a registry of its own.
 
 Every refusal is counted by reason, so an operator sees what producers are
-being told (413, 400, 503) without reading logs.
+being told (413, 400, 503) without reading logs. Every label has a fixed set
+of values: text a client sends (a registration's ``source``) is kept in the
+store, never in a label, so ``/metrics`` stays the same size however much is
+registered.
 """
 
 from __future__ import annotations
 
+from typing import Final
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
+
+REGISTRATION_KINDS: Final = ("api", "openlineage", "mlflow")
+"""How lineage arrived: ``POST /v1/lineage``, ``POST /v1/openlineage``, an MLflow lookup."""
+
+REGISTRY_RESULTS: Final = ("found", "missing", "error", "timeout", "skipped")
+"""Outcomes of an MLflow lookup: ``skipped`` = not asked, a recent failure is remembered."""
 
 
 class CollectorMetrics:
@@ -49,22 +60,29 @@ class CollectorMetrics:
         )
         self.registrations = Counter(
             "predtrace_collector_lineage_registrations",
-            "Lineage registrations by source",
+            "Lineage registrations by how they arrived (api, openlineage, mlflow)",
             ["source"],
             registry=r,
         )
         self.registry_lookups = Counter(
             "predtrace_collector_registry_lookups",
-            "MLflow lookups by result",
+            "MLflow lookups of model versions and aliases by result"
+            " (found, missing, error, timeout, skipped)",
             ["result"],
             registry=r,
         )
         self.lineage_conflicts = Counter(
             "predtrace_collector_lineage_conflicts",
-            "Registrations that contradicted stored lineage and left it as stored, by source",
+            "Registrations that contradicted stored lineage and left it as stored,"
+            " by how they arrived (api, openlineage, mlflow)",
             ["source"],
             registry=r,
         )
+        for kind in REGISTRATION_KINDS:
+            self.registrations.labels(kind)
+            self.lineage_conflicts.labels(kind)
+        for result in REGISTRY_RESULTS:
+            self.registry_lookups.labels(result)
         self.retention_removed = Counter(
             "predtrace_collector_retention_removed",
             "Rows removed by retention",

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from predtrace.collector import LineageError
+from predtrace.collector import LineageError, RegistryError
 from predtrace.collector.lineage import (
     parse_registration,
     parse_run_event,
@@ -136,3 +136,54 @@ def test_mlflow_json_maps_tags_params_and_dataset_inputs() -> None:
         ("d1", "s3://b/train.csv", "training")
     ]
     assert reg.model is not None and reg.model.aliases == ("prod",)
+
+
+MODEL_VERSION = {"name": "churn", "version": "3", "run_id": "abc"}
+RUN = {"info": {"run_id": "abc"}, "data": {}, "inputs": {}}
+
+
+@pytest.mark.parametrize(
+    ("model_version", "run", "reason"),
+    [
+        ({**MODEL_VERSION, "aliases": "prod"}, None, "model_version.aliases as text, not a list"),
+        ({**MODEL_VERSION, "aliases": [1]}, None, "an alias as a number"),
+        ({**MODEL_VERSION, "aliases": ["pr\x00od"]}, None, "without NUL"),
+        ({**MODEL_VERSION, "name": ["churn"]}, None, "model_version.name as a list"),
+        ({**MODEL_VERSION, "name": "a\x00b"}, None, "model.name must be"),
+        ({"name": "churn"}, None, "model.version is required"),
+        ({**MODEL_VERSION, "tags": {"k": "v"}}, None, "model_version.tags as an object"),
+        (MODEL_VERSION, [1], "run as a list"),
+        (MODEL_VERSION, {**RUN, "info": [1]}, "run.info as a list"),
+        (MODEL_VERSION, {**RUN, "data": {"params": [["lr", 1]]}}, "run.data.params as a list"),
+        (MODEL_VERSION, {**RUN, "data": {"metrics": [{"value": 1}]}}, "metric without a key"),
+        (MODEL_VERSION, {**RUN, "data": {"metrics": {"auc": 1}}}, "metrics as an object"),
+        (MODEL_VERSION, {**RUN, "inputs": {"dataset_inputs": {"a": 1}}}, "dataset_inputs as an"),
+        (MODEL_VERSION, {**RUN, "inputs": {"dataset_inputs": ["x"]}}, "as text, not an object"),
+        (MODEL_VERSION, {**RUN, "inputs": [1]}, "run.inputs as a list"),
+        ({"name": "churn", "version": "3"}, {"info": {}}, "run.id is required"),
+    ],
+)
+def test_malformed_mlflow_json_is_a_registry_error_naming_mlflow_and_the_field(
+    model_version: dict[str, object], run: object, reason: str
+) -> None:
+    with pytest.raises(RegistryError, match=r"^MLflow sent") as raised:
+        registration_from_mlflow(model_version, run, "http://127.0.0.1:5000")  # type: ignore[arg-type]
+    assert reason in str(raised.value)
+
+
+def test_mlflow_tags_no_store_can_keep_are_left_out_not_fatal() -> None:
+    run = {
+        "info": {"run_id": "abc"},
+        "data": {
+            "tags": [
+                {"key": "mlflow.source.git.commit", "value": "dd\x00d"},
+                {"key": "big", "value": "y" * 5000},
+                {"key": "bad\ud800", "value": "v"},
+            ],
+            "metrics": [{"key": "auc", "value": "NaN"}, {"key": "loss", "value": 0.5}],
+        },
+    }
+    reg = registration_from_mlflow(MODEL_VERSION, run, "http://127.0.0.1:5000")
+    assert reg.commit is None
+    assert reg.run is not None and set(reg.run.tags) == {"big"}
+    assert reg.run.metrics == {"loss": 0.5}
