@@ -36,13 +36,20 @@ def _versions() -> Plan[list[int]]:
 
 
 def _back_to_v1() -> Plan[None]:
-    """What a store written before migration 2 looks like."""
+    """What a store written before migration 2 looks like (an alias registered then)."""
     yield Exec(
         "CREATE INDEX predictions_model ON predictions"
         " (model_name, model_version, deployment_id, ts_ns)",
         (),
     )
-    yield Exec("DELETE FROM schema_migrations WHERE version = 2", ())
+    yield Exec("ALTER TABLE model_aliases DROP COLUMN moved_ns", ())
+    yield Exec("INSERT INTO model_aliases (name, alias, version) VALUES ('m', 'prod', '1')", ())
+    yield Exec("DELETE FROM schema_migrations WHERE version >= 2", ())
+
+
+def _aliases() -> Plan[list[tuple[str, str, int]]]:
+    rows = yield Fetch("SELECT alias, version, moved_ns FROM model_aliases", ())
+    return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]
 
 
 async def test_predictions_carry_only_the_indexes_a_query_uses(store: Store) -> None:
@@ -73,8 +80,9 @@ async def test_a_store_from_before_migration_2_loses_the_model_index_and_keeps_i
     await again.open()
     try:
         assert "predictions_model" not in await again.engine.read(_index_names(dialect))
-        assert await again.engine.read(_versions()) == [1, 2]
+        assert await again.engine.read(_versions()) == [v for v, _ in MIGRATIONS]
         assert await again.engine.read(_prediction_ids()) == ["p-kept"]
+        assert await again.engine.read(_aliases()) == [("prod", "1", 0)]  # never moved
     finally:
         await again.close()
         if base:
@@ -143,7 +151,7 @@ async def test_a_migration_blocked_by_a_long_query_fails_the_start_and_a_later_o
         again = open_store(url, postgres=PostgresOptions(migration_lock_timeout=0.3))
         await again.open()
         try:
-            assert await again.engine.read(_versions()) == [1, 2]
+            assert await again.engine.read(_versions()) == [v for v, _ in MIGRATIONS]
         finally:
             await again.close()
     finally:

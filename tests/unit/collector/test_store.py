@@ -519,3 +519,44 @@ async def test_impact_by_commit_follows_registrations_rule_for_case_and_short_sh
     # Another commit that shares only the first 7 digits is not the same one.
     eighth = next(c for c in "0123456789abcdef" if c not in (SHA[7], FULL_B[7]))
     assert await store.impact("commit", given[:7] + eighth * 33) is None
+
+
+async def test_an_alias_moved_after_predictions_does_not_rewrite_which_version_served_them(
+    store: Store,
+) -> None:
+    # Predictions that name only fraud@champion: the alias pointed at fraud/1
+    # when they were made; after CI moves it to fraud/2, the old ones must not
+    # be explained by fraud/2 (and called complete), the new ones are.
+    def version(n: str, image: str) -> dict[str, object]:
+        return {
+            "model": {"name": "fraud", "version": n, "aliases": ["champion"]},
+            "run": {"id": f"fraud-run-{n}"},
+            "commit": {"sha": SHA},
+            "datasets": [{"digest": f"sha256:fraud-data-{n}"}],
+            "image": {"digest": image},
+        }
+
+    await store.register(parse_registration(version("1", "sha256:fimg")))
+    old_trace, new_trace = bytes(range(16)), bytes(range(1, 17))
+    old = make_events(2, trace_id=old_trace, model=("fraud", ""), alias="champion", image="")
+    await store.ingest(record("p", 1, old))
+    await store.register(parse_registration(version("1", "sha256:fimg")))  # no move: same version
+    before, _ = await store.pivot("trace_id", old_trace)
+    assert before[0]["lineage"]["complete"] is True, before[0]["lineage"]["missing"]
+    assert before[0]["lineage"]["model_version"]["version"] == "1"
+
+    await store.register(parse_registration(version("2", "sha256:fimg2")))  # the move
+    after, _ = await store.pivot("trace_id", old_trace)
+    lineage = after[0]["lineage"]
+    assert lineage["complete"] is False and lineage["model_version"] is None
+    (reason,) = [m["reason"] for m in lineage["missing"] if m["hop"] == "model_version"]
+    assert "alias 'champion' was moved to version 2" in reason
+
+    new = make_events(1, trace_id=new_trace, model=("fraud", ""), alias="champion", image="")
+    await store.ingest(record("p", 2, new))
+    fresh, _ = await store.pivot("trace_id", new_trace)
+    assert fresh[0]["lineage"]["model_version"]["version"] == "2"
+    # The stored group began before the move: completeness does not call it complete.
+    completeness = await store.completeness()
+    (fraud,) = [m for m in completeness["models"] if m["model"] == "fraud"]  # type: ignore[union-attr]
+    assert fraud["complete"] == 0 and fraud["missing"]["model_version"] == 3

@@ -102,13 +102,35 @@ def image_plan(digest: str) -> Plan[Json]:
     return {"digest": digest, "name": rows[0][0] if rows else ""}
 
 
-def _resolve_version(name: str, version: str, alias: str) -> Plan[tuple[str, bool]]:
+def _resolve_version(
+    name: str, version: str, alias: str, since_ns: int
+) -> Plan[tuple[str, bool, str]]:
+    """(version, resolved through the alias, why not) of what a prediction names.
+
+    An alias resolves to the version it points at only for predictions made
+    after it last moved there (``since_ns``, the earliest of them; 0: not
+    known): an older one was served by an earlier version.
+    """
     if version or not (name and alias):
-        return version, False
+        return version, False, ""
     rows = yield Fetch(
-        "SELECT version FROM model_aliases WHERE name = ? AND alias = ?", (name, alias)
+        "SELECT version, moved_ns FROM model_aliases WHERE name = ? AND alias = ?",
+        (name, alias),
     )
-    return (rows[0][0], True) if rows else ("", False)
+    if not rows:
+        return "", False, ""
+    current, moved_ns = rows[0][0], int(rows[0][1] or 0)
+    if since_ns and since_ns < moved_ns:
+        return (
+            "",
+            False,
+            (
+                f"model {name} has no version, and alias {alias!r} was moved to version "
+                f"{current} at {iso_time(moved_ns)}, after these predictions began "
+                f"({iso_time(since_ns)}): the version that served them is unknown"
+            ),
+        )
+    return current, True, ""
 
 
 def _model_missing(name: str, version: str, alias: str) -> str:
@@ -119,15 +141,19 @@ def _model_missing(name: str, version: str, alias: str) -> str:
     return f"model version {name}/{version} is not registered (CI hook, OpenLineage or MLflow)"
 
 
-def chain_plan(key: ChainKey) -> Plan[Json]:
-    """The chain of one (model, deployment, image) group with its missing hops."""
+def chain_plan(key: ChainKey, since_ns: int = 0) -> Plan[Json]:
+    """The chain of one (model, deployment, image) group with its missing hops.
+
+    ``since_ns``: when the earliest prediction explained was made (0: not
+    known), for a group that names only an alias (see ``_resolve_version``).
+    """
     name, version, alias, deployment_id, image = key
     missing: list[Json] = []
 
     def miss(hop: str, reason: str) -> None:
         missing.append({"hop": hop, "reason": reason})
 
-    version, via_alias = yield from _resolve_version(name, version, alias)
+    version, via_alias, unresolved = yield from _resolve_version(name, version, alias, since_ns)
     deployment = (yield from deployment_plan(deployment_id)) if deployment_id else None
     if deployment_id and deployment is None:
         deployment = {"id": deployment_id}
@@ -136,7 +162,7 @@ def chain_plan(key: ChainKey) -> Plan[Json]:
     model = (yield from model_plan(name, version)) if name and version else None
     run = None
     if model is None:
-        miss("model_version", _model_missing(name, version, alias))
+        miss("model_version", unresolved or _model_missing(name, version, alias))
     else:
         model["resolved_via_alias"] = alias if via_alias else None
         run = (yield from run_plan(str(model["run_id"]))) if model["run_id"] else None

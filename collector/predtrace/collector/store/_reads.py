@@ -139,8 +139,8 @@ def pivot_plan(
     room = max_bytes
     for row in rows:
         key = chain_key(row)
-        if key not in chains:
-            chains[key] = yield from chain_plan(key)
+        if key not in chains:  # rows come oldest first: its earliest prediction
+            chains[key] = yield from chain_plan(key, int(row[3]))
             sizes[key] = _size(chains[key])
         prediction = prediction_json(row)
         room -= _size(prediction) + _LINEAGE_KEY + sizes[key]
@@ -169,7 +169,7 @@ def _unlisted_plan(
     counted = yield Fetch(f"SELECT count(*) FROM predictions WHERE {where}", args)  # noqa: S608 - fixed SQL fragments, values are bound
     answer.total = int(counted[0][0])
     groups = yield Fetch(
-        f"SELECT {_KEY_COLUMNS}, count(*) FROM predictions WHERE {where}"  # noqa: S608 - fixed SQL fragments, values are bound
+        f"SELECT {_KEY_COLUMNS}, count(*), min(ts_ns) FROM predictions WHERE {where}"  # noqa: S608 - fixed SQL fragments, values are bound
         f" GROUP BY {_KEY_COLUMNS} ORDER BY {_KEY_COLUMNS} LIMIT ?",
         (*args, limit + 1),
     )
@@ -183,7 +183,7 @@ def _unlisted_plan(
         if left <= 0:
             continue
         if key not in chains:
-            chains[key] = yield from chain_plan(key)
+            chains[key] = yield from chain_plan(key, int(group[6] or 0))
         entries.append(
             {
                 "model": {"name": key[0], "version": key[1], "alias": key[2]},
@@ -370,8 +370,8 @@ def _impact_entry(name: str, version: str, model: Json | None, deps: list[Json])
 def served_groups_plan() -> Plan[list[Row]]:
     """Every (deployment, model, version, alias, image) group with its prediction count."""
     rows = yield Fetch(
-        "SELECT model_name, model_version, model_alias, deployment_id, image_digest, predictions"
-        " FROM served WHERE predictions > 0"
+        "SELECT model_name, model_version, model_alias, deployment_id, image_digest, predictions,"
+        " first_seen_ns FROM served WHERE predictions > 0"
         " ORDER BY model_name, model_version, deployment_id, image_digest"
     )
     return rows
@@ -383,7 +383,7 @@ def completeness_plan() -> Plan[Json]:
     models: dict[str, Json] = {}
     total = complete = 0
     for row in groups:
-        chain = yield from chain_plan((row[0], row[1], row[2], row[3], row[4]))
+        chain = yield from chain_plan((row[0], row[1], row[2], row[3], row[4]), int(row[6] or 0))
         count = int(row[5])
         entry = models.setdefault(
             row[0], {"model": row[0], "predictions": 0, "complete": 0, "missing": {}}

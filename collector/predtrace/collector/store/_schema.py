@@ -135,9 +135,15 @@ CREATE INDEX predictions_received ON predictions (received_ns);
 # a long text key): an index earns its place when a query needs it.
 _V2_NO_MODEL_INDEX: Final = "DROP INDEX IF EXISTS predictions_model;"
 
+# When an alias was last moved to another version (0: never moved since it was
+# first registered). A prediction that names only an alias and is older than
+# the move was served by an earlier version, which the store cannot name.
+_V3_ALIAS_MOVED: Final = "ALTER TABLE model_aliases ADD COLUMN moved_ns {INT} NOT NULL DEFAULT 0;"
+
 MIGRATIONS: Final[tuple[tuple[int, str], ...]] = (
     (1, _V1_TABLES + _PREDICTIONS),
     (2, _V2_NO_MODEL_INDEX),
+    (3, _V3_ALIAS_MOVED),
 )
 
 

@@ -465,9 +465,16 @@ def _register_model(
         ),
     )
     if model.aliases:
+        # A move to another version is stamped with its time; a first
+        # registration is not a move (predictions may predate the CI hook).
         yield ExecMany(
-            "INSERT INTO model_aliases (name, alias, version) VALUES (?, ?, ?)"
-            " ON CONFLICT (name, alias) DO UPDATE SET version = excluded.version",
+            "UPDATE model_aliases SET version = ?, moved_ns = ?"
+            " WHERE name = ? AND alias = ? AND version <> ?",
+            [(model.version, now_ns, model.name, a, model.version) for a in model.aliases],
+        )
+        yield ExecMany(
+            "INSERT INTO model_aliases (name, alias, version, moved_ns) VALUES (?, ?, ?, 0)"
+            " ON CONFLICT (name, alias) DO NOTHING",
             [(model.name, alias, model.version) for alias in model.aliases],
         )
     if reg.image is not None:
