@@ -26,6 +26,11 @@ _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 _MIN_KEY_LEN: Final = 16
 _HEADER_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
+_QUEUE_VARIABLES: Final = {
+    "max_queue_size": env.PREDTRACE_QUEUE_SIZE,
+    "max_batch_size": env.PREDTRACE_BATCH_SIZE,
+    "schedule_delay": env.PREDTRACE_EXPORT_DELAY,
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -237,9 +242,14 @@ class _EnvReader:
     def number(self, name: str, default: float) -> float:
         value = self.text(name)
         try:
-            return default if value is None else float(value)
+            number = default if value is None else float(value)
         except ValueError:
             raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        # float() reads "nan" and "inf": no setting means either (a NaN wait
+        # returns at once and spins a core; an infinite one kills the thread).
+        if not math.isfinite(number):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        return number
 
     def integer(self, name: str, default: int) -> int:
         value = self.text(name)
@@ -259,7 +269,11 @@ class _EnvReader:
         except ConfigError:
             raise
         except ValueError as exc:
-            raise ConfigError(f"queue settings: {exc}") from None
+            # QueueConfig names its field: name the variable that set it too.
+            named = [
+                var for key, var in _QUEUE_VARIABLES.items() if f"QueueConfig.{key}" in str(exc)
+            ]
+            raise ConfigError(f"queue settings ({', '.join(named) or 'defaults'}): {exc}") from None
 
     def str_or_empty(self, name: str) -> str:
         return self.text(name) or ""

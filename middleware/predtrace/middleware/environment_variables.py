@@ -112,16 +112,22 @@ PREDTRACE_MAX_OUTPUT_BYTES: Final = "PREDTRACE_MAX_OUTPUT_BYTES"
 """Largest response body inspected for the model version and output (default 64 KiB)."""
 
 PREDTRACE_QUEUE_SIZE: Final = "PREDTRACE_QUEUE_SIZE"
-"""Events held in memory before the oldest is dropped (default 4096)."""
+"""Events held in memory before the oldest is dropped, 1 to 1,000,000 (default 4096)."""
 
 PREDTRACE_BATCH_SIZE: Final = "PREDTRACE_BATCH_SIZE"
 """Events per exported batch (default 512)."""
 
 PREDTRACE_EXPORT_DELAY: Final = "PREDTRACE_EXPORT_DELAY"
-"""Seconds between exports of a partial batch (default 1)."""
+"""Seconds between exports of a partial batch, 0.001 to 3600 (default 1)."""
 
 PREDTRACE_SHUTDOWN_TIMEOUT: Final = "PREDTRACE_SHUTDOWN_TIMEOUT"
-"""Seconds the shutdown flush may take (default 5)."""
+"""Seconds the shutdown flush may take, finite and > 0 (default 5).
+
+A healthy collector gets all of it. A collector that is down or hung is given
+up after about a second (an export in flight that long, or a batch still
+failing after one more try): what is left is counted as ``dropped.shutdown``
+and the worker stops at once instead of at the deadline.
+"""
 
 PREDTRACE_FLUSH_TRACER_PROVIDER: Final = "PREDTRACE_FLUSH_TRACER_PROVIDER"
 """Also force-flush the app's SDK TracerProvider at shutdown (default ``true``)."""

@@ -147,6 +147,19 @@ def test_from_env_prefers_predtrace_service_name_and_takes_objects_as_arguments(
         (env.PREDTRACE_ENABLED, "maybe", "PREDTRACE_ENABLED must be true or false"),
         (env.PREDTRACE_QUEUE_SIZE, "1.5", "PREDTRACE_QUEUE_SIZE must be an integer"),
         (env.PREDTRACE_BATCH_SIZE, "0", "queue settings"),
+        # float() reads these; no setting means them (NaN spun the export
+        # worker, inf killed it at its first wait).
+        (env.PREDTRACE_EXPORT_DELAY, "nan", "PREDTRACE_EXPORT_DELAY must be a finite number"),
+        (env.PREDTRACE_EXPORT_DELAY, "inf", "PREDTRACE_EXPORT_DELAY must be a finite number"),
+        (env.PREDTRACE_EXPORT_DELAY, "1e10", r"queue settings \(PREDTRACE_EXPORT_DELAY\)"),
+        (env.PREDTRACE_EXPORT_DELAY, "0", r"queue settings \(PREDTRACE_EXPORT_DELAY\)"),
+        (env.PREDTRACE_EXPORT_DELAY, "1e-6", r"queue settings \(PREDTRACE_EXPORT_DELAY\)"),
+        (env.PREDTRACE_QUEUE_SIZE, "10000000", r"queue settings \(PREDTRACE_QUEUE_SIZE\)"),
+        (env.PREDTRACE_SHUTDOWN_TIMEOUT, "inf", "PREDTRACE_SHUTDOWN_TIMEOUT must be a finite"),
+        (env.PREDTRACE_SHUTDOWN_TIMEOUT, "-inf", "PREDTRACE_SHUTDOWN_TIMEOUT must be a finite"),
+        (env.PREDTRACE_COLLECTOR_TIMEOUT, "NaN", "PREDTRACE_COLLECTOR_TIMEOUT must be a finite"),
+        (env.PREDTRACE_SIDECAR_TIMEOUT, "Infinity", "PREDTRACE_SIDECAR_TIMEOUT must be a finite"),
+        (env.PREDTRACE_SAMPLE_RATE, "nan", "PREDTRACE_SAMPLE_RATE must be a finite number"),
     ],
 )
 def test_from_env_names_the_variable_that_does_not_parse(

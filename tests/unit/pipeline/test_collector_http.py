@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,6 +222,64 @@ def test_server_that_never_answers_hits_the_attempt_timeout(collector: FakeColle
     try:
         with pytest.raises(RetryableExportError, match="TimeoutError"):
             exporter.export(OutgoingBatch(_events(1)))
+    finally:
+        exporter.shutdown(1)
+
+
+def test_set_deadline_cuts_the_attempt_in_flight(collector: FakeCollector) -> None:
+    """The collector timeout (here 60 s) outlived the pipeline's shutdown
+    deadline: the deadline given while the POST hangs now ends it."""
+    finished = threading.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(60)
+        finished.set()
+        return web.Response()
+
+    collector.handler = hang
+    exporter = _exporter(collector.url, timeout=60)
+    outcome: list[BaseException] = []
+
+    def export() -> None:
+        try:
+            exporter.export(OutgoingBatch(_events(1)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=export)
+    worker.start()
+    for _ in range(1000):  # the POST reached the collector
+        if collector.bodies:
+            break
+        time.sleep(0.01)
+    assert collector.bodies
+    exporter.set_deadline(0.05)
+    worker.join(30)
+    try:
+        assert not worker.is_alive()
+        assert not finished.is_set()  # cut while the collector still hangs
+        assert len(outcome) == 1 and isinstance(outcome[0], RetryableExportError)
+        assert "deadline" in str(outcome[0])
+    finally:
+        exporter.shutdown(1)
+
+
+def test_a_deadline_bounds_the_next_attempt_until_shutdown_clears_it(
+    collector: FakeCollector,
+) -> None:
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(60)
+        return web.Response()
+
+    collector.handler = hang
+    exporter = _exporter(collector.url, timeout=60)
+    try:
+        exporter.set_deadline(0)
+        with pytest.raises(RetryableExportError, match="deadline"):
+            exporter.export(OutgoingBatch(_events(1)))
+        exporter.shutdown(1)
+        collector.handler = None
+        assert exporter.export(OutgoingBatch(_events(1))).accepted == 1
     finally:
         exporter.shutdown(1)
 

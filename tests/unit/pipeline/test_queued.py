@@ -21,6 +21,7 @@ from predtrace.sidecar.pipeline import (
     QueuedExporter,
     RetryableExportError,
     RetryPolicy,
+    SystemClock,
 )
 from predtrace.sidecar.testing import FakeClock, InMemoryExporter, ScriptedExporter
 from predtrace.wire import PredictionEvent, Rejection
@@ -352,6 +353,19 @@ def test_forked_child_has_a_working_pipeline_and_never_resends_the_parent_queue(
         {"max_queue_size": 10, "max_batch_size": 11},
         {"schedule_delay": 0},
         {"drop": "random"},
+        # NaN made the worker spin a core; inf and 1e10 killed it at its first wait.
+        {"schedule_delay": float("nan")},
+        {"schedule_delay": float("inf")},
+        {"schedule_delay": 1e10},
+        {"schedule_delay": -1.0},
+        {"schedule_delay": 1e-6},  # an idle worker spinning
+        {"stall_grace": float("nan")},
+        {"stall_grace": 0},
+        {"stall_grace": 3601},
+        {"max_queue_size": 10**7},
+        {"max_queue_size": True},
+        {"retry": RetryPolicy(initial_backoff=float("nan"))},
+        {"retry": RetryPolicy(max_backoff=float("inf"))},
     ],
 )
 def test_invalid_queue_config_fails_at_startup(kwargs: dict[str, object]) -> None:
@@ -419,3 +433,252 @@ def test_an_exporter_returning_no_result_drops_the_batch_and_the_worker_survives
     assert (counters["dropped.exporter_error"], counters["exported"]) == (10, 10)
     assert "exporter returned NoneType" in caplog.text
     pipeline.shutdown(timeout=5)
+
+
+def test_queue_config_accepts_its_bounds() -> None:
+    QueueConfig(max_queue_size=1_000_000, max_batch_size=1, schedule_delay=3600, stall_grace=3600)
+    QueueConfig(schedule_delay=0.001, stall_grace=0.001)
+
+
+def _accounted(counters: dict[str, int]) -> bool:
+    """Every event enqueued ended exported or dropped by reason."""
+    dropped = sum(n for key, n in counters.items() if key.startswith("dropped."))
+    return counters["enqueued"] == counters["exported"] + dropped
+
+
+class _Blocking:
+    """Blocks inside export until released; records the deadlines it was given."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.returned = threading.Event()
+        self.deadlines: list[float] = []
+        self.shutdown_calls = 0
+
+    def export(self, batch: OutgoingBatch) -> ExportResult:
+        self.entered.set()
+        self.release.wait(30)
+        self.returned.set()
+        return ExportResult(len(batch.events))
+
+    def set_deadline(self, timeout: float) -> None:
+        self.deadlines.append(timeout)
+
+    def shutdown(self, timeout: float) -> None:
+        self.shutdown_calls += 1
+
+
+def _join_worker(pipeline: QueuedExporter) -> None:
+    assert pipeline._thread is not None
+    pipeline._thread.join(30)
+    assert not pipeline._thread.is_alive()
+
+
+def test_a_hung_export_is_given_up_after_the_grace_and_its_batch_counted_once(
+    make_events: Events,
+) -> None:
+    """Finding t13/t18: the batch in flight at shutdown was in neither exported
+    nor dropped, and a hung collector held every shutdown for the whole deadline."""
+    exporter = _Blocking()
+    config = QueueConfig(max_batch_size=10, schedule_delay=0.01, stall_grace=0.05)
+    pipeline = QueuedExporter(exporter, config)
+    for event in make_events(25):
+        pipeline.emit(event)
+    assert exporter.entered.wait(10)  # 10 in flight, 15 queued
+    pipeline.shutdown(timeout=60)
+    assert not exporter.returned.is_set()  # returned while the export still hangs
+    after = pipeline.counters.snapshot()
+    assert (after["exported"], after["dropped.shutdown"]) == (0, 25)
+    assert _accounted(after)
+    assert exporter.deadlines == [60, 0.0]  # bounded by the deadline, then cut
+    exporter.release.set()
+    _join_worker(pipeline)
+    assert pipeline.counters.snapshot() == after  # the late return is not counted again
+    assert exporter.shutdown_calls == 1  # by the worker, after its export returned
+
+
+def test_at_the_deadline_the_batch_in_flight_is_counted_as_dropped(make_events: Events) -> None:
+    exporter = _Blocking()
+    config = QueueConfig(max_batch_size=10, schedule_delay=0.01, stall_grace=3600)
+    pipeline = QueuedExporter(exporter, config)
+    for event in make_events(25):
+        pipeline.emit(event)
+    assert exporter.entered.wait(10)
+    pipeline.shutdown(timeout=0.2)
+    assert not exporter.returned.is_set()
+    after = pipeline.counters.snapshot()
+    assert (after["exported"], after["dropped.shutdown"]) == (0, 25)
+    assert _accounted(after)
+    exporter.release.set()
+    _join_worker(pipeline)
+    assert pipeline.counters.snapshot() == after
+
+
+class _Refusing:
+    """A collector that is down: every attempt fails, asking for a long backoff."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.failed = threading.Event()
+
+    def export(self, batch: OutgoingBatch) -> ExportResult:
+        self.attempts += 1
+        self.failed.set()
+        raise RetryableExportError("collector unreachable: ClientConnectorError", retry_after=5.0)
+
+    def shutdown(self, timeout: float) -> None:
+        pass
+
+
+def test_a_failing_destination_gets_one_more_try_at_shutdown_then_is_given_up(
+    make_events: Events,
+) -> None:
+    exporter = _Refusing()
+    config = QueueConfig(max_batch_size=10, schedule_delay=0.01, stall_grace=0.05)
+    pipeline = QueuedExporter(exporter, config)
+    for event in make_events(25):
+        pipeline.emit(event)
+    assert exporter.failed.wait(10)  # the batch is in backoff (or entering it)
+    pipeline.shutdown(timeout=12)
+    # At most the one try shutdown triggers: no backoff is waited out.
+    assert exporter.attempts <= 2
+    after = pipeline.counters.snapshot()
+    assert (after["exported"], after["dropped.shutdown"]) == (0, 25)
+    assert _accounted(after)
+    _join_worker(pipeline)
+    assert pipeline.counters.snapshot() == after
+
+
+class _AgedClock(SystemClock):
+    """The real clock, moved on by ``offset``: a test ages what happened so far."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def monotonic(self) -> float:
+        return super().monotonic() + self.offset
+
+
+def test_a_long_failure_is_not_forgiven_when_a_batch_is_dropped_at_the_deadline(
+    make_events: Events,
+) -> None:
+    """The next batch does not restart the grace: the destination has been
+    failing since the first failure after its last answer."""
+    outcomes = iter([100.0, 100.0])  # Retry-After of batch 1: past the deadline at shutdown
+
+    class Down(_Refusing):
+        def export(self, batch: OutgoingBatch) -> ExportResult:
+            self.attempts += 1
+            self.failed.set()
+            raise RetryableExportError("down", retry_after=next(outcomes, 3.0))
+
+    exporter = Down()
+    clock = _AgedClock()
+    config = QueueConfig(max_batch_size=10, schedule_delay=0.01, stall_grace=10.0)
+    pipeline = QueuedExporter(exporter, config, clock=clock)
+    for event in make_events(20):
+        pipeline.emit(event)
+    for _ in range(1000):  # batch 1 failed and is in its backoff of 100 s
+        if pipeline.counters.snapshot()["retried"]:
+            break
+        time.sleep(0.01)
+    assert pipeline.counters.snapshot()["retried"] == 1
+    clock.offset += 60.0  # ... since a minute ago
+    pipeline.shutdown(timeout=30)
+    # Batch 1's try at shutdown is dropped (100 s > 30 s left), batch 2 fails
+    # once and is given up at once, not after another grace with more tries.
+    assert exporter.attempts == 3
+    after = pipeline.counters.snapshot()
+    assert (after["exported"], after["dropped.shutdown"]) == (0, 20)
+    assert _accounted(after)
+    _join_worker(pipeline)
+
+
+def test_a_healthy_destination_keeps_the_deadline_through_a_transient_failure(
+    make_events: Events,
+) -> None:
+    exporter = ScriptedExporter([RetryableExportError("collector answered 503")] * 2)
+    policy = RetryPolicy(initial_backoff=0.001, max_backoff=0.002)
+    config = QueueConfig(max_queue_size=1000, max_batch_size=100, schedule_delay=30.0, retry=policy)
+    pipeline = QueuedExporter(exporter, config)
+    for event in make_events(250):
+        pipeline.emit(event)
+    pipeline.shutdown(timeout=30)
+    after = pipeline.counters.snapshot()
+    assert (after["exported"], after["dropped"], after["retried"]) == (250, 0, 2)
+    assert _accounted(after)
+    assert exporter.shutdown_calls == 1
+
+
+def test_shutdown_gives_up_in_fake_time_when_an_export_outlives_the_grace(
+    make_events: Events,
+) -> None:
+    # The same decision on the pipeline's Clock: the fake clock's wait moves
+    # time on, so shutdown gives up without any real waiting.
+    exporter = _Blocking()
+    clock = FakeClock()
+    config = QueueConfig(max_batch_size=10, schedule_delay=3600, stall_grace=1.0)
+    pipeline = QueuedExporter(exporter, config, clock=clock)
+    for event in make_events(10):
+        pipeline.emit(event)
+    assert exporter.entered.wait(10)
+    pipeline.shutdown(timeout=3600)
+    assert not exporter.returned.is_set()
+    assert pipeline.counters.snapshot()["dropped.shutdown"] == 10
+    assert 1.0 in clock.sleeps  # it waited out the grace, in fake time
+    exporter.release.set()
+    _join_worker(pipeline)
+
+
+class _ClockFailingOnce(SystemClock):
+    """The real clock, except that its first wait raises (as Event.wait(inf) did)."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def wait(self, event: threading.Event, timeout: float | None) -> bool:
+        if not self.failed:
+            self.failed = True
+            raise OverflowError("timestamp out of range for platform time_t")
+        return super().wait(event, timeout)
+
+
+def test_the_worker_survives_an_error_in_a_loop_turn(
+    make_events: Events, caplog: pytest.LogCaptureFixture
+) -> None:
+    exporter = InMemoryExporter()
+    config = QueueConfig(max_batch_size=10, schedule_delay=0.01)
+    pipeline = QueuedExporter(exporter, config, clock=_ClockFailingOnce())
+    with caplog.at_level(logging.WARNING, logger="predtrace.pipeline"):
+        for event in make_events(5):
+            pipeline.emit(event)
+        assert pipeline.force_flush(timeout=10)
+    assert len(exporter.events) == 5
+    assert pipeline.worker_errors == 1
+    assert "export worker error, carrying on: OverflowError" in caplog.text
+    pipeline.shutdown(timeout=5)
+    assert _accounted(pipeline.counters.snapshot())
+
+
+def test_a_batch_lost_to_a_worker_bug_is_counted_and_the_worker_carries_on(
+    make_events: Events,
+) -> None:
+    def garbage_for_e0(event: PredictionEvent) -> PredictionEvent:
+        return "garbage" if event.prediction_id == "e0" else event  # type: ignore[return-value]
+
+    exporter = InMemoryExporter()
+    config = QueueConfig(max_batch_size=5, schedule_delay=0.01)
+    pipeline = QueuedExporter(exporter, config, processors=[garbage_for_e0])
+    for event in make_events(5):
+        pipeline.emit(event)
+    assert pipeline.force_flush(timeout=10)  # the lost batch still counts as handled
+    for event in make_events(5, start=5):
+        pipeline.emit(event)
+    assert pipeline.force_flush(timeout=10)  # the worker is still there
+    assert [e.prediction_id for e in exporter.events] == [f"e{i}" for i in range(5, 10)]
+    counters = pipeline.counters.snapshot()
+    assert (counters["dropped.worker_error"], counters["exported"]) == (5, 5)
+    assert pipeline.worker_errors == 1
+    pipeline.shutdown(timeout=5)
+    assert _accounted(pipeline.counters.snapshot())

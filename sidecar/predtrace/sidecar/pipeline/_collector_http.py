@@ -12,10 +12,12 @@ throwing the batch away), 400/404/413 permanent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import secrets
 import ssl
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -212,18 +214,74 @@ class CollectorHttpExporter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._next_seq = 1
         self._prev_digest = b""
+        # set_deadline comes from another thread (the pipeline's shutdown):
+        # the deadline (time.monotonic) and the running attempt's timeout
+        # scope are shared under this lock.
+        self._lock = threading.Lock()
+        self._deadline: float | None = None
+        self._scope: asyncio.Timeout | None = None
 
     def export(self, batch: OutgoingBatch) -> ExportResult:
-        """Deliver one batch (see the module docstring for the classification)."""
+        """Deliver one batch (see the module docstring for the classification).
+
+        An attempt ends at the collector timeout or at the deadline given to
+        ``set_deadline``, whichever comes first (retryable either way).
+        """
         if batch.payload is None:
             self._seal(batch)
         assert batch.payload is not None  # noqa: S101 - set by _seal
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
-        ack = self._loop.run_until_complete(
-            self._client.send(batch.payload, compressed=self.config.compress)
-        )
+        try:
+            ack = self._loop.run_until_complete(self._send_bounded(batch.payload))
+        except TimeoutError:
+            # Only the deadline's scope raises this: the client turns its own
+            # timeouts into RetryableExportError.
+            raise RetryableExportError("collector attempt cut at the shutdown deadline") from None
         return ExportResult(ack.accepted, ack.rejected, ack.duplicate)
+
+    async def _send_bounded(self, payload: bytes) -> IngestAck:
+        async with asyncio.timeout(None) as scope:
+            with self._lock:
+                self._scope = scope
+                deadline = self._deadline
+            try:
+                if deadline is not None:
+                    self._reschedule(scope, deadline)
+                return await self._client.send(payload, compressed=self.config.compress)
+            finally:
+                with self._lock:
+                    self._scope = None
+
+    def set_deadline(self, timeout: float) -> None:
+        """End the attempt in flight, and every later one, within ``timeout`` seconds.
+
+        Thread-safe: the queued pipeline calls it from its shutdown, with the
+        time left before its deadline, and with 0 when it gives up waiting.
+        ``shutdown`` clears it.
+        """
+        with self._lock:
+            self._deadline = time.monotonic() + max(0.0, timeout)
+            loop = self._loop if self._scope is not None else None
+        if loop is None:
+            return  # no attempt running: the next one reads the deadline
+        # A RuntimeError: the loop was closed meanwhile, nothing left to bound.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._apply_deadline)
+
+    def _apply_deadline(self) -> None:
+        # In the loop's thread, so the scope is not exiting under us.
+        with self._lock:
+            scope, deadline = self._scope, self._deadline
+        if scope is not None and deadline is not None:
+            self._reschedule(scope, deadline)
+
+    @staticmethod
+    def _reschedule(scope: asyncio.Timeout, deadline: float) -> None:
+        when = asyncio.get_running_loop().time() + max(0.0, deadline - time.monotonic())
+        current = scope.when()
+        if current is None or when < current:
+            scope.reschedule(when)
 
     def _seal(self, batch: OutgoingBatch) -> None:
         payload = encode_events_payload(
@@ -242,7 +300,9 @@ class CollectorHttpExporter:
         batch.payload = gzip_bytes(payload) if self.config.compress else payload
 
     def shutdown(self, timeout: float) -> None:
-        """Close the session and the private loop. Safe twice."""
+        """Close the session and the private loop; clear the deadline. Safe twice."""
+        with self._lock:
+            self._deadline = None  # an export after this is bounded by the timeout alone
         if self._loop is None:
             return
         self._loop.run_until_complete(self._client.close())
