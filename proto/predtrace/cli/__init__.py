@@ -8,6 +8,7 @@ A component registers a subcommand by adding one line to ``COMMANDS``.
 from __future__ import annotations
 
 import importlib
+import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import Final
 
@@ -113,3 +114,9 @@ def main() -> None:
     The collector URL comes from --collector or PREDTRACE_COLLECTOR_URL.
     Exit codes: 0 ok, 1 not found or chain broken, 2 usage error.
     """
+    # A terminal or pipe that cannot encode a character (LANG=C, an ASCII
+    # PYTHONIOENCODING) gets a "?" for it, not a UnicodeEncodeError traceback.
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if callable(reconfigure):
+            reconfigure(errors="replace")

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.integration
 DEMO = [sys.executable, "-m", "predtrace.cli", "demo"]
 
 
-def _run(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+def _run(*args: str, timeout: float = 90, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", **extra_env}
     return subprocess.run(
         [*DEMO, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
     )
@@ -97,3 +97,18 @@ def test_demo_rejects_a_nonsense_count() -> None:
     result = _run("--predictions", "0")
     assert result.returncode == 2
     assert "at least 1" in result.stderr
+
+
+def test_the_demo_runs_on_a_terminal_that_cannot_print_its_symbols(tmp_path: Path) -> None:
+    result = _run("--predictions", "3", "--workdir", str(tmp_path), PYTHONIOENCODING="ascii")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "predtrace trace" in result.stdout
+
+
+def test_a_workdir_it_cannot_create_is_named_not_a_traceback(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = _run("--workdir", str(blocker / "demo"))
+    assert result.returncode == 1
+    assert f"cannot use --workdir {blocker / 'demo'}: Not a directory" in result.stderr
+    assert "Traceback" not in result.stderr

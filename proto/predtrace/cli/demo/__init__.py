@@ -58,7 +58,10 @@ def demo(predictions: int, workdir: Path | None, keep_running: bool) -> None:
             workdir = Path(tempfile.mkdtemp(prefix="predtrace-demo-"))
         elif workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="predtrace-")))
-        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise click.ClickException(f"cannot use --workdir {workdir}: {exc.strerror}") from None
         _run(console, workdir, predictions, keep_running, stack)
 
 
