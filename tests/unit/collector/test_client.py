@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -48,9 +49,10 @@ class _Scripted(BaseHTTPRequestHandler):
         """Quiet: the test reads the client's side."""
 
 
-@pytest.fixture
-def scripted() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
+@contextlib.contextmanager
+def _serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 port 0 answering with ``handler``; its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -59,6 +61,12 @@ def scripted() -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+@pytest.fixture
+def scripted() -> Iterator[str]:
+    with _serving(_Scripted) as url:
+        yield url
 
 
 def test_an_answer_larger_than_the_client_reads_is_an_error_not_a_cut_body(scripted: str) -> None:
@@ -118,15 +126,8 @@ class _Busy(BaseHTTPRequestHandler):
 @pytest.fixture
 def busy() -> Iterator[str]:
     _Busy.script, _Busy.bodies = [], []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Busy)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+    with _serving(_Busy) as url:
+        yield url
 
 
 def test_a_busy_or_restarting_collector_is_retried_with_the_same_body(busy: str) -> None:
@@ -209,16 +210,8 @@ class _Other(BaseHTTPRequestHandler):
 def test_an_answer_from_another_json_service_is_an_error_not_a_traceback(
     command: list[str],
 ) -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Other)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+    with _serving(_Other) as url:
         result = CliRunner().invoke(main, [*command, "--collector", url])
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
     assert result.exit_code == 1, result.output
     assert isinstance(result.exception, SystemExit), result.exception
     assert "predtrace: the answer is not" in result.stderr
