@@ -1,15 +1,20 @@
 """Spool faults, in process (T1): RELIABILITY rows 9, 10, 11, 12, 13 (spool points), 14, 15.
 
-Every test works on ``MemoryFileLayer``, which keeps fsynced bytes apart from
+Most tests work on ``MemoryFileLayer``, which keeps fsynced bytes apart from
 written ones, so power loss, torn tails, bit flips, a full disk and crashes at
-named points are exact and fast. Seeded tests print their seed.
+named points are exact and fast. Segment files deleted or cut short behind the
+spool's back are damaged on the real disk, under ``tmp_path``. Seeded tests
+print their seed.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +60,21 @@ def fill(spool: Spool, n: int, per_append: int = 5) -> dict[int, bytes]:
         indexes = spool.append_sync(batch)
         acked.update(zip(indexes, batch, strict=True))
     return acked
+
+
+FRAME = HEADER_SIZE + len(payload(0))  # every record of these tests
+
+
+def segment_firsts(directory: Path) -> list[int]:
+    return sorted(int(p.name[4:24]) for p in directory.glob("seg-*.log"))
+
+
+def read_in_batches(spool: Spool, after: int, per_read: int = 7) -> dict[int, bytes]:
+    got: dict[int, bytes] = {}
+    while records := spool.read(after, max_records=per_read, max_bytes=1 << 40):
+        got.update((r.index, r.payload) for r in records)
+        after = records[-1].index
+    return got
 
 
 # -- row 9: power loss ------------------------------------------------------------------
@@ -396,6 +416,26 @@ def test_a_disk_full_during_rotation_loses_nothing_acknowledged() -> None:
     assert read_all(Spool.open(config(), files=disk)) == acked
 
 
+def test_a_restart_on_a_full_disk_starts_and_ships_what_was_spooled() -> None:
+    # The index is a cache: no room to rewrite it at the start must not keep
+    # the spool, and with it the only way to free the disk, from starting.
+    disk = MemoryFileLayer()
+    spool = Spool.open(config(), files=disk)
+    acked = fill(spool, 400)
+    spool.commit(256, b"s")  # both state slots exist, and later marks fit in them
+    spool.commit(260, b"s")
+    spool.close()
+    disk.capacity = disk.used_bytes()
+    again = Spool.open(config(), files=disk)
+    assert not disk.exists(f"{DIR}/index.tmp"), "a temporary index kept room the spool needs"
+    assert read_all(again, again.hwm) == {i: p for i, p in acked.items() if i > 260}
+    again.commit(400, b"s")  # delivered: the state slot is rewritten in place
+    more = again.append_sync([b"after-the-drain"])  # the released segments made room
+    assert read_all(again, 400) == {more.start: b"after-the-drain"}
+    assert again.counters.dropped == Counter()
+    again.close()
+
+
 # -- row 15: the byte cap ----------------------------------------------------------------
 
 
@@ -424,3 +464,85 @@ def test_the_cap_never_drops_the_segment_of_the_batch_in_flight() -> None:
     assert all(i in kept for i in range(1, 11))
     assert len(kept) + spool.counters.dropped["byte_cap"] == 1010
     spool.close()
+
+
+# -- segment files deleted or cut short behind the spool's back ---------------------------
+
+
+def test_a_sealed_segment_deleted_while_running_is_counted_and_later_ones_still_delivered(
+    tmp_path: Path,
+) -> None:
+    spool = Spool.open(config(directory=str(tmp_path)))
+    acked = fill(spool, 400)
+    first, following = segment_firsts(tmp_path)[1:3]
+    # The shipper is partway through the segment when it vanishes.
+    assert [r.index for r in spool.read(0, max_records=first + 3, max_bytes=1 << 40)][-1] == (
+        first + 3
+    )
+    spool.commit(first + 3, b"m")
+    os.unlink(tmp_path / segment_name(first))
+    lost = range(first + 4, following)
+    got = read_in_batches(spool, first + 3)
+    assert got == {i: p for i, p in acked.items() if i > first + 3 and i not in lost}
+    assert spool.counters.dropped == Counter(missing_segment=len(lost))
+    spool.close()
+    again = Spool.open(config(directory=str(tmp_path)))
+    assert read_all(again, again.hwm) == got
+    assert again.counters.dropped == Counter(), "the lost records were counted again"
+    again.close()
+
+
+@pytest.mark.parametrize("cut", ["emptied", "at-a-record", "mid-record"])
+def test_a_sealed_segment_cut_short_while_running_counts_its_lost_records_once(
+    tmp_path: Path, cut: str
+) -> None:
+    spool = Spool.open(config(directory=str(tmp_path)))
+    acked = fill(spool, 400)
+    first, following = segment_firsts(tmp_path)[1:3]
+    assert [r.index for r in spool.read(0, max_records=first + 3, max_bytes=1 << 40)][-1] == (
+        first + 3
+    )
+    spool.commit(first + 3, b"m")
+    kept = 0 if cut == "emptied" else 20
+    size = kept * FRAME + (FRAME // 2 if cut == "mid-record" else 0)
+    os.truncate(tmp_path / segment_name(first), size)
+    lost = range(max(first + kept, first + 4), following)
+    got = read_in_batches(spool, first + 3)
+    assert got == {i: p for i, p in acked.items() if i > first + 3 and i not in lost}
+    assert spool.counters.dropped == Counter(corrupt=len(lost))
+    reread = read_all(spool, 0)  # from an older mark (the first segment is released)
+    gone = range(first + kept, following)
+    assert reread == {i: p for i, p in acked.items() if i >= first and i not in gone}
+    assert spool.counters.dropped == Counter(corrupt=len(lost)), "a re-read counted again"
+    spool.close()
+    again = Spool.open(config(directory=str(tmp_path)))
+    assert read_all(again, again.hwm) == got
+    assert again.counters.dropped == Counter(), "the lost records were counted again"
+    again.close()
+
+
+@pytest.mark.parametrize("hwm", [0, 100], ids=["nothing-delivered", "delivered-into-it"])
+@pytest.mark.parametrize("index", [True, False], ids=["indexed", "index-lost"])
+@pytest.mark.parametrize("kept", [0, 20], ids=["emptied", "cut-at-a-record"])
+def test_a_sealed_segment_cut_short_between_runs_counts_every_undelivered_record_it_lost(
+    tmp_path: Path, kept: int, index: bool, hwm: int
+) -> None:
+    spool = Spool.open(config(directory=str(tmp_path)))
+    acked = fill(spool, 400)
+    if hwm:
+        spool.commit(hwm, b"m")
+    spool.close()
+    firsts = segment_firsts(tmp_path)
+    first = max(f for f in firsts if f <= 100)  # the second segment, holding record 100
+    following = firsts[firsts.index(first) + 1]
+    assert first > 1
+    os.truncate(tmp_path / segment_name(first), kept * FRAME)
+    if not index:
+        os.unlink(tmp_path / "index")
+    again = Spool.open(config(directory=str(tmp_path)))
+    lost = range(first + kept, following)
+    assert read_all(again, again.hwm) == {
+        i: p for i, p in acked.items() if i > hwm and i not in lost
+    }
+    assert again.counters.dropped == Counter(corrupt=sum(1 for i in lost if i > hwm))
+    again.close()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -171,6 +174,39 @@ def test_a_spool_path_under_a_file_is_unusable_and_the_error_names_path_and_reas
 
 def test_a_second_sidecar_on_the_same_spool_is_refused(tmp_path: Path) -> None:
     first = Spool.open(SpoolConfig(directory=str(tmp_path)))
+    with pytest.raises(SpoolUnusableError, match="in use by another sidecar"):
+        Spool.open(SpoolConfig(directory=str(tmp_path)))
+    first.close()
+    Spool.open(SpoolConfig(directory=str(tmp_path))).close()
+
+
+def test_deleting_every_file_in_the_spool_but_the_segments_does_not_unlock_it(
+    tmp_path: Path,
+) -> None:
+    # A cleanup job that removes stray files must not let a second sidecar in.
+    first = Spool.open(SpoolConfig(directory=str(tmp_path)))
+    for name in os.listdir(tmp_path):
+        if not name.startswith("seg-"):
+            os.unlink(tmp_path / name)
+    with pytest.raises(SpoolUnusableError, match="in use by another sidecar"):
+        Spool.open(SpoolConfig(directory=str(tmp_path)))
+    first.close()
+    Spool.open(SpoolConfig(directory=str(tmp_path))).close()
+
+
+def test_where_directories_cannot_be_locked_a_lock_file_still_keeps_a_second_sidecar_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_flock = fcntl.flock
+
+    def no_directory_locks(fd: int, operation: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):  # as NFS answers flock on a directory
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", no_directory_locks)
+    first = Spool.open(SpoolConfig(directory=str(tmp_path)))
+    assert (tmp_path / "lock").exists()
     with pytest.raises(SpoolUnusableError, match="in use by another sidecar"):
         Spool.open(SpoolConfig(directory=str(tmp_path)))
     first.close()

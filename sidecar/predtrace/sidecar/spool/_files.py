@@ -16,6 +16,9 @@ from typing import Final, Protocol
 
 FAULTS_ENV: Final = "PREDTRACE_SIDECAR_FAULTS"
 
+#: errnos of a write that failed for lack of room: a full disk, a quota, a file-size limit.
+NO_ROOM: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
 #: Every named crash point, in the order a write passes them.
 FAULT_POINTS: Final = (
     "append.after_write",  # records written, not fsynced, not acknowledged

@@ -12,6 +12,7 @@ newest state, never all of it, and the older slot is only ever behind
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 import struct
 from dataclasses import dataclass
@@ -68,21 +69,38 @@ def read_index(files: FileLayer, directory: str) -> dict[int, SegmentMeta] | Non
     return {m.first: m for m in metas}
 
 
-def write_index(
-    files: FileLayer, directory: str, metas: list[SegmentMeta], faults: FaultPoints
-) -> None:
-    """Write the index atomically: temporary file, fsync, rename, fsync the directory."""
-    body = msgpack.packb([[m.first, m.last, m.count, m.size, m.first_ts] for m in metas])
-    tmp = posixpath.join(directory, INDEX_NAME + ".tmp")
-    handle = files.open(tmp, create=True)
+def _write_file(files: FileLayer, path: str, data: bytes) -> None:
+    """Replace the content of ``path`` with ``data`` and fsync it."""
+    handle = files.open(path, create=True)
     try:
         files.truncate(handle, 0)
-        files.pwrite(handle, _frame(_INDEX_MAGIC, body), 0)
+        files.pwrite(handle, data, 0)
         files.fsync(handle)
     finally:
         files.close(handle)
-    faults.hit("index.before_rename")
-    files.rename(tmp, posixpath.join(directory, INDEX_NAME))
+
+
+def write_index(
+    files: FileLayer, directory: str, metas: list[SegmentMeta], faults: FaultPoints
+) -> None:
+    """Write the index atomically: temporary file, fsync, rename, fsync the directory.
+
+    Raises:
+        OSError: the index could not be written; the temporary file is gone
+            and the previous index, if any, is still in place.
+    """
+    body = msgpack.packb([[m.first, m.last, m.count, m.size, m.first_ts] for m in metas])
+    tmp = posixpath.join(directory, INDEX_NAME + ".tmp")
+    try:
+        _write_file(files, tmp, _frame(_INDEX_MAGIC, body))
+        faults.hit("index.before_rename")
+        files.rename(tmp, posixpath.join(directory, INDEX_NAME))
+    except OSError:
+        # A half-written temporary index is of no use, and on a full disk it
+        # holds room the spool needs: remove it before reporting the failure.
+        with contextlib.suppress(OSError):
+            files.unlink(tmp)
+        raise
     files.fsync_dir(directory)
 
 

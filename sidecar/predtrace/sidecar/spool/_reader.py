@@ -2,11 +2,14 @@
 
 The shipper reads the spool front to back; the cursor remembers where the
 last read stopped so the next read continues there instead of rescanning the
-segment. Only the durable part of a segment is ever read.
+segment. Only the durable part of a segment is ever read; a file that ends
+before its durable size was cut short behind the spool's back, and the
+reader reports it (the spool counts what was lost).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -16,6 +19,9 @@ from predtrace.sidecar.spool._record import HEADER_SIZE, Record, scan
 from predtrace.sidecar.spool._segments import Segment
 
 _MAX_CHUNK: Final = 16 * 1024 * 1024
+
+#: Called with a segment found shorter than its durable size and the ``after`` of the read.
+OnCut = Callable[[Segment, int], None]
 
 
 @dataclass(slots=True)
@@ -28,12 +34,24 @@ class _Cursor:
 
 
 class SegmentReader:
-    """Reads one segment at a time; not thread-safe (the shipper is its only user)."""
+    """Reads one segment at a time; not thread-safe (the shipper is its only user).
 
-    def __init__(self, files: FileLayer, config: SpoolConfig, counters: SpoolCounters) -> None:
+    ``on_cut`` hears of a segment whose file ends before its durable size
+    (truncated or emptied while the spool runs); the records before the cut
+    are still returned.
+    """
+
+    def __init__(
+        self,
+        files: FileLayer,
+        config: SpoolConfig,
+        counters: SpoolCounters,
+        on_cut: OnCut | None = None,
+    ) -> None:
         self._files = files
         self._config = config
         self._counters = counters
+        self._on_cut = on_cut
         self._cursor: _Cursor | None = None
         self._counted: dict[str, int] = {}  # damage counted up to this offset, per segment
 
@@ -62,9 +80,12 @@ class SegmentReader:
         chunk = min(_MAX_CHUNK, max(2 * (HEADER_SIZE + limit), max_bytes + max_bytes // 4))
         records: list[Record] = []
         total = 0
+        cut = False
         while offset < seg.durable_size and len(records) < max_records and total < max_bytes:
-            data = self._files.read(seg.path, offset, min(chunk, seg.durable_size - offset))
-            final = offset + len(data) >= seg.durable_size
+            wanted = min(chunk, seg.durable_size - offset)
+            data = self._files.read(seg.path, offset, wanted)
+            cut = len(data) < wanted  # the file ends before its durable size
+            final = cut or offset + len(data) >= seg.durable_size
             result = scan(
                 data,
                 expected_index=expected,
@@ -95,6 +116,8 @@ class SegmentReader:
                 break
         if records:
             self._cursor = _Cursor(seg.path, records[-1].index, offset, expected, in_damage)
+        if cut and self._on_cut is not None:
+            self._on_cut(seg, after)
         return records
 
     def mark_counted(self, path: str, size: int) -> None:

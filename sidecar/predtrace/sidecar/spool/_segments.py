@@ -9,7 +9,6 @@ acknowledged is normal (rule 2).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import posixpath
 import re
@@ -139,11 +138,15 @@ def load_segments(
     config: SpoolConfig,
     counters: SpoolCounters,
     index: dict[int, SegmentMeta] | None,
+    *,
+    hwm: int,
 ) -> tuple[list[Segment], int]:
     """Every segment, the sealed ones from the index when it matches the file.
 
-    Returns the segments and the invalid tail length of the last one (the
-    caller truncates it: that segment becomes the active one again).
+    Records lost from the end of a segment above the high-water mark ``hwm``
+    (damaged, truncated, emptied) are counted as ``corrupt``. Returns the
+    segments and the invalid tail length of the last one (the caller
+    truncates it: that segment becomes the active one again).
     """
     firsts = list_segments(files, directory)
     segments: list[Segment] = []
@@ -166,14 +169,46 @@ def load_segments(
             damaged.add(first)
             _log.warning("spool segment %s has %d damaged trailing bytes", seg.path, tail)
         segments.append(seg)
-    _count_damaged_tails(segments, damaged, counters)
+    _count_lost_ends(segments, index or {}, damaged, hwm, counters)
     return segments, tail
 
 
-def _count_damaged_tails(
-    segments: list[Segment], damaged: set[int], counters: SpoolCounters
+def _count_lost_ends(
+    segments: list[Segment],
+    index: dict[int, SegmentMeta],
+    damaged: set[int],
+    hwm: int,
+    counters: SpoolCounters,
 ) -> None:
-    """Records lost at the damaged end of a sealed segment: the gap before the next one."""
-    for before, after in itertools.pairwise(segments):
-        if before.first in damaged and before.last + 1 < after.first:
-            counters.drop("corrupt", after.first - before.last - 1)
+    """Count the records above ``hwm`` missing from the end of each segment.
+
+    A segment ended where its index row says; without a row, just before
+    the next segment (a gap that may also be a whole lost segment: the two
+    cannot be told apart). Segments the index lists but that are gone are
+    counted by the caller (``missing_segment``); the byte cap counted its
+    drops when it made them.
+    """
+    present = {seg.first for seg in segments}
+    absent = [meta for meta in index.values() if meta.first not in present]
+    for position, seg in enumerate(segments):
+        following = segments[position + 1].first if position + 1 < len(segments) else None
+        row = index.get(seg.first)
+        if row is not None:
+            end = row.last if following is None else min(row.last, following - 1)
+        elif following is not None:
+            end = following - 1
+        else:
+            continue  # the last segment with no row: nothing says where it ended
+        start = max(seg.last, hwm)  # records up to here are on disk or delivered
+        lost = max(0, end - start) - sum(_overlap(meta, start, end) for meta in absent)
+        if lost <= 0:
+            continue
+        if seg.first not in damaged:
+            counters.add("corrupt_regions")
+        counters.drop("corrupt", lost)
+        _log.error("spool segment %s lost its last %d undelivered records", seg.path, lost)
+
+
+def _overlap(meta: SegmentMeta, start: int, end: int) -> int:
+    """How many of the indexes in (start, end] the row ``meta`` holds."""
+    return max(0, min(meta.last, end) - max(meta.first - 1, start))

@@ -6,7 +6,13 @@ them, so an acknowledgement always follows the fsync (RELIABILITY rule 1).
 The shipper reads records in order (never past the last fsync) and, once the
 collector has them, commits a new high-water mark: the mark is made durable
 first and only then are fully delivered segments unlinked (rule 2). At the
-byte cap the oldest segments are dropped and counted.
+byte cap the oldest segments are dropped and counted. A sealed segment
+that vanishes or shrinks while the spool runs is dropped from the reads and
+its undelivered records counted (``missing_segment``, ``corrupt``); the index
+is a cache, so a disk too full to rewrite it stops nothing.
+
+One sidecar per spool: the directory itself is locked (``flock`` on its own
+descriptor), so no file anyone could delete holds the lock.
 """
 
 from __future__ import annotations
@@ -25,7 +31,13 @@ from typing import Final
 from predtrace.sidecar._errors import SpoolUnusableError
 from predtrace.sidecar.pipeline import Clock, SystemClock
 from predtrace.sidecar.spool._config import SpoolConfig, SpoolCounters
-from predtrace.sidecar.spool._files import NO_FAULTS, FaultPoints, FileLayer, OsFileLayer
+from predtrace.sidecar.spool._files import (
+    NO_FAULTS,
+    NO_ROOM,
+    FaultPoints,
+    FileLayer,
+    OsFileLayer,
+)
 from predtrace.sidecar.spool._meta import (
     SegmentMeta,
     SpoolState,
@@ -36,11 +48,19 @@ from predtrace.sidecar.spool._meta import (
 )
 from predtrace.sidecar.spool._reader import SegmentReader
 from predtrace.sidecar.spool._record import Record
-from predtrace.sidecar.spool._segments import Segment, load_segments, segment_name
+from predtrace.sidecar.spool._segments import (
+    Segment,
+    load_segments,
+    scan_segment,
+    segment_name,
+)
 from predtrace.sidecar.spool._writer import SpoolWriter, _Request
 
 _log = logging.getLogger("predtrace.sidecar.spool")
 _LOCK_NAME: Final = "lock"
+# flock on a directory descriptor fails with these where a filesystem (NFS)
+# cannot lock directories: a lock file is the fallback there.
+_NO_DIR_LOCK: Final = frozenset({errno.EBADF, errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP})
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +115,7 @@ class Spool(SpoolWriter):
         self._handle = -1
         self._next_index = 1
         self._lock_fd: int | None = None
-        self._reader = SegmentReader(files, config, self.counters)
+        self._reader = SegmentReader(files, config, self.counters, self._segment_cut)
         self._thread = threading.Thread(target=self._run, name="predtrace-spool", daemon=True)
 
     # -- opening and recovery ---------------------------------------------------
@@ -137,7 +157,8 @@ class Spool(SpoolWriter):
         state, bad = read_state(files, directory)
         self.counters.add("state_slots_bad", bad)
         index = read_index(files, directory)
-        segments, tail = load_segments(files, directory, self.config, self.counters, index)
+        hwm = state.hwm if state is not None else 0
+        segments, tail = load_segments(files, directory, self.config, self.counters, index, hwm=hwm)
         if state is None and bad:
             # Both state slots unreadable: the mark and the shipper's numbering
             # are unknown. Replay everything still on disk (duplicates, never
@@ -155,15 +176,33 @@ class Spool(SpoolWriter):
         self._write_index()
 
     def _lock_directory(self) -> None:
+        """Hold an exclusive flock on the directory for as long as the spool is open.
+
+        A lock file could be unlinked while held, letting a second sidecar
+        lock a new one; the directory cannot be, short of removing the spool.
+        """
         if not isinstance(self._files, OsFileLayer):
             return
-        fd = os.open(posixpath.join(self._dir, _LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self._dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            self._flock(fd)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in _NO_DIR_LOCK:
+                raise
+            fd = os.open(posixpath.join(self._dir, _LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                self._flock(fd)
+            except OSError:
+                os.close(fd)
+                raise
+        self._lock_fd = fd
+
+    def _flock(self, fd: int) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
             raise OSError(errno.EBUSY, "in use by another sidecar process", self._dir) from None
-        self._lock_fd = fd
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
@@ -208,9 +247,10 @@ class Spool(SpoolWriter):
         """Durable records with index > ``after`` in order (blocking: call from a thread).
 
         Damaged records are skipped (and counted); records dropped at the cap
-        are simply absent. Stops at ``max_records``, before the record that
-        would bring the payloads past ``max_bytes`` (the first one is read
-        whatever its size), or after index ``until``.
+        are simply absent, and so are those of a sealed segment deleted or cut
+        short meanwhile (counted). Stops at ``max_records``, before the record
+        that would bring the payloads past ``max_bytes`` (the first one is
+        read whatever its size), or after index ``until``.
         """
         out: list[Record] = []
         total = 0
@@ -220,14 +260,20 @@ class Spool(SpoolWriter):
             seg = self._segment_after(after)
             if seg is None:
                 break
-            records = self._reader.read(
-                seg,
-                after,
-                max_records=max_records - len(out),
-                max_bytes=max_bytes - total,
-                until=until,
-                taken_before=bool(out),
-            )
+            try:
+                records = self._reader.read(
+                    seg,
+                    after,
+                    max_records=max_records - len(out),
+                    max_bytes=max_bytes - total,
+                    until=until,
+                    taken_before=bool(out),
+                )
+            except FileNotFoundError:
+                if not self._forget_missing(seg, after):
+                    raise  # the active segment: nothing to move on to
+                after = max(after, seg.durable_last)
+                continue
             if not records:
                 if out:
                     break  # the next record would pass max_bytes (or this segment is damaged)
@@ -237,6 +283,50 @@ class Spool(SpoolWriter):
             total += sum(len(r.payload) for r in records)
             after = records[-1].index
         return out
+
+    def _forget_missing(self, seg: Segment, after: int) -> bool:
+        """A sealed segment vanished: stop listing it and count what it still held.
+
+        Records up to ``after`` (the reader has them) or the mark are not lost.
+        Returns False for the active segment, which the writer still holds.
+        """
+        with self._lock:
+            listed = self._listed(seg.first)
+            if listed is self._segments[-1]:
+                return False
+            if listed is None:
+                return True  # released or dropped at the cap meanwhile: accounted for there
+            self._segments.remove(listed)
+            lost = listed.unacked(max(after, self._state.hwm))
+        self.counters.drop("missing_segment", lost)
+        _log.error("spool segment %s vanished with %d undelivered records", seg.path, lost)
+        self._write_index()
+        return True
+
+    def _segment_cut(self, seg: Segment, after: int) -> None:
+        """A sealed segment's file got shorter: count the records it lost, list its new end.
+
+        Records up to ``after`` (the reader has them) or the mark are not lost.
+        The index is rewritten so that a restart does not count them again.
+        """
+        fresh, tail = scan_segment(self._files, self._dir, seg.first, self.config, SpoolCounters())
+        with self._lock:
+            listed = self._listed(seg.first)
+            size = fresh.size + tail
+            if listed is None or listed is self._segments[-1] or size >= listed.durable_size:
+                return  # gone, active (the writer's), or already counted
+            lost = max(0, listed.durable_last - max(fresh.last, after, self._state.hwm))
+            listed.size = listed.durable_size = size
+            listed.last = listed.durable_last = fresh.last
+            listed.count = fresh.count
+        self.counters.add("corrupt_regions")
+        self.counters.drop("corrupt", lost)
+        _log.error("spool segment %s was cut short, losing %d undelivered records", seg.path, lost)
+        self._write_index()
+
+    def _listed(self, first: int) -> Segment | None:
+        """The listed segment that starts at ``first`` (call with ``_lock`` held)."""
+        return next((s for s in self._segments if s.first == first), None)
 
     def _segment_after(self, after: int) -> Segment | None:
         with self._lock:
@@ -300,10 +390,18 @@ class Spool(SpoolWriter):
             self._write_index()
 
     def _write_index(self) -> None:
+        """Rewrite the index; without room for it, keep going (it is a cache, rule 5)."""
         with self._index_lock:
             with self._lock:
                 metas = [s.meta() for s in self._segments[:-1]]
-            write_index(self._files, self._dir, metas, self._faults)
+            try:
+                write_index(self._files, self._dir, metas, self._faults)
+            except OSError as exc:
+                if exc.errno not in NO_ROOM:
+                    raise
+                # The next start checks the old index against the files and
+                # rescans what does not match: nothing is lost, only time.
+                _log.warning("spool index not rewritten: %s", exc.strerror or exc)
 
     # -- status and shutdown ------------------------------------------------------
 
