@@ -5,7 +5,10 @@ API (with health checking and reflection), the optional OTLP receiver and
 forwarder, OIP v2 proxies and the metrics listener all feed one ``Intake``;
 one ``Shipper`` delivers the spool. ``stop`` stops accepting, lets in-flight
 requests reach the spool, ships what it can within the drain deadline, and
-leaves the rest durable in the spool for the next start.
+leaves the rest durable in the spool for the next start. A shipper that
+stops on an unexpected error is never left dead behind a sidecar that keeps
+acknowledging: it is logged at once, health turns NOT_SERVING and ``failed``
+is set, on which ``predtrace sidecar serve`` stops and exits non-zero.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from grpc_health.v1 import _async as health_aio  # the package's asyncio service
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from predtrace.sidecar._config import SidecarConfig, parse_hostport
+from predtrace.sidecar._config import SidecarConfig, parse_hostport, producer_id_problem
 from predtrace.sidecar._errors import ConfigError
 from predtrace.sidecar._grpc_api import SERVICE_NAME, GrpcSource
 from predtrace.sidecar._intake import Intake
@@ -37,7 +40,7 @@ from predtrace.sidecar._otlp import OtlpReceiver
 from predtrace.sidecar._otlp_export import OtlpForwarder
 from predtrace.sidecar._processors import DeploymentEnricher, default_processors
 from predtrace.sidecar._shipper import Shipper
-from predtrace.sidecar._status import StatusView, build_status
+from predtrace.sidecar._status import StatusView, build_status, spool_refusal
 from predtrace.sidecar.pipeline import CollectorClient
 from predtrace.sidecar.spool import FaultPoints, FileLayer, OsFileLayer, Spool
 from predtrace.v1 import sidecar_pb2
@@ -47,6 +50,7 @@ _log = logging.getLogger("predtrace.sidecar")
 # What a shipper gets to finish its last step once the drain deadline passed.
 _SHIPPER_EXIT_GRACE_S: Final = 0.5
 PRODUCER_FILE = "producer_id"
+_PRODUCER_FILE_MAX_BYTES = 1024  # an id is at most 200 characters (4 bytes each in UTF-8)
 
 
 def grpc_server_options(config: SidecarConfig) -> list[tuple[str, int]]:
@@ -100,6 +104,10 @@ class SidecarApp:
         self._proxies: list[OipProxy] = []
         self._health = health_aio.HealthServicer()
         self._stopped = False
+        self.failed = asyncio.Event()
+        """Set when the shipper stopped on its own (``failure`` says why)."""
+        self.failure: BaseException | None = None
+        self._failing: asyncio.Task[None] | None = None
         self._credentials, self._ssl_context = _tls(config)
 
     @property
@@ -124,7 +132,7 @@ class SidecarApp:
         self._spool = await asyncio.to_thread(
             Spool.open, config.spool, files=self._files, faults=self._faults
         )
-        self.producer_id = await asyncio.to_thread(self._producer_id)
+        self.producer_id, fresh = await asyncio.to_thread(self._producer_id)
         enricher = DeploymentEnricher(config.deployment)
         intake = Intake(self._spool, default_processors(config.deployment, config.redaction))
         self.intake = intake
@@ -135,8 +143,10 @@ class SidecarApp:
             self.producer_id,
             files=self._files,
             faults=self._faults,
+            fresh_numbering=fresh,
         )
         self._shipper_task = asyncio.create_task(self._shipper.run(), name="predtrace-shipper")
+        self._shipper_task.add_done_callback(self._on_shipper_done)
         await self._start_api(intake)
         if config.otlp_export:
             self._forwarder = OtlpForwarder(
@@ -208,19 +218,40 @@ class SidecarApp:
 
     # -- identity and readiness -------------------------------------------------------
 
-    def _producer_id(self) -> str:
+    def _producer_id(self) -> tuple[str, bool]:
         """The configured id, else the one kept in the spool directory (made once).
 
-        When the spool's state was lost, its seq numbering can no longer be
-        trusted, so the sidecar continues under a derived id (``<id>-r<hex>``,
-        kept in the directory) that can never collide with the old seqs; a
-        token made by ``predtrace collector token --producer <id>`` accepts it.
+        Also whether the id is new to the spool's numbering (its seqs then
+        start at 1). When the spool's state was lost, its seq numbering can
+        no longer be trusted, so the sidecar continues under a derived id
+        (``<id>-r<hex>``, kept in the directory) that can never collide with
+        the old seqs; a token made by ``predtrace collector token --producer
+        <id>`` accepts it.
+
+        A kept id that breaks the ``--producer-id`` rules (a damaged file) is
+        logged and replaced the same way, by a new id whose seqs start at 1:
+        the old id is unknown, so nothing may continue its numbering. That
+        loses nothing: the spooled events go out under the new id, and the
+        sidecar keeps accepting (refusing to start would leave producers
+        unacknowledged until someone repairs the file).
         """
         path = posixpath.join(self.config.spool.directory, PRODUCER_FILE)
-        stored = ""
+        stored, damage = "", None
         if self._files.exists(path):
-            stored = self._files.read(path, 0, 1024).decode("utf-8", "replace").strip()
-        kept, configured = stored, self.config.producer_id
+            stored, damage = _read_producer_file(self._files, path)
+        configured = self.config.producer_id
+        if damage is not None:
+            kept = restarted_producer_id(configured) if configured else _new_producer_id()
+            _log.error(
+                "the producer id kept in %s is not usable (%s); continuing as the new "
+                "producer %s, its seqs from 1",
+                path,
+                damage,
+                kept,
+            )
+            _write_atomic(self._files, path, kept.encode())
+            return kept, True
+        kept = stored
         if configured and not (kept == configured or kept.startswith(configured + "-r")):
             kept = configured
         if not kept:
@@ -231,7 +262,7 @@ class SidecarApp:
             kept = restarted_producer_id(configured or producer_id_base(kept))
         if kept != stored:
             _write_atomic(self._files, path, kept.encode())
-        return kept
+        return kept, False
 
     def _write_ready_file(self, path: str) -> None:
         lines = [self.addresses["grpc"]]
@@ -263,10 +294,29 @@ class SidecarApp:
             next_seq=self.shipper.next_seq,
             oldest_unsent_ns=self.shipper.oldest_unsent_ns,
             intake=self.intake.counters,
+            spool_refusal=spool_refusal(self.spool, self.now_ns()),
             otlp_forward=forwarder,
             oip_dropped=sum(proxy.dropped for proxy in self._proxies),
             oip_invalid_caller_ids=sum(proxy.invalid_caller_ids for proxy in self._proxies),
         )
+
+    def _on_shipper_done(self, task: asyncio.Task[None]) -> None:
+        """The shipper ended: unless stopping, that is a failure the process must not outlive."""
+        if self._stopped or task.cancelled():
+            return
+        error = task.exception()
+        self.failure = error or RuntimeError("the shipper stopped by itself")
+        _log.error(
+            "the shipper stopped on an error; nothing more would be delivered, so the "
+            "sidecar stops accepting events and exits (spooled events ship on the next start)",
+            exc_info=(type(self.failure), self.failure, self.failure.__traceback__),
+        )
+        self.failed.set()
+        self._failing = asyncio.ensure_future(self._not_serving())
+
+    async def _not_serving(self) -> None:
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def status_message(self) -> sidecar_pb2.SidecarStatus:
         """The ``Status`` RPC answer."""
@@ -290,28 +340,7 @@ class SidecarApp:
         for proxy in self._proxies:
             await proxy.close()
         try:
-            if self._shipper is not None and self._shipper_task is not None:
-                # A shipper that already died has nothing to drain.
-                drain = 0.0 if self._shipper_task.done() else self.config.drain_timeout
-                await self._shipper.stop(drain)
-                # A send still in flight (a collector that takes the connection
-                # and never answers) must not hold the exit for the client
-                # timeout: past the deadline it is cancelled; its batch stays
-                # spooled and goes again on the next start.
-                left = max(_SHIPPER_EXIT_GRACE_S, deadline - asyncio.get_running_loop().time())
-                try:
-                    await asyncio.wait_for(self._shipper_task, left)
-                except TimeoutError:
-                    _log.warning(
-                        "a delivery was still in flight at the drain deadline; it was cancelled"
-                        " and its events stay spooled for the next start"
-                    )
-                except asyncio.CancelledError:
-                    pass
-                except Exception:  # noqa: BLE001 - stop must finish closing
-                    # Whatever killed the shipper, the spool still closes
-                    # cleanly and what it holds is shipped on the next start.
-                    _log.exception("the shipper had stopped on an error")
+            await self._stop_shipper(deadline)
             if self._metrics is not None:
                 await self._metrics.stop()
         finally:
@@ -323,6 +352,33 @@ class SidecarApp:
             # use by another) must not remove the running one's ready file.
             with contextlib.suppress(OSError):
                 os.unlink(self.config.ready_file)
+
+    async def _stop_shipper(self, deadline: float) -> None:
+        """Drain until ``deadline``, then cancel a send still in flight."""
+        if self._shipper is None or self._shipper_task is None:
+            return
+        # A shipper that already died has nothing to drain.
+        drain = 0.0 if self._shipper_task.done() else self.config.drain_timeout
+        await self._shipper.stop(drain)
+        # A send still in flight (a collector that takes the connection
+        # and never answers) must not hold the exit for the client
+        # timeout: past the deadline it is cancelled; its batch stays
+        # spooled and goes again on the next start.
+        left = max(_SHIPPER_EXIT_GRACE_S, deadline - asyncio.get_running_loop().time())
+        try:
+            await asyncio.wait_for(self._shipper_task, left)
+        except TimeoutError:
+            _log.warning(
+                "a delivery was still in flight at the drain deadline; it was cancelled"
+                " and its events stay spooled for the next start"
+            )
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # noqa: BLE001 - stop must finish closing
+            # Whatever killed the shipper, the spool still closes
+            # cleanly and what it holds is shipped on the next start.
+            if self.failure is None:  # else logged when it happened
+                _log.exception("the shipper had stopped on an error")
 
 
 def _tls(config: SidecarConfig) -> tuple[grpc.ServerCredentials | None, ssl.SSLContext | None]:
@@ -378,6 +434,18 @@ def _next_port(listen: str) -> str:
 def _new_producer_id() -> str:
     host = socket.gethostname().split(".")[0][:40] or "host"
     return f"sidecar-{host}-{secrets.token_hex(4)}"
+
+
+def _read_producer_file(files: FileLayer, path: str) -> tuple[str, str | None]:
+    """The id kept in ``path``, and what is wrong with it (None when usable)."""
+    if files.size(path) > _PRODUCER_FILE_MAX_BYTES:
+        return "", f"the file is larger than {_PRODUCER_FILE_MAX_BYTES} bytes"
+    try:
+        text = files.read(path, 0, _PRODUCER_FILE_MAX_BYTES).decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return "", "the file is not UTF-8 text"
+    problem = producer_id_problem(text)
+    return (text, None) if problem is None else ("", problem)
 
 
 def _write_atomic(files: FileLayer, path: str, data: bytes) -> None:

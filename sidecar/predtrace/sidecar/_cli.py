@@ -1,7 +1,8 @@
 """``predtrace sidecar serve`` and ``predtrace sidecar status``.
 
 ``serve`` runs the sidecar process until SIGTERM/SIGINT, then drains within
-``--drain-timeout``; ``status`` asks a running sidecar for its spool depth,
+``--drain-timeout`` (and exits 1 at once if the shipper stops on an error,
+so that a supervisor restarts it); ``status`` asks a running sidecar for its spool depth,
 oldest unsent event, last success and lag. Exit codes: 0 ok, 1 the sidecar
 could not start (or could not be reached), 2 usage error.
 """
@@ -51,6 +52,10 @@ def _pairs(values: tuple[str, ...], sep: str, what: str) -> tuple[tuple[str, str
     return tuple(out)
 
 
+def _size_or_none(text: str | None) -> int | None:
+    return None if text is None else parse_size(text)
+
+
 def build_config(options: dict[str, Any], environ: dict[str, str]) -> SidecarConfig:
     """The sidecar config from ``serve``'s options over the environment.
 
@@ -59,12 +64,13 @@ def build_config(options: dict[str, Any], environ: dict[str, str]) -> SidecarCon
         click.BadParameter: a malformed option value.
     """
     edge = options.pop("edge")
-    shipper_overrides = {
+    shipper_overrides: dict[str, Any] = {
         key: value
         for key, value in (
             ("poison_attempts", options.pop("poison_attempts")),
             ("max_batch_events", options.pop("batch_max_events")),
             ("linger", options.pop("batch_linger")),
+            ("quarantine_max_bytes", _size_or_none(options.pop("quarantine_max_bytes", None))),
         )
         if value is not None
     }
@@ -154,6 +160,11 @@ def build_config(options: dict[str, Any], environ: dict[str, str]) -> SidecarCon
     help="Seconds a client has to answer a ping before its connection is closed [20].",
 )
 @click.option("--poison-attempts", type=int, help="Failures before a batch is quarantined [5].")
+@click.option(
+    "--quarantine-max-bytes",
+    help="Byte cap of the spool's quarantine/ directory; oldest batches removed past it "
+    "[a tenth of --spool-max-bytes].",
+)
 @click.option("--batch-max-events", type=int, help="Events per batch to the collector.")
 @click.option("--batch-linger", type=float, help="Seconds to wait for a fuller batch.")
 @click.option("--allow-feature", multiple=True, help="Feature name glob that may leave.")
@@ -213,10 +224,26 @@ async def _serve(config: SidecarConfig, faults: FaultPoints) -> None:
         await app.start()
         tune_gc()
         _log.info("sidecar %s ready: %s", app.producer_id, app.addresses)
-        await stop.wait()
-        _log.info("stopping: draining for up to %.1f s", config.drain_timeout)
+        await _until_stopped_or_failed(stop, app.failed)
+        if app.failure is None:
+            _log.info("stopping: draining for up to %.1f s", config.drain_timeout)
     finally:
         await app.stop()
+    if app.failure is not None:
+        # Never keep acknowledging events nobody delivers: exit, to be restarted.
+        raise SidecarError(
+            f"the shipper stopped on an error ({type(app.failure).__name__}: {app.failure}); "
+            "exiting so that the sidecar is restarted (spooled events ship on the next start)"
+        )
+
+
+async def _until_stopped_or_failed(stop: asyncio.Event, failed: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(failed.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 @sidecar.command()

@@ -20,6 +20,24 @@ from predtrace.sidecar.spool import SpoolConfig
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 MAX_BATCH_EVENTS = 10_000  # the collector's decoder bound (proto/FORMAT.md)
+MAX_PRODUCER_ID_LEN = 200  # room for a restart suffix under the collector's 256
+
+
+def producer_id_problem(producer_id: str) -> str | None:
+    """Why ``producer_id`` cannot name a producer (None when it can).
+
+    One rule for ``--producer-id`` and for the id kept in the spool
+    directory: 1 to 200 printable characters, no surrounding whitespace.
+    """
+    if not producer_id:
+        return "it is empty"
+    if len(producer_id) > MAX_PRODUCER_ID_LEN:
+        return f"it is longer than {MAX_PRODUCER_ID_LEN} characters"
+    if not producer_id.isprintable():
+        return "it holds characters that are not printable"
+    if producer_id != producer_id.strip():
+        return "it starts or ends with whitespace"
+    return None
 
 
 def parse_size(text: str) -> int:
@@ -65,6 +83,8 @@ class ShipperConfig:
         default_factory=lambda: RetryPolicy(initial_backoff=0.5, max_backoff=30.0)
     )
     poison_attempts: int = 5
+    quarantine_max_bytes: int | None = None
+    """Byte cap of ``quarantine/`` (oldest files removed past it); None: a tenth of the spool's."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch_events <= MAX_BATCH_EVENTS:
@@ -79,6 +99,8 @@ class ShipperConfig:
             raise ConfigError("the shipper never gives up for elapsed time: max_attempts=None")
         if self.poison_attempts < 1:
             raise ConfigError("poison_attempts must be >= 1")
+        if self.quarantine_max_bytes is not None and self.quarantine_max_bytes < 0:
+            raise ConfigError("--quarantine-max-bytes must be >= 0")
 
     @classmethod
     def edge(cls, **overrides: Any) -> ShipperConfig:
@@ -239,8 +261,9 @@ class SidecarConfig:
             # A finite, sane range: gRPC takes milliseconds as a C int.
             if not 0.1 <= seconds <= 86_400:
                 raise ConfigError(f"{what} must be between 0.1 and 86400 seconds, not {seconds}")
-        if len(self.producer_id) > 200:
-            raise ConfigError("producer id must be at most 200 characters")
+        problem = producer_id_problem(self.producer_id) if self.producer_id else None
+        if problem is not None:
+            raise ConfigError(f"--producer-id {self.producer_id[:60]!r} is not usable: {problem}")
 
     def tls_files(self) -> tuple[bytes, bytes, bytes | None] | None:
         """(certificate chain, key, client CA or None) read from disk, or None for plaintext.
@@ -278,7 +301,8 @@ class SidecarConfig:
         if not spool_dir:
             raise ConfigError(f"the spool directory is required: --spool or {ev.SPOOL_DIR}")
         token = given.pop("token", None) or environ.get(ev.TOKEN) or None
-        timeout = float(given.pop("collector_timeout", None) or 10.0)
+        seconds = given.pop("collector_timeout", None)
+        timeout = 10.0 if seconds is None else float(seconds)
         collector_ca = given.pop("collector_ca", None) or environ.get(ev.COLLECTOR_CA) or None
         max_bytes = given.pop("spool_max_bytes", None) or environ.get(ev.SPOOL_MAX_BYTES)
         try:
@@ -286,7 +310,7 @@ class SidecarConfig:
                 url=url, token=token, timeout=timeout, ca_file=collector_ca
             )
         except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+            raise ConfigError(f"{_collector_flag(str(exc))}: {exc}") from None
         spool_args: dict[str, Any] = {"directory": spool_dir}
         if max_bytes:
             spool_args["max_bytes"] = parse_size(str(max_bytes))
@@ -311,6 +335,15 @@ class SidecarConfig:
         }
         values.update(given)
         return cls(collector=collector, spool=SpoolConfig(**spool_args), **values)
+
+
+def _collector_flag(problem: str) -> str:
+    """The flag a ``CollectorClientConfig`` complaint is about."""
+    if problem.startswith("collector timeout"):
+        return "--collector-timeout"
+    if "CA file" in problem:
+        return "--collector-ca"
+    return "--collector"
 
 
 def edge_from_env(environ: Mapping[str, str]) -> bool:

@@ -51,6 +51,18 @@ class SidecarMetrics(Collector):
             "retried_batches", "Delivery attempts that failed and were retried", shipper.retried
         )
         yield _counter("quarantined_batches", "Batches moved to quarantine", shipper.quarantined)
+        yield _gauge(
+            "quarantine_bytes", "Bytes of quarantined batches kept", shipper.quarantine_bytes
+        )
+        yield _gauge(
+            "quarantine_byte_cap", "The quarantine's byte cap", shipper.quarantine_byte_cap
+        )
+        yield _counter(
+            "quarantine_evicted_batches",
+            "Quarantined batches removed, oldest first, to stay under the quarantine's cap",
+            shipper.quarantine_evicted,
+        )
+        yield from _spool_counters(view.spool_counters)
         dropped = CounterMetricFamily(
             "predtrace_sidecar_dropped_events", "Events dropped, by reason", labels=["reason"]
         )
@@ -69,6 +81,34 @@ class SidecarMetrics(Collector):
                 "Spans forwarded to the OTLP backend",
                 view.otlp_forward.forwarded,
             )
+
+
+def _spool_counters(counts: dict[str, int]) -> Iterator[Metric]:
+    """Writes the spool refused, and damage it found (a full disk shows here)."""
+    refused = CounterMetricFamily(
+        "predtrace_sidecar_spool_refused_writes",
+        "Spool writes refused, never acknowledged (disk_full: per failed group commit; "
+        "busy: per append while the writer is behind)",
+        labels=["reason"],
+    )
+    for reason in ("disk_full", "busy"):
+        refused.add_metric([reason], counts.get(reason, 0))
+    yield refused
+    yield _counter(
+        "spool_corrupt_regions",
+        "Damaged regions found in spool segments",
+        counts.get("corrupt_regions", 0),
+    )
+    yield _counter(
+        "spool_index_rebuilds",
+        "Spool indexes rebuilt from segments",
+        counts.get("index_rebuilds", 0),
+    )
+    yield _counter(
+        "spool_state_slots_bad",
+        "Spool state slots found unreadable",
+        counts.get("state_slots_bad", 0),
+    )
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -6,16 +6,25 @@ record span, digest) with the spool's state *before* the first send, and
 retries that same byte-identical batch until the collector acknowledges it;
 then it moves the high-water mark. Elapsed time never drops anything: retries
 back off exponentially with full jitter up to a cap, forever. A batch the
-collector refuses (400/413) or keeps failing on (500s, or a crash while
-sending it on N starts in a row) is written to ``quarantine/`` and counted,
-never crash-looped. A refused token (401/403) is not the batch's fault: the
-batch stays spooled and is retried until an operator fixes the token.
+collector refuses (400/413) or keeps failing on (500s, or the sidecar dying
+while it builds or sends the batch on N starts in a row) is written to
+``quarantine/`` and counted, never crash-looped; ``quarantine/`` has its own
+byte cap (oldest files removed past it, counted). Answers that are not about
+the batch never count against it: a refused token (401/403), a URL that is
+no ingest endpoint (404/405, 3xx), a 2xx that is no acknowledgement, a busy
+collector, and a death while the batch waits on the network. The batch stays
+spooled and is retried, with the reason in ``last_error``.
+
+What the shipper has read (the batch in flight, the prefetched next one,
+delivered records whose mark is not yet durable) is pinned in the spool, so
+the byte cap never drops, and counts as lost, records that are then delivered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import posixpath
 import random
@@ -37,11 +46,28 @@ from predtrace.sidecar.spool import FaultPoints, FileLayer, Record, Spool
 from predtrace.wire import IngestAck, batch_digest, gzip_bytes
 
 _log = logging.getLogger("predtrace.sidecar.shipper")
-# Statuses that say "the collector is busy or refuses our token", not "this
-# batch is bad": they never count towards quarantining a batch.
-_BUSY_STATUSES = frozenset({401, 403, 408, 425, 429, 502, 503, 504})
+# 5xx statuses that say "the collector is busy", not "this batch is bad".
+_BUSY_STATUSES = frozenset({502, 503, 504})
+# An attempt out this long is waiting on the network: a death from then on
+# says nothing against the batch (the mark costs one state write, and only
+# when the collector is this slow).
+ON_THE_WIRE_S = 1.0
+# The pin's end while a read is under way: whatever it returns is kept.
+_OPEN_END = 2**62
 Sleep = Callable[[float], Awaitable[None]]
 QUARANTINE_DIR = "quarantine"
+# The quarantine's byte cap when none is configured: this share of the spool's.
+QUARANTINE_SHARE = 0.1
+
+
+def counts_against_batch(exc: RetryableExportError) -> bool:
+    """Whether a failed attempt suggests the batch itself is bad (a 500, not a busy 503).
+
+    Connection errors, 2xx answers that are no acknowledgement, 3xx, 401/403,
+    404/405 and busy statuses say nothing about the batch: it is kept forever.
+    """
+    status = exc.status
+    return status is not None and 500 <= status < 600 and status not in _BUSY_STATUSES
 
 
 class BatchSender(Protocol):
@@ -67,6 +93,9 @@ class ShipperCounters:
     duplicates: int = 0
     quarantined: int = 0
     quarantined_events: int = 0
+    quarantine_bytes: int = 0
+    quarantine_byte_cap: int = 0
+    quarantine_evicted: int = 0
     last_success_ns: int = 0
     last_error: str = ""
     dropped: dict[str, int] = field(default_factory=dict)
@@ -98,7 +127,9 @@ class Shipper:
         sleep: Sleep | None = None,
         faults: FaultPoints | None = None,
         seed: int | None = None,
+        fresh_numbering: bool = False,
     ) -> None:
+        """``fresh_numbering``: the producer id is new, so its seqs start at 1 (no chain)."""
         self.config = config
         self.producer_id = producer_id
         self.counters = ShipperCounters()
@@ -111,8 +142,16 @@ class Shipper:
         self._faults = faults or FaultPoints()
         self._rng = random.Random(seed)  # noqa: S311 - jitter, not secrets
         self._log = RateLimitedLog(_log)
-        self._state = ShipState.decode(b"" if spool.state_lost else spool.meta)
+        fresh = spool.state_lost or fresh_numbering
+        self._state = ShipState.decode(b"" if fresh else spool.meta)
         self._hwm = spool.hwm
+        self._held = spool.hwm  # the last record index the shipper holds (see _hold)
+        self._quarantine_dir = posixpath.join(spool.config.directory, QUARANTINE_DIR)
+        self._quarantined: dict[str, int] = {}  # file name -> bytes, oldest first
+        cap = config.quarantine_max_bytes
+        self.counters.quarantine_byte_cap = (
+            int(spool.config.max_bytes * QUARANTINE_SHARE) if cap is None else cap
+        )
         self._dirty = False
         self._stopping = False
         self._deadline: float | None = None
@@ -133,6 +172,10 @@ class Shipper:
         """Ship until ``stop``; returns when stopped (never raises for delivery errors)."""
         self._loop = asyncio.get_running_loop()
         self._spool.add_listener(self._on_data)
+        try:
+            await asyncio.to_thread(self._scan_quarantine)
+        except OSError as exc:  # counted from the next quarantined batch on
+            _log.error("cannot read %s: %s", self._quarantine_dir, exc.strerror or exc)
         try:
             await self._loop_until_stopped()
         finally:
@@ -222,8 +265,9 @@ class Shipper:
             state = self._state
             plan = await asyncio.to_thread(self._build, records, state.next_seq, state.prev_digest)
         self.oldest_unsent_ns = plan.first_ts_ns
-        # Persisted as "one send started": if the sidecar dies while sending it
-        # on N starts in a row, the batch is the likely cause (poison).
+        # Persisted as "in this process's hands": a death before the first
+        # attempt has been out on the network for a moment counts toward
+        # poison (see _attempt); in steady state it costs no extra write.
         plan.replays = 1
         state = self._state
         # Durable before the first send (a failed write leaves no plan behind).
@@ -241,14 +285,25 @@ class Shipper:
         return records[-1].index < self._spool.stats().next_index - 1
 
     async def _prebuild(self, current: Plan) -> Plan | None:
-        """The full batch after ``current``, built while ``current`` is on the wire."""
-        records = await asyncio.to_thread(
-            self._spool.read,
-            current.last,
-            max_records=self.config.max_batch_events,
-            max_bytes=self.config.max_batch_bytes,
-        )
-        if not records or not self._full(records):
+        """The full batch after ``current``, built while ``current`` is on the wire.
+
+        Its records stay pinned from the read until it is shipped or dropped
+        in favour of a fresh read: the cap must not count them as lost.
+        """
+        records: list[Record] = []
+        self._hold(_OPEN_END)
+        try:
+            records = await asyncio.to_thread(
+                self._spool.read,
+                current.last,
+                max_records=self.config.max_batch_events,
+                max_bytes=self.config.max_batch_bytes,
+            )
+            full = bool(records) and self._full(records)
+        finally:
+            self._hold(records[-1].index if records else current.last)
+        if not full:
+            self._hold(current.last)
             return None
         return await asyncio.to_thread(self._build, records, current.seq + 1, current.digest)
 
@@ -265,13 +320,32 @@ class Shipper:
         return plan
 
     async def _read(self, until: int | None = None) -> list[Record]:
-        return await asyncio.to_thread(
-            self._spool.read,
-            self._hwm,
-            max_records=self.config.max_batch_events,
-            max_bytes=self.config.max_batch_bytes,
-            until=until,
-        )
+        """The next records after the mark, pinned from before the read (see ``_hold``)."""
+        records: list[Record] = []
+        self._hold(_OPEN_END if until is None else until)
+        try:
+            records = await asyncio.to_thread(
+                self._spool.read,
+                self._hwm,
+                max_records=self.config.max_batch_events,
+                max_bytes=self.config.max_batch_bytes,
+                until=until,
+            )
+        finally:
+            self._hold(records[-1].index if records else self._hwm)
+        return records
+
+    def _hold(self, last: int) -> None:
+        """Pin every record from the durable mark to ``last`` against the byte cap.
+
+        Those are in the shipper's hands: delivered ones whose mark is not yet
+        durable, the batch in flight and the prefetched next one. The cap
+        would count them as dropped and they would be delivered all the same.
+        A read pins an open range first (``_OPEN_END``), then what it returned.
+        """
+        self._held = last
+        first = self._spool.hwm + 1
+        self._spool.pin((first, last) if last >= first else None)
 
     def _build(self, records: list[Record], seq: int, prev_digest: bytes) -> Plan:
         """Assemble and compress a batch (runs in a thread: it is the big encode)."""
@@ -296,8 +370,20 @@ class Shipper:
         )
 
     async def _resume(self, plan: Plan) -> None:
-        """Rebuild the persisted plan byte for byte, or quarantine it if it crash-loops."""
-        self._spool.pin((plan.first, plan.last))
+        """Rebuild the persisted plan byte for byte, or quarantine it if it crash-loops.
+
+        ``plan.replays`` counts the starts that died with the batch in their
+        hands (rebuilding, encoding, about to send). It is made durable before
+        the work, so a death in the work counts; ``_attempt`` clears it once
+        an attempt has been out on the network for a moment, so a death while
+        waiting on the collector (a stalled uplink) does not.
+        """
+        self._hold(plan.last)
+        state = self._state
+        poisoned = plan.replays >= self.config.poison_attempts
+        if not poisoned:
+            plan = dataclasses.replace(plan, replays=plan.replays + 1)
+            await self._commit(ShipState(state.next_seq, state.prev_digest, plan))
         records = await asyncio.to_thread(
             self._spool.read, self._hwm, max_records=2**31, max_bytes=2**62, until=plan.last
         )
@@ -315,30 +401,29 @@ class Shipper:
             self._state = ShipState(plan.seq + 1, plan.digest, None)
             self._dirty = True
             return
-        if plan.replays >= self.config.poison_attempts:
+        rebuilt.replays = plan.replays
+        if poisoned:
             # Quarantine the rebuilt bytes: the persisted plan has no payload,
             # and the quarantine file is the only copy once the marks move on.
-            rebuilt.replays = plan.replays
-            await self._quarantine(rebuilt, f"the sidecar died {plan.replays} times sending it")
+            reason = f"the sidecar died {plan.replays} times building or sending it"
+            await self._quarantine(rebuilt, reason)
             return
-        rebuilt.replays = plan.replays + 1
         self.oldest_unsent_ns = rebuilt.first_ts_ns
-        # The count of starts is durable before this start sends (poison detection).
-        state = self._state
-        await self._commit(ShipState(state.next_seq, state.prev_digest, rebuilt))
+        # The same plan as the one just persisted, now with its bytes.
+        self._state = ShipState(state.next_seq, state.prev_digest, rebuilt)
 
     # -- sending --------------------------------------------------------------------
 
     async def _ship(self, plan: Plan) -> None:
         assert plan.body is not None  # noqa: S101 - plans in memory always carry their body
-        self._spool.pin((plan.first, plan.last))
+        self._hold(max(self._held, plan.last))
         if self._prefetch is None:
             self._prefetch = asyncio.create_task(self._prebuild(plan))
         failures, retry = 0, 0
         while not self._stopping:
             self._faults.hit("shipper.before_send")
             try:
-                ack = await self._sender.send(plan.body, compressed=self.config.compress)
+                ack = await self._attempt(plan)
             except asyncio.CancelledError:
                 # Cancelled at the drain deadline (SIGTERM): a stop, not a
                 # crash while sending, so it must not count toward poison.
@@ -351,7 +436,7 @@ class Shipper:
                 if plan.replays:
                     plan.replays = 0  # it did not kill us: not a crash loop
                     await self._persist()
-                failures += exc.status is not None and exc.status not in _BUSY_STATUSES
+                failures += counts_against_batch(exc)
                 if failures >= self.config.poison_attempts:
                     await self._quarantine(plan, f"{failures} failed attempts: {exc}")
                     return
@@ -366,6 +451,32 @@ class Shipper:
             self._faults.hit("shipper.after_ack")
             self._complete(plan, ack)
             return
+
+    async def _attempt(self, plan: Plan) -> IngestAck:
+        """Send once; once the attempt has been out a moment, clear the plan's death count.
+
+        A sidecar killed while the collector (or a stalled uplink) holds the
+        request did not die of the batch: that death must not count toward
+        quarantining it. A collector that answers within ``ON_THE_WIRE_S``
+        costs no extra state write.
+        """
+        assert plan.body is not None  # noqa: S101 - plans in memory always carry their body
+        send = asyncio.ensure_future(self._sender.send(plan.body, compressed=self.config.compress))
+        try:
+            if plan.replays:
+                done, _ = await asyncio.wait({send}, timeout=ON_THE_WIRE_S)
+                if not done:
+                    await self._clear_replays(plan)
+            return await send
+        finally:
+            send.cancel()  # only still running when this attempt was cancelled
+
+    async def _clear_replays(self, plan: Plan) -> None:
+        plan.replays = 0
+        try:
+            await self._persist()
+        except OSError as exc:  # the count stays durable: a later death may count, no loss
+            self._log.warning("state", "could not mark the batch as sent: %s", exc.strerror)
 
     def _note_retry(self, exc: RetryableExportError) -> None:
         self.counters.retried += 1
@@ -402,32 +513,48 @@ class Shipper:
         """The batch is done (delivered or quarantined): move the marks past it."""
         self._hwm = plan.last
         self._state = ShipState(plan.seq + 1, plan.digest, None)
-        self._spool.pin(None)
+        self._hold(max(self._held, plan.last))  # pinned until the new mark is durable
         self._dirty = True
 
     async def _quarantine(self, plan: Plan, reason: str) -> None:
-        name = posixpath.join(
-            self._spool.config.directory, QUARANTINE_DIR, f"{plan.seq:020d}.msgpack"
-        )
+        name = f"{plan.seq:020d}.msgpack"
+        path = posixpath.join(self._quarantine_dir, name)
+        payload = plan.payload or b""
         try:
-            await asyncio.to_thread(self._write_quarantine, name, plan.payload or b"")
+            await asyncio.to_thread(self._write_quarantine, name, payload)
         except OSError as exc:
             # The file is the batch's only copy once the marks move past it:
             # keep the batch spooled; the loop backs off and tries again.
-            _log.error("could not write quarantined batch %s: %s", name, exc.strerror)
+            _log.error("could not write quarantined batch %s: %s", path, exc.strerror)
             raise
-        self.counters.quarantined += 1
-        self.counters.quarantined_events += plan.events
-        self.counters.drop("quarantined", plan.events)
-        _log.error(
-            "batch seq %d (%d events) quarantined to %s: %s", plan.seq, plan.events, name, reason
-        )
+        c = self.counters
+        c.quarantined += 1
+        c.quarantined_events += plan.events
+        c.drop("quarantined", plan.events)
+        c.last_error = f"batch seq {plan.seq} ({plan.events} events) quarantined: {reason}"
+        _log.error("%s; kept in %s", c.last_error, path)
         self._advance(plan)
         await self._persist()
 
-    def _write_quarantine(self, path: str, payload: bytes) -> None:
-        directory = posixpath.dirname(path)
+    def _scan_quarantine(self) -> None:
+        """Count the files a previous run quarantined (oldest first), then apply the cap."""
+        directory = self._quarantine_dir
+        try:
+            names = self._files.listdir(directory)
+        except FileNotFoundError:
+            return  # nothing was ever quarantined here
+        for name in sorted(names):
+            if name.endswith(".msgpack"):
+                self._quarantined[name] = self._files.size(posixpath.join(directory, name))
+        self.counters.quarantine_bytes = sum(self._quarantined.values())
+        self._evict_quarantine(0)
+
+    def _write_quarantine(self, name: str, payload: bytes) -> None:
+        """Write ``payload`` durably as ``name``, first removing the oldest files past the cap."""
+        directory = self._quarantine_dir
+        path = posixpath.join(directory, name)
         self._files.makedirs(directory)
+        self._evict_quarantine(len(payload), keep=name)
         handle = self._files.open(path, create=True)
         try:
             self._files.truncate(handle, 0)
@@ -436,6 +563,43 @@ class Shipper:
         finally:
             self._files.close(handle)
         self._files.fsync_dir(directory)
+        self._quarantined.pop(name, None)
+        self._quarantined[name] = len(payload)
+        self.counters.quarantine_bytes = sum(self._quarantined.values())
+
+    def _evict_quarantine(self, incoming: int, keep: str = "") -> None:
+        """Remove the oldest quarantined files until ``incoming`` more bytes fit the cap.
+
+        The newest batch is always kept, even alone over the cap. Removed
+        batches are counted (``quarantine_evicted``); their events were
+        counted as dropped when they were quarantined.
+        """
+        c = self.counters
+        files = self._quarantined
+        total = sum(size for name, size in files.items() if name != keep)
+        removed = 0
+        for name in [name for name in files if name != keep]:
+            if total + incoming <= c.quarantine_byte_cap:
+                break
+            try:
+                self._files.unlink(posixpath.join(self._quarantine_dir, name))
+            except FileNotFoundError:
+                pass  # removed by an operator meanwhile
+            except OSError as exc:
+                _log.error("cannot remove quarantined batch %s: %s", name, exc.strerror)
+                break
+            total -= files.pop(name)
+            removed += 1
+        if removed:
+            c.quarantine_evicted += removed
+            c.quarantine_bytes = sum(files.values())
+            self._files.fsync_dir(self._quarantine_dir)
+            self._log.warning(
+                "quarantine_cap",
+                "quarantine at its byte cap (%d bytes): removed %d oldest batches",
+                c.quarantine_byte_cap,
+                removed,
+            )
 
     # -- persistence and waiting ----------------------------------------------------
 
@@ -451,6 +615,7 @@ class Shipper:
             raise
         self._state = state
         self._dirty = False
+        self._hold(self._held)  # what is durably delivered needs no pin
 
     async def _persist_if_dirty(self) -> None:
         if self._dirty:

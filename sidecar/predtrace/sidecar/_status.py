@@ -1,7 +1,9 @@
 """The running sidecar's status: one view for the Status RPC, the CLI and the metrics.
 
 Spool depth, the oldest unsent event, the last success and the lag, and
-every counter (dropped by reason) are read from the live process.
+every counter (dropped by reason) are read from the live process. A write
+the spool refused lately (a full disk, a writer that is behind) shows in
+``last_error`` next to the shipper's latest delivery error.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from predtrace.v1 import sidecar_pb2
 
 if TYPE_CHECKING:
     from predtrace.sidecar._otlp_export import ForwarderCounters
+    from predtrace.sidecar.spool import Spool
+
+# A refused spool write shows in the status for this long after the latest one.
+REFUSAL_SHOWN_NS = 60 * 10**9
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +37,7 @@ class StatusView:
     next_seq: int
     oldest_unsent_ns: int
     intake: IntakeCounters
+    spool_refusal: str = ""
     otlp_forward: ForwarderCounters | None = None
     oip_dropped: int = 0
     oip_invalid_caller_ids: int = 0
@@ -69,11 +76,24 @@ def build_status(view: StatusView) -> sidecar_pb2.SidecarStatus:
         retried_batches=view.shipper.retried,
         quarantined_batches=view.shipper.quarantined,
         collector_url=view.collector_url,
-        last_error=view.shipper.last_error,
+        last_error="; ".join(e for e in (view.spool_refusal, view.shipper.last_error) if e),
     )
     for reason, count in view.dropped().items():
         message.dropped[reason] = count
     return message
+
+
+def spool_refusal(spool: Spool, now_ns: int) -> str:
+    """What the spool refused within the last minute, with the counts so far ("" if nothing)."""
+    latest = spool.last_refusal
+    if latest is None or now_ns - latest[0] > REFUSAL_SHOWN_NS:
+        return ""
+    counts = spool.counters.snapshot()
+    ago = max(0.0, (now_ns - latest[0]) / 1e9)
+    return (
+        f"the spool refused a write {ago:.0f} s ago: {latest[1]} "
+        f"(refused so far: disk full {counts.get('disk_full', 0)}, busy {counts.get('busy', 0)})"
+    )
 
 
 def status_to_dict(

@@ -436,3 +436,61 @@ def test_a_batch_that_crashes_the_sidecar_on_every_start_is_quarantined_and_data
         assert status["quarantined_batches"] == 1
         assert status["dropped"]["quarantined"] == 20
         sidecar.stop()
+
+
+# -- answers that are not about the batch; unusable settings -----------------------------
+
+
+def test_a_collector_url_with_a_wrong_path_prefix_quarantines_nothing_and_says_why(
+    tmp_path: Path,
+) -> None:
+    # Behind a reverse proxy the URL gets a prefix the collector does not
+    # serve: every POST answers 404. That is the URL's fault, not the
+    # batches': they stay spooled, with the reason in the status, and are
+    # all delivered once the URL is fixed.
+    book = oracle()
+    collector = start_collector(tmp_path)
+    wrong = f"http://{collector.address}/predtrace"
+    sidecar = start_sidecar(tmp_path, wrong, "--poison-attempts", "2")
+    with running(collector, sidecar):
+        producer = Producer(book, sidecar.address, "prefix")
+        for _ in range(3):
+            assert producer.send_once() == 20
+        eventually_sync(lambda: json.loads(_status(sidecar.address))["retried_batches"] >= 3)
+        view = json.loads(_status(sidecar.address))
+        assert view["quarantined_batches"] == 0
+        assert view["spool_records"] == 60
+        assert "404" in view["last_error"] and "not an ingest endpoint" in view["last_error"]
+        assert not (tmp_path / "spool" / "quarantine").exists()
+        assert sidecar.stop() == 0
+        fixed = start_sidecar(tmp_path, f"http://{collector.address}")
+        with running(fixed):
+            wait_delivered(collector.address, book.acked)
+            check(collector.address, book)
+            fixed.stop()
+        collector.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("--collector-timeout", "inf"), "--collector-timeout"),
+        (("--collector-timeout", "nan"), "--collector-timeout"),
+        (("--collector-timeout", "0"), "--collector-timeout"),
+        (("--collector", "http://127.0.0.1:99999"), "invalid port"),
+    ],
+)
+def test_an_unusable_collector_setting_exits_2_naming_it(
+    tmp_path: Path, args: tuple[str, str], says: str
+) -> None:
+    result = subprocess.run(
+        [
+            *(PREDTRACE, "sidecar", "serve", "--listen", "127.0.0.1:0"),
+            *("--collector", "http://127.0.0.1:9", "--spool", str(tmp_path / "spool"), *args),
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert says in result.stderr.decode()

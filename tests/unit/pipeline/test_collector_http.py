@@ -155,7 +155,7 @@ def test_transient_statuses_are_retryable_with_retry_after(
     assert info.value.retry_after == 7.0
 
 
-@pytest.mark.parametrize("status", [400, 404, 413])
+@pytest.mark.parametrize("status", [400, 409, 413])
 def test_client_errors_are_permanent_with_the_reason(collector: FakeCollector, status: int) -> None:
     async def refuse(request: web.Request) -> web.Response:
         return web.Response(status=status, text="events must be an array")
@@ -389,3 +389,52 @@ def test_parse_retry_after_reads_seconds_and_dates() -> None:
 def test_a_missing_ca_file_fails_at_startup(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="CA file"):
         CollectorClientConfig(url="https://collector:8443", ca_file=str(tmp_path / "nope.pem"))
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308, 404, 405])
+def test_an_answer_from_no_ingest_endpoint_is_retryable_and_names_the_url(
+    collector: FakeCollector, status: int
+) -> None:
+    # A wrong path prefix, a proxy or a captive portal: not the batch's fault.
+    async def elsewhere(request: web.Request) -> web.Response:
+        return web.Response(status=status, headers={"Location": "/v1/batches"}, text="moved")
+
+    collector.handler = elsewhere
+    exporter = _exporter(collector.url, token="s3cret")
+    try:
+        with pytest.raises(RetryableExportError, match="not an ingest endpoint") as info:
+            exporter.export(OutgoingBatch(_events(1)))
+    finally:
+        exporter.shutdown(1)
+    assert info.value.status == status
+    assert f"{collector.url}/v1/batches" in str(info.value)
+    assert len(collector.bodies) == 1, "a redirect is never followed (nor the token resent)"
+
+
+def test_a_2xx_that_is_no_ack_is_retryable_not_permanent(collector: FakeCollector) -> None:
+    async def portal(request: web.Request) -> web.Response:
+        return web.Response(text="<html>log in to the wifi</html>", content_type="text/html")
+
+    collector.handler = portal
+    exporter = _exporter(collector.url)
+    try:
+        with pytest.raises(RetryableExportError, match="unreadable ack") as info:
+            exporter.export(OutgoingBatch(_events(1)))
+    finally:
+        exporter.shutdown(1)
+    assert info.value.status == 200
+
+
+@pytest.mark.parametrize("timeout", [0.0, -1.0, float("nan"), float("inf"), 3601.0])
+def test_an_unusable_collector_timeout_fails_at_startup(timeout: float) -> None:
+    with pytest.raises(ValueError, match="collector timeout must be > 0 and at most 3600"):
+        CollectorClientConfig(url="http://127.0.0.1:8700", timeout=timeout)
+    assert CollectorClientConfig(url="http://127.0.0.1:8700", timeout=3600).timeout == 3600
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:99999", "http://127.0.0.1:0", "http://h:port", "http://[::1]:70000"]
+)
+def test_a_collector_url_with_an_invalid_port_fails_at_startup(url: str) -> None:
+    with pytest.raises(ValueError, match="invalid port"):
+        CollectorClientConfig(url=url)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+from click.testing import CliRunner
+
+from predtrace.cli import main
+from predtrace.sidecar._batch import encode_event
 from predtrace.sidecar._cli import build_config
 from predtrace.sidecar._config import (
     DeploymentConfig,
@@ -12,9 +17,12 @@ from predtrace.sidecar._config import (
     SidecarConfig,
     parse_hostport,
     parse_size,
+    producer_id_problem,
 )
 from predtrace.sidecar._errors import ConfigError
 from predtrace.sidecar._processors import DeploymentEnricher, RedactionProcessor
+from predtrace.sidecar.pipeline import CollectorClient
+from predtrace.sidecar.spool import Spool, SpoolConfig
 from predtrace.wire import DeploymentRef, OutputSummary, PredictionEvent
 
 BASE = {"PREDTRACE_COLLECTOR_URL": "http://127.0.0.1:8700", "PREDTRACE_SPOOL_DIR": "/var/spool/p"}
@@ -28,6 +36,7 @@ def options(**kw: object) -> dict[str, object]:
             "producer_id", "spool_max_bytes", "spool_segment_bytes", "otlp_listen",
             "otlp_http_listen", "otlp_export", "metrics_listen", "max_message_bytes",
             "drain_timeout", "poison_attempts", "batch_max_events", "batch_linger",
+            "quarantine_max_bytes",
         )
     }  # fmt: skip
     values.update(edge=None, otlp_export_headers=(), oip_proxies=(), allow_feature=())
@@ -158,3 +167,94 @@ def test_with_empty_allow_lists_no_feature_or_attribute_leaves() -> None:
         PredictionEvent("p", features={"a": 1.0}, attributes={"b": "c"})
     )
     assert (event.features, event.attributes) == ({}, {})
+
+
+@pytest.mark.parametrize("seconds", [0.0, -2.0, float("nan"), float("inf"), 7200.0])
+def test_an_unusable_collector_timeout_is_a_usage_error_naming_the_flag(seconds: float) -> None:
+    with pytest.raises(ConfigError, match="--collector-timeout"):
+        build_config(options(collector_timeout=seconds), BASE)
+
+
+def test_a_collector_timeout_is_taken_as_given() -> None:
+    assert build_config(options(collector_timeout=0.25), BASE).collector.timeout == 0.25
+    assert build_config(options(), BASE).collector.timeout == 10.0
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999", "http://127.0.0.1:0", "http://h:x"])
+def test_a_collector_url_with_an_invalid_port_is_a_usage_error(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"--collector: .*invalid port"):
+        build_config(options(collector_url=url), BASE)
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--collector-timeout", "inf"], "--collector-timeout"),
+        (["--collector-timeout", "nan"], "--collector-timeout"),
+        (["--collector-timeout", "0"], "--collector-timeout"),
+        (["--collector", "http://127.0.0.1:99999"], "invalid port"),
+        (["--producer-id", "a" * 201], "--producer-id"),
+        (["--quarantine-max-bytes", "lots"], "not a size"),
+    ],
+)
+def test_serve_refuses_unusable_values_with_exit_2(
+    tmp_path: Path, args: list[str], says: str
+) -> None:
+    base = ["sidecar", "serve", "--listen", "127.0.0.1:0", "--spool", str(tmp_path / "spool")]
+    base += ["--collector", "http://127.0.0.1:8700"]
+    result = CliRunner().invoke(main, [*base, *args])
+    assert result.exit_code == 2, result.output
+    assert says in result.output
+
+
+@pytest.mark.parametrize(
+    ("producer_id", "problem"),
+    [
+        ("edge-7", None),
+        ("dev 7 x", None),
+        ("a" * 200, None),
+        ("", "it is empty"),
+        ("a" * 201, "longer than 200"),
+        ("edge\x007", "not printable"),
+        ("edge\n7", "not printable"),
+        ("\ufffd" * 3 + "\x00", "not printable"),
+        (" edge", "whitespace"),
+    ],
+)
+def test_producer_ids_follow_one_rule(producer_id: str, problem: str | None) -> None:
+    found = producer_id_problem(producer_id)
+    assert (found is None) if problem is None else (problem in (found or "")), found
+    if problem is not None and producer_id:
+        with pytest.raises(ConfigError, match="--producer-id"):
+            build_config(options(producer_id=producer_id), BASE)
+
+
+def test_the_quarantine_cap_flag_parses_a_size() -> None:
+    config = build_config(options(quarantine_max_bytes="2MiB"), BASE)
+    assert config.shipper.quarantine_max_bytes == 2 * 1024**2
+    assert build_config(options(), BASE).shipper.quarantine_max_bytes is None
+
+
+def test_serve_exits_1_at_once_when_the_shipper_stops_on_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Never a sidecar that keeps acknowledging with a dead shipper: it exits,
+    # non-zero, without waiting for a signal, and a supervisor restarts it.
+    spool = Spool.open(SpoolConfig(directory=str(tmp_path / "spool")))
+    spool.append_sync([encode_event(PredictionEvent(prediction_id="waiting"))])
+    spool.close()
+
+    async def broken_send(self: object, body: bytes, *, compressed: bool) -> object:
+        raise ValueError("a bug in the sender")
+
+    monkeypatch.setattr(CollectorClient, "send", broken_send)
+    args = ["sidecar", "serve", "--listen", "127.0.0.1:0", "--spool", str(tmp_path / "spool")]
+    args += ["--collector", "http://127.0.0.1:8700", "--producer-id", "edge-1"]
+    result = CliRunner().invoke(main, [*args, "--drain-timeout", "1", "--batch-linger", "0"])
+    assert result.exit_code == 1, result.output
+    assert "the shipper stopped on an error (ValueError: a bug in the sender)" in result.output
+    again = Spool.open(SpoolConfig(directory=str(tmp_path / "spool")))
+    try:
+        assert again.stats().records == 1, "the event stays spooled for the next start"
+    finally:
+        again.close()

@@ -687,3 +687,80 @@ async def test_an_event_of_empty_additional_models_is_refused_and_its_batch_stil
     ]
     await eventually(lambda: len(running.collector.events()) == 10)
     assert running.app._shipper.counters.quarantined == 0
+
+
+_DAMAGED_IDS = {
+    "binary": b"\xff\xfe" * 600,
+    "long": b"a" * 900,
+    "empty": b"",
+    "newline-only": b"\n",
+    "control": b"edge\x007",
+}
+
+
+async def _record_and_ship(running: Running, n: int, start: int) -> None:
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        stub = sidecar_pb2_grpc.SidecarStub(channel)
+        await stub.RecordBatch(sidecar_pb2.RecordBatchRequest(events=proto_events(n, start)))
+    shipper = running.app.shipper
+    await eventually(lambda: shipper.counters.exported >= n)
+
+
+@pytest.mark.parametrize("damage", sorted(_DAMAGED_IDS))
+@pytest.mark.parametrize("configured", ["", "plant-7"])
+async def test_a_damaged_producer_id_file_gives_a_new_valid_id_whose_seqs_start_at_one(
+    start_sidecar: StartSidecar, damage: str, configured: str
+) -> None:
+    disk = MemoryFileLayer()
+    spool = SpoolConfig(directory="/spool")
+    first = await start_sidecar(files=disk, spool=spool, producer_id=configured)
+    await _record_and_ship(first, 3, 0)
+    old_id = first.app.producer_id
+    await first.app.stop()
+    disk.write_file("/spool/producer_id", _DAMAGED_IDS[damage])
+    second = await start_sidecar(files=disk, spool=spool, producer_id=configured)
+    new_id = second.app.producer_id
+    await _record_and_ship(second, 3, 100)
+    assert new_id != old_id
+    assert 0 < len(new_id) <= 200 and new_id.isprintable(), new_id
+    if configured:  # what `predtrace collector token --producer plant-7` accepts
+        assert re.fullmatch(r"plant-7-r[0-9a-f]{6}", new_id), new_id
+    # A new producer: its own numbering from seq 1, nothing quarantined, nothing lost.
+    stored = second.collector.stored[(new_id, 1)].batch.events
+    assert [e.prediction_id for e in stored] == [f"p{i:05d}" for i in range(100, 103)]
+    assert second.app.shipper.counters.quarantined == 0
+    assert disk.read("/spool/producer_id", 0, 1024) == new_id.encode()
+
+
+async def test_a_shipper_that_stops_on_an_unexpected_error_turns_the_sidecar_not_serving(
+    collector: FakeCollector,
+) -> None:
+    config = SidecarConfig(
+        collector=CollectorClientConfig(url=collector.url, timeout=2),
+        spool=SpoolConfig(directory="/spool"),
+        listen="127.0.0.1:0",
+        producer_id="broken",
+        shipper=ShipperConfig(linger=0.01),
+        drain_timeout=1.0,
+    )
+    app = SidecarApp(config, files=MemoryFileLayer())
+
+    async def broken_send(body: bytes, *, compressed: bool) -> object:
+        raise ValueError("a bug in the sender")
+
+    app._client.send = broken_send  # type: ignore[method-assign, assignment]
+    await app.start()
+    try:
+        async with grpc.aio.insecure_channel(app.addresses["grpc"]) as channel:
+            stub = sidecar_pb2_grpc.SidecarStub(channel)
+            await stub.RecordBatch(sidecar_pb2.RecordBatchRequest(events=proto_events(2)))
+            await asyncio.wait_for(app.failed.wait(), 10)
+            assert isinstance(app.failure, ValueError)
+            assert app._failing is not None
+            await app._failing  # health is set NOT_SERVING right after the failure
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "predtrace.v1.Sidecar"):
+                answer = await health.Check(health_pb2.HealthCheckRequest(service=service))
+                assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING, service
+    finally:
+        await app.stop()

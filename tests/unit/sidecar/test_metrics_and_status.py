@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -19,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from predtrace.cli import main
 from predtrace.sidecar._config import ShipperConfig
 from predtrace.sidecar.pipeline import RetryPolicy
-from predtrace.sidecar.spool import SpoolConfig
+from predtrace.sidecar.spool import MemoryFileLayer, SpoolConfig
 from predtrace.v1 import sidecar_pb2, sidecar_pb2_grpc
 from predtrace.wire import PredictionEvent, event_to_proto
 from tests.reliability.sidecar.fake_collector import Answer
@@ -270,3 +271,52 @@ def test_status_against_a_grpc_server_that_is_no_sidecar_says_so() -> None:
         server.stop(None)
     assert result.exit_code == 1
     assert "answers gRPC but is not a predtrace sidecar" in result.output
+
+
+async def test_a_full_disk_shows_in_metrics_and_status_and_is_logged_once(
+    start_sidecar: StartSidecar, caplog: pytest.LogCaptureFixture
+) -> None:
+    disk = MemoryFileLayer()
+    running: Running = await start_sidecar(
+        files=disk, spool=SpoolConfig(directory="/spool"), metrics_listen="127.0.0.1:0"
+    )
+    idle = await _scrape(running)
+    assert idle['predtrace_sidecar_spool_refused_writes_total{reason="disk_full"}'] == 0
+    assert idle["predtrace_sidecar_spool_corrupt_regions_total"] == 0
+    disk.capacity = disk.used_bytes() + 200
+    caplog.set_level(logging.ERROR, logger="predtrace.sidecar.spool")
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        stub = sidecar_pb2_grpc.SidecarStub(channel)
+        for _ in range(5):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.RecordBatch(
+                    sidecar_pb2.RecordBatchRequest(
+                        events=[event_to_proto(PredictionEvent(f"f{i}")) for i in range(50)]
+                    )
+                )
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        status = await stub.Status(sidecar_pb2.StatusRequest())
+    full = await _scrape(running)
+    assert full['predtrace_sidecar_spool_refused_writes_total{reason="disk_full"}'] == 5
+    assert full['predtrace_sidecar_spool_refused_writes_total{reason="busy"}'] == 0
+    assert "the spool refused a write" in status.last_error
+    assert "disk under the spool is full" in status.last_error
+    assert "disk full 5" in status.last_error
+    logged = [r for r in caplog.records if "spool write failed" in r.getMessage()]
+    assert len(logged) == 1, "one line for a burst of refusals, not one each"
+    disk.capacity = None
+    await _record_ids(running, ["room-again"])
+
+
+async def test_metrics_show_the_quarantine_size_and_its_cap(start_sidecar: StartSidecar) -> None:
+    shipper = ShipperConfig(linger=0, quarantine_max_bytes=1 << 20)
+    running: Running = await start_sidecar(metrics_listen="127.0.0.1:0", shipper=shipper)
+    running.collector.fail_when = lambda d: 400
+    before = await _scrape(running)
+    assert before["predtrace_sidecar_quarantine_bytes"] == 0
+    assert before["predtrace_sidecar_quarantine_byte_cap"] == 1 << 20
+    await _record_ids(running, [f"poison{i}" for i in range(5)])
+    after = await _scrape_until(running, lambda m: m["predtrace_sidecar_quarantine_bytes"] > 0)
+    kept = running.app.shipper.counters.quarantine_bytes
+    assert after["predtrace_sidecar_quarantine_bytes"] == kept
+    assert after["predtrace_sidecar_quarantine_evicted_batches_total"] == 0

@@ -10,13 +10,15 @@ import asyncio
 import contextlib
 import errno
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
+from predtrace.sidecar import _shipper as shipper_module
 from predtrace.sidecar._batch import encode_event
 from predtrace.sidecar._config import ShipperConfig
 from predtrace.sidecar._shipper import Shipper
+from predtrace.sidecar._shipstate import ShipState
 from predtrace.sidecar.pipeline import (
     CollectorClient,
     CollectorClientConfig,
@@ -567,3 +569,254 @@ async def test_a_backlog_of_mixed_sizes_goes_without_waiting_out_the_linger(rig:
     assert delivered == [f"p{i:06d}" for i in range(len(delivered))]
     for key in rig.collector.stored:
         assert sum(len(encode_event(e)) for e in rig.collector.stored[key].batch.events) <= 1024
+
+
+# -- answers that are not about the batch (finding: endpoint errors, captive portals) ----
+
+
+class _Answers:
+    """The real client, after ``answers`` canned collector answers classified by it."""
+
+    def __init__(self, inner: CollectorClient, answers: list[tuple[int, bytes]]) -> None:
+        self.inner, self.answers = inner, answers
+
+    async def send(self, body: bytes, *, compressed: bool) -> IngestAck:
+        if self.answers:
+            status, content = self.answers.pop(0)
+            return self.inner._classify(status, {"Location": "http://portal/login"}, content)
+        return await self.inner.send(body, compressed=compressed)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_endpoint_errors_and_non_acks_keep_every_batch_and_name_the_cause(
+    rig: Rig,
+) -> None:
+    # A wrong path prefix (404), a method refused (405), redirects (a proxy,
+    # a captive portal) and a 2xx page that is no acknowledgement say nothing
+    # about the batch: never quarantined, however often (poison_attempts=2).
+    client = CollectorClient(CollectorClientConfig(url=rig.collector.url))
+    html = b"<html>log in to the wifi</html>"
+    answers = [(404, b"Not Found"), (405, b""), (302, b""), (308, b""), (200, html), (200, b"")]
+    sender = _Answers(client, answers * 3)
+    errors: list[str] = []
+    shipper = await rig.start(ShipperConfig(linger=0, poison_attempts=2), sender=sender)
+    original = shipper._note_retry
+
+    def note(exc: RetryableExportError) -> None:
+        original(exc)
+        errors.append(shipper.counters.last_error)
+
+    shipper._note_retry = note  # type: ignore[method-assign]
+    await rig.record(events(10))
+    await rig.wait_delivered(10)
+    assert shipper.counters.quarantined == 0
+    assert shipper.counters.dropped == {}
+    assert shipper.counters.retried == 18
+    assert "404" in errors[0] and "not an ingest endpoint" in errors[0]
+    assert "302 to http://portal/login" in errors[2]
+    assert "unreadable ack" in errors[4]
+    await client.close()
+
+
+async def test_a_404_from_a_wrong_url_prefix_is_retried_with_the_reason_in_last_error(
+    rig: Rig,
+) -> None:
+    rig.collector.script = [Answer(404)] * 10_000  # until the operator fixes the URL
+    shipper = await rig.start(ShipperConfig(linger=0, poison_attempts=3))
+    await rig.record(events(5))
+    await eventually(lambda: shipper.counters.retried >= 4)
+    assert "404" in shipper.counters.last_error
+    assert "not an ingest endpoint" in shipper.counters.last_error
+    rig.collector.script.clear()
+    await rig.wait_delivered(5)
+    assert shipper.counters.quarantined == 0
+
+
+async def test_a_quarantined_batch_says_so_in_last_error(rig: Rig) -> None:
+    rig.collector.fail_when = lambda d: 400
+    shipper = await rig.start()
+    await rig.record(events(5))
+    await eventually(lambda: shipper.counters.quarantined == 1)
+    assert shipper.counters.last_error.startswith("batch seq 1 (5 events) quarantined:")
+    assert "400" in shipper.counters.last_error
+
+
+def _quarantine_files(rig: Rig) -> dict[str, int]:
+    directory = f"{DIR}/quarantine"
+    return {name: rig.disk.size(f"{directory}/{name}") for name in rig.disk.listdir(directory)}
+
+
+async def test_quarantine_has_its_own_byte_cap_oldest_removed_and_counted(rig: Rig) -> None:
+    rig.collector.fail_when = lambda d: 400
+    config = ShipperConfig(linger=0, max_batch_events=5, quarantine_max_bytes=1000)
+    shipper = await rig.start(config)
+    for start in range(0, 60, 5):  # twelve batches, each refused
+        await rig.record(events(5, start))
+        await eventually(lambda: shipper.counters.quarantined == start // 5 + 1)  # noqa: B023
+    files = _quarantine_files(rig)
+    assert 1 < len(files) < 12
+    assert sum(files.values()) <= 1000
+    assert sorted(files) == [f"{seq:020d}.msgpack" for seq in range(13 - len(files), 13)]
+    c = shipper.counters
+    assert (c.quarantine_bytes, c.quarantine_byte_cap) == (sum(files.values()), 1000)
+    assert c.quarantine_evicted == 12 - len(files)
+    assert c.dropped == {"quarantined": 60}, "evicted batches were counted when quarantined"
+    await rig.stop()
+    # A restart counts what is kept, and applies a smaller cap at once.
+    smallest = min(files.values())
+    shipper = await rig.start(replace(config, quarantine_max_bytes=smallest))
+    await eventually(lambda: shipper.counters.quarantine_evicted == len(files) - 1)
+    assert _quarantine_files(rig) == {f"{12:020d}.msgpack": files[f"{12:020d}.msgpack"]}
+    assert shipper.counters.quarantine_bytes == files[f"{12:020d}.msgpack"]
+
+
+async def test_the_default_quarantine_cap_is_a_tenth_of_the_spool_cap(rig: Rig) -> None:
+    shipper = await rig.start(spool=spool_config(max_bytes=1 << 20))
+    assert shipper.counters.quarantine_byte_cap == (1 << 20) // 10
+
+
+# -- a death while waiting on the network is not the batch's fault -------------------
+
+
+class StallThenDie:
+    """An uplink that takes the request and stalls, until the test kills the sidecar."""
+
+    def __init__(self) -> None:
+        self.sending = asyncio.Event()
+        self.kill = asyncio.Event()
+
+    async def send(self, body: bytes, *, compressed: bool) -> IngestAck:
+        self.sending.set()
+        await self.kill.wait()
+        raise SimulatedCrash("SIGKILL while the request was on the wire")
+
+    async def close(self) -> None:
+        return None
+
+
+def _persisted_replays(spool: Spool) -> int | None:
+    plan = ShipState.decode(spool.meta).plan
+    return None if plan is None else plan.replays
+
+
+async def test_kills_while_the_uplink_stalls_never_quarantine_a_healthy_batch(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shipper_module, "ON_THE_WIRE_S", 0.01, raising=False)
+    first = Spool.open(spool_config(), files=rig.disk)
+    await first.append([encode_event(e) for e in events(10)])
+    first.close()
+    config = ShipperConfig(linger=0, poison_attempts=3)
+    for _ in range(6):  # twice the poison attempts
+        spool = Spool.open(spool_config(), files=rig.disk)
+        sender = StallThenDie()
+        shipper = Shipper(spool, sender, config, "edge-1", files=rig.disk, seed=1)
+        task = asyncio.create_task(shipper.run())
+        await asyncio.wait_for(sender.sending.wait(), 10)
+        # The attempt has been out a moment: that is durable before the kill.
+        await eventually(lambda: _persisted_replays(spool) == 0)  # noqa: B023
+        sender.kill.set()
+        with pytest.raises(SimulatedCrash):
+            await asyncio.wait_for(task, 5)
+        spool.close()
+        rig.disk.crash()  # whatever was not fsynced is gone, as after a power cut
+    shipper = await rig.start(config)
+    await rig.wait_delivered(10)
+    assert shipper.counters.quarantined == 0
+    assert [e.prediction_id for e in rig.collector.events()] == [f"p{i:06d}" for i in range(10)]
+
+
+async def test_a_prompt_collector_costs_no_extra_state_write_per_batch(rig: Rig) -> None:
+    # One plan commit per batch, as before the "out on the wire" mark: that
+    # mark is only written for attempts that take ON_THE_WIRE_S or longer.
+    shipper = await rig.start(ShipperConfig(linger=0, max_batch_events=5))
+    assert rig.spool is not None
+    commits: list[int] = []
+    original = rig.spool.commit
+
+    def counting(hwm: int, meta: bytes) -> None:
+        commits.append(hwm)
+        original(hwm, meta)
+
+    rig.spool.commit = counting  # type: ignore[method-assign]
+    await rig.record(events(25))
+    await rig.wait_delivered(25)
+    await eventually(lambda: rig.spool.hwm == 25)  # type: ignore[union-attr]
+    assert len(commits) <= 6, commits  # five plans, and the final mark
+    assert shipper.counters.batches == 5
+
+
+# -- the byte cap counts exactly what is never delivered -------------------------------
+
+
+class GatedSender:
+    """The real client, each send held until the test opens ``gate`` (or after ``delay``)."""
+
+    def __init__(self, inner: CollectorClient, delay: float = 0.0) -> None:
+        self.inner, self.delay = inner, delay
+        self.gate = asyncio.Event()
+        self.sending = asyncio.Event()
+
+    async def send(self, body: bytes, *, compressed: bool) -> IngestAck:
+        self.sending.set()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        else:
+            await self.gate.wait()
+        return await self.inner.send(body, compressed=compressed)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def _delivered_plus_dropped(rig: Rig) -> tuple[int, int]:
+    ids = [e.prediction_id for e in rig.collector.events()]
+    assert len(ids) == len(set(ids)), "nothing is delivered twice here"
+    assert rig.spool is not None
+    return len(ids), rig.spool.counters.dropped["byte_cap"]
+
+
+async def test_the_prefetched_batch_is_pinned_so_the_cap_never_counts_it_as_dropped(
+    rig: Rig,
+) -> None:
+    client = CollectorClient(CollectorClientConfig(url=rig.collector.url))
+    sender = GatedSender(client)
+    spool = spool_config(segment_bytes=4096, max_bytes=4 * 4096)
+    shipper = await rig.start(
+        ShipperConfig(linger=0, max_batch_events=10), sender=sender, spool=spool
+    )
+    for start in range(0, 40, 10):  # one segment per batch (about 2.3 KiB each)
+        await rig.record(padded(10, start))
+    await asyncio.wait_for(sender.sending.wait(), 10)  # batch 1 is on the wire, held
+    prefetch = shipper._prefetch
+    assert prefetch is not None
+    await asyncio.wait_for(prefetch, 10)  # batch 2 is read and built
+    for start in range(40, 200, 10):  # far past the cap: the oldest segments go
+        await rig.record(padded(10, start))
+    assert rig.spool is not None and rig.spool.counters.dropped["byte_cap"] > 0
+    sender.gate.set()
+    await eventually(lambda: rig.spool.stats().records == 0)  # type: ignore[union-attr]
+    delivered, dropped = _delivered_plus_dropped(rig)
+    assert delivered + dropped == 200, (delivered, dropped)
+    assert shipper.counters.dropped == {}
+    await client.close()
+
+
+async def test_at_the_cap_with_a_slow_collector_delivered_plus_dropped_is_what_was_accepted(
+    rig: Rig,
+) -> None:
+    # The delivery oracle's sum under load: every accepted event is either
+    # delivered or counted at the cap, never both.
+    client = CollectorClient(CollectorClientConfig(url=rig.collector.url))
+    sender = GatedSender(client, delay=0.005)
+    spool = spool_config(segment_bytes=4096, max_bytes=4 * 4096)
+    await rig.start(ShipperConfig(linger=0, max_batch_events=10), sender=sender, spool=spool)
+    for start in range(0, 1500, 5):
+        await rig.record(padded(5, start))
+    await eventually(lambda: rig.spool.stats().records == 0, 30)  # type: ignore[union-attr]
+    delivered, dropped = _delivered_plus_dropped(rig)
+    assert dropped > 0
+    assert delivered + dropped == 1500, (delivered, dropped)
+    await client.close()

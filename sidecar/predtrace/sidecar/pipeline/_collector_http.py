@@ -4,9 +4,15 @@ The async ``CollectorClient`` is the one place that speaks HTTP to the
 collector (the sidecar's shipper uses it directly); ``CollectorHttpExporter``
 wraps it for the queued pipeline's worker thread. Answers are classified per
 the delivery contract: 2xx delivered (partial success read from the ack),
-429/502/503/504 and connection errors retryable (Retry-After honoured),
-401/403 retryable too (a token problem is fixed by an operator, not by
-throwing the batch away), 400/404/413 permanent.
+408/425/429/500/502/503/504 and connection errors retryable (Retry-After
+honoured). Answers that say nothing about the batch are retryable too, and
+name the cause: 401/403 (a token problem is fixed by an operator, not by
+throwing the batch away), 404/405 and every 3xx (the URL does not reach an
+ingest endpoint: a wrong path prefix, a proxy or captive portal; redirects
+are not followed, so a token never goes where it was not configured to),
+and a 2xx whose body is not an acknowledgement (a captive portal's page).
+Only what refuses the batch itself is permanent: 400, 413 and the other
+4xx/5xx statuses.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import ssl
 import threading
 import time
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
@@ -42,6 +49,10 @@ BATCH_CONTENT_TYPE = "application/vnd.predtrace.batch+msgpack"
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 # The collector refused the credentials, not the batch: keep it and retry.
 CREDENTIAL_STATUSES = frozenset({401, 403})
+# The URL reaches no ingest endpoint (with every 3xx): keep the batch and retry.
+ENDPOINT_STATUSES = frozenset({404, 405})
+_MAX_PORT = 65535
+_MAX_TIMEOUT_S = 3600.0
 _MAX_ACK_BYTES = 1024 * 1024
 
 
@@ -77,13 +88,23 @@ class CollectorClientConfig:
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"collector URL must be http(s)://host[:port], got {self.url!r}")
+        try:
+            port = parts.port  # raises for a port out of range or not a number
+        except ValueError:
+            port = -1
+        if port is not None and not 0 < port <= _MAX_PORT:
+            raise ValueError(f"collector URL has an invalid port (1-{_MAX_PORT}), got {self.url!r}")
         if self.token and parts.scheme == "http" and not is_loopback_host(parts.hostname):
             raise ValueError(
                 f"refusing to send a bearer token over plaintext HTTP to {parts.hostname}; "
                 "use an https:// collector URL"
             )
-        if self.timeout <= 0:
-            raise ValueError("collector timeout must be > 0 seconds")
+        # NaN fails too (it compares false); inf would make every attempt unbounded.
+        if not 0 < self.timeout <= _MAX_TIMEOUT_S:
+            raise ValueError(
+                f"collector timeout must be > 0 and at most {_MAX_TIMEOUT_S:g} seconds, "
+                f"not {self.timeout}"
+            )
         if self.ca_file is not None and not os.path.isfile(self.ca_file):
             raise ValueError(f"collector CA file {self.ca_file!r} does not exist")
 
@@ -147,32 +168,47 @@ class CollectorClient:
             self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
         try:
             async with self._session.post(
-                self.config.batches_url, data=body, headers=self._headers(compressed)
+                self.config.batches_url,
+                data=body,
+                headers=self._headers(compressed),
+                allow_redirects=False,  # a 3xx is an endpoint error (see _classify)
             ) as resp:
                 content = await resp.content.read(_MAX_ACK_BYTES)
-                return self._classify(resp.status, resp.headers.get("Retry-After"), content)
+                return self._classify(resp.status, resp.headers, content)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise RetryableExportError(f"collector unreachable: {type(exc).__name__}") from None
 
-    def _classify(self, status: int, retry_after: str | None, content: bytes) -> IngestAck:
+    def _classify(self, status: int, headers: Mapping[str, str], content: bytes) -> IngestAck:
         if 200 <= status < 300:
             try:
                 return decode_ack(content)
             except WireError as exc:
+                # Not the collector's answer (a captive portal's page, a proxy):
+                # nothing is known about the batch, so it is kept and retried.
                 raise RetryableExportError(
-                    f"unreadable ack from collector: {exc}", status=status
+                    f"unreadable ack from collector ({status}: {exc}); "
+                    f"is {self.config.batches_url} the collector?",
+                    status=status,
                 ) from None
         reason = content[:200].decode("utf-8", "replace").strip()
         if status in RETRYABLE_STATUSES:
             raise RetryableExportError(
                 f"collector answered {status}",
-                retry_after=parse_retry_after(retry_after),
+                retry_after=parse_retry_after(headers.get("Retry-After")),
                 status=status,
             )
         if status in CREDENTIAL_STATUSES:
             raise RetryableExportError(
                 f"collector refused the token ({status}: {reason}); check the token "
                 "and the producer ids it is bound to",
+                status=status,
+            )
+        if 300 <= status < 400 or status in ENDPOINT_STATUSES:
+            where = headers.get("Location", "")
+            moved = f" to {where[:200]}" if 300 <= status < 400 and where else ""
+            raise RetryableExportError(
+                f"the collector URL answered {status}{moved}: {self.config.batches_url} is "
+                "not an ingest endpoint; check --collector (the collector's base URL)",
                 status=status,
             )
         raise PermanentExportError(f"collector answered {status}: {reason}")

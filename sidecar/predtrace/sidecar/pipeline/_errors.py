@@ -10,14 +10,15 @@ class ExportError(PredtraceError):
 
 
 class PermanentExportError(ExportError):
-    """The batch can never be delivered as is (400, 404, 413, INVALID_ARGUMENT).
+    """The batch can never be delivered as is (400, 409, 413, INVALID_ARGUMENT).
 
     It is dead-lettered and counted, never retried.
     """
 
 
 class RetryableExportError(ExportError):
-    """A failure retrying can cure (429, 502-504, 401/403, UNAVAILABLE, connection error).
+    """A failure retrying can cure: 429, 502-504, 401/403, 404/405 and 3xx (the endpoint or the
+    credentials, not the batch), an answer that is not an ack, UNAVAILABLE, connection error.
 
     Args:
         message: short reason, safe to log (no credentials, no payload).

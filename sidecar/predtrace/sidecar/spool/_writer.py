@@ -36,6 +36,8 @@ from predtrace.sidecar.spool._segments import Segment, segment_name
 
 # The write failed for lack of room: a full disk, a quota, a file-size limit.
 _NO_ROOM: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# A refused write is logged at once, then at most this often (with a count).
+_FAIL_LOG_INTERVAL_S: Final = 60.0
 _log = logging.getLogger("predtrace.sidecar.spool")
 Callback = Callable[[range | BaseException], None]
 
@@ -73,6 +75,10 @@ class SpoolWriter:
     _pin: tuple[int, int] | None
     _handle: int
     _next_index: int
+    last_refusal: tuple[int, str] | None = None
+    """(wall-clock ns, reason) of the latest write refused (disk full, busy, I/O error)."""
+    _fail_logged_at: float = -_FAIL_LOG_INTERVAL_S
+    _fail_unlogged: int = 0
 
     def _write_index(self) -> None:
         raise NotImplementedError
@@ -102,6 +108,7 @@ class SpoolWriter:
                 raise SpoolClosedError("the spool is closed")
             if self._pending and self._pending_bytes + nbytes > self.config.max_pending_bytes:
                 self.counters.add("busy")
+                self.last_refusal = (self._clock.time_ns(), "the spool writer is behind (busy)")
                 raise SpoolBusyError("the spool writer is behind; retry shortly")
             self._pending.append(_Request(payloads, callback, nbytes))
             self._pending_bytes += nbytes
@@ -235,10 +242,26 @@ class SpoolWriter:
             error: SpoolError = SpoolFullError("the disk under the spool is full; retry later")
         else:
             error = SpoolError(f"spool write failed: {exc.strerror or type(exc).__name__}")
-        _log.error("spool write failed: %s", error)
+        self.last_refusal = (self._clock.time_ns(), str(error))
+        self._log_failure(error)
         for request in group:
             if not request.settled:
                 request.settle(error)
+
+    def _log_failure(self, error: SpoolError) -> None:
+        """Log a refused write: the first at once, then at most once a minute, with a count.
+
+        A full disk refuses every append until room returns: one line each
+        would flood the log (the refusals are counted, and shown in the status).
+        """
+        now = time.monotonic()
+        if now - self._fail_logged_at < _FAIL_LOG_INTERVAL_S:
+            self._fail_unlogged += 1
+            return
+        unlogged, self._fail_unlogged = self._fail_unlogged, 0
+        self._fail_logged_at = now
+        more = f" ({unlogged} more refused since the last report)" if unlogged else ""
+        _log.error("spool write failed: %s%s", error, more)
 
     def _rotate(self) -> None:
         first = self._next_index
