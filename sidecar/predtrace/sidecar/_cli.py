@@ -27,6 +27,7 @@ from predtrace.sidecar._config import (
     ShipperConfig,
     SidecarConfig,
     edge_from_env,
+    parse_hostport,
     parse_size,
 )
 from predtrace.sidecar._errors import ConfigError, SidecarError
@@ -295,7 +296,11 @@ def status(
             if code == "UNIMPLEMENTED":
                 click.echo(f"{target} answers gRPC but is not a predtrace sidecar", err=True)
             else:
-                click.echo(f"cannot reach the sidecar at {target}: {code}", err=True)
+                click.echo(
+                    f"cannot reach the sidecar at {target}: {code} (is it running there? give "
+                    f"--target HOST:PORT, --ready-file or {TARGET_ENV})",
+                    err=True,
+                )
             sys.exit(1)
     view = status_to_dict(answer)
     if output == "json":
@@ -324,7 +329,16 @@ def _status_target(target: str | None, ready_file: str | None) -> str:
         if not target:
             click.echo(f"{ready_file} is empty (is the sidecar ready?)", err=True)
             sys.exit(1)
-    return target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+    target = target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+    if "://" in target:
+        raise click.UsageError(f"--target is the sidecar's HOST:PORT, not a URL: {target!r}")
+    try:
+        _, port = parse_hostport(target, "--target")
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    if port == 0:
+        raise click.UsageError(f"--target needs the sidecar's port, got {target!r}")
+    return target
 
 
 def _when(ns: object) -> str:

@@ -88,6 +88,22 @@ def test_the_status_command_says_when_no_sidecar_answers() -> None:
     )
     assert result.exit_code == 1
     assert "cannot reach the sidecar at 127.0.0.1:9" in result.output
+    assert "give --target HOST:PORT, --ready-file or PREDTRACE_SIDECAR_TARGET" in result.output
+
+
+@pytest.mark.parametrize(
+    ("target", "reason"),
+    [
+        ("127.0.0.1:99999", "--target must be HOST:PORT"),
+        ("http://127.0.0.1:4555", "not a URL"),
+        ("127.0.0.1:0", "needs the sidecar's port"),
+        ("localhost", "--target must be HOST:PORT"),
+    ],
+)
+def test_the_status_command_refuses_a_target_it_could_never_reach(target: str, reason: str) -> None:
+    result = CliRunner().invoke(main, ["sidecar", "status", "--target", target])
+    assert result.exit_code == 2
+    assert reason in result.output
 
 
 # -- delivery counters through the real /metrics endpoint ---------------------------------
