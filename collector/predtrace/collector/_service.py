@@ -129,22 +129,28 @@ class LineageService:
     ) -> dict[K, T | RegistryError]:
         """Registry calls side by side (``registry_concurrency`` at once) until ``until``.
 
-        Each key maps to its answer or its RegistryError. Calls still running
-        at the deadline are cancelled, answer a timeout, and mark MLflow down
-        (``negative_ttl``): the next queries do not wait for it again.
+        Each key maps to its answer or its RegistryError. Calls sent and still
+        running at the deadline are cancelled and answer a timeout; when none
+        answered at all, MLflow is marked down (``negative_ttl``): the next
+        queries do not wait for it again.
+        Calls still waiting for a slot were never sent: they answer "not asked"
+        and say nothing against MLflow (a query of many lookups to a healthy
+        but not instant MLflow must not mark it down).
         """
         if not calls:
             return {}
         limit = asyncio.Semaphore(self._concurrency)
+        sent: set[K] = set()
 
-        async def bounded(call: Callable[[], Awaitable[T]]) -> T:
+        async def bounded(key: K, call: Callable[[], Awaitable[T]]) -> T:
             async with limit:
+                sent.add(key)
                 return await call()
 
-        tasks = {key: asyncio.create_task(bounded(call)) for key, call in calls.items()}
+        tasks = {key: asyncio.create_task(bounded(key, call)) for key, call in calls.items()}
         left = max(0.0, until - asyncio.get_running_loop().time())
         try:
-            _, pending = await asyncio.wait(tasks.values(), timeout=left)
+            done, pending = await asyncio.wait(tasks.values(), timeout=left)
         finally:
             for task in tasks.values():
                 task.cancel()  # a no-op for the finished ones
@@ -152,11 +158,20 @@ class LineageService:
         timeout = _DeadlineError(
             f"MLflow did not answer within the query's {self.registry_deadline_s:g} s deadline"
         )
-        if pending and self.registry is not None:
+        not_asked = RegistryBackoffError(
+            f"not asked: the query's {self.registry_deadline_s:g} s for MLflow ran out first"
+        )
+        cut = {key for key, task in tasks.items() if task in pending and key in sent}
+        if cut and not done and self.registry is not None:
+            # Nothing answered in the whole deadline: MLflow is down or hung.
+            # Had some lookups answered, it is alive, only slower than this query.
             self.registry.mark_down(str(timeout))
         answers: dict[K, T | RegistryError] = {}
         for key, task in tasks.items():
-            answers[key] = timeout if task in pending else _outcome(task)
+            if task in pending:
+                answers[key] = timeout if key in cut else not_asked
+            else:
+                answers[key] = _outcome(task)
         return answers
 
     async def _fetch_versions(

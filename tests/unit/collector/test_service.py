@@ -54,6 +54,7 @@ class FakeMlflow:
         self.raw: bytes | None = None  # this body (status 200) for every request
         self.status = 200
         self.hang = False
+        self.delay = 0.0  # seconds before each answer: a healthy but not instant MLflow
         self.requests: list[str] = []
         self.release = asyncio.Event()
         self.url = ""
@@ -68,6 +69,7 @@ class FakeMlflow:
         self.requests.append(request.path_qs)
         if self.hang:
             await self.release.wait()
+        await asyncio.sleep(self.delay)
         if self.raw is not None or self.status != 200:
             return web.Response(status=self.status, body=self.raw or b"oops")
         q, path = request.query, request.path.removeprefix("/api/2.0/mlflow")
@@ -199,7 +201,8 @@ async def test_a_hung_mlflow_costs_one_query_its_deadline_and_the_next_queries_n
     completeness = await service.completeness()
     assert completeness["models"][0]["missing"]["model_version"] == 8  # type: ignore[index]
     assert len(mlflow.requests) <= 4  # side by side, a few at once: never all 8
-    assert _count(service, "timeout") == 8
+    # The 4 sent time out; the 4 still waiting for a slot were never asked.
+    assert (_count(service, "timeout"), _count(service, "skipped")) == (4, 4)
 
     asked = len(mlflow.requests)
     predictions = await service.pivot("trace_id", TRACE, 10)
@@ -209,7 +212,22 @@ async def test_a_hung_mlflow_costs_one_query_its_deadline_and_the_next_queries_n
     with pytest.raises(RegistryBackoffError, match=r"next try in \d+ s"):
         await service.model_lineage("m", "1")
     assert len(mlflow.requests) == asked  # remembered: nobody waited again
-    assert _count(service, "skipped") == 8 + 8 + 1
+    assert _count(service, "skipped") == 4 + 8 + 8 + 1
+
+
+async def test_a_slow_but_answering_mlflow_is_not_marked_down_by_a_long_query(
+    service: LineageService, store: Store, mlflow: FakeMlflow
+) -> None:
+    # 16 lookups at 0.1 s each, 4 at a time, against a 0.3 s deadline: the query
+    # runs out of time, but MLflow answered: it must not be shunned for 30 s.
+    versions = [("m", str(v)) for v in range(1, 17)]
+    mlflow.versions.update({v: {} for v in [*versions, ("m", "99")]})
+    mlflow.delay = 0.1
+    await _serve(store, *versions)
+    await service.completeness()
+    assert _count(service, "found") >= 1 and _count(service, "timeout") <= 4
+    lineage = await service.model_lineage("m", "99")  # MLflow is still asked
+    assert lineage is not None and lineage["model_version"]["version"] == "99"  # type: ignore[index]
 
 
 async def test_a_failed_lookup_is_tried_again_after_the_negative_ttl(
