@@ -134,6 +134,9 @@ class Shipper:
         self.producer_id = producer_id
         self.counters = ShipperCounters()
         self.oldest_unsent_ns = 0
+        # The plan whose replay count this process has already raised: a retry
+        # of the resume in the same process (a read error) is not another death.
+        self._counted_seq: int | None = None
         self._spool = spool
         self._sender = sender
         self._files = files
@@ -380,10 +383,12 @@ class Shipper:
         """
         self._hold(plan.last)
         state = self._state
-        poisoned = plan.replays >= self.config.poison_attempts
-        if not poisoned:
+        own = 1 if self._counted_seq == plan.seq else 0  # this process's own count
+        poisoned = plan.replays - own >= self.config.poison_attempts
+        if not poisoned and not own:
             plan = dataclasses.replace(plan, replays=plan.replays + 1)
             await self._commit(ShipState(state.next_seq, state.prev_digest, plan))
+            self._counted_seq = plan.seq
         records = await asyncio.to_thread(
             self._spool.read, self._hwm, max_records=2**31, max_bytes=2**62, until=plan.last
         )

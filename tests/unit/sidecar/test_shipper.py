@@ -820,3 +820,35 @@ async def test_at_the_cap_with_a_slow_collector_delivered_plus_dropped_is_what_w
     assert dropped > 0
     assert delivered + dropped == 1500, (delivered, dropped)
     await client.close()
+
+
+class _FlakyDisk(MemoryFileLayer):
+    """Reads of spool segments fail with EIO ``fail_reads`` times, then work."""
+
+    fail_reads = 0
+
+    def read(self, path: str, offset: int, size: int) -> bytes:
+        if self.fail_reads and "/seg-" in path:
+            self.fail_reads -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        return super().read(path, offset, size)
+
+
+async def test_read_errors_while_resuming_are_not_counted_as_deaths(rig: Rig) -> None:
+    # One real death before the send, then two transient EIOs reading the
+    # segment on the next start: the resume retried and counted a death each
+    # time, and the healthy batch was quarantined as "died 3 times".
+    rig.disk = _FlakyDisk()
+    config = ShipperConfig(linger=0, max_batch_events=50, poison_attempts=3)
+    faults = FaultPoints()
+    faults.arm("shipper.before_send")
+    await rig.start(config, faults=faults)
+    await rig.record(events(7))
+    with pytest.raises(SimulatedCrash):
+        await asyncio.wait_for(rig.task, 5)  # type: ignore[arg-type]
+    rig.shipper = None
+    await rig.stop()
+    shipper = await rig.start(config)  # the spool is open; the shipper resumes next
+    rig.disk.fail_reads = 2
+    await rig.wait_delivered(7)
+    assert shipper.counters.quarantined == 0, shipper.counters.last_error
