@@ -444,7 +444,9 @@ def _read_producer_file(files: FileLayer, path: str) -> tuple[str, str | None]:
         text = files.read(path, 0, _PRODUCER_FILE_MAX_BYTES).decode("utf-8").strip()
     except UnicodeDecodeError:
         return "", "the file is not UTF-8 text"
-    problem = producer_id_problem(text)
+    # A restarted id is its base plus "-r" and 6 hex digits: the length rule
+    # (room for that suffix) applies to the base, as it did to --producer-id.
+    problem = producer_id_problem(producer_id_base(text))
     return (text, None) if problem is None else ("", problem)
 
 

@@ -764,3 +764,20 @@ async def test_a_shipper_that_stops_on_an_unexpected_error_turns_the_sidecar_not
                 assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING, service
     finally:
         await app.stop()
+
+
+async def test_a_kept_restarted_id_of_a_long_configured_id_is_kept_across_starts(
+    start_sidecar: StartSidecar,
+) -> None:
+    # The 200-character rule leaves room for the "-r<6 hex>" suffix; applied to
+    # the whole kept id, a restarted id of a 195-character --producer-id was
+    # taken for damage and replaced (seqs from 1 again) on every start.
+    disk = MemoryFileLayer()
+    spool = SpoolConfig(directory="/spool")
+    configured = "e" * 195
+    disk.makedirs("/spool")
+    disk.write_file("/spool/producer_id", f"{configured}-r0a1b2c".encode())
+    for _ in range(2):
+        running = await start_sidecar(files=disk, spool=spool, producer_id=configured)
+        assert running.app.producer_id == f"{configured}-r0a1b2c"
+        await running.app.stop()
