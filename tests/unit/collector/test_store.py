@@ -556,7 +556,14 @@ async def test_an_alias_moved_after_predictions_does_not_rewrite_which_version_s
     await store.ingest(record("p", 2, new))
     fresh, _ = await store.pivot("trace_id", new_trace)
     assert fresh[0]["lineage"]["model_version"]["version"] == "2"
+    # One trace across the move: each prediction by its own time.
+    late = make_events(1, trace_id=old_trace, model=("fraud", ""), alias="champion", image="")
+    await store.ingest(record("p", 3, late))
+    both, _ = await store.pivot("trace_id", old_trace)
+    assert [
+        p["lineage"]["model_version"] and p["lineage"]["model_version"]["version"] for p in both
+    ] == [None, None, "2"]
     # The stored group began before the move: completeness does not call it complete.
     completeness = await store.completeness()
     (fraud,) = [m for m in completeness["models"] if m["model"] == "fraud"]  # type: ignore[union-attr]
-    assert fraud["complete"] == 0 and fraud["missing"]["model_version"] == 3
+    assert fraud["complete"] == 0 and fraud["missing"]["model_version"] == 4

@@ -133,6 +133,14 @@ def _resolve_version(
     return current, True, ""
 
 
+def alias_moved_plan(name: str, alias: str) -> Plan[int]:
+    """When alias ``name@alias`` was last moved to another version (0: never, or unknown)."""
+    rows = yield Fetch(
+        "SELECT moved_ns FROM model_aliases WHERE name = ? AND alias = ?", (name, alias)
+    )
+    return int(rows[0][0] or 0) if rows else 0
+
+
 def _model_missing(name: str, version: str, alias: str) -> str:
     if not name:
         return "the prediction names no model"

@@ -16,6 +16,7 @@ from typing import Final
 from predtrace.collector.store._chain import (
     ChainKey,
     Json,
+    alias_moved_plan,
     chain_plan,
     deployment_plan,
     model_plan,
@@ -134,19 +135,32 @@ def pivot_plan(
         )
     answer = PivotAnswer()
     chains: dict[ChainKey, Json] = {}
-    sizes: dict[ChainKey, int] = {}
+    after_move: dict[ChainKey, Json] = {}  # alias-only groups: their predictions after the move
+    moves: dict[ChainKey, int] = {}
+    sizes: dict[tuple[ChainKey, bool], int] = {}
     listed: Counter[ChainKey] = Counter()
     room = max_bytes
     for row in rows:
-        key = chain_key(row)
+        key, ts = chain_key(row), int(row[3])
         if key not in chains:  # rows come oldest first: its earliest prediction
-            chains[key] = yield from chain_plan(key, int(row[3]))
-            sizes[key] = _size(chains[key])
+            chains[key] = yield from chain_plan(key, ts)
+            sizes[key, False] = _size(chains[key])
+        chain, later = chains[key], False
+        if key[2] and not key[1] and chain["model_version"] is None:
+            # Unresolved because the alias moved after the group's first
+            # prediction: one made after the move is the alias's version's.
+            if key not in moves:
+                moves[key] = yield from alias_moved_plan(key[0], key[2])
+            if moves[key] and ts >= moves[key]:
+                if key not in after_move:
+                    after_move[key] = yield from chain_plan(key, ts)
+                    sizes[key, True] = _size(after_move[key])
+                chain, later = after_move[key], True
         prediction = prediction_json(row)
-        room -= _size(prediction) + _LINEAGE_KEY + sizes[key]
+        room -= _size(prediction) + _LINEAGE_KEY + sizes[key, later]
         if room < 0:
             break
-        prediction["lineage"] = chains[key]
+        prediction["lineage"] = chain
         answer.append(prediction)
         listed[key] += 1
     answer.total = len(sized)
