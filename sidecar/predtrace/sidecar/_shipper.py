@@ -522,7 +522,10 @@ class Shipper:
         self._dirty = True
 
     async def _quarantine(self, plan: Plan, reason: str) -> None:
-        name = f"{plan.seq:020d}.msgpack"
+        # Named by time, then seq: seqs start again at 1 after a numbering
+        # restart (a new producer id), and a seq alone would overwrite an older
+        # batch; the cap removes the oldest first, in name order.
+        name = f"{self._clock.time_ns():020d}-{plan.seq:020d}.msgpack"
         path = posixpath.join(self._quarantine_dir, name)
         payload = plan.payload or b""
         try:

@@ -33,6 +33,17 @@ from tests.reliability.sidecar.polling import eventually
 DIR = "/spool"
 
 
+def _seqs(names: list[str]) -> list[int]:
+    """The batch seqs of quarantine file names (``<time ns>-<seq>.msgpack``)."""
+    return [int(name.removesuffix(".msgpack").rsplit("-", 1)[1]) for name in names]
+
+
+def _quarantined(rig: Rig, seq: int) -> str:
+    """The path of the quarantined batch ``seq``."""
+    (name,) = [n for n in rig.disk.listdir(f"{DIR}/quarantine") if _seqs([n]) == [seq]]
+    return f"{DIR}/quarantine/{name}"
+
+
 def spool_config(**kw: object) -> SpoolConfig:
     values: dict[str, object] = {
         "directory": DIR,
@@ -73,6 +84,7 @@ class Rig:
         sender: object = None,
         faults: FaultPoints | None = None,
         spool: SpoolConfig | None = None,
+        fresh_numbering: bool = False,
     ) -> Shipper:
         self.spool = Spool.open(spool or spool_config(), files=self.disk, faults=faults)
         self.client = CollectorClient(CollectorClientConfig(url=self.collector.url, timeout=2))
@@ -86,6 +98,7 @@ class Rig:
             sleep=self.fake_sleep,
             faults=faults,
             seed=7,
+            fresh_numbering=fresh_numbering,
         )
         self.task = asyncio.create_task(self.shipper.run())
         return self.shipper
@@ -186,7 +199,7 @@ async def test_a_permanently_refused_batch_is_quarantined_once_and_later_data_fl
     assert rig.collector.requests == 2, "a permanent refusal is not retried"
     assert shipper.counters.quarantined == 1
     assert shipper.counters.dropped == {"quarantined": 5}
-    assert rig.disk.listdir(f"{DIR}/quarantine") == [f"{1:020d}.msgpack"]
+    assert _seqs(rig.disk.listdir(f"{DIR}/quarantine")) == [1]
 
 
 async def test_partial_success_counts_the_rejected_and_does_not_retry(rig: Rig) -> None:
@@ -283,7 +296,7 @@ async def test_a_batch_that_kills_the_sidecar_on_every_start_is_quarantined(rig:
     assert shipper.counters.quarantined == 1
     assert {e.prediction_id for e in rig.collector.events()} == {"p000100", "p000101", "p000102"}
     # The quarantine file is the only copy of the poison batch: it must hold it.
-    path = f"{DIR}/quarantine/{1:020d}.msgpack"
+    path = _quarantined(rig, 1)
     kept = decode_batch(rig.disk.read(path, 0, rig.disk.size(path)))
     assert kept.batch.seq == 1
     assert [e.prediction_id for e in kept.batch.events] == [f"p{i:06d}" for i in range(7)]
@@ -330,7 +343,7 @@ async def test_row14_a_quarantine_file_that_cannot_be_written_keeps_the_batch(ri
     assert shipper.counters.quarantined == 0  # not counted, not released: still spooled
     rig.disk.full = False  # type: ignore[attr-defined]
     await eventually(lambda: shipper.counters.quarantined == 1)
-    path = f"{DIR}/quarantine/{1:020d}.msgpack"
+    path = _quarantined(rig, 1)
     kept = decode_batch(rig.disk.read(path, 0, rig.disk.size(path)))
     assert [e.prediction_id for e in kept.batch.events] == [f"p{i:06d}" for i in range(5)]
     await rig.record(events(3, 10))
@@ -658,7 +671,7 @@ async def test_quarantine_has_its_own_byte_cap_oldest_removed_and_counted(rig: R
     files = _quarantine_files(rig)
     assert 1 < len(files) < 12
     assert sum(files.values()) <= 1000
-    assert sorted(files) == [f"{seq:020d}.msgpack" for seq in range(13 - len(files), 13)]
+    assert _seqs(sorted(files)) == list(range(13 - len(files), 13))
     c = shipper.counters
     assert (c.quarantine_bytes, c.quarantine_byte_cap) == (sum(files.values()), 1000)
     assert c.quarantine_evicted == 12 - len(files)
@@ -668,8 +681,10 @@ async def test_quarantine_has_its_own_byte_cap_oldest_removed_and_counted(rig: R
     smallest = min(files.values())
     shipper = await rig.start(replace(config, quarantine_max_bytes=smallest))
     await eventually(lambda: shipper.counters.quarantine_evicted == len(files) - 1)
-    assert _quarantine_files(rig) == {f"{12:020d}.msgpack": files[f"{12:020d}.msgpack"]}
-    assert shipper.counters.quarantine_bytes == files[f"{12:020d}.msgpack"]
+    newest = max(files)
+    assert _seqs([newest]) == [12]
+    assert _quarantine_files(rig) == {newest: files[newest]}
+    assert shipper.counters.quarantine_bytes == files[newest]
 
 
 async def test_the_default_quarantine_cap_is_a_tenth_of_the_spool_cap(rig: Rig) -> None:
@@ -852,3 +867,21 @@ async def test_read_errors_while_resuming_are_not_counted_as_deaths(rig: Rig) ->
     rig.disk.fail_reads = 2
     await rig.wait_delivered(7)
     assert shipper.counters.quarantined == 0, shipper.counters.last_error
+
+
+async def test_a_quarantined_batch_is_not_overwritten_when_seqs_start_again(rig: Rig) -> None:
+    # Quarantine files were named by seq alone: after a numbering restart (a
+    # new producer id, seqs from 1) the next poison batch overwrote the old one.
+    rig.collector.fail_when = lambda d: 400
+    shipper = await rig.start()
+    await rig.record(events(3))
+    await eventually(lambda: shipper.counters.quarantined == 1)
+    await rig.stop()
+    rig.clock.advance(1.0)
+    shipper = await rig.start(fresh_numbering=True)
+    await rig.record(events(4, 10))
+    await eventually(lambda: shipper.counters.quarantined == 1)
+    files = sorted(_quarantine_files(rig))
+    assert _seqs(files) == [1, 1]
+    kept = [decode_batch(rig.disk.read(f"{DIR}/quarantine/{n}", 0, 10**6)) for n in files]
+    assert [len(k.batch.events) for k in kept] == [3, 4]  # oldest first, both kept
