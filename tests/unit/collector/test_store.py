@@ -544,6 +544,11 @@ async def test_an_alias_moved_after_predictions_does_not_rewrite_which_version_s
     before, _ = await store.pivot("trace_id", old_trace)
     assert before[0]["lineage"]["complete"] is True, before[0]["lineage"]["missing"]
     assert before[0]["lineage"]["model_version"]["version"] == "1"
+    # impact and model lineage count them as trace explains them: fraud/1's.
+    impact = await store.impact("dataset", "sha256:fraud-data-1")
+    assert impact is not None and impact["predictions"] == 2
+    lineage_1 = await store.model_lineage("fraud", "1")
+    assert lineage_1 is not None and lineage_1["predictions"] == 2
 
     await store.register(parse_registration(version("2", "sha256:fimg2")))  # the move
     after, _ = await store.pivot("trace_id", old_trace)

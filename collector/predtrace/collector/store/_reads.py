@@ -217,13 +217,21 @@ def _deployments_of(
     """Per deployment, the predictions of a model version (in ``image``, when given).
 
     With ``image``, predictions that name no image count too when ``imageless``.
+    Predictions that name only an alias count when the alias points at the
+    version and did since before the first of them (as ``completeness`` says).
     """
     sql = (
         "SELECT deployment_id, sum(predictions), min(CASE WHEN first_seen_ns > 0"
-        " THEN first_seen_ns END), max(last_seen_ns) FROM served"
-        " WHERE model_name = ? AND model_version = ?"
+        " THEN first_seen_ns END), max(last_seen_ns) FROM ("
+        "SELECT deployment_id, predictions, first_seen_ns, last_seen_ns, image_digest"
+        " FROM served WHERE model_name = ? AND model_version = ?"
+        " UNION ALL SELECT s.deployment_id, s.predictions, s.first_seen_ns, s.last_seen_ns,"
+        " s.image_digest FROM served s JOIN model_aliases a"
+        " ON a.name = s.model_name AND a.alias = s.model_alias"
+        " WHERE s.model_name = ? AND s.model_version = '' AND s.model_alias <> ''"
+        " AND a.version = ? AND s.first_seen_ns >= a.moved_ns) g WHERE 1 = 1"
     )
-    args: tuple[object, ...] = (name, version)
+    args: tuple[object, ...] = (name, version, name, version)
     if image is not None:
         condition = " AND image_digest IN (?, '')" if imageless else " AND image_digest = ?"
         sql, args = sql + condition, (*args, image)
