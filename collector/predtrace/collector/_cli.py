@@ -82,6 +82,13 @@ def _call(request: Callable[[], Answer]) -> Answer:
         answer = request()
     except (CollectorUnreachableError, UnreadableAnswerError) as exc:
         _fail(str(exc))
+    if answer.status == 404 and not answer.json:
+        # The collector says "not found" in JSON; a text or HTML 404 is another
+        # server, or a path in --collector: not an answer about the id asked.
+        _fail(
+            f"HTTP 404 without a collector's answer ({answer.error[:80]}): is --collector "
+            "the collector's base URL (http://host:port, no path)?"
+        )
     if answer.status in (401, 403):
         _fail(f"not allowed: {answer.error} (set --token or {PREDTRACE_TOKEN})")
     if answer.status == 400:

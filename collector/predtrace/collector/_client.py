@@ -43,6 +43,7 @@ class Answer:
 
     status: int
     body: Mapping[str, Any]  # parsed JSON
+    json: bool = True  # False: the body was not a JSON object (``{"error": text}`` stands in)
 
     @property
     def error(self) -> str:
@@ -189,7 +190,7 @@ def _answer(status: int, raw: bytes) -> Answer:
             raise UnreadableAnswerError(
                 f"the collector answered {status} with a body that is not JSON"
             ) from None
-        body = {"error": raw[:300].decode("utf-8", "replace").strip()}
+        return Answer(status, {"error": raw[:300].decode("utf-8", "replace").strip()}, False)
     if not isinstance(body, dict):
-        body = {"value": body}
+        return Answer(status, {"value": body}, False)
     return Answer(status, body)

@@ -187,3 +187,18 @@ def test_the_store_named_in_the_log_carries_no_password() -> None:
 
     assert _store_name("postgresql://pt:s3cret@db:5432/p") == "postgresql://***@db:5432/p"
     assert _store_name("sqlite:////var/lib/p.db") == "sqlite:////var/lib/p.db"
+
+
+def test_a_path_in_the_collector_url_is_named_not_read_as_no_prediction_found(
+    serve_collector: Callable[..., Served], tmp_path: Path
+) -> None:
+    served = serve_collector(f"sqlite:///{tmp_path}/c.db")
+    unknown = "4bf92f3577b34da6a3ce929d0e0e4736"
+    # The collector's own "not found" (JSON) still means not found, exit 1.
+    found = CliRunner().invoke(main, ["trace", unknown, "--collector", served.url])
+    assert found.exit_code == 1 and f"no prediction found for {unknown}" in found.stderr
+    # Its route miss (text 404, a path prefix in --collector) is not about the id.
+    wrong = CliRunner().invoke(main, ["trace", unknown, "--collector", served.url + "/predtrace"])
+    assert wrong.exit_code == 1
+    assert "no prediction found" not in wrong.stderr
+    assert "is --collector the collector's base URL" in wrong.stderr
