@@ -42,7 +42,7 @@ from predtrace.sidecar._processors import DeploymentEnricher, default_processors
 from predtrace.sidecar._shipper import Shipper
 from predtrace.sidecar._status import StatusView, build_status, spool_refusal
 from predtrace.sidecar.pipeline import CollectorClient
-from predtrace.sidecar.spool import FaultPoints, FileLayer, OsFileLayer, Spool
+from predtrace.sidecar.spool import FaultPoints, FileLayer, OsFileLayer, Spool, write_whole
 from predtrace.v1 import sidecar_pb2
 from predtrace.wire import producer_id_base, restarted_producer_id
 
@@ -452,13 +452,7 @@ def _read_producer_file(files: FileLayer, path: str) -> tuple[str, str | None]:
 
 def _write_atomic(files: FileLayer, path: str, data: bytes) -> None:
     tmp = path + ".tmp"
-    handle = files.open(tmp, create=True)
-    try:
-        files.truncate(handle, 0)
-        files.pwrite(handle, data, 0)
-        files.fsync(handle)
-    finally:
-        files.close(handle)
+    write_whole(files, tmp, data)
     files.rename(tmp, path)
     files.fsync_dir(posixpath.dirname(path))
 

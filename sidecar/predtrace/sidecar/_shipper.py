@@ -42,7 +42,7 @@ from predtrace.sidecar.pipeline import (
     RetryableExportError,
     SystemClock,
 )
-from predtrace.sidecar.spool import FaultPoints, FileLayer, Record, Spool
+from predtrace.sidecar.spool import FaultPoints, FileLayer, Record, Spool, write_whole
 from predtrace.wire import IngestAck, batch_digest, gzip_bytes
 
 _log = logging.getLogger("predtrace.sidecar.shipper")
@@ -293,19 +293,8 @@ class Shipper:
         Its records stay pinned from the read until it is shipped or dropped
         in favour of a fresh read: the cap must not count them as lost.
         """
-        records: list[Record] = []
-        self._hold(_OPEN_END)
-        try:
-            records = await asyncio.to_thread(
-                self._spool.read,
-                current.last,
-                max_records=self.config.max_batch_events,
-                max_bytes=self.config.max_batch_bytes,
-            )
-            full = bool(records) and self._full(records)
-        finally:
-            self._hold(records[-1].index if records else current.last)
-        if not full:
+        records = await self._read(after=current.last)
+        if not (records and self._full(records)):
             self._hold(current.last)
             return None
         return await asyncio.to_thread(self._build, records, current.seq + 1, current.digest)
@@ -322,20 +311,24 @@ class Shipper:
             return None
         return plan
 
-    async def _read(self, until: int | None = None) -> list[Record]:
-        """The next records after the mark, pinned from before the read (see ``_hold``)."""
+    async def _read(self, until: int | None = None, *, after: int | None = None) -> list[Record]:
+        """The next batch's records after ``after`` (the mark), pinned from before the read.
+
+        See ``_hold``: what the read returns stays pinned; nothing past it does.
+        """
+        start = self._hwm if after is None else after
         records: list[Record] = []
         self._hold(_OPEN_END if until is None else until)
         try:
             records = await asyncio.to_thread(
                 self._spool.read,
-                self._hwm,
+                start,
                 max_records=self.config.max_batch_events,
                 max_bytes=self.config.max_batch_bytes,
                 until=until,
             )
         finally:
-            self._hold(records[-1].index if records else self._hwm)
+            self._hold(records[-1].index if records else start)
         return records
 
     def _hold(self, last: int) -> None:
@@ -563,13 +556,7 @@ class Shipper:
         path = posixpath.join(directory, name)
         self._files.makedirs(directory)
         self._evict_quarantine(len(payload), keep=name)
-        handle = self._files.open(path, create=True)
-        try:
-            self._files.truncate(handle, 0)
-            self._files.pwrite(handle, payload, 0)
-            self._files.fsync(handle)
-        finally:
-            self._files.close(handle)
+        write_whole(self._files, path, payload)
         self._files.fsync_dir(directory)
         self._quarantined.pop(name, None)
         self._quarantined[name] = len(payload)

@@ -14,6 +14,7 @@ from predtrace.sidecar.spool._files import (
     FileLayer,
     OsFileLayer,
     SimulatedCrash,
+    write_whole,
 )
 from predtrace.sidecar.spool._memfs import MemoryFileLayer
 from predtrace.sidecar.spool._record import HEADER_SIZE, Record, encode_record, scan
@@ -37,4 +38,5 @@ __all__ = [
     "encode_record",
     "scan",
     "segment_name",
+    "write_whole",
 ]

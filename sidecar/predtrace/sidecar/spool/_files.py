@@ -88,6 +88,21 @@ class FileLayer(Protocol):
         ...
 
 
+def write_whole(files: FileLayer, path: str, data: bytes) -> None:
+    """Make ``data`` the whole content of ``path`` (created if missing) and fsync it.
+
+    The directory entry is not synced: callers that create or rename
+    follow with ``fsync_dir``.
+    """
+    handle = files.open(path, create=True)
+    try:
+        files.truncate(handle, 0)
+        files.pwrite(handle, data, 0)
+        files.fsync(handle)
+    finally:
+        files.close(handle)
+
+
 class OsFileLayer:
     """The real disk."""
 

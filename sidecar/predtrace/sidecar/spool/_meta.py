@@ -21,7 +21,7 @@ from typing import Final
 import google_crc32c
 import msgpack
 
-from predtrace.sidecar.spool._files import FaultPoints, FileLayer
+from predtrace.sidecar.spool._files import FaultPoints, FileLayer, write_whole
 
 INDEX_NAME: Final = "index"
 STATE_NAMES: Final = ("state.0", "state.1")
@@ -69,17 +69,6 @@ def read_index(files: FileLayer, directory: str) -> dict[int, SegmentMeta] | Non
     return {m.first: m for m in metas}
 
 
-def _write_file(files: FileLayer, path: str, data: bytes) -> None:
-    """Replace the content of ``path`` with ``data`` and fsync it."""
-    handle = files.open(path, create=True)
-    try:
-        files.truncate(handle, 0)
-        files.pwrite(handle, data, 0)
-        files.fsync(handle)
-    finally:
-        files.close(handle)
-
-
 def write_index(
     files: FileLayer, directory: str, metas: list[SegmentMeta], faults: FaultPoints
 ) -> None:
@@ -92,7 +81,7 @@ def write_index(
     body = msgpack.packb([[m.first, m.last, m.count, m.size, m.first_ts] for m in metas])
     tmp = posixpath.join(directory, INDEX_NAME + ".tmp")
     try:
-        _write_file(files, tmp, _frame(_INDEX_MAGIC, body))
+        write_whole(files, tmp, _frame(_INDEX_MAGIC, body))
         faults.hit("index.before_rename")
         files.rename(tmp, posixpath.join(directory, INDEX_NAME))
     except OSError:
