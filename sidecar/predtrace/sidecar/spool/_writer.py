@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import posixpath
 import threading
@@ -29,13 +28,12 @@ from predtrace.sidecar._errors import (
 )
 from predtrace.sidecar.pipeline import Clock
 from predtrace.sidecar.spool._config import SpoolConfig, SpoolCounters
-from predtrace.sidecar.spool._files import FaultPoints, FileLayer, SimulatedCrash
+from predtrace.sidecar.spool._files import NO_ROOM, FaultPoints, FileLayer, SimulatedCrash
 from predtrace.sidecar.spool._meta import SpoolState
 from predtrace.sidecar.spool._record import HEADER_SIZE, encode_record
 from predtrace.sidecar.spool._segments import Segment, segment_name
 
 # The write failed for lack of room: a full disk, a quota, a file-size limit.
-_NO_ROOM: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 # A refused write is logged at once, then at most this often (with a count).
 _FAIL_LOG_INTERVAL_S: Final = 60.0
 _log = logging.getLogger("predtrace.sidecar.spool")
@@ -237,7 +235,7 @@ class SpoolWriter:
             self._files.truncate(self._handle, active.durable_size)
         active.size = active.durable_size
         self._next_index = max(active.durable_last + 1, self._state.hwm + 1)
-        if exc.errno in _NO_ROOM:
+        if exc.errno in NO_ROOM:
             self.counters.add("disk_full")
             error: SpoolError = SpoolFullError("the disk under the spool is full; retry later")
         else:
