@@ -30,6 +30,7 @@ _QUEUE_VARIABLES: Final = {
     "max_queue_size": env.PREDTRACE_QUEUE_SIZE,
     "max_batch_size": env.PREDTRACE_BATCH_SIZE,
     "schedule_delay": env.PREDTRACE_EXPORT_DELAY,
+    "stall_grace": env.PREDTRACE_STALL_GRACE,
 }
 
 
@@ -265,6 +266,7 @@ class _EnvReader:
                 max_queue_size=self.integer(env.PREDTRACE_QUEUE_SIZE, defaults.max_queue_size),
                 max_batch_size=self.integer(env.PREDTRACE_BATCH_SIZE, defaults.max_batch_size),
                 schedule_delay=self.number(env.PREDTRACE_EXPORT_DELAY, defaults.schedule_delay),
+                stall_grace=self.number(env.PREDTRACE_STALL_GRACE, defaults.stall_grace),
             )
         except ConfigError:
             raise

@@ -124,9 +124,16 @@ PREDTRACE_SHUTDOWN_TIMEOUT: Final = "PREDTRACE_SHUTDOWN_TIMEOUT"
 """Seconds the shutdown flush may take, finite and > 0 (default 5).
 
 A healthy collector gets all of it. A collector that is down or hung is given
-up after about a second (an export in flight that long, or a batch still
-failing after one more try): what is left is counted as ``dropped.shutdown``
-and the worker stops at once instead of at the deadline.
+up after ``PREDTRACE_STALL_GRACE`` (an export in flight that long, or a batch
+still failing after one more try): what is left is counted as
+``dropped.shutdown`` and the worker stops at once instead of at the deadline.
+"""
+
+PREDTRACE_STALL_GRACE: Final = "PREDTRACE_STALL_GRACE"
+"""Seconds a collector that is down or hung is waited for at shutdown, 0.001 to 3600 (default 2).
+
+Every server worker's stop waits this long at most for a dead collector;
+a healthy one keeps the whole ``PREDTRACE_SHUTDOWN_TIMEOUT``.
 """
 
 PREDTRACE_FLUSH_TRACER_PROVIDER: Final = "PREDTRACE_FLUSH_TRACER_PROVIDER"

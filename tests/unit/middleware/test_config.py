@@ -95,6 +95,7 @@ def test_from_env_reads_every_documented_variable() -> None:
         env.PREDTRACE_QUEUE_SIZE: "100",
         env.PREDTRACE_BATCH_SIZE: "10",
         env.PREDTRACE_EXPORT_DELAY: "0.5",
+        env.PREDTRACE_STALL_GRACE: "0.75",
         env.PREDTRACE_SHUTDOWN_TIMEOUT: "3",
         env.PREDTRACE_FLUSH_TRACER_PROVIDER: "false",
     }
@@ -129,6 +130,7 @@ def test_from_env_reads_every_documented_variable() -> None:
     )
     assert (config.queue.max_queue_size, config.queue.max_batch_size) == (100, 10)
     assert config.queue.schedule_delay == 0.5 and config.shutdown_timeout == 3.0
+    assert config.queue.stall_grace == 0.75
     assert config.flush_tracer_provider is False
 
 
@@ -155,6 +157,8 @@ def test_from_env_prefers_predtrace_service_name_and_takes_objects_as_arguments(
         (env.PREDTRACE_EXPORT_DELAY, "0", r"queue settings \(PREDTRACE_EXPORT_DELAY\)"),
         (env.PREDTRACE_EXPORT_DELAY, "1e-6", r"queue settings \(PREDTRACE_EXPORT_DELAY\)"),
         (env.PREDTRACE_QUEUE_SIZE, "10000000", r"queue settings \(PREDTRACE_QUEUE_SIZE\)"),
+        (env.PREDTRACE_STALL_GRACE, "inf", "PREDTRACE_STALL_GRACE must be a finite number"),
+        (env.PREDTRACE_STALL_GRACE, "0", r"queue settings \(PREDTRACE_STALL_GRACE\)"),
         (env.PREDTRACE_SHUTDOWN_TIMEOUT, "inf", "PREDTRACE_SHUTDOWN_TIMEOUT must be a finite"),
         (env.PREDTRACE_SHUTDOWN_TIMEOUT, "-inf", "PREDTRACE_SHUTDOWN_TIMEOUT must be a finite"),
         (env.PREDTRACE_COLLECTOR_TIMEOUT, "NaN", "PREDTRACE_COLLECTOR_TIMEOUT must be a finite"),
