@@ -87,12 +87,12 @@ def _spool_counters(counts: dict[str, int]) -> Iterator[Metric]:
     """Writes the spool refused, and damage it found (a full disk shows here)."""
     refused = CounterMetricFamily(
         "predtrace_sidecar_spool_refused_writes",
-        "Spool writes refused, never acknowledged (disk_full: per failed group commit; "
-        "busy: per append while the writer is behind)",
+        "Spool writes refused, never acknowledged (disk_full and io_error: per failed "
+        "group commit; busy: per append while the writer is behind)",
         labels=["reason"],
     )
-    for reason in ("disk_full", "busy"):
-        refused.add_metric([reason], counts.get(reason, 0))
+    for reason, key in (("disk_full", "disk_full"), ("io_error", "write_errors"), ("busy", "busy")):
+        refused.add_metric([reason], counts.get(key, 0))
     yield refused
     yield _counter(
         "spool_corrupt_regions",

@@ -92,7 +92,8 @@ def spool_refusal(spool: Spool, now_ns: int) -> str:
     ago = max(0.0, (now_ns - latest[0]) / 1e9)
     return (
         f"the spool refused a write {ago:.0f} s ago: {latest[1]} "
-        f"(refused so far: disk full {counts.get('disk_full', 0)}, busy {counts.get('busy', 0)})"
+        f"(refused so far: disk full {counts.get('disk_full', 0)}, "
+        f"I/O error {counts.get('write_errors', 0)}, busy {counts.get('busy', 0)})"
     )
 
 

@@ -9,6 +9,7 @@ print their seed.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import threading
@@ -400,6 +401,22 @@ def test_a_full_disk_refuses_the_write_whole_and_resumes_when_space_returns() ->
     again = Spool.open(config(), files=disk)
     assert read_all(again) == {**acked, more.start: b"after-space-returned"}
     again.close()
+
+
+def test_an_io_error_refuses_the_write_whole_and_is_counted_apart_from_a_full_disk() -> None:
+    disk = MemoryFileLayer()
+    spool = Spool.open(config(), files=disk)
+    acked = fill(spool, 20)
+    disk.fail_next_fsync = errno.EIO
+    with pytest.raises(SpoolError, match="Input/output error") as info:
+        spool.append_sync([payload(i) for i in range(100, 110)])
+    assert not isinstance(info.value, SpoolFullError)
+    assert (spool.counters.write_errors, spool.counters.disk_full) == (1, 0)
+    assert spool.last_refusal is not None and "Input/output error" in spool.last_refusal[1]
+    assert read_all(spool) == acked, "a record of the failed commit was readable"
+    more = spool.append_sync([b"after"])
+    assert read_all(spool, more.start - 1) == {more.start: b"after"}
+    spool.close()
 
 
 def test_a_disk_full_during_rotation_loses_nothing_acknowledged() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import time
@@ -322,6 +323,31 @@ async def test_a_full_disk_shows_in_metrics_and_status_and_is_logged_once(
     assert len(logged) == 1, "one line for a burst of refusals, not one each"
     disk.capacity = None
     await _record_ids(running, ["room-again"])
+
+
+async def test_an_io_error_refusing_a_write_shows_in_metrics_and_status(
+    start_sidecar: StartSidecar,
+) -> None:
+    disk = MemoryFileLayer()
+    running: Running = await start_sidecar(
+        files=disk, spool=SpoolConfig(directory="/spool"), metrics_listen="127.0.0.1:0"
+    )
+    disk.fail_next_fsync = errno.EIO
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        stub = sidecar_pb2_grpc.SidecarStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.RecordBatch(
+                sidecar_pb2.RecordBatchRequest(events=[event_to_proto(PredictionEvent("io-1"))])
+            )
+        assert info.value.code() != grpc.StatusCode.OK
+        assert "spool write failed: Input/output error" in (info.value.details() or "")
+        status = await stub.Status(sidecar_pb2.StatusRequest())
+    scraped = await _scrape(running)
+    assert scraped['predtrace_sidecar_spool_refused_writes_total{reason="io_error"}'] == 1
+    assert scraped['predtrace_sidecar_spool_refused_writes_total{reason="disk_full"}'] == 0
+    assert "spool write failed: Input/output error" in status.last_error
+    assert "I/O error 1" in status.last_error
+    await _record_ids(running, ["after-the-error"])
 
 
 async def test_metrics_show_the_quarantine_size_and_its_cap(start_sidecar: StartSidecar) -> None:

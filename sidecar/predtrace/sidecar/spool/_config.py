@@ -64,6 +64,7 @@ class SpoolCounters:
     corrupt_regions: int = 0
     disk_full: int = 0
     busy: int = 0
+    write_errors: int = 0
     index_rebuilds: int = 0
     state_slots_bad: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
@@ -91,6 +92,7 @@ class SpoolCounters:
                     "corrupt_regions",
                     "disk_full",
                     "busy",
+                    "write_errors",
                     "index_rebuilds",
                     "state_slots_bad",
                 )

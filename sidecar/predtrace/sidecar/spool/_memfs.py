@@ -4,7 +4,9 @@ Every file keeps two versions of its bytes: what was written and what was
 made durable by ``fsync``; every directory keeps the set of entries made
 durable by ``fsync_dir``. ``power_loss()`` throws away everything else, the
 way a real machine loses its page cache (RELIABILITY row 9). ``capacity``
-makes writes fail with ENOSPC once the disk is full (row 14).
+makes writes fail with ENOSPC once the disk is full (row 14);
+``fail_next_fsync`` makes the next ``fsync`` fail with that errno (a dying
+device, a lost network volume), once.
 
 Example:
     >>> disk = MemoryFileLayer()
@@ -15,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import errno
+import os
 import posixpath
 import random
 import threading
@@ -39,6 +42,7 @@ class MemoryFileLayer:
         self._handles: dict[int, _File] = {}
         self._next_handle = 3
         self.fsyncs = 0
+        self.fail_next_fsync: int | None = None
 
     # -- the FileLayer protocol -------------------------------------------------
 
@@ -99,6 +103,9 @@ class MemoryFileLayer:
     def fsync(self, handle: int) -> None:
         """Make the file's current bytes durable."""
         with self._lock:
+            if self.fail_next_fsync is not None:
+                code, self.fail_next_fsync = self.fail_next_fsync, None
+                raise OSError(code, os.strerror(code))
             file = self._handles[handle]
             file.durable = bytes(file.data)
             self.fsyncs += 1

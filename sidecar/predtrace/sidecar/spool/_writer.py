@@ -239,6 +239,7 @@ class SpoolWriter:
             self.counters.add("disk_full")
             error: SpoolError = SpoolFullError("the disk under the spool is full; retry later")
         else:
+            self.counters.add("write_errors")
             error = SpoolError(f"spool write failed: {exc.strerror or type(exc).__name__}")
         self.last_refusal = (self._clock.time_ns(), str(error))
         self._log_failure(error)
