@@ -26,6 +26,24 @@ _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 _MIN_KEY_LEN: Final = 16
 _HEADER_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
+# Headers that frame the message or concern one connection: the server and
+# the proxies own them, and the id written there would break the response.
+_RESERVED_HEADERS: Final = frozenset(
+    {
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "host",
+        "proxy-authenticate",
+        "proxy-authorization",
+    }
+)
 _QUEUE_VARIABLES: Final = {
     "max_queue_size": env.PREDTRACE_QUEUE_SIZE,
     "max_batch_size": env.PREDTRACE_BATCH_SIZE,
@@ -108,11 +126,7 @@ class MiddlewareConfig:
                 raise ConfigError(f"{name} must be a finite number of seconds > 0, got {value}")
         if self.fingerprint_key is not None and len(self.fingerprint_key) < _MIN_KEY_LEN:
             raise ConfigError(f"fingerprint_key must be at least {_MIN_KEY_LEN} characters")
-        if not self.id_header or not set(self.id_header) <= _HEADER_CHARS:
-            raise ConfigError(
-                f"id_header must be a lower-case header name (a-z, 0-9, '-'), "
-                f"got {self.id_header!r}"
-            )
+        _check_id_header(self.id_header)
         # Parse string routes now, so a typo fails at startup.
         self.route_patterns()
 
@@ -210,6 +224,19 @@ class MiddlewareConfig:
             max_output_bytes=reader.integer(env.PREDTRACE_MAX_OUTPUT_BYTES, 64 * 1024),
             tracer_provider=tracer_provider,
             flush_tracer_provider=reader.flag(env.PREDTRACE_FLUSH_TRACER_PROVIDER, default=True),
+        )
+
+
+def _check_id_header(name: str) -> None:
+    if not name or not set(name) <= _HEADER_CHARS:
+        raise ConfigError(
+            f"id_header must be a lower-case header name (a-z, 0-9, '-'), got {name!r}"
+        )
+    if name in _RESERVED_HEADERS:
+        raise ConfigError(
+            f"id_header ({env.PREDTRACE_ID_HEADER}) must not be {name!r}: a framing or "
+            "hop-by-hop header, owned by the server; give the id a header of its own, "
+            "such as x-prediction-id"
         )
 
 

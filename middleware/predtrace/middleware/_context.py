@@ -11,6 +11,8 @@ the allow-lists before it can reach an event.
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import Final
@@ -21,11 +23,22 @@ MAX_FEATURES: Final = 64
 MAX_ATTRIBUTES: Final = 32
 MAX_EXTRA_MODELS: Final = 8
 MAX_TEXT: Final = 256
+# C0 and C1 control characters: a NUL makes a collector refuse the event, the
+# others garble a span name or a log line.
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def clip(text: str) -> str:
     """Bound a text value carried by an event or a span."""
     return text if len(text) <= MAX_TEXT else text[:MAX_TEXT]
+
+
+def clean(text: str) -> str:
+    """``clip`` a text taken from a request or response, without control characters."""
+    text = clip(text)
+    # isprintable() is one C pass and true for the usual names; it is also
+    # false for some harmless characters (a no-break space), the regex decides.
+    return text if text.isprintable() else _CONTROL.sub("", text)
 
 
 class PredictionContext:
@@ -43,6 +56,7 @@ class PredictionContext:
         "_extra_models",
         "_features",
         "_id",
+        "_late",
         "_limits",
         "id_hook",
         "model_override",
@@ -67,26 +81,52 @@ class PredictionContext:
         self._features: dict[str, float] | None = None
         self._attributes: dict[str, str] | None = None
         self._extra_models: list[ModelRef] | None = None
+        # Set when the prediction's event has left: where late calls are counted.
+        self._late: Counter[str] | None = None
 
     @property
     def active(self) -> bool:
-        """Whether a prediction is being traced (False for the no-op object)."""
-        return True
+        """Whether a prediction is being traced and can still take what is recorded.
+
+        False for the no-op object, and once the prediction is finished (in a
+        background task that runs after the response, say).
+        """
+        return self._late is None
 
     @property
     def prediction_id(self) -> str:
         """The prediction id (also in the response header)."""
+        if self.id_hook is not None:
+            self._settle_id()
+        return self._id
+
+    def _settle_id(self) -> None:
+        """Run the id hook (FastAPI telemetry mode): the final id and sampling decision."""
         hook = self.id_hook
         if hook is not None and hook():
             self.id_hook = None
-        return self._id
 
-    def _set_id(self, prediction_id: str) -> None:
+    def _set_id(self, prediction_id: str, *, sampled: bool) -> None:
         self._id = prediction_id
+        self.sampled = sampled
+
+    def _close(self, counts: Counter[str]) -> None:
+        """The prediction is finished: later calls are ignored and counted in ``counts``."""
+        self._late = counts
+
+    def _too_late(self) -> bool:
+        """Whether the prediction is finished (the call is then counted, not applied)."""
+        late = self._late
+        if late is None:
+            return False
+        late["late_context_call"] += 1
+        return True
 
     @property
     def is_sampled(self) -> bool:
         """Whether this prediction's output and features are captured."""
+        if self.id_hook is not None:
+            self._settle_id()
         return self.sampled
 
     def set_model(
@@ -99,6 +139,8 @@ class PredictionContext:
         artifact_digest: str | None = None,
     ) -> None:
         """Name the model that served this prediction (overrides route and config)."""
+        if self._too_late():
+            return
         given = {
             "name": name,
             "version": version,
@@ -112,6 +154,8 @@ class PredictionContext:
 
     def add_model(self, *, role: str, name: str, version: str = "") -> None:
         """Record a further model of an ensemble or pipeline, with its role."""
+        if self._too_late():
+            return
         models = self._extra_models if self._extra_models is not None else []
         if len(models) < MAX_EXTRA_MODELS:
             models.append(ModelRef(name=clip(name), version=clip(version), role=clip(role)))
@@ -121,7 +165,7 @@ class PredictionContext:
         self, *, label: str | None = None, score: float | None = None, value: float | None = None
     ) -> None:
         """Record a bounded summary of the output (kept only when sampled)."""
-        if not self.sampled:
+        if self._too_late() or not self.is_sampled:
             return
         self.output = OutputSummary(
             label=clip(label) if label is not None else None,
@@ -131,8 +175,10 @@ class PredictionContext:
 
     def record_features(self, features: Mapping[str, float]) -> None:
         """Record numeric features; only allow-listed, finite ones, only when sampled."""
+        if self._too_late():
+            return
         allowed = self._limits[0]
-        if not self.sampled or not allowed:
+        if not allowed or not self.is_sampled:
             return
         kept = self._features if self._features is not None else {}
         for key, value in features.items():
@@ -143,7 +189,7 @@ class PredictionContext:
 
     def set_attribute(self, key: str, value: str) -> None:
         """Attach a short attribute to the event; only allow-listed keys leave."""
-        if key not in self._limits[1]:
+        if self._too_late() or key not in self._limits[1]:
             return
         kept = self._attributes if self._attributes is not None else {}
         if key in kept or len(kept) < MAX_ATTRIBUTES:

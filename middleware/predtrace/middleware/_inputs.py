@@ -51,6 +51,7 @@ _C_ENCODER: Final[Callable[[object, int], Sequence[str]] | None] = (
 )
 _MAX_INPUTS_SCANNED: Final = 64
 _UTF8: Final = frozenset({"utf-8", "utf-8-sig"})
+_FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
 NOT_JSON: Final = object()
 
 
@@ -190,13 +191,17 @@ def _oip_features(inputs: object, allowed: frozenset[str]) -> dict[str, float]:
     if not isinstance(inputs, list):
         return found
     for tensor in inputs[:_MAX_INPUTS_SCANNED]:
-        if not isinstance(tensor, dict) or tensor.get("name") not in allowed:
+        if not isinstance(tensor, dict):
+            continue
+        name = tensor.get("name")
+        # A client's name may be any JSON value: a list or an object is unhashable.
+        if not isinstance(name, str) or name not in allowed:
             continue
         data = tensor.get("data")
         first = data[0] if isinstance(data, list) and data else data
         number = _number(first)
         if number is not None:
-            found[str(tensor["name"])] = number
+            found[name] = number
     return found
 
 
@@ -244,7 +249,11 @@ def inject_oip_id(body: bytes, parsed: dict[str, object], prediction_id: str) ->
 def with_content_length(
     headers: Iterable[tuple[bytes, bytes]], length: int
 ) -> list[tuple[bytes, bytes]]:
-    """A copy of ASGI ``headers`` with content-length set to ``length``."""
-    out = [(k, v) for k, v in headers if k != b"content-length"]
+    """A copy of ASGI ``headers`` with content-length set to ``length``.
+
+    A ``transfer-encoding`` goes too: the body is now whole and its length
+    known, and HTTP forbids both headers on one message.
+    """
+    out = [(k, v) for k, v in headers if k not in _FRAMING]
     out.append((b"content-length", str(length).encode()))
     return out

@@ -1,7 +1,8 @@
 """The response side of a prediction: the served model and a bounded output summary.
 
 Read from a bounded copy of a JSON response body (the response itself streams
-on untouched): OIP v2 ``model_name``/``model_version``/``id`` and the first
+on untouched; a gzip or deflate body is decoded into that copy, never past its
+bound): OIP v2 ``model_name``/``model_version``/``id`` and the first
 outputs, KServe v1 ``predictions``. Only a label, a score and a value leave,
 never the output tensor.
 """
@@ -11,9 +12,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import zlib
 from typing import Final
 
-from predtrace.middleware._context import clip
+from predtrace.middleware._context import clean, clip
 from predtrace.middleware._routes import PROTOCOL_KSERVE_V1, PROTOCOL_OIP_V2_REST
 from predtrace.wire import OutputSummary
 
@@ -29,26 +31,46 @@ _MAX_TOKENS: Final = 256  # strings and brackets scanned before giving up on the
 # strings (skipped whole) and the brackets between them, to know the depth.
 _TOKENS: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?|[{}\[\]]', re.DOTALL)
 _STRING_VALUE: Final = re.compile(rb'\s*:\s*("(?:[^"\\]|\\.){0,1024}")')
+# Content codings a capture can decode (zlib's window bits 32+15 read both a
+# gzip and a zlib stream: HTTP's "deflate" is the zlib one).
+DECODABLE: Final = frozenset({b"gzip", b"x-gzip", b"deflate"})
+_ZLIB_AUTO: Final = 32 + zlib.MAX_WBITS
 
 
 class ResponseCapture:
     """A bounded copy of a response body, taken as its chunks pass by.
 
     The first 4 KiB are kept even past the bound: the served model's name
-    and version are read from there without parsing the whole body.
+    and version are read from there without parsing the whole body. A gzip
+    or deflate body (``compressed``) is decoded as it passes, never beyond
+    what the copy and the head can hold: a gzip bomb costs nothing more.
     """
 
-    __slots__ = ("_chunks", "_head", "_limit", "_size", "overflowed")
+    __slots__ = (
+        "_chunks",
+        "_compressed",
+        "_decoded",
+        "_decoder",
+        "_head",
+        "_limit",
+        "_size",
+        "overflowed",
+    )
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, *, compressed: bool = False) -> None:
         self._chunks: list[bytes] = []
         self._head = b""
         self._limit = limit
         self._size = 0
         self.overflowed = False
+        self._compressed = compressed
+        self._decoder = zlib.decompressobj(_ZLIB_AUTO) if compressed else None
+        self._decoded = 0
 
     def add(self, chunk: bytes) -> None:
         """Keep ``chunk`` unless the copy would pass the bound (then keep nothing)."""
+        if self._compressed:
+            chunk = self._decode(chunk)
         if len(self._head) < _HEAD_BYTES and chunk:
             self._head += chunk[: _HEAD_BYTES - len(self._head)]
         if self.overflowed or not chunk:
@@ -59,6 +81,26 @@ class ResponseCapture:
             self._chunks.clear()
             return
         self._chunks.append(chunk)
+
+    def _decode(self, chunk: bytes) -> bytes:
+        """What ``chunk`` decodes to, up to one byte past the larger of the bound and the head."""
+        decoder = self._decoder
+        if decoder is None:
+            return b""  # stopped: past the bound, or not what the header said
+        # max_length bounds the output (0 would mean no bound: never 0 here).
+        budget = max(self._limit, _HEAD_BYTES) + 1 - self._decoded
+        try:
+            out = decoder.decompress(chunk, budget)
+        except zlib.error:
+            self._decoder, self.overflowed = None, True  # unreadable: no copy
+            self._chunks.clear()
+            return b""
+        self._decoded += len(out)
+        if len(out) == budget:
+            # Over the bound; the rest of the input waits in unconsumed_tail:
+            # drop it with the decoder instead of decoding on.
+            self._decoder = None
+        return out
 
     def parsed(self) -> object:
         """The JSON value of the copy, or None (overflowed, empty or not JSON)."""
@@ -80,7 +122,7 @@ class ResponseCapture:
         members = _top_level_strings(self._head, (b"model_name", b"model_version"))
         if members is None:
             return None
-        return clip(members.get(b"model_name", "")), clip(members.get(b"model_version", ""))
+        return clean(members.get(b"model_name", "")), clean(members.get(b"model_version", ""))
 
 
 def _top_level_strings(  # noqa: PLR0911 - every way to be unsure says so, flat on purpose
@@ -123,12 +165,25 @@ def _top_level_strings(  # noqa: PLR0911 - every way to be unsure says so, flat 
     return None  # the head ended before the object did
 
 
-def is_json(headers: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...]) -> bool:
-    """Whether response headers declare a JSON body."""
+def _is_json_type(content_type: bytes) -> bool:
+    return content_type.startswith(b"application/json") or b"+json" in content_type
+
+
+def json_encoding(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The content coding of a JSON response (``b""`` for none), or None when not JSON."""
+    json_body = False
+    encoding = b""
     for key, value in headers:
         if key == b"content-type":
-            return value.startswith(b"application/json") or b"+json" in value
-    return False
+            json_body = _is_json_type(value)
+        elif key == b"content-encoding":
+            encoding = value
+    if not json_body:
+        return None
+    if encoding:  # rare: a compressing middleware inside this one
+        encoding = encoding.strip().lower()
+        return b"" if encoding == b"identity" else encoding
+    return encoding
 
 
 def served_model(parsed: object) -> tuple[str, str]:
@@ -137,8 +192,8 @@ def served_model(parsed: object) -> tuple[str, str]:
         return "", ""
     name, version = parsed.get("model_name"), parsed.get("model_version")
     return (
-        clip(name) if isinstance(name, str) else "",
-        clip(version) if isinstance(version, str) else "",
+        clean(name) if isinstance(name, str) else "",
+        clean(version) if isinstance(version, str) else "",
     )
 
 

@@ -11,7 +11,6 @@ request path.
 from __future__ import annotations
 
 import time
-import zlib
 from collections.abc import Sequence
 from contextvars import Token
 from typing import Final
@@ -37,7 +36,13 @@ from predtrace.middleware._inputs import (
     request_features,
     with_content_length,
 )
-from predtrace.middleware._outputs import ResponseCapture, is_json, served_model, summarise
+from predtrace.middleware._outputs import (
+    DECODABLE,
+    ResponseCapture,
+    json_encoding,
+    served_model,
+    summarise,
+)
 from predtrace.middleware._routes import PROTOCOL_HTTP, PROTOCOL_OIP_V2_REST, RouteMatch
 from predtrace.middleware._runtime import PredictionRuntime
 from predtrace.wire import CALLER_ID_RE, ModelRef, PredictionEvent, new_prediction_id
@@ -158,7 +163,9 @@ class Prediction:
         self._t0 = time.perf_counter_ns()
         self._ts = time.time_ns()
         is_oip = protocol == PROTOCOL_OIP_V2_REST
-        if body is not None and (protocol != PROTOCOL_HTTP or rt.key is not None):
+        if body is not None:
+            # Read only when something needs it (see run): the OIP id, the
+            # fingerprint or the allow-listed features.
             self._parsed = parse_json(body)
         request_id = ce_id = None
         propagated = False
@@ -170,11 +177,9 @@ class Prediction:
                 ce_id = value
             elif key in fields:
                 propagated = True
-        body_id = body_caller_id(self._parsed) if is_oip else None
+        body_id = self._body_id(self._parsed) if is_oip else None
         pid = body_id or self._header_id(request_id, ce_id) or new_prediction_id()
-        sampled = rt.sample_all or (
-            rt.sample_threshold > 0 and zlib.crc32(pid.encode()) < rt.sample_threshold
-        )
+        sampled = rt.samples(pid)
         self._ctx = ctx = PredictionContext(
             pid,
             sampled=sampled,
@@ -185,8 +190,7 @@ class Prediction:
             if rt.key is not None:
                 self._fingerprint = fingerprint(rt.key, self._parsed, body, protocol)
             if sampled and rt.config.feature_allowlist:
-                allowed = rt.config.feature_allowlist
-                ctx._merge_features(request_features(self._parsed, protocol, allowed))
+                self._capture_features()
             if body_id is None and is_oip and self._should_echo(body):
                 echo = self._echo_id(scope, body, pid)
         elif self._telemetry is not None:
@@ -205,6 +209,23 @@ class Prediction:
             # A new headers list: the old one may be shared with that code.
             scope["headers"], messages = echo
         return messages, token
+
+    def _body_id(self, parsed: object) -> str | None:
+        """The OIP request's own ``id`` when usable; one it cannot use is counted."""
+        body_id = body_caller_id(parsed)
+        if body_id is None and isinstance(parsed, dict) and "id" in parsed:
+            self.rt.counts["invalid_caller_id"] += 1  # replaced, like a bad header id
+        return body_id
+
+    def _capture_features(self) -> None:
+        """Merge the request's allow-listed features; a failure costs them, not the event."""
+        rt = self.rt
+        try:
+            found = request_features(self._parsed, self.match.protocol, rt.config.feature_allowlist)
+        except Exception as exc:  # noqa: BLE001 - a request we did not foresee: no features
+            rt.failed("features", exc)
+            return
+        self._ctx._merge_features(found)
 
     def _header_id(self, request_id: bytes | None, ce_id: bytes | None) -> str | None:
         """The caller's id from ``x-request-id``, then ``ce-id``, when usable."""
@@ -258,15 +279,19 @@ class Prediction:
         return otel_context.attach(trace.set_span_in_context(span, parent))
 
     def _adopt_telemetry_body(self) -> bool:
-        """FastAPI telemetry mode: take the parsed body from FastAPI, once it has one."""
+        """FastAPI telemetry mode: take the parsed body from FastAPI, once it has one.
+
+        The context's id hook: run once it succeeds. An OIP body id becomes
+        the prediction id, and the sampling decision is taken again from it.
+        """
         body = getattr(self._telemetry, "body", None)
         if body is None:
             return False
         self._parsed = body
         if self.match.protocol == PROTOCOL_OIP_V2_REST:
-            body_id = body_caller_id(body)
+            body_id = self._body_id(body)
             if body_id is not None:
-                self._ctx._set_id(body_id)
+                self._ctx._set_id(body_id, sampled=self.rt.samples(body_id))
         return True
 
     # -- response ----------------------------------------------------------------
@@ -304,13 +329,13 @@ class Prediction:
                     break  # the app set it itself
             else:
                 headers.append((wanted, pid.encode("latin-1")))
-            if self._wants_response(headers):
-                self._capture = ResponseCapture(self.rt.config.max_output_bytes)
+            if self._wants_response():
+                self._capture = self._capture_for(headers)
         except Exception as exc:  # noqa: BLE001 - the response goes out regardless
             self.rt.failed("response_start", exc)
         return message
 
-    def _wants_response(self, headers: list[tuple[bytes, bytes]]) -> bool:
+    def _wants_response(self) -> bool:
         protocol = self.match.protocol
         if protocol == PROTOCOL_HTTP:
             return False
@@ -322,7 +347,20 @@ class Prediction:
             version_known = self._start_model[1] or (override and override.get("version"))
             if version_known and not (self._ctx.sampled and self._ctx.output is None):
                 return False
-        return is_json(headers)
+        return True
+
+    def _capture_for(self, headers: list[tuple[bytes, bytes]]) -> ResponseCapture | None:
+        """A copy of a JSON response body, decoded when gzip'd; None for other bodies."""
+        encoding = json_encoding(headers)
+        if encoding is None:
+            return None
+        limit = self.rt.config.max_output_bytes
+        if not encoding:
+            return ResponseCapture(limit)
+        if encoding in DECODABLE:  # e.g. Starlette's GZipMiddleware inside this one
+            return ResponseCapture(limit, compressed=True)
+        self.rt.counts["response_encoding_unreadable"] += 1  # br, zstd...: not read
+        return None
 
     # -- completion ---------------------------------------------------------------
 
@@ -339,6 +377,8 @@ class Prediction:
             self._complete(exc)
         except Exception as error:  # noqa: BLE001 - telemetry must never fail the request
             self.rt.failed("finish", error)
+        # What the app records from now on (a background task) can reach no event.
+        self._ctx._close(self.rt.counts)
 
     def _complete(self, exc: BaseException | None) -> None:
         rt, ctx, span = self.rt, self._ctx, self._span
@@ -351,9 +391,9 @@ class Prediction:
             error_type, code = "IncompleteResponse", str(status or "")
         else:
             error_type, code = ("" if status < 400 else str(status)), str(status)
-        response, served = self._read_response()
         if self._telemetry is not None:
-            self._settle_telemetry_inputs()
+            self._settle_telemetry_inputs()  # first: it settles the id and sampling
+        response, served = self._read_response()
         model, run_id = self._model(served)
         if span is not None:
             try:
@@ -395,13 +435,13 @@ class Prediction:
     def _settle_telemetry_inputs(self) -> None:
         # FastAPI telemetry mode: use the body FastAPI parsed; never read it twice.
         rt, ctx = self.rt, self._ctx
-        if not self._adopt_telemetry_body():
+        ctx._settle_id()  # adopts the body once, if the response start has not yet
+        if self._parsed is NOT_JSON:
             rt.counts["fastapi_body_missing"] += 1  # the route parsed no body
             return
         rt.counts["fastapi_body_used"] += 1
         if ctx.sampled and rt.config.feature_allowlist:
-            allowed = rt.config.feature_allowlist
-            ctx._merge_features(request_features(self._parsed, self.match.protocol, allowed))
+            self._capture_features()
         if rt.key is not None:
             self._fingerprint = fingerprint(rt.key, self._parsed, b"", self.match.protocol)
             if not self._fingerprint:  # form data or another value JSON cannot encode

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
+from predtrace.middleware._context import clean
 from predtrace.middleware._errors import ConfigError
 
 PROTOCOL_OIP_V2_REST: Final = "oip-v2-rest"
@@ -137,7 +138,13 @@ class RouteTable:
             found = fullmatch(path)
             if found is not None:
                 groups = found.groupdict()
+                # From the client's path: bounded and cleaned like a name the
+                # response gives (a NUL would cost the event, 64 KiB the span).
+                # Here, not per request: the match is cached by path.
                 return RouteMatch(
-                    template, protocol, groups.get("name") or "", groups.get("version") or ""
+                    template,
+                    protocol,
+                    clean(groups.get("name") or ""),
+                    clean(groups.get("version") or ""),
                 )
         return None

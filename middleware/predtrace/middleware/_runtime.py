@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 import weakref
+import zlib
 from collections import Counter
 from typing import Final
 
@@ -113,6 +114,12 @@ class PredictionRuntime:
         """Queue one event (O(1), never raises)."""
         if self.pipeline is not None:
             self.pipeline.emit(event)
+
+    def samples(self, prediction_id: str) -> bool:
+        """Whether a prediction's output and features are captured: decided by its id alone."""
+        return self.sample_all or (
+            self.sample_threshold > 0 and zlib.crc32(prediction_id.encode()) < self.sample_threshold
+        )
 
     def start_model(self, match: RouteMatch) -> tuple[str, str]:
         """(name, version) known when the request starts: the route's, else the config's."""

@@ -88,7 +88,10 @@ PREDTRACE_BUILTIN_ROUTES: Final = "PREDTRACE_BUILTIN_ROUTES"
 """Whether the OIP v2 REST and KServe v1 routes are predictions (default ``true``)."""
 
 PREDTRACE_ID_HEADER: Final = "PREDTRACE_ID_HEADER"
-"""Response header carrying the prediction id (default ``x-prediction-id``)."""
+"""Response header carrying the prediction id (default ``x-prediction-id``).
+
+Not a framing or hop-by-hop header (content-length, transfer-encoding, connection...).
+"""
 
 PREDTRACE_OIP_ECHO_ID: Final = "PREDTRACE_OIP_ECHO_ID"
 """Give an OIP v2 request without ``id`` the prediction id, so the response echoes it."""

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Iterator
 from concurrent import futures
@@ -72,8 +73,9 @@ async def call_asgi(
 ) -> AsgiResponse:
     """Send one HTTP request through ``app`` in-process and collect the response.
 
-    ``body`` may be several chunks (sent as ``more_body`` messages). Raises
-    whatever the app raises.
+    ``body`` may be several chunks (sent as ``more_body`` messages). ``path``
+    is given as on the wire (percent-encoded); the scope's ``path`` has it
+    decoded, as a server gives it. Raises whatever the app raises.
     """
     chunks = [body] if isinstance(body, bytes) else list(body)
     requests: list[Message] = [
@@ -97,7 +99,7 @@ async def call_asgi(
         "http_version": "1.1",
         "method": method,
         "scheme": "http",
-        "path": raw_path,
+        "path": urllib.parse.unquote(raw_path),  # decoded, as servers (uvicorn) do
         "raw_path": raw_path.encode(),
         "query_string": path.partition("?")[2].encode(),
         "root_path": "",

@@ -11,9 +11,12 @@ from predtrace.middleware import current_prediction
 TELEMETRY_OFF: dict[str, Any] = {"tracing": False, "metrics": False, "logs": False}
 
 
-def model_app() -> FastAPI:
-    """An OIP v2 server whose handler echoes the request id and records an output."""
-    app = FastAPI(telemetry=TELEMETRY_OFF)
+def model_app(telemetry: dict[str, Any] | None = None) -> FastAPI:
+    """An OIP v2 server whose handler echoes the request id and records an output.
+
+    FastAPI's built-in telemetry is off unless ``telemetry`` is given.
+    """
+    app = FastAPI(telemetry=telemetry if telemetry is not None else TELEMETRY_OFF)
 
     @app.post("/v2/models/{name}/infer")
     async def infer(name: str, body: dict[str, Any]) -> dict[str, Any]:

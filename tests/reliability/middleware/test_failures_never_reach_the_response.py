@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NoOpTracerProvider, Tracer, TracerProvider
 
-from predtrace.middleware import MiddlewareConfig, ResolvedModel, instrument_app
+from predtrace.middleware import MiddlewareConfig, ResolvedModel, _prediction, instrument_app
 from predtrace.middleware.testing import AsgiResponse, call_asgi
 from predtrace.sidecar.pipeline import (
     ExportResult,
@@ -26,6 +28,7 @@ from predtrace.sidecar.pipeline import (
     RetryableExportError,
     RetryPolicy,
 )
+from predtrace.sidecar.testing import InMemoryExporter
 
 from .conftest import model_app
 
@@ -36,6 +39,7 @@ REQUESTS = [
     {"id": "a-4"},
 ]
 HEADERS = [("content-type", "application/json")]
+PID = "predtrace.prediction.id"  # the span attribute naming the prediction
 
 
 class RaisingExporter:
@@ -153,3 +157,41 @@ async def test_responses_are_byte_identical_to_telemetry_off(
     # The same failure is logged once, not once per batch or request.
     messages = [r.getMessage() for r in caplog.records]
     assert all(messages.count(m) == 1 for m in set(messages) if "raised" in m or "error in" in m)
+
+
+@pytest.mark.parametrize("telemetry", [False, True], ids=["body-read", "fastapi-telemetry"])
+async def test_a_bug_in_feature_extraction_costs_the_features_only(
+    telemetry: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A request shape nobody foresaw must not cost the event, the span or the id.
+    def broken(*args: object) -> dict[str, float]:
+        raise RuntimeError("feature extraction bug")
+
+    monkeypatch.setattr(_prediction, "request_features", broken)
+    spans = InMemorySpanExporter()
+    provider = SdkTracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    settings = {"tracer_provider": provider, "metrics": False, "logs": False}
+    app = model_app(settings if telemetry else None)
+    events = InMemoryExporter()
+    config = MiddlewareConfig(
+        exporter=events,
+        tracer_provider=provider,
+        sample_rate=1.0,
+        feature_allowlist=frozenset({"x"}),
+        flush_tracer_provider=False,
+    )
+    runtime = instrument_app(app, config)
+    try:
+        body = json.dumps(REQUESTS[0]).encode()
+        response = await call_asgi(app, "POST", "/v2/models/m/infer", body, HEADERS)
+        runtime.force_flush(5)
+    finally:
+        runtime.shutdown(2)
+    assert response.status == 200 and response.header("x-prediction-id") == "a-1"
+    (event,) = events.events
+    assert (event.prediction_id, event.features) == ("a-1", {})
+    assert event.output is not None  # the rest of the event is whole
+    traced = [s for s in spans.get_finished_spans() if s.attributes and s.attributes.get(PID)]
+    assert [s.attributes.get(PID) for s in traced if s.attributes] == ["a-1"]
+    assert runtime.stats()["error.features"] == 1

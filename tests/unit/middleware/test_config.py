@@ -43,6 +43,35 @@ def test_invalid_settings_fail_at_startup_naming_the_setting(
 
 
 @pytest.mark.parametrize(
+    "name",
+    [
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "host",
+        "proxy-authenticate",
+        "proxy-authorization",
+    ],
+)
+def test_a_framing_or_hop_by_hop_id_header_is_refused_at_startup(name: str) -> None:
+    # The id written there would break the response (a streamed answer with
+    # content-length: <uuid>), so the setting fails before the first request.
+    message = f"id_header \\(PREDTRACE_ID_HEADER\\) must not be '{name}': a framing or hop-by-hop"
+    with pytest.raises(ConfigError, match=message):
+        MiddlewareConfig(exporter=InMemoryExporter(), id_header=name)
+    with pytest.raises(ConfigError, match=message):
+        MiddlewareConfig.from_env(
+            {env.PREDTRACE_ID_HEADER: name.upper(), env.PREDTRACE_SIDECAR_TARGET: "127.0.0.1:1"}
+        )
+
+
+@pytest.mark.parametrize(
     ("settings", "message"),
     [
         ({"collector_url": "ftp://x"}, "collector URL must be http"),

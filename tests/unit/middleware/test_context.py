@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 from predtrace.middleware import PredictionContext, current_prediction
 from predtrace.middleware._context import MAX_ATTRIBUTES, MAX_EXTRA_MODELS, MAX_FEATURES
@@ -79,3 +80,39 @@ def test_record_output_drops_non_finite_numbers() -> None:
         None,
         2.0,
     )
+
+
+def test_a_finished_prediction_is_inactive_and_counts_late_calls_instead_of_keeping_them() -> None:
+    p = _ctx()
+    counts: Counter[str] = Counter()
+    p._close(counts)
+    assert not p.active
+    p.set_model(name="late", version="9")
+    p.add_model(role="ranker", name="r")
+    p.record_output(label="late")
+    p.record_features({"a": 1.0})
+    p.set_attribute("tenant", "t")
+    assert p.model_override is None and p.output is None and p.extra_models is None
+    assert p.features is None and p.attributes is None
+    assert counts["late_context_call"] == 5
+    assert p.prediction_id == "p-1"  # reading the id stays harmless
+
+
+def test_sampling_and_recording_see_the_id_the_hook_settles() -> None:
+    # FastAPI telemetry mode: the OIP body id arrives after the context is
+    # made; the sampling decision follows it, for every caller of the helper.
+    p = _ctx(sampled=False)
+    runs: list[int] = []
+
+    def adopt() -> bool:
+        runs.append(1)
+        p._set_id("body-id", sampled=True)
+        return True
+
+    p.id_hook = adopt
+    p.record_output(label="kept")
+    assert p.output is not None and p.output.label == "kept"
+    assert p.is_sampled and p.prediction_id == "body-id"
+    p.record_features({"a": 1.0})
+    assert p.features == {"a": 1.0}
+    assert runs == [1]  # run once, then dropped

@@ -6,6 +6,8 @@ import hmac
 import json
 from typing import Any
 
+import pytest
+
 from predtrace.middleware._inputs import (
     NOT_JSON,
     body_caller_id,
@@ -119,6 +121,14 @@ def test_features_come_only_from_the_allow_list_and_only_numbers() -> None:
     assert request_features(oip, "oip-v2-rest", frozenset()) == {}
 
 
+@pytest.mark.parametrize("name", [["x"], {"x": 1}, 7, None])
+def test_a_tensor_name_that_is_not_a_string_is_skipped_not_an_error(name: object) -> None:
+    # A client may send any JSON value as the name: a list or object is
+    # unhashable and must not raise out of the allow-list check.
+    oip = {"inputs": [{"name": name, "data": [1.0]}, {"name": "x", "data": [2.0]}]}
+    assert request_features(oip, "oip-v2-rest", frozenset({"x"})) == {"x": 2.0}
+
+
 def test_injected_id_keeps_the_rest_of_the_body_byte_for_byte() -> None:
     body = b'  { "inputs": [1, 2] }'
     out = inject_oip_id(body, {"inputs": [1, 2]}, "p-1")
@@ -130,6 +140,13 @@ def test_injected_id_keeps_the_rest_of_the_body_byte_for_byte() -> None:
 def test_content_length_is_replaced_not_duplicated() -> None:
     headers = [(b"host", b"h"), (b"content-length", b"3")]
     assert with_content_length(headers, 10) == [(b"host", b"h"), (b"content-length", b"10")]
+
+
+def test_a_chunked_upload_given_a_length_loses_its_transfer_encoding() -> None:
+    # The echoed id makes the body whole: HTTP forbids both framings on one message.
+    headers = [(b"host", b"h"), (b"transfer-encoding", b"chunked"), (b"x-a", b"1")]
+    out = with_content_length(headers, 12)
+    assert out == [(b"host", b"h"), (b"x-a", b"1"), (b"content-length", b"12")]
 
 
 def test_only_a_utf8_body_takes_the_injected_id() -> None:

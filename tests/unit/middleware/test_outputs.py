@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import tracemalloc
+import zlib
 
 import pytest
 
 from predtrace.middleware._outputs import (
     ResponseCapture,
     _top_level_strings,
-    is_json,
+    json_encoding,
     response_id,
     served_model,
     summarise,
@@ -32,11 +35,77 @@ def test_capture_of_invalid_json_gives_none() -> None:
     assert capture.parsed() is None
 
 
+ANSWER = {"model_name": "churn", "model_version": "7", "outputs": [{"name": "s", "data": [0.9]}]}
+
+
+def _chunks(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, zlib.compress], ids=["gzip", "deflate"])
+def test_a_compressed_body_is_decoded_as_its_chunks_pass(compress: object) -> None:
+    raw = json.dumps({**ANSWER, "pad": "p" * 5000}).encode()
+    capture = ResponseCapture(limit=64 * 1024, compressed=True)
+    for chunk in _chunks(compress(raw), 7):  # type: ignore[operator]
+        capture.add(chunk)
+    assert capture.parsed() == json.loads(raw)
+    assert capture.served() == ("churn", "7")  # from the decoded head
+
+
+def test_a_compressed_body_past_the_bound_keeps_the_decoded_head_only() -> None:
+    raw = json.dumps({**ANSWER, "pad": "p" * 50_000}).encode()
+    capture = ResponseCapture(limit=1024, compressed=True)
+    for chunk in _chunks(gzip.compress(raw), 100):
+        capture.add(chunk)
+    assert capture.overflowed and capture.parsed() is None
+    assert capture.served() == ("churn", "7")
+
+
+def test_a_gzip_bomb_is_decoded_no_further_than_the_bound() -> None:
+    # 64 MiB of JSON-looking zeros in some 64 KiB of gzip: decoding it whole
+    # would take 64 MiB (16 MiB a chunk); the capture stops one byte past its bound.
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    block = b"0" * (1 << 20)
+    parts = [packer.compress(b"["), *(packer.compress(block) for _ in range(64)), packer.flush()]
+    bomb = b"".join(parts)
+    capture = ResponseCapture(limit=64 * 1024, compressed=True)
+    tracemalloc.start()
+    try:
+        for chunk in _chunks(bomb, 16 * 1024):
+            capture.add(chunk)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 1024 * 1024
+    assert capture.overflowed and capture.parsed() is None
+
+
+def test_a_body_that_is_not_what_its_encoding_says_gives_nothing_and_no_error() -> None:
+    capture = ResponseCapture(limit=1024, compressed=True)
+    capture.add(json.dumps(ANSWER).encode())  # plain JSON under content-encoding: gzip
+    capture.add(b"more")
+    assert capture.parsed() is None and capture.served() is None
+
+
+def test_the_content_coding_of_a_json_response_is_read_with_its_type() -> None:
+    plain = [(b"content-type", b"application/json")]
+    assert json_encoding(plain) == b""
+    assert json_encoding([*plain, (b"content-encoding", b"identity")]) == b""
+    assert json_encoding([(b"content-encoding", b" GZip "), *plain]) == b"gzip"
+    assert json_encoding([*plain, (b"content-encoding", b"br")]) == b"br"
+    assert json_encoding([(b"content-type", b"text/plain"), (b"content-encoding", b"gzip")]) is None
+    assert json_encoding([]) is None
+
+
 def test_json_content_types_are_recognised() -> None:
-    assert is_json([(b"content-type", b"application/json; charset=utf-8")])
-    assert is_json([(b"content-type", b"application/problem+json")])
-    assert not is_json([(b"content-type", b"text/event-stream")])
-    assert not is_json([])
+    assert json_encoding([(b"content-type", b"application/json; charset=utf-8")]) == b""
+    assert json_encoding([(b"content-type", b"application/problem+json")]) == b""
+    assert json_encoding([(b"content-type", b"text/event-stream")]) is None
+
+
+def test_served_model_names_lose_control_characters_and_are_bounded() -> None:
+    answer = {"model_name": "a\x00b", "model_version": "v" * 1000}
+    assert served_model(answer) == ("ab", "v" * 256)
 
 
 def test_served_model_and_response_id_are_read_from_oip_answers() -> None:

@@ -63,3 +63,13 @@ def test_pattern_text_parses_method_and_template() -> None:
         method="PUT", template="/x/{version}"
     )
     assert RoutePattern.parse("/x") == RoutePattern(template="/x")
+
+
+def test_model_identity_from_the_path_is_bounded_and_without_control_characters() -> None:
+    # A NUL would make the collector refuse the event; a 70k name, the span too big.
+    table = RouteTable(BUILTIN_ROUTES)
+    found = table.match("POST", "/v2/models/a\x00b\x1f\x7fc/versions/" + "v" * 70_000 + "/infer")
+    assert found is not None
+    assert found.name == "abc" and found.version == "v" * 256
+    spaced = table.match("POST", "/v2/models/my model\u00a0\u00e9/infer")
+    assert spaced is not None and spaced.name == "my model\u00a0\u00e9"  # printable text kept
