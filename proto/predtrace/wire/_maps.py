@@ -21,6 +21,7 @@ from predtrace.wire._event import (
     PredictionEvent,
     Status,
 )
+from predtrace.wire._ids import CALLER_ID_RE
 from predtrace.wire._limits import _UINT64_MAX, DEFAULT_LIMITS, DecodeLimits
 
 # -- encoding -----------------------------------------------------------------
@@ -160,6 +161,7 @@ class _Fields:
         return int(value)
 
     def number(self, key: int, name: str) -> float | None:
+        """The number at ``key``; None when absent, NaN or infinite (left unset, FORMAT.md)."""
         value = self.raw.get(key)
         if value is None:
             return None
@@ -169,9 +171,7 @@ class _Fields:
             number = float(value)
         except OverflowError:
             raise WireError(f"{self.where}.{name} is out of range") from None
-        if not math.isfinite(number):
-            raise WireError(f"{self.where}.{name} must be a finite number")
-        return number
+        return number if math.isfinite(number) else None
 
     def optional_str(self, key: int, name: str) -> str | None:
         return self.text(key, name) if key in self.raw else None
@@ -222,9 +222,17 @@ def _str_map(raw: object, name: str, convert: Callable[[object], Any]) -> dict[s
 
 
 def _feature_value(value: object) -> float:
-    if type(value) not in (int, float) or not math.isfinite(value):  # type: ignore[arg-type]
-        raise WireError("features values must be finite numbers")
-    return float(value)  # type: ignore[arg-type]
+    if type(value) is not int and type(value) is not float:
+        raise WireError("features values must be numbers")
+    return float(value)
+
+
+def _features_from(raw: object) -> dict[str, float]:
+    """An event map's features; a NaN or infinite value is left out, as missing (FORMAT.md)."""
+    features: dict[str, float] = _str_map(raw, "event.features", _feature_value)
+    if all(map(math.isfinite, features.values())):
+        return features
+    return {key: value for key, value in features.items() if math.isfinite(value)}
 
 
 def _attribute_value(value: object) -> str:
@@ -262,11 +270,14 @@ def plain_scalars(  # noqa: PLR0917 - six scalar fields of an event map, two bou
     """Whether an event map's scalar fields are of the types the decoder keeps as they are.
 
     The one definition the fast paths share (decode, the sidecar's plain
-    maps, the collector's rows); ``max_time`` is 2**63-1 for a store.
+    maps, the collector's rows); ``max_time`` is 2**63-1 for a store. The id
+    must also match ``CALLER_ID_RE``: one ``event_problem`` refuses takes the
+    precise path, so no fast path keeps an id the query API could never find.
     """
     return (
         type(pid) is str
         and 0 < len(pid) <= max_id_len
+        and CALLER_ID_RE.fullmatch(pid) is not None
         and type(trace_id) is bytes
         and len(trace_id) in (0, 16)
         and type(span_id) is bytes
@@ -305,6 +316,7 @@ def _fast_event(raw: dict[Any, Any], limits: DecodeLimits) -> PredictionEvent | 
     ):
         return None
     for key, value in features.items():
+        # A NaN or infinite value, too: the checked path leaves it out.
         if type(key) is not str or type(value) is not float or not math.isfinite(value):
             return None
     for key, value in attributes.items():
@@ -364,12 +376,15 @@ def _fast_output(raw: object) -> OutputSummary | None:
     if (score is not None and (type(score) is not float or not math.isfinite(score))) or (
         value is not None and (type(value) is not float or not math.isfinite(value))
     ):
-        return None  # the checked path refuses it with a reason
+        return None  # the checked path refuses it with a reason, or unsets a NaN
     return OutputSummary(label, score, value)
 
 
 def event_from_map(raw: object, limits: DecodeLimits = DEFAULT_LIMITS) -> PredictionEvent:
     """Build one event from its int-keyed map; unknown keys are ignored.
+
+    The id is kept as sent (``event_problem`` says whether a store keeps it);
+    a NaN or infinite number is left out (FORMAT.md).
 
     Raises:
         WireError: a known field has the wrong type or the id is missing.
@@ -409,7 +424,7 @@ def _checked_event(raw: object, limits: DecodeLimits) -> PredictionEvent:
         error_type=f.text(13, "error_type"),
         input_fingerprint=f.blob(14, "input_fingerprint"),
         output=_output_from(f.raw[15]) if 15 in f.raw else None,
-        features=_str_map(f.raw.get(16, {}), "event.features", _feature_value),
+        features=_features_from(f.raw.get(16, {})),
         attributes=_str_map(f.raw.get(17, {}), "event.attributes", _attribute_value),
         sampled=f.raw.get(18) is True,
     )

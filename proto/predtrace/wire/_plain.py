@@ -115,7 +115,12 @@ def canonical_event_map(raw: dict[Any, Any]) -> dict[int, Any]:
 
 
 def plain_map_problem(raw: dict[Any, Any], limits: DecodeLimits = DEFAULT_LIMITS) -> str | None:
-    """``event_problem`` for a canonical map (``canonical_event_map``): the same rules."""
+    """``event_problem`` for a canonical map (``canonical_event_map``): the same rules.
+
+    The id's rules (its length, ``CALLER_ID_RE``) are left out:
+    ``plain_event_map`` checked them before the processors, which never
+    change the id, and this runs once per event on the sidecar's hot path.
+    """
     g = raw.get
     features, attributes, out = g(16, _EMPTY), g(17, _EMPTY), g(15)
     texts = [

@@ -8,11 +8,16 @@ never costs the batch it would travel in.
 
 from __future__ import annotations
 
-import math
 from typing import Final
 
 from predtrace.wire._event import ModelRef, PredictionEvent
-from predtrace.wire._limits import DEFAULT_LIMITS, INT63_MAX, DecodeLimits
+from predtrace.wire._ids import CALLER_ID_RE
+from predtrace.wire._limits import _UINT64_MAX, DEFAULT_LIMITS, INT63_MAX, DecodeLimits
+
+PREDICTION_ID_RULE: Final = (
+    "prediction_id must be a UUID or 1-256 printable ASCII characters without spaces"
+)
+"""Why an id outside ``CALLER_ID_RE`` is refused: ``predtrace trace`` could never find it."""
 
 
 def _texts(event: PredictionEvent) -> list[str]:
@@ -60,14 +65,20 @@ def event_problem(event: PredictionEvent, limits: DecodeLimits = DEFAULT_LIMITS)
     """Why a collector would refuse ``event`` (None when it would store it).
 
     The decoder's bounds (a string or binary over its limit, a map over its
-    entries) would refuse a whole batch, and a store cannot hold a time past
-    int64 or a NUL in text: a producer checks here before it acknowledges an
-    event, so one bad event never costs the batch it would travel in.
+    entries) would refuse a whole batch, a store cannot hold a time past
+    int64 or a NUL in text, and an id outside ``CALLER_ID_RE`` could never be
+    looked up: a producer checks here before it acknowledges an event, so one
+    bad event never costs the batch it would travel in. A NaN or infinite
+    number is no problem: the decoders leave it out.
     """
     # An event object was built by code, not decoded (which checks numbers):
     # what the collector's decoder would refuse is refused here.
     if not 0 < len(event.prediction_id) <= limits.max_id_len:
         return f"prediction_id must be 1 to {limits.max_id_len} characters"
+    if CALLER_ID_RE.fullmatch(event.prediction_id) is None:
+        # The query API and the CLI look up no other id (parse_prediction_id):
+        # stored, the event could never be found by its id.
+        return PREDICTION_ID_RULE
     numbers = _number_problem(event)
     if numbers is not None:
         return numbers
@@ -89,25 +100,28 @@ _EMPTY_MODEL: Final = ModelRef()
 
 
 def _number_problem(event: PredictionEvent) -> str | None:
-    """Why the decoder would refuse the event's feature or output numbers, if it would."""
+    """Why the event's feature or output numbers could not be packed, if they could not.
+
+    A NaN or an infinity is no problem: every decoder leaves it out (FORMAT.md).
+    """
     out = event.output
     if out is not None:
         for name, value in (("score", out.score), ("value", out.value)):
-            if value is not None and not _finite_number(value):
-                return f"output.{name} must be a finite number"
-    if event.features and not all(map(_finite_number, event.features.values())):
-        return "features values must be finite numbers"
+            if value is not None and not _packable_number(value):
+                return f"output.{name} must be a float or a 64-bit integer"
+    if event.features and not all(map(_packable_number, event.features.values())):
+        return "features values must be floats or 64-bit integers"
     return None
 
 
-def _finite_number(value: object) -> bool:
-    """A number the decoder keeps: an int or float (not a bool), finite as a float."""
-    if type(value) is not int and type(value) is not float:
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int past a float's range
-        return False
+def _packable_number(value: object) -> bool:
+    """A number msgpack packs and the decoder reads: a float, or an int (not a bool) in 64 bits."""
+    if type(value) is float:
+        return True
+    return type(value) is int and _INT64_MIN <= value <= _UINT64_MAX
+
+
+_INT64_MIN: Final = -(2**63)
 
 
 def stored_problem(  # noqa: PLR0911 - one answer per rule, flat on purpose

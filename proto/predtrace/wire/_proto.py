@@ -95,6 +95,10 @@ def _map(field: Mapping[str, _V]) -> dict[str, _V]:
 def event_from_proto(msg: event_pb2.PredictionEvent, *, max_id_len: int = 256) -> PredictionEvent:
     """Build an event from its protobuf message, validating what proto cannot.
 
+    A NaN or infinite feature value is left out, and such an output score or
+    value left unset, as the msgpack decoder does (FORMAT.md). Whether a
+    store keeps the id is ``event_problem``'s to say, as for every event.
+
     Raises:
         WireError: missing prediction id, or ids of the wrong length.
     """
@@ -109,14 +113,15 @@ def event_from_proto(msg: event_pb2.PredictionEvent, *, max_id_len: int = 256) -
         raise WireError("span_id must be 8 bytes")
     features = _map(msg.features)
     if not all(map(math.isfinite, features.values())):
-        raise WireError("features values must be finite numbers")
+        # NaN marks a missing value in ML data: the value is left out, not the event.
+        features = {key: value for key, value in features.items() if math.isfinite(value)}
     output = None
     if msg.HasField("output"):
         o = msg.output
         output = OutputSummary(
             o.label if o.HasField("label") else None,
-            o.score if o.HasField("score") else None,
-            o.value if o.HasField("value") else None,
+            o.score if o.HasField("score") and math.isfinite(o.score) else None,
+            o.value if o.HasField("value") and math.isfinite(o.value) else None,
         )
     m, d, status, extra = msg.model, msg.deployment, msg.status, msg.additional_models
     # Positional arguments and a tuple lookup for the status: this runs once

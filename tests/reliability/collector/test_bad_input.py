@@ -122,15 +122,21 @@ async def test_a_producer_id_with_nul_is_400(start: Start, post: Post) -> None:
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-async def test_a_non_finite_output_is_rejected_alone(start: Start, post: Post, bad: float) -> None:
+async def test_a_non_finite_output_score_is_left_out_and_the_event_stored(
+    start: Start, post: Post, session: aiohttp.ClientSession, bad: float
+) -> None:
+    # NaN is how ML code says "missing" (FORMAT.md): the value goes, the event stays.
     collector = await start()
     good, worse = (event_to_map(e) for e in make_events(2))
     worse[15] = {1: "x", 2: bad}
     answer = await post(collector, _batch("p", 1, [good, worse]))
     assert answer.status == 200 and answer.ack is not None
-    assert answer.ack.accepted == 1
-    assert [r.index for r in answer.ack.rejected] == [1]
-    assert "finite" in answer.ack.rejected[0].reason
+    assert (answer.ack.accepted, list(answer.ack.rejected)) == (2, [])
+    async with session.get(f"{collector.url}/v1/predictions/{worse[1]}") as resp:
+        assert resp.status == 200
+        (stored,) = (await resp.json())["predictions"]
+    assert stored["output"]["label"] == "x"
+    assert stored["output"].get("score") is None
 
 
 async def test_oversized_request_lines_are_400s_logged_as_one_line_not_tracebacks(

@@ -532,19 +532,20 @@ async def test_row27_a_deadline_expiring_while_the_server_spools_is_deadline_exc
         event_pb2.OutputSummary(value=float("-inf")),
     ],
 )
-async def test_a_non_finite_output_is_rejected_not_acknowledged_then_lost(
+async def test_a_non_finite_output_is_stored_unset_not_refused(
     start_sidecar: StartSidecar, output: event_pb2.OutputSummary
 ) -> None:
+    # NaN is how ML code says "missing" (FORMAT.md): the value goes, the event stays.
     running = await start_sidecar()
     bad = event_pb2.PredictionEvent(prediction_id="nan-output", output=output)
     request = sidecar_pb2.RecordBatchRequest(events=[*proto_events(1), bad])
     async with grpc.aio.insecure_channel(running.target) as channel:
         ack = await sidecar_pb2_grpc.SidecarStub(channel).RecordBatch(request)
-    assert ack.accepted == 1
-    [rejection] = ack.rejected
-    assert (rejection.index, rejection.prediction_id) == (1, "nan-output")
-    assert rejection.reason.endswith("must be a finite number")
-    await eventually(lambda: len(running.collector.events()) == 1)
+    assert (ack.accepted, list(ack.rejected)) == (2, [])
+    await eventually(lambda: len(running.collector.events()) == 2)
+    [stored] = [e for e in running.collector.events() if e.prediction_id == "nan-output"]
+    assert stored.output is not None
+    assert (stored.output.score, stored.output.value) == (None, None)
     assert running.app._shipper.counters.rejected == 0  # the collector refused nothing
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import math
 import tracemalloc
 from collections.abc import Callable
 
@@ -16,6 +17,7 @@ from predtrace.wire import (
     DeploymentRef,
     EventBatch,
     IngestAck,
+    InvalidIdError,
     ModelRef,
     OutputSummary,
     PredictionEvent,
@@ -34,9 +36,11 @@ from predtrace.wire import (
     event_rejection,
     event_to_map,
     pack_events,
+    parse_prediction_id,
     plain_event_map,
     unpack_event_maps,
 )
+from predtrace.wire._problems import PREDICTION_ID_RULE
 
 
 def _raw(batch: EventBatch) -> dict[int, object]:
@@ -229,11 +233,35 @@ def test_truncated_and_corrupt_gzip_are_wire_errors(batch: EventBatch) -> None:
             decode_batch(body + tail)
 
 
-def test_non_finite_feature_rejects_the_event() -> None:
-    raw = {0: [1, 0], 1: "p", 2: 1, 6: [{1: "a", 16: {"x": float("nan")}}, {1: "b"}]}
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=repr)
+def test_a_non_finite_feature_is_left_out_and_its_event_kept(bad: float) -> None:
+    # NaN marks a missing value in ML data: it must not cost the event, nor
+    # reach a store that keeps features as JSON.
+    features = {"x": bad, "age": 42.0, "n": 3}
+    raw = {0: [1, 0], 1: "p", 2: 1, 6: [{1: "a", 16: features}, {1: "b"}]}
+    decoded = decode_batch(_pack(raw))
+    assert decoded.rejected == ()
+    assert [e.prediction_id for e in decoded.batch.events] == ["a", "b"]
+    assert decoded.batch.events[0].features == {"age": 42.0, "n": 3.0}
+    assert event_from_map({1: "a", 16: {"x": bad}}).features == {}
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=repr)
+def test_a_non_finite_output_number_is_left_unset_and_its_event_kept(bad: float) -> None:
+    raw = {0: [1, 0], 1: "p", 2: 1, 6: [{1: "a", 15: {1: "churn", 2: bad, 3: bad}}]}
+    decoded = decode_batch(_pack(raw))
+    assert decoded.rejected == ()
+    [event] = decoded.batch.events
+    assert event.output == OutputSummary(label="churn", score=None, value=None)
+    assert event_from_map({1: "a", 15: {2: 0.5, 3: bad}}).output == OutputSummary(score=0.5)
+
+
+@pytest.mark.parametrize("value", [True, "1", b"1", None], ids=repr)
+def test_a_feature_value_that_is_not_a_number_still_rejects_its_event(value: object) -> None:
+    raw = {0: [1, 0], 1: "p", 2: 1, 6: [{1: "a", 16: {"x": value}}, {1: "b"}]}
     decoded = decode_batch(_pack(raw))
     assert [e.prediction_id for e in decoded.batch.events] == ["b"]
-    assert "finite" in decoded.rejected[0].reason
+    assert [r.reason for r in decoded.rejected] == ["features values must be numbers"]
 
 
 def test_ack_round_trip() -> None:
@@ -295,37 +323,65 @@ def test_event_problem_sees_every_text_field_the_decoder_bounds(
 @pytest.mark.parametrize(
     "output",
     [
-        OutputSummary(score=float("nan")),
-        OutputSummary(score=float("inf")),
-        OutputSummary(value=float("-inf")),
-        OutputSummary(score=10**400),  # type: ignore[arg-type] - built by code, any number
+        OutputSummary(score=math.nan),
+        OutputSummary(score=math.inf),
+        OutputSummary(value=-math.inf),
+        OutputSummary(score=math.nan, value=-math.inf),
     ],
+    ids=repr,
 )
-def test_event_problem_refuses_a_non_finite_output_the_collector_would_refuse(
+def test_a_non_finite_output_built_by_code_is_stored_unset_not_refused(
     output: OutputSummary,
 ) -> None:
-    # Built from protobuf or by code, such an event was acknowledged by the
-    # sidecar, then refused by the collector: acknowledged, then lost.
-    event = PredictionEvent("p", output=output)
-    problem = event_problem(event)
-    assert problem is not None
-    assert problem.startswith("output.")
-    assert problem.endswith("must be a finite number")
-    if isinstance(output.score or output.value, float):  # an int past 2**64 cannot be packed
-        decoded = decode_batch(encode_batch(EventBatch("p", 1, [event])))
-        assert decoded.batch.events == []
-        assert [r.reason for r in decoded.rejected] == [problem]
+    # event_problem says what the collector would refuse: it refuses nothing
+    # here, it stores the event with the number unset.
+    event = PredictionEvent("p", output=dataclasses.replace(output, label="churn"))
+    assert event_problem(event) is None
+    decoded = decode_batch(encode_batch(EventBatch("p", 1, [event])))
+    assert decoded.rejected == ()
+    assert [e.output for e in decoded.batch.events] == [OutputSummary(label="churn")]
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), 10**400, True, "1"])
-def test_event_problem_refuses_features_the_decoder_would_refuse(value: object) -> None:
-    assert event_problem(PredictionEvent("p", features={"f": value})) == (  # type: ignore[dict-item]
-        "features values must be finite numbers"
-    )
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=repr)
+def test_a_non_finite_feature_built_by_code_is_stored_without_it_not_refused(
+    value: float,
+) -> None:
+    event = PredictionEvent("p", features={"f": value, "g": 1.5})
+    assert event_problem(event) is None
+    decoded = decode_batch(encode_batch(EventBatch("p", 1, [event])))
+    assert decoded.rejected == ()
+    assert [e.features for e in decoded.batch.events] == [{"g": 1.5}]
+
+
+NOT_PACKABLE = [10**400, 2**64, -(2**63) - 1, True, "1"]
+
+
+@pytest.mark.parametrize("value", NOT_PACKABLE, ids=repr)
+def test_event_problem_refuses_feature_values_msgpack_cannot_carry(value: object) -> None:
+    # Acknowledged, such an event would fail its encoding (OverflowError for
+    # an int past 64 bits) or be refused by the collector's decoder.
+    event = PredictionEvent("p", features={"f": value})  # type: ignore[dict-item]
+    assert event_problem(event) == "features values must be floats or 64-bit integers"
     assert (
         event_problem(PredictionEvent("p", features={"f": 2}, output=OutputSummary(score=1)))
         is None
     )
+    edges = {"lo": -(2**63), "hi": 2**64 - 1}
+    ok = PredictionEvent("p", features=edges, output=OutputSummary(score=2**64 - 1))  # type: ignore[arg-type]
+    assert event_problem(ok) is None
+    assert decode_batch(encode_batch(EventBatch("p", 1, [ok]))).batch.events[0].features == {
+        "lo": float(-(2**63)),
+        "hi": float(2**64 - 1),
+    }
+
+
+@pytest.mark.parametrize("value", NOT_PACKABLE, ids=repr)
+def test_event_problem_refuses_output_numbers_msgpack_cannot_carry(value: object) -> None:
+    for output in (OutputSummary(score=value), OutputSummary(value=value)):  # type: ignore[arg-type]
+        problem = event_problem(PredictionEvent("p", output=output))
+        assert problem is not None
+        assert problem.startswith("output.")
+        assert problem.endswith("must be a float or a 64-bit integer")
 
 
 @pytest.mark.parametrize("extra", [0, "", {}, None, False], ids=repr)
@@ -413,3 +469,76 @@ def test_event_problem_refuses_a_prediction_id_the_decoder_would_refuse(
         "prediction_id must be 1 to 256 characters"
     )
     assert event_problem(PredictionEvent("x" * 256)) is None
+
+
+_UUID = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"
+UNFINDABLE_IDS = [
+    "order 42",
+    "  padded",
+    "padded ",
+    f" {_UUID}",
+    "tab\tid",
+    "line\nbreak",
+    "ctl\x01id",
+    "del\x7fid",
+    "café-7",
+    "ü" * 10,
+    "nb\u00a0sp",
+    "emoji-\U0001f600",
+]
+FINDABLE_IDS = [
+    _UUID,
+    _UUID.upper(),
+    _UUID.replace("-", ""),
+    f"urn:uuid:{_UUID}",
+    f"{{{_UUID}}}",
+    "req-42/a",
+    "a/b?c#d",
+    "!",
+    "~" * 256,
+]
+
+
+def _lookup_candidates(typed: str) -> set[str]:
+    """The ids the query API looks for when a person types ``typed`` (collector _api)."""
+    given = typed.strip()
+    try:
+        return {given, parse_prediction_id(given)}
+    except InvalidIdError:
+        return set()
+
+
+@pytest.mark.parametrize("prediction_id", UNFINDABLE_IDS, ids=repr)
+def test_event_problem_refuses_an_id_the_query_api_could_never_look_up(
+    prediction_id: str,
+) -> None:
+    # Acknowledged and stored, `predtrace trace <id>` could never find it.
+    assert prediction_id not in _lookup_candidates(prediction_id)
+    assert event_problem(PredictionEvent(prediction_id)) == PREDICTION_ID_RULE
+    assert PREDICTION_ID_RULE == (
+        "prediction_id must be a UUID or 1-256 printable ASCII characters without spaces"
+    )
+
+
+@pytest.mark.parametrize("prediction_id", FINDABLE_IDS, ids=repr)
+def test_event_problem_keeps_every_id_the_query_api_looks_up_as_sent(
+    prediction_id: str,
+) -> None:
+    assert prediction_id in _lookup_candidates(prediction_id)
+    assert event_problem(PredictionEvent(prediction_id)) is None
+    raw = {1: prediction_id}
+    assert plain_event_map(raw)
+    assert event_from_map(raw).prediction_id == prediction_id  # stored as sent
+
+
+@pytest.mark.parametrize("prediction_id", UNFINDABLE_IDS, ids=repr)
+def test_a_plain_map_with_an_unfindable_id_takes_the_path_that_refuses_it(
+    prediction_id: str,
+) -> None:
+    # The fast paths (the sidecar's plain maps, the collector's rows) share
+    # plain_scalars: they must not keep what event_problem refuses.
+    raw = {1: prediction_id, 16: {"f": 1.0}}
+    assert not plain_event_map(raw)
+    event = event_from_map(raw)  # the decoder keeps the id as sent ...
+    assert event.prediction_id == prediction_id
+    assert event_problem(event) == PREDICTION_ID_RULE  # ... the store's rule refuses it

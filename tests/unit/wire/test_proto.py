@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pytest
@@ -71,12 +72,28 @@ def test_protobuf_bytes_decode_to_the_same_event(
         (event_pb2.PredictionEvent(prediction_id="p", trace_id=b"x"), "trace_id must be 16"),
         (event_pb2.PredictionEvent(prediction_id="p", span_id=b"x"), "span_id must be 8"),
         (event_pb2.PredictionEvent(prediction_id="p" * 300), "longer than 256"),
-        (
-            event_pb2.PredictionEvent(prediction_id="p", features={"a": float("inf")}),
-            "finite",
-        ),
     ],
 )
 def test_invalid_messages_raise_wire_error(msg: event_pb2.PredictionEvent, reason: str) -> None:
     with pytest.raises(WireError, match=reason):
         event_from_proto(msg)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=repr)
+def test_non_finite_features_are_left_out_and_the_event_kept(bad: float) -> None:
+    # NaN is the usual missing-value marker: the value goes, not the event.
+    msg = event_pb2.PredictionEvent(prediction_id="p", features={"a": bad, "b": 2.5, "c": bad})
+    event = event_from_proto(msg)
+    assert event.features == {"b": 2.5}
+    only_bad = event_pb2.PredictionEvent(prediction_id="p", features={"a": bad})
+    assert event_from_proto(only_bad).features == {}
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=repr)
+def test_non_finite_output_numbers_are_left_unset_and_the_event_kept(bad: float) -> None:
+    output = event_pb2.OutputSummary(label="churn", score=bad, value=bad)
+    event = event_from_proto(event_pb2.PredictionEvent(prediction_id="p", output=output))
+    assert event.output == OutputSummary(label="churn", score=None, value=None)
+    mixed = event_pb2.OutputSummary(score=0.25, value=bad)
+    event = event_from_proto(event_pb2.PredictionEvent(prediction_id="p", output=mixed))
+    assert event.output == OutputSummary(score=0.25)

@@ -49,7 +49,7 @@ def json_text(value: object) -> str:
     orjson: much cheaper than ``json.dumps`` on a small map, and this runs
     for every stored event. The text differs from ``json.dumps``' in spacing and
     in leaving non-ASCII unescaped, and reads back to the same values; NaN and
-    infinities become ``null`` (ingest refuses them, so no stored row has one).
+    infinities become ``null`` (ingest leaves them out, so no stored row has one).
     """
     try:
         return orjson.dumps(value).decode()
