@@ -1,9 +1,9 @@
 """Fuzzing the sidecar's decoders (RELIABILITY row 34, short tier).
 
-The OIP proxy's protobuf field reader, the spool's record scanner and the
-shipper-state decoder see random and mutated bytes: they raise nothing but
-their own errors, return promptly, and never return a record whose checksum
-does not hold.
+The OIP proxy's field reader (protobuf's C parser) and the sidecar's own
+protobuf field reader, the spool's record scanner and the shipper-state
+decoder see random and mutated bytes: they raise nothing but their own errors,
+return promptly, and never return a record whose checksum does not hold.
 """
 
 from __future__ import annotations
@@ -16,8 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from predtrace.oip.v2 import grpc_predict_v2_pb2 as pb
+from predtrace.sidecar._oip_fields import id_field, read_fields
 from predtrace.sidecar._otlp import OtlpJsonError, parse_json
-from predtrace.sidecar._protowire import ProtoWireError, append_string_field, top_level_strings
+from predtrace.sidecar._protowire import (
+    ProtoWireError,
+    encode_varint,
+    top_level_strings,
+)
 from predtrace.sidecar._shipstate import ShipState
 from predtrace.sidecar.spool import encode_record, scan
 
@@ -48,10 +53,75 @@ def test_the_field_reader_agrees_with_protobuf_on_real_messages(
     data = message.SerializeToString()
     got = top_level_strings(data, (1, 2, 3))
     assert (got.get(1, ""), got.get(2, ""), got.get(3, "")) == (model, version, request_id)
-    rewritten = append_string_field(data, 3, "assigned")
+    rewritten = data + id_field("assigned")
     assert pb.ModelInferRequest.FromString(rewritten).id == "assigned"
     with contextlib.suppress(ProtoWireError):  # a cut message may be malformed
         top_level_strings(data[: max(0, len(data) - cut)], (1, 2, 3))
+
+
+@FAST
+@given(st.binary(max_size=2048))
+def test_the_oip_field_reader_raises_nothing_on_random_bytes(data: bytes) -> None:
+    found = read_fields(data)
+    assert found is None or len(found) == 3
+
+
+def _tag(number: int, wire_type: int) -> bytes:
+    return encode_varint(number << 3 | wire_type)
+
+
+# Fields ModelInferRequest does not have (16 and up), of every wire type,
+# groups (nested) included, and its id, name and version with the wrong wire
+# type: protobuf skips them all.
+_scalars = st.one_of(
+    st.builds(
+        lambda n, v: _tag(n, 0) + encode_varint(v), st.integers(16, 5000), st.integers(0, 2**64 - 1)
+    ),
+    st.builds(
+        lambda n, v: _tag(n, 1) + v, st.integers(16, 5000), st.binary(min_size=8, max_size=8)
+    ),
+    st.builds(
+        lambda n, v: _tag(n, 5) + v, st.integers(16, 5000), st.binary(min_size=4, max_size=4)
+    ),
+    st.builds(
+        lambda n, v: _tag(n, 2) + encode_varint(len(v)) + v,
+        st.integers(16, 5000),
+        st.binary(max_size=40),
+    ),
+    st.builds(lambda n, v: _tag(n, 0) + encode_varint(v), st.integers(1, 3), st.integers(0, 300)),
+)
+_unknown = st.recursive(
+    _scalars,
+    lambda inner: st.builds(
+        lambda n, body: _tag(n, 3) + b"".join(body) + _tag(n, 4),
+        st.integers(16, 5000),
+        st.lists(
+            inner
+            | st.builds(lambda v: _tag(3, 2) + b"\x01" + v, st.binary(min_size=1, max_size=1)),
+            max_size=4,
+        ),
+    ),
+    max_leaves=20,
+)
+
+
+@FAST
+@given(names, names, names, st.lists(_unknown, max_size=12), st.integers(0, 12))
+def test_the_oip_field_reader_agrees_with_protobuf_on_messages_with_unknown_fields(
+    model: str, version: str, request_id: str, unknown: list[bytes], at: int
+) -> None:
+    message = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+    message.inputs.add(name="x", datatype="FP32", shape=[1, 3]).contents.fp32_contents.extend(
+        [1.0, 2.0, 3.0]
+    )
+    data = message.SerializeToString()
+    data = b"".join(unknown[:at]) + data + b"".join(unknown[at:])
+    parsed = pb.ModelInferRequest.FromString(data)
+    assert read_fields(data) == (parsed.model_name, parsed.model_version, parsed.id)
+    assert pb.ModelInferRequest.FromString(data + id_field("assigned")).id == "assigned"
+    for cut in range(1, min(len(data), 16)):  # a cut message may be malformed, never an error
+        found = read_fields(data[:-cut])
+        assert found is None or len(found) == 3
 
 
 @FAST

@@ -57,7 +57,24 @@ class SidecarServicer:
 
     def Record(self, request_iterator, context):
         """Stream events; the answer comes once the stream ends and every accepted
-        event is durable in the spool.
+        event is durable in the spool. At most 1,000,000 events per stream.
+
+        The sidecar spools a stream as it arrives, in chunks of whole messages
+        (up to 1,000 events or about 1 MiB). A message larger than the spool's
+        record limit (1 MiB by default) is rejected alone without being read.
+
+        Delivery is at-least-once: a stream that fails (an error status, a
+        cancelled call, an expired deadline) may already have spooled a prefix
+        of whole chunks, and those events are delivered. A sender that retries
+        may so send events twice: consumers dedupe by prediction_id (the
+        (producer, seq) idempotence covers the sidecar's own resends to the
+        collector, not a sender's second copy). When the sidecar itself fails the
+        stream (spool full or busy, shutting down, too many events), its
+        trailing metadata says what was spooled: "predtrace-accepted" is the
+        number of events of this stream that are durable, "predtrace-processed"
+        the number of leading messages done with (each spooled or rejected), so
+        a retry may resume from that message; the status details say the same.
+        A cancelled call or an expired deadline carries no such count.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -65,6 +82,8 @@ class SidecarServicer:
 
     def RecordBatch(self, request, context):
         """Record a batch in one call; answered once it is durable in the spool.
+        A refused call spooled none of its events. An event with invalid UTF-8
+        in a string field is rejected alone (with its index), not the batch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -30,7 +30,12 @@ from grpc_health.v1 import _async as health_aio  # the package's asyncio service
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from predtrace.sidecar._config import SidecarConfig, parse_hostport, producer_id_problem
+from predtrace.sidecar._config import (
+    SidecarConfig,
+    join_hostport,
+    parse_hostport,
+    producer_id_problem,
+)
 from predtrace.sidecar._errors import ConfigError
 from predtrace.sidecar._grpc_api import SERVICE_NAME, GrpcSource
 from predtrace.sidecar._intake import Intake
@@ -51,6 +56,9 @@ _log = logging.getLogger("predtrace.sidecar")
 _SHIPPER_EXIT_GRACE_S: Final = 0.5
 PRODUCER_FILE = "producer_id"
 _PRODUCER_FILE_MAX_BYTES = 1024  # an id is at most 200 characters (4 bytes each in UTF-8)
+
+
+_OTLP_STREAMS: Final = 8  # concurrent OTLP/gRPC calls per connection
 
 
 def grpc_server_options(config: SidecarConfig) -> list[tuple[str, int]]:
@@ -189,7 +197,12 @@ class SidecarApp:
         config = self.config
         assert config.otlp_listen is not None  # noqa: S101 - checked by the caller
         self._otlp = OtlpReceiver(intake, self._forwarder)
-        server = grpc.aio.server(options=grpc_server_options(config))
+        # Bounds the partial messages one connection can hold in memory (an
+        # OTLP export is one unary call); further calls wait their turn at the
+        # client, not refused. (maximum_concurrent_rpcs would refuse them with
+        # RESOURCE_EXHAUSTED without RetryInfo, which OTLP clients drop.)
+        options = [*grpc_server_options(config), ("grpc.max_concurrent_streams", _OTLP_STREAMS)]
+        server = grpc.aio.server(options=options)
         self._otlp.add_to_grpc_server(server)
         self.addresses["otlp-grpc"] = _bind(
             server, config.otlp_listen, "--otlp-listen", self._credentials
@@ -298,6 +311,8 @@ class SidecarApp:
             otlp_forward=forwarder,
             oip_dropped=sum(proxy.dropped for proxy in self._proxies),
             oip_invalid_caller_ids=sum(proxy.invalid_caller_ids for proxy in self._proxies),
+            oip_unreadable_requests=sum(proxy.unreadable_requests for proxy in self._proxies),
+            oip_ids_not_added=sum(proxy.ids_not_added for proxy in self._proxies),
         )
 
     def _on_shipper_done(self, task: asyncio.Task[None]) -> None:
@@ -413,7 +428,7 @@ def _bind(
     credentials: grpc.ServerCredentials | None = None,
 ) -> str:
     host, port = parse_hostport(listen, what)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    address = join_hostport(host, port)
     try:
         if credentials is None:
             bound = server.add_insecure_port(address)
@@ -423,12 +438,12 @@ def _bind(
         bound = 0
     if bound == 0:
         raise OSError(f"cannot listen on {listen} ({what}): the address is in use or unusable")
-    return f"{host}:{bound}"
+    return join_hostport(host, bound)
 
 
 def _next_port(listen: str) -> str:
     host, port = parse_hostport(listen, "--otlp-listen")
-    return f"{host}:{port + 1 if port else 0}"
+    return join_hostport(host, port + 1 if port else 0)
 
 
 def _new_producer_id() -> str:

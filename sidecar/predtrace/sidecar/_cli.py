@@ -27,6 +27,7 @@ from predtrace.sidecar._config import (
     ShipperConfig,
     SidecarConfig,
     edge_from_env,
+    join_hostport,
     parse_hostport,
     parse_size,
 )
@@ -110,7 +111,10 @@ def build_config(options: dict[str, Any], environ: dict[str, str]) -> SidecarCon
 )
 @click.option("--collector", "collector_url", help="Collector URL [PREDTRACE_COLLECTOR_URL].")
 @click.option("--spool", "spool_dir", help="Spool directory [PREDTRACE_SPOOL_DIR].")
-@click.option("--ready-file", help="Written once ready: 'host:port', then 'name host:port' lines.")
+@click.option(
+    "--ready-file",
+    help="Written once ready: 'host:port' ('[host]:port' for IPv6), then 'name host:port' lines.",
+)
 @click.option("--token", help="Collector bearer token [PREDTRACE_TOKEN]; never logged.")
 @click.option("--collector-timeout", type=float, help="Seconds per delivery attempt [10].")
 @click.option(
@@ -333,12 +337,13 @@ def _status_target(target: str | None, ready_file: str | None) -> str:
     if "://" in target:
         raise click.UsageError(f"--target is the sidecar's HOST:PORT, not a URL: {target!r}")
     try:
-        _, port = parse_hostport(target, "--target")
+        host, port = parse_hostport(target, "--target")
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     if port == 0:
         raise click.UsageError(f"--target needs the sidecar's port, got {target!r}")
-    return target
+    # An IPv6 host is bracketed for gRPC (a ready file of an older sidecar has it bare).
+    return join_hostport(host, port)
 
 
 def _when(ns: object) -> str:

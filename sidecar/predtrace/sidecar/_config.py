@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from predtrace.sidecar import environment_variables as ev
 from predtrace.sidecar._errors import ConfigError
@@ -21,6 +22,7 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 MAX_BATCH_EVENTS = 10_000  # the collector's decoder bound (proto/FORMAT.md)
 MAX_PRODUCER_ID_LEN = 200  # room for a restart suffix under the collector's 256
+MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC takes its message size limits as a C int
 
 
 def producer_id_problem(producer_id: str) -> str | None:
@@ -53,16 +55,27 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def parse_hostport(text: str, what: str) -> tuple[str, int]:
+def parse_hostport(text: str, what: str, *, dial: bool = False) -> tuple[str, int]:
     """Split ``host:port`` (``[::1]:port`` for IPv6); port 0 means any free port.
 
+    ``dial``: an address to connect to, where port 0 means nothing.
+
     Raises:
-        ConfigError: not host:port.
+        ConfigError: not host:port (a URL included: gRPC takes no scheme).
     """
     host, sep, port = text.rpartition(":")
+    if "/" in text:
+        raise ConfigError(f"{what} must be HOST:PORT, not a URL, got {text!r}")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"{what} must be HOST:PORT, got {text!r}")
+    if dial and int(port) == 0:
+        raise ConfigError(f"{what} must name the port to connect to, got {text!r}")
     return host.strip("[]"), int(port)
+
+
+def join_hostport(host: str, port: int) -> str:
+    """``host:port``, ``[host]:port`` for an IPv6 address (what ``parse_hostport`` reads)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,18 +100,22 @@ class ShipperConfig:
     """Byte cap of ``quarantine/`` (oldest files removed past it); None: a tenth of the spool's."""
 
     def __post_init__(self) -> None:
+        # Named by the flags of ``sidecar serve``, which set them.
         if not 1 <= self.max_batch_events <= MAX_BATCH_EVENTS:
-            raise ConfigError(f"max_batch_events must be in [1, {MAX_BATCH_EVENTS}]")
+            raise ConfigError(
+                f"--batch-max-events must be between 1 and {MAX_BATCH_EVENTS}, "
+                f"not {self.max_batch_events}"
+            )
         if self.max_batch_bytes < 1024:
             raise ConfigError("max_batch_bytes must be at least 1 KiB")
-        if not 0 <= self.linger <= 60:
-            raise ConfigError("linger must be between 0 and 60 seconds")
+        if not 0 <= self.linger <= 60:  # NaN fails too: it compares false
+            raise ConfigError(f"--batch-linger must be between 0 and 60 seconds, not {self.linger}")
         if not 1 <= self.compress_level <= 9:
             raise ConfigError("compress_level must be in [1, 9]")
         if self.retry.max_attempts is not None:
             raise ConfigError("the shipper never gives up for elapsed time: max_attempts=None")
         if self.poison_attempts < 1:
-            raise ConfigError("poison_attempts must be >= 1")
+            raise ConfigError(f"--poison-attempts must be at least 1, not {self.poison_attempts}")
         if self.quarantine_max_bytes is not None and self.quarantine_max_bytes < 0:
             raise ConfigError("--quarantine-max-bytes must be >= 0")
 
@@ -185,11 +202,12 @@ class DeploymentConfig:
 
 
 def _resource_attributes(text: str) -> dict[str, str]:
+    """``OTEL_RESOURCE_ATTRIBUTES`` as the OTel SDK reads it: values are percent-decoded."""
     out = {}
     for item in text.split(","):
         key, sep, value = item.partition("=")
         if sep and key.strip():
-            out[key.strip()] = value.strip()
+            out[key.strip()] = unquote(value.strip())
     return out
 
 
@@ -241,13 +259,16 @@ class SidecarConfig:
                 parse_hostport(value, what)
         for listen, upstream in self.oip_proxies:
             parse_hostport(listen, "--oip-proxy LISTEN")
-            parse_hostport(upstream, "--oip-proxy UPSTREAM")
+            parse_hostport(upstream, "--oip-proxy UPSTREAM", dial=True)
         if self.otlp_export is not None and not self.otlp_export.startswith(
             ("http://", "https://")
         ):
             raise ConfigError("--otlp-export must be an http(s):// URL of an OTLP/HTTP receiver")
-        if self.max_message_bytes < 64 * 1024:
-            raise ConfigError("max_message_bytes must be at least 64 KiB")
+        if not 64 * 1024 <= self.max_message_bytes <= MAX_MESSAGE_BYTES:
+            raise ConfigError(
+                f"--max-message-bytes must be between 64 KiB and {MAX_MESSAGE_BYTES} bytes "
+                f"(2 GiB - 1), not {self.max_message_bytes}"
+            )
         if self.max_events_per_request < 1:
             raise ConfigError("max_events_per_request must be >= 1")
         if not 0 <= self.drain_timeout <= 86_400:  # NaN fails too: it compares false
@@ -311,12 +332,7 @@ class SidecarConfig:
             )
         except ValueError as exc:
             raise ConfigError(f"{_collector_flag(str(exc))}: {exc}") from None
-        spool_args: dict[str, Any] = {"directory": spool_dir}
-        if max_bytes:
-            spool_args["max_bytes"] = parse_size(str(max_bytes))
-        segment_bytes = given.pop("spool_segment_bytes", None)
-        if segment_bytes:
-            spool_args["segment_bytes"] = parse_size(str(segment_bytes))
+        spool = _spool_config(spool_dir, max_bytes, given.pop("spool_segment_bytes", None))
         flag = given.pop("edge", None)  # --edge/--no-edge win over PREDTRACE_EDGE
         edge = bool(flag) if flag is not None else edge_from_env(environ)
         values: dict[str, Any] = {
@@ -334,7 +350,26 @@ class SidecarConfig:
             "deployment": DeploymentConfig.from_env(environ),
         }
         values.update(given)
-        return cls(collector=collector, spool=SpoolConfig(**spool_args), **values)
+        return cls(collector=collector, spool=spool, **values)
+
+
+def _spool_config(directory: str, max_bytes: object, segment_bytes: object) -> SpoolConfig:
+    """The spool's config, a size that cannot work named by its flag.
+
+    Raises:
+        ConfigError: not a size, or a cap below two segments.
+    """
+    defaults = SpoolConfig(directory=directory)
+    segment = parse_size(str(segment_bytes)) if segment_bytes else defaults.segment_bytes
+    cap = parse_size(str(max_bytes)) if max_bytes else defaults.max_bytes
+    if segment < 4096:
+        raise ConfigError(f"--spool-segment-bytes must be at least 4 KiB, not {segment}")
+    if cap < 2 * segment:
+        raise ConfigError(
+            f"--spool-max-bytes ({ev.SPOOL_MAX_BYTES}) must be at least two spool segments "
+            f"({2 * segment} bytes with --spool-segment-bytes {segment}), not {cap}"
+        )
+    return SpoolConfig(directory=directory, max_bytes=cap, segment_bytes=segment)
 
 
 def _collector_flag(problem: str) -> str:

@@ -5,19 +5,26 @@ deserializer) so malformed bytes get INVALID_ARGUMENT with a reason instead
 of an internal error. ``RecordBatch`` and ``Record`` answer only once every
 accepted event is durable in the spool. Spool pressure maps to
 RESOURCE_EXHAUSTED with a retry pushback; shutdown to UNAVAILABLE.
+
+A ``Record`` stream is spooled in chunks as it arrives, so that one stream
+holds a bounded number of bytes. A stream the sidecar fails part way has
+spooled the chunks before: its trailing metadata says how many events
+(``predtrace-accepted``) and how many leading messages (``predtrace-processed``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Final, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from predtrace.sidecar._errors import SpoolBusyError, SpoolClosedError, SpoolError, SpoolFullError
-from predtrace.sidecar._intake import Intake
+from predtrace.sidecar._intake import Intake, RefusedReason
+from predtrace.sidecar._protowire import ProtoWireError, read_varint, top_level_strings
 from predtrace.v1 import batch_pb2, event_pb2, sidecar_pb2
 from predtrace.wire import (
     DecodeLimits,
@@ -35,7 +42,17 @@ _Resp = TypeVar("_Resp")
 SERVICE_NAME: Final = "predtrace.v1.Sidecar"
 MAX_EVENTS_PER_STREAM: Final = 1_000_000
 _STREAM_CHUNK: Final = 1000
+# A stream's chunk is also spooled once its messages pass this many bytes: as
+# no message kept is over the spool's record limit, one stream holds at most
+# this plus one record unchecked (not 1,000 messages of --max-message-bytes).
+STREAM_CHUNK_BYTES: Final = 1024 * 1024
+# Trailing metadata of a Record stream the sidecar fails: events of it spooled,
+# and leading messages done with (each spooled or rejected).
+ACCEPTED_KEY: Final = "predtrace-accepted"
+PROCESSED_KEY: Final = "predtrace-processed"
 _PUSHBACK_MS: Final = "1000"
+_UTF8_REASON: Final = "invalid UTF-8 in a string field"
+_UNREADABLE_REASON: Final = "malformed PredictionEvent"
 # An ack lists at most this many rejections (the first ones by position), and
 # fewer when they would not fit the message size limit; the sender counts the
 # rest as sent - accepted - listed.
@@ -85,6 +102,47 @@ def _ack(accepted: int, rejected: Sequence[Rejection], max_bytes: int) -> sideca
     return ack
 
 
+class _RefusedError(Exception):
+    """A call the handler fails itself: the status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, *, pushback: bool = False) -> None:
+        super().__init__(details)
+        self.code, self.details, self.pushback = code, details, pushback
+
+
+@dataclass(slots=True)
+class _Batch:
+    """A ``RecordBatchRequest`` as read: its protobuf events and packed bytes."""
+
+    events: Sequence[event_pb2.PredictionEvent]
+    packed: bytes
+    count: int
+    """Protobuf events in the request, readable or not (packed positions follow them)."""
+    places: list[int] | None = None
+    """Each readable event's position in the request; None when all were readable."""
+    unreadable: list[Rejection] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Stream:
+    """One ``Record`` call: what is spooled, and the chunk not yet checked."""
+
+    accepted: int = 0
+    seen: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+    chunk: list[event_pb2.PredictionEvent] = field(default_factory=list)
+    places: list[int] = field(default_factory=list)  # each chunk message's stream position
+    chunk_bytes: int = 0
+
+    def full(self) -> bool:
+        """Whether the chunk is to be spooled now (by count or by bytes)."""
+        return len(self.chunk) >= _STREAM_CHUNK or self.chunk_bytes >= STREAM_CHUNK_BYTES
+
+    def processed(self) -> int:
+        """Leading messages done with: each spooled or rejected (none of the chunk)."""
+        return self.places[0] if self.chunk else self.seen
+
+
 class GrpcSource:
     """Handlers of ``predtrace.v1.Sidecar``; register with ``generic_handler()``."""
 
@@ -124,37 +182,58 @@ class GrpcSource:
     ) -> sidecar_pb2.RecordAck:
         """Spool a batch; answer once it is durable."""
         try:
-            message = sidecar_pb2.RecordBatchRequest.FromString(request)
-        except DecodeError:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed RecordBatchRequest")
+            batch = _read_batch(request)
+        except ProtoWireError as exc:
+            await self._refuse(context, "malformed", f"malformed RecordBatchRequest: {exc}")
         too_many = f"more than {self._max_events} events in one request"
-        room = self._max_events - len(message.events)
+        room = self._max_events - batch.count
         if room < 0:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, too_many)
-        converted, positions, rejected = convert_events(message.events)
-        events: list[PredictionEvent | object] = list(converted)
-        if message.packed_events:
-            packed = message.packed_events
-            # The message size limit already bounds the bytes; the count is
-            # checked from the array header, before any event is built.
-            limits = DecodeLimits(max_events=max(room, 1), max_bytes=max(len(packed), 1))
-            try:
-                # The maps themselves go to the intake: a plain one is never
-                # turned into an object (see Intake).
-                maps = unpack_event_maps(packed, limits=limits)
-            except WireTooLargeError:
-                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, too_many)
-            except WireError as exc:
-                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"packed_events: {exc}")
-            if len(maps) > room:
-                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, too_many)
+            await self._refuse(context, "too_many_events", too_many)
+        events, positions, rejected = _convert_batch(batch)
+        if batch.packed:
+            maps = await self._unpack(context, batch.packed, room, too_many)
             events += maps
-            positions += range(len(message.events), len(message.events) + len(maps))
+            positions += range(batch.count, batch.count + len(maps))
         self._intake.count_refused(len(rejected))  # once the request is known to be readable
-        accepted = await self._spool(context, events, positions, rejected)
+        try:
+            accepted = await self._spool(events, positions, rejected)
+        except _RefusedError as refusal:
+            await _abort(context, refusal.code, refusal.details, pushback=refusal.pushback)
         ack = _ack(accepted, rejected, self._max_ack_bytes)
-        ack.read_packed = bool(message.packed_events)
+        ack.read_packed = bool(batch.packed)
         return ack
+
+    async def _unpack(
+        self,
+        context: grpc.aio.ServicerContext[bytes, sidecar_pb2.RecordAck],
+        packed: bytes,
+        room: int,
+        too_many: str,
+    ) -> list[object]:
+        # The message size limit already bounds the bytes; the count is
+        # checked from the array header, before any event is built.
+        limits = DecodeLimits(max_events=max(room, 1), max_bytes=max(len(packed), 1))
+        try:
+            # The maps themselves go to the intake: a plain one is never
+            # turned into an object (see Intake).
+            maps = unpack_event_maps(packed, limits=limits)
+        except WireTooLargeError:
+            await self._refuse(context, "too_many_events", too_many)
+        except WireError as exc:
+            await self._refuse(context, "bad_packed_events", f"packed_events: {exc}")
+        if len(maps) > room:
+            await self._refuse(context, "too_many_events", too_many)
+        return maps
+
+    async def _refuse(
+        self,
+        context: grpc.aio.ServicerContext[bytes, sidecar_pb2.RecordAck],
+        reason: RefusedReason,
+        details: str,
+    ) -> NoReturn:
+        """Refuse a whole request, counted by reason."""
+        self._intake.count_refused_request(reason)
+        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, details)
 
     async def record(
         self,
@@ -162,34 +241,54 @@ class GrpcSource:
         context: grpc.aio.ServicerContext[bytes, sidecar_pb2.RecordAck],
     ) -> sidecar_pb2.RecordAck:
         """Spool a stream of events in chunks; answer once all of them are durable."""
-        accepted, seen = 0, 0
-        rejected: list[Rejection] = []
-        chunk: list[event_pb2.PredictionEvent] = []
-        places: list[int] = []  # each chunk message's position in the stream
+        stream = _Stream()
+        limit = self._intake.spool.config.max_record_bytes
         async for raw in requests:
-            if seen >= MAX_EVENTS_PER_STREAM:
-                await _abort(
-                    context,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"more than {MAX_EVENTS_PER_STREAM} events in one stream",
+            if stream.seen >= MAX_EVENTS_PER_STREAM:
+                self._intake.count_refused_request("too_many_events")
+                too_many = f"more than {MAX_EVENTS_PER_STREAM} events in one stream"
+                await _abort_stream(
+                    context, stream, _RefusedError(grpc.StatusCode.INVALID_ARGUMENT, too_many)
                 )
-            try:
-                chunk.append(event_pb2.PredictionEvent.FromString(raw))
-                places.append(seen)
-            except DecodeError:
-                self._intake.count_refused(1)
-                _note(rejected, [Rejection(seen, "malformed PredictionEvent")])
-            seen += 1
-            if len(chunk) >= _STREAM_CHUNK:
-                accepted += await self._spool_chunk(context, chunk, places, rejected)
-                chunk, places = [], []
-        if chunk:
-            accepted += await self._spool_chunk(context, chunk, places, rejected)
-        return _ack(accepted, rejected, self._max_ack_bytes)
+            if len(raw) > limit:
+                # Never kept, never parsed: it could not be spooled anyway.
+                self._reject_unread(stream, raw, f"event larger than {limit} bytes")
+            else:
+                self._take(stream, raw)
+            stream.seen += 1
+            # The stream's last allowed chunk waits for the stream's end: one
+            # more message fails the call, and then it must not be spooled.
+            if stream.full() and stream.seen < MAX_EVENTS_PER_STREAM:
+                await self._flush(context, stream)
+        await self._flush(context, stream)
+        return _ack(stream.accepted, stream.rejected, self._max_ack_bytes)
+
+    def _take(self, stream: _Stream, raw: bytes) -> None:
+        parsed = _parse_event(raw)
+        if isinstance(parsed, str):
+            self._reject_unread(stream, raw, parsed)
+            return
+        stream.chunk.append(parsed)
+        stream.places.append(stream.seen)
+        stream.chunk_bytes += len(raw)
+
+    def _reject_unread(self, stream: _Stream, raw: bytes, reason: str) -> None:
+        self._intake.count_refused(1)
+        _note(stream.rejected, [Rejection(stream.seen, reason, _raw_id(raw, reason))])
+
+    async def _flush(
+        self, context: grpc.aio.ServicerContext[bytes, sidecar_pb2.RecordAck], stream: _Stream
+    ) -> None:
+        if not stream.chunk:
+            return
+        try:
+            stream.accepted += await self._spool_chunk(stream.chunk, stream.places, stream.rejected)
+        except _RefusedError as refusal:
+            await _abort_stream(context, stream, refusal)
+        stream.chunk, stream.places, stream.chunk_bytes = [], [], 0
 
     async def _spool_chunk(
         self,
-        context: grpc.aio.ServicerContext[bytes, sidecar_pb2.RecordAck],
         chunk: list[event_pb2.PredictionEvent],
         places: list[int],
         rejected: list[Rejection],
@@ -197,25 +296,33 @@ class GrpcSource:
         events, positions, bad = convert_events(chunk)
         self._intake.count_refused(len(bad))
         _note(rejected, [Rejection(places[r.index], r.reason, r.prediction_id) for r in bad])
-        return await self._spool(context, events, [places[p] for p in positions], rejected)
+        return await self._spool(events, [places[p] for p in positions], rejected)
 
     async def _spool(
         self,
-        context: grpc.aio.ServicerContext[bytes, sidecar_pb2.RecordAck],
         events: Sequence[PredictionEvent | object],
         positions: list[int],
         rejected: list[Rejection],
     ) -> int:
+        """Hand ``events`` to the intake; the number spooled.
+
+        Raises:
+            _RefusedError: the spool refused them (none of them spooled).
+        """
         if not events:
             return 0
         try:
             result = await self._intake.record(events)
         except (SpoolBusyError, SpoolFullError) as exc:
-            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), pushback=True)
+            raise _RefusedError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), pushback=True
+            ) from None
         except SpoolClosedError:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, "the sidecar is shutting down")
+            raise _RefusedError(
+                grpc.StatusCode.UNAVAILABLE, "the sidecar is shutting down"
+            ) from None
         except SpoolError as exc:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc), pushback=True)
+            raise _RefusedError(grpc.StatusCode.UNAVAILABLE, str(exc), pushback=True) from None
         _note(
             rejected,
             [Rejection(positions[r.index], r.reason, r.prediction_id) for r in result.rejected],
@@ -229,14 +336,141 @@ class GrpcSource:
         return self._status()
 
 
+def _read_batch(request: bytes) -> _Batch:
+    """Parse a ``RecordBatchRequest``; one that protobuf refuses whole is read event by event.
+
+    protobuf refuses a whole request for one event with invalid UTF-8 in a
+    string field (which a C++ producer can send): that event alone is then
+    rejected, with the reason, like any other that is not readable.
+
+    Raises:
+        ProtoWireError: the request itself is malformed (the cause named).
+    """
+    try:
+        message = sidecar_pb2.RecordBatchRequest.FromString(request)
+    except (DecodeError, UnicodeDecodeError):  # the latter from the pure-Python protobuf
+        return _split_batch(request)
+    return _Batch(message.events, message.packed_events, len(message.events))
+
+
+def _split_batch(request: bytes) -> _Batch:
+    events: list[event_pb2.PredictionEvent] = []
+    places: list[int] = []
+    unreadable: list[Rejection] = []
+    packed = b""
+    for number, wire_type, start, end in _fields(request):
+        if wire_type != _LENGTH_DELIMITED:
+            continue  # protobuf keeps it as an unknown field
+        if number == 2:
+            packed = request[start:end]  # the last one wins, as in protobuf
+        elif number == 1:
+            raw = request[start:end]
+            index = len(places) + len(unreadable)
+            parsed = _parse_event(raw)
+            if isinstance(parsed, str):
+                unreadable.append(Rejection(index, parsed, _raw_id(raw, parsed)))
+            else:
+                events.append(parsed)
+                places.append(index)
+    return _Batch(events, packed, len(places) + len(unreadable), places, unreadable)
+
+
+_LENGTH_DELIMITED: Final = 2
+
+
+def _fields(data: bytes) -> Iterator[tuple[int, int, int, int]]:
+    """(number, wire type, start, end) of each top-level field; a length-delimited one's value.
+
+    Raises:
+        ProtoWireError: a field cut short or of an unknown wire type, with its offset.
+    """
+    pos, end = 0, len(data)
+    while pos < end:
+        at = pos
+        try:
+            key, pos = read_varint(data, pos)
+            number, wire_type, start = key >> 3, key & 7, pos
+            if wire_type == 0:
+                _, pos = read_varint(data, pos)
+            elif wire_type in (1, 5):
+                pos += 8 if wire_type == 1 else 4
+            elif wire_type == _LENGTH_DELIMITED:
+                length, start = read_varint(data, pos)
+                pos = start + length
+            else:
+                raise ProtoWireError(f"unsupported wire type {wire_type}")
+        except ProtoWireError as exc:
+            raise ProtoWireError(f"{exc} at byte {at}") from None
+        if number == 0:
+            raise ProtoWireError(f"field number 0 at byte {at}")
+        if pos > end:
+            raise ProtoWireError(
+                f"field {number} at byte {at} runs past the end of the request ({end} bytes)"
+            )
+        yield number, wire_type, start, pos
+
+
+def _convert_batch(
+    batch: _Batch,
+) -> tuple[list[PredictionEvent | object], list[int], list[Rejection]]:
+    """``convert_events`` of a batch, with positions in the request (unreadable events too)."""
+    converted, positions, rejected = convert_events(batch.events)
+    if batch.places is not None:
+        places = batch.places
+        positions = [places[p] for p in positions]
+        rejected = [Rejection(places[r.index], r.reason, r.prediction_id) for r in rejected]
+        rejected += batch.unreadable
+    return list(converted), positions, rejected
+
+
+def _parse_event(raw: bytes) -> event_pb2.PredictionEvent | str:
+    """The event in ``raw``, or why it is not readable."""
+    try:
+        return event_pb2.PredictionEvent.FromString(raw)
+    except (DecodeError, UnicodeDecodeError) as exc:  # the latter from the pure-Python protobuf
+        utf8 = isinstance(exc, UnicodeDecodeError) or "UTF-8" in str(exc)
+        return _UTF8_REASON if utf8 else _UNREADABLE_REASON
+
+
+def _raw_id(raw: bytes, reason: str) -> str:
+    """The prediction id of an event not parsed (empty when it cannot be read).
+
+    Not of a malformed one: its fields may be read out of step, and a wrong
+    id is worse than none.
+    """
+    if reason == _UNREADABLE_REASON:
+        return ""
+    try:
+        return (top_level_strings(raw, (1,)).get(1) or "")[:_ID_CHARS]
+    except ProtoWireError:
+        return ""
+
+
+async def _abort_stream(
+    context: grpc.aio.ServicerContext[bytes, sidecar_pb2.RecordAck],
+    stream: _Stream,
+    refusal: _RefusedError,
+) -> NoReturn:
+    """Fail a ``Record`` call, saying what of it is spooled already (not to be sent again)."""
+    done = stream.processed()
+    details = (
+        f"{refusal.details}; {stream.accepted} events of this stream are already spooled, "
+        f"from its first {done} messages (trailing metadata {ACCEPTED_KEY}, {PROCESSED_KEY})"
+    )
+    spooled = ((ACCEPTED_KEY, str(stream.accepted)), (PROCESSED_KEY, str(done)))
+    await _abort(context, refusal.code, details, pushback=refusal.pushback, metadata=spooled)
+
+
 async def _abort(
     context: grpc.aio.ServicerContext[_Req, _Resp],
     code: grpc.StatusCode,
     details: str,
     *,
     pushback: bool = False,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> NoReturn:
-    metadata = (("grpc-retry-pushback-ms", _PUSHBACK_MS),) if pushback else ()
+    if pushback:
+        metadata += (("grpc-retry-pushback-ms", _PUSHBACK_MS),)
     await context.abort(code, details, trailing_metadata=metadata)
     raise AssertionError("unreachable: abort raises")  # pragma: no cover
 

@@ -21,7 +21,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final, Literal, get_args
 
 import msgpack
 
@@ -44,6 +44,9 @@ MapProcessor = Callable[[dict[Any, Any]], dict[Any, Any] | None]
 
 _log = logging.getLogger("predtrace.sidecar.intake")
 _THREAD_THRESHOLD = 256  # encode bigger requests in a thread: the loop keeps serving
+RefusedReason = Literal["malformed", "too_many_events", "bad_packed_events"]
+"""Why a source refused a whole request, none of its events read (a fixed set)."""
+REFUSED_REASONS: Final[tuple[RefusedReason, ...]] = get_args(RefusedReason)
 
 
 @dataclass(slots=True)
@@ -55,6 +58,10 @@ class IntakeCounters:
     rejected: int = 0
     filtered: int = 0
     processor_errors: int = 0
+    refused_requests: dict[RefusedReason, int] = field(
+        default_factory=lambda: dict.fromkeys(REFUSED_REASONS, 0)
+    )
+    """Whole requests refused, by reason (their events are not counted: never read)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +91,10 @@ class Intake:
         """Count events a source refused before handing them over (unreadable ones)."""
         self.counters.received += count
         self.counters.rejected += count
+
+    def count_refused_request(self, reason: RefusedReason) -> None:
+        """Count a whole request a source refused (malformed, too many events...)."""
+        self.counters.refused_requests[reason] += 1
 
     async def record(self, events: Sequence[PredictionEvent | object]) -> IntakeResult:
         """Spool ``events``; return once the accepted ones are durable.

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from predtrace.sidecar._config import parse_hostport
+from predtrace.sidecar._config import join_hostport, parse_hostport
 
 if TYPE_CHECKING:
     from predtrace.sidecar._app import SidecarApp
@@ -69,18 +69,46 @@ class SidecarMetrics(Collector):
         for reason, count in sorted(view.dropped().items()):
             dropped.add_metric([reason], count)
         yield dropped
+        refused = CounterMetricFamily(
+            "predtrace_sidecar_refused_requests",
+            "Requests refused whole, none of their events read (malformed, too_many_events, "
+            "bad_packed_events), by reason",
+            labels=["reason"],
+        )
+        for reason, count in view.intake.refused_requests.items():
+            refused.add_metric([reason], count)
+        yield refused
         if self._app.config.oip_proxies:
             yield _counter(
                 "oip_invalid_caller_ids",
                 "OIP calls whose caller id could not be a prediction id (recorded under a new one)",
                 view.oip_invalid_caller_ids,
             )
-        if view.otlp_forward is not None:
             yield _counter(
-                "otlp_forwarded_spans",
-                "Spans forwarded to the OTLP backend",
-                view.otlp_forward.forwarded,
+                "oip_unreadable_requests",
+                "ModelInfer requests the proxy could not read (passed on untouched)",
+                view.oip_unreadable_requests,
             )
+            yield _counter(
+                "oip_ids_not_added",
+                "ModelInfer requests left without the id the proxy assigns: no room under "
+                "the message limit (recorded under that id all the same)",
+                view.oip_ids_not_added,
+            )
+        if view.otlp_forward is not None:
+            forward = view.otlp_forward
+            yield _counter(
+                "otlp_forwarded_spans", "Spans forwarded to the OTLP backend", forward.forwarded
+            )
+            spans = CounterMetricFamily(
+                "predtrace_sidecar_otlp_dropped_spans",
+                "Spans the OTLP forwarder dropped, by reason (best effort: the predictions "
+                "in them were spooled before forwarding)",
+                labels=["reason"],
+            )
+            for reason, count in sorted(forward.dropped.items()):
+                spans.add_metric([reason], count)
+            yield spans
 
 
 def _spool_counters(counts: dict[str, int]) -> Iterator[Metric]:
@@ -135,7 +163,7 @@ class MetricsServer:
         await self._runner.setup()
         host, port = parse_hostport(listen, "--metrics-listen")
         await web.TCPSite(self._runner, host, port).start()
-        return f"{host}:{self._runner.addresses[0][1]}"
+        return join_hostport(host, self._runner.addresses[0][1])
 
     async def _scrape(self, request: web.Request) -> web.Response:
         body = generate_latest(self.registry)

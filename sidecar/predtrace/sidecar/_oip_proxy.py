@@ -5,10 +5,11 @@ Every method is passed through as bytes (a generic stream handler, so any
 cardinality works; a single request to a method known to be unary goes
 upstream as a unary request, see ``_passthrough``). ``ModelInfer`` alone is
 looked into: the proxy reads model_name, model_version and id from the
-request and response bytes, picks the prediction id (DESIGN §3: the OIP id,
-then ``x-request-id``, then ``ce-id``, else a new UUIDv7), adds it when the
-request has no id (rewriting the request bytes; a caller's id is never
-replaced), forwards or starts a W3C ``traceparent``, and records a prediction
+request and response bytes (``_oip_fields``, protobuf's C parser), picks the
+prediction id (DESIGN §3: the OIP id, then ``x-request-id``, then ``ce-id``,
+else a new UUIDv7), adds it when the request has no id and the message limit
+leaves room (rewriting the request bytes; a caller's id is never replaced),
+forwards or starts a W3C ``traceparent``, and records a prediction
 event with the version actually served, or with the error (a deadline or a
 cancellation included). Events are recorded off the response path: the
 model's answer never waits for telemetry.
@@ -31,7 +32,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from predtrace.sidecar._config import DeploymentConfig
 from predtrace.sidecar._errors import SpoolError
 from predtrace.sidecar._intake import Intake
-from predtrace.sidecar._protowire import ProtoWireError, append_string_field, top_level_strings
+from predtrace.sidecar._oip_fields import OipFields, id_field, read_fields
 from predtrace.sidecar.pipeline import RateLimitedLog
 from predtrace.wire import CALLER_ID_RE, ModelRef, PredictionEvent, Status, new_prediction_id
 
@@ -60,11 +61,6 @@ _RECONNECT_BACKOFF: Final = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 )
-# Room on the upstream channel for the id field the proxy appends to a request
-# its listener took at the full message limit: at most a 256-character caller
-# id (a UUIDv7 is 36) with a one-byte tag and a two-byte length; rounded up.
-_APPENDED_ID_HEADROOM: Final = 1024
-_GRPC_MAX_INT: Final = 2**31 - 1  # channel options are C ints
 # Methods known to take exactly one request: every method of the OIP v2
 # service but the streaming one (and any the model server lacks), and health
 # checks. Only these are read ahead to be sent as unary requests; any other
@@ -186,12 +182,13 @@ class OipProxy(_Handler):
     ) -> None:
         self.upstream = upstream
         # The same message limit towards the model server as towards its
-        # clients (a tensor the proxy's listener takes must also come back),
-        # plus room for the id the proxy may add to a request.
-        send_limit = min(max_message_bytes + _APPENDED_ID_HEADROOM, _GRPC_MAX_INT)
+        # clients (a tensor the proxy's listener takes must also come back);
+        # the model server is assumed to take requests up to it too, and no
+        # more: the proxy adds no id that would take a request over it.
+        self._max_message_bytes = max_message_bytes
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", send_limit),
+            ("grpc.max_send_message_length", max_message_bytes),
             *_RECONNECT_BACKOFF,
         ]
         self._channel = grpc.aio.insecure_channel(upstream, options=options)
@@ -200,6 +197,8 @@ class OipProxy(_Handler):
         self._log = RateLimitedLog(_log)
         self.requests = 0
         self.invalid_caller_ids = 0
+        self.unreadable_requests = 0  # malformed: forwarded untouched, recorded under a new id
+        self.ids_not_added = 0  # no room under the message limit for the id the proxy adds
         del deployment  # identity is stamped by the intake's enricher
 
     @property
@@ -273,6 +272,11 @@ class OipProxy(_Handler):
             await context.abort(
                 exc.code(), exc.details() or "", tuple(_forwardable(exc.trailing_metadata()))
             )
+        finally:
+            # A caller that cancels (or whose deadline passes) ends the
+            # upstream call too; grpc.aio does not cancel a call a cancelled
+            # task was iterating. Cancelling a finished call does nothing.
+            call.cancel()
 
     async def model_infer(
         self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
@@ -280,30 +284,59 @@ class OipProxy(_Handler):
         """Forward one inference; record it (with the id and version actually used)."""
         self.requests += 1
         start_ns, started = time.time_ns(), time.perf_counter_ns()
-        parsed = _fields(request)
+        parsed = read_fields(request)
+        if parsed is None:
+            self._count_unreadable()
         metadata = _forwardable(context.invocation_metadata())
         # "": the request has no id (or the proxy cannot read the request at
         # all); None: it has one the proxy cannot read (over 4 KiB, not UTF-8).
-        oip_id = "" if parsed is None else parsed.get(3, "")
+        oip_id = "" if parsed is None else parsed.id
         prediction_id = self._caller_id(oip_id, metadata) or new_prediction_id()
         if parsed is not None and oip_id == "":
             # The model server echoes the prediction id. An id of the caller's,
             # usable or not, and bytes the proxy cannot read pass untouched:
             # an appended id would override the caller's own.
-            request = append_string_field(request, 3, prediction_id)
+            request = self._with_id(request, prediction_id)
         trace_id, span_id = _trace_context(metadata)
-        fields = parsed or {}
+        fields = parsed or _NO_FIELDS
         event = PredictionEvent(
             prediction_id=prediction_id,
             trace_id=trace_id,
             span_id=span_id,
             timestamp_unix_nano=start_ns,
-            model=ModelRef(fields.get(1) or "", fields.get(2) or ""),
+            model=ModelRef(fields.model_name or "", fields.model_version or ""),
             endpoint=MODEL_INFER,
             protocol=PROTOCOL,
         )
         return await self._forward(
             request, metadata, context, event=event, started=started, unreadable=parsed is None
+        )
+
+    def _with_id(self, request: bytes, prediction_id: str) -> bytes:
+        """The request with the prediction id added, unless that takes it over the message limit.
+
+        A request the model server would take without the id must not be
+        refused because of it (telemetry never changes a prediction): it
+        goes untouched, and its event keeps the id (the answer lacks it).
+        """
+        field = id_field(prediction_id)
+        if len(request) + len(field) <= self._max_message_bytes:
+            return request + field
+        self.ids_not_added += 1
+        self._log.warning(
+            "id-not-added",
+            "OIP proxy: a request without an id is too close to the %d-byte message limit"
+            " for the proxy to add one; forwarded without it (its event keeps the id)",
+            self._max_message_bytes,
+        )
+        return request
+
+    def _count_unreadable(self) -> None:
+        self.unreadable_requests += 1
+        self._log.warning(
+            "unreadable-request",
+            "OIP proxy: a ModelInfer request is not a well-formed protobuf message;"
+            " forwarded untouched",
         )
 
     async def _forward(
@@ -325,6 +358,12 @@ class OipProxy(_Handler):
             context.set_trailing_metadata(_forwardable(await call.trailing_metadata()))
         except grpc.aio.AioRpcError as exc:
             self._finish(event, started, status=exc.code())
+            # Headers the model server sent before it failed (a retry hint,
+            # say) reach the caller as they would directly; a trailers-only
+            # error stays trailers-only.
+            initial = _forwardable(exc.initial_metadata())
+            if initial:
+                await context.send_initial_metadata(initial)
             await context.abort(
                 exc.code(), exc.details() or "", tuple(_forwardable(exc.trailing_metadata()))
             )
@@ -387,19 +426,13 @@ async def _chain(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator
         yield item
 
 
+_NO_FIELDS: Final = OipFields("", "", "")
+
+
 def _note_served(event: PredictionEvent, response: bytes, *, unreadable_request: bool) -> None:
     """The model and version that answered; for an unreadable request, the answer's id."""
-    served = _fields(response) or {}
-    answered_id = served.get(3)
-    if unreadable_request and _usable(answered_id):
-        event.prediction_id = answered_id
-    event.model.name = served.get(1) or event.model.name
-    event.model.version = served.get(2) or event.model.version
-
-
-def _fields(message: bytes) -> dict[int, str | None] | None:
-    """model_name, model_version and id (None: unreadable); None if the bytes are malformed."""
-    try:
-        return top_level_strings(message, (1, 2, 3))
-    except ProtoWireError:
-        return None
+    served = read_fields(response) or _NO_FIELDS
+    if unreadable_request and _usable(served.id):
+        event.prediction_id = served.id
+    event.model.name = served.model_name or event.model.name
+    event.model.version = served.model_version or event.model.version

@@ -8,6 +8,11 @@ in front of any OTLP receiver. Bodies are bounded; OTLP/HTTP accepts the
 protobuf and the JSON encodings (gzip'd, deflate'd or not). A span whose
 prediction event is refused is still forwarded; the sender hears of the
 refusal in ``partial_success`` (``rejected_spans`` stays 0: no span was).
+A refused request gets a reason: over gRPC in the status (UNAVAILABLE with a
+RetryInfo when the spool is busy: retryable by the OTLP spec), over HTTP in a
+``google.rpc.Status`` body in the request's encoding (503 + Retry-After when
+busy). A request that this sidecar forwarded itself is refused (508): an
+``--otlp-export`` pointing back at the sidecar would otherwise loop.
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ from typing import Final, TypeVar
 
 import grpc
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
@@ -30,19 +34,31 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from predtrace.cli._serving import quiet_client_errors
-from predtrace.sidecar._config import parse_hostport
-from predtrace.sidecar._errors import SpoolBusyError, SpoolError, SpoolFullError
+from predtrace.sidecar._config import join_hostport, parse_hostport
+from predtrace.sidecar._errors import SpoolError
 from predtrace.sidecar._intake import Intake
 from predtrace.sidecar._otlp_body import (
+    BODY_TIMEOUT_S,
     CODINGS,
+    JSON,
+    PROTOBUF,
+    BodyRefusedError,
+    BodyReservation,
     ExportRequest,
+    InflightBudget,
     OtlpJsonError,
+    TooManySpansError,
     UndecodableBodyError,
+    decode_reason,
     decompress,
     parse_json,
     parse_protobuf,
+    read_body,
+    refusal_response,
+    rpc_status,
 )
-from predtrace.sidecar._otlp_export import OtlpForwarder
+from predtrace.sidecar._otlp_export import FORWARDED_BY, OtlpForwarder
+from predtrace.sidecar.pipeline import RateLimitedLog
 from predtrace.wire import (
     DeploymentRef,
     ModelRef,
@@ -53,8 +69,11 @@ from predtrace.wire import (
 
 TRACE_SERVICE: Final = "opentelemetry.proto.collector.trace.v1.TraceService"
 # Requests bigger than this are parsed and converted in a thread: a 4 MiB
-# export must not stall every other connection of the loop for a second.
-_THREAD_BYTES: Final = 256 * 1024
+# export must not stall every other connection of the loop for a second, nor
+# a 256 KiB body of 87,000 ``{}`` spans (or 120,000 empty protobuf ones) for
+# a fraction of one. Below it, a body holds at most some 8,000 spans: a few
+# milliseconds. An SDK export of a handful of spans stays on the loop.
+_THREAD_BYTES: Final = 16 * 1024
 # At most this many of those big bodies, over gRPC and HTTP together, are
 # parsed, converted and held as messages at once: a parsed request costs many
 # times its body (every JSON object becomes a dict, then a message), so this
@@ -74,12 +93,19 @@ async def _off_loop(size: int, work: Callable[[_In], _Out], arg: _In) -> _Out:
 
 _log = logging.getLogger("predtrace.sidecar.otlp")
 PREDICTION_ID: Final = "predtrace.prediction.id"
-PROTOBUF: Final = "application/x-protobuf"
-JSON: Final = "application/json"
 _MAX_ATTRIBUTES: Final = 64
 _MAX_VALUE_LEN: Final = 1024
 _REASON_CHARS: Final = 512
 _ERROR: Final = trace_pb2.Status.STATUS_CODE_ERROR
+# How long a sender is told to wait when the spool is busy or full.
+_RETRY_AFTER_S: Final = 1
+# The in-flight budget of OTLP/HTTP bodies, in maximum bodies: a few exports
+# arriving at once are read; past that, 503 + Retry-After until one is done.
+_INFLIGHT_BODIES: Final = 4
+# Hops a forwarded request may name (``FORWARDED_BY``): a chain of sidecars
+# is never this long; a longer header is someone else's.
+_MAX_HOPS: Final = 16
+_STATUS_DETAILS: Final = "grpc-status-details-bin"
 ExportResponse = trace_service_pb2.ExportTraceServiceResponse
 
 
@@ -109,10 +135,34 @@ def _described(attrs: Mapping[str, str], *keys: str) -> str:
     return next((attrs[key] for key in keys if attrs.get(key)), "")[:_MAX_VALUE_LEN]
 
 
+class PredictionIdTypeError(ValueError):
+    """A span whose ``predtrace.prediction.id`` is not a string: no prediction is made of it."""
+
+
+def _prediction_id(span: trace_pb2.Span) -> str:
+    """The span's prediction id (its last ``predtrace.prediction.id``), as sent.
+
+    Raises:
+        PredictionIdTypeError: the value is not a string (a bool would read
+            "true", an int its digits: ids that were never meant).
+    """
+    value = next(kv.value for kv in reversed(span.attributes) if kv.key == PREDICTION_ID)
+    kind = value.WhichOneof("value")
+    if kind != "string_value":
+        raise PredictionIdTypeError(f"{PREDICTION_ID} must be a string, not {kind or 'empty'}")
+    return value.string_value
+
+
 def span_to_event(span: trace_pb2.Span, resource: Mapping[str, str]) -> PredictionEvent | None:
-    """The prediction event of a span, or None when it carries no prediction id."""
+    """The prediction event of a span, or None when it carries no prediction id.
+
+    Raises:
+        PredictionIdTypeError: its prediction id is not a string.
+    """
     attrs = _attrs(span.attributes)
-    prediction_id = attrs.get(PREDICTION_ID, "")
+    if PREDICTION_ID not in attrs:
+        return None
+    prediction_id = _prediction_id(span)
     if not prediction_id:
         return None
     get = attrs.get
@@ -163,17 +213,22 @@ class Conversion:
     spans: int = 0
     events: list[PredictionEvent] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)  # each event's span, in request order
+    refused: list[tuple[int, str]] = field(default_factory=list)  # (span, why): no event made
 
 
 def request_to_events(request: ExportRequest) -> Conversion:
-    """Prediction events of an export request, and its span count."""
+    """Prediction events of an export request, its span count, and the spans refused one."""
     out = Conversion()
     for resource_spans in request.resource_spans:
         resource = _attrs(resource_spans.resource.attributes)
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
                 position, out.spans = out.spans, out.spans + 1
-                event = span_to_event(span, resource)
+                try:
+                    event = span_to_event(span, resource)
+                except PredictionIdTypeError as exc:
+                    out.refused.append((position, str(exc)))
+                    continue
                 if event is None:
                     continue
                 out.events.append(event)
@@ -224,14 +279,20 @@ class _TraceService:
     ) -> ExportResponse:
         try:
             return await self._receiver.export(body, parse_protobuf)
-        except (DecodeError, RecursionError):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "malformed ExportTraceServiceRequest"
-            )
-        except (SpoolBusyError, SpoolFullError) as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except (DecodeError, RecursionError) as exc:
+            reason = f"malformed ExportTraceServiceRequest: {decode_reason(exc)}"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
+        except TooManySpansError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except SpoolError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            # Busy, full or failing: UNAVAILABLE, which OTLP senders retry (a
+            # RESOURCE_EXHAUSTED is retried only with a RetryInfo, and some
+            # senders drop it whatever); the RetryInfo says when.
+            unavailable = grpc.StatusCode.UNAVAILABLE
+            details = rpc_status(unavailable.value[0], str(exc), _RETRY_AFTER_S)
+            await context.abort(
+                unavailable, str(exc), trailing_metadata=((_STATUS_DETAILS, details),)
+            )
 
 
 class OtlpReceiver:
@@ -242,24 +303,41 @@ class OtlpReceiver:
         self._forwarder = forwarder
         self._runner: web.AppRunner | None = None
         self._max_body = 4 * 1024 * 1024
+        self._budget = InflightBudget(_INFLIGHT_BODIES * self._max_body)
+        self._body_timeout = BODY_TIMEOUT_S
         self._big_parses = asyncio.Semaphore(_MAX_BIG_PARSES)
+        self._log = RateLimitedLog(_log)
         self.spans_received = 0
 
-    async def export(self, body: bytes, parse: Callable[[bytes], ExportRequest]) -> ExportResponse:
+    @property
+    def inflight_bytes(self) -> int:
+        """Bytes of OTLP/HTTP bodies held now (their share of the in-flight budget)."""
+        return self._budget.used
+
+    async def export(
+        self,
+        body: bytes,
+        parse: Callable[[bytes], ExportRequest],
+        via: tuple[str, ...] = (),
+    ) -> ExportResponse:
         """Parse ``body`` and ``accept`` it; a big one waits for one of the big-parse slots.
 
         Raises:
-            DecodeError, RecursionError, OtlpJsonError: as ``parse``.
+            DecodeError, RecursionError, OtlpJsonError, TooManySpansError: as ``parse``.
             SpoolError: as ``accept``.
         """
         if len(body) <= _THREAD_BYTES:
-            return await self.accept(parse(body), len(body))
+            return await self.accept(parse(body), len(body), via)
         async with self._big_parses:  # held while the parsed request lives
             request = await asyncio.to_thread(parse, body)
-            return await self.accept(request, len(body))
+            return await self.accept(request, len(body), via)
 
-    async def accept(self, request: ExportRequest, size: int = 0) -> ExportResponse:
+    async def accept(
+        self, request: ExportRequest, size: int = 0, via: tuple[str, ...] = ()
+    ) -> ExportResponse:
         """Spool the request's prediction events (durably), then hand it to the forwarder.
+
+        ``via`` names the sidecars it was forwarded through (see ``OtlpForwarder.offer``).
 
         Returns:
             The Export answer, naming the prediction events refused, if any.
@@ -269,12 +347,14 @@ class OtlpReceiver:
         """
         converted = await _off_loop(size, request_to_events, request)
         self.spans_received += converted.spans
-        refused: list[tuple[int, str]] = []
+        refused = converted.refused
+        if refused:
+            self._intake.count_refused(len(refused))
         if converted.events:
             result = await self._intake.record(converted.events)  # counts what it refuses
-            refused = [(converted.positions[r.index], r.reason) for r in result.rejected]
+            refused += [(converted.positions[r.index], r.reason) for r in result.rejected]
         if self._forwarder is not None:
-            self._forwarder.offer(request, converted.spans)
+            self._forwarder.offer(request, converted.spans, via=via)
         return export_response(refused)
 
     def add_to_grpc_server(self, server: grpc.aio.Server) -> None:
@@ -282,10 +362,27 @@ class OtlpReceiver:
         server.add_generic_rpc_handlers((_TraceService(self).generic_handler(),))
 
     async def start_http(
-        self, listen: str, *, max_body: int, ssl_context: ssl.SSLContext | None = None
+        self,
+        listen: str,
+        *,
+        max_body: int,
+        ssl_context: ssl.SSLContext | None = None,
+        inflight_bytes: int | None = None,
+        body_timeout: float = BODY_TIMEOUT_S,
     ) -> str:
-        """Serve ``POST /v1/traces`` (HTTPS given ``ssl_context``); return ``host:port``."""
+        """Serve ``POST /v1/traces`` (HTTPS given ``ssl_context``); return ``host:port``.
+
+        Args:
+            listen: ``host:port`` to bind (port 0: any free one).
+            max_body: the largest body taken, compressed or not (413 past it).
+            ssl_context: serve HTTPS with it.
+            inflight_bytes: bodies held at once, in bytes, over every request
+                (503 + Retry-After past it); four ``max_body`` by default.
+            body_timeout: seconds a body may take to arrive (408 past it).
+        """
         self._max_body = max_body
+        self._budget = InflightBudget(inflight_bytes or _INFLIGHT_BODIES * max_body)
+        self._body_timeout = body_timeout
         app = web.Application(client_max_size=max_body)
         app.router.add_post("/v1/traces", self._http_export)
         quiet_client_errors()
@@ -298,46 +395,82 @@ class OtlpReceiver:
         site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
         await site.start()
         bound = self._runner.addresses[0][1]
-        return f"{host}:{bound}"
+        return join_hostport(host, bound)
 
     async def _http_export(self, request: web.Request) -> web.Response:
-        as_json = request.content_type == JSON
-        body = await self._read_http(request)
-        if isinstance(body, web.Response):
-            return body
+        reservation = self._budget.reservation()
         try:
-            answer = await self.export(body, parse_json if as_json else parse_protobuf)
-        except (DecodeError, RecursionError):
-            return web.Response(status=400, text="malformed OTLP protobuf body")
-        except OtlpJsonError as exc:
-            return web.Response(status=400, text=f"malformed OTLP JSON body: {exc}")
-        except SpoolError as exc:
-            return web.Response(status=503, text=str(exc), headers={"Retry-After": "1"})
-        if as_json:  # answer in the encoding asked in (OTLP/HTTP spec)
+            via = self._hops(request)
+            body = await self._read_http(request, reservation)
+            answer = await self._export_http(body, request.content_type == JSON, via)
+        except BodyRefusedError as refused:
+            return refusal_response(refused, request.content_type)
+        finally:
+            reservation.release()  # the body and its parsed request are gone
+        if request.content_type == JSON:  # answer in the encoding asked in (OTLP/HTTP spec)
             text = json.dumps(json_format.MessageToDict(answer))
             return web.Response(text=text, content_type=JSON)
         return web.Response(body=answer.SerializeToString(), content_type=PROTOBUF)
 
-    async def _read_http(  # noqa: PLR0911 - one answer per way a body can be bad
-        self, request: web.Request
-    ) -> bytes | web.Response:
-        """The request's body, decompressed, or the 4xx answer that says why there is none."""
+    def _hops(self, request: web.Request) -> tuple[str, ...]:
+        """The sidecars the request was forwarded through.
+
+        Raises:
+            BodyRefusedError: 508, this sidecar is one of them (a forwarding loop).
+        """
+        header = request.headers.get(FORWARDED_BY, "")
+        hops = tuple(hop.strip() for hop in header.split(",") if hop.strip())[-_MAX_HOPS:]
+        if self._forwarder is not None and self._forwarder.token in hops:
+            self._log.warning(
+                "loop",
+                "refused (508) an OTLP export this sidecar forwarded itself: "
+                "--otlp-export leads back to this sidecar's own OTLP listener",
+            )
+            raise BodyRefusedError(
+                508, "loop detected: this request was forwarded by this sidecar itself"
+            )
+        return hops
+
+    async def _export_http(
+        self, body: bytes, as_json: bool, via: tuple[str, ...]
+    ) -> ExportResponse:
+        """``export`` of a read body, its failures as the HTTP refusals they are."""
+        try:
+            return await self.export(body, parse_json if as_json else parse_protobuf, via)
+        except (DecodeError, RecursionError) as exc:
+            reason = f"malformed OTLP protobuf body: {decode_reason(exc)}"
+            raise BodyRefusedError(400, reason) from None
+        except TooManySpansError as exc:
+            raise BodyRefusedError(413, str(exc)) from None
+        except OtlpJsonError as exc:
+            raise BodyRefusedError(400, f"malformed OTLP JSON body: {exc}") from None
+        except SpoolError as exc:
+            raise BodyRefusedError(503, str(exc), retry_after=_RETRY_AFTER_S) from None
+
+    async def _read_http(self, request: web.Request, reservation: BodyReservation) -> bytes:
+        """The request's body, decompressed, its bytes held in the in-flight budget.
+
+        Raises:
+            BodyRefusedError: why there is no body to parse (4xx, or 503 when busy).
+        """
         if request.content_type not in (PROTOBUF, JSON):
-            return web.Response(status=415, text=f"send {PROTOBUF} or {JSON}")
+            raise BodyRefusedError(415, f"send {PROTOBUF} or {JSON}")
         coding = request.headers.get("Content-Encoding", "").strip().lower()
         if coding not in CODINGS:  # the parser would get it still encoded
-            return web.Response(status=415, text="Content-Encoding must be gzip or deflate")
+            raise BodyRefusedError(415, "Content-Encoding must be gzip or deflate")
+        raw = await read_body(
+            request, reservation, limit=self._max_body, body_timeout=self._body_timeout
+        )
         try:
-            return decompress(await request.read(), coding, self._max_body)
-        except web.HTTPRequestEntityTooLarge:
-            return web.Response(status=413, text="body too large")
-        except RequestPayloadError:
-            return web.Response(status=400, text="the body could not be read")
+            body = decompress(raw, coding, self._max_body)
         except WireTooLargeError:
-            return web.Response(status=413, text="decompressed body too large")
+            raise BodyRefusedError(413, "decompressed body too large") from None
         except UndecodableBodyError as exc:
-            text = f"cannot decompress the body (Content-Encoding: {coding or 'none'}): {exc}"
-            return web.Response(status=400, text=text)
+            reason = f"cannot decompress the body (Content-Encoding: {coding or 'none'}): {exc}"
+            raise BodyRefusedError(400, reason) from None
+        del raw  # only the inflated body is held from here on
+        reservation.grow_to(len(body))
+        return body
 
     async def stop(self) -> None:
         """Stop the HTTP listener. Safe twice."""

@@ -1,26 +1,35 @@
-"""OTLP request bodies: the HTTP content decoding and the two encodings' parsers.
+"""OTLP request bodies: the HTTP read, the content decoding, the parsers, the refusals.
 
-Used by the receiver (``_otlp``) before any span is looked at: a compressed
-body is inflated here, bounded and checked to end properly (aiohttp's own
-inflation is off); a protobuf or JSON body becomes an
-``ExportTraceServiceRequest``, JSON with its hex ids and either spelling of
-the field names.
+Used by the receiver (``_otlp``) before any span is looked at: an HTTP body
+is read chunk by chunk within a deadline and under a byte budget shared by
+every request; a compressed body is inflated here, bounded and checked to end
+properly (aiohttp's own inflation is off); a protobuf or JSON body becomes an
+``ExportTraceServiceRequest`` (JSON with its hex ids and either spelling of
+the field names), once a cheap count says it is not a bomb of tiny spans. A
+refused body is answered with a ``google.rpc.Status`` in the request's encoding.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import zlib
 from collections.abc import Iterator
 from typing import Final
 
-from google.protobuf import json_format
+from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
+from google.protobuf import duration_pb2, json_format
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]  # no py.typed
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from predtrace.wire import WireTooLargeError
 
 ExportRequest = trace_service_pb2.ExportTraceServiceRequest
+PROTOBUF: Final = "application/x-protobuf"
+JSON: Final = "application/json"
+_DECODE_REASON_CHARS: Final = 200
 # The Content-Encodings a body may come in; anything else is refused (415).
 CODINGS: Final = frozenset({"", "identity", "gzip", "deflate"})
 # At least this many objects are taken (about 4,000 spans of 30 attributes
@@ -32,6 +41,122 @@ _GZIP_MAGIC: Final = b"\x1f\x8b"
 # A gzip body may be several members back to back (RFC 1952): a few are taken,
 # not thousands, as each one costs a copy of the rest of the body.
 _MAX_GZIP_MEMBERS: Final = 16
+# At least this many spans are taken in one protobuf request, and more in a
+# bigger body: one per 64 bytes. An SDK exports 512 at most, a Collector some
+# thousands; a parsed span costs some 180 bytes even when empty (2 on the
+# wire), so a 4 MiB body of two million empty spans would cost 360 MB.
+_MIN_SPANS: Final = 100_000
+_BYTES_PER_SPAN: Final = 64
+# HTTP bodies are read in chunks of this size, each charged to the budget.
+_CHUNK: Final = 64 * 1024
+# A body that has not fully arrived by then is refused (408): a client that
+# stalls mid-upload must not hold its share of the in-flight budget for ever.
+BODY_TIMEOUT_S: Final = 30.0
+
+
+class BodyRefusedError(Exception):
+    """An HTTP body the receiver does not take: the status to answer and why."""
+
+    def __init__(self, status: int, reason: str, *, retry_after: int | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class TooManySpansError(ValueError):
+    """A protobuf request with more spans than a body of its size may carry."""
+
+
+class InflightBudget:
+    """Bytes of OTLP/HTTP bodies held now (as they arrive, then inflated), capped.
+
+    Shared by every HTTP request of a receiver; event-loop only.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.used = 0
+
+    def reservation(self) -> BodyReservation:
+        """A new request's share, empty until its body arrives."""
+        return BodyReservation(self)
+
+
+class BodyReservation:
+    """One request's share of the budget: grows as its body arrives, released once."""
+
+    __slots__ = ("_budget", "amount")
+
+    def __init__(self, budget: InflightBudget) -> None:
+        self._budget, self.amount = budget, 0
+
+    def grow_to(self, total: int) -> None:
+        """Hold ``total`` bytes.
+
+        Raises:
+            BodyRefusedError: 503, the budget cannot give the difference.
+        """
+        more = total - self.amount
+        if more <= 0:
+            return
+        if self._budget.used + more > self._budget.cap:
+            raise BodyRefusedError(
+                503, "busy: too many OTLP/HTTP bytes in flight, retry shortly", retry_after=1
+            )
+        self._budget.used += more
+        self.amount = total
+
+    def release(self) -> None:
+        """Give everything back (safe twice)."""
+        self._budget.used -= self.amount
+        self.amount = 0
+
+
+async def read_body(
+    request: web.Request, reservation: BodyReservation, *, limit: int, body_timeout: float
+) -> bytes:
+    """The raw body, read chunk by chunk within ``body_timeout``, each charged as it arrives.
+
+    A stalled upload holds only the bytes it sent, and only until the deadline.
+
+    Raises:
+        BodyRefusedError: 413 past ``limit``, 503 past the budget, 408 not
+            received in time, 400 cut off (the client hung up) or garbled.
+    """
+    if (request.content_length or 0) > limit:
+        raise BodyRefusedError(413, f"body exceeds {limit} bytes")
+    reservation.grow_to(1)  # a spent budget answers 503 before any read
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        async with asyncio.timeout(body_timeout):
+            async for chunk in request.content.iter_chunked(_CHUNK):
+                total += len(chunk)
+                if total > limit:
+                    raise BodyRefusedError(413, f"body exceeds {limit} bytes")
+                reservation.grow_to(total)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyRefusedError(408, f"body not received within {body_timeout:g} s") from None
+    except (OSError, RequestPayloadError) as exc:
+        # The client hung up mid-body (or garbled its chunked framing). The
+        # exception's traceback holds this frame, and with it the chunks; the
+        # request's stream holds the exception: a cycle only the cyclic GC
+        # would free (rarely, in the sidecar). Cut it here.
+        forget_traceback(exc)
+        raise BodyRefusedError(400, "the body could not be read (client gone?)") from None
+    return b"".join(chunks)
+
+
+def forget_traceback(exc: BaseException) -> None:
+    """Drop the tracebacks of ``exc`` and of the exceptions chained to it."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__
 
 
 class OtlpJsonError(ValueError):
@@ -77,12 +202,71 @@ def _items(parent: dict[str, object], *keys: str) -> Iterator[dict[str, object]]
 
 
 def parse_protobuf(body: bytes) -> ExportRequest:
-    """Decode an OTLP protobuf body (gRPC or HTTP).
+    """Decode an OTLP protobuf body (gRPC or HTTP), once its span count is within bounds.
 
     Raises:
+        TooManySpansError: more spans than a body of its size may carry.
         DecodeError: not an ExportTraceServiceRequest (or nested too deep).
     """
+    most = max(_MIN_SPANS, len(body) // _BYTES_PER_SPAN)
+    # A span takes two bytes at least: a smaller body cannot hold too many.
+    if len(body) > 2 * most and count_spans(body, most) > most:
+        raise TooManySpansError(f"more than {most} spans in one request")
     return ExportRequest.FromString(body)
+
+
+def count_spans(body: bytes, most: int) -> int:
+    """The spans of an ExportTraceServiceRequest, counted on the wire, without parsing it.
+
+    Walks resource_spans (1) -> scope_spans (2) -> spans (2), skipping each
+    span by its length, and stops once past ``most``: some ten times cheaper
+    than parsing. Bytes it cannot walk end the count early: the parser that
+    follows says what is wrong with them.
+    """
+    count = 0
+    try:
+        for rs_start, rs_end in _embedded(body, 0, len(body), 1):
+            for ss_start, ss_end in _embedded(body, rs_start, rs_end, 2):
+                for _ in _embedded(body, ss_start, ss_end, 2):
+                    count += 1
+                    if count > most:
+                        return count
+    except IndexError:  # a varint cut off by the end of the body
+        pass
+    return count
+
+
+def _embedded(data: bytes, pos: int, end: int, number: int) -> Iterator[tuple[int, int]]:
+    """Where each length-delimited field ``number`` of the message in ``data[pos:end]`` lies."""
+    while pos < end:
+        key, pos = _varint(data, pos)
+        kind = key & 7
+        if kind == 2:  # length-delimited
+            size, pos = _varint(data, pos)
+            if key >> 3 == number and pos + size <= end:
+                yield pos, pos + size
+            pos += size
+        elif kind == 0:  # varint
+            pos = _varint(data, pos)[1]
+        elif kind in (1, 5):  # fixed64, fixed32
+            pos += 8 if kind == 1 else 4
+        else:  # a group, or not protobuf: left to the parser
+            return
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it (IndexError past the end)."""
+    if data[pos] < 0x80:  # the common case: tags, and lengths under 128
+        return data[pos], pos + 1
+    value = shift = 0
+    for _ in range(10):
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise IndexError("overlong varint")
 
 
 def parse_json(body: bytes) -> trace_service_pb2.ExportTraceServiceRequest:
@@ -173,3 +357,61 @@ def _wbits(data: bytes, coding: str) -> int:
     if data[:1] and data[0] & 0x0F == 8:  # deflate as RFC 9110 has it: zlib-wrapped
         return zlib.MAX_WBITS
     return -zlib.MAX_WBITS  # raw deflate, as some clients send it (and aiohttp took it)
+
+
+def decode_reason(exc: BaseException) -> str:
+    """The protobuf library's reason for refusing bytes, without its "Error parsing" preamble."""
+    if isinstance(exc, RecursionError):
+        return "nested too deep"
+    text = str(exc)
+    return (text.rpartition("': ")[2] or text)[:_DECODE_REASON_CHARS]
+
+
+def rpc_status(code: int, message: str, retry_after: int | None = None) -> bytes:
+    """A serialized ``google.rpc.Status``; with a RetryInfo detail when ``retry_after`` is given.
+
+    Over gRPC it goes in the ``grpc-status-details-bin`` trailer, where a
+    sender looks for the RetryInfo.
+    """
+    data: bytes = _status(code, message, retry_after).SerializeToString()
+    return data
+
+
+def _status(code: int, message: str, retry_after: int | None) -> status_pb2.Status:
+    status = status_pb2.Status(code=code, message=message)
+    if retry_after is not None:
+        delay = duration_pb2.Duration(seconds=retry_after)
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return status
+
+
+# The google.rpc code (the gRPC one) that goes with each HTTP status answered.
+_RPC_CODES: Final = {
+    400: 3,  # INVALID_ARGUMENT
+    408: 4,  # DEADLINE_EXCEEDED
+    413: 3,
+    415: 3,
+    503: 14,  # UNAVAILABLE
+    508: 9,  # FAILED_PRECONDITION: the configuration loops
+}
+_UNKNOWN: Final = 2
+
+
+def refusal_response(refused: BodyRefusedError, content_type: str) -> web.Response:
+    """The HTTP answer to a refused request: a ``google.rpc.Status`` in the request's encoding.
+
+    The OTLP/HTTP spec asks for a Status, encoded as the request was; a
+    request in neither encoding gets plain text.
+    """
+    headers = {"Retry-After": str(refused.retry_after)} if refused.retry_after else None
+    code = _RPC_CODES.get(refused.status, _UNKNOWN)
+    status = _status(code, refused.reason, refused.retry_after)
+    if content_type == JSON:
+        text = json_format.MessageToJson(status, indent=None)
+        return web.Response(status=refused.status, text=text, content_type=JSON, headers=headers)
+    if content_type == PROTOBUF:
+        body = status.SerializeToString()
+        return web.Response(
+            status=refused.status, body=body, content_type=PROTOBUF, headers=headers
+        )
+    return web.Response(status=refused.status, text=refused.reason, headers=headers)

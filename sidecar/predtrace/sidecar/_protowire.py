@@ -1,11 +1,12 @@
-"""Just enough of the protobuf wire format to read and add top-level string fields.
+"""Just enough of the protobuf wire format to split a request protobuf refused whole.
 
-The OIP proxy passes messages through as bytes; it reads only model_name,
-model_version and id (fields 1-3 of ModelInferRequest/Response) and appends
-an id when the caller sent none. Parsing is bounded: varints of at most ten
+The sidecar's RecordBatch reads a request whose parse failed field by field,
+so one event with bad UTF-8 is rejected alone, and names a rejected event by
+its prediction id (field 1). Parsing is bounded: varints of at most ten
 bytes, lengths checked against the buffer, a cap on the number of fields. A
 wanted field that is not text it can use (over 4 KiB, not UTF-8) is marked
-unreadable on its own: the other fields of the message stay readable.
+unreadable on its own: the other fields of the message stay readable. (The
+OIP proxy reads its three fields with protobuf's own parser: ``_oip_fields``.)
 """
 
 from __future__ import annotations
@@ -96,9 +97,3 @@ def _text(raw: bytes) -> str | None:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return None
-
-
-def append_string_field(data: bytes, number: int, value: str) -> bytes:
-    """``data`` with one more string field (the last occurrence wins when parsed)."""
-    raw = value.encode("utf-8")
-    return data + encode_varint(number << 3 | 2) + encode_varint(len(raw)) + raw

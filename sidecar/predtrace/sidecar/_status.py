@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from predtrace.sidecar._intake import IntakeCounters
 from predtrace.sidecar._shipper import ShipperCounters
+from predtrace.sidecar.pipeline._collector_http import without_userinfo
 from predtrace.sidecar.spool import SpoolStats
 from predtrace.v1 import sidecar_pb2
 
@@ -41,9 +42,15 @@ class StatusView:
     otlp_forward: ForwarderCounters | None = None
     oip_dropped: int = 0
     oip_invalid_caller_ids: int = 0
+    oip_unreadable_requests: int = 0
+    oip_ids_not_added: int = 0
 
     def dropped(self) -> dict[str, int]:
-        """Events dropped, by reason, across spool, shipper, intake and OTLP forwarding."""
+        """Events dropped, by reason, across spool, shipper, intake and the OIP proxy.
+
+        Spans the OTLP forwarder drops are not events (the predictions in them
+        were taken by the intake first): they are counted apart.
+        """
         out: dict[str, int] = {}
         for key, value in self.spool_counters.items():
             if key.startswith("dropped."):
@@ -56,9 +63,6 @@ class StatusView:
             out["invalid"] = self.intake.rejected
         if self.oip_dropped:
             out["oip_buffer"] = self.oip_dropped
-        if self.otlp_forward is not None:
-            for reason, value in self.otlp_forward.dropped.items():
-                out[f"otlp_{reason}"] = value
         return out
 
 
@@ -75,7 +79,7 @@ def build_status(view: StatusView) -> sidecar_pb2.SidecarStatus:
         exported_events=view.shipper.exported,
         retried_batches=view.shipper.retried,
         quarantined_batches=view.shipper.quarantined,
-        collector_url=view.collector_url,
+        collector_url=without_userinfo(view.collector_url),  # the Status RPC is open to all
         last_error="; ".join(e for e in (view.spool_refusal, view.shipper.last_error) if e),
     )
     for reason, count in view.dropped().items():
@@ -105,7 +109,7 @@ def status_to_dict(
     oldest = message.oldest_unsent_unix_nano
     return {
         "producer_id": message.producer_id,
-        "collector_url": message.collector_url,
+        "collector_url": without_userinfo(message.collector_url),
         "spool_records": message.spool_records,
         "spool_bytes": message.spool_bytes,
         "spool_byte_cap": message.spool_byte_cap,

@@ -51,7 +51,15 @@ IMAGE_NAME: Final = "PREDTRACE_IMAGE_NAME"
 """Container image name."""
 K8S_NAMESPACE: Final = ("PREDTRACE_K8S_NAMESPACE", "POD_NAMESPACE", "K8S_NAMESPACE")
 """Downward-API variables naming the namespace (first set wins)."""
-K8S_POD: Final = ("PREDTRACE_K8S_POD_NAME", "POD_NAME", "K8S_POD_NAME")
-"""Downward-API variables naming the pod."""
-K8S_NODE: Final = ("PREDTRACE_K8S_NODE_NAME", "NODE_NAME", "K8S_NODE_NAME")
-"""Downward-API variables naming the node."""
+K8S_POD: Final = ("PREDTRACE_K8S_POD_NAME", "PREDTRACE_K8S_POD", "POD_NAME", "K8S_POD_NAME")
+"""Downward-API variables naming the pod (first set wins).
+
+``PREDTRACE_K8S_POD`` is the middleware's spelling; when both it and
+``PREDTRACE_K8S_POD_NAME`` are set, ``PREDTRACE_K8S_POD_NAME`` wins.
+"""
+K8S_NODE: Final = ("PREDTRACE_K8S_NODE_NAME", "PREDTRACE_K8S_NODE", "NODE_NAME", "K8S_NODE_NAME")
+"""Downward-API variables naming the node (first set wins).
+
+``PREDTRACE_K8S_NODE`` is the middleware's spelling; when both it and
+``PREDTRACE_K8S_NODE_NAME`` are set, ``PREDTRACE_K8S_NODE_NAME`` wins.
+"""

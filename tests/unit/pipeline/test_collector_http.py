@@ -30,6 +30,7 @@ from predtrace.sidecar.pipeline import (
     RetryPolicy,
     parse_retry_after,
 )
+from predtrace.sidecar.pipeline._collector_http import without_userinfo
 from predtrace.wire import (
     IngestAck,
     ModelRef,
@@ -438,3 +439,34 @@ def test_an_unusable_collector_timeout_fails_at_startup(timeout: float) -> None:
 def test_a_collector_url_with_an_invalid_port_fails_at_startup(url: str) -> None:
     with pytest.raises(ValueError, match="invalid port"):
         CollectorClientConfig(url=url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://alice:s3cret@127.0.0.1:8700",
+        "https://s3cret@collector.internal:8443/prefix",
+        "ftp://alice:s3cret@collector",
+        "http://alice:s3cret@127.0.0.1:99999",
+    ],
+)
+def test_credentials_in_the_collector_url_are_refused_without_echoing_them(url: str) -> None:
+    # They would go out as Basic auth and show wherever the URL is shown.
+    with pytest.raises(ValueError, match="must not carry a user name or password") as info:
+        CollectorClientConfig(url=url)
+    assert "s3cret" not in str(info.value)
+    assert "bearer token" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://alice:s3cret@collector:8700/x?y=1", "http://collector:8700/x?y=1"),
+        ("https://s3cret@[::1]:8443", "https://[::1]:8443"),
+        ("http://a:s3cret@b@collector/", "http://collector/"),
+        ("http://alice:s3cret@[::1", "http://[::1"),  # not even a URL
+        ("http://collector:8700/user@example", "http://collector:8700/user@example"),
+    ],
+)
+def test_what_is_shown_of_a_url_never_holds_a_user_name_or_password(url: str, shown: str) -> None:
+    assert without_userinfo(url) == shown

@@ -101,7 +101,7 @@ def test_a_token_over_plaintext_to_a_remote_host_is_refused_without_echoing_it()
     [
         ({"listen": "nope"}, "--listen"),
         ({"otlp_export": "grpc://x"}, "--otlp-export"),
-        ({"max_message_bytes": 10}, "max_message_bytes"),
+        ({"max_message_bytes": 10}, "--max-message-bytes"),
     ],
 )
 def test_bad_settings_fail_at_startup(bad: dict[str, object], match: str) -> None:
@@ -195,6 +195,10 @@ def test_a_collector_url_with_an_invalid_port_is_a_usage_error(url: str) -> None
         (["--collector", "http://127.0.0.1:99999"], "invalid port"),
         (["--producer-id", "a" * 201], "--producer-id"),
         (["--quarantine-max-bytes", "lots"], "not a size"),
+        (["--max-message-bytes", "2GiB"], "--max-message-bytes must be between 64 KiB and"),
+        # gRPC takes no scheme: accepted, every call failed UNAVAILABLE.
+        (["--oip-proxy", "127.0.0.1:0=http://127.0.0.1:8081"], "UPSTREAM must be HOST:PORT, not"),
+        (["--oip-proxy", "127.0.0.1:0=127.0.0.1:0"], "UPSTREAM must name the port to connect"),
     ],
 )
 def test_serve_refuses_unusable_values_with_exit_2(
@@ -205,6 +209,7 @@ def test_serve_refuses_unusable_values_with_exit_2(
     result = CliRunner().invoke(main, [*base, *args])
     assert result.exit_code == 2, result.output
     assert says in result.output
+    assert "Traceback" not in result.output
 
 
 @pytest.mark.parametrize(
@@ -258,3 +263,59 @@ def test_serve_exits_1_at_once_when_the_shipper_stops_on_an_error(
         assert again.stats().records == 1, "the event stays spooled for the next start"
     finally:
         again.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "flag", "field"),
+    [
+        (["--batch-max-events", "20000"], "--batch-max-events must be", "max_batch_events"),
+        (["--batch-linger", "100"], "--batch-linger must be between 0 and 60", "linger must"),
+        (["--poison-attempts", "0"], "--poison-attempts must be at least 1", "poison_attempts"),
+        (["--spool-max-bytes", "0"], "--spool-max-bytes (PREDTRACE_SPOOL_MAX_BYTES)", "max_bytes"),
+        (["--spool-segment-bytes", "1k"], "--spool-segment-bytes must be", "segment_bytes"),
+        (["--max-message-bytes", "2147483648"], "--max-message-bytes must", "max_message_bytes"),
+    ],
+)
+def test_serve_names_the_flag_of_an_unusable_value_not_an_internal_field(
+    tmp_path: Path, args: list[str], flag: str, field: str
+) -> None:
+    base = ["sidecar", "serve", "--listen", "127.0.0.1:0", "--spool", str(tmp_path / "spool")]
+    base += ["--collector", "http://127.0.0.1:8700"]
+    result = CliRunner().invoke(main, [*base, *args])
+    assert result.exit_code == 2, result.output
+    assert flag in result.output
+    assert field not in result.output.replace(flag, "")
+
+
+def test_the_largest_message_limit_grpc_takes_is_accepted() -> None:
+    config = build_config(options(max_message_bytes=str(2**31 - 1)), BASE)
+    assert config.max_message_bytes == 2**31 - 1
+
+
+def test_the_middleware_spelling_of_the_pod_and_node_variables_is_read_too() -> None:
+    env = {"PREDTRACE_K8S_POD": "churn-7d9f", "PREDTRACE_K8S_NODE": "node-3", "POD_NAME": "x"}
+    dep = DeploymentConfig.from_env(env)
+    assert (dep.pod, dep.node) == ("churn-7d9f", "node-3")
+    both = {**env, "PREDTRACE_K8S_POD_NAME": "named", "PREDTRACE_K8S_NODE_NAME": "named-node"}
+    dep = DeploymentConfig.from_env(both)
+    assert (dep.pod, dep.node) == ("named", "named-node"), "the sidecar's own spelling wins"
+
+
+def test_otel_resource_attribute_values_are_percent_decoded_as_the_otel_sdk_does() -> None:
+    env = {
+        "OTEL_RESOURCE_ATTRIBUTES": "service.name=churn%20api,k8s.pod.name=churn%2C7d9f,"
+        "k8s.node.name=node%3D3,container.image.name=reg/churn%25"
+    }
+    dep = DeploymentConfig.from_env(env)
+    assert (dep.service, dep.pod, dep.node) == ("churn api", "churn,7d9f", "node=3")
+    assert dep.image_name == "reg/churn%"
+
+
+def test_credentials_in_the_collector_url_are_a_usage_error_that_does_not_echo_them() -> None:
+    url = "http://alice:s3cret@127.0.0.1:8700"
+    with pytest.raises(ConfigError, match=r"^--collector: the collector URL must not") as info:
+        build_config(options(collector_url=url), BASE)
+    assert "s3cret" not in str(info.value)
+    assert "--token or PREDTRACE_TOKEN" in str(info.value)
+    with pytest.raises(ConfigError, match="must not carry a user name or password"):
+        build_config(options(), {**BASE, "PREDTRACE_COLLECTOR_URL": url})

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
+import re
+import socket
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -19,7 +22,9 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from predtrace.cli import main
+from predtrace.sidecar._cli import _status_target
 from predtrace.sidecar._config import ShipperConfig
+from predtrace.sidecar._status import build_status, status_to_dict
 from predtrace.sidecar.pipeline import RetryPolicy
 from predtrace.sidecar.spool import MemoryFileLayer, SpoolConfig
 from predtrace.v1 import sidecar_pb2, sidecar_pb2_grpc
@@ -362,3 +367,61 @@ async def test_metrics_show_the_quarantine_size_and_its_cap(start_sidecar: Start
     kept = running.app.shipper.counters.quarantine_bytes
     assert after["predtrace_sidecar_quarantine_bytes"] == kept
     assert after["predtrace_sidecar_quarantine_evicted_batches_total"] == 0
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback on this machine")
+async def test_an_ipv6_sidecar_writes_bracketed_addresses_that_status_reads(
+    start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    ready = tmp_path / "s.ready"
+    running: Running = await start_sidecar(
+        listen="[::1]:0", metrics_listen="[::1]:0", otlp_listen="[::1]:0", ready_file=str(ready)
+    )
+    first, *named = ready.read_text().splitlines()
+    assert re.fullmatch(r"\[::1\]:\d+", first), first
+    assert {line.split()[0] for line in named} == {"metrics", "otlp-grpc", "otlp-http"}
+    for line in named:
+        assert re.fullmatch(r"[a-z-]+ \[::1\]:\d+", line), line
+    assert await _scrape(running), "the metrics address is usable as written"
+    args = ["sidecar", "status", "--ready-file", str(ready), "-o", "json"]
+    result = await asyncio.to_thread(CliRunner().invoke, main, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["producer_id"] == "test-sidecar"
+
+
+@pytest.mark.parametrize(
+    ("line", "target"),
+    [
+        ("::1:4555", "[::1]:4555"),
+        ("[::1]:4555", "[::1]:4555"),
+        ("127.0.0.1:4555", "127.0.0.1:4555"),
+    ],
+)
+def test_status_reads_a_ready_file_line_with_or_without_ipv6_brackets(
+    tmp_path: Path, line: str, target: str
+) -> None:
+    ready = tmp_path / "s.ready"
+    ready.write_text(f"{line}\nmetrics 127.0.0.1:9\n")
+    assert _status_target(None, str(ready)) == target
+
+
+async def test_status_never_shows_a_user_name_or_password_of_the_collector_url(
+    start_sidecar: StartSidecar,
+) -> None:
+    # The config refuses them; an older sidecar's answer may still carry them.
+    running: Running = await start_sidecar()
+    view = dataclasses.replace(
+        running.app.status_view(), collector_url="http://alice:s3cret@collector:8700"
+    )
+    assert build_status(view).collector_url == "http://collector:8700"
+    older = sidecar_pb2.SidecarStatus(collector_url="https://alice:s3cret@collector:8443/p")
+    assert status_to_dict(older)["collector_url"] == "https://collector:8443/p"

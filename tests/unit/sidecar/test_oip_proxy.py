@@ -14,10 +14,12 @@ from types import ModuleType
 
 import grpc
 import pytest
+from google.protobuf.internal import api_implementation
 
 from predtrace.oip.v2 import grpc_predict_v2_pb2 as pb
 from predtrace.oip.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 from predtrace.sidecar._metrics import SidecarMetrics
+from predtrace.sidecar._oip_fields import OipFields, read_fields
 from predtrace.sidecar._oip_proxy import OipProxy
 from predtrace.sidecar._protowire import ProtoWireError, encode_varint, top_level_strings
 from predtrace.wire import Status, parse_prediction_id, uuid7_timestamp_ms
@@ -315,6 +317,7 @@ async def test_a_response_over_grpcs_default_4_mib_passes_when_the_limit_allows_
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 SERVER_LIVE = "/inference.GRPCInferenceService/ServerLive"
+SERVER_READY = "/inference.GRPCInferenceService/ServerReady"
 HEADERS_ONLY = "/test.Streams/HeadersOnly"
 
 
@@ -328,12 +331,15 @@ class Upstream(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         self.hold = False  # ModelInfer never answers (until cancelled)
         self.cancelled: list[bytes] = []
         self.reply: bytes | None = None  # else churn version 7, echoing the request's id
+        self.fail_after_headers = False  # ModelInfer sends headers, then fails
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:  # type: ignore[type-arg]
         if details.method == MODEL_INFER:
             return grpc.unary_unary_rpc_method_handler(self.infer)
         if details.method == SERVER_LIVE:
             return grpc.unary_unary_rpc_method_handler(self.live)
+        if details.method == SERVER_READY:  # held until cancelled
+            return grpc.unary_unary_rpc_method_handler(self.ready)
         if details.method == HEADERS_ONLY:
             return grpc.unary_stream_rpc_method_handler(self.headers_only)
         return None
@@ -343,17 +349,29 @@ class Upstream(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         self.metadata.append(list(context.invocation_metadata() or ()))
         self.arrived.set()
         if self.hold:
-            try:
-                await asyncio.Event().wait()
-            except asyncio.CancelledError:
-                self.cancelled.append(request)
-                raise
+            await self.held(request)
+        if self.fail_after_headers:
+            await context.send_initial_metadata((("retry-after-ms", "250"),))
+            context.set_trailing_metadata((("x-up-trailing", "failed"),))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "overloaded, try again")
         if self.reply is not None:
             return self.reply
         echoed = pb.ModelInferRequest.FromString(request).id
         return pb.ModelInferResponse(
             model_name="churn", model_version="7", id=echoed
         ).SerializeToString()
+
+    async def held(self, request: bytes) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(request)
+            raise
+
+    async def ready(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        self.arrived.set()
+        await self.held(request)
+        return b""
 
     async def live(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         await context.send_initial_metadata((("x-up-initial", "live"),))
@@ -415,6 +433,37 @@ async def test_a_passed_through_call_gives_the_caller_the_upstreams_initial_meta
         assert [item async for item in stream] == []
         assert ("x-up-initial", "headers-only") in tuple(await stream.initial_metadata())
         assert await stream.code() == grpc.StatusCode.OK
+
+
+async def test_a_passed_through_unary_call_the_client_cancels_is_cancelled_at_the_model_server(
+    scripted: tuple[Upstream, Running],
+) -> None:
+    upstream, running = scripted
+    async with grpc.aio.insecure_channel(running.app.addresses["oip-proxy"]) as channel:
+        call = channel.unary_unary(SERVER_READY)(pb.ServerReadyRequest().SerializeToString())
+        await asyncio.wait_for(upstream.arrived.wait(), 10)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    # Not held until the model server's own deadline (none here): cancelled now.
+    await eventually(lambda: upstream.cancelled == [b""], within=5)
+
+
+async def test_a_failed_inference_gives_the_caller_the_headers_the_model_server_sent(
+    scripted: tuple[Upstream, Running],
+) -> None:
+    upstream, running = scripted
+    upstream.fail_after_headers = True
+    async with grpc.aio.insecure_channel(running.app.addresses["oip-proxy"]) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await channel.unary_unary(MODEL_INFER)(request([[1, 2, 3]], "busy-1"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert info.value.details() == "overloaded, try again"
+    assert ("retry-after-ms", "250") in tuple(info.value.initial_metadata())
+    assert ("x-up-trailing", "failed") in tuple(info.value.trailing_metadata())
+    (event,) = await recorded(running, 1)
+    assert event.prediction_id == "busy-1"  # type: ignore[attr-defined]
+    assert event.status_code == "UNAVAILABLE"  # type: ignore[attr-defined]
 
 
 # -- a deadline, a cancellation and a stopping sidecar are recorded -------------------
@@ -544,23 +593,117 @@ def test_the_field_reader_marks_an_unreadable_field_and_reads_the_others() -> No
         top_level_strings(body + b"\x1a\x05ab", (1, 2, 3))  # cut short: malformed
 
 
+def test_the_oip_field_reader_follows_proto3_and_marks_an_unreadable_field() -> None:
+    body = pb.ModelInferRequest(model_name="churn", model_version="3").SerializeToString()
+    assert read_fields(body + string_field(3, b"\xff")) == OipFields("churn", "3", None)
+    assert read_fields(body + string_field(3, b"x" * 4097)) == OipFields("churn", "3", None)
+    assert read_fields(body + string_field(3, b"x" * 4096)) == OipFields("churn", "3", "x" * 4096)
+    assert read_fields(body + string_field(1, b"a") + string_field(1, b"b")) == ("b", "3", "")
+    assert read_fields(body + b"\x18\x07") == ("churn", "3", "")  # id as a varint: unknown
+    group = encode_varint(100 << 3 | 3) + string_field(3, b"inner") + encode_varint(100 << 3 | 4)
+    assert read_fields(body + group) == ("churn", "3", "")  # a group's fields are its own
+    assert read_fields(b"") == ("", "", "")
+    assert read_fields(body + b"\x1a\x05ab") is None  # cut short: malformed
+    assert read_fields(body + encode_varint(100 << 3 | 3)) is None  # a group never ended
+    assert read_fields(b"\x00\x01") is None  # field number 0
+
+
+def test_the_three_fields_are_read_by_protobufs_c_parser_not_a_python_scan() -> None:
+    # Read on the event loop: a scan in Python took about a second for a
+    # message of a million tiny fields and stalled every call of the sidecar
+    # meanwhile. The C parser's cost does not grow with the fields skipped
+    # (measured by bench/, not here): what is checked is that it is the one used.
+    assert api_implementation.Type() == "upb"
+    body = request([[1, 2, 3]], "many-1") + b"\x80\x01\x00" * 990_000  # field 16 = 0
+    assert read_fields(body) == ("churn", "", "many-1")
+
+
+async def test_a_request_of_millions_of_tiny_fields_is_read_and_gets_an_id(
+    scripted: tuple[Upstream, Running],
+) -> None:
+    upstream, running = scripted
+    body = request([[1, 2, 3]]) + b"\x80\x01\x00" * 1_200_000  # 3.6 MB of field 16 = 0
+    answer = await infer(running, body)
+    assert uuid7_timestamp_ms(answer.id) is not None
+    assert upstream.requests == [body + string_field(3, answer.id.encode())]
+    (event,) = await recorded(running, 1)
+    assert event.prediction_id == answer.id  # type: ignore[attr-defined]
+    assert (event.model.name, event.model.version) == ("churn", "7")  # type: ignore[attr-defined]
+
+
+async def test_a_request_with_a_group_field_is_read_and_gets_an_id(
+    scripted: tuple[Upstream, Running],
+) -> None:
+    upstream, running = scripted
+    group = encode_varint(100 << 3 | 3) + string_field(3, b"inner") + encode_varint(100 << 3 | 4)
+    body = request([[1, 2, 3]]) + group
+    answer = await infer(running, body)
+    assert uuid7_timestamp_ms(answer.id) is not None  # not "inner": that is the group's field
+    assert upstream.requests == [body + string_field(3, answer.id.encode())]
+    (event,) = await recorded(running, 1)
+    assert event.prediction_id == answer.id  # type: ignore[attr-defined]
+
+
+async def test_a_malformed_request_passes_untouched_and_is_counted(
+    scripted: tuple[Upstream, Running],
+) -> None:
+    upstream, running = scripted
+    body = request([[1, 2, 3]]) + b"\x1a\x05ab"  # an id whose length runs past the end
+    upstream.reply = pb.ModelInferResponse(model_name="churn", id="echo-1").SerializeToString()
+    assert await infer(running, body) == pb.ModelInferResponse.FromString(upstream.reply)
+    assert upstream.requests == [body]
+    (event,) = await recorded(running, 1)
+    assert event.prediction_id == "echo-1"  # type: ignore[attr-defined]
+    assert proxy_of(running).unreadable_requests == 1
+    exported = {
+        m.name: m.samples[0].value for m in SidecarMetrics(running.app).collect() if m.samples
+    }
+    assert exported["predtrace_sidecar_oip_unreadable_requests"] == 1  # on /metrics too
+
+
 # -- the appended id fits the upstream channel ----------------------------------------
 
 
-async def test_a_request_at_the_message_limit_passes_with_the_id_the_proxy_adds(
+async def test_the_id_is_added_only_while_the_request_stays_within_the_message_limit(
     start_sidecar: StartSidecar, upstream: tuple[Upstream, str]
 ) -> None:
     handler, address = upstream
     limit = 256 * 1024
     running = await start_sidecar(oip_proxies=(("127.0.0.1:0", address),), max_message_bytes=limit)
-    base = pb.ModelInferRequest(model_name="churn").SerializeToString()
-    padding = b"\x00" * (limit - len(base) - 5)  # field 100: a 2-byte tag, a 3-byte length
-    body = base + string_field(100, padding)  # an unknown field up to the limit
-    assert len(body) == limit
     caller_id = "c" * 256  # the longest id the proxy appends
-    answer = await infer(running, body, (("x-request-id", caller_id),))
-    assert answer.id == caller_id
-    assert handler.requests == [body + string_field(3, caller_id.encode())]
+    field = string_field(3, caller_id.encode())
+    base = pb.ModelInferRequest(model_name="churn").SerializeToString()
+    for room, added in ((len(field), True), (len(field) - 1, False), (0, False)):
+        padding = b"\x00" * (limit - room - len(base) - 5)  # field 100: 2-byte tag, 3-byte length
+        body = base + string_field(100, padding)  # an unknown field up to the limit
+        assert len(body) == limit - room
+        answer = await infer(running, body, (("x-request-id", caller_id),))
+        assert handler.requests[-1] == (body + field if added else body)
+        assert answer.id == (caller_id if added else "")
+    events = await recorded(running, 3)
+    assert [event.prediction_id for event in events] == [caller_id] * 3  # type: ignore[attr-defined]
+    assert proxy_of(running).ids_not_added == 2
+    exported = {
+        m.name: m.samples[0].value for m in SidecarMetrics(running.app).collect() if m.samples
+    }
+    assert exported["predtrace_sidecar_oip_ids_not_added"] == 2  # on /metrics too
+
+
+async def test_a_request_without_an_id_near_the_model_servers_limit_is_answered_as_directly(
+    proxied: Running, model_server: str
+) -> None:
+    # The example model server takes gRPC's default 4 MiB, as does the proxy:
+    # an id added to this request would make the model server refuse it.
+    limit = 4 * 1024 * 1024
+    base = request([[12.0, 70.5, 3.0]])
+    body = base + string_field(100, b"\x00" * (limit - 10 - len(base) - 6))  # 2 + 4-byte length
+    assert len(body) == limit - 10
+    expected, got = await direct_and_proxied(model_server, proxied, body)
+    assert got == expected
+    (event,) = await recorded(proxied, 1)
+    assert event.status == Status.OK  # type: ignore[attr-defined]
+    assert uuid7_timestamp_ms(event.prediction_id) is not None  # type: ignore[attr-defined]
+    assert proxy_of(proxied).ids_not_added == 1
 
 
 # -- a restarted model server is reached again at once --------------------------------

@@ -18,6 +18,7 @@ import grpc
 import pytest
 from aiohttp import web
 from google.protobuf import json_format
+from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
     OTLPSpanExporter as GrpcSpanExporter,
 )
@@ -35,8 +36,10 @@ from opentelemetry.trace import Status, StatusCode
 
 from predtrace.sidecar import _otlp
 from predtrace.sidecar._config import DeploymentConfig
+from predtrace.sidecar._metrics import SidecarMetrics
 from predtrace.sidecar._otlp_export import OtlpForwarder
 from predtrace.sidecar.pipeline import RetryPolicy
+from predtrace.sidecar.spool import MemoryFileLayer, SpoolConfig
 from predtrace.wire import Status as EventStatus
 from tests.reliability.sidecar.polling import eventually
 
@@ -120,6 +123,15 @@ def produce(exporter: SpanExporter) -> None:
     provider.shutdown()
 
 
+async def refusal_reason(response: aiohttp.ClientResponse) -> str:
+    """The message of a refusal's body: a google.rpc.Status in the request's encoding."""
+    body = await response.read()
+    if response.content_type == "application/json":
+        return json_format.Parse(body, status_pb2.Status()).message
+    assert response.content_type == "application/x-protobuf", response.content_type
+    return status_pb2.Status.FromString(body).message
+
+
 async def start(start_sidecar: StartSidecar, sink: OtlpSink) -> Running:
     running: Running = await start_sidecar(
         otlp_listen="127.0.0.1:0",
@@ -178,7 +190,7 @@ async def test_bad_otlp_http_bodies_get_a_4xx_and_the_receiver_keeps_serving(
             assert r.status == 415
         snappy = {"Content-Type": "application/json", "Content-Encoding": "snappy"}
         async with session.post(url, data=b"{}", headers=snappy) as r:
-            assert r.status == 415 and "Content-Encoding" in await r.text()
+            assert r.status == 415 and "Content-Encoding" in await refusal_reason(r)
         as_json = {"Content-Type": "application/json"}
         for bad in (
             b"{not json",
@@ -190,7 +202,7 @@ async def test_bad_otlp_http_bodies_get_a_4xx_and_the_receiver_keeps_serving(
         ):
             async with session.post(url, data=bad, headers=as_json) as r:
                 assert r.status in (400, 413), (bad[:40], r.status)
-                assert r.status == 413 or "malformed OTLP JSON body" in await r.text()
+                assert r.status == 413 or "malformed OTLP JSON body" in await refusal_reason(r)
         async with session.post(url, data=b"x" * 100_000, headers=proto) as resp:
             assert resp.status == 413
         bomb = gzip.compress(b"\x00" * 10_000_000)
@@ -204,7 +216,7 @@ async def test_bad_otlp_http_bodies_get_a_4xx_and_the_receiver_keeps_serving(
             session.post(url, data=b"not gzip", headers=headers) as r,
         ):
             assert r.status == 400, (coding, r.status)
-            assert "Content-Encoding" in await r.text()
+            assert "Content-Encoding" in await refusal_reason(r)
     exporter = HttpSpanExporter(endpoint=url)
     await asyncio.to_thread(produce, exporter)
     await eventually(lambda: len(running.collector.events()) == 2)
@@ -421,6 +433,34 @@ async def test_a_forwarded_span_whose_first_attempt_gets_503_is_retried_and_deli
     await eventually(lambda: len(running.collector.events()) == 2)  # predictions unaffected
 
 
+async def test_spans_the_backend_refuses_are_counted_as_spans_not_as_lost_predictions(
+    start_sidecar: StartSidecar, sink: OtlpSink
+) -> None:
+    sink.status = 400  # permanent: never retried
+    running: Running = await start_sidecar(otlp_listen="127.0.0.1:0", otlp_export=sink.url)
+    url = f"http://{running.app.addresses['otlp-http']}/v1/traces"
+    await asyncio.to_thread(produce, HttpSpanExporter(endpoint=url))  # three spans, one each
+    await eventually(lambda: len(running.collector.events()) == 2)  # the predictions are kept
+
+    def metrics() -> dict[str, float]:
+        return {
+            f"{sample.name}{sample.labels}": sample.value
+            for family in SidecarMetrics(running.app).collect()
+            for sample in family.samples
+        }
+
+    await eventually(
+        lambda: (
+            metrics().get("predtrace_sidecar_otlp_dropped_spans_total{'reason': 'permanent'}") == 3
+        )
+    )
+    # An alert on lost predictions must not fire for best-effort spans.
+    assert not [
+        k for k in metrics() if k.startswith("predtrace_sidecar_dropped_events") and "otlp" in k
+    ]
+    assert running.app.status_view().dropped() == {}
+
+
 def _camel_to_snake(document: object) -> object:
     """The same OTLP/JSON document with every key in snake_case."""
     if isinstance(document, list):
@@ -585,7 +625,7 @@ async def test_a_compressed_body_cut_short_or_without_its_trailer_is_refused_400
             session.post(url, data=data, headers=headers) as r,
         ):
             assert r.status == 400, (name, r.status)
-            assert "Content-Encoding" in await r.text(), name
+            assert "Content-Encoding" in await refusal_reason(r), name
     raw_deflate = zlib.compressobj(wbits=-zlib.MAX_WBITS)
     good = {
         "gzip": ("gzip", gzip.compress(_one_prediction("gzip"))),
@@ -675,3 +715,109 @@ def test_a_big_real_json_export_is_within_the_object_bound() -> None:
     assert body.count(b"{") > 250_000
     request = _otlp.parse_json(body)
     assert len(request.resource_spans[0].scope_spans[0].spans) == 4500
+
+
+# OTLP/gRPC codes a sender retries whatever the details (the OTLP spec's
+# "Failures" table); RESOURCE_EXHAUSTED only with a RetryInfo.
+_ALWAYS_RETRYABLE = {
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DATA_LOSS,
+}
+
+
+def _retry_info(status: status_pb2.Status) -> error_details_pb2.RetryInfo | None:
+    for detail in status.details:
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return info
+    return None
+
+
+def _otlp_retry_delay(error: grpc.aio.AioRpcError) -> float | None:
+    """The delay before an OTLP/gRPC sender retries, as the spec has it; None: it drops."""
+    details = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
+    info = _retry_info(status_pb2.Status.FromString(details)) if details else None
+    code = error.code()
+    if code not in _ALWAYS_RETRYABLE and not (
+        code == grpc.StatusCode.RESOURCE_EXHAUSTED and info is not None
+    ):
+        return None
+    return info.retry_delay.ToTimedelta().total_seconds() if info else 0.0
+
+
+async def test_a_full_spool_answers_otlp_senders_with_a_retryable_refusal_and_takes_the_retry(
+    start_sidecar: StartSidecar, sink: OtlpSink
+) -> None:
+    disk = MemoryFileLayer()
+    running: Running = await start_sidecar(
+        files=disk,
+        spool=SpoolConfig(directory="/spool"),
+        otlp_listen="127.0.0.1:0",
+        otlp_export=sink.url,
+    )
+    disk.capacity = disk.used_bytes() + 8  # less than any record
+    body = _one_prediction("full")
+    url = f"http://{running.app.addresses['otlp-http']}/v1/traces"
+    async with grpc.aio.insecure_channel(running.app.addresses["otlp-grpc"]) as channel:
+        export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await export(body)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+        assert _otlp_retry_delay(info.value) == 1.0, "retryable by the OTLP spec, in 1 s"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, data=body, headers={"Content-Type": "application/x-protobuf"}) as r,
+        ):
+            assert (r.status, r.headers["Retry-After"]) == (503, "1")
+            status = status_pb2.Status.FromString(await r.read())
+            assert status.code == grpc.StatusCode.UNAVAILABLE.value[0]
+            retry = _retry_info(status)
+            assert retry is not None and retry.retry_delay.seconds == 1
+        disk.capacity = None
+        await export(body)  # the sender's retry
+    await eventually(lambda: len(running.collector.events()) == 1)
+    await eventually(lambda: len(sink.spans()) == 1)  # the refused attempts were not forwarded
+
+
+def _ids_of_every_type() -> trace_service_pb2.ExportTraceServiceRequest:
+    """Spans whose prediction ids are a string, then a bool, an int, bytes, an array, nothing."""
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    scope = request.resource_spans.add().scope_spans.add()
+    values = [
+        common_pb2.AnyValue(string_value="typed-ok"),
+        common_pb2.AnyValue(bool_value=True),
+        common_pb2.AnyValue(int_value=7),
+        common_pb2.AnyValue(bytes_value=b"\x01\x02"),
+        common_pb2.AnyValue(array_value=common_pb2.ArrayValue(values=[{"string_value": "a"}])),
+        common_pb2.AnyValue(),
+    ]
+    for k, value in enumerate(values):
+        span = scope.spans.add(name="predict", trace_id=b"t" * 16, span_id=bytes([k]) * 8)
+        span.attributes.add(key="predtrace.prediction.id").value.CopyFrom(value)
+    return request
+
+
+async def test_a_prediction_id_that_is_not_a_string_refuses_the_prediction_not_the_span(
+    start_sidecar: StartSidecar, sink: OtlpSink
+) -> None:
+    running = await start(start_sidecar, sink)
+    method = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+    response_type = trace_service_pb2.ExportTraceServiceResponse
+    async with grpc.aio.insecure_channel(running.app.addresses["otlp-grpc"]) as channel:
+        export = channel.unary_unary(method, response_deserializer=response_type.FromString)
+        answer = await export(_ids_of_every_type().SerializeToString())
+    assert answer.partial_success.rejected_spans == 0, "every span was accepted"
+    message = answer.partial_success.error_message
+    assert message.startswith("5 prediction event(s) refused, their spans accepted"), message
+    assert message.endswith(
+        "(span 1 of the request): predtrace.prediction.id must be a string, not bool_value"
+    ), message
+    await eventually(lambda: len(sink.spans()) == 6)
+    await eventually(lambda: len(running.collector.events()) == 1)
+    assert [e.prediction_id for e in running.collector.events()] == ["typed-ok"]
+    intake = running.app.status_view().intake
+    assert (intake.received, intake.accepted, intake.rejected) == (6, 1, 5)

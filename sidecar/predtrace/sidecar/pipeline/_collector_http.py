@@ -56,6 +56,18 @@ _MAX_TIMEOUT_S = 3600.0
 _MAX_ACK_BYTES = 1024 * 1024
 
 
+def without_userinfo(url: str) -> str:
+    """``url`` with any ``user:password@`` removed: what may be shown or logged of it."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unbalanced IPv6 bracket: cut what could be userinfo by hand
+        scheme, sep, rest = url.rpartition("://")
+        return scheme + sep + rest.rpartition("@")[2]
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 def is_loopback_host(host: str) -> bool:
     """Whether ``host`` names this machine (localhost or a loopback address)."""
     if host.lower() in ("localhost", "localhost.localdomain"):
@@ -71,7 +83,9 @@ class CollectorClientConfig:
     """Where and how to reach the collector.
 
     A bearer token is never sent over plaintext HTTP to a host other than the
-    loopback: such a config fails at startup.
+    loopback: such a config fails at startup. So does a URL with a user name or
+    password (``http://user:pw@host``): it would go out as Basic auth and show
+    wherever the URL is shown; the token is the credential.
 
     Example:
         >>> CollectorClientConfig(url="https://collector:8443", token="...")
@@ -85,6 +99,14 @@ class CollectorClientConfig:
     """PEM bundle that signs an https collector's certificate (else the system's trust)."""
 
     def __post_init__(self) -> None:
+        shown = without_userinfo(self.url)
+        if shown != self.url:
+            raise ValueError(
+                "the collector URL must not carry a user name or password "
+                "(user:password@host): they would be sent as Basic auth and shown by status; "
+                "give the collector's bearer token instead (the sidecar's --token or "
+                "PREDTRACE_TOKEN, the middleware's collector_token or PREDTRACE_COLLECTOR_TOKEN)"
+            )
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"collector URL must be http(s)://host[:port], got {self.url!r}")
@@ -116,7 +138,8 @@ class CollectorClientConfig:
     def __repr__(self) -> str:
         # Never show the token, not even in a traceback.
         token = "<set>" if self.token else None
-        return f"CollectorClientConfig(url={self.url!r}, token={token}, timeout={self.timeout})"
+        url = without_userinfo(self.url)
+        return f"CollectorClientConfig(url={url!r}, token={token}, timeout={self.timeout})"
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

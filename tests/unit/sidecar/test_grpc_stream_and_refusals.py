@@ -1,0 +1,288 @@
+"""The gRPC API's limits: a stream's bounded memory, what a failed stream spooled,
+events read one by one when protobuf refuses their request, refusals counted."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import aiohttp
+import grpc
+import msgpack
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from predtrace.sidecar import _grpc_api
+from predtrace.sidecar._config import RedactionConfig
+from predtrace.sidecar._errors import SpoolFullError
+from predtrace.sidecar._grpc_api import ACCEPTED_KEY, PROCESSED_KEY
+from predtrace.sidecar._intake import IntakeResult
+from predtrace.sidecar._protowire import encode_varint
+from predtrace.v1 import event_pb2, sidecar_pb2, sidecar_pb2_grpc
+from predtrace.wire import PredictionEvent, pack_events
+from tests.reliability.sidecar.polling import eventually
+
+from .conftest import Running, StartSidecar
+from .test_grpc_api import plain_events, proto_events
+
+MIB = 1024 * 1024
+RECORD = "/predtrace.v1.Sidecar/Record"
+RECORD_BATCH = "/predtrace.v1.Sidecar/RecordBatch"
+
+
+def _spy_on_intake(
+    running: Running, monkeypatch: pytest.MonkeyPatch, fail_on_call: int | None = None
+) -> list[list[str]]:
+    """The ids of each hand-over to the intake (call number ``fail_on_call`` finds a full disk)."""
+    calls: list[list[str]] = []
+    real = running.app.intake.record
+
+    async def record(events: Sequence[PredictionEvent | object]) -> IntakeResult:
+        calls.append([e.prediction_id for e in events if isinstance(e, PredictionEvent)])
+        if len(calls) == fail_on_call:
+            raise SpoolFullError("no space left on the spool's disk")
+        return await real(events)
+
+    monkeypatch.setattr(running.app.intake, "record", record)
+    return calls
+
+
+def _big_event(prediction_id: str, size: int) -> event_pb2.PredictionEvent:
+    """An event of about ``size`` bytes, in attributes of 60 KB (each within the limits)."""
+    event = proto_events(1)[0]
+    event.prediction_id = prediction_id
+    for i in range(size // 60_000):
+        event.attributes[f"blob{i}"] = "x" * 60_000
+    return event
+
+
+async def _stream(messages: Sequence[bytes]) -> AsyncIterator[bytes]:
+    for message in messages:
+        yield message
+
+
+# -- F1: a stream holds a bounded number of bytes ------------------------------------
+
+
+async def test_a_stream_is_spooled_in_chunks_of_bounded_bytes_not_of_a_thousand_messages(
+    start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = await start_sidecar()  # the default redaction drops the attributes
+    messages = [_big_event(f"big{i:03d}", 240_000).SerializeToString() for i in range(40)]
+    size = {f"big{i:03d}": len(m) for i, m in enumerate(messages)}
+    calls = _spy_on_intake(running, monkeypatch)
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        record = channel.stream_unary(
+            RECORD, response_deserializer=sidecar_pb2.RecordAck.FromString
+        )
+        ack = await record(_stream(messages))
+    assert (ack.accepted, list(ack.rejected)) == (40, [])
+    handed = [i for ids in calls for i in ids]
+    assert handed == sorted(size), "every event handed over once, in order"
+    for ids in calls:
+        # Spooled as soon as the messages held pass 1 MiB: what was held
+        # before the last one never reached it.
+        assert sum(size[i] for i in ids[:-1]) < MIB, [len(c) for c in calls]
+    assert len(calls) >= 8, "40 messages of 240 KB make at least 8 chunks"
+
+
+async def test_a_stream_message_over_the_record_limit_is_rejected_without_being_kept(
+    start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = await start_sidecar(redaction=RedactionConfig(allow_attributes=("*",)))
+    limit = running.app.spool.config.max_record_bytes
+    big = _big_event("too-big", 2 * limit).SerializeToString()
+    assert len(big) > limit
+    small = [e.SerializeToString() for e in proto_events(2)]
+    calls = _spy_on_intake(running, monkeypatch)
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        record = channel.stream_unary(
+            RECORD, response_deserializer=sidecar_pb2.RecordAck.FromString
+        )
+        ack = await record(_stream([small[0], big, small[1]]))
+    assert ack.accepted == 2
+    assert [(r.index, r.prediction_id, r.reason) for r in ack.rejected] == [
+        (1, "too-big", f"event larger than {limit} bytes")
+    ]
+    handed = [i for ids in calls for i in ids]
+    assert handed == ["p00000", "p00001"], "the big one never parsed into a chunk nor handed over"
+    assert running.app.status_view().dropped()["invalid"] == 1
+
+
+# -- F2: a stream the sidecar fails says what of it is spooled ------------------------
+
+
+async def test_a_stream_the_spool_refuses_midway_says_how_many_of_its_events_are_spooled(
+    start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = await start_sidecar()
+    _spy_on_intake(running, monkeypatch, fail_on_call=3)  # chunks of 1,000: 2,000 are durable
+    messages = [e.SerializeToString() for e in proto_events(2500)]
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        record = channel.stream_unary(
+            RECORD, response_deserializer=sidecar_pb2.RecordAck.FromString
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await record(_stream(messages))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailing = dict(info.value.trailing_metadata() or ())
+    assert (trailing[ACCEPTED_KEY], trailing[PROCESSED_KEY]) == ("2000", "2000")
+    assert trailing["grpc-retry-pushback-ms"] == "1000"
+    details = info.value.details() or ""
+    assert "no space left" in details
+    assert "2000 events of this stream are already spooled" in details
+    assert running.app.spool.stats().next_index == 2001
+    await eventually(lambda: len(running.collector.events()) == 2000)
+    assert [e.prediction_id for e in running.collector.events()] == [
+        f"p{i:05d}" for i in range(2000)
+    ]
+
+
+async def test_a_stream_over_the_event_limit_fails_before_its_last_chunk_is_spooled(
+    start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_grpc_api, "MAX_EVENTS_PER_STREAM", 30)
+    monkeypatch.setattr(_grpc_api, "_STREAM_CHUNK", 10)
+    running = await start_sidecar()
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        record = channel.stream_unary(
+            RECORD, response_deserializer=sidecar_pb2.RecordAck.FromString
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await record(_stream([e.SerializeToString() for e in proto_events(31)]))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        trailing = dict(info.value.trailing_metadata() or ())
+        # Events 21-30 were held, not spooled, when the 31st arrived.
+        assert (trailing[ACCEPTED_KEY], trailing[PROCESSED_KEY]) == ("20", "20")
+        assert "more than 30 events in one stream; 20 events" in (info.value.details() or "")
+        assert running.app.spool.stats().next_index == 21
+        exactly = await record(_stream([e.SerializeToString() for e in proto_events(30, 100)]))
+    assert exactly.accepted == 30
+    assert running.app.intake.counters.refused_requests["too_many_events"] == 1
+
+
+# -- F4: one unreadable event does not cost its batch --------------------------------
+
+
+def _field1(event: bytes) -> bytes:
+    """``event`` as one ``RecordBatchRequest.events`` entry (field 1, length-delimited)."""
+    return b"\x0a" + encode_varint(len(event)) + event
+
+
+async def test_an_event_with_invalid_utf8_is_rejected_alone_not_its_whole_batch(
+    start_sidecar: StartSidecar,
+) -> None:
+    running = await start_sidecar()
+    events = [e.SerializeToString() for e in proto_events(100)]
+    bad = proto_events(1, 500)[0]
+    bad.endpoint = "/v2/models/ZZZZ/infer"
+    events.insert(50, bad.SerializeToString().replace(b"ZZZZ", b"ch\xe9r"))  # a latin-1 byte
+    corrupt = b"\x0a\x05ab"  # its prediction_id runs past its end
+    events.insert(70, corrupt)
+    packed = pack_events(plain_events(3, 200))
+    request = b"".join(_field1(e) for e in events) + b"\x12" + encode_varint(len(packed)) + packed
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        raw = channel.unary_unary(
+            RECORD_BATCH, response_deserializer=sidecar_pb2.RecordAck.FromString
+        )
+        ack = await raw(request)
+    assert (ack.accepted, ack.read_packed) == (103, True)
+    assert [(r.index, r.prediction_id, r.reason) for r in ack.rejected] == [
+        (50, "p00500", "invalid UTF-8 in a string field"),
+        (70, "", "malformed PredictionEvent"),
+    ]
+    assert running.app.intake.counters.rejected == 2
+    await eventually(lambda: len(running.collector.events()) == 103)
+    delivered = [e.prediction_id for e in running.collector.events()]
+    assert delivered == [f"p{i:05d}" for i in (*range(100), 200, 201, 202)]
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "cause"),
+    [
+        (b"\x0a\x05ab", "field 1 at byte 0 runs past the end of the request (4 bytes)"),
+        (
+            _field1(b"") + b"\x09\x01\x02",
+            "field 1 at byte 2 runs past the end of the request (5 bytes)",
+        ),
+        (b"\x0e", "unsupported wire type 6 at byte 0"),
+        (b"\x02\x00", "field number 0 at byte 0"),
+        (_field1(b"") + b"\x0a\x80", "truncated or overlong varint at byte 2"),
+    ],
+    ids=["cut short", "fixed64 cut short", "wire type 6", "field 0", "truncated length"],
+)
+async def test_a_request_malformed_otherwise_is_refused_whole_naming_the_cause(
+    start_sidecar: StartSidecar, request_bytes: bytes, cause: str
+) -> None:
+    running = await start_sidecar()
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        raw = channel.unary_unary(RECORD_BATCH)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await raw(request_bytes)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == f"malformed RecordBatchRequest: {cause}"
+    assert running.app.spool.stats().records == 0
+
+
+async def test_a_stream_message_with_invalid_utf8_is_rejected_naming_why(
+    start_sidecar: StartSidecar,
+) -> None:
+    running = await start_sidecar()
+    bad = proto_events(1, 7)[0]
+    bad.endpoint = "ZZZZ"
+    messages = [bad.SerializeToString().replace(b"ZZZZ", b"\xff\xfe\xfd\xfc"), b"\xff\xff"]
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        record = channel.stream_unary(
+            RECORD, response_deserializer=sidecar_pb2.RecordAck.FromString
+        )
+        ack = await record(_stream(messages))
+    assert [(r.index, r.prediction_id, r.reason) for r in ack.rejected] == [
+        (0, "p00007", "invalid UTF-8 in a string field"),
+        (1, "", "malformed PredictionEvent"),
+    ]
+
+
+# -- F9: whole-request refusals are counted ------------------------------------------
+
+
+async def _refused_requests(running: Running) -> dict[str, float]:
+    url = f"http://{running.app.addresses['metrics']}/metrics"
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        text = await resp.text()
+    return {
+        sample.labels["reason"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "predtrace_sidecar_refused_requests"
+        for sample in family.samples
+    }
+
+
+async def test_requests_refused_whole_are_counted_by_reason_on_metrics(
+    start_sidecar: StartSidecar,
+) -> None:
+    running = await start_sidecar(metrics_listen="127.0.0.1:0", max_events_per_request=10)
+    assert await _refused_requests(running) == {
+        "malformed": 0,
+        "too_many_events": 0,
+        "bad_packed_events": 0,
+    }
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        raw = channel.unary_unary(RECORD_BATCH)
+        stub = sidecar_pb2_grpc.SidecarStub(channel)
+        refused = [
+            raw(b"\xff\xff\xff\xff not protobuf"),
+            stub.RecordBatch(sidecar_pb2.RecordBatchRequest(events=proto_events(11))),
+            stub.RecordBatch(sidecar_pb2.RecordBatchRequest(packed_events=b"\x92\x80")),
+            stub.RecordBatch(
+                sidecar_pb2.RecordBatchRequest(packed_events=msgpack.packb([{1: "p"}] * 11))
+            ),
+        ]
+        for call in refused:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert await _refused_requests(running) == {
+        "malformed": 1,
+        "too_many_events": 2,
+        "bad_packed_events": 1,
+    }
+    assert running.app.intake.counters.received == 0, "no event of them was read"
