@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from predtrace.sidecar._app import SidecarApp
 from predtrace.sidecar._config import ShipperConfig, SidecarConfig
@@ -61,3 +63,19 @@ async def start_sidecar(tmp_path: Path, collector: FakeCollector) -> AsyncIterat
     yield start
     for app in started:
         await app.stop()
+
+
+@contextlib.asynccontextmanager
+async def traces_endpoint(
+    receive: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[str]:
+    """A real OTLP/HTTP ``/v1/traces`` endpoint on 127.0.0.1 port 0; yields its URL."""
+    app = web.Application()
+    app.router.add_post("/v1/traces", receive)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1/traces"
+    finally:
+        await runner.cleanup()

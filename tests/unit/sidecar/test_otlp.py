@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import gzip
 import json
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -43,7 +42,7 @@ from predtrace.sidecar.spool import MemoryFileLayer, SpoolConfig
 from predtrace.wire import Status as EventStatus
 from tests.reliability.sidecar.polling import eventually
 
-from .conftest import Running, StartSidecar
+from .conftest import Running, StartSidecar, traces_endpoint
 
 
 @dataclass
@@ -71,22 +70,6 @@ class OtlpSink:
         ]
 
 
-@contextlib.asynccontextmanager
-async def _traces_endpoint(
-    receive: Callable[[web.Request], Awaitable[web.Response]],
-) -> AsyncIterator[str]:
-    """A real OTLP/HTTP ``/v1/traces`` endpoint on 127.0.0.1 port 0; yields its URL."""
-    app = web.Application()
-    app.router.add_post("/v1/traces", receive)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1/traces"
-    finally:
-        await runner.cleanup()
-
-
 @pytest.fixture
 async def sink() -> AsyncIterator[OtlpSink]:
     state = OtlpSink()
@@ -98,7 +81,7 @@ async def sink() -> AsyncIterator[OtlpSink]:
         state.requests.append(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
         return web.Response(body=b"", content_type="application/x-protobuf")
 
-    async with _traces_endpoint(receive) as state.url:
+    async with traces_endpoint(receive) as state.url:
         yield state
 
 
@@ -403,7 +386,7 @@ async def flaky_sink() -> AsyncIterator[FlakySink]:
         state.requests.append(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
         return web.Response(body=b"", content_type="application/x-protobuf")
 
-    async with _traces_endpoint(receive) as state.url:
+    async with traces_endpoint(receive) as state.url:
         yield state
 
 

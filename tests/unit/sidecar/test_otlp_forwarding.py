@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -23,28 +23,13 @@ from predtrace.sidecar._otlp_export import FORWARDED_BY, OtlpForwarder
 from predtrace.sidecar.pipeline import RetryPolicy
 from tests.reliability.sidecar.polling import eventually
 
+from .conftest import traces_endpoint
 from .test_otlp_http_limits import MemoryIntake
 
 PROTOBUF = "application/x-protobuf"
 ExportRequest = trace_service_pb2.ExportTraceServiceRequest
 ExportResponse = trace_service_pb2.ExportTraceServiceResponse
 _FAST = RetryPolicy(initial_backoff=0.01, max_backoff=0.01, max_attempts=2)
-
-
-@contextlib.asynccontextmanager
-async def _endpoint(
-    receive: Callable[[web.Request], Awaitable[web.Response]],
-) -> AsyncIterator[str]:
-    """A real ``/v1/traces`` endpoint on 127.0.0.1 port 0; yields its URL."""
-    app = web.Application()
-    app.router.add_post("/v1/traces", receive)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1/traces"
-    finally:
-        await runner.cleanup()
 
 
 def _request(spans: int, *, prediction: str = "") -> ExportRequest:
@@ -82,7 +67,7 @@ async def test_spans_the_backend_rejects_in_partial_success_are_counted_dropped_
         return web.Response(text=json_format.MessageToJson(answer), content_type=encoding)
 
     caplog.set_level(logging.WARNING, "predtrace.sidecar.otlp")
-    async with _endpoint(receive) as url:
+    async with traces_endpoint(receive) as url:
         forwarder = OtlpForwarder(url, retry=_FAST)
         await forwarder.start()
         forwarder.offer(_request(3), 3)
@@ -100,7 +85,7 @@ async def test_a_backend_claiming_more_rejected_spans_than_sent_drops_only_those
         answer.partial_success.rejected_spans = 1_000
         return web.Response(body=answer.SerializeToString(), content_type=PROTOBUF)
 
-    async with _endpoint(receive) as url:
+    async with traces_endpoint(receive) as url:
         forwarder = OtlpForwarder(url, retry=_FAST)
         await forwarder.start()
         forwarder.offer(_request(3), 3)
@@ -117,7 +102,7 @@ async def test_spans_still_queued_at_shutdown_are_counted_and_logged_once(
         return web.Response(status=503)  # never takes anything
 
     caplog.set_level(logging.WARNING, "predtrace.sidecar.otlp")
-    async with _endpoint(receive) as url:
+    async with traces_endpoint(receive) as url:
         slow = RetryPolicy(initial_backoff=30, max_backoff=30, max_attempts=5)
         forwarder = OtlpForwarder(url, retry=slow)
         await forwarder.start()
