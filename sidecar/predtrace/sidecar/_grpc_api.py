@@ -24,7 +24,8 @@ from google.protobuf.message import DecodeError
 
 from predtrace.sidecar._errors import SpoolBusyError, SpoolClosedError, SpoolError, SpoolFullError
 from predtrace.sidecar._intake import Intake, RefusedReason
-from predtrace.sidecar._protowire import ProtoWireError, read_varint, top_level_strings
+from predtrace.sidecar._protowire import ProtoWireError, read_varint
+from predtrace.sidecar._raw_fields import bytes_message
 from predtrace.v1 import batch_pb2, event_pb2, sidecar_pb2
 from predtrace.wire import (
     DecodeLimits,
@@ -353,26 +354,44 @@ def _read_batch(request: bytes) -> _Batch:
     return _Batch(message.events, message.packed_events, len(message.events))
 
 
+# A RecordBatchRequest with its events as bytes, and an event's id: read by
+# protobuf's C parser whatever the fields around them (see _raw_fields).
+_RAW_BATCH: Final = bytes_message("RawBatch", [(1, "events", True), (2, "packed_events", False)])
+_RAW_ID: Final = bytes_message("RawId", [(1, "prediction_id", False)])
+# Fields walked in Python to name what is wrong with a request protobuf refused
+# (a cap: a request of a million tiny fields must not hold the event loop).
+_DIAGNOSED_FIELDS: Final = 10_000
+_MAX_RAW_ID_BYTES: Final = 4096  # a longer "id" is not one to echo
+
+
 def _split_batch(request: bytes) -> _Batch:
+    try:
+        raw_batch = _RAW_BATCH.FromString(request)
+    except DecodeError:
+        raise ProtoWireError(_malformed_cause(request)) from None
     events: list[event_pb2.PredictionEvent] = []
     places: list[int] = []
     unreadable: list[Rejection] = []
-    packed = b""
-    for number, wire_type, start, end in _fields(request):
-        if wire_type != _LENGTH_DELIMITED:
-            continue  # protobuf keeps it as an unknown field
-        if number == 2:
-            packed = request[start:end]  # the last one wins, as in protobuf
-        elif number == 1:
-            raw = request[start:end]
-            index = len(places) + len(unreadable)
-            parsed = _parse_event(raw)
-            if isinstance(parsed, str):
-                unreadable.append(Rejection(index, parsed, _raw_id(raw, parsed)))
-            else:
-                events.append(parsed)
-                places.append(index)
+    for index, raw in enumerate(raw_batch.events):  # type: ignore[attr-defined]
+        parsed = _parse_event(raw)
+        if isinstance(parsed, str):
+            unreadable.append(Rejection(index, parsed, _raw_id(raw, parsed)))
+        else:
+            events.append(parsed)
+            places.append(index)
+    packed: bytes = raw_batch.packed_events  # type: ignore[attr-defined]
     return _Batch(events, packed, len(places) + len(unreadable), places, unreadable)
+
+
+def _malformed_cause(request: bytes) -> str:
+    """What is wrong with a request that is not a protobuf message, where found soon."""
+    try:
+        for count, _ in enumerate(_fields(request)):
+            if count >= _DIAGNOSED_FIELDS:
+                break
+    except ProtoWireError as exc:
+        return str(exc)
+    return "not a protobuf message"
 
 
 _LENGTH_DELIMITED: Final = 2
@@ -441,8 +460,14 @@ def _raw_id(raw: bytes, reason: str) -> str:
     if reason == _UNREADABLE_REASON:
         return ""
     try:
-        return (top_level_strings(raw, (1,)).get(1) or "")[:_ID_CHARS]
-    except ProtoWireError:
+        found: bytes = _RAW_ID.FromString(raw).prediction_id  # type: ignore[attr-defined]
+    except DecodeError:
+        return ""
+    if len(found) > _MAX_RAW_ID_BYTES:
+        return ""
+    try:
+        return found.decode("utf-8")[:_ID_CHARS]
+    except UnicodeDecodeError:
         return ""
 
 

@@ -9,6 +9,7 @@ import aiohttp
 import grpc
 import msgpack
 import pytest
+from google.protobuf.internal import api_implementation
 from prometheus_client.parser import text_string_to_metric_families
 
 from predtrace.sidecar import _grpc_api
@@ -194,6 +195,30 @@ async def test_an_event_with_invalid_utf8_is_rejected_alone_not_its_whole_batch(
     await eventually(lambda: len(running.collector.events()) == 103)
     delivered = [e.prediction_id for e in running.collector.events()]
     assert delivered == [f"p{i:05d}" for i in (*range(100), 200, 201, 202)]
+
+
+async def test_a_refused_batch_of_a_million_tiny_fields_is_split_by_protobufs_parser(
+    start_sidecar: StartSidecar,
+) -> None:
+    # A split (or an id read) field by field in Python held the event loop
+    # for about a second on such a request; protobuf's C parser skips the
+    # unknown fields (api_implementation: the parser the sidecar relies on).
+    assert api_implementation.Type() == "upb"
+    running = await start_sidecar()
+    good, bad = proto_events(2, 600)
+    bad.endpoint = "ZZZZ"
+    broken = bad.SerializeToString().replace(b"ZZZZ", b"\xff\xfe\xfd\xfc")
+    noise = b"\x80\x01\x00" * 600_000  # field 16 = 0, over and over: unknown fields
+    request = _field1(good.SerializeToString()) + noise + _field1(broken + noise[: 3 * 300_000])
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        raw = channel.unary_unary(
+            RECORD_BATCH, response_deserializer=sidecar_pb2.RecordAck.FromString
+        )
+        ack = await raw(request)
+    assert ack.accepted == 1
+    assert [(r.index, r.prediction_id, r.reason) for r in ack.rejected] == [
+        (1, "p00601", "invalid UTF-8 in a string field")
+    ]
 
 
 @pytest.mark.parametrize(
