@@ -163,9 +163,11 @@ class Prediction:
         self._t0 = time.perf_counter_ns()
         self._ts = time.time_ns()
         is_oip = protocol == PROTOCOL_OIP_V2_REST
-        if body is not None:
-            # Read only when something needs it (see run): the OIP id, the
-            # fingerprint or the allow-listed features.
+        # Read only when something needs it (see run): the OIP id, the
+        # fingerprint or the allow-listed features. On a plain route the id
+        # never comes from the body: without a key, parsed only when sampled.
+        parsed_now = body is not None and (protocol != PROTOCOL_HTTP or rt.key is not None)
+        if body is not None and parsed_now:
             self._parsed = parse_json(body)
         request_id = ce_id = None
         propagated = False
@@ -190,7 +192,7 @@ class Prediction:
             if rt.key is not None:
                 self._fingerprint = fingerprint(rt.key, self._parsed, body, protocol)
             if sampled and rt.config.feature_allowlist:
-                self._capture_features()
+                self._capture_features(None if parsed_now else body)
             if body_id is None and is_oip and self._should_echo(body):
                 echo = self._echo_id(scope, body, pid)
         elif self._telemetry is not None:
@@ -217,9 +219,14 @@ class Prediction:
             self.rt.counts["invalid_caller_id"] += 1  # replaced, like a bad header id
         return body_id
 
-    def _capture_features(self) -> None:
-        """Merge the request's allow-listed features; a failure costs them, not the event."""
+    def _capture_features(self, unparsed: bytes | None = None) -> None:
+        """Merge the request's allow-listed features; a failure costs them, not the event.
+
+        ``unparsed``: the body, when it was not parsed yet (a plain route without a key).
+        """
         rt = self.rt
+        if unparsed is not None:
+            self._parsed = parse_json(unparsed)
         try:
             found = request_features(self._parsed, self.match.protocol, rt.config.feature_allowlist)
         except Exception as exc:  # noqa: BLE001 - a request we did not foresee: no features

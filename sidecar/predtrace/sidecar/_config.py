@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import unquote
 
 from predtrace.sidecar import environment_variables as ev
@@ -55,22 +55,40 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def parse_hostport(text: str, what: str, *, dial: bool = False) -> tuple[str, int]:
+def parse_hostport(text: str, what: str) -> tuple[str, int]:
     """Split ``host:port`` (``[::1]:port`` for IPv6); port 0 means any free port.
 
-    ``dial``: an address to connect to, where port 0 means nothing.
-
     Raises:
-        ConfigError: not host:port (a URL included: gRPC takes no scheme).
+        ConfigError: not host:port (a URL included).
     """
     host, sep, port = text.rpartition(":")
     if "/" in text:
         raise ConfigError(f"{what} must be HOST:PORT, not a URL, got {text!r}")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"{what} must be HOST:PORT, got {text!r}")
-    if dial and int(port) == 0:
-        raise ConfigError(f"{what} must name the port to connect to, got {text!r}")
     return host.strip("[]"), int(port)
+
+
+# gRPC's own name-resolver schemes (dns:///model:8001 balances over a headless
+# Kubernetes service): a target written so is gRPC's to read.
+_GRPC_SCHEMES: Final = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
+
+
+def check_grpc_target(text: str, what: str) -> None:
+    """A gRPC target to connect to: HOST:PORT with a port, or a gRPC resolver target.
+
+    Raises:
+        ConfigError: an http(s) URL (gRPC takes none), or not a target.
+    """
+    if text.startswith(_GRPC_SCHEMES):
+        return
+    if text.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"{what} must be HOST:PORT (or a gRPC target such as dns:///HOST:PORT), "
+            f"not an http URL, got {text!r}"
+        )
+    if parse_hostport(text, what)[1] == 0:
+        raise ConfigError(f"{what} must name the port to connect to, got {text!r}")
 
 
 def join_hostport(host: str, port: int) -> str:
@@ -259,7 +277,7 @@ class SidecarConfig:
                 parse_hostport(value, what)
         for listen, upstream in self.oip_proxies:
             parse_hostport(listen, "--oip-proxy LISTEN")
-            parse_hostport(upstream, "--oip-proxy UPSTREAM", dial=True)
+            check_grpc_target(upstream, "--oip-proxy UPSTREAM")
         if self.otlp_export is not None and not self.otlp_export.startswith(
             ("http://", "https://")
         ):

@@ -43,9 +43,9 @@ _Resp = TypeVar("_Resp")
 SERVICE_NAME: Final = "predtrace.v1.Sidecar"
 MAX_EVENTS_PER_STREAM: Final = 1_000_000
 _STREAM_CHUNK: Final = 1000
-# A stream's chunk is also spooled once its messages pass this many bytes: as
-# no message kept is over the spool's record limit, one stream holds at most
-# this plus one record unchecked (not 1,000 messages of --max-message-bytes).
+# A stream's chunk is also spooled once its messages pass this many bytes: one
+# stream holds at most this plus one message (of --max-message-bytes at most)
+# unchecked, not 1,000 such messages.
 STREAM_CHUNK_BYTES: Final = 1024 * 1024
 # Trailing metadata of a Record stream the sidecar fails: events of it spooled,
 # and leading messages done with (each spooled or rejected).
@@ -243,7 +243,6 @@ class GrpcSource:
     ) -> sidecar_pb2.RecordAck:
         """Spool a stream of events in chunks; answer once all of them are durable."""
         stream = _Stream()
-        limit = self._intake.spool.config.max_record_bytes
         async for raw in requests:
             if stream.seen >= MAX_EVENTS_PER_STREAM:
                 self._intake.count_refused_request("too_many_events")
@@ -251,11 +250,10 @@ class GrpcSource:
                 await _abort_stream(
                     context, stream, _RefusedError(grpc.StatusCode.INVALID_ARGUMENT, too_many)
                 )
-            if len(raw) > limit:
-                # Never kept, never parsed: it could not be spooled anyway.
-                self._reject_unread(stream, raw, f"event larger than {limit} bytes")
-            else:
-                self._take(stream, raw)
+            # Its size is judged after redaction, by the intake, as in
+            # RecordBatch: dropped attributes may bring it under the record
+            # limit. Held meanwhile: at most one message past the chunk bound.
+            self._take(stream, raw)
             stream.seen += 1
             # The stream's last allowed chunk waits for the stream's end: one
             # more message fails the call, and then it must not be spooled.

@@ -71,8 +71,9 @@ class SidecarMetrics(Collector):
         yield dropped
         refused = CounterMetricFamily(
             "predtrace_sidecar_refused_requests",
-            "Requests refused whole, none of their events read (malformed, too_many_events, "
-            "bad_packed_events), by reason",
+            "Requests refused whole, by reason (malformed, too_many_events, bad_packed_events): "
+            "none of a batch's events is spooled; a Record stream over the event limit has "
+            "spooled its earlier chunks (its trailing metadata says how many)",
             labels=["reason"],
         )
         for reason, count in view.intake.refused_requests.items():

@@ -22,6 +22,7 @@ import json
 import logging
 import ssl
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
@@ -77,8 +78,10 @@ _THREAD_BYTES: Final = 16 * 1024
 # At most this many of those big bodies, over gRPC and HTTP together, are
 # parsed, converted and held as messages at once: a parsed request costs many
 # times its body (every JSON object becomes a dict, then a message), so this
-# bounds that peak whatever the thread pool's size or the number of concurrent
-# exports. Smaller bodies are parsed on the loop, one at a time by construction.
+# bounds that peak whatever the number of concurrent exports. They are parsed
+# in a pool of as many threads of their own: a parse whose caller gave up (a
+# deadline) runs on in its thread, and still holds one of the two. Smaller
+# bodies are parsed on the loop, one at a time by construction.
 _MAX_BIG_PARSES: Final = 2
 _In = TypeVar("_In")
 _Out = TypeVar("_Out")
@@ -306,6 +309,7 @@ class OtlpReceiver:
         self._budget = InflightBudget(_INFLIGHT_BODIES * self._max_body)
         self._body_timeout = BODY_TIMEOUT_S
         self._big_parses = asyncio.Semaphore(_MAX_BIG_PARSES)
+        self._parse_pool = ThreadPoolExecutor(_MAX_BIG_PARSES, thread_name_prefix="otlp-parse")
         self._log = RateLimitedLog(_log)
         self.spans_received = 0
 
@@ -329,7 +333,8 @@ class OtlpReceiver:
         if len(body) <= _THREAD_BYTES:
             return await self.accept(parse(body), len(body), via)
         async with self._big_parses:  # held while the parsed request lives
-            request = await asyncio.to_thread(parse, body)
+            loop = asyncio.get_running_loop()
+            request = await loop.run_in_executor(self._parse_pool, parse, body)
             return await self.accept(request, len(body), via)
 
     async def accept(
@@ -473,7 +478,8 @@ class OtlpReceiver:
         return body
 
     async def stop(self) -> None:
-        """Stop the HTTP listener. Safe twice."""
+        """Stop the HTTP listener and the parse threads. Safe twice."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        self._parse_pool.shutdown(wait=False, cancel_futures=True)

@@ -250,8 +250,34 @@ def _embedded(data: bytes, pos: int, end: int, number: int) -> Iterator[tuple[in
             pos = _varint(data, pos)[1]
         elif kind in (1, 5):  # fixed64, fixed32
             pos += 8 if kind == 1 else 4
-        else:  # a group, or not protobuf: left to the parser
+        elif kind == 3:  # a group: protobuf skips it and reads on, so does the count
+            pos = _past_group(data, pos, end)
+        else:  # not protobuf: left to the parser
             return
+
+
+def _past_group(data: bytes, pos: int, end: int) -> int:
+    """The position after the group whose start tag ended at ``pos`` (``end`` if it never ends)."""
+    depth = 1
+    while pos < end:
+        key, pos = _varint(data, pos)
+        kind = key & 7
+        if kind == 3:
+            depth += 1
+        elif kind == 4:
+            depth -= 1
+            if depth == 0:
+                return pos
+        elif kind == 2:
+            size, pos = _varint(data, pos)
+            pos += size
+        elif kind == 0:
+            pos = _varint(data, pos)[1]
+        elif kind in (1, 5):
+            pos += 8 if kind == 1 else 4
+        else:
+            return end
+    return end
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:

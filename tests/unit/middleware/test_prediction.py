@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from predtrace.middleware import current_prediction
+from predtrace.middleware import _prediction, current_prediction
 from predtrace.middleware.testing import call_asgi
 from predtrace.sidecar.testing import InMemoryExporter
 from predtrace.wire import Status
@@ -203,6 +203,32 @@ async def test_a_custom_route_captures_allow_listed_features_without_a_fingerpri
     runtime.force_flush(5)
     (event,) = events.events
     assert event.features == {"tenure": 14.0} and event.input_fingerprint == b""
+
+
+async def test_an_unsampled_custom_route_without_a_key_never_parses_its_body(
+    instrument: Instrument, events: InMemoryExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing of the body is kept then (no fingerprint, no features): no parse per request.
+    parsed: list[bytes] = []
+    real = _prediction.parse_json
+    monkeypatch.setattr(_prediction, "parse_json", lambda body: parsed.append(body) or real(body))
+
+    async def score(request: Request) -> Response:
+        await request.body()
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/score", score, methods=["POST"])])
+    runtime = instrument(
+        app,
+        fingerprint_key=None,
+        routes=("POST /score",),
+        feature_allowlist=frozenset({"tenure"}),
+        sample_rate=0.0,
+    )
+    await call_asgi(app, "POST", "/score", _json({"tenure": 14.0}), JSON)
+    runtime.force_flush(5)
+    (event,) = events.events
+    assert (event.features, parsed) == ({}, [])
 
 
 @pytest.mark.parametrize("telemetry", [False, True], ids=["body-read", "fastapi-telemetry"])

@@ -197,7 +197,7 @@ def test_a_collector_url_with_an_invalid_port_is_a_usage_error(url: str) -> None
         (["--quarantine-max-bytes", "lots"], "not a size"),
         (["--max-message-bytes", "2GiB"], "--max-message-bytes must be between 64 KiB and"),
         # gRPC takes no scheme: accepted, every call failed UNAVAILABLE.
-        (["--oip-proxy", "127.0.0.1:0=http://127.0.0.1:8081"], "UPSTREAM must be HOST:PORT, not"),
+        (["--oip-proxy", "127.0.0.1:0=http://127.0.0.1:8081"], "not an http URL"),
         (["--oip-proxy", "127.0.0.1:0=127.0.0.1:0"], "UPSTREAM must name the port to connect"),
     ],
 )
@@ -319,3 +319,13 @@ def test_credentials_in_the_collector_url_are_a_usage_error_that_does_not_echo_t
     assert "--token or PREDTRACE_TOKEN" in str(info.value)
     with pytest.raises(ConfigError, match="must not carry a user name or password"):
         build_config(options(), {**BASE, "PREDTRACE_COLLECTOR_URL": url})
+
+
+@pytest.mark.parametrize(
+    "upstream",
+    ["model:8001", "dns:///model.ns.svc:8001", "ipv4:10.0.0.5:8001", "unix:///tmp/m.sock"],
+)
+def test_an_oip_upstream_may_be_any_grpc_target(upstream: str) -> None:
+    # dns:/// is how a headless Kubernetes service is balanced over: gRPC reads it.
+    config = build_config(options(oip_proxies=(f"127.0.0.1:0={upstream}",)), BASE)
+    assert config.oip_proxies == (("127.0.0.1:0", upstream),)

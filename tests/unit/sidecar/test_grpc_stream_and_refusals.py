@@ -86,7 +86,7 @@ async def test_a_stream_is_spooled_in_chunks_of_bounded_bytes_not_of_a_thousand_
     assert len(calls) >= 8, "40 messages of 240 KB make at least 8 chunks"
 
 
-async def test_a_stream_message_over_the_record_limit_is_rejected_without_being_kept(
+async def test_a_stream_message_over_the_record_limit_is_rejected_alone_and_held_alone(
     start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     running = await start_sidecar(redaction=RedactionConfig(allow_attributes=("*",)))
@@ -104,9 +104,27 @@ async def test_a_stream_message_over_the_record_limit_is_rejected_without_being_
     assert [(r.index, r.prediction_id, r.reason) for r in ack.rejected] == [
         (1, "too-big", f"event larger than {limit} bytes")
     ]
-    handed = [i for ids in calls for i in ids]
-    assert handed == ["p00000", "p00001"], "the big one never parsed into a chunk nor handed over"
+    # Past the chunk's byte bound as soon as it came: handed over at once, not held.
+    assert calls == [["p00000", "too-big"], ["p00001"]]
     assert running.app.status_view().dropped()["invalid"] == 1
+
+
+async def test_a_stream_event_redaction_brings_under_the_record_limit_is_taken_as_in_a_batch(
+    start_sidecar: StartSidecar,
+) -> None:
+    # The default redaction drops attributes not allow-listed: the record is small.
+    running = await start_sidecar()
+    limit = running.app.spool.config.max_record_bytes
+    big = _big_event("shrinks", 2 * limit)
+    assert big.ByteSize() > limit
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        stub = sidecar_pb2_grpc.SidecarStub(channel)
+        batch = await stub.RecordBatch(sidecar_pb2.RecordBatchRequest(events=[big]))
+        streamed = await channel.stream_unary(
+            RECORD, response_deserializer=sidecar_pb2.RecordAck.FromString
+        )(_stream([big.SerializeToString()]))
+    assert (batch.accepted, list(batch.rejected)) == (1, [])
+    assert (streamed.accepted, list(streamed.rejected)) == (1, [])
 
 
 # -- F2: a stream the sidecar fails says what of it is spooled ------------------------

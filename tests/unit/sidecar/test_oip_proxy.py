@@ -21,7 +21,7 @@ from predtrace.oip.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 from predtrace.sidecar._metrics import SidecarMetrics
 from predtrace.sidecar._oip_fields import OipFields, read_fields
 from predtrace.sidecar._oip_proxy import OipProxy
-from predtrace.sidecar._protowire import ProtoWireError, encode_varint, top_level_strings
+from predtrace.sidecar._protowire import encode_varint
 from predtrace.wire import Status, parse_prediction_id, uuid7_timestamp_ms
 from tests.reliability.sidecar.polling import eventually
 
@@ -579,18 +579,6 @@ async def test_an_unreadable_id_still_records_the_model_and_version_served(
     (event,) = await recorded(running, 1)
     assert (event.model.name, event.model.version) == ("churn", "7")  # type: ignore[attr-defined]
     assert uuid7_timestamp_ms(event.prediction_id) is not None  # type: ignore[attr-defined]
-
-
-def test_the_field_reader_marks_an_unreadable_field_and_reads_the_others() -> None:
-    body = pb.ModelInferRequest(model_name="churn", model_version="3").SerializeToString()
-    assert top_level_strings(body + string_field(3, b"\xff"), (1, 2, 3)) == {
-        1: "churn",
-        2: "3",
-        3: None,
-    }
-    assert top_level_strings(body + string_field(3, b"x" * 4097), (1, 2, 3))[3] is None
-    with pytest.raises(ProtoWireError):
-        top_level_strings(body + b"\x1a\x05ab", (1, 2, 3))  # cut short: malformed
 
 
 def test_the_oip_field_reader_follows_proto3_and_marks_an_unreadable_field() -> None:

@@ -282,19 +282,25 @@ async def test_a_protobuf_bomb_of_empty_spans_is_refused_before_it_is_parsed(
     # 200,000 empty spans in 400 kB would cost some 36 MB parsed (2 million: 360 MB).
     listening = await start_receiver()
     monkeypatch.setattr(_otlp_body, "ExportRequest", _CountingParser)
-    bomb = _empty_spans(200_000)
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(listening.url, data=bomb, headers={"Content-Type": PROTOBUF}) as resp,
+    # Also behind groups (protobuf skips them and parses on; the count must too).
+    empty_group, nested_groups = b"\x7b\x7c", b"\x7b\x83\x01\x0a\x01x\x84\x01\x7c"
+    for bomb in (
+        _empty_spans(200_000),
+        empty_group + _empty_spans(200_000),
+        nested_groups + _empty_spans(200_000),
     ):
-        assert resp.status == 413
-        reason = status_pb2.Status.FromString(await resp.read()).message
-        assert reason == "more than 100000 spans in one request"
-    async with grpc.aio.insecure_channel(listening.grpc) as channel:
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await channel.unary_unary(EXPORT)(bomb)
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert info.value.details() == "more than 100000 spans in one request"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(listening.url, data=bomb, headers={"Content-Type": PROTOBUF}) as resp,
+        ):
+            assert resp.status == 413
+            reason = status_pb2.Status.FromString(await resp.read()).message
+            assert reason == "more than 100000 spans in one request"
+        async with grpc.aio.insecure_channel(listening.grpc) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await channel.unary_unary(EXPORT)(bomb)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.details() == "more than 100000 spans in one request"
     assert _CountingParser.calls == 0, "refused from a count of the wire, not after parsing"
     # A big real batch is far within the bound, and is taken.
     async with grpc.aio.insecure_channel(listening.grpc) as channel:
@@ -366,3 +372,35 @@ async def test_a_refused_json_export_is_answered_with_a_json_status(
         status = json_format.Parse(await resp.read(), status_pb2.Status())
         assert status.message.startswith("malformed OTLP JSON body: not JSON")
         assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+async def test_big_parses_stay_two_at_once_when_their_callers_give_up() -> None:
+    # A gRPC deadline cancels the handler, not the parse in its thread: the
+    # next exports must wait for that thread, not start beside it.
+    receiver = OtlpReceiver(MemoryIntake(), None)  # type: ignore[arg-type]
+    lock, release = threading.Lock(), threading.Event()
+    running = peak = 0
+
+    def slow_parse(_: bytes) -> trace_service_pb2.ExportTraceServiceRequest:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        release.wait(10)
+        with lock:
+            running -= 1
+        return trace_service_pb2.ExportTraceServiceRequest()
+
+    body = b"\x00" * (_otlp._THREAD_BYTES + 1)
+    given_up = [asyncio.create_task(receiver.export(body, slow_parse)) for _ in range(6)]
+    await eventually(lambda: running == 2)
+    for task in given_up:
+        task.cancel()
+    await asyncio.gather(*given_up, return_exceptions=True)
+    later = [asyncio.create_task(receiver.export(body, slow_parse)) for _ in range(4)]
+    await asyncio.sleep(0.2)  # time for a wrongly freed slot to start a fifth thread
+    assert peak == 2
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*later), 10)
+    assert peak == 2
+    await receiver.stop()
