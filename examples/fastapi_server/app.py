@@ -2,14 +2,15 @@
 
 Run it (direct mode: events go straight to a collector):
 
-    PREDTRACE_COLLECTOR_URL=http://127.0.0.1:4318 \\
+    PREDTRACE_COLLECTOR_URL=http://127.0.0.1:8700 \\
     PREDTRACE_FINGERPRINT_KEY=change-me-to-a-long-secret \\
     PREDTRACE_MODEL_VERSION=3 \\
     uvicorn --app-dir examples/fastapi_server app:app --port 8000
 
 or point ``PREDTRACE_SIDECAR_TARGET=127.0.0.1:4555`` at a sidecar instead.
 When ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set the app also exports its spans
-over OTLP/HTTP with the standard SDK setup; predtrace flushes that provider
+over OTLP/HTTP with the standard SDK setup (the OTLP exporter comes with the
+``sidecar`` extra); predtrace flushes that provider
 in the lifespan shutdown, so a SIGTERM loses neither events nor spans.
 """
 
@@ -30,9 +31,16 @@ def _setup_opentelemetry() -> None:
     if not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         return
     from opentelemetry import trace  # noqa: PLC0415 - optional part of the example
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
-        OTLPSpanExporter,
-    )
+
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
+            OTLPSpanExporter,
+        )
+    except ModuleNotFoundError:
+        raise SystemExit(
+            "OTEL_EXPORTER_OTLP_ENDPOINT is set but the OTLP exporter is not installed: "
+            'pip install -e ".[demo,sidecar]"'
+        ) from None
     from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
     from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: PLC0415
 

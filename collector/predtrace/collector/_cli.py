@@ -44,7 +44,8 @@ def _connection(func: Callable[..., None]) -> Callable[..., None]:
         show_default=True,
         metavar="SECONDS",
         help="keep retrying this long while the collector answers 429/502/503/504 "
-        "(busy or restarting), honouring its Retry-After; 0: fail at once",
+        "(busy, or restarting behind a proxy), honouring its Retry-After; 0: fail at once "
+        "(a refused connection always fails at once)",
     )(func)
     func = click.option(
         "--token",
@@ -456,7 +457,8 @@ def collector_group() -> None:
     "--db",
     envvar="PREDTRACE_COLLECTOR_DB",
     default=None,
-    help="sqlite:////abs/path.db, a file path, or postgresql://...",
+    help="sqlite:////abs/path.db, a file path, or postgresql://...  "
+    "[default: predtrace-collector.db in the current folder]",
 )
 @click.option(
     "--listen",

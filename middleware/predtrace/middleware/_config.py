@@ -146,7 +146,7 @@ class MiddlewareConfig:
             try:
                 self.collector_client_config()
             except ValueError as exc:
-                raise ConfigError(str(exc)) from None
+                raise ConfigError(f"collector_url: {exc}") from None
         if self.sidecar_target is not None:
             _check_target(self.sidecar_target)
         if (self.sidecar_tls_cert is None) != (self.sidecar_tls_key is None):
@@ -184,6 +184,20 @@ class MiddlewareConfig:
             ConfigError: a variable that does not parse, or an invalid combination.
         """
         reader = _EnvReader(environ)
+        try:
+            return cls._from_reader(reader, environ, exporter, resolver, tracer_provider)
+        except ConfigError as exc:
+            raise ConfigError(_naming_the_variable(str(exc))) from None
+
+    @classmethod
+    def _from_reader(
+        cls,
+        reader: _EnvReader,
+        environ: Mapping[str, str],
+        exporter: Exporter | None,
+        resolver: ModelResolver | None,
+        tracer_provider: TracerProvider | None,
+    ) -> MiddlewareConfig:
         return cls(
             enabled=reader.flag(env.PREDTRACE_ENABLED, default=True),
             collector_url=reader.text(env.PREDTRACE_COLLECTOR_URL),
@@ -242,8 +256,35 @@ def _check_id_header(name: str) -> None:
 
 def _check_target(target: str) -> None:
     host, sep, port = target.rpartition(":")
+    if "://" in target:
+        raise ConfigError(f"sidecar_target must be 'host:port', not a URL, got {target!r}")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"sidecar_target must be 'host:port', got {target!r}")
+
+
+# The setting behind each field whose check can fail: an error from the
+# environment names the variable to fix, not only the field.
+_FIELD_VARIABLES: Final = {
+    "collector_url": env.PREDTRACE_COLLECTOR_URL,
+    "sidecar_target": env.PREDTRACE_SIDECAR_TARGET,
+    "sidecar_tls_cert": env.PREDTRACE_SIDECAR_TLS_CERT,
+    "sample_rate": env.PREDTRACE_SAMPLE_RATE,
+    "max_body_bytes": env.PREDTRACE_MAX_BODY_BYTES,
+    "max_output_bytes": env.PREDTRACE_MAX_OUTPUT_BYTES,
+    "collector_timeout": env.PREDTRACE_COLLECTOR_TIMEOUT,
+    "sidecar_timeout": env.PREDTRACE_SIDECAR_TIMEOUT,
+    "shutdown_timeout": env.PREDTRACE_SHUTDOWN_TIMEOUT,
+    "fingerprint_key": env.PREDTRACE_FINGERPRINT_KEY,
+    "id_header": env.PREDTRACE_ID_HEADER,
+}
+
+
+def _naming_the_variable(message: str) -> str:
+    """``message`` led by the ``PREDTRACE_*`` variable of the field it is about."""
+    for name, variable in _FIELD_VARIABLES.items():
+        if message.startswith(name) and variable not in message:
+            return f"{variable}: {message}"
+    return message
 
 
 class _EnvReader:

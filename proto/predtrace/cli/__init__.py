@@ -58,6 +58,10 @@ def _version() -> str:
         return "0+unknown"
 
 
+# The install extra each subcommand needs (the others need "collector").
+_EXTRAS: Final = {"sidecar": "sidecar", "demo": "demo"}
+
+
 class LazyGroup(click.Group):
     """A click group whose subcommands are imported when first needed."""
 
@@ -73,7 +77,18 @@ class LazyGroup(click.Group):
         """Import a subcommand's module on first use."""
         if cmd_name in self._lazy:
             module_name, attr = self._lazy[cmd_name][0].split(":")
-            command = getattr(importlib.import_module(module_name), attr)
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                if (exc.name or "").startswith("predtrace"):
+                    raise  # our own code missing: a broken install, not an extra
+                extra = _EXTRAS.get(cmd_name, "collector")
+                ctx.fail(
+                    f"'predtrace {cmd_name}' needs the {extra} extra ({exc.name} is not "
+                    f"installed): pip install 'predtrace[{extra}]' (from a checkout: "
+                    f'pip install -e ".[{extra}]")'
+                )
+            command = getattr(module, attr)
             if not isinstance(command, click.Command):
                 raise TypeError(f"{module_name}:{attr} is not a click command")
             return command

@@ -300,9 +300,10 @@ def status(
             if code == "UNIMPLEMENTED":
                 click.echo(f"{target} answers gRPC but is not a predtrace sidecar", err=True)
             else:
+                tls = "" if tls_ca else "; a sidecar serving TLS needs --tls-ca"
                 click.echo(
                     f"cannot reach the sidecar at {target}: {code} (is it running there? give "
-                    f"--target HOST:PORT, --ready-file or {TARGET_ENV})",
+                    f"--target HOST:PORT, --ready-file or {TARGET_ENV}{tls})",
                     err=True,
                 )
             sys.exit(1)

@@ -78,3 +78,19 @@ def test_completeness_fail_under_nan_is_a_usage_error_not_a_gate_that_always_pas
         main, ["completeness", "--fail-under", "nan", "--collector", "http://127.0.0.1:9"]
     )
     assert result.exit_code == 2 and "--fail-under" in result.output
+
+
+def test_a_subcommand_whose_extra_is_not_installed_says_which_to_install() -> None:
+    # As after `pip install -e ".[demo]"`: no google_crc32c, which the sidecar needs.
+    code = (
+        "import sys; sys.modules['google_crc32c'] = None\n"
+        "from predtrace.cli import main\n"
+        "main(['sidecar', 'status'])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 2, done.stderr
+    assert "'predtrace sidecar' needs the sidecar extra" in done.stderr
+    assert "pip install 'predtrace[sidecar]'" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -220,3 +220,32 @@ def test_every_environment_constant_is_its_own_name_and_documented() -> None:
         if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr):
             documented.add(prev.target.id)  # type: ignore[union-attr]
     assert documented == set(names) - {"Final"}
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        (env.PREDTRACE_FINGERPRINT_KEY, "short", "PREDTRACE_FINGERPRINT_KEY: fingerprint_key must"),
+        (env.PREDTRACE_SAMPLE_RATE, "2", "PREDTRACE_SAMPLE_RATE: sample_rate must be within"),
+        (env.PREDTRACE_MAX_BODY_BYTES, "-1", "PREDTRACE_MAX_BODY_BYTES: max_body_bytes must"),
+        # Split at the last ':', a URL read as host 'http://127.0.0.1': accepted, every
+        # export then failed UNAVAILABLE.
+        (
+            env.PREDTRACE_SIDECAR_TARGET,
+            "http://127.0.0.1:4555",
+            "PREDTRACE_SIDECAR_TARGET: sidecar_target must be 'host:port', not a URL",
+        ),
+    ],
+)
+def test_from_env_names_the_variable_of_a_value_that_parses_but_is_refused(
+    name: str, value: str, message: str
+) -> None:
+    environ = {env.PREDTRACE_SIDECAR_TARGET: "127.0.0.1:4555", name: value}
+    with pytest.raises(ConfigError) as info:
+        MiddlewareConfig.from_env(environ)
+    assert str(info.value).startswith(message)
+
+
+def test_from_env_names_the_collector_url_variable() -> None:
+    with pytest.raises(ConfigError, match=r"^PREDTRACE_COLLECTOR_URL: collector_url: "):
+        MiddlewareConfig.from_env({env.PREDTRACE_COLLECTOR_URL: "ftp://x"})

@@ -95,6 +95,7 @@ def test_the_status_command_says_when_no_sidecar_answers() -> None:
     assert result.exit_code == 1
     assert "cannot reach the sidecar at 127.0.0.1:9" in result.output
     assert "give --target HOST:PORT, --ready-file or PREDTRACE_SIDECAR_TARGET" in result.output
+    assert "a sidecar serving TLS needs --tls-ca" in result.output
 
 
 @pytest.mark.parametrize(

@@ -158,8 +158,8 @@ class Registration:
         if not any((self.model, self.run, self.image, self.deployment)):
             raise LineageError("a registration needs at least a model, run, image or deployment")
         if self.datasets and self.run is None:
-            raise LineageError("datasets are linked through a run: give run.id")
+            raise LineageError("datasets are linked through a run: give run.id (--run-id)")
         if self.commit is not None and self.run is None:
-            raise LineageError("a commit is linked through a run: give run.id")
+            raise LineageError("a commit is linked through a run: give run.id (--run-id)")
         if len(self.datasets) > MAX_ITEMS:
             raise LineageError(f"at most {MAX_ITEMS} datasets per registration")

@@ -281,7 +281,8 @@ def register_plan(
     conflicts = list(found.values())
     if conflicts and on_conflict == "refuse":
         raise LineageConflictError(
-            "; ".join(conflicts) + " (stored lineage kept; register with replace to correct it)"
+            "; ".join(conflicts)
+            + " (stored lineage kept; register with --replace, or ?replace=true, to correct it)"
         )
     keep = frozenset(found)  # the links to leave as stored (``keep``)
     if reg.commit is not None:

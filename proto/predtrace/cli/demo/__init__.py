@@ -104,7 +104,7 @@ def _run(console: Console, workdir: Path, count: int, keep: bool, stack: ExitSta
         f"predtrace impact --dataset {model.dataset_digest}",
         "predtrace completeness",
     ):
-        console.print(f"  [cyan]{line}[/]")
+        console.print(f"  [cyan]{line}[/]", soft_wrap=True)  # whole lines: copied as they are
 
 
 def _digest(data: bytes) -> str:

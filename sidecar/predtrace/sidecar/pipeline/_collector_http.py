@@ -199,7 +199,18 @@ class CollectorClient:
                 content = await resp.content.read(_MAX_ACK_BYTES)
                 return self._classify(resp.status, resp.headers, content)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise RetryableExportError(f"collector unreachable: {type(exc).__name__}") from None
+            raise RetryableExportError(self._unreachable(exc)) from None
+
+    def _unreachable(self, exc: BaseException) -> str:
+        """Why the collector was not reached: its URL, the cause, a hint for a certificate."""
+        cause = str(exc).strip()[:200] or type(exc).__name__
+        hint = ""
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+            hint = (
+                " (a private CA? the sidecar takes --collector-ca; the middleware and the "
+                "CLI read SSL_CERT_FILE)"
+            )
+        return f"collector unreachable at {self.config.batches_url}: {cause}{hint}"
 
     def _classify(self, status: int, headers: Mapping[str, str], content: bytes) -> IngestAck:
         if 200 <= status < 300:
@@ -222,8 +233,9 @@ class CollectorClient:
             )
         if status in CREDENTIAL_STATUSES:
             raise RetryableExportError(
-                f"collector refused the token ({status}: {reason}); check the token "
-                "and the producer ids it is bound to",
+                f"collector refused the token ({status}: {reason}); check the token (the "
+                "sidecar's --token or PREDTRACE_TOKEN, the middleware's "
+                "PREDTRACE_COLLECTOR_TOKEN) and the producer ids it is bound to",
                 status=status,
             )
         if 300 <= status < 400 or status in ENDPOINT_STATUSES:
@@ -231,7 +243,8 @@ class CollectorClient:
             moved = f" to {where[:200]}" if 300 <= status < 400 and where else ""
             raise RetryableExportError(
                 f"the collector URL answered {status}{moved}: {self.config.batches_url} is "
-                "not an ingest endpoint; check --collector (the collector's base URL)",
+                "not an ingest endpoint; give the collector's base URL (the sidecar's "
+                "--collector, the middleware's PREDTRACE_COLLECTOR_URL)",
                 status=status,
             )
         raise PermanentExportError(f"collector answered {status}: {reason}")
