@@ -132,6 +132,7 @@ class RecordingSidecar(sidecar_pb2_grpc.SidecarServicer):
     events: list[event_pb2.PredictionEvent] = field(default_factory=list)
     calls: int = 0
     packed_calls: int = 0
+    request_bytes: list[int] = field(default_factory=list)
     target: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -141,6 +142,7 @@ class RecordingSidecar(sidecar_pb2_grpc.SidecarServicer):
         """Record the batch, or abort with the next scripted code."""
         with self._lock:
             self.calls += 1
+            self.request_bytes.append(request.ByteSize())
             outcome = self.script.pop(0) if self.script else None
         if outcome is not None:
             code, metadata = outcome if isinstance(outcome, tuple) else (outcome, ())

@@ -9,6 +9,7 @@ rows 3, 4, 5 for sidecar mode.
 from __future__ import annotations
 
 import socket
+from concurrent import futures
 
 import grpc
 import pytest
@@ -22,6 +23,7 @@ from predtrace.sidecar.pipeline import (
     RetryableExportError,
     RetryPolicy,
 )
+from predtrace.v1 import sidecar_pb2_grpc
 from predtrace.wire import ModelRef, OutputSummary, PredictionEvent, event_from_proto
 
 pytestmark = pytest.mark.integration
@@ -105,6 +107,8 @@ def test_rejected_events_are_reported_with_index_and_id() -> None:
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.ABORTED,
+        # Some other gRPC server at the target: a setting to fix, the events kept.
+        grpc.StatusCode.UNIMPLEMENTED,
     ],
 )
 def test_transient_codes_are_retryable(code: grpc.StatusCode) -> None:
@@ -123,7 +127,6 @@ def test_transient_codes_are_retryable(code: grpc.StatusCode) -> None:
         grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.UNAUTHENTICATED,
         grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.UNIMPLEMENTED,
         grpc.StatusCode.INTERNAL,
     ],
 )
@@ -155,10 +158,82 @@ def test_nobody_listening_is_retryable_not_a_crash() -> None:
         port = probe.getsockname()[1]
     exporter = SidecarGrpcExporter(f"127.0.0.1:{port}", timeout=2.0)
     try:
-        with pytest.raises(RetryableExportError, match="UNAVAILABLE"):
+        with pytest.raises(RetryableExportError, match="UNAVAILABLE") as info:
             exporter.export(OutgoingBatch(_events(1)))
     finally:
         exporter.shutdown(1)
+    # Where and why (gRPC's details), not only the code: the log and status show it.
+    assert f"sidecar at 127.0.0.1:{port} answered UNAVAILABLE: " in str(info.value)
+
+
+def test_another_grpc_server_at_the_target_is_named_with_the_setting_to_check() -> None:
+    with serve_sidecar(RecordingSidecar(script=[grpc.StatusCode.UNIMPLEMENTED])) as sidecar:
+        exporter = SidecarGrpcExporter(sidecar.target)
+        try:
+            with pytest.raises(RetryableExportError, match="not a predtrace sidecar"):
+                exporter.export(OutgoingBatch(_events(1)))
+        finally:
+            exporter.shutdown(1)
+
+
+def _heavy(n: int, size: int) -> list[PredictionEvent]:
+    """Events of about ``size`` bytes each (allow-listed attributes, as a handler may set)."""
+    return [
+        PredictionEvent(f"h{i}", attributes={f"a{k}": "x" * 250 for k in range(size // 256)})
+        for i in range(n)
+    ]
+
+
+def test_a_batch_over_the_message_limit_goes_in_calls_that_fit_and_all_arrive() -> None:
+    # 512 such events packed passed the sidecar's 4 MiB: refused RESOURCE_EXHAUSTED,
+    # retried for ever, and every later batch queued behind it.
+    limit = 64 * 1024
+    with serve_sidecar() as sidecar:
+        exporter = SidecarGrpcExporter(sidecar.target, max_request_bytes=limit)
+        try:
+            result = exporter.export(OutgoingBatch(_heavy(40, 8 * 1024)))
+        finally:
+            exporter.shutdown(1)
+    assert (result.accepted, result.rejected) == (40, ())
+    assert sidecar.prediction_ids == [f"h{i}" for i in range(40)]
+    assert sidecar.calls > 1 and max(sidecar.request_bytes) <= limit
+
+
+def test_an_event_alone_over_the_message_limit_is_rejected_and_the_rest_delivered() -> None:
+    events = _heavy(5, 1024)
+    events[3] = PredictionEvent("big", attributes={f"a{k}": "x" * 250 for k in range(512)})
+    with serve_sidecar() as sidecar:
+        exporter = SidecarGrpcExporter(sidecar.target, max_request_bytes=64 * 1024)
+        try:
+            result = exporter.export(OutgoingBatch(events))
+        finally:
+            exporter.shutdown(1)
+    assert result.accepted == 4
+    assert [(r.index, r.prediction_id) for r in result.rejected] == [(3, "big")]
+    assert "larger than the sidecar's message limit" in result.rejected[0].reason
+    assert sidecar.prediction_ids == ["h0", "h1", "h2", "h4"]
+
+
+def test_a_sidecar_with_a_smaller_limit_says_so_and_the_next_attempt_fits_it() -> None:
+    sidecar = RecordingSidecar()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2),
+        options=[("grpc.max_receive_message_length", 128 * 1024)],
+    )
+    sidecar_pb2_grpc.add_SidecarServicer_to_server(sidecar, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    exporter = SidecarGrpcExporter(f"127.0.0.1:{port}")
+    batch = OutgoingBatch(_heavy(60, 8 * 1024))
+    try:
+        with pytest.raises(RetryableExportError, match="RESOURCE_EXHAUSTED"):
+            exporter.export(batch)
+        result = exporter.export(batch)  # the pipeline's retry
+    finally:
+        exporter.shutdown(1)
+        server.stop(grace=None).wait()
+    assert result.accepted == 60
+    assert exporter.max_request_bytes < 128 * 1024
 
 
 def test_unreadable_tls_file_fails_at_startup_naming_the_path(tmp_path: object) -> None:

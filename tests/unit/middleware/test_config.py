@@ -228,6 +228,8 @@ def test_every_environment_constant_is_its_own_name_and_documented() -> None:
         (env.PREDTRACE_FINGERPRINT_KEY, "short", "PREDTRACE_FINGERPRINT_KEY: fingerprint_key must"),
         (env.PREDTRACE_SAMPLE_RATE, "2", "PREDTRACE_SAMPLE_RATE: sample_rate must be within"),
         (env.PREDTRACE_MAX_BODY_BYTES, "-1", "PREDTRACE_MAX_BODY_BYTES: max_body_bytes must"),
+        # A call given up while the sidecar spools it: each retry stored it again.
+        (env.PREDTRACE_SIDECAR_TIMEOUT, "0.002", "PREDTRACE_SIDECAR_TIMEOUT: sidecar_timeout must"),
         # Split at the last ':', a URL read as host 'http://127.0.0.1': accepted, every
         # export then failed UNAVAILABLE.
         (
@@ -249,3 +251,17 @@ def test_from_env_names_the_variable_of_a_value_that_parses_but_is_refused(
 def test_from_env_names_the_collector_url_variable() -> None:
     with pytest.raises(ConfigError, match=r"^PREDTRACE_COLLECTOR_URL: collector_url: "):
         MiddlewareConfig.from_env({env.PREDTRACE_COLLECTOR_URL: "ftp://x"})
+
+
+def test_a_batch_size_no_receiver_takes_is_refused_at_startup() -> None:
+    # Accepted before: every full batch was then refused by the receivers (at most
+    # 10,000 events in one batch), dead-lettered and counted.
+    environ = {
+        env.PREDTRACE_SIDECAR_TARGET: "127.0.0.1:4555",
+        env.PREDTRACE_QUEUE_SIZE: "20000",
+        env.PREDTRACE_BATCH_SIZE: "12000",
+    }
+    with pytest.raises(ConfigError, match=r"^PREDTRACE_BATCH_SIZE: max_batch_size must be at"):
+        MiddlewareConfig.from_env(environ)
+    environ[env.PREDTRACE_BATCH_SIZE] = "10000"
+    assert MiddlewareConfig.from_env(environ).queue.max_batch_size == 10_000
