@@ -21,7 +21,6 @@ from predtrace.wire._event import (
     PredictionEvent,
     Status,
 )
-from predtrace.wire._ids import CALLER_ID_RE
 from predtrace.wire._limits import _UINT64_MAX, DEFAULT_LIMITS, DecodeLimits
 
 # -- encoding -----------------------------------------------------------------
@@ -277,7 +276,11 @@ def plain_scalars(  # noqa: PLR0917 - six scalar fields of an event map, two bou
     return (
         type(pid) is str
         and 0 < len(pid) <= max_id_len
-        and CALLER_ID_RE.fullmatch(pid) is not None
+        # CALLER_ID_RE ([\x21-\x7e]+, the length checked above) in three C
+        # calls: about half the cost of the regex, on every event.
+        and pid.isascii()
+        and pid.isprintable()
+        and " " not in pid
         and type(trace_id) is bytes
         and len(trace_id) in (0, 16)
         and type(span_id) is bytes
