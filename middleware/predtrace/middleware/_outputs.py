@@ -51,8 +51,10 @@ class ResponseCapture:
         "_compressed",
         "_decoded",
         "_decoder",
+        "_fed",
         "_head",
         "_limit",
+        "_raw",
         "_size",
         "overflowed",
     )
@@ -66,6 +68,8 @@ class ResponseCapture:
         self._compressed = compressed
         self._decoder = zlib.decompressobj(_ZLIB_AUTO) if compressed else None
         self._decoded = 0
+        self._fed = 0  # chunks given to the decoder
+        self._raw = False  # reading a raw deflate stream (see _decode)
 
     def add(self, chunk: bytes) -> None:
         """Keep ``chunk`` unless the copy would pass the bound (then keep nothing)."""
@@ -89,9 +93,16 @@ class ResponseCapture:
             return b""  # stopped: past the bound, or not what the header said
         # max_length bounds the output (0 would mean no bound: never 0 here).
         budget = max(self._limit, _HEAD_BYTES) + 1 - self._decoded
+        self._fed += 1
         try:
             out = decoder.decompress(chunk, budget)
         except zlib.error:
+            if self._fed == 1 and not self._raw:
+                # "deflate" sent as a raw deflate stream, without the zlib
+                # header HTTP asks for (some servers do): read it as such,
+                # from the start (its first chunk, this one).
+                self._decoder, self._raw, self._fed = zlib.decompressobj(-zlib.MAX_WBITS), True, 0
+                return self._decode(chunk)
             self._decoder, self.overflowed = None, True  # unreadable: no copy
             self._chunks.clear()
             return b""

@@ -123,11 +123,18 @@ def _encoded_app(encoding: bytes, body: bytes) -> Any:
     return app
 
 
+def _raw_deflate(data: bytes) -> bytes:
+    """A raw deflate stream, without the zlib header (what some servers send as "deflate")."""
+    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush()
+
+
+@pytest.mark.parametrize("encode", [zlib.compress, _raw_deflate], ids=["zlib", "raw"])
 async def test_a_deflate_response_is_read_too(
-    instrument: Instrument, events: InMemoryExporter
+    encode: Any, instrument: Instrument, events: InMemoryExporter
 ) -> None:
     app = Starlette()
-    app.mount("/", _encoded_app(b"deflate", zlib.compress(_json(ANSWER))))
+    app.mount("/", _encoded_app(b"deflate", encode(_json(ANSWER))))
     runtime = instrument(app, model_name="churn", model_version="3")
     await call_asgi(app, "POST", "/v2/models/churn/infer", _json({}), JSON)
     runtime.force_flush(5)
