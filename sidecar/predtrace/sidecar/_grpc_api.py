@@ -1,10 +1,10 @@
 """The sidecar's own gRPC API (``predtrace.v1.Sidecar``): a source of the pipeline.
 
-**GrpcSource** -> intake -> spool. Requests are parsed here (not by gRPC's
-deserializer) so malformed bytes get INVALID_ARGUMENT with a reason instead
-of an internal error. ``RecordBatch`` and ``Record`` answer only once every
-accepted event is durable in the spool. Spool pressure maps to
-RESOURCE_EXHAUSTED with a retry pushback; shutdown to UNAVAILABLE.
+**GrpcSource** -> intake -> spool. Requests are parsed by ``_grpc_requests``
+(not by gRPC's deserializer) so malformed bytes get INVALID_ARGUMENT with a
+reason instead of an internal error. ``RecordBatch`` and ``Record`` answer
+only once every accepted event is durable in the spool. Spool pressure maps
+to RESOURCE_EXHAUSTED with a retry pushback; shutdown to UNAVAILABLE.
 
 A ``Record`` stream is spooled in chunks as it arrives, so that one stream
 holds a bounded number of bytes. A stream the sidecar fails part way has
@@ -15,17 +15,16 @@ spooled the chunks before: its trailing metadata says how many events
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, NoReturn, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from predtrace.sidecar._errors import SpoolBusyError, SpoolClosedError, SpoolError, SpoolFullError
+from predtrace.sidecar._grpc_requests import ID_CHARS, Batch, parse_event, raw_id, read_batch
 from predtrace.sidecar._intake import Intake, RefusedReason
-from predtrace.sidecar._protowire import ProtoWireError, read_varint
-from predtrace.sidecar._raw_fields import bytes_message
+from predtrace.sidecar._protowire import ProtoWireError
 from predtrace.v1 import batch_pb2, event_pb2, sidecar_pb2
 from predtrace.wire import (
     DecodeLimits,
@@ -52,14 +51,11 @@ STREAM_CHUNK_BYTES: Final = 1024 * 1024
 ACCEPTED_KEY: Final = "predtrace-accepted"
 PROCESSED_KEY: Final = "predtrace-processed"
 _PUSHBACK_MS: Final = "1000"
-_UTF8_REASON: Final = "invalid UTF-8 in a string field"
-_UNREADABLE_REASON: Final = "malformed PredictionEvent"
 # An ack lists at most this many rejections (the first ones by position), and
 # fewer when they would not fit the message size limit; the sender counts the
 # rest as sent - accepted - listed.
 MAX_LISTED_REJECTIONS: Final = 1000
-# A listed rejection echoes at most this much of the event's id and reason.
-_ID_CHARS: Final = 256
+# A listed rejection echoes at most this much of its reason (of its id: ID_CHARS).
 _REASON_CHARS: Final = 512
 _ACK_HEADROOM: Final = 64  # bytes for the ack's own fields
 
@@ -93,7 +89,7 @@ def _ack(accepted: int, rejected: Sequence[Rejection], max_bytes: int) -> sideca
     for r in sorted(rejected, key=lambda r: r.index)[:MAX_LISTED_REJECTIONS]:
         entry = batch_pb2.Rejection(
             index=r.index,
-            prediction_id=r.prediction_id[:_ID_CHARS],
+            prediction_id=r.prediction_id[:ID_CHARS],
             reason=r.reason[:_REASON_CHARS],
         )
         budget -= entry.ByteSize() + 4  # the field's tag and length prefix
@@ -109,19 +105,6 @@ class _RefusedError(Exception):
     def __init__(self, code: grpc.StatusCode, details: str, *, pushback: bool = False) -> None:
         super().__init__(details)
         self.code, self.details, self.pushback = code, details, pushback
-
-
-@dataclass(slots=True)
-class _Batch:
-    """A ``RecordBatchRequest`` as read: its protobuf events and packed bytes."""
-
-    events: Sequence[event_pb2.PredictionEvent]
-    packed: bytes
-    count: int
-    """Protobuf events in the request, readable or not (packed positions follow them)."""
-    places: list[int] | None = None
-    """Each readable event's position in the request; None when all were readable."""
-    unreadable: list[Rejection] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -183,7 +166,7 @@ class GrpcSource:
     ) -> sidecar_pb2.RecordAck:
         """Spool a batch; answer once it is durable."""
         try:
-            batch = _read_batch(request)
+            batch = read_batch(request)
         except ProtoWireError as exc:
             await self._refuse(context, "malformed", f"malformed RecordBatchRequest: {exc}")
         too_many = f"more than {self._max_events} events in one request"
@@ -263,7 +246,7 @@ class GrpcSource:
         return _ack(stream.accepted, stream.rejected, self._max_ack_bytes)
 
     def _take(self, stream: _Stream, raw: bytes) -> None:
-        parsed = _parse_event(raw)
+        parsed = parse_event(raw)
         if isinstance(parsed, str):
             self._reject_unread(stream, raw, parsed)
             return
@@ -273,7 +256,7 @@ class GrpcSource:
 
     def _reject_unread(self, stream: _Stream, raw: bytes, reason: str) -> None:
         self._intake.count_refused(1)
-        _note(stream.rejected, [Rejection(stream.seen, reason, _raw_id(raw, reason))])
+        _note(stream.rejected, [Rejection(stream.seen, reason, raw_id(raw, reason))])
 
     async def _flush(
         self, context: grpc.aio.ServicerContext[bytes, sidecar_pb2.RecordAck], stream: _Stream
@@ -335,100 +318,8 @@ class GrpcSource:
         return self._status()
 
 
-def _read_batch(request: bytes) -> _Batch:
-    """Parse a ``RecordBatchRequest``; one that protobuf refuses whole is read event by event.
-
-    protobuf refuses a whole request for one event with invalid UTF-8 in a
-    string field (which a C++ producer can send): that event alone is then
-    rejected, with the reason, like any other that is not readable.
-
-    Raises:
-        ProtoWireError: the request itself is malformed (the cause named).
-    """
-    try:
-        message = sidecar_pb2.RecordBatchRequest.FromString(request)
-    except (DecodeError, UnicodeDecodeError):  # the latter from the pure-Python protobuf
-        return _split_batch(request)
-    return _Batch(message.events, message.packed_events, len(message.events))
-
-
-# A RecordBatchRequest with its events as bytes, and an event's id: read by
-# protobuf's C parser whatever the fields around them (see _raw_fields).
-_RAW_BATCH: Final = bytes_message("RawBatch", [(1, "events", True), (2, "packed_events", False)])
-_RAW_ID: Final = bytes_message("RawId", [(1, "prediction_id", False)])
-# Fields walked in Python to name what is wrong with a request protobuf refused
-# (a cap: a request of a million tiny fields must not hold the event loop).
-_DIAGNOSED_FIELDS: Final = 10_000
-_MAX_RAW_ID_BYTES: Final = 4096  # a longer "id" is not one to echo
-
-
-def _split_batch(request: bytes) -> _Batch:
-    try:
-        raw_batch = _RAW_BATCH.FromString(request)
-    except DecodeError:
-        raise ProtoWireError(_malformed_cause(request)) from None
-    events: list[event_pb2.PredictionEvent] = []
-    places: list[int] = []
-    unreadable: list[Rejection] = []
-    for index, raw in enumerate(raw_batch.events):  # type: ignore[attr-defined]
-        parsed = _parse_event(raw)
-        if isinstance(parsed, str):
-            unreadable.append(Rejection(index, parsed, _raw_id(raw, parsed)))
-        else:
-            events.append(parsed)
-            places.append(index)
-    packed: bytes = raw_batch.packed_events  # type: ignore[attr-defined]
-    return _Batch(events, packed, len(places) + len(unreadable), places, unreadable)
-
-
-def _malformed_cause(request: bytes) -> str:
-    """What is wrong with a request that is not a protobuf message, where found soon."""
-    try:
-        for count, _ in enumerate(_fields(request)):
-            if count >= _DIAGNOSED_FIELDS:
-                break
-    except ProtoWireError as exc:
-        return str(exc)
-    return "not a protobuf message"
-
-
-_LENGTH_DELIMITED: Final = 2
-
-
-def _fields(data: bytes) -> Iterator[tuple[int, int, int, int]]:
-    """(number, wire type, start, end) of each top-level field; a length-delimited one's value.
-
-    Raises:
-        ProtoWireError: a field cut short or of an unknown wire type, with its offset.
-    """
-    pos, end = 0, len(data)
-    while pos < end:
-        at = pos
-        try:
-            key, pos = read_varint(data, pos)
-            number, wire_type, start = key >> 3, key & 7, pos
-            if wire_type == 0:
-                _, pos = read_varint(data, pos)
-            elif wire_type in (1, 5):
-                pos += 8 if wire_type == 1 else 4
-            elif wire_type == _LENGTH_DELIMITED:
-                length, start = read_varint(data, pos)
-                pos = start + length
-            else:
-                raise ProtoWireError(f"unsupported wire type {wire_type}")
-        except ProtoWireError as exc:
-            raise ProtoWireError(f"{exc} at byte {at}") from None
-        if number == 0:
-            raise ProtoWireError(f"field number 0 at byte {at}")
-        if pos > end:
-            raise ProtoWireError(
-                f"field {number} at byte {at} runs past the end of the request ({end} bytes)"
-            )
-        yield number, wire_type, start, pos
-
-
 def _convert_batch(
-    batch: _Batch,
+    batch: Batch,
 ) -> tuple[list[PredictionEvent | object], list[int], list[Rejection]]:
     """``convert_events`` of a batch, with positions in the request (unreadable events too)."""
     converted, positions, rejected = convert_events(batch.events)
@@ -438,35 +329,6 @@ def _convert_batch(
         rejected = [Rejection(places[r.index], r.reason, r.prediction_id) for r in rejected]
         rejected += batch.unreadable
     return list(converted), positions, rejected
-
-
-def _parse_event(raw: bytes) -> event_pb2.PredictionEvent | str:
-    """The event in ``raw``, or why it is not readable."""
-    try:
-        return event_pb2.PredictionEvent.FromString(raw)
-    except (DecodeError, UnicodeDecodeError) as exc:  # the latter from the pure-Python protobuf
-        utf8 = isinstance(exc, UnicodeDecodeError) or "UTF-8" in str(exc)
-        return _UTF8_REASON if utf8 else _UNREADABLE_REASON
-
-
-def _raw_id(raw: bytes, reason: str) -> str:
-    """The prediction id of an event not parsed (empty when it cannot be read).
-
-    Not of a malformed one: its fields may be read out of step, and a wrong
-    id is worse than none.
-    """
-    if reason == _UNREADABLE_REASON:
-        return ""
-    try:
-        found: bytes = _RAW_ID.FromString(raw).prediction_id  # type: ignore[attr-defined]
-    except DecodeError:
-        return ""
-    if len(found) > _MAX_RAW_ID_BYTES:
-        return ""
-    try:
-        return found.decode("utf-8")[:_ID_CHARS]
-    except UnicodeDecodeError:
-        return ""
 
 
 async def _abort_stream(
