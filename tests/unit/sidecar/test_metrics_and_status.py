@@ -73,7 +73,14 @@ async def test_metrics_show_depth_bytes_age_and_drops_by_reason(
 async def test_the_status_command_reads_the_running_sidecar(start_sidecar: StartSidecar) -> None:
     running: Running = await start_sidecar()
     await _record(running, 5)
-    await eventually(lambda: running.app.shipper.counters.exported == 5)
+    # Exported is counted on the ack; the spool's depth falls once the new
+    # delivered mark is durable, a group commit later: both are awaited.
+    await eventually(
+        lambda: (
+            running.app.shipper.counters.exported == 5
+            and running.app.status_view().spool.records == 0
+        )
+    )
     runner = CliRunner()
     args = ["sidecar", "status", "--target", running.target, "-o", "json"]
     result = await asyncio.to_thread(runner.invoke, main, args)
