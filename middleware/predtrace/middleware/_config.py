@@ -21,13 +21,11 @@ from predtrace.middleware._mlflow import MlflowResolver
 from predtrace.middleware._registry import ModelResolver
 from predtrace.middleware._routes import BUILTIN_ROUTES, RoutePattern
 from predtrace.sidecar.pipeline import CollectorClientConfig, Exporter, QueueConfig
-from predtrace.wire import DecodeLimits
 
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 _MIN_KEY_LEN: Final = 16
 _MIN_CALL_TIMEOUT_S: Final = 0.5
-_MAX_BATCH_EVENTS: Final = DecodeLimits().max_events  # what a receiver reads in one batch
 _HEADER_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
 # Headers that frame the message or concern one connection: the server and
 # the proxies own them, and the id written there would break the response.
@@ -134,11 +132,6 @@ class MiddlewareConfig:
                 raise ConfigError(
                     f"{name} must be at least {_MIN_CALL_TIMEOUT_S} s, got {getattr(self, name)}"
                 )
-        if self.queue.max_batch_size > _MAX_BATCH_EVENTS:
-            raise ConfigError(
-                f"max_batch_size must be at most {_MAX_BATCH_EVENTS} (the collector and the "
-                f"sidecar take no bigger batch), got {self.queue.max_batch_size}"
-            )
         if self.fingerprint_key is not None and len(self.fingerprint_key) < _MIN_KEY_LEN:
             raise ConfigError(f"fingerprint_key must be at least {_MIN_KEY_LEN} characters")
         _check_id_header(self.id_header)
@@ -289,7 +282,6 @@ _FIELD_VARIABLES: Final = {
     "collector_timeout": env.PREDTRACE_COLLECTOR_TIMEOUT,
     "sidecar_timeout": env.PREDTRACE_SIDECAR_TIMEOUT,
     "shutdown_timeout": env.PREDTRACE_SHUTDOWN_TIMEOUT,
-    "max_batch_size": env.PREDTRACE_BATCH_SIZE,
     "fingerprint_key": env.PREDTRACE_FINGERPRINT_KEY,
     "id_header": env.PREDTRACE_ID_HEADER,
 }

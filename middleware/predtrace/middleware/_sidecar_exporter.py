@@ -146,8 +146,9 @@ class SidecarGrpcExporter:
             request = sidecar_pb2.RecordBatchRequest(packed_events=pack_events(events))
         else:
             request = sidecar_pb2.RecordBatchRequest(events=[event_to_proto(e) for e in events])
-        if len(events) <= 1 or request.ByteSize() <= self.max_request_bytes:
-            if events and request.ByteSize() > self.max_request_bytes:
+        size = request.ByteSize()
+        if len(events) <= 1 or size <= self.max_request_bytes:
+            if events and size > self.max_request_bytes:
                 reason = f"event larger than the sidecar's message limit ({self.max_request_bytes})"
                 return [], [Rejection(offset, reason, events[0].prediction_id)]
             return [(request, offset, len(events))], []

@@ -118,7 +118,7 @@ PREDTRACE_QUEUE_SIZE: Final = "PREDTRACE_QUEUE_SIZE"
 """Events held in memory before the oldest is dropped, 1 to 1,000,000 (default 4096)."""
 
 PREDTRACE_BATCH_SIZE: Final = "PREDTRACE_BATCH_SIZE"
-"""Events per exported batch (default 512)."""
+"""Events per exported batch, 1 to 10,000 and at most the queue size (default 512)."""
 
 PREDTRACE_EXPORT_DELAY: Final = "PREDTRACE_EXPORT_DELAY"
 """Seconds between exports of a partial batch, 0.001 to 3600 (default 1)."""

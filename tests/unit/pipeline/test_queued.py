@@ -351,6 +351,8 @@ def test_forked_child_has_a_working_pipeline_and_never_resends_the_parent_queue(
         {"max_queue_size": 0},
         {"max_batch_size": 0},
         {"max_queue_size": 10, "max_batch_size": 11},
+        # More than a collector or sidecar takes in one batch: refused whole, every time.
+        {"max_queue_size": 20_000, "max_batch_size": 10_001},
         {"schedule_delay": 0},
         {"drop": "random"},
         # NaN made the worker spin a core; inf and 1e10 killed it at its first wait.

@@ -30,12 +30,15 @@ from predtrace.sidecar.pipeline._counters import PipelineCounters, RateLimitedLo
 from predtrace.sidecar.pipeline._errors import PermanentExportError, RetryableExportError
 from predtrace.sidecar.pipeline._retry import RetryPolicy
 from predtrace.sidecar.pipeline._stages import Exporter, OutgoingBatch, Processor
-from predtrace.wire import PredictionEvent, event_problem
+from predtrace.wire import DecodeLimits, PredictionEvent, event_problem
 
 _log = logging.getLogger("predtrace.pipeline")
 _INSTANCES: weakref.WeakSet[QueuedExporter] = weakref.WeakSet()
 
 _MAX_QUEUE_SIZE: Final = 1_000_000
+# The most events the receivers (collector, sidecar) take in one batch: a
+# bigger batch would be refused whole, every time.
+_MAX_BATCH_SIZE: Final = DecodeLimits().max_events
 # Timed waits of the worker: the longest far below threading.TIMEOUT_MAX, whose
 # overflow (inf, 1e10) kills a thread at its first wait; the shortest long
 # enough that an idle worker does not spin (1e-6 cost a quarter of a core).
@@ -84,8 +87,12 @@ class QueueConfig:
                 f"QueueConfig.max_queue_size must be an integer in [1, {_MAX_QUEUE_SIZE}], "
                 f"got {self.max_queue_size!r}"
             )
-        if not _is_count(self.max_batch_size, self.max_queue_size):
-            raise ValueError("QueueConfig.max_batch_size must be in [1, max_queue_size]")
+        if not _is_count(self.max_batch_size, min(self.max_queue_size, _MAX_BATCH_SIZE)):
+            raise ValueError(
+                f"QueueConfig.max_batch_size must be in [1, max_queue_size] and at most "
+                f"{_MAX_BATCH_SIZE} (what a collector or sidecar takes in one batch), "
+                f"got {self.max_batch_size!r}"
+            )
         for name in ("schedule_delay", "stall_grace"):
             value = getattr(self, name)
             if not _is_seconds(value, _MAX_DELAY_S, least=_MIN_DELAY_S):
