@@ -155,6 +155,10 @@ class OtlpReceiver:
         self._body_timeout = BODY_TIMEOUT_S
         self._big_parses = asyncio.Semaphore(_MAX_BIG_PARSES)
         self._parse_pool = ThreadPoolExecutor(_MAX_BIG_PARSES, thread_name_prefix="otlp-parse")
+        # Taken before a parse is handed to the pool, given back when the
+        # thread is done with it: a caller that gives up frees its place in
+        # ``_big_parses`` at once, but leaves no body queued behind the pool.
+        self._parse_slots = asyncio.Semaphore(_MAX_BIG_PARSES)
         self._log = RateLimitedLog(_log)
         self.spans_received = 0
 
@@ -179,7 +183,15 @@ class OtlpReceiver:
             return await self.accept(parse(body), len(body), via)
         async with self._big_parses:  # held while the parsed request lives
             loop = asyncio.get_running_loop()
-            request = await loop.run_in_executor(self._parse_pool, parse, body)
+            await self._parse_slots.acquire()
+            try:
+                future = self._parse_pool.submit(parse, body)
+            except BaseException:
+                self._parse_slots.release()
+                raise
+            release = self._parse_slots.release
+            future.add_done_callback(lambda _: loop.call_soon_threadsafe(release))
+            request = await asyncio.wrap_future(future, loop=loop)
             return await self.accept(request, len(body), via)
 
     async def accept(
