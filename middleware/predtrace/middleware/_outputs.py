@@ -31,6 +31,13 @@ _MAX_TOKENS: Final = 256  # strings and brackets scanned before giving up on the
 # strings (skipped whole) and the brackets between them, to know the depth.
 _TOKENS: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?|[{}\[\]]', re.DOTALL)
 _STRING_VALUE: Final = re.compile(rb'\s*:\s*("(?:[^"\\]|\\.){0,1024}")')
+# The layout of nearly every OIP v2 server's answer (FastAPI/pydantic, KServe,
+# MLServer, Triton): the object opens with ``model_name`` then
+# ``model_version``, plain strings. Matched at the start, they are top-level
+# members for certain: read without parsing or scanning the body.
+_LEADING_SERVED: Final = re.compile(
+    rb'\s*\{\s*"model_name"\s*:\s*"([^"\\]{0,1024})"\s*,\s*"model_version"\s*:\s*"([^"\\]{0,1024})"'
+)
 # Content codings a capture can decode (zlib's window bits 32+15 read both a
 # gzip and a zlib stream: HTTP's "deflate" is the zlib one).
 DECODABLE: Final = frozenset({b"gzip", b"x-gzip", b"deflate"})
@@ -125,9 +132,17 @@ class ResponseCapture:
     def served(self) -> tuple[str, str] | None:
         """OIP v2 ``(model_name, model_version)`` from the body's first 4 KiB, cheaply.
 
-        None when they cannot be told apart from there (not found as
+        The usual answer opens with both (one match at the start); others are
+        scanned when large. None when they cannot be told apart from there (not found as
         top-level members, or escaped oddly): parse the whole body instead.
         """
+        leading = _LEADING_SERVED.match(self._head)
+        if leading is not None:
+            try:
+                name, version = leading.group(1).decode(), leading.group(2).decode()
+            except UnicodeDecodeError:
+                return None
+            return clean(name), clean(version)
         if not self.overflowed and self._size <= _PARSE_BELOW:
             return None  # a small body: one full parse is cheaper than the scan
         members = _top_level_strings(self._head, (b"model_name", b"model_version"))

@@ -183,11 +183,30 @@ def test_the_served_model_is_read_even_past_the_capture_bound() -> None:
     assert capture.served() == ("iris", "7")
 
 
-def test_a_small_body_is_parsed_whole_instead_of_scanned() -> None:
+def test_a_small_body_in_another_layout_is_parsed_whole_instead_of_scanned() -> None:
     capture = ResponseCapture(1 << 20)
-    capture.add(b'{"model_name":"iris","model_version":"7"}')
+    capture.add(b'{"id":"r","model_name":"iris","model_version":"7"}')
     assert capture.served() is None  # the caller parses it: cheaper for a small body
     assert served_model(capture.parsed()) == ("iris", "7")
+
+
+@pytest.mark.parametrize(
+    ("body", "served"),
+    [
+        (b'{"model_name":"iris","model_version":"7","id":"r","outputs":[]}', ("iris", "7")),
+        (b' {\n  "model_name" : "ir\x07is",\n  "model_version": "7"}', ("iris", "7")),
+        (b'{"model_name":"caf\xc3\xa9","model_version":"7"}', ("caf\u00e9", "7")),
+        (b'{"model_name":"caf\xc3","model_version":"7"}', None),  # not UTF-8: parse
+        (b'{"model_name":"a\\"b","model_version":"7"}', None),  # escaped: parse
+        (b'{"model_version":"7","model_name":"iris"}', None),  # other order, small: parse
+    ],
+)
+def test_the_usual_layout_is_read_from_its_first_bytes_whatever_the_size(
+    body: bytes, served: tuple[str, str] | None
+) -> None:
+    capture = ResponseCapture(1 << 20)
+    capture.add(body)
+    assert capture.served() == served
 
 
 @pytest.mark.parametrize(
