@@ -15,7 +15,7 @@ import json
 import json.encoder
 import json.scanner
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
@@ -140,6 +140,22 @@ def body_caller_id(parsed: object) -> str | None:
     return None
 
 
+def header_caller_id(
+    request_id: bytes | None, ce_id: bytes | None, counts: Counter[str]
+) -> str | None:
+    """The caller's id from ``x-request-id``, then ``ce-id``, when usable.
+
+    One it cannot use is counted in ``counts`` (``invalid_caller_id``) and replaced.
+    """
+    for raw in (request_id, ce_id):
+        if raw is not None:
+            text = raw.decode("latin-1")
+            if CALLER_ID_RE.fullmatch(text):
+                return text
+            counts["invalid_caller_id"] += 1
+    return None
+
+
 def fingerprint(base: hmac.HMAC, parsed: object, body: bytes, protocol: str) -> bytes:
     """Keyed HMAC-SHA256 of the canonical input (raw bytes when not JSON).
 
@@ -244,6 +260,19 @@ def inject_oip_id(body: bytes, parsed: dict[str, object], prediction_id: str) ->
     )
     member = b'"id":' + quoted.encode()
     return body[:start] + member + (b"," if parsed else b"") + body[start:]
+
+
+def with_oip_id(
+    headers: Iterable[tuple[bytes, bytes]], body: bytes, parsed: object, prediction_id: str
+) -> tuple[list[tuple[bytes, bytes]], tuple[Message]]:
+    """Request headers and body message with ``"id": prediction_id`` added to the body.
+
+    For a UTF-8 JSON object without ``id`` (see ``is_utf8_json``).
+    """
+    assert isinstance(parsed, dict)  # noqa: S101 - the caller checked it
+    new_body = inject_oip_id(body, parsed, prediction_id)
+    message: Message = {"type": "http.request", "body": new_body, "more_body": False}
+    return with_content_length(headers, len(new_body)), (message,)
 
 
 def with_content_length(

@@ -13,6 +13,7 @@ import json
 import math
 import re
 import zlib
+from collections import Counter
 from typing import Final
 
 from predtrace.middleware._context import clean, clip
@@ -210,6 +211,40 @@ def json_encoding(headers: list[tuple[bytes, bytes]]) -> bytes | None:
         encoding = encoding.strip().lower()
         return b"" if encoding == b"identity" else encoding
     return encoding
+
+
+def capture_for(
+    headers: list[tuple[bytes, bytes]], limit: int, counts: Counter[str]
+) -> ResponseCapture | None:
+    """A capture for a JSON response body (decoding gzip and deflate), None for others.
+
+    JSON in a coding it cannot decode (br, zstd...) is counted in ``counts``.
+    """
+    encoding = json_encoding(headers)
+    if encoding is None:
+        return None
+    if not encoding:
+        return ResponseCapture(limit)
+    if encoding in DECODABLE:  # e.g. Starlette's GZipMiddleware inside the middleware
+        return ResponseCapture(limit, compressed=True)
+    counts["response_encoding_unreadable"] += 1
+    return None
+
+
+def read_response(capture: ResponseCapture, *, summary: bool) -> tuple[object, tuple[str, str]]:
+    """The parsed response when a ``summary`` needs it, and the served model.
+
+    The served model of an OIP v2 answer is read from its head when that is
+    enough (no summary wanted): the body is parsed only when it must be.
+    """
+    if not summary:
+        served = capture.served()
+        if served is not None:
+            return None, served
+    response = capture.parsed()
+    if response is None:  # over the bound (or not JSON): the head may still say
+        return None, capture.served() or ("", "")
+    return response, served_model(response)
 
 
 def served_model(parsed: object) -> tuple[str, str]:

@@ -18,7 +18,7 @@ from typing import Final
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind
 
 from predtrace.middleware import _spans as spans
 from predtrace.middleware._asgi import ASGIApp, Message, Receive, Scope, Send
@@ -28,24 +28,23 @@ from predtrace.middleware._inputs import (
     NOT_JSON,
     body_caller_id,
     fingerprint,
-    inject_oip_id,
+    header_caller_id,
     is_utf8_json,
     parse_json,
     read_rest,
     replay,
     request_features,
-    with_content_length,
+    with_oip_id,
 )
 from predtrace.middleware._outputs import (
-    DECODABLE,
     ResponseCapture,
-    json_encoding,
-    served_model,
+    capture_for,
+    read_response,
     summarise,
 )
 from predtrace.middleware._routes import PROTOCOL_HTTP, PROTOCOL_OIP_V2_REST, RouteMatch
 from predtrace.middleware._runtime import PredictionRuntime
-from predtrace.wire import CALLER_ID_RE, ModelRef, PredictionEvent, new_prediction_id
+from predtrace.wire import ModelRef, PredictionEvent, new_prediction_id
 from predtrace.wire import Status as EventStatus
 
 # Where a failed prediction leaves its id in the server's scope, for the
@@ -180,7 +179,7 @@ class Prediction:
             elif key in fields:
                 propagated = True
         body_id = self._body_id(self._parsed) if is_oip else None
-        pid = body_id or self._header_id(request_id, ce_id) or new_prediction_id()
+        pid = body_id or header_caller_id(request_id, ce_id, rt.counts) or new_prediction_id()
         sampled = rt.samples(pid)
         self._ctx = ctx = PredictionContext(
             pid,
@@ -194,7 +193,9 @@ class Prediction:
             if sampled and rt.config.feature_allowlist:
                 self._capture_features(None if parsed_now else body)
             if body_id is None and is_oip and self._should_echo(body):
-                echo = self._echo_id(scope, body, pid)
+                # The app sees the prediction id as the OIP request id, so a
+                # conforming server answers with the id the response header carries.
+                echo = with_oip_id(scope["headers"], body, self._parsed, pid)
         elif self._telemetry is not None:
             ctx.id_hook = self._adopt_telemetry_body
         self._start_model = rt.start_model(self.match)
@@ -234,16 +235,6 @@ class Prediction:
             return
         self._ctx._merge_features(found)
 
-    def _header_id(self, request_id: bytes | None, ce_id: bytes | None) -> str | None:
-        """The caller's id from ``x-request-id``, then ``ce-id``, when usable."""
-        for raw in (request_id, ce_id):
-            if raw is not None:
-                text = raw.decode("latin-1")
-                if CALLER_ID_RE.fullmatch(text):
-                    return text
-                self.rt.counts["invalid_caller_id"] += 1
-        return None
-
     def _should_echo(self, body: bytes) -> bool:
         parsed = self._parsed
         return (
@@ -254,17 +245,6 @@ class Prediction:
             # (valid JSON too) that would corrupt it. Such a body goes as sent.
             and is_utf8_json(body)
         )
-
-    def _echo_id(
-        self, scope: Scope, body: bytes, pid: str
-    ) -> tuple[list[tuple[bytes, bytes]], tuple[Message]]:
-        """The request headers and body messages with the prediction id added to the body."""
-        # The app sees the prediction id as the OIP request id, so a conforming
-        # server answers with the same id the response header carries.
-        assert isinstance(self._parsed, dict)  # noqa: S101 - checked by _should_echo
-        new_body = inject_oip_id(body, self._parsed, pid)
-        headers = with_content_length(scope["headers"], len(new_body))
-        return headers, ({"type": "http.request", "body": new_body, "more_body": False},)
 
     def _start_span(self, scope: Scope, propagated: bool) -> Token[Context] | None:
         rt = self.rt
@@ -337,7 +317,8 @@ class Prediction:
             else:
                 headers.append((wanted, pid.encode("latin-1")))
             if self._wants_response():
-                self._capture = self._capture_for(headers)
+                rt = self.rt
+                self._capture = capture_for(headers, rt.config.max_output_bytes, rt.counts)
         except Exception as exc:  # noqa: BLE001 - the response goes out regardless
             self.rt.failed("response_start", exc)
         return message
@@ -355,19 +336,6 @@ class Prediction:
             if version_known and not (self._ctx.sampled and self._ctx.output is None):
                 return False
         return True
-
-    def _capture_for(self, headers: list[tuple[bytes, bytes]]) -> ResponseCapture | None:
-        """A copy of a JSON response body, decoded when gzip'd; None for other bodies."""
-        encoding = json_encoding(headers)
-        if encoding is None:
-            return None
-        limit = self.rt.config.max_output_bytes
-        if not encoding:
-            return ResponseCapture(limit)
-        if encoding in DECODABLE:  # e.g. Starlette's GZipMiddleware inside this one
-            return ResponseCapture(limit, compressed=True)
-        self.rt.counts["response_encoding_unreadable"] += 1  # br, zstd...: not read
-        return None
 
     # -- completion ---------------------------------------------------------------
 
@@ -400,15 +368,22 @@ class Prediction:
             error_type, code = ("" if status < 400 else str(status)), str(status)
         if self._telemetry is not None:
             self._settle_telemetry_inputs()  # first: it settles the id and sampling
-        response, served = self._read_response()
-        model, run_id = self._model(served)
+        response, served = (
+            read_response(self._capture, summary=ctx.sampled and ctx.output is None)
+            if self._capture is not None
+            else (None, ("", ""))
+        )
+        model, run_id = rt.final_model(self._start_model, ctx.model_override, served)
         if span is not None:
             try:
+                attributes = rt.late_attributes(self._start_model, model, run_id)
+                if self._telemetry is not None:  # the id was settled after the span started
+                    attributes[spans.ATTR_PREDICTION_ID] = ctx.prediction_id
                 if self._own_span:
                     status_code = status if exc is None else None
-                    self._end_own_span(span, model, run_id, error_type, status_code)
-                else:
-                    self._annotate(span, model, run_id)
+                    spans.end_own_span(span, attributes, error_type, status_code, self._ended)
+                elif attributes:
+                    span.set_attributes(attributes)
             except Exception as error:  # noqa: BLE001 - e.g. an app's span processor raising in on_end: the event still goes
                 rt.failed("span_end", error)
         trace_id, span_id = spans.ids_of(span) if span is not None else (b"", b"")
@@ -453,86 +428,3 @@ class Prediction:
             self._fingerprint = fingerprint(rt.key, self._parsed, b"", self.match.protocol)
             if not self._fingerprint:  # form data or another value JSON cannot encode
                 rt.counts["fingerprint_unavailable"] += 1
-
-    def _read_response(self) -> tuple[object, tuple[str, str]]:
-        """The parsed response when an output summary needs it, and the served model.
-
-        An OIP v2 response is read for the model it names as served; when no
-        summary is needed, from its first 4 KiB only (no parse of the body).
-        """
-        capture = self._capture
-        if capture is None:
-            return None, ("", "")
-        ctx = self._ctx
-        if not (ctx.sampled and ctx.output is None):
-            served = capture.served()
-            if served is not None:
-                return None, served
-        response = capture.parsed()
-        if response is None:  # over the bound (or not JSON): the head may still say
-            return None, capture.served() or ("", "")
-        return response, served_model(response)
-
-    def _model(self, served: tuple[str, str]) -> tuple[ModelRef, str]:
-        rt = self.rt
-        name, version = self._start_model
-        override = self._ctx.model_override
-        served_name, served_version = served
-        name, version = served_name or name, served_version or version
-        if override is None and rt.resolver is None:
-            return rt.model_ref(name, version), ""
-        config = rt.config
-        override = override or {}
-        model = ModelRef(
-            name=override.get("name") or name,
-            version=override.get("version") or version,
-            alias=override.get("alias") or config.model_alias,
-            registry_model_id=override.get("registry_model_id") or config.model_id,
-            artifact_digest=override.get("artifact_digest") or config.model_digest,
-        )
-        run_id = ""
-        if rt.resolver is not None and model.name:
-            resolved = rt.resolver.lookup(model.name, model.version)
-            if resolved is not None:
-                run_id = resolved.run_id
-                model.registry_model_id = model.registry_model_id or resolved.registry_model_id
-                model.artifact_digest = model.artifact_digest or resolved.artifact_digest
-        return model, run_id
-
-    def _late_attributes(self, model: ModelRef, run_id: str) -> dict[str, str | int]:
-        """Span attributes learnt after the span started (usually none)."""
-        config = self.rt.config
-        attributes: dict[str, str | int] = {}
-        if self._telemetry is not None:
-            attributes[spans.ATTR_PREDICTION_ID] = self._ctx.prediction_id
-        if (model.name, model.version) != self._start_model:
-            attributes[spans.ATTR_MODEL_NAME] = model.name
-            attributes[spans.ATTR_MODEL_VERSION] = model.version
-        if model.alias != config.model_alias:
-            attributes[spans.ATTR_MODEL_ALIAS] = model.alias
-        if model.registry_model_id != config.model_id:
-            attributes[spans.ATTR_MODEL_ID] = model.registry_model_id
-        if model.artifact_digest != config.model_digest:
-            attributes[spans.ATTR_MODEL_DIGEST] = model.artifact_digest
-        if run_id:
-            attributes[spans.ATTR_TRAINING_RUN_ID] = run_id
-        return attributes
-
-    def _annotate(self, span: trace.Span, model: ModelRef, run_id: str) -> None:
-        attributes = self._late_attributes(model, run_id)
-        if attributes:
-            span.set_attributes(attributes)
-
-    def _end_own_span(
-        self, span: trace.Span, model: ModelRef, run_id: str, error_type: str, status: int | None
-    ) -> None:
-        """End our span; error status for an exception, no response, or a 5xx."""
-        attributes = self._late_attributes(model, run_id)
-        if error_type and (not status or status >= 500 or not self._ended):
-            attributes["error.type"] = error_type
-            if status:
-                attributes["http.response.status_code"] = status
-            span.set_status(Status(StatusCode.ERROR, error_type))
-        if attributes:
-            span.set_attributes(attributes)
-        span.end()

@@ -36,6 +36,7 @@ from predtrace.middleware._spans import (
     ATTR_MODEL_ID,
     ATTR_MODEL_NAME,
     ATTR_MODEL_VERSION,
+    ATTR_TRAINING_RUN_ID,
 )
 from predtrace.sidecar.pipeline import (
     CollectorHttpExporter,
@@ -162,6 +163,56 @@ class PredictionRuntime:
             if len(self._model_refs) < _CACHE_SIZE:
                 self._model_refs[(name, version)] = ref
         return ref
+
+    def final_model(
+        self, start: tuple[str, str], override: dict[str, str] | None, served: tuple[str, str]
+    ) -> tuple[ModelRef, str]:
+        """The model a prediction used, and its training run id ("" when unknown).
+
+        The served name and version (from the answer) win over the ones known
+        at the start; what the handler set (``override``) wins over both and
+        over the configured alias, id and digest; the resolver fills the rest.
+        """
+        served_name, served_version = served
+        name, version = served_name or start[0], served_version or start[1]
+        if override is None and self.resolver is None:
+            return self.model_ref(name, version), ""
+        config = self.config
+        override = override or {}
+        model = ModelRef(
+            name=override.get("name") or name,
+            version=override.get("version") or version,
+            alias=override.get("alias") or config.model_alias,
+            registry_model_id=override.get("registry_model_id") or config.model_id,
+            artifact_digest=override.get("artifact_digest") or config.model_digest,
+        )
+        run_id = ""
+        if self.resolver is not None and model.name:
+            resolved = self.resolver.lookup(model.name, model.version)
+            if resolved is not None:
+                run_id = resolved.run_id
+                model.registry_model_id = model.registry_model_id or resolved.registry_model_id
+                model.artifact_digest = model.artifact_digest or resolved.artifact_digest
+        return model, run_id
+
+    def late_attributes(
+        self, start: tuple[str, str], model: ModelRef, run_id: str
+    ) -> dict[str, str | int]:
+        """Span attributes learnt after the span started (usually none)."""
+        config = self.config
+        attributes: dict[str, str | int] = {}
+        if (model.name, model.version) != start:
+            attributes[ATTR_MODEL_NAME] = model.name
+            attributes[ATTR_MODEL_VERSION] = model.version
+        if model.alias != config.model_alias:
+            attributes[ATTR_MODEL_ALIAS] = model.alias
+        if model.registry_model_id != config.model_id:
+            attributes[ATTR_MODEL_ID] = model.registry_model_id
+        if model.artifact_digest != config.model_digest:
+            attributes[ATTR_MODEL_DIGEST] = model.artifact_digest
+        if run_id:
+            attributes[ATTR_TRAINING_RUN_ID] = run_id
+        return attributes
 
     def failed(self, stage: str, exc: BaseException) -> None:
         """Count an internal error of ``stage``; log it rate-limited (type only, no data)."""

@@ -15,7 +15,7 @@ from typing import Final
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 RawHeaders = Iterable[tuple[bytes, bytes]]
 
@@ -64,3 +64,25 @@ def ids_of(span: Span) -> tuple[bytes, bytes]:
     if not ctx.trace_id:
         return b"", b""
     return ctx.trace_id.to_bytes(16, "big"), ctx.span_id.to_bytes(8, "big")
+
+
+def end_own_span(
+    span: Span,
+    attributes: dict[str, str | int],
+    error_type: str,
+    status: int | None,
+    delivered: bool,
+) -> None:
+    """End a span the middleware started, with the attributes learnt late.
+
+    Error status for an exception (``status`` None), no answer, an answer
+    not delivered whole, or a 5xx; a 4xx is the client's error, not the span's.
+    """
+    if error_type and (not status or status >= 500 or not delivered):
+        attributes["error.type"] = error_type
+        if status:
+            attributes["http.response.status_code"] = status
+        span.set_status(Status(StatusCode.ERROR, error_type))
+    if attributes:
+        span.set_attributes(attributes)
+    span.end()
