@@ -85,6 +85,44 @@ async def read_rest(first: Message, receive: Receive, limit: int) -> BodyRead:
         message = await receive()
 
 
+class BodyTee:
+    """The request body as the app reads it, kept up to ``limit`` bytes.
+
+    For FastAPI's telemetry mode, where the middleware does not read the
+    body first: when the route parsed none (a handler reading ``request``
+    itself), the copy taken on the way is parsed instead. ``body`` is the
+    whole body once the app has read it all, else None.
+    """
+
+    __slots__ = ("_chunks", "_limit", "_receive", "_size", "body")
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self._receive = receive
+        self._limit = limit
+        self._chunks: list[bytes] | None = []
+        self._size = 0
+        self.body: bytes | None = None
+
+    async def receive(self) -> Message:
+        """The server's ``receive``, copying body chunks as they pass."""
+        message = await self._receive()
+        chunks = self._chunks
+        if chunks is not None:
+            if message["type"] != "http.request":
+                self._chunks = None  # a disconnect: the body is not whole
+                return message
+            chunk = message.get("body", b"")
+            self._size += len(chunk)
+            if self._size > self._limit:
+                self._chunks = None  # over the bound: no copy, like a body read first
+            elif message.get("more_body", False):
+                chunks.append(chunk)
+            else:
+                self.body = b"".join(chunks) + chunk if chunks else chunk
+                self._chunks = None
+        return message
+
+
 def replay(messages: Iterable[Message], receive: Receive) -> Receive:
     """A ``receive`` that returns ``messages`` first, then calls through."""
     pending = deque(messages)

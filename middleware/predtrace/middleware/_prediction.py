@@ -26,6 +26,7 @@ from predtrace.middleware._context import CURRENT, PredictionContext
 from predtrace.middleware._fastapi import telemetry_data
 from predtrace.middleware._inputs import (
     NOT_JSON,
+    BodyTee,
     body_caller_id,
     fingerprint,
     header_caller_id,
@@ -77,6 +78,7 @@ class Prediction:
         "_start_model",
         "_status",
         "_t0",
+        "_tee",
         "_telemetry",
         "_trailers",
         "_ts",
@@ -96,6 +98,7 @@ class Prediction:
         self._parsed: object = NOT_JSON
         self._body: bytes | None = None
         self._telemetry: object | None = None
+        self._tee: BodyTee | None = None
         self._own_span = False
         self._span: trace.Span | None = None
 
@@ -119,6 +122,10 @@ class Prediction:
             # One replaying ``receive``: the body as read (or with the OIP id
             # added), then the server's own.
             receive = replay(messages, receive)
+        elif self._telemetry is not None:
+            # In case the route parses no body for FastAPI to keep.
+            self._tee = BodyTee(receive, rt.config.max_body_bytes)
+            receive = self._tee.receive
         ctx_token = CURRENT.set(self._ctx)
         self._downstream = send
         try:
@@ -273,7 +280,11 @@ class Prediction:
         """
         body = getattr(self._telemetry, "body", None)
         if body is None:
-            return False
+            # No body parsed by FastAPI: the one the app read, if it read it all.
+            raw = self._tee.body if self._tee is not None else None
+            if raw is None:
+                return False
+            self._body, body = raw, parse_json(raw)
         self._parsed = body
         if self.match.protocol == PROTOCOL_OIP_V2_REST:
             body_id = self._body_id(body)
@@ -415,16 +426,21 @@ class Prediction:
         )
 
     def _settle_telemetry_inputs(self) -> None:
-        # FastAPI telemetry mode: use the body FastAPI parsed; never read it twice.
+        # FastAPI telemetry mode: use the body FastAPI parsed (never parse it
+        # twice), else the copy of what the app read.
         rt, ctx = self.rt, self._ctx
         ctx._settle_id()  # adopts the body once, if the response start has not yet
-        if self._parsed is NOT_JSON:
-            rt.counts["fastapi_body_missing"] += 1  # the route parsed no body
+        if self._body is not None:
+            rt.counts["fastapi_body_copied"] += 1  # the route parsed none; the app read it
+        elif self._parsed is NOT_JSON:
+            rt.counts["fastapi_body_missing"] += 1  # not parsed, and not read whole
             return
-        rt.counts["fastapi_body_used"] += 1
+        else:
+            rt.counts["fastapi_body_used"] += 1
         if ctx.sampled and rt.config.feature_allowlist:
             self._capture_features()
         if rt.key is not None:
-            self._fingerprint = fingerprint(rt.key, self._parsed, b"", self.match.protocol)
+            body = self._body or b""
+            self._fingerprint = fingerprint(rt.key, self._parsed, body, self.match.protocol)
             if not self._fingerprint:  # form data or another value JSON cannot encode
                 rt.counts["fingerprint_unavailable"] += 1

@@ -10,6 +10,7 @@ import pytest
 
 from predtrace.middleware._inputs import (
     NOT_JSON,
+    BodyTee,
     body_caller_id,
     fingerprint,
     inject_oip_id,
@@ -67,6 +68,42 @@ async def test_disconnect_while_reading_is_passed_on() -> None:
 
     read = await read_rest(_messages(b"a", b"b")[0], receive, limit=100)
     assert read.body is None and read.messages[-1]["type"] == "http.disconnect"
+
+
+@pytest.mark.parametrize(
+    ("chunks", "limit", "expected"),
+    [
+        ([b"ab", b"cd", b"ef"], 6, b"abcdef"),
+        ([b"whole"], 5, b"whole"),
+        ([b""], 0, b""),
+        ([b"ab", b"cd", b"ef"], 5, None),  # over the bound: no copy
+    ],
+)
+async def test_the_tee_copies_what_the_app_reads_up_to_its_bound(
+    chunks: list[bytes], limit: int, expected: bytes | None
+) -> None:
+    pending = _messages(*chunks)
+
+    async def receive() -> dict[str, Any]:
+        return pending.pop(0)
+
+    tee = BodyTee(receive, limit)
+    read = [await tee.receive() for _ in chunks]
+    assert [m["body"] for m in read] == chunks  # the app gets every message as it was
+    assert tee.body == expected
+
+
+async def test_the_tee_keeps_nothing_of_a_body_cut_by_a_disconnect_or_not_read_whole() -> None:
+    pending = [*_messages(b"ab", b"cd")[:1], {"type": "http.disconnect"}]
+
+    async def receive() -> dict[str, Any]:
+        return pending.pop(0)
+
+    tee = BodyTee(receive, 100)
+    await tee.receive()
+    assert tee.body is None  # only part of it read so far
+    assert (await tee.receive())["type"] == "http.disconnect"
+    assert tee.body is None
 
 
 def test_fingerprint_is_keyed_hmac_of_canonical_json() -> None:

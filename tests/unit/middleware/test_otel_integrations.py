@@ -139,18 +139,63 @@ async def test_builtin_telemetry_without_id_uses_generated_id_in_header_and_even
     assert server.attributes is not None and server.attributes["predtrace.prediction.id"] == "hdr-9"
 
 
-async def test_builtin_telemetry_route_without_parsed_body_counts_missing_fingerprint(
+async def test_builtin_telemetry_route_reading_the_body_itself_gets_it_copied_on_the_way(
     instrument: Instrument, tracing: Tracing, events: InMemoryExporter
 ) -> None:
-    app = _native_app(tracing[0])
+    builtin = {"tracer_provider": tracing[0], "metrics": False, "logs": False}
+    app = FastAPI(telemetry=builtin)  # not the conftest app: its infer parses a model
 
     @app.post("/v1/models/{name}:raw")
     async def raw(name: str, request: Request) -> dict[str, Any]:
         return {"bytes": len(await request.body())}
 
+    @app.post("/v2/models/{name}/infer")
+    async def infer(name: str, request: Request) -> dict[str, Any]:
+        body = await request.json()  # FastAPI parses nothing: the handler does
+        return {"model_name": name, "model_version": "5", "id": body.get("id"), "outputs": []}
+
     runtime = instrument(app, routes=("POST /v1/models/{name}:raw",))
-    response = await call_asgi(app, "POST", "/v1/models/m:raw", b'{"a": 1}', HEADERS)
-    assert json.loads(response.body) == {"bytes": 8}
+    body = b'{"a": 1, "b": [2, 3]}'
+    response = await call_asgi(app, "POST", "/v1/models/m:raw", body, HEADERS)
+    assert json.loads(response.body) == {"bytes": len(body)}  # the app read it all
+    oip = json.dumps({"id": "req-31", "inputs": []}).encode()
+    response = await call_asgi(app, "POST", "/v2/models/iris/infer", oip, HEADERS)
+    assert response.header("x-prediction-id") == "req-31"  # the body id, from the copy
+    runtime.force_flush(5)
+    first, second = events.events
+    assert second.prediction_id == "req-31" and second.model.version == "5"
+    assert runtime.stats()["fastapi_body_copied"] == 2
+    assert "fastapi_body_missing" not in runtime.stats()
+
+    # The same fingerprints as when the middleware reads the body first.
+    plain = FastAPI(telemetry={"tracing": False, "metrics": False, "logs": False})
+    plain.post("/v1/models/{name}:raw")(raw)
+    plain.post("/v2/models/{name}/infer")(infer)
+
+    plain_events = InMemoryExporter()
+    plain_runtime = instrument(plain, exporter=plain_events, routes=("POST /v1/models/{name}:raw",))
+    await call_asgi(plain, "POST", "/v1/models/m:raw", body, HEADERS)
+    await call_asgi(plain, "POST", "/v2/models/iris/infer", oip, HEADERS)
+    plain_runtime.force_flush(5)
+    assert [e.input_fingerprint for e in plain_events.events] == [
+        first.input_fingerprint,
+        second.input_fingerprint,
+    ]
+    assert first.input_fingerprint != b""
+
+
+async def test_builtin_telemetry_route_never_reading_the_body_counts_it_missing(
+    instrument: Instrument, tracing: Tracing, events: InMemoryExporter
+) -> None:
+    app = _native_app(tracing[0])
+
+    @app.post("/v1/models/{name}:ignore")
+    async def ignore(name: str) -> dict[str, Any]:
+        return {"ok": True}
+
+    runtime = instrument(app, routes=("POST /v1/models/{name}:ignore",))
+    response = await call_asgi(app, "POST", "/v1/models/m:ignore", b'{"a": 1}', HEADERS)
+    assert response.status == 200
     runtime.force_flush(5)
     assert events.events[0].input_fingerprint == b""
     assert runtime.stats()["fastapi_body_missing"] == 1
