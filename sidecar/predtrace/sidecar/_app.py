@@ -313,6 +313,7 @@ class SidecarApp:
             oip_invalid_caller_ids=sum(proxy.invalid_caller_ids for proxy in self._proxies),
             oip_unreadable_requests=sum(proxy.unreadable_requests for proxy in self._proxies),
             oip_ids_not_added=sum(proxy.ids_not_added for proxy in self._proxies),
+            otlp_busy_refusals=dict(self._otlp.budget_refusals) if self._otlp else None,
         )
 
     def _on_shipper_done(self, task: asyncio.Task[None]) -> None:

@@ -96,6 +96,16 @@ class SidecarMetrics(Collector):
                 "the message limit (recorded under that id all the same)",
                 view.oip_ids_not_added,
             )
+        if view.otlp_busy_refusals is not None:
+            busy = CounterMetricFamily(
+                "predtrace_sidecar_otlp_busy_refusals",
+                "OTLP exports refused, retryable (gRPC UNAVAILABLE, HTTP 503), because the "
+                "receiver's in-flight byte budget was spent, by transport",
+                labels=["transport"],
+            )
+            for transport, count in sorted(view.otlp_busy_refusals.items()):
+                busy.add_metric([transport], count)
+            yield busy
         if view.otlp_forward is not None:
             forward = view.otlp_forward
             yield _counter(

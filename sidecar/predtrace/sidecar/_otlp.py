@@ -8,11 +8,13 @@ in front of any OTLP receiver. Bodies are bounded; OTLP/HTTP accepts the
 protobuf and the JSON encodings (gzip'd, deflate'd or not). A span whose
 prediction event is refused is still forwarded; the sender hears of the
 refusal in ``partial_success`` (``rejected_spans`` stays 0: no span was).
-A refused request gets a reason: over gRPC in the status (UNAVAILABLE with a
-RetryInfo when the spool is busy: retryable by the OTLP spec), over HTTP in a
-``google.rpc.Status`` body in the request's encoding (503 + Retry-After when
-busy). A request that this sidecar forwarded itself is refused (508): an
-``--otlp-export`` pointing back at the sidecar would otherwise loop.
+Request bodies are held under one in-flight byte budget, gRPC and HTTP
+together. A refused request gets a reason: over gRPC in the status
+(UNAVAILABLE with a RetryInfo when the spool is busy or the budget spent:
+retryable by the OTLP spec), over HTTP in a ``google.rpc.Status`` body in the
+request's encoding (503 + Retry-After when busy). A request that this sidecar
+forwarded itself is refused (508): an ``--otlp-export`` pointing back at the
+sidecar would otherwise loop.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Final, TypeVar
+from typing import Final, NoReturn, TypeVar
 
 import grpc
 from aiohttp import web
@@ -42,6 +44,7 @@ from predtrace.sidecar._otlp_body import (
     PROTOBUF,
     BodyRefusedError,
     BodyReservation,
+    BudgetSpentError,
     ExportRequest,
     InflightBudget,
     OtlpJsonError,
@@ -91,8 +94,12 @@ async def _off_loop(size: int, work: Callable[[_In], _Out], arg: _In) -> _Out:
 _log = logging.getLogger("predtrace.sidecar.otlp")
 # How long a sender is told to wait when the spool is busy or full.
 _RETRY_AFTER_S: Final = 1
-# The in-flight budget of OTLP/HTTP bodies, in maximum bodies: a few exports
-# arriving at once are read; past that, 503 + Retry-After until one is done.
+# The in-flight budget of OTLP bodies, in maximum bodies: a few exports
+# arriving at once are held; past that, 503 + Retry-After (gRPC: UNAVAILABLE +
+# RetryInfo) until one is done. One budget for both transports, not one each:
+# it bounds what the receiver holds whichever way the bodies come, as the
+# big-parse slots they wait for are shared too. (gRPC's own bound is per
+# connection, 8 calls: many connections would hold many bodies, waiting.)
 _INFLIGHT_BODIES: Final = 4
 # Hops a forwarded request may name (``FORWARDED_BY``): a chain of sidecars
 # is never this long; a longer header is someone else's.
@@ -125,6 +132,15 @@ class _TraceService:
     async def export(
         self, body: bytes, context: grpc.aio.ServicerContext[bytes, ExportResponse]
     ) -> ExportResponse:
+        # gRPC read the request whole: its bytes are held until the call ends,
+        # however it ends. Past the budget the call is refused at once, rather
+        # than left waiting, its body held, for a big-parse slot.
+        reservation = self._receiver.reservation()
+        try:
+            reservation.grow_to(len(body))
+        except BudgetSpentError as exc:
+            self._receiver.budget_refusals["grpc"] += 1
+            await _unavailable(context, exc.reason)
         try:
             return await self._receiver.export(body, parse_protobuf)
         except (DecodeError, RecursionError) as exc:
@@ -133,14 +149,22 @@ class _TraceService:
         except TooManySpansError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except SpoolError as exc:
-            # Busy, full or failing: UNAVAILABLE, which OTLP senders retry (a
-            # RESOURCE_EXHAUSTED is retried only with a RetryInfo, and some
-            # senders drop it whatever); the RetryInfo says when.
-            unavailable = grpc.StatusCode.UNAVAILABLE
-            details = rpc_status(unavailable.value[0], str(exc), _RETRY_AFTER_S)
-            await context.abort(
-                unavailable, str(exc), trailing_metadata=((_STATUS_DETAILS, details),)
-            )
+            await _unavailable(context, str(exc))
+        finally:
+            reservation.release()  # the body and its parsed request are gone
+
+
+async def _unavailable(
+    context: grpc.aio.ServicerContext[bytes, ExportResponse], message: str
+) -> NoReturn:
+    """End the call with UNAVAILABLE and a RetryInfo: busy, full or failing, retry shortly.
+
+    OTLP senders retry UNAVAILABLE (a RESOURCE_EXHAUSTED is retried only with
+    a RetryInfo, and some senders drop it whatever); the RetryInfo says when.
+    """
+    unavailable = grpc.StatusCode.UNAVAILABLE
+    details = rpc_status(unavailable.value[0], message, _RETRY_AFTER_S)
+    await context.abort(unavailable, message, trailing_metadata=((_STATUS_DETAILS, details),))
 
 
 class OtlpReceiver:
@@ -161,11 +185,17 @@ class OtlpReceiver:
         self._parse_slots = asyncio.Semaphore(_MAX_BIG_PARSES)
         self._log = RateLimitedLog(_log)
         self.spans_received = 0
+        self.budget_refusals = {"grpc": 0, "http": 0}
+        """Exports refused because the in-flight budget was spent, by transport."""
 
     @property
     def inflight_bytes(self) -> int:
-        """Bytes of OTLP/HTTP bodies held now (their share of the in-flight budget)."""
+        """Bytes of OTLP bodies held now, gRPC and HTTP (their share of the in-flight budget)."""
         return self._budget.used
+
+    def reservation(self) -> BodyReservation:
+        """A new request's share of the in-flight budget, empty; ``release`` it once done."""
+        return self._budget.reservation()
 
     async def export(
         self,
@@ -243,7 +273,8 @@ class OtlpReceiver:
             body_timeout: seconds a body may take to arrive (408 past it).
         """
         self._max_body = max_body
-        self._budget = InflightBudget(inflight_bytes or _INFLIGHT_BODIES * max_body)
+        # Resized, not replaced: gRPC calls may already hold some of it.
+        self._budget.cap = inflight_bytes or _INFLIGHT_BODIES * max_body
         self._body_timeout = body_timeout
         app = web.Application(client_max_size=max_body)
         app.router.add_post("/v1/traces", self._http_export)
@@ -260,12 +291,14 @@ class OtlpReceiver:
         return join_hostport(host, bound)
 
     async def _http_export(self, request: web.Request) -> web.Response:
-        reservation = self._budget.reservation()
+        reservation = self.reservation()
         try:
             via = self._hops(request)
             body = await self._read_http(request, reservation)
             answer = await self._export_http(body, request.content_type == JSON, via)
         except BodyRefusedError as refused:
+            if isinstance(refused, BudgetSpentError):
+                self.budget_refusals["http"] += 1
             return refusal_response(refused, request.content_type)
         finally:
             reservation.release()  # the body and its parsed request are gone

@@ -2,8 +2,9 @@
 
 Used by the receiver (``_otlp``) before any span is looked at: an HTTP body
 is read chunk by chunk within a deadline and under a byte budget shared by
-every request; a compressed body is inflated here, bounded and checked to end
-properly (aiohttp's own inflation is off); a protobuf or JSON body becomes an
+every request (gRPC ones too, each charged its bytes whole); a compressed body
+is inflated here, bounded and checked to end properly (aiohttp's own
+inflation is off); a protobuf or JSON body becomes an
 ``ExportTraceServiceRequest`` (JSON with its hex ids and either spelling of
 the field names), once a cheap count says it is not a bomb of tiny spans. A
 refused body is answered with a ``google.rpc.Status`` in the request's encoding.
@@ -64,14 +65,26 @@ class BodyRefusedError(Exception):
         self.retry_after = retry_after
 
 
+class BudgetSpentError(BodyRefusedError):
+    """The in-flight budget cannot take a request's bytes now: 503 (gRPC UNAVAILABLE), retry."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(
+            503,
+            f"busy: too many OTLP bytes in flight, over the receiver's in-flight budget ({cap} "
+            "bytes of request bodies, gRPC and HTTP together); retry shortly",
+            retry_after=1,
+        )
+
+
 class TooManySpansError(ValueError):
     """A protobuf request with more spans than a body of its size may carry."""
 
 
 class InflightBudget:
-    """Bytes of OTLP/HTTP bodies held now (as they arrive, then inflated), capped.
+    """Bytes of OTLP bodies held now, capped: HTTP ones as they arrive (then inflated), gRPC whole.
 
-    Shared by every HTTP request of a receiver; event-loop only.
+    Shared by every request of a receiver, over both transports; event-loop only.
     """
 
     def __init__(self, cap: int) -> None:
@@ -79,7 +92,7 @@ class InflightBudget:
         self.used = 0
 
     def reservation(self) -> BodyReservation:
-        """A new request's share, empty until its body arrives."""
+        """A new request's share, empty until its body is charged."""
         return BodyReservation(self)
 
 
@@ -95,15 +108,13 @@ class BodyReservation:
         """Hold ``total`` bytes.
 
         Raises:
-            BodyRefusedError: 503, the budget cannot give the difference.
+            BudgetSpentError: the budget cannot give the difference.
         """
         more = total - self.amount
         if more <= 0:
             return
         if self._budget.used + more > self._budget.cap:
-            raise BodyRefusedError(
-                503, "busy: too many OTLP/HTTP bytes in flight, retry shortly", retry_after=1
-            )
+            raise BudgetSpentError(self._budget.cap)
         self._budget.used += more
         self.amount = total
 
