@@ -9,6 +9,12 @@ A CI/CD hook posts what it knows after a build or deploy::
      "commit": {"sha": "1f2e3d4", "repo": "https://git.example/churn"},
      "image": {"digest": "sha256:...", "name": "churn:3"},
      "deployment": {"id": "churn-prod", "started": "2026-01-01T00:00:00Z"}}
+
+Each value is held to its shape (``_values``) and a body that breaks one is
+refused whole with a reason naming the field (400): digests and the commit
+are printable ASCII without spaces; names and ids hold no control, bidi or
+invisible characters and no space at either end; nothing is longer than 512
+characters but URLs, sources and param or tag values (2,048).
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ from typing import Any
 
 from predtrace.collector._errors import LineageError
 from predtrace.collector.lineage._model import (
-    MAX_ITEMS,
     CommitNode,
     DatasetNode,
     DeploymentNode,
@@ -28,7 +33,15 @@ from predtrace.collector.lineage._model import (
     ModelVersionNode,
     Registration,
     RunNode,
+)
+from predtrace.collector.lineage._values import (
+    COMMIT,
+    DIGEST,
+    MAX_ITEMS,
+    MAX_NAME,
+    check_id,
     check_text,
+    check_token,
 )
 
 
@@ -46,7 +59,12 @@ def _str_map(value: object, where: str) -> dict[str, str]:
         return {}
     if not isinstance(value, dict) or len(value) > MAX_ITEMS:
         raise LineageError(f"{where} must be an object of at most {MAX_ITEMS} entries")
-    return {check_text(k, where): check_text(v, f"{where}.{k}") for k, v in value.items()}
+    return {
+        check_id(k, f"{where} key", required=True): check_text(
+            v, f"{where}.{str(k)[:64]}", multiline=True
+        )
+        for k, v in value.items()
+    }
 
 
 def _num_map(value: object, where: str) -> dict[str, float]:
@@ -64,7 +82,7 @@ def _num_map(value: object, where: str) -> dict[str, float]:
             raise LineageError(f"{where}.{key} is out of range") from None
         if not math.isfinite(value):
             raise LineageError(f"{where}.{key} must be finite")
-        out[check_text(key, where)] = value
+        out[check_id(key, f"{where} key", required=True)] = value
     return out
 
 
@@ -92,21 +110,25 @@ def _model(section: Mapping[str, Any]) -> ModelVersionNode:
     if not isinstance(aliases, list) or len(aliases) > MAX_ITEMS:
         raise LineageError("model.aliases must be a list")
     return ModelVersionNode(
-        name=check_text(section.get("name"), "model.name", required=True),
-        version=check_text(section.get("version"), "model.version", required=True),
-        registry=check_text(section.get("registry"), "model.registry"),
-        registry_id=check_text(section.get("registry_id"), "model.registry_id"),
-        artifact_digest=check_text(section.get("artifact_digest"), "model.artifact_digest"),
+        name=check_id(section.get("name"), "model.name", required=True),
+        version=check_id(section.get("version"), "model.version", required=True),
+        registry=check_id(section.get("registry"), "model.registry"),
+        registry_id=check_id(section.get("registry_id"), "model.registry_id"),
+        artifact_digest=check_token(
+            section.get("artifact_digest"), "model.artifact_digest", what=DIGEST
+        ),
         source=check_text(section.get("source"), "model.source"),
-        aliases=tuple(check_text(a, "model.aliases[]", required=True) for a in aliases),
+        aliases=tuple(
+            check_id(a, f"model.aliases[{i}]", required=True) for i, a in enumerate(aliases)
+        ),
     )
 
 
 def _run(section: Mapping[str, Any]) -> RunNode:
     return RunNode(
-        run_id=check_text(section.get("id"), "run.id", required=True),
-        registry=check_text(section.get("registry"), "run.registry"),
-        name=check_text(section.get("name"), "run.name"),
+        run_id=check_id(section.get("id"), "run.id", required=True),
+        registry=check_id(section.get("registry"), "run.registry"),
+        name=check_text(section.get("name"), "run.name", limit=MAX_NAME),
         url=check_text(section.get("url"), "run.url"),
         params=_str_map(section.get("params"), "run.params"),
         metrics=_num_map(section.get("metrics"), "run.metrics"),
@@ -120,15 +142,18 @@ def _datasets(value: object) -> tuple[DatasetNode, ...]:
     if not isinstance(value, list) or len(value) > MAX_ITEMS:
         raise LineageError(f"datasets must be a list of at most {MAX_ITEMS} objects")
     out = []
-    for item in value:
+    for i, item in enumerate(value):
+        where = f"datasets[{i}]"
         if not isinstance(item, dict):
-            raise LineageError("datasets[] must be objects")
+            raise LineageError(f"{where} must be an object")
         out.append(
             DatasetNode(
-                digest=check_text(item.get("digest"), "datasets[].digest", required=True),
-                source=check_text(item.get("source"), "datasets[].source"),
-                name=check_text(item.get("name"), "datasets[].name"),
-                context=check_text(item.get("context"), "datasets[].context"),
+                digest=check_token(
+                    item.get("digest"), f"{where}.digest", required=True, what=DIGEST
+                ),
+                source=check_text(item.get("source"), f"{where}.source"),
+                name=check_text(item.get("name"), f"{where}.name", limit=MAX_NAME),
+                context=check_id(item.get("context"), f"{where}.context"),
             )
         )
     return tuple(out)
@@ -150,27 +175,27 @@ def parse_registration(body: object, *, source: str = "api") -> Registration:
         run=_run(run) if run is not None else None,
         datasets=_datasets(body.get("datasets")),
         commit=CommitNode(
-            sha=check_text(commit.get("sha"), "commit.sha", required=True),
+            sha=check_token(commit.get("sha"), "commit.sha", required=True, what=COMMIT),
             repo=check_text(commit.get("repo"), "commit.repo"),
         )
         if commit is not None
         else None,
         image=ImageNode(
-            digest=check_text(image.get("digest"), "image.digest", required=True),
-            name=check_text(image.get("name"), "image.name"),
+            digest=check_token(image.get("digest"), "image.digest", required=True, what=DIGEST),
+            name=check_text(image.get("name"), "image.name", limit=MAX_NAME),
         )
         if image is not None
         else None,
         deployment=_deployment(deployment) if deployment is not None else None,
-        source=check_text(body.get("source") or source, "source"),
+        source=check_text(body.get("source") or source, "source", limit=MAX_NAME),
     )
 
 
 def _deployment(section: Mapping[str, Any]) -> DeploymentNode:
     return DeploymentNode(
-        id=check_text(section.get("id"), "deployment.id", required=True),
-        service=check_text(section.get("service"), "deployment.service"),
-        namespace=check_text(section.get("namespace"), "deployment.namespace"),
+        id=check_id(section.get("id"), "deployment.id", required=True),
+        service=check_id(section.get("service"), "deployment.service"),
+        namespace=check_id(section.get("namespace"), "deployment.namespace"),
         started_ns=parse_time_ns(section.get("started"), "deployment.started"),
         ended_ns=parse_time_ns(section.get("ended"), "deployment.ended"),
     )

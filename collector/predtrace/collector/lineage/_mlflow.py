@@ -9,14 +9,23 @@ aliases MLflow names. A failed lookup is not tried again for ``negative_ttl``
 seconds, nor is anything while MLflow is unreachable. Every answer is
 type-checked: JSON of an unexpected shape is a ``RegistryError`` naming what
 was wrong, never a half-read registration.
+
+Values are held to the shapes the registration API enforces (``_values``),
+but MLflow is a registry we do not control: rather than lose the link for
+one odd value, a dataset without a usable digest, a commit or artifact digest
+that is not one, or a param or tag holding control characters is left out, a
+name or URL is cut to its bound with such characters shown as U+FFFD, and
+one log line per lookup counts what was left out or changed. Only the ids
+the link is made of (model name, version, aliases, run id) still fail it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -26,14 +35,19 @@ import aiohttp
 
 from predtrace.collector._errors import ConfigError, LineageError, RegistryError
 from predtrace.collector.lineage._model import (
-    MAX_ITEMS,
-    MAX_TEXT,
     CommitNode,
     DatasetNode,
     ModelVersionNode,
     Registration,
     RunNode,
+)
+from predtrace.collector.lineage._values import (
+    MAX_ITEMS,
+    MAX_NAME,
+    MAX_TEXT,
     check_text,
+    clean_text,
+    is_token,
 )
 
 _API: Final = "/api/2.0/mlflow"
@@ -45,6 +59,10 @@ _REPO_TAGS: Final = ("mlflow.source.git.repoURL", "mlflow.gitRepoURL")
 # alias: a version that is not a number, an alias that was never set.
 _MISSING_CODES: Final = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
 
+# Run tags MLflow writes for itself, kilobytes of JSON each: never shown, not kept.
+_SKIPPED_TAGS: Final = ("mlflow.log-model",)
+
+log = logging.getLogger("predtrace.collector.mlflow")
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
@@ -124,19 +142,57 @@ def _text(value: object, where: str) -> str:
     raise RegistryError(f"MLflow sent {where} as {_kind(value)}, not text")
 
 
-def _storable(text: str) -> bool:
-    """Text every store keeps: no NUL, no lone surrogate."""
-    if "\x00" in text:
-        return False
+class _Cleaned:
+    """What one lookup left out or changed of MLflow's answer, by kind; logged once."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def note(self, what: str) -> None:
+        """Count one value left out or changed."""
+        self.counts[what] += 1
+
+    def text(self, value: str, what: str, limit: int) -> str:
+        """``value`` cut to ``limit``, control characters as U+FFFD (counted if changed)."""
+        cleaned = clean_text(value, limit)
+        if cleaned != value:
+            self.note(what)
+        return cleaned
+
+    def token(self, value: str, what: str) -> str:
+        """``value`` if it has a digest's or commit's shape, else "" (counted)."""
+        if value and not is_token(value):
+            self.note(what)
+            return ""
+        return value
+
+    def log(self, name: str, version: str) -> None:
+        """One line naming what was left out or changed, if anything."""
+        if self.counts:
+            kinds = ", ".join(f"{what} x{count}" for what, count in sorted(self.counts.items()))
+            log.warning(
+                "MLflow lineage of %s/%s: %d value(s) left out or changed: %s",
+                name,
+                version,
+                self.counts.total(),
+                kinds,
+            )
+
+
+def _fits(text: str, limit: int, *, multiline: bool = False) -> bool:
+    """Whether ``text`` passes ``check_text`` within ``limit``."""
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
+        check_text(text, "", limit=limit, multiline=multiline)
+    except LineageError:
         return False
     return True
 
 
-def _kv(items: object, where: str) -> dict[str, str]:
-    """MLflow's ``[{key, value}]`` lists as a dict, dropping oversized or unstorable entries.
+def _kv(items: object, where: str, cleaned: _Cleaned, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """MLflow's ``[{key, value}]`` lists as a dict, but keys starting with ``skip``.
+
+    An entry whose key or value holds control characters, or whose key is
+    over ``MAX_NAME``, is left out; a value over ``MAX_TEXT`` is cut (counted).
 
     Raises:
         RegistryError: not a list of objects with text keys and values.
@@ -146,14 +202,21 @@ def _kv(items: object, where: str) -> dict[str, str]:
         entry = _object(item, f"an entry of {where}", required=True)
         key = _text(entry.get("key"), f"a key of {where}")
         value = _text(entry.get("value"), f"the value of {where} {key[:64]!r}")
-        if key and len(key) <= MAX_TEXT and len(out) < MAX_ITEMS:
-            value = value[:MAX_TEXT]
-            if _storable(key) and _storable(value):
-                out[key] = value
+        if not key or key.startswith(skip):
+            continue
+        kept = value[:MAX_TEXT]
+        if len(out) >= MAX_ITEMS or not (
+            _fits(key, MAX_NAME) and _fits(kept, MAX_TEXT, multiline=True)
+        ):
+            cleaned.note(f"{where} entry")
+            continue
+        if kept != value:
+            cleaned.note(f"{where} value cut")
+        out[key] = kept
     return out
 
 
-def _metrics(items: object) -> dict[str, float]:
+def _metrics(items: object, cleaned: _Cleaned) -> dict[str, float]:
     """``run.data.metrics``: finite numbers by key (MLflow's "NaN" text is left out).
 
     Raises:
@@ -168,8 +231,12 @@ def _metrics(items: object) -> dict[str, float]:
         value = entry.get("value")
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        if math.isfinite(value) and len(out) < MAX_ITEMS and _storable(key):
-            out[key[:MAX_TEXT]] = float(value)
+        if not math.isfinite(value):
+            continue
+        if len(out) < MAX_ITEMS and _fits(key, MAX_NAME):
+            out[key] = float(value)
+        else:
+            cleaned.note("run.data.metrics entry")
     return out
 
 
@@ -178,39 +245,44 @@ def _dataset_source(raw: str) -> str:
     try:
         parsed = json.loads(raw)
     except (ValueError, RecursionError):
-        return raw[:MAX_TEXT]
+        return raw
     if isinstance(parsed, dict):
         for key in ("uri", "url", "path", "table_name"):
             if isinstance(parsed.get(key), str):
-                return str(parsed[key])[:MAX_TEXT]
-    return raw[:MAX_TEXT]
+                return str(parsed[key])
+    return raw
 
 
-def _datasets(inputs: object) -> tuple[DatasetNode, ...]:
-    """``run.inputs.dataset_inputs`` with a digest each.
+def _datasets(inputs: object, cleaned: _Cleaned) -> tuple[DatasetNode, ...]:
+    """``run.inputs.dataset_inputs`` with a digest each (one of another shape: left out).
 
     Raises:
         RegistryError: not the shape MLflow documents.
-        LineageError: a digest no store keeps (NUL, too long).
     """
     out = []
     where = "run.inputs.dataset_inputs"
     for item in _array(_object(inputs, "run.inputs").get("dataset_inputs"), where):
         entry = _object(item, f"an entry of {where}", required=True)
         dataset = _object(entry.get("dataset"), f"{where}[].dataset")
-        digest = _text(dataset.get("digest"), f"{where}[].dataset.digest")
+        digest = cleaned.token(
+            _text(dataset.get("digest"), f"{where}[].dataset.digest"), "dataset digest"
+        )
         if digest:
-            context = _kv(entry.get("tags"), f"{where}[].tags").get("mlflow.data.context", "")
+            context = _kv(entry.get("tags"), f"{where}[].tags", cleaned).get(
+                "mlflow.data.context", ""
+            )
+            name = _text(dataset.get("name"), f"{where}[].dataset.name")
+            source = _dataset_source(_text(dataset.get("source"), f"{where}[].dataset.source"))
             out.append(
                 DatasetNode(
                     digest=digest,
-                    name=_text(dataset.get("name"), f"{where}[].dataset.name")[:MAX_TEXT],
-                    source=_dataset_source(
-                        _text(dataset.get("source"), f"{where}[].dataset.source")
-                    ),
-                    context=context,
+                    name=cleaned.text(name, "dataset name", MAX_NAME),
+                    source=cleaned.text(source, "dataset source", MAX_TEXT),
+                    context=cleaned.text(context, "dataset context", MAX_NAME),
                 )
             )
+    if len(out) > MAX_ITEMS:
+        cleaned.note(f"datasets past {MAX_ITEMS}")
     return tuple(out[:MAX_ITEMS])
 
 
@@ -220,7 +292,7 @@ def _aliases(value: object) -> tuple[str, ...]:
     for item in _array(value, "model_version.aliases"):
         if not isinstance(item, str):
             raise RegistryError(f"MLflow sent an alias as {_kind(item)}, not text")
-        out[check_text(item, "model_version.aliases[]", required=True)] = None
+        out[check_text(item, "model_version.aliases[]", required=True, limit=MAX_NAME)] = None
     return tuple(out)[:MAX_ITEMS]
 
 
@@ -229,58 +301,79 @@ def registration_from_mlflow(
 ) -> Registration:
     """Build a ``Registration`` from MLflow's model-version and run JSON.
 
+    Values of another shape than the API accepts are left out or cleaned,
+    and one warning counts them (see the module's docstring).
+
     Raises:
-        RegistryError: the JSON is not of the shape MLflow documents, or holds
-            an id no store keeps; the message names MLflow and the field.
+        RegistryError: the JSON is not of the shape MLflow documents, or an
+            id the link is made of is one no store keeps or no terminal
+            should print; the message names MLflow and the field.
     """
+    cleaned = _Cleaned()
     try:
-        return _registration(_object(model_version, "model_version", required=True), run, base_url)
+        registration = _registration(
+            _object(model_version, "model_version", required=True), run, base_url, cleaned
+        )
     except LineageError as exc:
         raise RegistryError(f"MLflow sent unusable lineage: {exc}") from None
+    if registration.model is not None:
+        cleaned.log(registration.model.name, registration.model.version)
+    return registration
 
 
-def _registration(
-    model_version: Mapping[str, Any], run: Mapping[str, Any] | None, base_url: str
-) -> Registration:
+def _model(model_version: Mapping[str, Any], cleaned: _Cleaned) -> ModelVersionNode:
     name = _text(model_version.get("name"), "model_version.name")
     version = _text(model_version.get("version"), "model_version.version")
-    model = ModelVersionNode(
+    tags = _kv(model_version.get("tags"), "model_version.tags", cleaned)
+    registry_id = _text(model_version.get("model_id"), "model_version.model_id")
+    return ModelVersionNode(
         name=name,
         version=version,
         registry="mlflow",
-        registry_id=(
-            _text(model_version.get("model_id"), "model_version.model_id") or f"{name}/{version}"
-        )[:MAX_TEXT],
-        source=_text(model_version.get("source"), "model_version.source")[:MAX_TEXT],
-        aliases=_aliases(model_version.get("aliases")),
-        artifact_digest=_kv(model_version.get("tags"), "model_version.tags").get(
-            "predtrace.artifact_digest", ""
+        registry_id=cleaned.text(registry_id or f"{name}/{version}", "model id", MAX_NAME),
+        source=cleaned.text(
+            _text(model_version.get("source"), "model_version.source"), "model source", MAX_TEXT
         ),
+        aliases=_aliases(model_version.get("aliases")),
+        artifact_digest=cleaned.token(tags.get("predtrace.artifact_digest", ""), "artifact digest"),
     )
+
+
+def _registration(
+    model_version: Mapping[str, Any],
+    run: Mapping[str, Any] | None,
+    base_url: str,
+    cleaned: _Cleaned,
+) -> Registration:
+    model = _model(model_version, cleaned)
     if run is None:
         return Registration(model=model, source="mlflow")
     run = _object(run, "run", required=True)
     info, data = _object(run.get("info"), "run.info"), _object(run.get("data"), "run.data")
-    tags = _kv(data.get("tags"), "run.data.tags")
+    tags = _kv(data.get("tags"), "run.data.tags", cleaned, skip=_SKIPPED_TAGS)
     run_id = _text(info.get("run_id"), "run.info.run_id") or _text(
         model_version.get("run_id"), "model_version.run_id"
     )
-    commit_sha = tags.get(_COMMIT_TAG, "")
+    commit_sha = cleaned.token(tags.get(_COMMIT_TAG, ""), "commit")
     repo = next((tags[t] for t in _REPO_TAGS if tags.get(t)), "")
     experiment = _text(info.get("experiment_id"), "run.info.experiment_id")
+    url = f"{base_url.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    run_name = _text(info.get("run_name"), "run.info.run_name")
     return Registration(
         model=model,
         run=RunNode(
             run_id=run_id,
             registry="mlflow",
-            name=_text(info.get("run_name"), "run.info.run_name")[:MAX_TEXT],
-            url=f"{base_url.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}",
-            params=_kv(data.get("params"), "run.data.params"),
-            metrics=_metrics(data.get("metrics")),
-            tags={k: v for k, v in tags.items() if not k.startswith("mlflow.log-model")},
+            name=cleaned.text(run_name, "run name", MAX_NAME),
+            url=cleaned.text(url, "run url", MAX_TEXT),
+            params=_kv(data.get("params"), "run.data.params", cleaned),
+            metrics=_metrics(data.get("metrics"), cleaned),
+            tags=tags,
         ),
-        datasets=_datasets(run.get("inputs")),
-        commit=CommitNode(sha=commit_sha, repo=repo) if commit_sha else None,
+        datasets=_datasets(run.get("inputs"), cleaned),
+        commit=CommitNode(sha=commit_sha, repo=cleaned.text(repo, "commit repo", MAX_TEXT))
+        if commit_sha
+        else None,
         source="mlflow",
     )
 

@@ -8,44 +8,26 @@ model version PACKAGED_IN image, deployment SERVES model version.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final
 
 from predtrace.collector._errors import LineageError
+from predtrace.collector.lineage._values import MAX_ITEMS, MAX_NAME, MAX_TEXT, check_text
 
-MAX_TEXT: Final = 2048
-MAX_ITEMS: Final = 256
+# (attribute, its name in reasons, most characters)
+_Fields = tuple[tuple[str, str, int], ...]
 
 
-def check_text(value: object, where: str, *, required: bool = False) -> str:
-    """Return ``value`` as bounded text, or raise LineageError naming ``where``.
+def _check_fields(node: object, fields: _Fields, *, required: int = 1) -> None:
+    """The last check of any source's node: each text field bounded and printable.
 
-    An integer reads as its digits (a version written as a JSON number). A
-    float does not name an id (``required``): its text is not what was sent
-    (1.10 reads "1.1", 1e400 "inf"); elsewhere only a finite one is taken.
+    The parsers hold their input to stricter shapes (``_values``) and MLflow's
+    is cleaned first; this keeps a value no terminal should print, or no store
+    can keep, out of the graph whatever produced the node. The first
+    ``required`` fields may not be empty.
     """
-    if value is None:
-        value = ""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    elif isinstance(value, float):
-        if required or not math.isfinite(value):
-            raise LineageError(f"{where} must be a string, not the number {value!r}")
-        value = str(value)
-    if not isinstance(value, str):
-        raise LineageError(f"{where} must be a string")
-    if required and not value:
-        raise LineageError(f"{where} is required")
-    if len(value) > MAX_TEXT or "\x00" in value:
-        raise LineageError(f"{where} must be at most {MAX_TEXT} characters without NUL")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate: no store can keep it
-            raise LineageError(f"{where} must be valid Unicode text") from None
-    return value
+    for index, (attribute, where, limit) in enumerate(fields):
+        check_text(getattr(node, attribute), where, required=index < required, limit=limit)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,7 +40,15 @@ class DatasetNode:
     context: str = ""
 
     def __post_init__(self) -> None:
-        check_text(self.digest, "dataset.digest", required=True)
+        _check_fields(
+            self,
+            (
+                ("digest", "dataset.digest", MAX_TEXT),  # an OpenLineage identity, a URI
+                ("source", "dataset.source", MAX_TEXT),
+                ("name", "dataset.name", MAX_NAME),
+                ("context", "dataset.context", MAX_NAME),
+            ),
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,7 +59,7 @@ class CommitNode:
     repo: str = ""
 
     def __post_init__(self) -> None:
-        check_text(self.sha, "commit.sha", required=True)
+        _check_fields(self, (("sha", "commit.sha", MAX_NAME), ("repo", "commit.repo", MAX_TEXT)))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,7 +75,21 @@ class RunNode:
     tags: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check_text(self.run_id, "run.id", required=True)
+        _check_fields(
+            self,
+            (
+                ("run_id", "run.id", MAX_NAME),
+                ("registry", "run.registry", MAX_NAME),
+                ("name", "run.name", MAX_NAME),
+                ("url", "run.url", MAX_TEXT),
+            ),
+        )
+        for where, values in (("run.params", self.params), ("run.tags", self.tags)):
+            for key, value in values.items():
+                check_text(key, f"{where} key", required=True, limit=MAX_NAME)
+                check_text(value, f"{where}.{key}", multiline=True)
+        for key in self.metrics:
+            check_text(key, "run.metrics key", required=True, limit=MAX_NAME)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,8 +105,20 @@ class ModelVersionNode:
     aliases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        check_text(self.name, "model.name", required=True)
-        check_text(self.version, "model.version", required=True)
+        _check_fields(
+            self,
+            (
+                ("name", "model.name", MAX_NAME),
+                ("version", "model.version", MAX_NAME),
+                ("registry", "model.registry", MAX_NAME),
+                ("registry_id", "model.registry_id", MAX_NAME),
+                ("artifact_digest", "model.artifact_digest", MAX_NAME),
+                ("source", "model.source", MAX_TEXT),
+            ),
+            required=2,
+        )
+        for alias in self.aliases:
+            check_text(alias, "model.aliases[]", required=True, limit=MAX_NAME)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,7 +129,9 @@ class ImageNode:
     name: str = ""
 
     def __post_init__(self) -> None:
-        check_text(self.digest, "image.digest", required=True)
+        _check_fields(
+            self, (("digest", "image.digest", MAX_NAME), ("name", "image.name", MAX_NAME))
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,7 +145,14 @@ class DeploymentNode:
     ended_ns: int = 0
 
     def __post_init__(self) -> None:
-        check_text(self.id, "deployment.id", required=True)
+        _check_fields(
+            self,
+            (
+                ("id", "deployment.id", MAX_NAME),
+                ("service", "deployment.service", MAX_NAME),
+                ("namespace", "deployment.namespace", MAX_NAME),
+            ),
+        )
         if not 0 <= self.started_ns < 2**63 or not 0 <= self.ended_ns < 2**63:
             raise LineageError("deployment times must be within the int64 nanosecond range")
 
@@ -161,5 +186,6 @@ class Registration:
             raise LineageError("datasets are linked through a run: give run.id (--run-id)")
         if self.commit is not None and self.run is None:
             raise LineageError("a commit is linked through a run: give run.id (--run-id)")
+        check_text(self.source, "source", limit=MAX_NAME)
         if len(self.datasets) > MAX_ITEMS:
             raise LineageError(f"at most {MAX_ITEMS} datasets per registration")

@@ -9,6 +9,13 @@ or from a custom run facet ``predtrace`` (``{"model": {"name", "version"}}``).
 
 A dataset's digest is its ``version`` facet's ``datasetVersion`` when present,
 otherwise its OpenLineage identity ``namespace/name``.
+
+As for any other malformed event, a value that breaks its shape (``_values``)
+refuses the event with a reason naming the field (400), so the producer's
+OpenLineage client logs it: ids and names hold no control, bidi or invisible
+characters; the commit (``sourceCodeLocation.version``) and an artifact
+digest are printable ASCII without spaces. A ``datasetVersion`` is any
+printable text up to 512 characters (a snapshot id, a timestamp).
 """
 
 from __future__ import annotations
@@ -18,13 +25,20 @@ from typing import Any
 
 from predtrace.collector._errors import LineageError
 from predtrace.collector.lineage._model import (
-    MAX_ITEMS,
     CommitNode,
     DatasetNode,
     ModelVersionNode,
     Registration,
     RunNode,
+)
+from predtrace.collector.lineage._values import (
+    COMMIT,
+    DIGEST,
+    MAX_ITEMS,
+    MAX_NAME,
+    check_id,
     check_text,
+    check_token,
 )
 
 _MODEL_URI_PREFIX = "models:/"
@@ -48,21 +62,27 @@ def _dataset_identity(item: Mapping[str, Any], where: str) -> tuple[str, str]:
     return namespace, name
 
 
-def _input_dataset(item: object) -> DatasetNode:
-    data = _obj(item, "inputs[]")
-    namespace, name = _dataset_identity(data, "inputs[]")
+def _input_dataset(index: int, item: object) -> DatasetNode:
+    where = f"inputs[{index}]"
+    data = _obj(item, where)
+    namespace, name = _dataset_identity(data, where)
     identity = f"{namespace}/{name}" if namespace else name
-    version = _obj(_facets(data, "inputs[]").get("version"), "inputs[].facets.version")
-    digest = check_text(version.get("datasetVersion"), "datasetVersion") or identity
-    return DatasetNode(digest=digest, source=identity, name=name, context="input")
+    version = _obj(_facets(data, where).get("version"), f"{where}.facets.version")
+    # A version is the producer's own (an Iceberg snapshot id, a timestamp):
+    # printable text, not held to a digest's shape.
+    digest = check_text(
+        version.get("datasetVersion"), f"{where}.facets.version.datasetVersion", limit=MAX_NAME
+    )
+    return DatasetNode(digest=digest or identity, source=identity, name=name, context="input")
 
 
 def _commit(job: Mapping[str, Any]) -> CommitNode | None:
-    location = _obj(_facets(job, "job").get("sourceCodeLocation"), "sourceCodeLocation")
-    sha = check_text(location.get("version"), "sourceCodeLocation.version")
+    where = "job.facets.sourceCodeLocation"
+    location = _obj(_facets(job, "job").get("sourceCodeLocation"), where)
+    sha = check_token(location.get("version"), f"{where}.version", what=COMMIT)
     if not sha:
         return None
-    repo = check_text(location.get("repoUrl") or location.get("url"), "sourceCodeLocation.url")
+    repo = check_text(location.get("repoUrl") or location.get("url"), f"{where}.url")
     return CommitNode(sha=sha, repo=repo)
 
 
@@ -70,19 +90,26 @@ def _model(run: Mapping[str, Any], outputs: list[Any]) -> ModelVersionNode | Non
     facet = _obj(_facets(run, "run").get("predtrace"), "run.facets.predtrace")
     model = _obj(facet.get("model"), "run.facets.predtrace.model")
     if model:
+        where = "run.facets.predtrace.model"
         return ModelVersionNode(
-            name=check_text(model.get("name"), "predtrace.model.name", required=True),
-            version=check_text(model.get("version"), "predtrace.model.version", required=True),
-            artifact_digest=check_text(model.get("artifact_digest"), "artifact_digest"),
+            name=check_id(model.get("name"), f"{where}.name", required=True),
+            version=check_id(model.get("version"), f"{where}.version", required=True),
+            artifact_digest=check_token(
+                model.get("artifact_digest"), f"{where}.artifact_digest", what=DIGEST
+            ),
             registry="openlineage",
         )
-    for item in outputs:
-        _, name = _dataset_identity(_obj(item, "outputs[]"), "outputs[]")
+    for index, item in enumerate(outputs):
+        where = f"outputs[{index}]"
+        _, name = _dataset_identity(_obj(item, where), where)
         if name.startswith(_MODEL_URI_PREFIX):
             parts = name.removeprefix(_MODEL_URI_PREFIX).strip("/").split("/")
             if len(parts) == 2 and all(parts):
                 return ModelVersionNode(
-                    name=parts[0], version=parts[1], source=name, registry="openlineage"
+                    name=check_id(parts[0], f"{where}.name's model name"),
+                    version=check_id(parts[1], f"{where}.name's model version"),
+                    source=name,
+                    registry="openlineage",
                 )
     return None
 
@@ -103,12 +130,12 @@ def parse_run_event(body: object) -> Registration:
     """
     event = _obj(body, "the OpenLineage event")
     run, job = _obj(event.get("run"), "run"), _obj(event.get("job"), "job")
-    run_id = check_text(run.get("runId"), "run.runId", required=True)
-    job_name = check_text(job.get("name"), "job.name", required=True)
-    job_namespace = check_text(job.get("namespace"), "job.namespace")
+    run_id = check_id(run.get("runId"), "run.runId", required=True)
+    job_name = check_id(job.get("name"), "job.name", required=True)
+    job_namespace = check_id(job.get("namespace"), "job.namespace")
     inputs = _list(event.get("inputs"), "inputs")
     outputs = _list(event.get("outputs"), "outputs")
-    tags = {"openlineage.eventType": check_text(event.get("eventType"), "eventType")}
+    tags = {"openlineage.eventType": check_id(event.get("eventType"), "eventType")}
     return Registration(
         model=_model(run, outputs),
         run=RunNode(
@@ -117,7 +144,7 @@ def parse_run_event(body: object) -> Registration:
             name=f"{job_namespace}/{job_name}" if job_namespace else job_name,
             tags={k: v for k, v in tags.items() if v},
         ),
-        datasets=tuple(_input_dataset(item) for item in inputs),
+        datasets=tuple(_input_dataset(i, item) for i, item in enumerate(inputs)),
         commit=_commit(job),
         source="openlineage",
     )
