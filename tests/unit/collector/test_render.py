@@ -88,6 +88,18 @@ def test_control_sequences_in_collector_data_are_shown_not_sent_to_the_terminal(
     assert "m\\x1b[2J\\x1b[31mRED\\x1b]0;pwned\\x07\\x9b" in out
 
 
+def test_bidi_overrides_and_line_separators_in_collector_data_are_shown_escaped() -> None:
+    evil = "sha256:\u202egmi\u2066x\u2028y"  # shows as "sha256:img..." reversed, raw
+    answer = {
+        "query": {"kind": "image", "value": evil},
+        "predictions": 1,
+        "model_versions": [{"name": evil, "version": "3", "run_id": None, "deployments": []}],
+    }
+    out = _printed(render_impact, answer)
+    assert not any(c in out for c in "\u202e\u2066\u2028")
+    assert "sha256:\\u202egmi\\u2066x\\u2028y" in out
+
+
 def test_a_pivot_keeps_each_prediction_id_on_one_line_even_at_80_columns() -> None:
     pid = "01a2279a-bdd5-732d-9dfc-bbcc89e2526c"
     prediction = {
