@@ -345,6 +345,51 @@ def test_forked_child_has_a_working_pipeline_and_never_resends_the_parent_queue(
     assert [e.prediction_id for e in exporter.events] == [f"e{i}" for i in range(5)]
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.parametrize("lock", ["counters", "log"])
+def test_a_fork_while_another_thread_holds_a_pipeline_lock_leaves_the_child_working(
+    lock: str, make_events: Events
+) -> None:
+    # The export thread takes these locks for microseconds per batch; a fork
+    # (a process pool in a worker) in that window must not hang the child.
+    exporter = InMemoryExporter()
+    pipeline = QueuedExporter(exporter, QueueConfig(schedule_delay=30.0))
+    held, release = threading.Event(), threading.Event()
+    target = pipeline.counters._lock if lock == "counters" else pipeline._log._lock
+
+    def holder() -> None:
+        with target:
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(5)
+    try:
+        pid = os.fork()
+        if pid == 0:  # child: emit, log a warning, flush, exit
+            code = 1
+            try:
+                pipeline.emit(make_events(1)[0])
+                pipeline._log.warning("probe", "after fork")
+                pipeline.shutdown(timeout=5)
+                code = 0 if pipeline.counters.snapshot()["exported"] == 1 else 2
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 10
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if done[0] == 0:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        assert done[0] == pid, "the child hung on a lock held at the fork"
+        assert os.WEXITSTATUS(done[1]) == 0
+    finally:
+        release.set()
+        thread.join()
+        pipeline.shutdown(timeout=5)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -48,11 +50,15 @@ class PipelineCounters:
             flat.update({f"dropped.{reason}": n for reason, n in sorted(self.dropped.items())})
         return flat
 
-    def reset(self) -> None:
-        """Zero every counter (a forked child starts its own count)."""
-        with self._lock:
-            self.enqueued = self.exported = self.retried = self.batches = 0
-            self.dropped.clear()
+    def reset_after_fork(self) -> None:
+        """Zero every counter: a forked child starts its own count.
+
+        With a new lock, never the inherited one: a thread of the parent may
+        have held it at the fork, and that thread does not exist in the child.
+        """
+        self._lock = threading.Lock()
+        self.enqueued = self.exported = self.retried = self.batches = 0
+        self.dropped.clear()
 
 
 class RateLimitedLog:
@@ -68,6 +74,7 @@ class RateLimitedLog:
         self._last: dict[str, float] = {}
         self._suppressed: Counter[str] = Counter()
         self._lock = threading.Lock()
+        _LOGS.add(self)
 
     def warning(self, key: str, message: str, *args: object) -> None:
         """Log ``message`` unless ``key`` was logged within the interval."""
@@ -82,3 +89,16 @@ class RateLimitedLog:
         if suppressed:
             message += f" ({suppressed} similar messages suppressed)"
         self._logger.warning(message, *args)
+
+
+_LOGS: weakref.WeakSet[RateLimitedLog] = weakref.WeakSet()
+
+
+def _new_locks_after_fork() -> None:
+    # A parent's thread may have held a log's lock at the fork; in the child
+    # nobody would ever release it, and the next warning would hang.
+    for log in list(_LOGS):
+        log._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_locks_after_fork)

@@ -372,7 +372,7 @@ class QueuedExporter:
         # The parent's queue belongs to the parent: the child starts empty and
         # starts its own worker on its first emit.
         self._init_state()
-        self.counters.reset()
+        self.counters.reset_after_fork()
 
     # -- worker ---------------------------------------------------------------
 
