@@ -103,7 +103,13 @@ class PredictionTracingMiddleware:
         if kind == "http" and self._enabled:
             match = self._match(scope["method"], route_path(scope))
             if match is not None:
-                await Prediction(runtime, match).run(self.app, scope, receive, send)
+                if not runtime.started:
+                    runtime.note_unstarted()
+                runtime.inflight += 1
+                try:
+                    await Prediction(runtime, match).run(self.app, scope, receive, send)
+                finally:
+                    runtime.inflight -= 1
                 return
         elif kind == "lifespan" and self._enabled:
             await self._lifespan(runtime, scope, receive, send)
@@ -124,17 +130,48 @@ class PredictionTracingMiddleware:
     async def _lifespan(
         self, runtime: PredictionRuntime, scope: Scope, receive: Receive, send: Send
     ) -> None:
+        started = answered = False
 
         async def lifespan_receive() -> Message:
+            nonlocal started
             message = await receive()
             if message["type"] == "lifespan.startup":
+                started = True
                 await runtime.astart()
             return message
 
         async def lifespan_send(message: Message) -> None:
+            nonlocal answered
+            answered = True
             # After the app's own shutdown handlers, before the server may exit.
             if message["type"] in _LIFESPAN_DONE:
                 await runtime.ashutdown()
             await send(message)
 
-        await self.app(scope, lifespan_receive, lifespan_send)
+        try:
+            await self.app(scope, lifespan_receive, lifespan_send)
+        except Exception:
+            if answered:
+                raise  # the app speaks lifespan and failed: the server reports it
+            # An app that does not speak lifespan (a plain ASGI app raising on
+            # the scope): answer it here, so the pipeline still starts with the
+            # server and is flushed before a SIGTERM ends the process.
+            _log.info("predtrace: the app does not handle lifespan; the middleware does")
+            await self._own_lifespan(runtime, receive, send, started=started)
+
+    @staticmethod
+    async def _own_lifespan(
+        runtime: PredictionRuntime, receive: Receive, send: Send, *, started: bool
+    ) -> None:
+        """The lifespan protocol for an app without one: start and flush the pipeline."""
+        if started:  # the startup message was read (and the runtime started) already
+            await send({"type": "lifespan.startup.complete"})
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await runtime.astart()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await runtime.ashutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return

@@ -50,6 +50,8 @@ _logger = logging.getLogger("predtrace.middleware")
 _RUNTIMES: weakref.WeakSet[PredictionRuntime] = weakref.WeakSet()
 TRACER_NAME: Final = "predtrace.middleware"
 _CACHE_SIZE: Final = 256
+# How long a lifespan shutdown waits for predictions in flight to emit their event.
+_INFLIGHT_GRACE_S: Final = 1.0
 
 
 def build_exporter(config: MiddlewareConfig) -> Exporter:
@@ -107,6 +109,9 @@ class PredictionRuntime:
         self._model_refs: dict[tuple[str, str], ModelRef] = {}
         self._started = False
         self._stopped = False
+        # Predictions between their start and their event (event-loop only).
+        self.inflight = 0
+        self._warned_unstarted = False
         _RUNTIMES.add(self)
 
     # -- request path helpers --------------------------------------------------
@@ -293,8 +298,39 @@ class PredictionRuntime:
             self.resolver.close()
 
     async def ashutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a flush deadline, not a cancel scope
-        """``shutdown`` for the lifespan: runs in a thread, never blocks the loop."""
-        await asyncio.to_thread(self._shutdown, timeout)
+        """``shutdown`` for the lifespan: runs in a thread, never blocks the loop.
+
+        First it lets the predictions still in flight emit their events (up
+        to 1 s, within ``timeout``): a server that cancels the requests it
+        could not finish (``uvicorn --timeout-graceful-shutdown``) starts the
+        lifespan shutdown before they have run their last step.
+        """
+        total = timeout or self.config.shutdown_timeout
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        deadline = start + min(_INFLIGHT_GRACE_S, total / 2)
+        # Polled, and only here: an Event to set would cost every request its end.
+        while self.inflight > 0 and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        await asyncio.to_thread(self._shutdown, max(0.1, total - (loop.time() - start)))
+
+    @property
+    def started(self) -> bool:
+        """Whether ``start`` ran (the lifespan startup, or a direct call)."""
+        return self._started
+
+    def note_unstarted(self) -> None:
+        """A prediction came before any lifespan startup: say once what that costs."""
+        if self._warned_unstarted:
+            return
+        self._warned_unstarted = True
+        _logger.warning(
+            "predtrace: a prediction was served before the app's lifespan started: the "
+            "server runs without lifespan (uvicorn --lifespan off), or the instrumented "
+            "app is mounted inside another app (Starlette runs no lifespan of a mounted "
+            "app). Events still queued when the server stops on SIGTERM will be lost: "
+            "instrument the outermost app, with lifespan on."
+        )
 
     def _flush_tracer_provider(self, timeout: float) -> None:
         provider = self.config.tracer_provider or trace.get_tracer_provider()

@@ -458,6 +458,32 @@ async def test_disabled_middleware_is_a_pure_pass_through() -> None:
     assert response.status == 200 and response.header("x-prediction-id") is None
 
 
+async def test_an_app_that_fails_its_own_startup_still_fails_it(
+    events: InMemoryExporter,
+) -> None:
+    # The middleware answers the lifespan only for an app that does not speak
+    # it; one that reports its startup failed keeps its failure.
+    async def failing(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.failed", "message": "no model file"})
+        raise RuntimeError("no model file")
+
+    wrapped = PredictionTracingMiddleware(failing, MiddlewareConfig(exporter=events))
+    messages = [{"type": "lifespan.startup"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, str]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with pytest.raises(RuntimeError, match="no model file"):
+        await wrapped({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    assert sent == [{"type": "lifespan.startup.failed", "message": "no model file"}]
+    wrapped.runtime.shutdown(5)  # type: ignore[union-attr]
+
+
 async def test_lifespan_starts_and_flushes_pipeline_and_tracer_provider(
     tracing: Tracing, events: InMemoryExporter
 ) -> None:
