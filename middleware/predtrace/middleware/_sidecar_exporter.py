@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import struct
 import weakref
 from pathlib import Path
 from typing import Final
@@ -97,6 +98,9 @@ class SidecarGrpcExporter:
         self._channel: grpc.Channel | None = None
         self._stub: sidecar_pb2_grpc.SidecarStub | None = None
         self._packed = True
+        # Batch ids (see ``_batch_id``): this exporter's prefix, then a number per batch.
+        self._id_prefix = os.urandom(8)
+        self._batches = 0
         _INSTANCES.add(self)
 
     def _connect(self) -> sidecar_pb2_grpc.SidecarStub:
@@ -118,9 +122,13 @@ class SidecarGrpcExporter:
         at-least-once, as everywhere).
         """
         packed = self._packed
+        if not batch.seq:  # the first attempt: number the batch for its retries
+            self._batches += 1
+            batch.seq = self._batches
         requests, too_large = self._requests(list(batch.events), 0)
         accepted, rejected = 0, list(too_large)
         for request, offset, count in requests:
+            request.batch_id = self._batch_id(batch.seq, offset, count)
             ack = self._call(request)
             if packed and count and not ack.read_packed:
                 # A sidecar from before packed_events ignores the field (and spools
@@ -157,6 +165,16 @@ class SidecarGrpcExporter:
         second, second_too_large = self._requests(events[half:], offset + half)
         return first + second, first_too_large + second_too_large
 
+    def _batch_id(self, seq: int, offset: int, count: int) -> bytes:
+        """The id of one call's events, the same on every attempt of the batch.
+
+        A retry of a call that timed out while the sidecar spooled it is then
+        answered instead of spooled twice. The events' range is in the id: a
+        batch split otherwise on a retry (a smaller limit learnt) names new
+        calls, never an old id with other bytes.
+        """
+        return self._id_prefix + struct.pack(">QII", seq, offset, count)
+
     def _call(self, request: sidecar_pb2.RecordBatchRequest) -> sidecar_pb2.RecordAck:
         try:
             return self._connect().RecordBatch(request, timeout=self.timeout)  # type: ignore[no-any-return]
@@ -180,6 +198,7 @@ class SidecarGrpcExporter:
             channel.close()
 
     def _after_fork_in_child(self) -> None:
+        self._id_prefix = os.urandom(8)  # the parent's batch numbers go on in the parent
         if self._channel is not None:
             _INHERITED.append(self._channel)
         self._channel = None

@@ -133,6 +133,7 @@ class RecordingSidecar(sidecar_pb2_grpc.SidecarServicer):
     calls: int = 0
     packed_calls: int = 0
     request_bytes: list[int] = field(default_factory=list)
+    batch_ids: list[bytes] = field(default_factory=list)
     target: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -143,6 +144,7 @@ class RecordingSidecar(sidecar_pb2_grpc.SidecarServicer):
         with self._lock:
             self.calls += 1
             self.request_bytes.append(request.ByteSize())
+            self.batch_ids.append(request.batch_id)
             outcome = self.script.pop(0) if self.script else None
         if outcome is not None:
             code, metadata = outcome if isinstance(outcome, tuple) else (outcome, ())

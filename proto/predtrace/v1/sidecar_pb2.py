@@ -26,7 +26,7 @@ from predtrace.v1 import batch_pb2 as predtrace_dot_v1_dot_batch__pb2
 from predtrace.v1 import event_pb2 as predtrace_dot_v1_dot_event__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apredtrace/v1/sidecar.proto\x12\x0cpredtrace.v1\x1a\x18predtrace/v1/batch.proto\x1a\x18predtrace/v1/event.proto\"Z\n\x12RecordBatchRequest\x12-\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1d.predtrace.v1.PredictionEvent\x12\x15\n\rpacked_events\x18\x02 \x01(\x0c\"]\n\tRecordAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12)\n\x08rejected\x18\x02 \x03(\x0b\x32\x17.predtrace.v1.Rejection\x12\x13\n\x0bread_packed\x18\x03 \x01(\x08\"\x0f\n\rStatusRequest\"\xa0\x03\n\rSidecarStatus\x12\x13\n\x0bproducer_id\x18\x01 \x01(\t\x12\x15\n\rspool_records\x18\x02 \x01(\x04\x12\x13\n\x0bspool_bytes\x18\x03 \x01(\x04\x12\x16\n\x0espool_byte_cap\x18\x04 \x01(\x04\x12\x1f\n\x17oldest_unsent_unix_nano\x18\x05 \x01(\x06\x12\x1e\n\x16last_success_unix_nano\x18\x06 \x01(\x06\x12\x10\n\x08next_seq\x18\x07 \x01(\x04\x12\x17\n\x0f\x65xported_events\x18\x08 \x01(\x04\x12\x17\n\x0fretried_batches\x18\t \x01(\x04\x12\x1b\n\x13quarantined_batches\x18\n \x01(\x04\x12\x39\n\x07\x64ropped\x18\x0b \x03(\x0b\x32(.predtrace.v1.SidecarStatus.DroppedEntry\x12\x15\n\rcollector_url\x18\x0c \x01(\t\x12\x12\n\nlast_error\x18\r \x01(\t\x1a.\n\x0c\x44roppedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xdb\x01\n\x07Sidecar\x12\x42\n\x06Record\x12\x1d.predtrace.v1.PredictionEvent\x1a\x17.predtrace.v1.RecordAck(\x01\x12H\n\x0bRecordBatch\x12 .predtrace.v1.RecordBatchRequest\x1a\x17.predtrace.v1.RecordAck\x12\x42\n\x06Status\x12\x1b.predtrace.v1.StatusRequest\x1a\x1b.predtrace.v1.SidecarStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apredtrace/v1/sidecar.proto\x12\x0cpredtrace.v1\x1a\x18predtrace/v1/batch.proto\x1a\x18predtrace/v1/event.proto\"l\n\x12RecordBatchRequest\x12-\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1d.predtrace.v1.PredictionEvent\x12\x15\n\rpacked_events\x18\x02 \x01(\x0c\x12\x10\n\x08\x62\x61tch_id\x18\x03 \x01(\x0c\"p\n\tRecordAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12)\n\x08rejected\x18\x02 \x03(\x0b\x32\x17.predtrace.v1.Rejection\x12\x13\n\x0bread_packed\x18\x03 \x01(\x08\x12\x11\n\tduplicate\x18\x04 \x01(\x08\"\x0f\n\rStatusRequest\"\xa0\x03\n\rSidecarStatus\x12\x13\n\x0bproducer_id\x18\x01 \x01(\t\x12\x15\n\rspool_records\x18\x02 \x01(\x04\x12\x13\n\x0bspool_bytes\x18\x03 \x01(\x04\x12\x16\n\x0espool_byte_cap\x18\x04 \x01(\x04\x12\x1f\n\x17oldest_unsent_unix_nano\x18\x05 \x01(\x06\x12\x1e\n\x16last_success_unix_nano\x18\x06 \x01(\x06\x12\x10\n\x08next_seq\x18\x07 \x01(\x04\x12\x17\n\x0f\x65xported_events\x18\x08 \x01(\x04\x12\x17\n\x0fretried_batches\x18\t \x01(\x04\x12\x1b\n\x13quarantined_batches\x18\n \x01(\x04\x12\x39\n\x07\x64ropped\x18\x0b \x03(\x0b\x32(.predtrace.v1.SidecarStatus.DroppedEntry\x12\x15\n\rcollector_url\x18\x0c \x01(\t\x12\x12\n\nlast_error\x18\r \x01(\t\x1a.\n\x0c\x44roppedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xdb\x01\n\x07Sidecar\x12\x42\n\x06Record\x12\x1d.predtrace.v1.PredictionEvent\x1a\x17.predtrace.v1.RecordAck(\x01\x12H\n\x0bRecordBatch\x12 .predtrace.v1.RecordBatchRequest\x1a\x17.predtrace.v1.RecordAck\x12\x42\n\x06Status\x12\x1b.predtrace.v1.StatusRequest\x1a\x1b.predtrace.v1.SidecarStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,15 +36,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SIDECARSTATUS_DROPPEDENTRY']._loaded_options = None
   _globals['_SIDECARSTATUS_DROPPEDENTRY']._serialized_options = b'8\001'
   _globals['_RECORDBATCHREQUEST']._serialized_start=96
-  _globals['_RECORDBATCHREQUEST']._serialized_end=186
-  _globals['_RECORDACK']._serialized_start=188
-  _globals['_RECORDACK']._serialized_end=281
-  _globals['_STATUSREQUEST']._serialized_start=283
-  _globals['_STATUSREQUEST']._serialized_end=298
-  _globals['_SIDECARSTATUS']._serialized_start=301
-  _globals['_SIDECARSTATUS']._serialized_end=717
-  _globals['_SIDECARSTATUS_DROPPEDENTRY']._serialized_start=671
-  _globals['_SIDECARSTATUS_DROPPEDENTRY']._serialized_end=717
-  _globals['_SIDECAR']._serialized_start=720
-  _globals['_SIDECAR']._serialized_end=939
+  _globals['_RECORDBATCHREQUEST']._serialized_end=204
+  _globals['_RECORDACK']._serialized_start=206
+  _globals['_RECORDACK']._serialized_end=318
+  _globals['_STATUSREQUEST']._serialized_start=320
+  _globals['_STATUSREQUEST']._serialized_end=335
+  _globals['_SIDECARSTATUS']._serialized_start=338
+  _globals['_SIDECARSTATUS']._serialized_end=754
+  _globals['_SIDECARSTATUS_DROPPEDENTRY']._serialized_start=708
+  _globals['_SIDECARSTATUS_DROPPEDENTRY']._serialized_end=754
+  _globals['_SIDECAR']._serialized_start=757
+  _globals['_SIDECAR']._serialized_end=976
 # @@protoc_insertion_point(module_scope)

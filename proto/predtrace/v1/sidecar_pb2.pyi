@@ -9,22 +9,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RecordBatchRequest(_message.Message):
-    __slots__ = ("events", "packed_events")
+    __slots__ = ("events", "packed_events", "batch_id")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     PACKED_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[_event_pb2.PredictionEvent]
     packed_events: bytes
-    def __init__(self, events: _Optional[_Iterable[_Union[_event_pb2.PredictionEvent, _Mapping]]] = ..., packed_events: _Optional[bytes] = ...) -> None: ...
+    batch_id: bytes
+    def __init__(self, events: _Optional[_Iterable[_Union[_event_pb2.PredictionEvent, _Mapping]]] = ..., packed_events: _Optional[bytes] = ..., batch_id: _Optional[bytes] = ...) -> None: ...
 
 class RecordAck(_message.Message):
-    __slots__ = ("accepted", "rejected", "read_packed")
+    __slots__ = ("accepted", "rejected", "read_packed", "duplicate")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     READ_PACKED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     rejected: _containers.RepeatedCompositeFieldContainer[_batch_pb2.Rejection]
     read_packed: bool
-    def __init__(self, accepted: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[_batch_pb2.Rejection, _Mapping]]] = ..., read_packed: _Optional[bool] = ...) -> None: ...
+    duplicate: bool
+    def __init__(self, accepted: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[_batch_pb2.Rejection, _Mapping]]] = ..., read_packed: _Optional[bool] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

@@ -84,6 +84,8 @@ class SidecarServicer:
         """Record a batch in one call; answered once it is durable in the spool.
         A refused call spooled none of its events. An event with invalid UTF-8
         in a string field is rejected alone (with its index), not the batch.
+        A batch sent with a batch_id is spooled once however often it is sent
+        while the sidecar remembers the id (see RecordBatchRequest.batch_id).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

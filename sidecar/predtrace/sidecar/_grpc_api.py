@@ -15,7 +15,7 @@ spooled the chunks before: its trailing metadata says how many events
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, NoReturn, TypeVar
 
@@ -25,6 +25,11 @@ from predtrace.sidecar._errors import SpoolBusyError, SpoolClosedError, SpoolErr
 from predtrace.sidecar._grpc_requests import ID_CHARS, Batch, parse_event, raw_id, read_batch
 from predtrace.sidecar._intake import Intake, RefusedReason
 from predtrace.sidecar._protowire import ProtoWireError
+from predtrace.sidecar._recent_batches import (
+    MAX_BATCH_ID_BYTES,
+    BatchIdReusedError,
+    RecentBatches,
+)
 from predtrace.v1 import batch_pb2, event_pb2, sidecar_pb2
 from predtrace.wire import (
     DecodeLimits,
@@ -142,6 +147,9 @@ class GrpcSource:
         self._status = status
         self._max_events = max_events_per_request
         self._max_ack_bytes = max_message_bytes
+        self._recent: RecentBatches[sidecar_pb2.RecordAck] = RecentBatches(
+            sidecar_pb2.RecordAck.ByteSize
+        )
 
     def generic_handler(self) -> grpc.GenericRpcHandler[bytes, bytes]:
         """The service's handlers, taking raw request bytes."""
@@ -178,14 +186,45 @@ class GrpcSource:
             maps = await self._unpack(context, batch.packed, room, too_many)
             events += maps
             positions += range(batch.count, batch.count + len(maps))
-        self._intake.count_refused(len(rejected))  # once the request is known to be readable
-        try:
+        read_packed = bool(batch.packed)
+
+        async def spool() -> sidecar_pb2.RecordAck:
+            self._intake.count_refused(len(rejected))  # once the request is known to be readable
             accepted = await self._spool(events, positions, rejected)
+            ack = _ack(accepted, rejected, self._max_ack_bytes)
+            ack.read_packed = read_packed
+            return ack
+
+        try:
+            if not batch.batch_id:
+                return await spool()
+            return await self._spool_once(context, batch.batch_id, request, spool)
         except _RefusedError as refusal:
             await _abort(context, refusal.code, refusal.details, pushback=refusal.pushback)
-        ack = _ack(accepted, rejected, self._max_ack_bytes)
-        ack.read_packed = bool(batch.packed)
-        return ack
+
+    async def _spool_once(
+        self,
+        context: grpc.aio.ServicerContext[bytes, sidecar_pb2.RecordAck],
+        batch_id: bytes,
+        request: bytes,
+        spool: Callable[[], Awaitable[sidecar_pb2.RecordAck]],
+    ) -> sidecar_pb2.RecordAck:
+        """``spool``, once per batch id (see ``_recent_batches``); a retry gets its answer."""
+        if len(batch_id) > MAX_BATCH_ID_BYTES:
+            await self._refuse(
+                context, "bad_batch_id", f"batch_id longer than {MAX_BATCH_ID_BYTES} bytes"
+            )
+        try:
+            ack, duplicate = await self._recent.spool_once(batch_id, request, spool)
+        except BatchIdReusedError as exc:
+            await self._refuse(context, "bad_batch_id", str(exc))
+        if not duplicate:
+            return ack
+        self._intake.counters.duplicate_batches += 1
+        answer = sidecar_pb2.RecordAck()
+        answer.CopyFrom(ack)  # the kept answer stays as it was
+        answer.duplicate = True
+        return answer
 
     async def _unpack(
         self,

@@ -38,6 +38,8 @@ class Batch:
     places: list[int] | None = None
     """Each readable event's position in the request; None when all were readable."""
     unreadable: list[Rejection] = field(default_factory=list)
+    batch_id: bytes = b""
+    """The sender's id of the batch, kept across its retries (empty: none given)."""
 
 
 def read_batch(request: bytes) -> Batch:
@@ -54,12 +56,16 @@ def read_batch(request: bytes) -> Batch:
         message = sidecar_pb2.RecordBatchRequest.FromString(request)
     except (DecodeError, UnicodeDecodeError):  # the latter from the pure-Python protobuf
         return _split_batch(request)
-    return Batch(message.events, message.packed_events, len(message.events))
+    return Batch(
+        message.events, message.packed_events, len(message.events), batch_id=message.batch_id
+    )
 
 
 # A RecordBatchRequest with its events as bytes, and an event's id: read by
 # protobuf's C parser whatever the fields around them (see _raw_fields).
-_RAW_BATCH: Final = bytes_message("RawBatch", [(1, "events", True), (2, "packed_events", False)])
+_RAW_BATCH: Final = bytes_message(
+    "RawBatch", [(1, "events", True), (2, "packed_events", False), (3, "batch_id", False)]
+)
 _RAW_ID: Final = bytes_message("RawId", [(1, "prediction_id", False)])
 # Fields walked in Python to name what is wrong with a request protobuf refused
 # (a cap: a request of a million tiny fields must not hold the event loop).
@@ -83,7 +89,8 @@ def _split_batch(request: bytes) -> Batch:
             events.append(parsed)
             places.append(index)
     packed: bytes = raw_batch.packed_events  # type: ignore[attr-defined]
-    return Batch(events, packed, len(places) + len(unreadable), places, unreadable)
+    batch_id: bytes = raw_batch.batch_id  # type: ignore[attr-defined]
+    return Batch(events, packed, len(places) + len(unreadable), places, unreadable, batch_id)
 
 
 def _malformed_cause(request: bytes) -> str:

@@ -44,7 +44,7 @@ MapProcessor = Callable[[dict[Any, Any]], dict[Any, Any] | None]
 
 _log = logging.getLogger("predtrace.sidecar.intake")
 _THREAD_THRESHOLD = 256  # encode bigger requests in a thread: the loop keeps serving
-RefusedReason = Literal["malformed", "too_many_events", "bad_packed_events"]
+RefusedReason = Literal["malformed", "too_many_events", "bad_packed_events", "bad_batch_id"]
 """Why a source refused a whole request, none of its events read (a fixed set)."""
 REFUSED_REASONS: Final[tuple[RefusedReason, ...]] = get_args(RefusedReason)
 
@@ -62,6 +62,8 @@ class IntakeCounters:
         default_factory=lambda: dict.fromkeys(REFUSED_REASONS, 0)
     )
     """Whole requests refused, by reason (their events are not counted: never read)."""
+    duplicate_batches: int = 0
+    """Retries of a batch already spooled (same batch id): answered, not spooled again."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,12 @@ class SidecarMetrics(Collector):
         yield _gauge("oldest_unsent_age_seconds", "Age of the oldest undelivered event", age)
         shipper = view.shipper
         yield _counter("received_events", "Events received by the intake", view.intake.received)
+        yield _counter(
+            "duplicate_batches",
+            "RecordBatch retries of a batch already spooled (same batch_id): answered with "
+            "the first call's ack, not spooled again",
+            view.intake.duplicate_batches,
+        )
         yield _counter("exported_events", "Events the collector accepted", shipper.exported)
         yield _counter("exported_batches", "Batches the collector acknowledged", shipper.batches)
         yield _counter(
@@ -71,7 +77,8 @@ class SidecarMetrics(Collector):
         yield dropped
         refused = CounterMetricFamily(
             "predtrace_sidecar_refused_requests",
-            "Requests refused whole, by reason (malformed, too_many_events, bad_packed_events): "
+            "Requests refused whole, by reason (malformed, too_many_events, bad_packed_events, "
+            "bad_batch_id): "
             "none of a batch's events is spooled; a Record stream over the event limit has "
             "spooled its earlier chunks (its trailing metadata says how many)",
             labels=["reason"],

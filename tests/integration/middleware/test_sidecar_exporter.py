@@ -100,6 +100,22 @@ def test_rejected_events_are_reported_with_index_and_id() -> None:
     assert [(r.index, r.prediction_id) for r in result.rejected] == [(1, "p1")]
 
 
+def test_every_attempt_of_a_batch_carries_the_same_batch_id_and_other_batches_their_own() -> None:
+    with serve_sidecar(RecordingSidecar(script=[grpc.StatusCode.UNAVAILABLE])) as sidecar:
+        exporter = SidecarGrpcExporter(sidecar.target)
+        try:
+            batch = OutgoingBatch(_events(3))
+            with pytest.raises(RetryableExportError):
+                exporter.export(batch)
+            exporter.export(batch)  # the pipeline's retry: the same batch object
+            exporter.export(OutgoingBatch(_events(2)))
+        finally:
+            exporter.shutdown(1)
+    first, retry, other = sidecar.batch_ids
+    assert first == retry and len(first) <= 64
+    assert other not in (first, b"")
+
+
 @pytest.mark.parametrize(
     "code",
     [
@@ -197,6 +213,7 @@ def test_a_batch_over_the_message_limit_goes_in_calls_that_fit_and_all_arrive() 
     assert (result.accepted, result.rejected) == (40, ())
     assert sidecar.prediction_ids == [f"h{i}" for i in range(40)]
     assert sidecar.calls > 1 and max(sidecar.request_bytes) <= limit
+    assert len(set(sidecar.batch_ids)) == sidecar.calls  # each call of the split its own id
 
 
 def test_an_event_alone_over_the_message_limit_is_rejected_and_the_rest_delivered() -> None:

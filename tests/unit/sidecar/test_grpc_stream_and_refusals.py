@@ -307,6 +307,7 @@ async def test_requests_refused_whole_are_counted_by_reason_on_metrics(
         "malformed": 0,
         "too_many_events": 0,
         "bad_packed_events": 0,
+        "bad_batch_id": 0,
     }
     async with grpc.aio.insecure_channel(running.target) as channel:
         raw = channel.unary_unary(RECORD_BATCH)
@@ -318,6 +319,9 @@ async def test_requests_refused_whole_are_counted_by_reason_on_metrics(
             stub.RecordBatch(
                 sidecar_pb2.RecordBatchRequest(packed_events=msgpack.packb([{1: "p"}] * 11))
             ),
+            stub.RecordBatch(
+                sidecar_pb2.RecordBatchRequest(events=proto_events(1), batch_id=b"b" * 65)
+            ),
         ]
         for call in refused:
             with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -327,5 +331,6 @@ async def test_requests_refused_whole_are_counted_by_reason_on_metrics(
         "malformed": 1,
         "too_many_events": 2,
         "bad_packed_events": 1,
+        "bad_batch_id": 1,
     }
     assert running.app.intake.counters.received == 0, "no event of them was read"
