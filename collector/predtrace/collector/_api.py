@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
@@ -35,6 +36,7 @@ from predtrace.collector._security import Authorizer, AuthRefusal
 from predtrace.collector._service import LineageService
 from predtrace.collector.lineage import Registration, parse_registration, parse_run_event
 from predtrace.collector.store import OnConflict, PivotAnswer
+from predtrace.collector.store._reads import AmbiguousCommitError
 from predtrace.wire import InvalidIdError, parse_prediction_id, parse_trace_id
 
 if TYPE_CHECKING:
@@ -254,8 +256,10 @@ class QueryApi:
         except InvalidIdError as exc:
             return _error(400, str(exc))
         # Ingest keeps a caller's id as sent: a UUID may be stored upper case or
-        # without dashes. Both the text given and the canonical form, in one query.
-        return await self._pivot("prediction_id", (given, canonical), f"prediction {given}")
+        # without dashes. The text given and every such spelling, in one query.
+        return await self._pivot(
+            "prediction_id", (given, *_uuid_spellings(canonical)), f"prediction {given}"
+        )
 
     def _registry_failed(self, what: str, exc: RegistryError) -> web.Response:
         # Not "not registered": MLflow may have it. The CLI retries a 503.
@@ -298,7 +302,12 @@ class QueryApi:
         kind, value = given[0]
         # A commit shorter than git's 7-digit abbreviation finds only itself:
         # registration stores any name an OpenLineage source gives.
-        result = await self.service.store.impact(kind, value)
+        try:
+            result = await self.service.store.impact(kind, value)
+        except AmbiguousCommitError as exc:
+            # As git refuses an ambiguous short sha: the impact of which
+            # commit is asked is not known, and a sum of both is no answer.
+            return _json({"error": str(exc), "matches": exc.commits}, 400)
         if result is None:
             return _error(404, f"nothing known about {kind} {value}")
         return _json(result)
@@ -398,6 +407,21 @@ class QueryApi:
     async def run_retention(self, request: web.Request) -> web.Response:
         """``POST /v1/retention/run``: one pass now; answers its report."""
         return _json(await self.retainer.run_once())
+
+
+def _uuid_spellings(canonical: str) -> tuple[str, ...]:
+    """The spellings a UUID prediction id may be stored in; a caller's own id as it is.
+
+    Lower and upper case, with and without dashes: what producers send. Each
+    is an exact match on the indexed column (no function over it).
+    """
+    try:
+        if str(uuid.UUID(canonical)) != canonical:
+            return (canonical,)
+    except ValueError:
+        return (canonical,)
+    bare = canonical.replace("-", "")
+    return (canonical, canonical.upper(), bare, bare.upper())
 
 
 def _as_answer(predictions: list[dict[str, object]]) -> PivotAnswer:

@@ -254,7 +254,19 @@ def model_lineage_command(
     if answer.status == 404:
         _fail(answer.error)
     _show(output, answer.body, _render("render_model_lineage"), ("model_version", "missing"))
-    _broken([(str(hop), "not registered") for hop in answer.body.get("missing", [])])
+    _broken([(str(m["hop"]), str(m["reason"])) for m in lineage_missing(answer.body)])
+
+
+def lineage_missing(answer: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The missing hops of a model lineage answer, each with its reason.
+
+    A collector that gives no ``missing_reasons`` (an older one) names the
+    hops only: they read "not registered".
+    """
+    reasons = answer.get("missing_reasons")
+    if isinstance(reasons, list):
+        return [m for m in reasons if isinstance(m, Mapping)]
+    return [{"hop": str(h), "reason": "not registered"} for h in answer.get("missing", [])]
 
 
 @click.command("impact")

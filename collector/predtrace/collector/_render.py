@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.markup import escape as markup_escape
 from rich.table import Table
 
+from predtrace.collector._cli import lineage_missing
 from predtrace.collector._terminal import printable
 
 J = Mapping[str, Any]
@@ -117,9 +118,11 @@ def _chain_table(title: str, chain: J, skip: tuple[str, ...] = ()) -> Table:
 def render_pivot(console: Console, answer: J) -> None:
     """Predictions of a trace (or id) and one chain table per distinct chain."""
     predictions = answer["predictions"]
-    table = Table(
-        title=escape(f"{answer['query']}: {len(predictions)} prediction(s)"), title_justify="left"
-    )
+    total = answer.get("total")
+    shown = f"{len(predictions):,} prediction(s)"
+    if isinstance(total, int) and total > len(predictions):  # a truncated answer says so
+        shown = f"{len(predictions):,} of {total:,} prediction(s) shown"
+    table = Table(title=escape(f"{answer['query']}: {shown}"), title_justify="left")
     # An id is copied and pasted: never folded, the other columns give way.
     widest = max((len(str(p["prediction_id"])) for p in predictions), default=10)
     table.add_column("prediction", no_wrap=True, min_width=min(widest, 64))
@@ -131,7 +134,7 @@ def render_pivot(console: Console, answer: J) -> None:
             table,
             p["prediction_id"],
             _short(p.get("timestamp"), 27),
-            f"{model['name']}/{model['version'] or '@' + model['alias']}",
+            _model_name(model),
             f"{dep['id']} {dep.get('pod') or ''}".strip(),
             p["status"],
             _pairs({k: v for k, v in out.items() if v is not None}),
@@ -141,10 +144,23 @@ def render_pivot(console: Console, answer: J) -> None:
     for p in predictions:
         if p["lineage"] not in seen:
             seen.append(p["lineage"])
-            model = p["model"]
-            console.print(
-                _chain_table(escape(f"lineage of {model['name']}/{model['version']}"), p["lineage"])
-            )
+            title = f"lineage of {_chain_name(p['model'], p['lineage'])}"
+            console.print(_chain_table(escape(title), p["lineage"]))
+
+
+def _model_name(model: J) -> str:
+    """What a prediction names: ``name/version``, or ``name@alias`` without a version."""
+    if model.get("version") or not model.get("alias"):
+        return f"{model['name']}/{model.get('version') or ''}"
+    return f"{model['name']}@{model['alias']}"
+
+
+def _chain_name(model: J, chain: J) -> str:
+    """The model a chain explains: the version an alias resolved to, else what was named."""
+    resolved = chain.get("model_version") or {}
+    if not model.get("version") and resolved.get("version"):
+        return f"{model['name']}/{resolved['version']} (@{model.get('alias')})"
+    return _model_name(model)
 
 
 def render_model_lineage(console: Console, answer: J) -> None:
@@ -155,11 +171,7 @@ def render_model_lineage(console: Console, answer: J) -> None:
         "run": run,
         "image": {"digest": ", ".join(model.get("images", []))} if model.get("images") else None,
         "deployment": None,
-        "missing": [
-            {"hop": h, "reason": "not registered"}
-            for h in answer.get("missing", [])
-            if h != "deployment"
-        ],
+        "missing": [m for m in lineage_missing(answer) if m["hop"] != "deployment"],
     }
     # Deployments get their own table below, with prediction counts.
     title = escape(f"model {model['name']}/{model['version']}")
@@ -217,8 +229,30 @@ def render_impact(console: Console, answer: J) -> None:
                     "is in other images too"
                 )
             )
+    matched = _matched(answer)
+    if matched:  # on a line of its own: a digest folded over two lines cannot be found
+        console.print(escape(matched), soft_wrap=True)
     if answer.get("runs"):
         console.print(escape(f"runs: {', '.join(answer['runs'])}"))
+
+
+def _matched(answer: J) -> str:
+    """What a commit or image query found stored, when other than the text given.
+
+    A short sha's full commit; another spelling of an image digest.
+    """
+    node, query = answer.get("node") or {}, answer["query"]
+    if not isinstance(node, Mapping):
+        return ""
+    if query["kind"] == "image" and node.get("stored_as"):
+        return f"image also stored as: {', '.join(str(i) for i in node['stored_as'])}"
+    if query["kind"] != "commit":
+        return ""
+    shas = node.get("sha") or []
+    shas = [str(s) for s in (shas if isinstance(shas, list) else [shas])]
+    if not shas or shas == [str(query["value"])]:
+        return ""
+    return f"commit: {', '.join(shas)}"
 
 
 def render_completeness(console: Console, answer: J) -> None:

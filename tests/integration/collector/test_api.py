@@ -108,6 +108,45 @@ def test_a_uuid_prediction_id_stored_in_another_spelling_is_found_by_that_spelli
         assert status == 200, (given, body)
 
 
+def test_a_uuid_stored_in_any_spelling_is_found_by_any_other(served: Served) -> None:
+    ids = [str(uuid.uuid4()) for _ in range(4)]
+    stored = [ids[0].upper(), ids[1].replace("-", ""), ids[2].replace("-", "").upper(), ids[3]]
+    events = [replace(e, prediction_id=p) for e, p in zip(make_events(4), stored, strict=True)]
+    send(served.url, "p", events)
+    for canonical, kept in zip(ids, stored, strict=True):
+        bare = canonical.replace("-", "")
+        for given in (canonical, canonical.upper(), bare, bare.upper(), f"urn:uuid:{canonical}"):
+            code, out, err = cli(served.url, "trace", given, "-o", "json")
+            assert code in (0, 1) and out, (kept, given, err)  # found (its chain is broken)
+            assert [p["prediction_id"] for p in json.loads(out)["predictions"]] == [kept]
+
+
+def test_impact_by_a_short_sha_of_two_commits_refuses_like_git(served: Served) -> None:
+    first, second = "abcdef1" + "1" * 33, "abcdef1" + "2" * 33
+    for version, sha in (("1", first), ("2", second)):
+        body = {"model": {"name": "m", "version": version}, "run": {"id": f"r{version}"}}
+        assert post_json(f"{served.url}/v1/lineage", {**body, "commit": {"sha": sha}}) == 201
+    send(served.url, "p", make_events(3, model=("m", "1")) + make_events(4, model=("m", "2")))
+    status, _, body = get(f"{served.url}/v1/impact?commit=abcdef1")
+    assert (status, body.get("matches")) == (400, [first, second]), body
+    code, out, err = cli(served.url, "impact", "--commit", "abcdef1")
+    assert code == 2 and not out
+    assert f"prefix of 2 commits ({first}, {second}); give more digits" in err
+    code, out, err = cli(served.url, "impact", "--commit", "abcdef12")
+    assert code == 0, err
+    assert "4 prediction(s)" in out and f"commit: {second}" in out
+
+
+def test_model_lineage_names_why_each_hop_is_missing(served: Served) -> None:
+    body = {"model": {"name": "m2", "version": "1"}, "run": {"id": "r-m2"}}
+    assert post_json(f"{served.url}/v1/lineage", body) == 201
+    code, _, err = cli(served.url, "model", "lineage", "m2/1")
+    assert code == 1
+    assert "chain broken: datasets: run r-m2 logged no dataset inputs" in err
+    assert "chain broken: commit: run r-m2 has no commit" in err
+    assert "not registered" not in err
+
+
 def test_ids_holding_braces_are_reachable_on_every_route(served: Served) -> None:
     prediction_id, producer = "req-{42}", "edge-{7}"
     event = replace(make_events(1)[0], prediction_id=prediction_id)

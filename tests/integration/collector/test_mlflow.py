@@ -143,11 +143,22 @@ def test_a_prediction_naming_only_an_alias_is_resolved_through_mlflow(
 ) -> None:
     run_id = register_model(mlflow_server, "alias-only-mlflow")
     served = serve_collector(f"sqlite:///{tmp_path}/c.db", "--mlflow", mlflow_server)
-    trace = "7bf92f3577b34da6a3ce929d0e0e4739"
-    events = make_events(
-        2, trace_id=bytes.fromhex(trace), model=("alias-only-mlflow", ""), alias="champion"
-    )
-    asyncio.run(_send(served.url, [ChainedProducer("p").body(events)]))
+    producer = ChainedProducer("p")
+    early, trace = "6bf92f3577b34da6a3ce929d0e0e4739", "7bf92f3577b34da6a3ce929d0e0e4739"
+
+    def alias_only(trace_id: str) -> bytes:
+        events = make_events(
+            2, trace_id=bytes.fromhex(trace_id), model=("alias-only-mlflow", ""), alias="champion"
+        )
+        return producer.body(events)
+
+    # Served before the collector first asked MLflow where champion points:
+    # MLflow says where an alias is now, not since when, so which version
+    # served these is not known.
+    asyncio.run(_send(served.url, [alias_only(early)]))
+    code, out, err = cli(served.url, "model", "lineage", "alias-only-mlflow@champion", "-o", "json")
+    assert json.loads(out)["model_version"]["version"] == "1", err
+    asyncio.run(_send(served.url, [alias_only(trace)]))
 
     _, out, err = cli(served.url, "trace", trace, "-o", "json")
     lineage = json.loads(out)["predictions"][0]["lineage"]
@@ -155,6 +166,10 @@ def test_a_prediction_naming_only_an_alias_is_resolved_through_mlflow(
     assert lineage["model_version"]["resolved_via_alias"] == "champion"
     assert lineage["run"]["id"] == run_id
     assert "model_version" not in [m["hop"] for m in lineage["missing"]]
+    code, out, err = cli(served.url, "trace", early, "-o", "json")
+    lineage = json.loads(out)["predictions"][0]["lineage"]
+    assert code == 1 and lineage["model_version"] is None
+    assert "or first made known to the store" in err
 
 
 async def test_an_alias_moved_in_mlflow_wins_once_the_cached_answer_is_stale(

@@ -306,6 +306,9 @@ async def test_a_prediction_naming_only_an_alias_is_resolved_through_mlflow(
 ) -> None:
     mlflow.versions[("m", "2")] = {}
     mlflow.aliases[("m", "staging")] = "2"
+    # The store learns the alias before predictions name it (a lookup by
+    # alias, a query of another prediction): it holds for them.
+    assert await service.resolve_alias("m", "staging") == "2"
     await _serve(store, ("m", ""), alias="staging")
 
     predictions = await service.pivot("trace_id", TRACE, 10)
@@ -315,11 +318,33 @@ async def test_a_prediction_naming_only_an_alias_is_resolved_through_mlflow(
     assert predictions[0]["lineage"]["run"]["id"] == "r-1"
 
 
+async def test_predictions_older_than_the_stores_first_sight_of_an_alias_are_not_explained(
+    service: LineageService, store: Store, mlflow: FakeMlflow
+) -> None:
+    # Served while staging pointed at version 1; by the first query MLflow
+    # has moved it to version 2 (created after them): version 2 must not be
+    # said to have served them, since MLflow says where an alias is, not
+    # since when.
+    await _serve(store, ("m", ""), alias="staging")
+    mlflow.versions[("m", "2")] = {}
+    mlflow.aliases[("m", "staging")] = "2"
+    predictions = await service.pivot("trace_id", TRACE, 10)
+    assert predictions[0]["lineage"]["model_version"] is None
+    reason = _model_hop(predictions[0])
+    assert "alias 'staging' was moved to version 2, or first made known to the store" in reason
+    assert "the version that served them is unknown" in reason
+    completeness = await service.completeness()
+    assert completeness["complete"] == 0
+    lineage = await service.model_lineage("m", "2")
+    assert lineage is not None and lineage["predictions"] == 0
+
+
 async def test_an_alias_only_prediction_follows_the_alias_once_mlflow_moved_it(
     service: LineageService, store: Store, mlflow: FakeMlflow, clock: Clock
 ) -> None:
     mlflow.versions.update({("m", "2"): {}, ("m", "3"): {}})
     mlflow.aliases[("m", "staging")] = "2"
+    assert await service.resolve_alias("m", "staging") == "2"  # known before predictions
     await _serve(store, ("m", ""), alias="staging")
     await service.pivot("trace_id", TRACE, 10)
     mlflow.aliases[("m", "staging")] = "3"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Literal
 
 from predtrace.collector.store._ops import Fetch, Plan
 from predtrace.collector.store._rows import iso_time
@@ -102,43 +102,126 @@ def image_plan(digest: str) -> Plan[Json]:
     return {"digest": digest, "name": rows[0][0] if rows else ""}
 
 
-def _resolve_version(
-    name: str, version: str, alias: str, since_ns: int
-) -> Plan[tuple[str, bool, str]]:
-    """(version, resolved through the alias, why not) of what a prediction names.
+AliasState = Literal["", "untimed", "moved", "registered"]
+"""Whether a prediction naming only an alias is explained by the alias's version.
 
-    An alias resolves to the version it points at only for predictions made
-    after it last moved there (``since_ns``, the earliest of them; 0: not
-    known): an older one was served by an earlier version.
+"": it is. "untimed": it has no timestamp and the alias has moved (or was
+first learned after predictions named it). "moved": it was made before the
+alias last moved, or before the store first learned the alias while
+predictions already named it. "registered": it was made before the store
+learned of the version the alias points at.
+"""
+
+# An alias-only ``served`` row ``s`` counts for the version its alias ``a``
+# points at (whose ``model_versions`` row is ``v``) by ``alias_state``'s rule,
+# applied to the row's first prediction: its first timestamped one
+# (``first_seen_ns``), or 0 when none of its predictions has a timestamp.
+ALIAS_HOLDS: Final = (
+    "((s.first_seen_ns > 0 AND s.first_seen_ns >= a.moved_ns"
+    " AND s.first_seen_ns >= coalesce(v.registered_ns, 0))"
+    " OR (s.first_seen_ns = 0 AND a.moved_ns = 0))"
+)
+ALIAS_JOIN: Final = (
+    "served s JOIN model_aliases a ON a.name = s.model_name AND a.alias = s.model_alias"
+    " LEFT JOIN model_versions v ON v.name = a.name AND v.version = a.version"
+)
+"""``FROM`` text of the alias-only served rows with their alias and its version."""
+
+
+def alias_state(ts_ns: int | None, moved_ns: int, registered_ns: int) -> AliasState:
+    """Whether a prediction made at ``ts_ns`` is explained by its alias's current version.
+
+    ``moved_ns``: since when the alias points there (0: since before any
+    prediction named it); ``registered_ns``: when the store learned of that
+    version. ``ts_ns`` None: no particular prediction (the alias as it is
+    now); 0: a prediction without a timestamp, which may be from any time,
+    so it is explained only by an alias that never moved.
     """
-    if version or not (name and alias):
-        return version, False, ""
+    if ts_ns is None:
+        return ""
+    if ts_ns == 0:
+        return "untimed" if moved_ns else ""
+    if ts_ns < moved_ns:
+        return "moved"
+    # A version the store learned of after the prediction: the alias may
+    # have pointed elsewhere then (MLflow's creation time is not stored; the
+    # store's first sight of the version is no earlier than it).
+    if ts_ns < registered_ns:
+        return "registered"
+    return ""
+
+
+def alias_plan(name: str, alias: str) -> Plan[tuple[str, int, int] | None]:
+    """(version, moved_ns, the version's registered_ns) of an alias, or None."""
     rows = yield Fetch(
-        "SELECT version, moved_ns FROM model_aliases WHERE name = ? AND alias = ?",
+        "SELECT a.version, a.moved_ns, coalesce(v.registered_ns, 0) FROM model_aliases a"
+        " LEFT JOIN model_versions v ON v.name = a.name AND v.version = a.version"
+        " WHERE a.name = ? AND a.alias = ?",
         (name, alias),
     )
     if not rows:
-        return "", False, ""
-    current, moved_ns = rows[0][0], int(rows[0][1] or 0)
-    if since_ns and since_ns < moved_ns:
+        return None
+    return str(rows[0][0]), int(rows[0][1] or 0), int(rows[0][2] or 0)
+
+
+def _unresolved_reason(
+    name: str, alias: str, known: tuple[str, int, int], state: AliasState, since_ns: int
+) -> str:
+    current, moved_ns, registered_ns = known
+    head = f"model {name} has no version, and alias {alias!r}"
+    tail = "the version that served them is unknown"
+    if state == "untimed":
         return (
-            "",
-            False,
-            (
-                f"model {name} has no version, and alias {alias!r} was moved to version "
-                f"{current} at {iso_time(moved_ns)}, after these predictions began "
-                f"({iso_time(since_ns)}): the version that served them is unknown"
-            ),
+            f"model {name} has no version, the prediction has no timestamp, and alias "
+            f"{alias!r} was moved to version {current}, or first made known to the store, "
+            f"at {iso_time(moved_ns)}: the version that served it is unknown"
         )
-    return current, True, ""
-
-
-def alias_moved_plan(name: str, alias: str) -> Plan[int]:
-    """When alias ``name@alias`` was last moved to another version (0: never, or unknown)."""
-    rows = yield Fetch(
-        "SELECT moved_ns FROM model_aliases WHERE name = ? AND alias = ?", (name, alias)
+    if state == "moved":
+        return (
+            f"{head} was moved to version {current}, or first made known to the store, at "
+            f"{iso_time(moved_ns)}, after these predictions began ({iso_time(since_ns)}): {tail}"
+        )
+    return (
+        f"{head} points at version {current}, which the store learned of at "
+        f"{iso_time(registered_ns)}, after these predictions began ({iso_time(since_ns)}): "
+        f"{tail}"
     )
-    return int(rows[0][0] or 0) if rows else 0
+
+
+def _resolve_version(
+    name: str, version: str, alias: str, since_ns: int | None
+) -> Plan[tuple[str, bool, str]]:
+    """(version, resolved through the alias, why not) of what a prediction names.
+
+    An alias resolves to the version it points at only for predictions it
+    pointed there for (``alias_state``; ``since_ns``: the earliest of them).
+    """
+    if version or not (name and alias):
+        return version, False, ""
+    known = yield from alias_plan(name, alias)
+    if known is None:
+        return "", False, ""
+    state = alias_state(since_ns, known[1], known[2])
+    if state:
+        return "", False, _unresolved_reason(name, alias, known, state, since_ns or 0)
+    return known[0], True, ""
+
+
+def known_images_plan(name: str, version: str, registered: list[str]) -> Plan[list[str]]:
+    """The images a model version is known in: ``registered``, and named by its predictions.
+
+    Predictions that name only an alias count for the version by the rule
+    the pivot explains them by (``ALIAS_HOLDS``).
+    """
+    served = yield Fetch(
+        "SELECT DISTINCT image_digest FROM served WHERE model_name = ? AND model_version = ?"  # noqa: S608 - fixed SQL fragments, values are bound
+        " AND image_digest <> ''"
+        f" UNION SELECT DISTINCT s.image_digest FROM {ALIAS_JOIN}"
+        " WHERE s.model_name = ? AND s.model_version = '' AND s.model_alias <> ''"
+        f" AND a.version = ? AND s.image_digest <> '' AND {ALIAS_HOLDS}",
+        (name, version, name, version),
+    )
+    return sorted({*registered, *(str(r[0]) for r in served)})
 
 
 def _model_missing(name: str, version: str, alias: str) -> str:
@@ -149,11 +232,12 @@ def _model_missing(name: str, version: str, alias: str) -> str:
     return f"model version {name}/{version} is not registered (CI hook, OpenLineage or MLflow)"
 
 
-def chain_plan(key: ChainKey, since_ns: int = 0) -> Plan[Json]:
+def chain_plan(key: ChainKey, since_ns: int | None = None) -> Plan[Json]:
     """The chain of one (model, deployment, image) group with its missing hops.
 
-    ``since_ns``: when the earliest prediction explained was made (0: not
-    known), for a group that names only an alias (see ``_resolve_version``).
+    ``since_ns``: when the earliest prediction explained was made (0: it has
+    no timestamp; None: no particular prediction), for a group that names
+    only an alias (see ``alias_state``).
     """
     name, version, alias, deployment_id, image = key
     missing: list[Json] = []
@@ -174,16 +258,19 @@ def chain_plan(key: ChainKey, since_ns: int = 0) -> Plan[Json]:
     else:
         model["resolved_via_alias"] = alias if via_alias else None
         run = (yield from run_plan(str(model["run_id"]))) if model["run_id"] else None
-    images = model["images"] if model is not None else []
-    image_digest = image or (str(images[0]) if isinstance(images, list) and images else "")
-    if not image_digest:
-        miss("image", "no image digest in the event and none registered for the model version")
+    image_digest = image
+    if not image and model is not None:
+        image_digest, reason = yield from _only_image(name, version, model)
+        if reason:
+            miss("image", reason)
+    elif not image:
+        miss("image", "no image digest in the event, and no model version to look one up by")
     if model is not None and run is None:
         reason = "registered without a run" if not model["run_id"] else "run is not registered"
         miss("run", f"model version {name}/{version}: {reason} ({model['run_id'] or '-'})")
     if model is None:
         miss("run", "unknown: the model version is not registered")
-    _run_missing(run, model is not None, miss)
+    run_missing(run, model is not None, miss)
     chain: Json = {
         "deployment": deployment,
         "image": (yield from image_plan(image_digest)) if image_digest else None,
@@ -195,7 +282,45 @@ def chain_plan(key: ChainKey, since_ns: int = 0) -> Plan[Json]:
     return chain
 
 
-def _run_missing(run: Json | None, known: bool, miss: Callable[[str, str], None]) -> None:
+def image_key(text: str) -> str:
+    """What identifies an image digest however it is spelled: the digest's hex digits.
+
+    ``sha256:X`` (a CI hook), ``repo@sha256:X`` and ``docker-pullable://repo@sha256:X``
+    (what a runtime reports), and ``X`` alone name one image; case does not
+    matter. Text of another shape is its own key.
+    """
+    text = text.strip().lower()
+    head, sep, tail = text.rpartition("sha256:")
+    return tail if sep and (not head or head.endswith(("@", "://"))) else text
+
+
+def _only_image(name: str, version: str, model: Json) -> Plan[tuple[str, str]]:
+    """(image, why none) of a prediction that names no image, by its model version.
+
+    The version's image only when it has one known image (registered, or
+    named by its other predictions): of several, which one served the
+    prediction is not known (``impact --image`` counts it apart for the same
+    reason).
+    """
+    registered = model["images"] if isinstance(model["images"], list) else []
+    images = yield from known_images_plan(name, version, [str(i) for i in registered])
+    distinct = len({image_key(i) for i in images})
+    if distinct == 1:
+        # One image, perhaps in several spellings: sha256:X when stored so.
+        plain = sorted(images, key=lambda i: (not i.lower().startswith("sha256:"), len(i), i))
+        return plain[0], ""
+    if not images:
+        return "", (
+            f"no image digest in the event and none known for model version {name}/{version}"
+        )
+    return "", (
+        f"the event names no image, and model version {name}/{version} is in "
+        f"{distinct} images ({', '.join(images[:3])}{', …' if len(images) > 3 else ''})"
+    )
+
+
+def run_missing(run: Json | None, known: bool, miss: Callable[[str, str], None]) -> None:
+    """Name the commit and datasets hops a run lacks (``known``: the model version is)."""
     if run is None:
         reason = "unknown: no training run" if known else "unknown: no model version"
         miss("commit", reason)

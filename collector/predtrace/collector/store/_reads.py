@@ -9,17 +9,25 @@ cost one row per (deployment, model version, image), not one per prediction.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import Final
 
 from predtrace.collector.store._chain import (
+    ALIAS_HOLDS,
+    ALIAS_JOIN,
+    AliasState,
     ChainKey,
     Json,
-    alias_moved_plan,
+    alias_plan,
+    alias_state,
     chain_plan,
     deployment_plan,
+    image_key,
+    known_images_plan,
     model_plan,
+    run_missing,
     run_plan,
 )
 from predtrace.collector.store._ops import Fetch, Plan, Row, in_list
@@ -43,6 +51,7 @@ _TEXT_SIZE: Final = " + ".join(f"coalesce(length({c}), 0)" for c in _TEXT_COLUMN
 _KEY_COLUMNS: Final = "model_name, model_version, model_alias, deployment_id, image_digest"
 _LINEAGE_KEY: Final = len(', "lineage": ')
 _MIN_SHORT_SHA: Final = 7
+_HEX64: Final = re.compile(r"[0-9a-f]{64}")
 
 
 class PivotAnswer(list[Json]):
@@ -134,40 +143,40 @@ def pivot_plan(
             (*args, *ids),
         )
     answer = PivotAnswer()
-    chains: dict[ChainKey, Json] = {}
-    after_move: dict[ChainKey, Json] = {}  # alias-only groups: their predictions after the move
-    moves: dict[ChainKey, int] = {}
-    sizes: dict[tuple[ChainKey, bool], int] = {}
+    # One chain per key, and for a key that names only an alias one per
+    # ``alias_state``: one trace may hold predictions from before and after
+    # the alias moved, each explained by its own time.
+    chains: dict[tuple[ChainKey, AliasState], Json] = {}
+    aliases: dict[ChainKey, tuple[str, int, int] | None] = {}
+    sizes: dict[tuple[ChainKey, AliasState], int] = {}
     listed: Counter[ChainKey] = Counter()
     room = max_bytes
     for row in rows:
         key, ts = chain_key(row), int(row[3])
-        if key not in chains:  # rows come oldest first: its earliest prediction
-            chains[key] = yield from chain_plan(key, ts)
-            sizes[key, False] = _size(chains[key])
-        chain, later = chains[key], False
-        if key[2] and not key[1] and chain["model_version"] is None:
-            # Unresolved because the alias moved after the group's first
-            # prediction: one made after the move is the alias's version's.
-            if key not in moves:
-                moves[key] = yield from alias_moved_plan(key[0], key[2])
-            if moves[key] and ts >= moves[key]:
-                if key not in after_move:
-                    after_move[key] = yield from chain_plan(key, ts)
-                    sizes[key, True] = _size(after_move[key])
-                chain, later = after_move[key], True
+        state: AliasState = ""
+        if key[0] and key[2] and not key[1]:
+            if key not in aliases:
+                aliases[key] = yield from alias_plan(key[0], key[2])
+            known = aliases[key]
+            state = alias_state(ts, known[1], known[2]) if known is not None else ""
+        if (key, state) not in chains:  # rows come oldest first: its earliest prediction
+            chains[key, state] = yield from chain_plan(key, ts)
+            sizes[key, state] = _size(chains[key, state])
         prediction = prediction_json(row)
-        room -= _size(prediction) + _LINEAGE_KEY + sizes[key, later]
+        room -= _size(prediction) + _LINEAGE_KEY + sizes[key, state]
         if room < 0:
             break
-        prediction["lineage"] = chain
+        prediction["lineage"] = chains[key, state]
         answer.append(prediction)
         listed[key] += 1
     answer.total = len(sized)
+    first: dict[ChainKey, Json] = {}
+    for (key, _), chain in chains.items():
+        first.setdefault(key, chain)
     if len(answer) < len(sized):
         answer.cut_by = "limit" if len(answer) == limit else "bytes"
-        yield from _unlisted_plan(answer, (where, args), limit, listed, chains)
-    unresolved = [k for k, c in chains.items() if c["model_version"] is None and k[0] and k[1]]
+        yield from _unlisted_plan(answer, (where, args), limit, listed, first)
+    unresolved = [k for k, c in first.items() if c["model_version"] is None and k[0] and k[1]]
     return answer, unresolved
 
 
@@ -212,29 +221,30 @@ def _unlisted_plan(
 
 
 def _deployments_of(
-    name: str, version: str, image: str | None, *, imageless: bool = True
+    name: str, version: str, image: Sequence[str] | None, *, imageless: bool = True
 ) -> Plan[list[Json]]:
     """Per deployment, the predictions of a model version (in ``image``, when given).
 
-    With ``image``, predictions that name no image count too when ``imageless``.
+    ``image``: the spellings of one image. With it, predictions that name no
+    image count too when ``imageless``.
     Predictions that name only an alias count when the alias points at the
-    version and did since before the first of them (as ``completeness`` says).
+    version and did since before the first of them (``ALIAS_HOLDS``, as
+    ``trace`` and ``completeness`` say).
     """
     sql = (
-        "SELECT deployment_id, sum(predictions), min(CASE WHEN first_seen_ns > 0"
+        "SELECT deployment_id, sum(predictions), min(CASE WHEN first_seen_ns > 0"  # noqa: S608 - fixed SQL fragments, values are bound
         " THEN first_seen_ns END), max(last_seen_ns) FROM ("
         "SELECT deployment_id, predictions, first_seen_ns, last_seen_ns, image_digest"
         " FROM served WHERE model_name = ? AND model_version = ?"
         " UNION ALL SELECT s.deployment_id, s.predictions, s.first_seen_ns, s.last_seen_ns,"
-        " s.image_digest FROM served s JOIN model_aliases a"
-        " ON a.name = s.model_name AND a.alias = s.model_alias"
+        f" s.image_digest FROM {ALIAS_JOIN}"
         " WHERE s.model_name = ? AND s.model_version = '' AND s.model_alias <> ''"
-        " AND a.version = ? AND s.first_seen_ns >= a.moved_ns) g WHERE 1 = 1"
+        f" AND a.version = ? AND {ALIAS_HOLDS}) g WHERE 1 = 1"
     )
     args: tuple[object, ...] = (name, version, name, version)
     if image is not None:
-        condition = " AND image_digest IN (?, '')" if imageless else " AND image_digest = ?"
-        sql, args = sql + condition, (*args, image)
+        forms = (*image, "") if imageless else tuple(image)
+        sql, args = sql + f" AND image_digest IN ({in_list(len(forms))})", (*args, *forms)
     rows = yield Fetch(sql + " GROUP BY deployment_id ORDER BY deployment_id", args)
     return [
         {
@@ -248,7 +258,11 @@ def _deployments_of(
 
 
 def model_lineage_plan(name: str, version: str) -> Plan[Json | None]:
-    """A model version's run, commit, datasets, images and deployments, or None."""
+    """A model version's run, commit, datasets, images and deployments, or None.
+
+    ``missing`` names the hops not known; ``missing_reasons`` says why each
+    is missing, as ``trace`` does (same shape as a chain's ``missing``).
+    """
     model = yield from model_plan(name, version)
     if model is None:
         return None
@@ -258,46 +272,62 @@ def model_lineage_plan(name: str, version: str) -> Plan[Json | None]:
         if item["id"]:
             item["node"] = yield from deployment_plan(str(item["id"]))
     model["images"] = yield from _images_of(name, version, model)
-    missing = [hop for hop, ok in _hops_present(model, run, deployments) if not ok]
+    reasons = _lineage_missing(name, version, model, run, deployments)
     return {
         "model_version": model,
         "run": run,
         "deployments": deployments,
         "predictions": sum(int(d["predictions"]) for d in deployments),  # type: ignore[call-overload]
-        "missing": missing,
-        "complete": not missing,
+        "missing": [str(m["hop"]) for m in reasons],
+        "missing_reasons": reasons,
+        "complete": not reasons,
     }
+
+
+def _lineage_missing(
+    name: str, version: str, model: Json, run: Json | None, deps: list[Json]
+) -> list[Json]:
+    """The missing hops of a model version's lineage, each with its reason."""
+    missing: list[Json] = []
+
+    def miss(hop: str, reason: str) -> None:
+        missing.append({"hop": hop, "reason": reason})
+
+    if run is None:
+        reason = "registered without a run" if not model["run_id"] else "run is not registered"
+        miss("run", f"model version {name}/{version}: {reason} ({model['run_id'] or '-'})")
+    run_missing(run, True, miss)
+    if not model["images"]:
+        miss(
+            "image", f"no image registered for {name}/{version}, and none named by its predictions"
+        )
+    if not any(d["id"] for d in deps):
+        miss(
+            "deployment",
+            f"no deployment registered for {name}/{version}, and none named by its predictions",
+        )
+    order = ("run", "commit", "datasets", "image", "deployment")
+    return sorted(missing, key=lambda m: order.index(str(m["hop"])))
 
 
 def _images_of(name: str, version: str, model: Json | None) -> Plan[list[str]]:
     """The images a model version is known in: registered, and named by its predictions."""
-    served = yield Fetch(
-        "SELECT DISTINCT image_digest FROM served WHERE model_name = ? AND model_version = ?"
-        " AND image_digest <> ''",
-        (name, version),
-    )
     registered = model["images"] if model is not None else []
-    return sorted({*registered, *(r[0] for r in served)})  # type: ignore[misc]
+    assert isinstance(registered, list)  # noqa: S101 - model_plan sets a list
+    return (yield from known_images_plan(name, version, [str(i) for i in registered]))
 
 
 def _imageless(name: str, version: str) -> Plan[int]:
-    """How many predictions of a model version name no image."""
+    """How many predictions of a model version name no image (by version or alias)."""
     rows = yield Fetch(
-        "SELECT sum(predictions) FROM served WHERE model_name = ? AND model_version = ?"
-        " AND image_digest = ''",
-        (name, version),
+        "SELECT sum(predictions) FROM (SELECT predictions FROM served"  # noqa: S608 - fixed SQL fragments, values are bound
+        " WHERE model_name = ? AND model_version = ? AND image_digest = ''"
+        f" UNION ALL SELECT s.predictions FROM {ALIAS_JOIN}"
+        " WHERE s.model_name = ? AND s.model_version = '' AND s.model_alias <> ''"
+        f" AND a.version = ? AND s.image_digest = '' AND {ALIAS_HOLDS}) g",
+        (name, version, name, version),
     )
     return int(rows[0][0] or 0) if rows else 0
-
-
-def _hops_present(model: Json, run: Json | None, deps: list[Json]) -> list[tuple[str, bool]]:
-    return [
-        ("run", run is not None),
-        ("commit", run is not None and run["commit"] is not None),
-        ("datasets", run is not None and bool(run["datasets"])),
-        ("image", bool(model["images"])),
-        ("deployment", any(d["id"] for d in deps)),
-    ]
 
 
 def _runs_for(kind: str, value: str) -> Plan[tuple[list[str], Json | None]]:
@@ -317,16 +347,72 @@ def _runs_for(kind: str, value: str) -> Plan[tuple[list[str], Json | None]]:
     )
     runs = [r for r in candidates if same_commit(r[1], value)]
     shas = sorted({r[1] for r in runs})
+    commits = _distinct_commits(shas)
+    if len(commits) > 1:
+        raise AmbiguousCommitError(value, commits)
     return sorted(r[0] for r in runs), ({"sha": shas} if shas else None)
 
 
-def _models_for(kind: str, value: str, run_ids: Sequence[str]) -> Plan[list[Row]]:
+class AmbiguousCommitError(LookupError):
+    """A short sha that names several stored commits: which one is meant is not known.
+
+    Refused as git refuses an ambiguous short object name, rather than
+    summing the impact of unrelated commits.
+    """
+
+    def __init__(self, given: str, commits: list[str]) -> None:
+        self.given, self.commits = given, commits
+        super().__init__(
+            f"commit {given} is ambiguous: it is a prefix of {len(commits)} commits"
+            f" ({', '.join(commits)}); give more digits"
+        )
+
+
+def _distinct_commits(shas: Sequence[str]) -> list[str]:
+    """The commits among stored forms of shas: a form that is a prefix of another is that one."""
+    commits: dict[str, str] = {}  # lower case -> as stored
+    for sha in sorted(shas, key=len, reverse=True):
+        if not any(known.startswith(sha.lower()) for known in commits):
+            commits[sha.lower()] = sha
+    return sorted(commits.values())
+
+
+def _image_spellings(value: str) -> Plan[list[str]]:
+    """The stored spellings of the image ``value`` names (``image_key``), ``value`` first.
+
+    A CI hook registers ``sha256:X``, a runtime may report ``repo@sha256:X``
+    or ``X``: one image. Only a sha256 digest has other spellings; any other
+    text is matched as given.
+    """
+    key = image_key(value)
+    if not _HEX64.fullmatch(key):
+        return [value]
+    # LIKE narrows (these tables hold a row per image or group, not per
+    # prediction); image_key decides.
+    pattern = f"%{key}"
+    rows = yield Fetch(
+        "SELECT image_digest FROM served WHERE lower(image_digest) LIKE ?"
+        " UNION SELECT image_digest FROM model_images WHERE lower(image_digest) LIKE ?"
+        " UNION SELECT digest FROM images WHERE lower(digest) LIKE ?",
+        (pattern, pattern, pattern),
+    )
+    stored = {str(r[0]) for r in rows if image_key(str(r[0])) == key}
+    return [value, *sorted(stored - {value})]
+
+
+def _models_for(kind: str, values: Sequence[str], run_ids: Sequence[str]) -> Plan[list[Row]]:
     if kind == "image":
+        # Predictions that name only an alias count for the version it
+        # points at, by the pivot's rule (as in ``_deployments_of``).
+        marks = in_list(len(values))
         rows = yield Fetch(
-            "SELECT name, version FROM model_images WHERE image_digest = ?"
+            f"SELECT name, version FROM model_images WHERE image_digest IN ({marks})"  # noqa: S608 - fixed SQL fragments, values are bound
             " UNION SELECT model_name, model_version FROM served"
-            " WHERE image_digest = ? AND model_version <> ''",
-            (value, value),
+            f" WHERE image_digest IN ({marks}) AND model_version <> ''"
+            f" UNION SELECT a.name, a.version FROM {ALIAS_JOIN}"
+            f" WHERE s.image_digest IN ({marks}) AND s.model_version = ''"
+            f" AND s.model_alias <> '' AND {ALIAS_HOLDS}",
+            (*values, *values, *values),
         )
         return sorted(rows)
     if not run_ids:
@@ -341,15 +427,25 @@ def _models_for(kind: str, value: str, run_ids: Sequence[str]) -> Plan[list[Row]
 def impact_plan(kind: str, value: str) -> Plan[Json | None]:
     """From a dataset digest, commit sha (or prefix) or image digest to the predictions.
 
-    Returns None when the store knows nothing of ``value``.
+    An image is found in any of its spellings (``image_key``); the answer's
+    node names those stored. Returns None when the store knows nothing of
+    ``value``.
+
+    Raises:
+        AmbiguousCommitError: a short sha that several stored commits begin with.
     """
     if kind not in ("dataset", "commit", "image"):
         raise ValueError(f"impact by {kind!r}: use dataset, commit or image")
     run_ids: list[str] = []
     node: Json | None = None
+    spellings = [value]
     if kind != "image":
         run_ids, node = yield from _runs_for(kind, value)
-    models = yield from _models_for(kind, value, run_ids)
+    else:
+        spellings = yield from _image_spellings(value)
+        if len(spellings) > 1:
+            node = {"digest": value, "stored_as": spellings[1:]}
+    models = yield from _models_for(kind, spellings, run_ids)
     if node is None and not run_ids and not models:
         return None
     versions = []
@@ -361,8 +457,9 @@ def impact_plan(kind: str, value: str) -> Plan[Json | None]:
             continue
         # A prediction that names no image was served from this one only if
         # it is the version's only known image; else it is reported apart.
-        sole = (yield from _images_of(name, version, model)) == [value]
-        deployments = yield from _deployments_of(name, version, value, imageless=sole)
+        images = yield from _images_of(name, version, model)
+        sole = {image_key(i) for i in images} == {image_key(value)}
+        deployments = yield from _deployments_of(name, version, spellings, imageless=sole)
         entry = _impact_entry(name, version, model, deployments)
         entry["image_unknown"] = 0 if sole else (yield from _imageless(name, version))
         versions.append(entry)

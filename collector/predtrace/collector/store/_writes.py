@@ -181,7 +181,7 @@ _SERVED_UPSERT = (
     " ON CONFLICT (deployment_id, model_name, model_version, model_alias, image_digest)"
     " DO UPDATE SET predictions = served.predictions + excluded.predictions,"
     " first_seen_ns = CASE WHEN served.first_seen_ns = 0"
-    " OR excluded.first_seen_ns < served.first_seen_ns"
+    " OR (excluded.first_seen_ns > 0 AND excluded.first_seen_ns < served.first_seen_ns)"
     " THEN excluded.first_seen_ns ELSE served.first_seen_ns END,"
     " last_seen_ns = CASE WHEN excluded.last_seen_ns > served.last_seen_ns"
     " THEN excluded.last_seen_ns ELSE served.last_seen_ns END"
@@ -189,6 +189,13 @@ _SERVED_UPSERT = (
 
 
 def _served_groups(rows: Sequence[Row]) -> dict[ServedKey, list[int]]:
+    """[count, first, last] timestamps per served key.
+
+    ``first`` is the earliest of the events that have a timestamp (0: none
+    has). An event without one (0) may have been made at any time: taken as
+    the earliest, it would date its group to 1970, and a group that names
+    only an alias would then read as older than the alias's every move.
+    """
     groups: dict[ServedKey, list[int]] = {}
     for row in rows:
         key, ts = served_key(row), row[3]
@@ -197,7 +204,8 @@ def _served_groups(rows: Sequence[Row]) -> dict[ServedKey, list[int]]:
             groups[key] = [1, ts, ts]
         else:
             group[0] += 1
-            group[1] = min(group[1], ts)
+            if ts and (not group[1] or ts < group[1]):
+                group[1] = ts
             group[2] = max(group[2], ts)
     return groups
 
@@ -466,18 +474,7 @@ def _register_model(
         ),
     )
     if model.aliases:
-        # A move to another version is stamped with its time; a first
-        # registration is not a move (predictions may predate the CI hook).
-        yield ExecMany(
-            "UPDATE model_aliases SET version = ?, moved_ns = ?"
-            " WHERE name = ? AND alias = ? AND version <> ?",
-            [(model.version, now_ns, model.name, a, model.version) for a in model.aliases],
-        )
-        yield ExecMany(
-            "INSERT INTO model_aliases (name, alias, version, moved_ns) VALUES (?, ?, ?, 0)"
-            " ON CONFLICT (name, alias) DO NOTHING",
-            [(model.name, alias, model.version) for alias in model.aliases],
-        )
+        yield from _register_aliases(model.name, model.version, model.aliases, now_ns)
     if reg.image is not None:
         yield Exec(
             "INSERT INTO model_images (name, version, image_digest) VALUES (?, ?, ?)"
@@ -486,6 +483,35 @@ def _register_model(
         )
         if replace:
             yield from _replace_image(reg, model.name, model.version, reg.image.digest)
+
+
+def _register_aliases(name: str, version: str, aliases: Sequence[str], now_ns: int) -> Plan[None]:
+    """Point ``aliases`` at ``version``, stamping since when the store knows they do.
+
+    A move to another version is stamped with its time. So is an alias the
+    store learns only now while predictions that name it (and no version)
+    are stored already: the alias may have pointed elsewhere when they were
+    made (MLflow and a CI hook say where an alias points, not since when), so
+    they are reported unknown rather than explained by a version that may
+    not have served them, even not existed then. An alias learned before
+    any prediction named it holds for all of them (0).
+    """
+    yield ExecMany(
+        "UPDATE model_aliases SET version = ?, moved_ns = ?"
+        " WHERE name = ? AND alias = ? AND version <> ?",
+        [(version, now_ns, name, a, version) for a in aliases],
+    )
+    named = yield Fetch(
+        "SELECT DISTINCT model_alias FROM served WHERE model_name = ? AND model_version = ''"  # noqa: S608 - placeholders only
+        f" AND model_alias IN ({in_list(len(aliases))}) AND predictions > 0",
+        (name, *aliases),
+    )
+    predicted = {str(r[0]) for r in named}
+    yield ExecMany(
+        "INSERT INTO model_aliases (name, alias, version, moved_ns) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (name, alias) DO NOTHING",
+        [(name, a, version, now_ns if a in predicted else 0) for a in aliases],
+    )
 
 
 def _replace_image(reg: Registration, name: str, version: str, image: str) -> Plan[None]:
