@@ -152,6 +152,7 @@ class SidecarApp:
             files=self._files,
             faults=self._faults,
             fresh_numbering=fresh,
+            renumber=self._renumbered_producer_id,
         )
         self._shipper_task = asyncio.create_task(self._shipper.run(), name="predtrace-shipper")
         self._shipper_task.add_done_callback(self._on_shipper_done)
@@ -239,7 +240,11 @@ class SidecarApp:
         no longer be trusted, so the sidecar continues under a derived id
         (``<id>-r<hex>``, kept in the directory) that can never collide with
         the old seqs; a token made by ``predtrace collector token --producer
-        <id>`` accepts it.
+        <id>`` accepts it. A configured id other than the kept one (and not
+        one of its ``-r`` restarts) is new too: it must not carry on the old
+        id's numbering, which the collector would report as missing batches.
+        A new id's numbering is reset in the spool state before the id is
+        kept, so a death in between cannot leave the new id on the old seqs.
 
         A kept id that breaks the ``--producer-id`` rules (a damaged file) is
         logged and replaced the same way, by a new id whose seqs start at 1:
@@ -262,10 +267,20 @@ class SidecarApp:
                 damage,
                 kept,
             )
+            self._reset_numbering()
             _write_atomic(self._files, path, kept.encode())
             return kept, True
-        kept = stored
+        kept, fresh = stored, False
         if configured and not (kept == configured or kept.startswith(configured + "-r")):
+            if stored:
+                _log.warning(
+                    "--producer-id %s replaces the producer id %s kept in %s; seqs start at 1",
+                    configured,
+                    stored,
+                    path,
+                )
+                self._reset_numbering()
+                fresh = True
             kept = configured
         if not kept:
             kept = _new_producer_id()
@@ -275,7 +290,28 @@ class SidecarApp:
             kept = restarted_producer_id(configured or producer_id_base(kept))
         if kept != stored:
             _write_atomic(self._files, path, kept.encode())
-        return kept, False
+        return kept, fresh
+
+    def _reset_numbering(self) -> None:
+        """Make the shipper's next start number from 1, durably (the mark stays).
+
+        The shipper's state (next seq, chain, the batch in flight) belongs to
+        the old id; an empty state is a fresh numbering.
+        """
+        self.spool.commit(self.spool.hwm, b"")
+
+    def _renumbered_producer_id(self, current: str) -> str:
+        """The id to continue under after the collector refused a seq of ``current`` as reused.
+
+        Called by the shipper (in a thread) once it has reset its numbering:
+        derived from the configured id when there is one, as for a lost spool
+        state, and kept in the spool directory so a restart continues it.
+        """
+        path = posixpath.join(self.config.spool.directory, PRODUCER_FILE)
+        new = restarted_producer_id(self.config.producer_id or producer_id_base(current))
+        _write_atomic(self._files, path, new.encode())
+        self.producer_id = new
+        return new
 
     def _write_ready_file(self, path: str) -> None:
         lines = [self.addresses["grpc"]]

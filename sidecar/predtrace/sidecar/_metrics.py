@@ -68,6 +68,26 @@ class SidecarMetrics(Collector):
             "Quarantined batches removed, oldest first, to stay under the quarantine's cap",
             shipper.quarantine_evicted,
         )
+        yield _counter(
+            "split_batches",
+            "Batches the collector or a proxy refused as too large (413), sent again in parts",
+            shipper.split,
+        )
+        yield _counter(
+            "producer_renumbered",
+            "Switches to a derived producer id after the collector refused a reused seq (409)",
+            shipper.renumbered,
+        )
+        yield _gauge(
+            "batch_max_events",
+            "Events per batch in force (lowered by a 413)",
+            shipper.max_batch_events,
+        )
+        yield _gauge(
+            "batch_max_bytes",
+            "Event bytes per batch in force (lowered by a 413)",
+            shipper.max_batch_bytes,
+        )
         yield from _spool_counters(view.spool_counters)
         dropped = CounterMetricFamily(
             "predtrace_sidecar_dropped_events", "Events dropped, by reason", labels=["reason"]
@@ -177,7 +197,9 @@ class MetricsServer:
         """Listen; return the bound ``host:port``."""
         web_app = web.Application()
         web_app.router.add_get("/metrics", self._scrape)
-        self._runner = web.AppRunner(web_app, access_log=None, shutdown_timeout=1.0)
+        self._runner = web.AppRunner(
+            web_app, access_log=None, shutdown_timeout=1.0, keepalive_timeout=20.0
+        )
         await self._runner.setup()
         host, port = parse_hostport(listen, "--metrics-listen")
         await web.TCPSite(self._runner, host, port).start()

@@ -5,15 +5,25 @@ high-water mark, forms a batch by size and time, persists the plan (seq,
 record span, digest) with the spool's state *before* the first send, and
 retries that same byte-identical batch until the collector acknowledges it;
 then it moves the high-water mark. Elapsed time never drops anything: retries
-back off exponentially with full jitter up to a cap, forever. A batch the
-collector refuses (400/413) or keeps failing on (500s, or the sidecar dying
-while it builds or sends the batch on N starts in a row) is written to
-``quarantine/`` and counted, never crash-looped; ``quarantine/`` has its own
-byte cap (oldest files removed past it, counted). Answers that are not about
-the batch never count against it: a refused token (401/403), a URL that is
-no ingest endpoint (404/405, 3xx), a 2xx that is no acknowledgement, a busy
-collector, and a death while the batch waits on the network. The batch stays
-spooled and is retried, with the reason in ``last_error``.
+back off exponentially with full jitter up to a cap, forever; the backoff
+grows across batches and only an acknowledgement resets it. A batch the
+collector refuses (400) or keeps failing on (500s while the collector says
+it is ready, or the sidecar dying while it builds or sends the batch on N
+starts in a row) is written to ``quarantine/`` and counted, never
+crash-looped; ``quarantine/`` has its own byte cap (oldest files removed past
+it, counted). Answers that are not about the batch never count against it: a
+refused token (401/403), a URL that is no ingest endpoint (404/405, 3xx), a
+2xx that is no acknowledgement, a busy collector, a 500 while the collector
+is not ready (an outage, or a proxy answering 500 to everything), and a
+death while the batch waits on the network. The batch stays spooled and is
+retried, with the reason in ``last_error``.
+
+Two refusals are about the batch's shape, not its content, and lose nothing:
+a batch too large for the collector or a proxy (413) is split and sent again
+in parts (only one event too large alone is quarantined), and the limit
+learnt bounds later batches; a seq the collector holds with other bytes
+(409: a fixed producer id on a fresh spool) moves the shipper to a derived
+producer id, numbered from 1, and the batch is sent again under it.
 
 What the shipper has read (the batch in flight, the prefetched next one,
 delivered records whose mark is not yet durable) is pinned in the spool, so
@@ -42,12 +52,21 @@ from predtrace.sidecar.pipeline import (
     RetryableExportError,
     SystemClock,
 )
+from predtrace.sidecar.pipeline._collector_http import RefusedBatchError
 from predtrace.sidecar.spool import FaultPoints, FileLayer, Record, Spool, write_whole
-from predtrace.wire import IngestAck, batch_digest, gzip_bytes
+from predtrace.wire import (
+    IngestAck,
+    batch_digest,
+    gzip_bytes,
+    producer_id_base,
+    restarted_producer_id,
+)
 
 _log = logging.getLogger("predtrace.sidecar.shipper")
 # 5xx statuses that say "the collector is busy", not "this batch is bad".
 _BUSY_STATUSES = frozenset({502, 503, 504})
+_CONFLICT = 409  # the collector holds this (producer, seq) with other bytes
+_TOO_LARGE = 413  # the collector or a proxy refuses a body this large
 # An attempt out this long is waiting on the network: a death from then on
 # says nothing against the batch (the mark costs one state write, and only
 # when the collector is this slow).
@@ -55,19 +74,34 @@ ON_THE_WIRE_S = 1.0
 # The pin's end while a read is under way: whatever it returns is kept.
 _OPEN_END = 2**62
 Sleep = Callable[[float], Awaitable[None]]
+# Given the producer id whose seqs the collector holds with other bytes: the
+# id to continue under, already made durable (``SidecarApp`` keeps it).
+Renumber = Callable[[str], str]
 QUARANTINE_DIR = "quarantine"
 # The quarantine's byte cap when none is configured: this share of the spool's.
 QUARANTINE_SHARE = 0.1
 
 
 def counts_against_batch(exc: RetryableExportError) -> bool:
-    """Whether a failed attempt suggests the batch itself is bad (a 500, not a busy 503).
+    """Whether a failed attempt may say the batch itself is bad (a 500, not a busy 503).
 
     Connection errors, 2xx answers that are no acknowledgement, 3xx, 401/403,
     404/405 and busy statuses say nothing about the batch: it is kept forever.
+    A 500 counts only while the collector also says it is ready (see
+    ``Shipper._against_batch``): a collector or proxy answering 500 to
+    everything is an outage.
     """
     status = exc.status
     return status is not None and 500 <= status < 600 and status not in _BUSY_STATUSES
+
+
+def seq_reused(exc: PermanentExportError) -> bool:
+    """Whether the collector refused the batch because it holds its seq with other bytes."""
+    return (
+        isinstance(exc, RefusedBatchError)
+        and exc.status == _CONFLICT
+        and "reused" in exc.detail.lower()
+    )
 
 
 class BatchSender(Protocol):
@@ -76,6 +110,10 @@ class BatchSender(Protocol):
     async def send(self, body: bytes, *, compressed: bool) -> IngestAck:
         """POST the body; raise Retryable/PermanentExportError on failure."""
         ...
+
+    # Optional: ``async def ready(self) -> bool``, whether the collector says it
+    # is ready (``CollectorClient.ready``). Without it a 500 counts against the
+    # batch, as it must for a sender that cannot tell an outage from a bad batch.
 
     async def close(self) -> None:
         """Release connections."""
@@ -98,6 +136,14 @@ class ShipperCounters:
     quarantine_evicted: int = 0
     last_success_ns: int = 0
     last_error: str = ""
+    split: int = 0
+    """Batches refused as too large (413) and sent again in parts."""
+    renumbered: int = 0
+    """Switches to a new producer id after the collector refused a reused seq (409)."""
+    max_batch_events: int = 0
+    """The events per batch in force (the configured cap, lowered by a 413)."""
+    max_batch_bytes: int = 0
+    """The event bytes per batch in force (the configured cap, lowered by a 413)."""
     dropped: dict[str, int] = field(default_factory=dict)
 
     def drop(self, reason: str, count: int) -> None:
@@ -128,12 +174,30 @@ class Shipper:
         faults: FaultPoints | None = None,
         seed: int | None = None,
         fresh_numbering: bool = False,
+        renumber: Renumber | None = None,
     ) -> None:
-        """``fresh_numbering``: the producer id is new, so its seqs start at 1 (no chain)."""
+        """``fresh_numbering``: the producer id is new, so its seqs start at 1 (no chain).
+
+        ``renumber``: makes durable and returns the id to continue under when
+        the collector refuses a seq as reused (409); without it the shipper
+        derives one (``<id>-r<hex>``) that lasts until it stops.
+        """
         self.config = config
         self.producer_id = producer_id
         self.counters = ShipperCounters()
         self.oldest_unsent_ns = 0
+        self._renumber_fn = renumber
+        # Failed attempts in a row, over batches: only an ack resets the
+        # backoff, so an outage is not hammered afresh by each new batch.
+        self._retries = 0
+        # Set by a 409 renumbering, cleared by the next ack: a second 409
+        # before any ack quarantines the batch instead of switching again.
+        self._renumbered = False
+        # Batch limits in force: the configured ones, lowered by a 413.
+        self._max_events = config.max_batch_events
+        self._max_bytes = config.max_batch_bytes
+        self.counters.max_batch_events = self._max_events
+        self.counters.max_batch_bytes = self._max_bytes
         # The plan whose replay count this process has already raised: a retry
         # of the resume in the same process (a read error) is not another death.
         self._counted_seq: int | None = None
@@ -278,10 +342,10 @@ class Shipper:
         return plan
 
     def _full(self, records: list[Record]) -> bool:
-        if len(records) >= self.config.max_batch_events:
+        if len(records) >= self._max_events:
             return True
         size = sum(len(r.payload) for r in records)
-        if size + self._spool.config.max_record_bytes <= self.config.max_batch_bytes:
+        if size + self._spool.config.max_record_bytes <= self._max_bytes:
             return False  # any next record would have fit: the read reached the end
         # The byte cap is never passed: the read may have stopped before a
         # record that did not fit, and did if the spool holds more after it.
@@ -323,8 +387,8 @@ class Shipper:
             records = await asyncio.to_thread(
                 self._spool.read,
                 start,
-                max_records=self.config.max_batch_events,
-                max_bytes=self.config.max_batch_bytes,
+                max_records=self._max_events,
+                max_bytes=self._max_bytes,
                 until=until,
             )
         finally:
@@ -417,7 +481,7 @@ class Shipper:
         self._hold(max(self._held, plan.last))
         if self._prefetch is None:
             self._prefetch = asyncio.create_task(self._prebuild(plan))
-        failures, retry = 0, 0
+        failures = 0
         while not self._stopping:
             self._faults.hit("shipper.before_send")
             try:
@@ -434,17 +498,20 @@ class Shipper:
                 if plan.replays:
                     plan.replays = 0  # it did not kill us: not a crash loop
                     await self._persist()
-                failures += counts_against_batch(exc)
+                against = await self._against_batch(exc)
+                failures += against
                 if failures >= self.config.poison_attempts:
                     await self._quarantine(plan, f"{failures} failed attempts: {exc}")
                     return
                 self._note_retry(exc)
-                if not await self._backoff(retry, exc.retry_after):
+                if counts_against_batch(exc) and not against:
+                    self.counters.last_error += " (and the collector is not ready: an outage)"
+                if not await self._backoff(self._retries, exc.retry_after):
                     return
-                retry += 1
+                self._retries += 1
                 continue
             except PermanentExportError as exc:
-                await self._quarantine(plan, str(exc))
+                await self._refused(plan, exc)
                 return
             self._faults.hit("shipper.after_ack")
             self._complete(plan, ack)
@@ -476,10 +543,134 @@ class Shipper:
         except OSError as exc:  # the count stays durable: a later death may count, no loss
             self._log.warning("state", "could not mark the batch as sent: %s", exc.strerror)
 
+    async def _against_batch(self, exc: RetryableExportError) -> bool:
+        """Whether a failed attempt counts toward quarantining the batch.
+
+        A 500 says the batch is bad only if the collector is well otherwise:
+        one that is not ready (its store down, or a proxy or load balancer
+        answering 500 to everything) is having an outage, and an outage
+        never costs a batch. A sender that cannot ask (no ``ready``) counts it.
+        """
+        if not counts_against_batch(exc):
+            return False
+        probe = getattr(self._sender, "ready", None)
+        return probe is None or bool(await probe())
+
     def _note_retry(self, exc: RetryableExportError) -> None:
         self.counters.retried += 1
         self.counters.last_error = str(exc)
         self._log.warning("retry", "delivery to the collector failed, retrying: %s", exc)
+
+    # -- refusals about the batch's size or numbering, not its content ----------------
+
+    async def _refused(self, plan: Plan, exc: PermanentExportError) -> None:
+        """The collector refused the batch for good: split it, renumber, or quarantine it."""
+        too_large = isinstance(exc, RefusedBatchError) and exc.status == _TOO_LARGE
+        if too_large and plan.events > 1:
+            await self._split(plan, exc)
+        elif seq_reused(exc) and not self._renumbered:
+            await self._renumber(exc)
+        elif too_large:
+            await self._quarantine(plan, f"{exc} (one event, too large on its own)")
+        else:
+            await self._quarantine(plan, str(exc))
+
+    async def _split(self, plan: Plan, exc: PermanentExportError) -> None:
+        """Send again, under the same seq, the first part of a batch refused as too large.
+
+        A 413 stores nothing, so the refused batch's seq and chain link are
+        free: the first part takes them (durable before it is sent, as any
+        plan) and the rest follows under the next seqs, numbered and chained
+        as always, so the collector sees no gap and no break. The limit
+        learnt, half the refused batch's events and event bytes (halved
+        again by a later 413), bounds every later batch too: an ingress limit
+        costs a few refused requests, not one per batch. It is not kept over
+        a restart; the first batch too large then teaches it again.
+        """
+        records = await asyncio.to_thread(
+            self._spool.read, self._hwm, max_records=2**31, max_bytes=2**62, until=plan.last
+        )
+        size = sum(len(r.payload) for r in records)
+        self._learn_limit(plan, exc, max(1, len(records) // 2), max(1, size // 2))
+        # The prefetched batch is numbered and chained after the refused one.
+        await self._drop_prefetch()
+        state = self._state
+        if not records:
+            # Damaged since planned (the spool counted them): nothing is left
+            # to send, and the seq stays free for what follows.
+            self._hwm = plan.last
+            self._state = ShipState(plan.seq, state.prev_digest, None)
+            self._dirty = True
+            return
+        part = _prefix(records, self._max_events, self._max_bytes)
+        first = await asyncio.to_thread(self._build, part, plan.seq, state.prev_digest)
+        first.replays = 1  # in this process's hands, as a new plan (see _next_plan)
+        await self._commit(ShipState(plan.seq, state.prev_digest, first))
+        self.counters.split += 1
+        self.oldest_unsent_ns = first.first_ts_ns
+
+    def _learn_limit(self, plan: Plan, exc: PermanentExportError, events: int, size: int) -> None:
+        events, size = min(events, self._max_events), min(size, self._max_bytes)
+        if (events, size) == (self._max_events, self._max_bytes):
+            return
+        self._max_events, self._max_bytes = events, size
+        self.counters.max_batch_events, self.counters.max_batch_bytes = events, size
+        _log.warning(
+            "the collector or a proxy in front of it refused batch seq %d (%d events, %d bytes "
+            "sent) as too large: %s; sending it again in parts, and batches hold at most %d "
+            "events and %d bytes of events from now on (until the sidecar restarts)",
+            plan.seq,
+            plan.events,
+            len(plan.body or b""),
+            exc,
+            events,
+            size,
+        )
+
+    async def _renumber(self, exc: PermanentExportError) -> None:
+        """Continue under a new producer id, from seq 1, after a seq refused as reused.
+
+        The collector holds this id's seq with other bytes: a fixed
+        ``--producer-id`` on a fresh spool (an emptyDir, a reflashed device)
+        numbers from 1 again, and every later seq would collide too. The
+        batch and all after it go under a derived id (``<id>-r<hex>``, which
+        a token bound to ``<id>`` accepts), from seq 1 with no chain; nothing
+        is quarantined. The fresh numbering is durable before the new id:
+        a death in between starts again under the old id at seq 1, which the
+        collector refuses the same way, so the switch is made again (a new
+        id never continues the old numbering, which would report false gaps).
+        """
+        await self._drop_prefetch()
+        old = self.producer_id
+        # The mark stays: the batch's records are read again and renumbered.
+        await self._commit(ShipState(1, b"", None))
+        if self._renumber_fn is not None:
+            new = await asyncio.to_thread(self._renumber_fn, old)
+        else:
+            new = restarted_producer_id(producer_id_base(old))
+        self.producer_id = new
+        self._renumbered = True
+        self._counted_seq = None
+        c = self.counters
+        c.renumbered += 1
+        c.last_error = f"producer {old!r} renumbered as {new!r} after: {exc}"
+        _log.error(
+            "the collector holds seqs of producer %r with other content (%s): a fixed "
+            "--producer-id on a new or emptied spool? Continuing as producer %r with seqs "
+            "from 1 (a token bound to %r accepts it); nothing is dropped",
+            old,
+            exc,
+            new,
+            producer_id_base(old),
+        )
+
+    async def _drop_prefetch(self) -> None:
+        """Forget the batch built ahead: it is numbered and chained after one not sent."""
+        task, self._prefetch = self._prefetch, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await task
 
     async def _backoff(self, retry: int, retry_after: float | None) -> bool:
         """Wait before the next attempt; False when stopping (the batch stays spooled)."""
@@ -505,6 +696,8 @@ class Shipper:
         c.duplicates += ack.duplicate
         c.last_success_ns = self._clock.time_ns()
         c.last_error = ""
+        self._retries = 0
+        self._renumbered = False
         self._advance(plan)
 
     def _advance(self, plan: Plan) -> None:
@@ -620,3 +813,13 @@ class Shipper:
         """Sleep, cut short by ``stop``."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop_event.wait(), seconds)
+
+
+def _prefix(records: list[Record], max_events: int, max_bytes: int) -> list[Record]:
+    """The longest start of ``records`` within both limits (at least one record)."""
+    total = 0
+    for count, record in enumerate(records[:max_events]):
+        total += len(record.payload)
+        if total > max_bytes and count:
+            return records[:count]
+    return records[:max_events]

@@ -4,6 +4,9 @@ A real aiohttp server on 127.0.0.1:0 in the test's own event loop: decodes
 each batch with ``decode_batch``, stores it once per (producer, seq), answers
 ``encode_ack``. ``script`` queues canned answers (status codes, hangs,
 resets) for the next requests; ``fail_when`` fails batches matching a test.
+Like the collector, it answers 409 to a stored (producer, seq) sent again
+with other bytes, 413 to a body over ``max_body`` (an ingress limit), and
+``GET /readyz`` with 200 ``ready`` while ``ready`` is set (503 otherwise).
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ from predtrace.wire import (
 )
 
 CONTENT_TYPE = "application/vnd.predtrace.batch+msgpack"
+# What the real collector says with its 409 (collector/_ingest.py).
+SEQ_REUSED = (
+    "seq {seq} of producer {producer!r} was stored before with other content; this batch "
+    "was not stored (the producer reused a seq)"
+)
 
 
 @dataclass
@@ -42,11 +50,17 @@ class FakeCollector:
     """Stores batches by (producer, seq); counts every request."""
 
     script: list[Answer] = field(default_factory=list)
-    fail_when: Callable[[DecodedBatch], int | None] | None = None
+    # A status, or a status and the text to answer with.
+    fail_when: Callable[[DecodedBatch], int | tuple[int, str] | None] | None = None
     reject_ids: set[str] = field(default_factory=set)
     stored: dict[tuple[str, int], DecodedBatch] = field(default_factory=dict)
     requests: int = 0
     duplicates: int = 0
+    max_body: int | None = None
+    too_large: int = 0  # bodies refused with 413 for max_body
+    conflicts: int = 0  # batches refused with 409 (a seq reused with other bytes)
+    ready: bool = True
+    ready_probes: int = 0
     url: str = ""
     _runner: web.AppRunner | None = None
 
@@ -54,6 +68,7 @@ class FakeCollector:
         """Listen on 127.0.0.1:0; return the base URL."""
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/batches", self._ingest)
+        app.router.add_get("/readyz", self._readyz)
         self._runner = web.AppRunner(app, shutdown_timeout=0.1)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", 0).start()
@@ -66,9 +81,18 @@ class FakeCollector:
             await self._runner.cleanup()
             self._runner = None
 
+    async def _readyz(self, request: web.Request) -> web.StreamResponse:
+        self.ready_probes += 1
+        if self.ready:
+            return web.Response(text="ready")
+        return web.Response(status=503, text="store unavailable")
+
     async def _ingest(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
         body = await request.read()
+        if self.max_body is not None and len(body) > self.max_body:
+            self.too_large += 1
+            return web.Response(status=413, text=f"body exceeds {self.max_body} bytes")
         if self.script:
             answer = self.script.pop(0)
             if answer.hang:
@@ -81,15 +105,20 @@ class FakeCollector:
         except WireError as exc:
             return web.Response(status=400, text=str(exc))
         if self.fail_when is not None:
-            status = self.fail_when(decoded)
-            if status is not None:
-                return web.Response(status=status, text="scripted failure")
+            failure = self.fail_when(decoded)
+            if failure is not None:
+                status, text = failure if isinstance(failure, tuple) else (failure, "")
+                return web.Response(status=status, text=text or "scripted failure")
         return self._store(decoded)
 
     def _store(self, decoded: DecodedBatch) -> web.Response:
         batch = decoded.batch
         key = (batch.producer_id, batch.seq)
         duplicate = key in self.stored
+        if duplicate and self.stored[key].digest != decoded.digest:
+            self.conflicts += 1
+            text = SEQ_REUSED.format(seq=batch.seq, producer=batch.producer_id)
+            return web.Response(status=409, text=text)
         if duplicate:
             self.duplicates += 1
         rejected = [

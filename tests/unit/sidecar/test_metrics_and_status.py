@@ -377,6 +377,24 @@ async def test_metrics_show_the_quarantine_size_and_its_cap(start_sidecar: Start
     assert after["predtrace_sidecar_quarantine_evicted_batches_total"] == 0
 
 
+async def test_metrics_show_a_batch_split_for_an_ingress_limit_and_the_limit_in_force(
+    start_sidecar: StartSidecar,
+) -> None:
+    shipper = ShipperConfig(linger=0.2, max_batch_events=64)
+    running: Running = await start_sidecar(metrics_listen="127.0.0.1:0", shipper=shipper)
+    before = await _scrape(running)
+    assert before["predtrace_sidecar_split_batches_total"] == 0
+    assert before["predtrace_sidecar_batch_max_events"] == 64
+    running.collector.max_body = 300  # a proxy's body limit: a few events per request
+    await _record_ids(running, [f"split{i}" for i in range(60)])
+    after = await _scrape_until(
+        running, lambda m: m["predtrace_sidecar_exported_events_total"] == 60
+    )
+    assert after["predtrace_sidecar_split_batches_total"] >= 1
+    assert after["predtrace_sidecar_batch_max_events"] < 64
+    assert after["predtrace_sidecar_producer_renumbered_total"] == 0
+
+
 def _has_ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as probe:

@@ -1,7 +1,9 @@
 """The shipper against an in-test collector: order, idempotence, chain, retries, quarantine.
 
 RELIABILITY rows 3, 4, 5, 7 (the sidecar's side), 24 (offline for days, with
-a fake clock), 25 (the device clock jumping back) and 26 (poison batch, T1).
+a fake clock), 25 (the device clock jumping back) and 26 (poison batch, T1);
+an outage answering 500, an ingress limit (413) and a reused seq (409) lose
+nothing.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
@@ -17,17 +20,18 @@ import pytest
 from predtrace.sidecar import _shipper as shipper_module
 from predtrace.sidecar._batch import encode_event
 from predtrace.sidecar._config import ShipperConfig
-from predtrace.sidecar._shipper import Shipper
+from predtrace.sidecar._shipper import Renumber, Shipper
 from predtrace.sidecar._shipstate import ShipState
 from predtrace.sidecar.pipeline import (
     CollectorClient,
     CollectorClientConfig,
     RetryableExportError,
+    RetryPolicy,
 )
 from predtrace.sidecar.spool import FaultPoints, MemoryFileLayer, SimulatedCrash, Spool, SpoolConfig
 from predtrace.sidecar.testing import FakeClock
 from predtrace.wire import IngestAck, PredictionEvent, decode_batch
-from tests.reliability.sidecar.fake_collector import Answer, FakeCollector
+from tests.reliability.sidecar.fake_collector import SEQ_REUSED, Answer, FakeCollector
 from tests.reliability.sidecar.polling import eventually
 
 DIR = "/spool"
@@ -85,6 +89,7 @@ class Rig:
         faults: FaultPoints | None = None,
         spool: SpoolConfig | None = None,
         fresh_numbering: bool = False,
+        renumber: Renumber | None = None,
     ) -> Shipper:
         self.spool = Spool.open(spool or spool_config(), files=self.disk, faults=faults)
         self.client = CollectorClient(CollectorClientConfig(url=self.collector.url, timeout=2))
@@ -99,6 +104,7 @@ class Rig:
             faults=faults,
             seed=7,
             fresh_numbering=fresh_numbering,
+            renumber=renumber,
         )
         self.task = asyncio.create_task(self.shipper.run())
         return self.shipper
@@ -184,7 +190,7 @@ async def test_a_refused_token_keeps_every_batch_until_the_token_is_fixed(rig: R
     assert [e.prediction_id for e in rig.collector.events()] == [f"p{i:06d}" for i in range(10)]
 
 
-@pytest.mark.parametrize("status", [400, 409, 413])
+@pytest.mark.parametrize("status", [400, 409])  # a 409 that is not about a reused seq
 async def test_a_permanently_refused_batch_is_quarantined_once_and_later_data_flows(
     rig: Rig, status: int
 ) -> None:
@@ -885,3 +891,207 @@ async def test_a_quarantined_batch_is_not_overwritten_when_seqs_start_again(rig:
     assert _seqs(files) == [1, 1]
     kept = [decode_batch(rig.disk.read(f"{DIR}/quarantine/{n}", 0, 10**6)) for n in files]
     assert [len(k.batch.events) for k in kept] == [3, 4]  # oldest first, both kept
+
+
+# -- a 500 outage, an ingress limit (413), a reused seq (409): nothing is lost -----------
+
+
+class RecordingRetry(RetryPolicy):
+    """The shipper's retry policy, noting the retry number of each backoff."""
+
+    def delay(self, retry: int, retry_after: float | None, rng: random.Random) -> float:
+        RETRIES.append(retry)
+        return RetryPolicy.delay(self, retry, retry_after, rng)
+
+
+RETRIES: list[int] = []
+
+
+@pytest.fixture
+def retries() -> list[int]:
+    RETRIES.clear()
+    return RETRIES
+
+
+async def test_a_500_outage_while_the_collector_is_not_ready_keeps_every_batch(
+    rig: Rig, retries: list[int]
+) -> None:
+    # A collector (or a proxy in front of it) answering 500 to everything for
+    # a while: each batch was quarantined after poison_attempts 500s, and
+    # each new batch started its backoff again from the first step.
+    rig.collector.ready = False
+    rig.collector.script = [Answer(500)] * 8
+    config = ShipperConfig(linger=0, max_batch_events=5, poison_attempts=2, retry=RecordingRetry())
+    shipper = await rig.start(config)
+    await rig.record(events(15))
+    await rig.wait_delivered(15)
+    assert shipper.counters.quarantined == 0
+    assert shipper.counters.dropped == {}
+    assert rig.collector.ready_probes == 8, "each 500 asks whether the collector is ready"
+    assert retries == list(range(8)), "one backoff growing over the whole outage"
+    assert [e.prediction_id for e in rig.collector.events()] == [f"p{i:06d}" for i in range(15)]
+    assert sorted(s for _, s in rig.collector.stored) == [1, 2, 3]
+    assert rig.collector.chain_ok("edge-1")
+
+
+async def test_the_last_error_says_a_500_is_taken_for_an_outage(rig: Rig) -> None:
+    rig.collector.ready = False
+    rig.collector.script = [Answer(500)] * 10_000
+    shipper = await rig.start(ShipperConfig(linger=0, poison_attempts=1))
+    await rig.record(events(3))
+    await eventually(lambda: shipper.counters.retried >= 3)
+    assert "500" in shipper.counters.last_error
+    assert "not ready" in shipper.counters.last_error
+    assert shipper.counters.quarantined == 0
+
+
+async def test_the_backoff_grows_across_batches_and_only_an_ack_resets_it(
+    rig: Rig, retries: list[int]
+) -> None:
+    # A ready collector failing two batches in a row with 500: the poison
+    # rule quarantines each (that is its job), but the second batch's first
+    # backoff continues the first's instead of starting over.
+    failing = {1, 2, 3, 4, 6}
+    rig.collector.fail_when = lambda d: 500 if rig.collector.requests in failing else None
+    config = ShipperConfig(linger=0, max_batch_events=5, poison_attempts=2, retry=RecordingRetry())
+    shipper = await rig.start(config)
+    await rig.record(events(15))
+    await rig.wait_delivered(5)  # the third batch, at the fifth request
+    await rig.record(events(5, 100))
+    await rig.wait_delivered(10)
+    assert shipper.counters.quarantined == 2
+    assert retries == [0, 1, 0], "the second batch continued the backoff; the ack reset it"
+
+
+def _too_large_for(size: int) -> int:
+    """A body limit that holds ten padded events uncompressed, and not eleven."""
+    return 10 * size + size // 2
+
+
+async def test_a_batch_too_large_for_an_ingress_is_split_and_every_event_delivered(
+    rig: Rig,
+) -> None:
+    # An ingress limit in front of the collector: the big batch a backlog
+    # makes was quarantined whole on its 413 (acknowledged events lost).
+    size = len(encode_event(padded(1)[0]))
+    rig.collector.max_body = _too_large_for(size)
+    config = ShipperConfig(linger=0, max_batch_events=50, compress=False)
+    shipper = await rig.start(config)
+    await rig.record(padded(40))  # one append: one batch of 40
+    await rig.wait_delivered(40)
+    c = shipper.counters
+    assert (c.quarantined, c.dropped) == (0, {})
+    assert rig.collector.too_large == 2, "40 refused, then 20, then 10 fit"
+    assert (c.split, c.max_batch_events) == (2, 10)
+    assert batch_sizes(rig.collector) == [10, 10, 10, 10]
+    # The refused batch's seq was reused by its first part: no gap, no break.
+    assert sorted(s for _, s in rig.collector.stored) == [1, 2, 3, 4]
+    assert rig.collector.chain_ok("edge-1")
+    assert rig.collector.conflicts == 0
+    # The limit learnt holds for later batches: no more refusals.
+    await rig.record(padded(30, 40))
+    await rig.wait_delivered(70)
+    assert rig.collector.too_large == 2
+    assert [e.prediction_id for e in rig.collector.events()] == [f"p{i:06d}" for i in range(70)]
+    assert sorted(s for _, s in rig.collector.stored) == list(range(1, 8))
+
+
+async def test_only_an_event_too_large_on_its_own_is_quarantined(rig: Rig) -> None:
+    size = len(encode_event(padded(1)[0]))
+    rig.collector.max_body = 3 * size  # two padded events fit, and never the big one
+    big = PredictionEvent(prediction_id="p000004", attributes={"pad": "x" * 900})
+    shipper = await rig.start(ShipperConfig(linger=0, max_batch_events=50, compress=False))
+    await rig.record([*padded(4), big, *padded(4, 5)])
+    await rig.wait_delivered(8)
+    delivered = [e.prediction_id for e in rig.collector.events()]
+    assert delivered == [f"p{i:06d}" for i in range(9) if i != 4]
+    assert shipper.counters.quarantined == 1
+    assert shipper.counters.dropped == {"quarantined": 1}
+    (name,) = rig.disk.listdir(f"{DIR}/quarantine")
+    kept = decode_batch(rig.disk.read(f"{DIR}/quarantine/{name}", 0, 1 << 20))
+    assert [e.prediction_id for e in kept.batch.events] == ["p000004"]
+
+
+async def test_a_death_after_a_split_resends_the_part_under_the_same_seq(rig: Rig) -> None:
+    # The first part is planned durably, with the refused batch's seq and
+    # chain link, before it is sent: a restart rebuilds it byte for byte.
+    size = len(encode_event(padded(1)[0]))
+    rig.collector.max_body = _too_large_for(size)
+    config = ShipperConfig(linger=0, max_batch_events=50, compress=False)
+    faults = FaultPoints()
+    faults.arm("shipper.before_send", 2)  # the first part's send
+    await rig.start(config, faults=faults)
+    await rig.record(padded(40))
+    with pytest.raises(SimulatedCrash):
+        await asyncio.wait_for(rig.task, 5)  # type: ignore[arg-type]
+    assert rig.spool is not None
+    planned = ShipState.decode(rig.spool.meta).plan
+    assert planned is not None and (planned.seq, planned.events) == (1, 20)
+    rig.shipper = None
+    await rig.stop()
+    rig.disk.crash()
+    shipper = await rig.start(config)
+    await rig.wait_delivered(40)
+    assert shipper.counters.quarantined == 0
+    assert [e.prediction_id for e in rig.collector.events()] == [f"p{i:06d}" for i in range(40)]
+    assert sorted(s for _, s in rig.collector.stored) == list(range(1, 5))
+    assert rig.collector.chain_ok("edge-1")
+    assert rig.collector.conflicts == 0
+
+
+async def test_a_fixed_producer_id_on_a_fresh_spool_renumbers_instead_of_quarantining(
+    rig: Rig,
+) -> None:
+    # Same --producer-id, spool gone (an emptyDir, a reflashed device): seqs
+    # start at 1 again, the collector refuses each as reused (409), and every
+    # batch was quarantined.
+    await rig.start()
+    await rig.record(events(30))
+    await rig.wait_delivered(30)
+    await rig.stop()
+    rig.disk = MemoryFileLayer()  # a new, empty spool
+    seen: list[tuple[str, ShipState]] = []
+
+    def renumber(old: str) -> str:
+        assert rig.spool is not None
+        seen.append((old, ShipState.decode(rig.spool.meta)))
+        return "edge-1-r0a1b2c"
+
+    shipper = await rig.start(renumber=renumber)
+    await rig.record(events(20, 100))
+    await rig.wait_delivered(50)
+    await rig.record(events(20, 200))
+    await rig.wait_delivered(70)
+    c = shipper.counters
+    assert (c.quarantined, c.dropped, c.renumbered) == (0, {}, 1)
+    assert rig.collector.conflicts == 1
+    assert shipper.producer_id == "edge-1-r0a1b2c"
+    # The fresh numbering was durable before the new id was made.
+    ((old, state),) = seen
+    assert (old, state.next_seq, state.prev_digest, state.plan) == ("edge-1", 1, b"", None)
+    new = sorted(s for p, s in rig.collector.stored if p == "edge-1-r0a1b2c")
+    assert new == list(range(1, len(new) + 1))
+    assert rig.collector.chain_ok("edge-1-r0a1b2c")
+    assert rig.collector.stored[("edge-1-r0a1b2c", 1)].batch.prev_digest == b""
+    later = [e.prediction_id for e in rig.collector.events() if e.prediction_id >= "p000100"]
+    assert later == [f"p{i:06d}" for i in [*range(100, 120), *range(200, 220)]]
+
+
+async def test_a_second_reused_seq_before_any_ack_quarantines_instead_of_renumbering_again(
+    rig: Rig,
+) -> None:
+    def refuse_first(d: object) -> tuple[int, str] | None:
+        batch = d.batch  # type: ignore[attr-defined]
+        if batch.events[0].prediction_id != "p000000":
+            return None
+        return 409, SEQ_REUSED.format(seq=batch.seq, producer=batch.producer_id)
+
+    rig.collector.fail_when = refuse_first
+    shipper = await rig.start()  # no renumber callback: a derived id, in memory
+    await rig.record(events(3))
+    await eventually(lambda: shipper.counters.quarantined == 1)
+    assert shipper.counters.renumbered == 1
+    assert shipper.producer_id.startswith("edge-1-r")
+    await rig.record(events(3, 10))
+    await rig.wait_delivered(3)
+    assert rig.collector.requests == 3

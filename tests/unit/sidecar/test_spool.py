@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import logging
 import os
 import stat
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,8 @@ from predtrace.sidecar._errors import (
     SpoolClosedError,
     SpoolUnusableError,
 )
-from predtrace.sidecar.spool import MemoryFileLayer, Spool, SpoolConfig
+from predtrace.sidecar.spool import HEADER_SIZE, MemoryFileLayer, Spool, SpoolConfig, segment_name
+from predtrace.sidecar.spool._meta import read_index
 
 DIR = "/spool"
 
@@ -262,3 +265,69 @@ def test_the_first_record_of_a_read_comes_whatever_its_size(disk: MemoryFileLaye
     assert [len(r.payload) for r in spool.read(0, max_records=10, max_bytes=100)] == [900]
     assert [len(r.payload) for r in spool.read(1, max_records=10, max_bytes=100)] == [10]
     spool.close()
+
+
+# -- damage found by hand between runs is counted and logged ------------------------------
+
+
+FRAME = HEADER_SIZE + len(payloads(1)[0])  # every record of payloads()
+
+
+@pytest.mark.parametrize(("cut", "hwm"), [(10, 0), (0, 0), (10, 8)])
+def test_records_cut_from_the_active_segment_after_a_clean_close_are_each_counted(
+    disk: MemoryFileLayer, cut: int, hwm: int
+) -> None:
+    # The active segment cut short by hand after a clean stop: its records
+    # had been acknowledged, yet the cut was taken for one torn write
+    # ("torn": 1) however many records it lost.
+    spool = Spool.open(small(), files=disk)
+    spool.append_sync(payloads(10))
+    if hwm:
+        spool.commit(hwm, b"")
+    spool.close()
+    path = f"{DIR}/{segment_name(1)}"
+    data = disk.read(path, 0, disk.size(path))
+    disk.write_file(path, data[: 7 * FRAME + cut])  # inside record 8, or just before it
+    again = Spool.open(small(), files=disk)
+    assert read_all(again, hwm) == payloads(7)[hwm:]
+    lost = 10 - max(7, hwm)
+    assert again.counters.dropped == Counter(corrupt=lost)
+    after = max(7, hwm) + 1  # a delivered index is never given again
+    assert again.append_sync(payloads(1)) == range(after, after + 1)
+    again.close()
+
+
+def test_a_started_spool_keeps_no_row_for_its_active_segment(disk: MemoryFileLayer) -> None:
+    # A row for the active segment is only written at a clean close: after a
+    # crash, an invalid tail is a write torn before it was acknowledged.
+    spool = Spool.open(small(), files=disk)
+    spool.append_sync(payloads(10))
+    spool.close()
+    assert set(read_index(disk, DIR) or {}) == {1}
+    again = Spool.open(small(), files=disk)
+    assert read_index(disk, DIR) == {}
+    again.close()
+
+
+@pytest.mark.parametrize("sealed", [False, True], ids=["active-segment", "sealed-segment"])
+def test_a_damaged_record_skipped_in_a_segment_is_logged_with_the_segment_and_count(
+    disk: MemoryFileLayer, caplog: pytest.LogCaptureFixture, sealed: bool
+) -> None:
+    # A sealed segment is read at delivery time, the active one scanned at the
+    # start: either way the record skipped was counted and never logged.
+    spool = Spool.open(small(), files=disk)
+    spool.append_sync(payloads(9))
+    if sealed:
+        spool._rotate()
+    spool.close()
+    path = f"{DIR}/{segment_name(1)}"
+    disk.corrupt(path, 4 * FRAME + HEADER_SIZE + 3)  # record 5's payload
+    with caplog.at_level(logging.WARNING, logger="predtrace.sidecar.spool"):
+        again = Spool.open(small(), files=disk)
+        assert len(read_all(again)) == 8
+        read_all(again)  # read again: counted and logged once
+    assert again.counters.dropped == Counter(corrupt=1)
+    lines = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert path in lines[0] and "losing 1 records" in lines[0]
+    again.close()

@@ -12,7 +12,12 @@ ingest endpoint: a wrong path prefix, a proxy or captive portal; redirects
 are not followed, so a token never goes where it was not configured to),
 and a 2xx whose body is not an acknowledgement (a captive portal's page).
 Only what refuses the batch itself is permanent: 400, 413 and the other
-4xx/5xx statuses.
+4xx/5xx statuses, raised as ``RefusedBatchError`` with the status and the
+collector's reason, so the sidecar's shipper can tell a batch too large for
+an ingress (413: it splits the batch) and a seq the collector holds with
+other bytes (409: it renumbers) from a batch that is bad. ``ready`` asks the
+collector's ``/readyz``: the shipper holds a 500 against a batch only while
+the collector says it is ready.
 """
 
 from __future__ import annotations
@@ -54,6 +59,12 @@ ENDPOINT_STATUSES = frozenset({404, 405})
 _MAX_PORT = 65535
 _MAX_TIMEOUT_S = 3600.0
 _MAX_ACK_BYTES = 1024 * 1024
+# The refusal text kept for the caller: the collector's 409 names the producer
+# id (up to 200 characters, 800 bytes) before it says that a seq was reused.
+_MAX_REASON_BYTES = 2048
+# A readiness probe is one small GET: it never waits as long as a batch may.
+_READY_TIMEOUT_S = 5.0
+_READY_BODY = b"ready"
 
 
 def without_userinfo(url: str) -> str:
@@ -135,6 +146,11 @@ class CollectorClientConfig:
         """The ingest endpoint."""
         return self.url.rstrip("/") + "/v1/batches"
 
+    @property
+    def ready_url(self) -> str:
+        """The collector's readiness endpoint (200 ``ready`` while its store answers)."""
+        return self.url.rstrip("/") + "/readyz"
+
     def __repr__(self) -> str:
         # Never show the token, not even in a traceback.
         token = "<set>" if self.token else None
@@ -154,6 +170,22 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     except (TypeError, ValueError):
         return None
     return max(0.0, when - (time.time() if now is None else now))
+
+
+class RefusedBatchError(PermanentExportError):
+    """The collector (or a proxy) refused this batch for good: 400, 409, 413 and the like.
+
+    Args:
+        message: short reason, safe to log.
+        status: the HTTP status.
+        detail: the start of the answer's body (the collector's reason), for
+            callers that act on it; ``message`` holds its first 200 bytes.
+    """
+
+    def __init__(self, message: str, *, status: int, detail: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = detail
 
 
 class CollectorClient:
@@ -182,15 +214,9 @@ class CollectorClient:
         if self._closed:
             # A send racing shutdown must not open a session nobody closes.
             raise RetryableExportError("collector client is closed")
-        if self._session is None:
-            timeout = aiohttp.ClientTimeout(total=self.config.timeout)
-            connector = None
-            if self.config.ca_file is not None:
-                trust = ssl.create_default_context(cafile=self.config.ca_file)
-                connector = aiohttp.TCPConnector(ssl=trust)
-            self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
+        session = self._open_session()
         try:
-            async with self._session.post(
+            async with session.post(
                 self.config.batches_url,
                 data=body,
                 headers=self._headers(compressed),
@@ -200,6 +226,42 @@ class CollectorClient:
                 return self._classify(resp.status, resp.headers, content)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise RetryableExportError(self._unreachable(exc)) from None
+
+    async def ready(self) -> bool:
+        """Whether the collector says it is ready: ``GET /readyz`` answers 200 ``ready``.
+
+        The shipper asks after an ingest attempt failed with a 500: a collector
+        that is ready otherwise failed on that batch; one that is not, or a
+        proxy answering 500 to everything, is having an outage, which must
+        never cost the batch. Anything but the collector's own 200 (another
+        status, a captive portal's page, no answer within a few seconds) is
+        False. Never raises.
+        """
+        if self._closed:
+            return False
+        session = self._open_session()
+        timeout = aiohttp.ClientTimeout(total=min(self.config.timeout, _READY_TIMEOUT_S))
+        headers = {}
+        if self.config.token:  # a gateway in front may want it; the collector ignores it
+            headers["Authorization"] = f"Bearer {self.config.token}"
+        try:
+            async with session.get(
+                self.config.ready_url, headers=headers, allow_redirects=False, timeout=timeout
+            ) as resp:
+                body = await resp.content.read(len(_READY_BODY) + 64)
+                return resp.status == 200 and body.strip() == _READY_BODY
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    def _open_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            timeout = aiohttp.ClientTimeout(total=self.config.timeout)
+            connector = None
+            if self.config.ca_file is not None:
+                trust = ssl.create_default_context(cafile=self.config.ca_file)
+                connector = aiohttp.TCPConnector(ssl=trust)
+            self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
+        return self._session
 
     def _unreachable(self, exc: BaseException) -> str:
         """Why the collector was not reached: its URL, the cause, a hint for a certificate."""
@@ -247,7 +309,10 @@ class CollectorClient:
                 "--collector, the middleware's PREDTRACE_COLLECTOR_URL)",
                 status=status,
             )
-        raise PermanentExportError(f"collector answered {status}: {reason}")
+        detail = content[:_MAX_REASON_BYTES].decode("utf-8", "replace").strip()
+        raise RefusedBatchError(
+            f"collector answered {status}: {reason}", status=status, detail=detail
+        )
 
     async def close(self) -> None:
         """Close the HTTP session; later sends fail as retryable. Safe twice."""

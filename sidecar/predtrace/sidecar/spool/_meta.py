@@ -1,7 +1,9 @@
 """Spool metadata files: the segment index and the two-slot state (high-water mark).
 
 The index lists sealed segments so a restart need not rescan them; it is a
-cache, rebuilt by scanning when missing or damaged (RELIABILITY rule 5).
+cache, rebuilt by scanning when missing or damaged (RELIABILITY rule 5). A
+clean close lists the active segment too, so that records cut from its end
+before the next start are counted, not taken for a torn write.
 
 The state holds the high-water mark (every record index <= hwm is delivered)
 and the shipper's own opaque bytes. It alternates between two slot files,
@@ -46,7 +48,7 @@ def _unframe(magic: bytes, data: bytes) -> bytes | None:
 
 @dataclass(slots=True)
 class SegmentMeta:
-    """What the index remembers of a sealed segment."""
+    """What the index remembers of a sealed segment (or of the active one, at a clean close)."""
 
     first: int
     last: int

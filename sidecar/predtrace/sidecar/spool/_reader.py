@@ -9,16 +9,19 @@ reader reports it (the spool counts what was lost).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from predtrace.sidecar.pipeline import RateLimitedLog
 from predtrace.sidecar.spool._config import SpoolConfig, SpoolCounters
 from predtrace.sidecar.spool._files import FileLayer
 from predtrace.sidecar.spool._record import HEADER_SIZE, Record, scan
 from predtrace.sidecar.spool._segments import Segment
 
 _MAX_CHUNK: Final = 16 * 1024 * 1024
+_log = logging.getLogger("predtrace.sidecar.spool")
 
 #: Called with a segment found shorter than its durable size and the ``after`` of the read.
 OnCut = Callable[[Segment, int], None]
@@ -54,6 +57,8 @@ class SegmentReader:
         self._on_cut = on_cut
         self._cursor: _Cursor | None = None
         self._counted: dict[str, int] = {}  # damage counted up to this offset, per segment
+        # One line per segment a minute: a disk going bad must not flood the log.
+        self._damage_log = RateLimitedLog(_log)
 
     def read(
         self,
@@ -131,3 +136,12 @@ class SegmentReader:
             self._counters.add("corrupt_regions", regions)
             self._counters.drop("corrupt", skipped)
             self._counted[path] = offset + scanned
+            # Counted as dropped; without a line in the log nobody would know why.
+            self._damage_log.warning(
+                path,
+                "spool segment %s: skipped %d damaged region(s), losing %d records "
+                "(counted as dropped: corrupt)",
+                path,
+                regions,
+                skipped,
+            )

@@ -84,11 +84,15 @@ def scan_segment(
     first: int,
     config: SpoolConfig,
     counters: SpoolCounters,
+    *,
+    log_damage: bool = True,
 ) -> tuple[Segment, int]:
     """Scan a whole segment; return it and the length of its invalid tail.
 
-    Damaged regions in the middle are counted here; the caller decides what
-    an invalid tail means (torn for the active segment, damage otherwise).
+    Damaged regions in the middle are counted here, and logged (one line per
+    segment) unless ``log_damage`` is False (a rescan whose counts are
+    discarded); the caller decides what an invalid tail means (torn for the
+    active segment, damage otherwise).
     """
     path = posixpath.join(directory, segment_name(first))
     total = files.size(path)
@@ -97,6 +101,7 @@ def scan_segment(
     limit = config.max_record_bytes
     chunk = max(_SCAN_CHUNK, 2 * (HEADER_SIZE + limit))
     in_damage = False
+    regions = skipped = 0
     while offset < total:
         data = files.read(path, offset, chunk)
         final = offset + len(data) >= total
@@ -110,6 +115,8 @@ def scan_segment(
         in_damage = result.ends_in_damage
         counters.add("corrupt_regions", result.corrupt_regions)
         counters.drop("corrupt", result.skipped)
+        regions += result.corrupt_regions
+        skipped += result.skipped
         if result.records:
             if seg.count == 0:
                 seg.first_ts = result.records[0].ts_ns
@@ -118,10 +125,19 @@ def scan_segment(
             expected += 1
             seg.size = offset + result.valid_end
         if final:
-            return _sealed(seg), total - seg.size
+            break
         if result.consumed == 0:
             break  # cannot progress: treat the rest as an invalid tail
         offset += result.consumed
+    if log_damage and (regions or skipped):
+        # Counted as dropped; without a line in the log nobody would know why.
+        _log.warning(
+            "spool segment %s: skipped %d damaged region(s) in the middle, losing %d "
+            "records (counted as dropped: corrupt)",
+            path,
+            regions,
+            skipped,
+        )
     return _sealed(seg), total - seg.size
 
 
@@ -140,13 +156,15 @@ def load_segments(
     index: dict[int, SegmentMeta] | None,
     *,
     hwm: int,
-) -> tuple[list[Segment], int]:
+) -> tuple[list[Segment], int, int]:
     """Every segment, the sealed ones from the index when it matches the file.
 
     Records lost from the end of a segment above the high-water mark ``hwm``
     (damaged, truncated, emptied) are counted as ``corrupt``. Returns the
-    segments and the invalid tail length of the last one (the caller
-    truncates it: that segment becomes the active one again).
+    segments, the invalid tail length of the last one (the caller truncates
+    it: that segment becomes the active one again) and how many records the
+    last one lost from its end by its index row (0 without a row: a clean
+    close writes one for the active segment, a crash leaves none).
     """
     firsts = list_segments(files, directory)
     segments: list[Segment] = []
@@ -169,8 +187,8 @@ def load_segments(
             damaged.add(first)
             _log.warning("spool segment %s has %d damaged trailing bytes", seg.path, tail)
         segments.append(seg)
-    _count_lost_ends(segments, index or {}, damaged, hwm, counters)
-    return segments, tail
+    last_lost = _count_lost_ends(segments, index or {}, damaged, hwm, counters)
+    return segments, tail, last_lost
 
 
 def _count_lost_ends(
@@ -179,15 +197,16 @@ def _count_lost_ends(
     damaged: set[int],
     hwm: int,
     counters: SpoolCounters,
-) -> None:
+) -> int:
     """Count the records above ``hwm`` missing from the end of each segment.
 
     A segment ended where its index row says; without a row, just before
     the next segment (a gap that may also be a whole lost segment: the two
     cannot be told apart). Segments the index lists but that are gone are
     counted by the caller (``missing_segment``); the byte cap counted its
-    drops when it made them.
+    drops when it made them. Returns what the last segment lost.
     """
+    last_lost = 0
     present = {seg.first for seg in segments}
     absent = [meta for meta in index.values() if meta.first not in present]
     for position, seg in enumerate(segments):
@@ -207,6 +226,9 @@ def _count_lost_ends(
             counters.add("corrupt_regions")
         counters.drop("corrupt", lost)
         _log.error("spool segment %s lost its last %d undelivered records", seg.path, lost)
+        if following is None:
+            last_lost = lost
+    return last_lost
 
 
 def _overlap(meta: SegmentMeta, start: int, end: int) -> int:

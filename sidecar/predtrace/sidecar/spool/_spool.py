@@ -158,7 +158,9 @@ class Spool(SpoolWriter):
         self.counters.add("state_slots_bad", bad)
         index = read_index(files, directory)
         hwm = state.hwm if state is not None else 0
-        segments, tail = load_segments(files, directory, self.config, self.counters, index, hwm=hwm)
+        segments, tail, tail_lost = load_segments(
+            files, directory, self.config, self.counters, index, hwm=hwm
+        )
         if state is None and bad:
             # Both state slots unreadable: the mark and the shipper's numbering
             # are unknown. Replay everything still on disk (duplicates, never
@@ -171,7 +173,7 @@ class Spool(SpoolWriter):
             if seg.scanned:
                 self._reader.mark_counted(seg.path, seg.size)
         self._segments = segments
-        self._open_active(tail)
+        self._open_active(tail, tail_lost)
         self._release()
         self._write_index()
 
@@ -221,7 +223,15 @@ class Spool(SpoolWriter):
                     lost,
                 )
 
-    def _open_active(self, tail: int) -> None:
+    def _open_active(self, tail: int, tail_lost: int) -> None:
+        """Open the last segment for appending, cutting an invalid tail off it.
+
+        ``tail_lost``: records the segment lost from its end by the row a
+        clean close wrote for it (already counted as ``corrupt``): the file
+        was cut or damaged after the close, and those records had been
+        acknowledged. Without a row, an invalid tail is a write torn by a
+        crash: one record, never acknowledged.
+        """
         hwm = self._state.hwm
         if not self._segments:
             first = hwm + 1
@@ -230,12 +240,26 @@ class Spool(SpoolWriter):
         active = self._segments[-1]
         self._handle = self._files.open(active.path, create=True)
         if tail:
-            # A torn tail (rule 3): cut back to the last valid record. Those
-            # records were never fsynced, so never acknowledged.
+            # A torn tail (rule 3): cut back to the last valid record.
             self._files.truncate(self._handle, active.size)
             self._files.fsync(self._handle)
-            self.counters.drop("torn", 1)
-            _log.warning("spool: cut a torn tail of %d bytes from %s", tail, active.path)
+            if tail_lost:
+                _log.warning(
+                    "spool: cut %d damaged bytes from %s (its %d lost records are counted)",
+                    tail,
+                    active.path,
+                    tail_lost,
+                )
+            else:
+                # A crash tore the write in progress: those records were
+                # never fsynced, so never acknowledged.
+                self.counters.drop("torn", 1)
+                _log.warning(
+                    "spool: cut a torn tail of %d bytes from %s (at least one record that "
+                    "was being written when the sidecar stopped)",
+                    tail,
+                    active.path,
+                )
         self._files.fsync_dir(self._dir)
         self._next_index = max(active.last + 1, hwm + 1, active.first)
 
@@ -309,7 +333,9 @@ class Spool(SpoolWriter):
         Records up to ``after`` (the reader has them) or the mark are not lost.
         The index is rewritten so that a restart does not count them again.
         """
-        fresh, tail = scan_segment(self._files, self._dir, seg.first, self.config, SpoolCounters())
+        fresh, tail = scan_segment(
+            self._files, self._dir, seg.first, self.config, SpoolCounters(), log_damage=False
+        )
         with self._lock:
             listed = self._listed(seg.first)
             size = fresh.size + tail
@@ -389,11 +415,20 @@ class Spool(SpoolWriter):
             self._files.fsync_dir(self._dir)
             self._write_index()
 
-    def _write_index(self) -> None:
-        """Rewrite the index; without room for it, keep going (it is a cache, rule 5)."""
+    def _write_index(self, *, with_active: bool = False) -> None:
+        """Rewrite the index; without room for it, keep going (it is a cache, rule 5).
+
+        ``with_active`` (a clean close): the active segment gets a row too, so
+        the next start can count the records it loses if the file is cut or
+        damaged in between. The start rewrites the index without it: after a
+        crash, an invalid tail is a torn write, never acknowledged.
+        """
         with self._index_lock:
             with self._lock:
                 metas = [s.meta() for s in self._segments[:-1]]
+                active = self._segments[-1] if self._segments else None
+                if with_active and active is not None and active.size == active.durable_size:
+                    metas.append(active.meta())
             try:
                 write_index(self._files, self._dir, metas, self._faults)
             except OSError as exc:
@@ -430,7 +465,7 @@ class Spool(SpoolWriter):
             self._thread.join(timeout)
         try:
             if not self._crashed:
-                self._write_index()
+                self._write_index(with_active=True)
             self._files.close(self._handle)
         except (OSError, KeyError):
             pass  # the index is a cache; recovery rebuilds it
