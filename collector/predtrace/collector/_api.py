@@ -3,10 +3,12 @@
 Queries (scope ``read``): the on-call pivot by trace id or prediction id, model
 lineage by version or alias, impact from a dataset, commit or image, completeness
 and the per-producer gap report. A pivot answer is bounded in rows and bytes and
-says what it left out. Lineage registration (scope ``ingest``, on a token bound to
-no producer): the CI/CD hook
-body and OpenLineage run events, read as batches are (a deadline, the shared
-in-flight byte budget). Retention (scope ``admin``).
+says what it left out; so do the producer list and completeness's models, a page
+at a time (``?limit=``, ``?after=``). A path or query value holding NUL is
+refused (400) before any handler runs: no store holds one. Lineage registration
+(scope ``ingest``, on a token bound to no producer): the CI/CD hook body and
+OpenLineage run events, read as batches are (a deadline, the shared in-flight
+byte budget). Retention (scope ``admin``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from predtrace.collector._errors import (
     LineageError,
     RegistryError,
     StoreError,
+    StoreUnavailableError,
 )
 from predtrace.collector._ingest import _Refused, _Reservation
 from predtrace.collector._metrics import CollectorMetrics
@@ -36,7 +39,8 @@ from predtrace.collector._security import Authorizer, AuthRefusal
 from predtrace.collector._service import LineageService
 from predtrace.collector.lineage import Registration, parse_registration, parse_run_event
 from predtrace.collector.store import OnConflict, PivotAnswer
-from predtrace.collector.store._reads import AmbiguousCommitError
+from predtrace.collector.store._maintenance import MAX_PAGE_LIMIT, PAGE_LIMIT, producers_plan
+from predtrace.collector.store._reads import AmbiguousCommitError, completeness_plan
 from predtrace.wire import InvalidIdError, parse_prediction_id, parse_trace_id
 
 if TYPE_CHECKING:
@@ -116,6 +120,85 @@ def _decode_json(body: bytes) -> object:
         raise LineageError("the body is nested too deeply") from None
 
 
+def _refused_argument(request: web.Request) -> str | None:
+    """Why a path or query value of ``request`` is refused, or None.
+
+    NUL only: ingest and registration refuse it, so it matches nothing
+    stored, and PostgreSQL cannot take it as an argument (it failed the
+    query, a 503 that told the client to retry). Other control characters
+    stay allowed: ingest keeps them in producer ids, model names and
+    deployments, which must stay reachable. (aiohttp hands no lone surrogate
+    over: it keeps undecodable escapes in a path, U+FFFD in a query.)
+    """
+    parts = (("path part", request.match_info.items()), ("query argument", request.query.items()))
+    for where, items in parts:
+        for name, value in items:
+            if "\x00" in name or "\x00" in value:
+                return f"the {where} {name!r} holds a NUL character (%00): no stored value does"
+    return None
+
+
+class _BadArgumentError(ValueError):
+    """A query argument the API refuses (400 with this reason)."""
+
+
+def _page_args(request: web.Request) -> tuple[int, str | None]:
+    """``?limit=`` (rows) and ``?after=`` (the key the page starts after) of a list answer.
+
+    Raises:
+        _BadArgumentError: a limit that is not a whole number from 1 to MAX_PAGE_LIMIT.
+    """
+    text = request.query.get("limit", "")
+    limit = PAGE_LIMIT
+    if text:
+        # isdecimal: int() would also read " 5", "5_0" and other digits.
+        if not (text.isascii() and text.isdecimal()) or not 1 <= int(text) <= MAX_PAGE_LIMIT:
+            raise _BadArgumentError(f"limit must be a whole number from 1 to {MAX_PAGE_LIMIT}")
+        limit = int(text)
+    # ``after=`` empty is a key too: the page after the model with no name.
+    return limit, request.query.get("after")
+
+
+def _paged(body: dict[str, object], listed: int, what: str) -> dict[str, object]:
+    """``body`` (with ``total``, ``truncated``, ``next_after``) saying how to go on when cut."""
+    if body.get("truncated"):
+        body["truncated_by"] = "limit"
+        body["note"] = (
+            f"{listed} of {body['total']} {what} listed ({_CUT_BY['limit']}); ask again with"
+            " after= next_after for the next page"
+        )
+    return body
+
+
+class _StoreFaultLog:
+    """Queries the store failed: one line per kind of failure a minute at most, with a count.
+
+    A store that fails every query must not write a line per query; a
+    failure of a new kind is logged at once. Kinds are exception names (the
+    message's first two fields), a few dozen at most; past ``max_kinds`` they
+    share one line.
+    """
+
+    def __init__(self, interval_s: float = 60.0, max_kinds: int = 64) -> None:
+        self.interval_s, self.max_kinds = interval_s, max_kinds
+        self._kinds: dict[str, tuple[float, int]] = {}  # kind -> (last logged, since then)
+
+    def record(self, route: str, exc: StoreError) -> None:
+        """Count one; log it when its kind was not logged within the interval."""
+        kind = ": ".join(str(exc).split(": ", 2)[:2])
+        key = kind if kind in self._kinds or len(self._kinds) < self.max_kinds else "other"
+        last, count = self._kinds.get(key, (-math.inf, 0))
+        now, count = time.monotonic(), count + 1
+        if now - last < self.interval_s:
+            self._kinds[key] = (last, count)
+            return
+        self._kinds[key] = (now, 0)
+        level = logging.WARNING if isinstance(exc, StoreUnavailableError) else logging.ERROR
+        log.log(
+            level, "store failed a %s query (%d since the last such line): %s", route, count, exc
+        )
+
+
 class _DisconnectLog:
     """Uploads whose client hung up mid-body: one line a minute at most, with a count."""
 
@@ -149,6 +232,7 @@ class QueryApi:
         self.metrics, self.limit = metrics, query_limit
         self.retry_after = str(retry_after_s)
         self.disconnects = _DisconnectLog()
+        self.store_faults = _StoreFaultLog()
 
     def _guard(
         self, scope: Scope, name: str, handler: Handler, *, unbound: bool = False
@@ -172,17 +256,35 @@ class QueryApi:
                         "this token is bound to producers: it may send their batches, not "
                         "register lineage (use an ingest token without --producer)",
                     )
+                refused = _refused_argument(request)
+                if refused is not None:
+                    return _error(400, refused)
                 return await handler(request)
             except AuthRefusal as refusal:
                 return refusal.response()
-            except StoreError:
-                return web.Response(
-                    status=503, text="store unavailable", headers={"Retry-After": self.retry_after}
-                )
+            except StoreError as exc:
+                return self._store_failed(name, exc)
             finally:
                 self.metrics.query_seconds.labels(name).observe(time.perf_counter() - started)
 
         return guarded
+
+    def _store_failed(self, route: str, exc: StoreError) -> web.Response:
+        """503 for a store failure (logged); Retry-After only when the store said it is transient.
+
+        As ingest answers: a store failure is never a 500, which tells a
+        client the request itself is at fault and ends the retries of a
+        sidecar (ingest must keep its batch). Arguments are checked first
+        (``_refused_argument``), so what fails here is the store's: a 503,
+        yet without Retry-After unless the store called it transient (locked,
+        unreachable, out of space), since a wait is then not known to help.
+        The engines' list of transient errors is not exhaustive (a server
+        restart may end a query with another error): a client may still retry.
+        """
+        self.store_faults.record(route, exc)
+        if isinstance(exc, StoreUnavailableError):
+            return _error(503, "store unavailable, retry later", {"Retry-After": self.retry_after})
+        return _error(503, "the store failed this query; the collector's log says why")
 
     def routes(self) -> list[web.RouteDef]:
         """Every route of the API."""
@@ -313,12 +415,43 @@ class QueryApi:
         return _json(result)
 
     async def completeness(self, request: web.Request) -> web.Response:
-        """``GET /v1/completeness``: share of predictions with a complete chain, per model."""
-        return _json(await self.service.completeness())
+        """``GET /v1/completeness[?limit=N&after=MODEL]``: complete share, per model.
+
+        The totals cover every model; ``models`` is one page of them by name
+        (see ``_paged``).
+        """
+        try:
+            limit, after = _page_args(request)
+        except _BadArgumentError as exc:
+            return _error(400, str(exc))
+        answer: dict[str, object] | None = None
+        if self.service.registry is not None and after is None:
+            # The service first fetches served versions the store lacks from
+            # MLflow, then answers the default page; a page that continues
+            # one (``after``) was preceded by that fetch.
+            answer = await self.service.completeness()
+        if answer is None or limit != PAGE_LIMIT:
+            # Store.completeness() takes no page: its plan, run on the engine.
+            answer = await self.service.store.engine.read(completeness_plan(limit, after))
+        models = answer["models"]
+        return _json(_paged(answer, len(models) if isinstance(models, list) else 0, "models"))
 
     async def producers(self, request: web.Request) -> web.Response:
-        """``GET /v1/producers``: every producer with its missing batch count."""
-        return _json({"producers": await self.service.store.producers()})
+        """``GET /v1/producers[?limit=N&after=ID]``: producers by id, with missing batch counts."""
+        try:
+            limit, after = _page_args(request)
+        except _BadArgumentError as exc:
+            return _error(400, str(exc))
+        # Store.producers() takes no page: its plan, run on the engine.
+        page = await self.service.store.engine.read(producers_plan(limit, after))
+        body: dict[str, object] = {
+            "producers": list(page),
+            "total": page.total,
+            "truncated": page.truncated,
+        }
+        if page.truncated:
+            body["next_after"] = page.next_after
+        return _json(_paged(body, len(page), "producers"))
 
     async def producer(self, request: web.Request) -> web.Response:
         """``GET /v1/producers/{id}``: the gap report of one producer."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
@@ -299,6 +300,11 @@ def impact_command(
     _show(output, answer.body, _render("render_impact"), ("query", "model_versions"))
 
 
+# The most rows a list answer may be asked for (store._maintenance.MAX_PAGE_LIMIT;
+# not imported: the store loads only for ``collector serve``).
+_PAGE_LIMIT_MAX = 10_000
+
+
 @click.command("completeness")
 @click.option(
     "--fail-under",
@@ -306,22 +312,69 @@ def impact_command(
     default=None,
     help="exit 1 when the complete share is below this (0-1)",
 )
+@click.option(
+    "--limit",
+    type=click.IntRange(1, _PAGE_LIMIT_MAX),
+    default=None,
+    help="list at most this many models  [collector's default: 1000]",
+)
+@click.option(
+    "--after",
+    metavar="MODEL",
+    default=None,
+    help="list the models after this name (the next page of a truncated answer)",
+)
 @_OUTPUT
 @_connection
 def completeness_command(
-    fail_under: float | None, output: str, collector: str, token: str | None, retry_for: float
+    *,
+    fail_under: float | None,
+    limit: int | None,
+    after: str | None,
+    output: str,
+    collector: str,
+    token: str | None,
+    retry_for: float,
 ) -> None:
-    """Per model, the share of predictions whose lineage chain is complete."""
+    """Per model, the share of predictions whose lineage chain is complete.
+
+    The totals, and so --fail-under, cover every model; the table lists one
+    page of them by name. A truncated list is said on stderr with the
+    command for the next page; as for a truncated trace, the exit code
+    follows what was checked (every model here), not what was listed.
+    """
     if fail_under is not None and math.isnan(fail_under):  # FloatRange lets NaN through
         raise click.BadParameter("must be a number from 0 to 1", param_hint="--fail-under")
+    query = {"limit": str(limit)} if limit is not None else {}
+    if after is not None:
+        query["after"] = after
     client = _client(collector, token, retry_for)
-    answer = _call(lambda: client.get("/v1/completeness"))
+    answer = _call(lambda: client.get("/v1/completeness", query))
     _show(output, answer.body, _render("render_completeness"), ("share", "predictions", "models"))
+    _say_truncated(answer.body, "models", "predtrace completeness", limit)
     share = answer.body["share"]
     if not isinstance(share, (int, float)):
         _fail("the answer is not in the shape a predtrace collector gives (share)")
     if fail_under is not None and share < fail_under:
         _fail(f"completeness {share:.1%} is below {fail_under:.1%}")
+
+
+def _say_truncated(body: Mapping[str, Any], key: str, command: str, limit: int | None) -> None:
+    """On stderr: how much of a list answer was listed, and the command for the next page."""
+    if not body.get("truncated") or not isinstance(body.get(key), list):
+        return
+    listed, total, after = len(body[key]), body.get("total"), body.get("next_after")
+    if not isinstance(after, str):
+        # Without a key to go on from, a next page cannot be asked: say so.
+        click.echo(f"predtrace: answer truncated: {listed} of {total} {key} listed", err=True)
+        return
+    again = f"{command} --after {shlex.quote(after)}"
+    if limit is not None:
+        again += f" --limit {limit}"
+    click.echo(
+        printable(f"predtrace: answer truncated: {listed} of {total} {key} listed; next: {again}"),
+        err=True,
+    )
 
 
 def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:

@@ -256,7 +256,12 @@ def _matched(answer: J) -> str:
 
 
 def render_completeness(console: Console, answer: J) -> None:
-    """Per model: predictions, share with a complete chain, missing hops."""
+    """Per model: predictions, share with a complete chain, missing hops.
+
+    The title's share covers every model; a page of them (``total`` more than
+    listed) says so under the table.
+    """
+    total, listed = answer.get("total"), len(answer["models"])
     table = Table(
         title=(
             f"lineage completeness: {answer['share']:.1%} of {answer['predictions']} predictions"
@@ -264,6 +269,12 @@ def render_completeness(console: Console, answer: J) -> None:
             else "lineage completeness: no predictions stored yet"
         ),
         title_justify="left",
+        caption=(
+            f"{listed:,} of {total:,} models listed"
+            if isinstance(total, int) and total > listed
+            else None
+        ),
+        caption_justify="left",
     )
     for column in ("model", "predictions", "complete", "share", "missing hops (predictions)"):
         table.add_column(column, overflow="fold")

@@ -1,8 +1,11 @@
 """Plans for the per-producer gap report and for retention.
 
-Retention deletes in small chunks, each its own transaction, so ingest is never
-blocked for long; the ``served`` counts are decremented in the same
-transaction as the rows they count. Lineage nodes are kept.
+The producer list is answered a page at a time (``Page``): a token bound to
+``edge-7`` may create ``edge-7-r??????`` producers, so their number is not the
+operator's to bound. Retention deletes in small chunks, each its own
+transaction, so ingest is never blocked for long; the ``served`` counts are
+decremented in the same transaction as the rows they count. Lineage nodes are
+kept.
 """
 
 from __future__ import annotations
@@ -36,10 +39,54 @@ _PRODUCER_COLUMNS: Final = (
 )
 
 
-def producers_plan() -> Plan[list[Json]]:
-    """Every producer with its counts; ``missing_batches`` > 0 means a gap."""
-    rows = yield Fetch(_PRODUCER_COLUMNS + " ORDER BY producer_id")
-    return [_producer_json(row) for row in rows]
+PAGE_LIMIT: Final = 1000
+"""Rows a list answer (producers, completeness's models) holds unless asked for other."""
+MAX_PAGE_LIMIT: Final = 10_000
+"""The most rows a list answer may be asked for: a few megabytes of JSON at most."""
+
+
+class Page(list[Json]):
+    """One page of a list answer, in a stable order, and what it left out.
+
+    A list, so that what reads only the rows takes it as one. ``total``
+    counts every stored row; ``next_after`` is the key of the last row listed
+    when more follow (ask again with ``after=`` it), else None.
+    """
+
+    __slots__ = ("next_after", "total")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+        self.next_after: str | None = None
+
+    @property
+    def truncated(self) -> bool:
+        """Whether rows follow this page."""
+        return self.next_after is not None
+
+
+def producers_plan(limit: int = PAGE_LIMIT, after: str | None = None) -> Plan[Page]:
+    """Producers by id after ``after``, at most ``limit``; ``missing_batches`` > 0 means a gap.
+
+    The primary key orders and bounds the scan, so a page costs its rows
+    whatever the fleet's size; ``total`` is counted only when the page is
+    not the whole list.
+    """
+    where, args = ("", ()) if after is None else (" WHERE producer_id > ?", (after,))
+    rows = yield Fetch(
+        _PRODUCER_COLUMNS + where + " ORDER BY producer_id LIMIT ?", (*args, limit + 1)
+    )
+    page = Page()
+    page.extend(_producer_json(row) for row in rows[:limit])
+    if len(rows) > limit:
+        page.next_after = str(rows[limit - 1][0])
+    if after is None and not page.truncated:
+        page.total = len(page)
+    else:
+        counted = yield Fetch("SELECT count(*) FROM producers")
+        page.total = int(counted[0][0])
+    return page
 
 
 def producer_plan(producer_id: str) -> Plan[Json | None]:

@@ -42,9 +42,18 @@ _MIGRATION_LOCK: Final = 0x70726564  # advisory lock id: replicas migrate one at
 
 
 def translate(exc: BaseException) -> StoreError:
-    """Our error for an asyncpg/OS one: transient conditions become StoreUnavailableError."""
+    """Our error for an asyncpg/OS one: transient conditions become StoreUnavailableError.
+
+    asyncpg's client-side DataError (an argument it cannot send: a value of
+    the wrong type, an integer past the column's) is an InterfaceError too,
+    yet no retry sends it otherwise: it is not transient.
+    """
     transient: tuple[type[BaseException], ...] = (OSError, TimeoutError)
+    permanent: tuple[type[BaseException], ...] = ()
     if asyncpg is not None:
+        # asyncpg.DataError is the server's (SQLSTATE class 22); the client's
+        # is exported from its private module only.
+        permanent = (asyncpg.exceptions._base.DataError,)
         transient += (
             asyncpg.PostgresConnectionError,
             asyncpg.InterfaceError,
@@ -55,7 +64,7 @@ def translate(exc: BaseException) -> StoreError:
             asyncpg.exceptions.QueryCanceledError,
             asyncpg.exceptions.ReadOnlySQLTransactionError,
         )
-    if isinstance(exc, transient):
+    if isinstance(exc, transient) and not isinstance(exc, permanent):
         return StoreUnavailableError(f"postgresql store unavailable: {type(exc).__name__}")
     return StoreError(f"postgresql store error: {type(exc).__name__}: {exc}")
 
