@@ -159,7 +159,7 @@ class Store:
         return sorted({(str(r[0]), str(r[1])) for r in rows if r[0] and r[1]})
 
     async def producers(self) -> list[Json]:
-        """Every producer with its counts and number of missing batches."""
+        """The first page of producers (1,000, by id) with their counts and missing batches."""
         return await self.engine.read(producers_plan())
 
     async def producer(self, producer_id: str) -> Json | None:
