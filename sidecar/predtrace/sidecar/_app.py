@@ -271,7 +271,9 @@ class SidecarApp:
             _write_atomic(self._files, path, kept.encode())
             return kept, True
         kept, fresh = stored, False
-        if configured and not (kept == configured or kept.startswith(configured + "-r")):
+        # The kept id is this one, or one it continued under (``<id>-r<6 hex>``);
+        # not merely one that begins with it ("edge" is not "edge-rack-1").
+        if configured and not (kept == configured or producer_id_base(kept) == configured):
             if stored:
                 _log.warning(
                     "--producer-id %s replaces the producer id %s kept in %s; seqs start at 1",

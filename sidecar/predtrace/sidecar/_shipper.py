@@ -87,7 +87,7 @@ def counts_against_batch(exc: RetryableExportError) -> bool:
 
     Connection errors, 2xx answers that are no acknowledgement, 3xx, 401/403,
     404/405 and busy statuses say nothing about the batch: it is kept forever.
-    A 500 counts only while the collector also says it is ready (see
+    A 500 counts unless the collector says it is not ready (see
     ``Shipper._against_batch``): a collector or proxy answering 500 to
     everything is an outage.
     """
@@ -111,9 +111,10 @@ class BatchSender(Protocol):
         """POST the body; raise Retryable/PermanentExportError on failure."""
         ...
 
-    # Optional: ``async def ready(self) -> bool``, whether the collector says it
-    # is ready (``CollectorClient.ready``). Without it a 500 counts against the
-    # batch, as it must for a sender that cannot tell an outage from a bad batch.
+    # Optional: ``async def ready(self) -> bool | None``, whether the collector
+    # says it is ready, None when it cannot tell (``CollectorClient.ready``).
+    # Without it a 500 counts against the batch, as it must for a sender that
+    # cannot tell an outage from a bad batch.
 
     async def close(self) -> None:
         """Release connections."""
@@ -546,15 +547,16 @@ class Shipper:
     async def _against_batch(self, exc: RetryableExportError) -> bool:
         """Whether a failed attempt counts toward quarantining the batch.
 
-        A 500 says the batch is bad only if the collector is well otherwise:
-        one that is not ready (its store down, or a proxy or load balancer
-        answering 500 to everything) is having an outage, and an outage
-        never costs a batch. A sender that cannot ask (no ``ready``) counts it.
+        A 500 says the batch is bad unless the collector says it is not ready
+        (its store down, or a proxy or load balancer answering 5xx to
+        everything): that is an outage, and an outage never costs a batch.
+        When readiness cannot be told (no ``ready``, or a ``/readyz`` an
+        ingress does not route), the 500 counts.
         """
         if not counts_against_batch(exc):
             return False
         probe = getattr(self._sender, "ready", None)
-        return probe is None or bool(await probe())
+        return probe is None or (await probe()) is not False
 
     def _note_retry(self, exc: RetryableExportError) -> None:
         self.counters.retried += 1

@@ -6,7 +6,7 @@ each batch with ``decode_batch``, stores it once per (producer, seq), answers
 resets) for the next requests; ``fail_when`` fails batches matching a test.
 Like the collector, it answers 409 to a stored (producer, seq) sent again
 with other bytes, 413 to a body over ``max_body`` (an ingress limit), and
-``GET /readyz`` with 200 ``ready`` while ``ready`` is set (503 otherwise).
+``GET /readyz`` with 200 ``ready`` while ``ready`` is set (503 when False, 404 when None).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class FakeCollector:
     max_body: int | None = None
     too_large: int = 0  # bodies refused with 413 for max_body
     conflicts: int = 0  # batches refused with 409 (a seq reused with other bytes)
-    ready: bool = True
+    ready: bool | None = True  # None: /readyz is not routed (404)
     ready_probes: int = 0
     url: str = ""
     _runner: web.AppRunner | None = None
@@ -83,6 +83,8 @@ class FakeCollector:
 
     async def _readyz(self, request: web.Request) -> web.StreamResponse:
         self.ready_probes += 1
+        if self.ready is None:  # an ingress that routes only /v1/batches
+            return web.Response(status=404, text="no such route")
         if self.ready:
             return web.Response(text="ready")
         return web.Response(status=503, text="store unavailable")

@@ -782,3 +782,23 @@ async def test_a_kept_restarted_id_of_a_long_configured_id_is_kept_across_starts
         running = await start_sidecar(files=disk, spool=spool, producer_id=configured)
         assert running.app.producer_id == f"{configured}-r0a1b2c"
         await running.app.stop()
+
+
+@pytest.mark.parametrize(
+    ("kept", "configured", "used"),
+    [
+        ("edge-rack-1", "edge", "edge"),  # another producer that merely begins with it
+        ("edge-r1a2b3c", "edge", "edge-r1a2b3c"),  # edge continued under a derived id
+        ("edge", "edge", "edge"),
+    ],
+)
+async def test_a_configured_producer_id_is_used_unless_the_spool_continued_it(
+    start_sidecar: StartSidecar, kept: str, configured: str, used: str
+) -> None:
+    disk = MemoryFileLayer()
+    disk.makedirs("/spool")
+    disk.write_file("/spool/producer_id", kept.encode())
+    running = await start_sidecar(
+        files=disk, spool=SpoolConfig(directory="/spool"), producer_id=configured
+    )
+    assert running.app.producer_id == used

@@ -934,6 +934,24 @@ async def test_a_500_outage_while_the_collector_is_not_ready_keeps_every_batch(
     assert rig.collector.chain_ok("edge-1")
 
 
+async def test_a_poison_500_behind_an_ingress_without_readyz_is_quarantined_not_blocking(
+    rig: Rig,
+) -> None:
+    # /readyz not routed (404): readiness unknown, so the 500 counts and the
+    # batch goes to quarantine; the events after it are delivered.
+    rig.collector.ready = None
+    rig.collector.fail_when = lambda d: (
+        500 if d.batch.events[0].prediction_id == "p000000" else None
+    )
+    config = ShipperConfig(linger=0, max_batch_events=5, poison_attempts=2)
+    shipper = await rig.start(config)
+    await rig.record(events(5))
+    await eventually(lambda: shipper.counters.quarantined == 1)
+    await rig.record(events(5, start=5))
+    await rig.wait_delivered(5)
+    assert [e.prediction_id for e in rig.collector.events()] == [f"p{i:06d}" for i in range(5, 10)]
+
+
 async def test_the_last_error_says_a_500_is_taken_for_an_outage(rig: Rig) -> None:
     rig.collector.ready = False
     rig.collector.script = [Answer(500)] * 10_000

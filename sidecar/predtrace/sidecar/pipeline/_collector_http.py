@@ -227,18 +227,20 @@ class CollectorClient:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise RetryableExportError(self._unreachable(exc)) from None
 
-    async def ready(self) -> bool:
-        """Whether the collector says it is ready: ``GET /readyz`` answers 200 ``ready``.
+    async def ready(self) -> bool | None:
+        """What the collector's ``GET /readyz`` says: True ready, False not, None unknown.
 
         The shipper asks after an ingest attempt failed with a 500: a collector
-        that is ready otherwise failed on that batch; one that is not, or a
-        proxy answering 500 to everything, is having an outage, which must
-        never cost the batch. Anything but the collector's own 200 (another
-        status, a captive portal's page, no answer within a few seconds) is
-        False. Never raises.
+        that is ready otherwise failed on that batch; one that is not ready, or
+        a proxy answering 5xx to everything, is having an outage, which must
+        never cost the batch. False: a 5xx, or no answer within a few seconds.
+        None when ``/readyz`` cannot tell (an ingress that routes only
+        ``/v1/batches`` answers 404; a page that is not the collector's): the
+        500 then counts, as it must, or a poison batch would hold the queue for
+        ever. Never raises.
         """
         if self._closed:
-            return False
+            return None
         session = self._open_session()
         timeout = aiohttp.ClientTimeout(total=min(self.config.timeout, _READY_TIMEOUT_S))
         headers = {}
@@ -249,7 +251,9 @@ class CollectorClient:
                 self.config.ready_url, headers=headers, allow_redirects=False, timeout=timeout
             ) as resp:
                 body = await resp.content.read(len(_READY_BODY) + 64)
-                return resp.status == 200 and body.strip() == _READY_BODY
+                if resp.status >= 500:
+                    return False
+                return True if resp.status == 200 and body.strip() == _READY_BODY else None
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
 
