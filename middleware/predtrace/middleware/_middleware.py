@@ -151,11 +151,17 @@ class PredictionTracingMiddleware:
         try:
             await self.app(scope, lifespan_receive, lifespan_send)
         except Exception:
-            if answered:
-                raise  # the app speaks lifespan and failed: the server reports it
+            if answered or started:
+                # The app speaks lifespan (it read the startup message) and
+                # failed: the server reports the failed startup, not us.
+                raise
+            unsupported = True
+        else:
+            unsupported = not answered  # returned without a word: ignores the scope
+        if unsupported:
             # An app that does not speak lifespan (a plain ASGI app raising on
-            # the scope): answer it here, so the pipeline still starts with the
-            # server and is flushed before a SIGTERM ends the process.
+            # the scope, or returning): answer it here, so the pipeline still
+            # starts with the server and is flushed before a SIGTERM ends it.
             _log.info("predtrace: the app does not handle lifespan; the middleware does")
             await self._own_lifespan(runtime, receive, send, started=started)
 

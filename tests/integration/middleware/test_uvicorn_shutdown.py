@@ -69,6 +69,25 @@ async def plain_app(scope, receive, send):
 
 
 plain = PredictionTracingMiddleware(plain_app, MiddlewareConfig.from_env(os.environ))
+
+
+async def ignoring_app(scope, receive, send):
+    if scope["type"] != "http":
+        return  # the other way a plain app ignores lifespan
+    await plain_app(scope, receive, send)
+
+
+ignoring = PredictionTracingMiddleware(ignoring_app, MiddlewareConfig.from_env(os.environ))
+
+
+async def crashing_app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        await receive()  # it speaks lifespan: startup...
+        raise RuntimeError("the model file is missing")  # ...and fails without a word
+    await plain_app(scope, receive, send)
+
+
+crashing = PredictionTracingMiddleware(crashing_app, MiddlewareConfig.from_env(os.environ))
 """
 
 
@@ -127,11 +146,12 @@ def test_requests_cancelled_by_a_graceful_shutdown_timeout_still_deliver_their_e
     assert _stored(collector_url, ids) == ids, log
 
 
+@pytest.mark.parametrize("app", ["plain", "ignoring"], ids=["raising", "returning"])
 def test_a_plain_app_without_lifespan_is_flushed_on_sigterm_by_the_middleware(
-    collector_url: str, app_dir: str
+    collector_url: str, app_dir: str, app: str
 ) -> None:
     with run_uvicorn(
-        "shutdown_app:plain",
+        f"shutdown_app:{app}",
         app_dir=app_dir,
         env=_env(collector_url),
         extra_args=["--lifespan", "auto"],
@@ -162,3 +182,14 @@ def test_a_server_without_lifespan_says_once_that_sigterm_will_lose_events(
         _, log = server.terminate()
     assert log.count("a prediction was served before the app's lifespan started") == 1, log
     assert "instrument the outermost app, with lifespan on" in log
+
+
+def test_an_app_whose_startup_crashes_still_fails_to_start(
+    collector_url: str, app_dir: str
+) -> None:
+    with (
+        pytest.raises(RuntimeError, match=r"uvicorn (did not start|not ready)") as info,
+        run_uvicorn("shutdown_app:crashing", app_dir=app_dir, env=_env(collector_url)),
+    ):
+        pass
+    assert "Application startup failed" in str(info.value)
