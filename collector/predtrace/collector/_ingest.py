@@ -1,10 +1,13 @@
-"""Ingest: ``POST /v1/batches`` -> bounded read -> decode -> store commit -> ack.
+"""Ingest: ``POST /v1/batches`` -> bounded read -> header -> decode -> store commit -> ack.
 
 The delivery contract (DESIGN §4): the body is read with a hard cap (413) and
 only while the in-flight byte budget allows (else 503 + Retry-After); a gzip'd
 body's decompressed bytes are charged to that budget too, and only a few
-batches are decoded at once; the decoder is bounded (400 with a reason, 413
-for bombs); a client that hangs up mid-body is let go without a log line (it is
+batches are decoded at once; the batch's header is read (and its producer_id
+checked against the token: 403) before one event is built, then the events one
+at a time, each turned into its row, with what that decode may cost charged
+to the budget first; the decoder is bounded (400 with a reason, 413 for
+bombs); a client that hangs up mid-body is let go without a log line (it is
 counted); a batch is acknowledged only after the store committed it;
 (producer_id, seq) is idempotent (the same bytes again are a duplicate; other
 bytes under a stored seq are a 409); bad events are rejected alone; store
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -24,7 +26,7 @@ from typing import Final
 
 from aiohttp import web
 
-from predtrace.collector._auth import Scope
+from predtrace.collector._auth import Scope, TokenEntry
 from predtrace.collector._errors import StoreError
 from predtrace.collector._metrics import CollectorMetrics
 from predtrace.collector._security import Authorizer, AuthRefusal
@@ -37,16 +39,19 @@ from predtrace.collector.store import (
 )
 from predtrace.collector.store._ops import Row
 from predtrace.wire import (
+    BatchHeader,
     DecodeLimits,
     IngestAck,
     Rejection,
     WireError,
     WireTooLargeError,
-    decode_batch_raw,
+    batch_digest,
     encode_ack,
     event_from_map,
     event_rejection,
     gunzip_bounded,
+    read_batch_events,
+    read_batch_header,
 )
 from predtrace.wire._codec import GZIP_MAGIC
 
@@ -59,10 +64,20 @@ BODY_TIMEOUT_S: Final = 30.0
 # A plain (not gzip'd) body up to this size is decoded on the event loop: its
 # decode costs about its size, less than a round trip through a thread.
 _INLINE_DECODE_MAX: Final = 64 * 1024
-# Batches decoded at once. A decode costs many times the batch's decompressed
-# size in Python objects, and the default thread pool runs dozens of threads:
-# this bounds the peak whatever the pool's size (two keep a small host busy).
+# Batches decoded at once. A decode costs more than its batch's bytes (its
+# rows, one event's objects; charged to the budget, see ``decode_cost``) and
+# CPU: this bounds both whatever the thread pool's size (two keep a small
+# host busy).
 DECODES_AT_ONCE: Final = 2
+# What a decode keeps until its batch is stored, beyond its payload: its rows
+# (``decode_cost``). Measured with tracemalloc (test_ingest_limits.py): some
+# 350 bytes a row plus about 3 per byte of realistic events (bench/codec.py's:
+# 1,550 bytes a row of 404 on the wire); short texts cost more per byte but
+# stay within the per-row part. Text kept as JSON with escapes (control
+# characters) can cost up to 6 per byte: such a batch may hold up to half as
+# much again as it is charged, which bounds it still.
+ROW_BYTES: Final = 1024
+ROW_BYTES_PER_PAYLOAD_BYTE: Final = 4
 _ENCODINGS: Final = ("", "identity", "gzip", "x-gzip")
 
 
@@ -148,21 +163,26 @@ class _Prepared:
     rejected: tuple[Rejection, ...]
 
 
-def prepare(body: bytes, limits: DecodeLimits, received_ns: int) -> _Prepared:
-    """Decode a body and build its store rows (CPU-bound: big bodies run in a thread).
+def prepare(
+    payload: bytes, limits: DecodeLimits, received_ns: int, header: BatchHeader | None = None
+) -> _Prepared:
+    """Build the store rows of a batch's msgpack bytes (CPU-bound: big ones run in a thread).
 
-    A plain, valid event becomes its row straight from the msgpack map; any
-    other goes through the wire's precise decoder and the store's checks,
-    which reject it alone with a reason.
+    ``header`` is the batch's, when it was read before (``open_batch``). The
+    events are built one at a time and only their rows are kept: a plain,
+    valid event becomes its row straight from the msgpack map; any other goes
+    through the wire's precise decoder and the store's checks, which reject it
+    alone with a reason.
 
     Raises:
         WireTooLargeError / WireError: the body is refused whole.
     """
-    batch = decode_batch_raw(body, limits=limits)
-    producer_id, seq, max_id = batch.producer_id, batch.seq, limits.max_id_len
+    if header is None:
+        header = read_batch_header(payload, limits)
+    producer_id, seq, max_id = header.producer_id, header.seq, limits.max_id_len
     rows: list[Row] = []
     rejected: list[Rejection] = []
-    for index, item in enumerate(batch.events):
+    for index, item in enumerate(read_batch_events(payload, header, limits)):
         row = fast_prediction_row(item, producer_id, seq, received_ns, max_id)
         if row is None:
             row = _precise_row(item, index, limits, rejected, (producer_id, seq, received_ns))
@@ -171,15 +191,25 @@ def prepare(body: bytes, limits: DecodeLimits, received_ns: int) -> _Prepared:
     record = IngestRecord(
         producer_id=producer_id,
         seq=seq,
-        digest=batch.digest,
-        prev_digest=batch.prev_digest,
-        batch_id=batch.batch_id,
-        created_ns=min(batch.created_at_unix_nano, 2**63 - 1),
+        digest=batch_digest(payload),
+        prev_digest=header.prev_digest,
+        batch_id=header.batch_id,
+        created_ns=min(header.created_at_unix_nano, 2**63 - 1),
         received_ns=received_ns,
         rows=rows,
         rejected=len(rejected),
     )
     return _Prepared(record, tuple(rejected))
+
+
+def open_batch(body: bytes, limits: DecodeLimits) -> tuple[bytes, BatchHeader]:
+    """A body's msgpack bytes (inflated when gzip'd) and its header (CPU-bound: run in a thread).
+
+    Raises:
+        WireTooLargeError / WireError: the body is refused whole.
+    """
+    payload = inflate(body, limits) if body[:2] == GZIP_MAGIC else body
+    return payload, read_batch_header(payload, limits)
 
 
 def inflate(body: bytes, limits: DecodeLimits) -> bytes:
@@ -194,6 +224,17 @@ def inflate(body: bytes, limits: DecodeLimits) -> bytes:
         # The decoder would inflate it again, past what was charged for it.
         raise WireError("batch must be a msgpack map, not gzip'd twice")
     return payload
+
+
+def decode_cost(payload_len: int, event_count: int) -> int:
+    """Bytes a decode keeps until its batch is stored, beyond the payload: its rows.
+
+    Not the event being built: one at a time per decode, each within the
+    reader's per-event bounds, and only ``DECODES_AT_ONCE`` decodes run in
+    threads (plus small bodies on the event loop), so those objects are
+    bounded whatever the number of batches in flight.
+    """
+    return ROW_BYTES * event_count + ROW_BYTES_PER_PAYLOAD_BYTE * payload_len
 
 
 def _precise_row(
@@ -233,8 +274,6 @@ class IngestHandler:
     ) -> None:
         self.store, self.limits, self.budget = store, limits, budget
         self.slots = slots or DecodeSlots()
-        # An inflated body is bounded by the decompressed cap, not the body cap.
-        self._inflated_limits = dataclasses.replace(limits, max_bytes=limits.max_decompressed_bytes)
         self.body_timeout_s = body_timeout_s
         self.authorizer, self.metrics = authorizer, metrics
         self.retry_after = str(retry_after_s)
@@ -257,9 +296,7 @@ class IngestHandler:
             # byte now, so a full budget answers 503 before any read.
             reservation.grow_to(1)
             body = await self._read(request, reservation)
-            prepared = await self._prepare(body, reservation)
-            if entry is not None and not entry.allows_producer(prepared.record.producer_id):
-                raise _Refused(403, "token not allowed for this producer_id", "forbidden")
+            prepared = await self._prepare(body, reservation, entry)
             return await self._store(prepared, len(body))
         except AuthRefusal as refusal:
             self.metrics.batches.labels(refusal.outcome).inc()
@@ -294,31 +331,48 @@ class IngestHandler:
             ) from None
         return b"".join(chunks)
 
-    async def _prepare(self, body: bytes, reservation: _Reservation) -> _Prepared:
+    async def _prepare(
+        self, body: bytes, reservation: _Reservation, entry: TokenEntry | None
+    ) -> _Prepared:
         received_ns = time.time_ns()
         try:
             # What decides is what the decode costs: a gzip'd body of a few KiB
             # can inflate to the decompressed cap (seconds of CPU on the loop).
             if body[:2] != GZIP_MAGIC and len(body) <= _INLINE_DECODE_MAX:
-                return prepare(body, self.limits, received_ns)
+                header = read_batch_header(body, self.limits)
+                self._admit(entry, header, body, body, reservation)
+                return prepare(body, self.limits, received_ns, header)
             async with self.slots.slot():
-                return await self._prepare_in_thread(body, reservation, received_ns)
+                payload, header = await asyncio.to_thread(open_batch, body, self.limits)
+                self._admit(entry, header, body, payload, reservation)
+                return await asyncio.to_thread(prepare, payload, self.limits, received_ns, header)
         except WireTooLargeError as exc:
             raise _Refused(413, str(exc), "too_large") from None
         except WireError as exc:
             raise _Refused(400, str(exc), "bad_request") from None
 
-    async def _prepare_in_thread(
-        self, body: bytes, reservation: _Reservation, received_ns: int
-    ) -> _Prepared:
-        if body[:2] != GZIP_MAGIC:
-            return await asyncio.to_thread(prepare, body, self.limits, received_ns)
-        payload = await asyncio.to_thread(inflate, body, self.limits)
-        # Both stay alive until the batch is stored. A batch within the decoder's
-        # limits is never refused for good: past the whole budget it is charged
-        # the whole budget (it waits for an idle collector: 503 until then).
-        reservation.grow_to(min(len(body) + len(payload), self.budget.cap))
-        return await asyncio.to_thread(prepare, payload, self._inflated_limits, received_ns)
+    def _admit(
+        self,
+        entry: TokenEntry | None,
+        header: BatchHeader,
+        body: bytes,
+        payload: bytes,
+        reservation: _Reservation,
+    ) -> None:
+        """Refuse a producer the token may not send as (403), then charge what decoding costs.
+
+        Both before one event is built: a batch under another producer's id
+        costs a pass over its bytes, whatever its events hold. The body, its
+        inflated form and the decode (``decode_cost``) stay charged until the
+        batch is stored. A batch within the decoder's limits is never refused
+        for good: past the whole budget it is charged the whole budget (it
+        waits for an idle collector: 503 until then).
+        """
+        if entry is not None and not entry.allows_producer(header.producer_id):
+            raise _Refused(403, "token not allowed for this producer_id", "forbidden")
+        inflated = len(payload) if payload is not body else 0
+        cost = len(body) + inflated + decode_cost(len(payload), header.event_count)
+        reservation.grow_to(min(cost, self.budget.cap))
 
     async def _store(self, prepared: _Prepared, size: int) -> web.Response:
         record = prepared.record

@@ -37,7 +37,9 @@ class CollectorMetrics:
             "predtrace_collector_ingest_bytes", "Request body bytes of accepted batches", registry=r
         )
         self.inflight_bytes = Gauge(
-            "predtrace_collector_inflight_bytes", "Body bytes being ingested now", registry=r
+            "predtrace_collector_inflight_bytes",
+            "Bytes held by ingests now: bodies, inflated payloads and their decoding",
+            registry=r,
         )
         self.chain = Counter(
             "predtrace_collector_chain",

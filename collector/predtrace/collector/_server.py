@@ -3,6 +3,12 @@
 ``--listen 127.0.0.1:0`` binds a free port; the ready file's first line is the
 bound ``host:port``, written (atomically) only once the store is open and the
 socket accepts connections. SIGTERM/SIGINT stop it gracefully.
+
+Slow clients are let go: a connection is closed once it has been idle for
+``IDLE_TIMEOUT_S``, including one whose request line or headers never end
+(aiohttp's own default keeps such a connection an hour: a thousand of them
+held every file descriptor). The process raises its descriptor limit to
+what it may, and a full table is logged once in a while, not per accept.
 """
 
 from __future__ import annotations
@@ -11,9 +17,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -22,6 +32,18 @@ from predtrace.collector._app import build_app
 from predtrace.collector._config import CollectorConfig, parse_listen
 
 log = logging.getLogger("predtrace.collector")
+
+# Seconds a connection may stay idle: before its first request has fully
+# arrived (request line and headers; a batch body has BODY_TIMEOUT_S), and
+# between requests. Longer than the 15 s aiohttp's client keeps an idle
+# connection (the sidecar's exporter), so the collector never closes one the
+# client is about to reuse.
+IDLE_TIMEOUT_S: Final = 20.0
+# At most one log line this often while accept() fails for want of
+# descriptors (asyncio logs every failure, a traceback each, a hundred a tick).
+ACCEPT_ERROR_LOG_INTERVAL_S: Final = 10.0
+_ACCEPT_FAILED: Final = "socket.accept() out of system resource"
+_ExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
 
 
 class RunningCollector:
@@ -42,9 +64,15 @@ class RunningCollector:
 
 
 async def start_collector(
-    config: CollectorConfig, *, app: web.Application | None = None
+    config: CollectorConfig,
+    *,
+    app: web.Application | None = None,
+    idle_timeout_s: float = IDLE_TIMEOUT_S,
 ) -> RunningCollector:
     """Start serving ``config`` (or a prebuilt ``app``) on its listen address.
+
+    ``idle_timeout_s``: a connection idle that long is closed (see the module
+    docstring; tests shorten it).
 
     Raises:
         ConfigError / StoreError: the collector cannot start.
@@ -53,8 +81,15 @@ async def start_collector(
     host, port = parse_listen(config.listen)
     ssl_context = config.ssl_context()  # a bad certificate fails before anything binds
     quiet_client_errors()
-    # auto_decompress off: the bounded decoder inflates gzip itself (gzip bombs -> 413).
-    runner = web.AppRunner(app or build_app(config), auto_decompress=False, access_log=None)
+    runner = web.AppRunner(
+        app or build_app(config),
+        # Off: the bounded decoder inflates gzip itself (gzip bombs -> 413).
+        auto_decompress=False,
+        access_log=None,
+        # aiohttp starts this clock when a connection opens and restarts it
+        # only after a response: headers trickling in never extend it.
+        keepalive_timeout=idle_timeout_s,
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
@@ -78,12 +113,72 @@ def write_ready_file(path: str, lines: list[str]) -> None:
     tmp.replace(target)
 
 
+def raise_fd_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit; return the soft limit.
+
+    Each client connection holds a descriptor: the soft limit (often 1,024)
+    is what a burst of slow clients exhausts first, and raising it up to the
+    hard limit needs no privilege.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An infinite hard limit is refused as a soft one by Linux (past nr_open).
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.info("open files limit stays %d: %s", soft, exc)
+            return soft
+        return target
+    return soft
+
+
+class AcceptErrorLog:
+    """The event loop's exception handler: accept() failures logged at most once an interval.
+
+    asyncio reports every accept() that fails for want of descriptors (EMFILE)
+    as an ERROR with a traceback, up to a hundred times per loop iteration:
+    under a flood of connections that grew a log by hundreds of MB a minute.
+    Those become one WARNING line per ``interval`` with the count left out;
+    anything else goes to the handler that was there before (or the default).
+    """
+
+    def __init__(
+        self,
+        previous: _ExceptionHandler | None = None,
+        interval: float = ACCEPT_ERROR_LOG_INTERVAL_S,
+    ) -> None:
+        self.previous, self.interval = previous, interval
+        self.left_out = 0
+        self._last = -interval
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """Handle one exception the loop reports."""
+        if context.get("message") != _ACCEPT_FAILED:
+            if self.previous is not None:
+                self.previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self.left_out += 1
+            return
+        self._last = now
+        exc = context.get("exception")
+        extra = f" ({self.left_out} more since the last one)" if self.left_out else ""
+        log.warning("cannot accept connections: %s%s", exc or "out of resources", extra)
+        self.left_out = 0
+
+
 async def serve(config: CollectorConfig, *, ready_file: str | None = None) -> None:
     """Serve until SIGTERM or SIGINT."""
+    raise_fd_limit()
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(AcceptErrorLog(loop.get_exception_handler()))
     running = await start_collector(config)
     tune_gc()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     wrote_ready_file = False

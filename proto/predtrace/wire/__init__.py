@@ -6,7 +6,6 @@ depends on nothing else of predtrace. The .proto files beside it
 """
 
 from predtrace.wire._codec import (
-    FORMAT_MAJOR,
     FORMAT_MINOR,
     DecodedBatch,
     RawBatch,
@@ -53,12 +52,19 @@ from predtrace.wire._maps import event_from_map, event_to_map
 from predtrace.wire._plain import canonical_event_map, plain_event_map, plain_map_problem
 from predtrace.wire._problems import event_problem
 from predtrace.wire._proto import event_from_proto, event_to_proto
+from predtrace.wire._reader import (
+    FORMAT_MAJOR,
+    BatchHeader,
+    read_batch_events,
+    read_batch_header,
+)
 
 __all__ = [
     "CALLER_ID_RE",
     "DEFAULT_LIMITS",
     "FORMAT_MAJOR",
     "FORMAT_MINOR",
+    "BatchHeader",
     "DecodeLimits",
     "DecodedBatch",
     "DeploymentRef",
@@ -101,6 +107,8 @@ __all__ = [
     "plain_event_map",
     "plain_map_problem",
     "producer_id_base",
+    "read_batch_events",
+    "read_batch_header",
     "restarted_producer_id",
     "unpack_event_maps",
     "unpack_events",

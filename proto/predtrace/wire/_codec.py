@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar, cast
 
@@ -26,10 +26,16 @@ from predtrace.wire._event import (
     PredictionEvent,
     Rejection,
 )
-from predtrace.wire._limits import DEFAULT_LIMITS, INT63_MAX, DecodeLimits
-from predtrace.wire._maps import _Fields, _is_uint, event_from_map, event_to_map
+from predtrace.wire._limits import DEFAULT_LIMITS, DecodeLimits
+from predtrace.wire._maps import _Fields, event_from_map, event_to_map
+from predtrace.wire._reader import (
+    BYTES_PER_CONTAINER,
+    FORMAT_MAJOR,
+    read_batch_events,
+    read_batch_header,
+    short_reason,
+)
 
-FORMAT_MAJOR: Final = 1
 FORMAT_MINOR: Final = 0
 GZIP_MAGIC: Final = b"\x1f\x8b"
 
@@ -202,19 +208,20 @@ def gunzip_bounded(data: bytes, max_bytes: int) -> bytes:
 def unpack_bounded(payload: bytes, limits: DecodeLimits) -> object:
     """Unpack msgpack bytes with every declared length, and the number of containers, bounded.
 
-    An empty map or array is one byte on the wire and some 60 in memory: a
-    body of nothing else would cost about 75 times its size. What predtrace's
-    encoder writes spends at least three bytes a container (the densest event,
-    a one-character id and an empty output, is six bytes in two; an empty
-    additional model, one byte, is refused by ``event_problem``), so at most
-    one container per ``_BYTES_PER_CONTAINER`` bytes is allowed: some 30 times
-    the bytes at worst.
+    For values built whole (packed events, acknowledgements); batches are read
+    in parts by ``_reader``, with bounds per event. An empty map or array is one
+    byte on the wire and some 60 in memory, a map of one entry three bytes and
+    224. What predtrace's encoder writes spends at least three bytes a
+    container (the densest event, a one-character id and an empty output, is
+    six bytes in two; an empty additional model, one byte, is refused by
+    ``event_problem``), so at most one container per ``BYTES_PER_CONTAINER``
+    bytes is allowed: up to about 75 times the bytes (maps of one entry).
 
     Raises:
         WireError: malformed, truncated, trailing data or a bound exceeded.
     """
     count = itertools.count()
-    most = len(payload) // _BYTES_PER_CONTAINER + 64
+    most = len(payload) // BYTES_PER_CONTAINER + 64
 
     def counted(container: _C) -> _C:
         if next(count) > most:
@@ -237,26 +244,21 @@ def unpack_bounded(payload: bytes, limits: DecodeLimits) -> object:
         )
     except _TooManyContainersError:
         raise WireError(
-            f"more than one map or array per {_BYTES_PER_CONTAINER} bytes of msgpack"
+            f"more than one map or array per {BYTES_PER_CONTAINER} bytes of msgpack"
         ) from None
     except msgpack.ExtraData:
         raise WireError("trailing bytes after the msgpack value") from None
     except (msgpack.OutOfData, msgpack.FormatError, msgpack.StackError) as exc:
         raise WireError(f"malformed msgpack: {type(exc).__name__}") from None
     except (ValueError, TypeError, UnicodeDecodeError) as exc:
-        raise WireError(f"malformed msgpack: {_short(exc)}") from None
+        raise WireError(f"malformed msgpack: {short_reason(exc)}") from None
 
 
-_BYTES_PER_CONTAINER: Final = 2
 _C = TypeVar("_C")
 
 
 class _TooManyContainersError(Exception):
     """Raised inside the decoder's hooks; becomes a WireError."""
-
-
-def _short(exc: BaseException) -> str:
-    return str(exc).split("\n", 1)[0][:120]
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +282,9 @@ class RawBatch:
 def decode_batch_raw(data: bytes, *, limits: DecodeLimits = DEFAULT_LIMITS) -> RawBatch:
     """Decode wire bytes (gzip'd or not) and check the batch header, not the events.
 
+    Every event map is built (each within its bounds, see ``read_batch_events``);
+    a consumer that needs one at a time reads them with ``read_batch_events``.
+
     Raises:
         WireTooLargeError: the body or its decompressed form is over the limits.
         WireError: the batch itself is malformed (the whole body is refused).
@@ -289,28 +294,14 @@ def decode_batch_raw(data: bytes, *, limits: DecodeLimits = DEFAULT_LIMITS) -> R
     payload = data
     if data[:2] == GZIP_MAGIC:
         payload = gunzip_bounded(data, limits.max_decompressed_bytes)
-    raw = unpack_bounded(payload, limits)
-    if not isinstance(raw, dict):
-        raise WireError("batch must be a msgpack map")
-    _check_version(raw.get(0))
-    producer_id = _batch_str(raw, 1, "producer_id", required=True, max_len=limits.max_id_len)
-    if "\x00" in producer_id:
-        raise WireError("producer_id must not contain NUL characters")
-    seq = raw.get(2)
-    if not isinstance(seq, int) or not _is_uint(seq) or seq == 0 or seq > INT63_MAX:
-        raise WireError("seq must be a positive integer below 2**63")
-    raw_events = raw.get(6, [])
-    if not isinstance(raw_events, list):
-        raise WireError("events must be an array")
-    if len(raw_events) > limits.max_events:
-        raise WireTooLargeError(f"batch holds more than {limits.max_events} events")
+    header = read_batch_header(payload, limits)
     return RawBatch(
-        producer_id=producer_id,
-        seq=seq,
-        batch_id=_batch_bytes(raw, 3, "batch_id"),
-        created_at_unix_nano=_batch_uint(raw, 4, "created_at_unix_nano"),
-        prev_digest=_batch_bytes(raw, 5, "prev_digest"),
-        events=raw_events,
+        producer_id=header.producer_id,
+        seq=header.seq,
+        batch_id=header.batch_id,
+        created_at_unix_nano=header.created_at_unix_nano,
+        prev_digest=header.prev_digest,
+        events=list(read_batch_events(payload, header, limits)),
         digest=batch_digest(payload),
     )
 
@@ -339,44 +330,6 @@ def decode_batch(data: bytes, *, limits: DecodeLimits = DEFAULT_LIMITS) -> Decod
         prev_digest=raw.prev_digest,
     )
     return DecodedBatch(batch, tuple(rejected), raw.digest)
-
-
-def _check_version(version: object) -> None:
-    if version is None:
-        raise WireError("missing format version (key 0)")
-    if (
-        not isinstance(version, list)
-        or len(version) < 2
-        or not all(_is_uint(part) for part in version[:2])
-    ):
-        raise WireError("format version must be [major, minor]")
-    if version[0] != FORMAT_MAJOR:
-        raise WireError(f"unsupported format major version {version[0]}; this is {FORMAT_MAJOR}")
-
-
-def _batch_str(raw: Mapping[Any, Any], key: int, name: str, *, required: bool, max_len: int) -> str:
-    value = raw.get(key, "")
-    if not isinstance(value, str):
-        raise WireError(f"{name} must be a string")
-    if required and not value:
-        raise WireError(f"{name} is required")
-    if len(value) > max_len:
-        raise WireError(f"{name} longer than {max_len} characters")
-    return value
-
-
-def _batch_bytes(raw: Mapping[Any, Any], key: int, name: str) -> bytes:
-    value = raw.get(key, b"")
-    if not isinstance(value, bytes):
-        raise WireError(f"{name} must be bytes")
-    return value
-
-
-def _batch_uint(raw: Mapping[Any, Any], key: int, name: str) -> int:
-    value = raw.get(key, 0)
-    if not _is_uint(value):
-        raise WireError(f"{name} must be a non-negative integer")
-    return int(value)
 
 
 # -- acknowledgements -------------------------------------------------------

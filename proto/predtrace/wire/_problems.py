@@ -142,8 +142,10 @@ def stored_problem(  # noqa: PLR0911 - one answer per rule, flat on purpose
         return "text fields must not contain NUL characters"
     if map_sizes[0] > limits.max_map_len or map_sizes[1] > limits.max_map_len:
         return f"features and attributes hold at most {limits.max_map_len} entries each"
-    if extra_models > max(limits.max_events, limits.max_map_len):
-        return "too many additional_models"
+    if extra_models > limits.max_map_len:
+        # The decoder takes no longer array inside an event: it bounds what a
+        # decode holds before it can count it (``_reader``).
+        return f"too many additional_models (at most {limits.max_map_len})"
     if fingerprint_len > limits.max_bin_len:
         return f"input_fingerprint longer than {limits.max_bin_len} bytes"
     if len(joined) * 4 > limits.max_str_len:  # UTF-8 is at most 4 bytes a character

@@ -281,7 +281,11 @@ class OtlpReceiver:
         quiet_client_errors()
         # auto_decompress off: ``_inflate`` decodes the body, checking its end.
         self._runner = web.AppRunner(
-            app, access_log=None, shutdown_timeout=1.0, auto_decompress=False
+            app,
+            access_log=None,
+            shutdown_timeout=1.0,
+            auto_decompress=False,
+            keepalive_timeout=20.0,
         )
         await self._runner.setup()
         host, port = parse_hostport(listen, "--otlp-http-listen")

@@ -10,7 +10,7 @@ import pytest
 
 from predtrace.collector import PARTS, _ingest
 from predtrace.collector.testing import ChainedProducer, make_events
-from predtrace.wire import DecodeLimits, gzip_bytes
+from predtrace.wire import BatchHeader, DecodeLimits, gzip_bytes
 
 from .conftest import Post, Start
 
@@ -35,7 +35,13 @@ class SlowDecode:
         self._lock = threading.Lock()
         self._real = _ingest.prepare
 
-    def __call__(self, body: bytes, limits: DecodeLimits, received_ns: int) -> _ingest._Prepared:
+    def __call__(
+        self,
+        body: bytes,
+        limits: DecodeLimits,
+        received_ns: int,
+        header: BatchHeader | None = None,
+    ) -> _ingest._Prepared:
         with self._lock:
             self.threads.append(threading.current_thread())
             self.bodies.append(body)
@@ -43,7 +49,7 @@ class SlowDecode:
             self.peak = max(self.peak, self.running)
         try:
             self.go.wait(30)
-            return self._real(body, limits, received_ns)
+            return self._real(body, limits, received_ns, header)
         finally:
             with self._lock:
                 self.running -= 1
@@ -89,7 +95,7 @@ async def test_no_more_than_two_batches_are_decoded_at_once_however_many_arrive(
     assert slow_decode.peak == _ingest.DECODES_AT_ONCE == 2
 
 
-async def test_a_gzip_body_holds_its_decompressed_size_of_the_in_flight_budget(
+async def test_a_gzip_body_holds_its_decompressed_size_and_its_rows_of_the_in_flight_budget(
     start: Start, post: Post, slow_decode: SlowDecode
 ) -> None:
     collector = await start()
@@ -100,7 +106,8 @@ async def test_a_gzip_body_holds_its_decompressed_size_of_the_in_flight_budget(
         await _until(lambda: slow_decode.running == 1)
         (inflated,) = slow_decode.bodies
         assert len(inflated) > 4 * len(body)  # the setup compresses well
-        assert budget.used == len(body) + len(inflated)
+        rows = _ingest.decode_cost(len(inflated), 300)
+        assert budget.used == len(body) + len(inflated) + rows
     finally:
         slow_decode.go.set()
     assert (await sent).status == 200

@@ -451,9 +451,9 @@ def test_the_densest_events_event_problem_passes_are_within_the_container_bound(
 
 
 def test_an_empty_additional_model_is_refused_before_it_can_sink_a_batch() -> None:
-    # One byte each: 2,000 of them in one event would make its whole batch
+    # One byte each: 1,000 of them in one event would make its whole batch
     # fail the decoder's containers-per-byte bound at the collector.
-    event = PredictionEvent("p", additional_models=[ModelRef()] * 2000)
+    event = PredictionEvent("p", additional_models=[ModelRef()] * 1000)
     assert event_problem(event) == "additional_models[] must not be empty"
     with pytest.raises(WireError, match="one map or array per 2 bytes"):
         decode_batch(encode_batch(EventBatch("p", 1, [event])))

@@ -1,0 +1,202 @@
+"""Reading a batch in parts: the header without the events, then events one at a time, bounded."""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import msgpack
+import pytest
+
+from predtrace.wire import (
+    DecodeLimits,
+    EventBatch,
+    ModelRef,
+    PredictionEvent,
+    WireError,
+    decode_batch,
+    encode_batch,
+    event_problem,
+    event_to_map,
+    read_batch_events,
+    read_batch_header,
+)
+
+# A batch header (version, producer_id "p", seq 1) as a map of ``n`` keys,
+# the caller writing the remaining keys and values.
+_HEADER = b"\x00\x92\x01\x00\x01\xa1p\x02\x01"
+
+
+def _map(n: int) -> bytes:
+    return bytes([0x80 | n])
+
+
+def _array(n: int) -> bytes:
+    return b"\xdc" + n.to_bytes(2, "big")
+
+
+def _junk(mib: float) -> bytes:
+    """An array of arrays of alternating empty maps and nils: a map per 2 bytes.
+
+    The densest the batch-wide bound allows; some 36 bytes of Python objects
+    a byte when built.
+    """
+    inner = _array(1024) + b"\x80\xc0" * 512
+    count = int(mib * 1024 * 1024) // len(inner)
+    return _array(count) + inner * count
+
+
+@contextmanager
+def _peak() -> Iterator[list[int]]:
+    """The peak of traced allocations inside the block (in ``result[0]``)."""
+    result = [0]
+    tracemalloc.start()
+    try:
+        yield result
+        result[0] = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_values_under_unknown_batch_keys_are_stepped_over_never_built(
+    make_event: Callable[[int], PredictionEvent],
+) -> None:
+    # Was: the whole value built (some 36 times its bytes) before anyone
+    # looked at the producer_id, and then ignored.
+    event = make_event(0)
+    events = msgpack.packb([event_to_map(event)], use_bin_type=True)
+    body = _map(5) + _HEADER + b"\x07" + _junk(2) + b"\x06" + events
+    with _peak() as peak:
+        decoded = decode_batch(body)
+    assert decoded.batch.events == [event] and decoded.rejected == ()
+    assert peak[0] < len(body) // 2
+
+
+def test_the_header_is_read_without_building_an_event(
+    make_event: Callable[[int], PredictionEvent],
+) -> None:
+    body = encode_batch(EventBatch("edge-7", 42, [make_event(i) for i in range(5000)]))
+    with _peak() as peak:
+        header = read_batch_header(body)
+    assert (header.producer_id, header.seq, header.event_count) == ("edge-7", 42, 5000)
+    # The reader's buffer, whatever the size: the events would take some 12 MB built.
+    assert peak[0] < 1024 * 1024
+
+
+def test_the_producer_id_is_found_wherever_it_is_in_the_map() -> None:
+    # Keys in any order (the events before the producer_id), the last of a
+    # repeated key winning, as a dict would have it.
+    events = msgpack.packb([{1: "a"}])
+    body = _map(5) + b"\x06" + events + b"\x02\x07\x00\x92\x01\x00\x01\xa1x\x01\xa1y"
+    header = read_batch_header(body)
+    assert (header.producer_id, header.seq, header.event_count) == ("y", 7, 1)
+    assert list(read_batch_events(body, header)) == [{1: "a"}]
+
+
+def test_events_are_built_one_at_a_time() -> None:
+    body = encode_batch(EventBatch("p", 1, [PredictionEvent(f"id-{i}") for i in range(3)]))
+    header = read_batch_header(body)
+    events = read_batch_events(body, header)
+    assert next(events) == {1: "id-0"}
+    assert next(events) == {1: "id-1"}
+    assert next(events) == {1: "id-2"}
+    assert next(events, None) is None
+
+
+def test_an_event_of_more_maps_than_any_valid_one_is_refused_as_it_is_built() -> None:
+    # One event, an unknown key holding 10,240 maps (a valid event: at most
+    # 1,040); was built whole, some 40 times its bytes.
+    event = _map(2) + b"\x01\xa1x\x63" + _junk(0.02)
+    body = _map(4) + _HEADER + b"\x06" + _array(1) + event
+    with _peak() as peak, pytest.raises(WireError, match="an event holds more than 1040 maps"):
+        decode_batch(body)
+    assert peak[0] < 1024 * 1024
+
+
+def test_an_event_of_more_entries_than_any_valid_one_is_refused_as_it_is_built() -> None:
+    nils = _array(1024) + b"\xc0" * 1024
+    event = _map(2) + b"\x01\xa1x\x63" + _array(16) + nils * 16
+    body = _map(4) + _HEADER + b"\x06" + _array(1) + event
+    with pytest.raises(WireError, match="an event holds more than 13312 map entries"):
+        decode_batch(body)
+
+
+def test_an_array_in_an_event_longer_than_a_map_may_be_is_refused_from_its_header() -> None:
+    # Arrays nest 1,024 deep and are counted once complete: 10,000 items a
+    # level (the old bound) let 30 MB of nested two-character strings cost
+    # 600 MB before the first count; 1,024 a level, some 60 MB.
+    event = _map(2) + b"\x01\xa1x\x63" + _array(1025) + b"\xc0" * 1025
+    body = _map(4) + _HEADER + b"\x06" + _array(1) + event
+    with pytest.raises(WireError, match=r"1025 exceeds max_array_len\(1024\)"):
+        decode_batch(body)
+
+
+def test_arrays_nested_as_deep_as_msgpack_allows_cost_a_bounded_memory() -> None:
+    level = _array(1024) + b"\xa2ab" * 1023
+    event = _map(2) + b"\x01\xa1x\x63" + level * 1000 + b"\xc0"
+    body = _map(4) + _HEADER + b"\x06" + _array(1) + event
+    with _peak() as peak, pytest.raises(WireError, match="an event holds more than"):
+        decode_batch(body)
+    assert peak[0] < 80 * 1024 * 1024
+
+
+def test_the_most_additional_models_a_valid_event_holds_decode() -> None:
+    most = DecodeLimits().max_map_len
+    event = PredictionEvent("x", additional_models=[ModelRef("m", "1", role="r")] * most)
+    assert event_problem(event) is None
+    decoded = decode_batch(encode_batch(EventBatch("p", 1, [event] * 10)))
+    assert len(decoded.batch.events) == 10 and decoded.rejected == ()
+    one_more = PredictionEvent("x", additional_models=[ModelRef(role="r")] * (most + 1))
+    assert event_problem(one_more) == f"too many additional_models (at most {most})"
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (
+            _map(3) + b"\x00" + msgpack.packb([1, 0, *[0] * 300]) + b"\x01\xa1p\x02\x01",
+            "format version must be",
+        ),
+        (
+            _map(3) + b"\x00\x92\x01\x00\x01" + msgpack.packb(["p"] * 300) + b"\x02\x01",
+            "producer_id must be a string",
+        ),
+    ],
+    ids=["version", "producer_id"],
+)
+def test_a_header_value_too_big_to_be_valid_is_refused_unbuilt(body: bytes, reason: str) -> None:
+    with pytest.raises(WireError, match=reason):
+        read_batch_header(body)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (_map(4) + _HEADER + b"\x90\x01", "a map key is a map or an array"),
+        (_map(4) + _HEADER + b"\x07\xc1", "malformed msgpack"),
+        (_map(4) + _HEADER + b"\x07\x92\xc0", "malformed msgpack"),
+        (_map(4) + _HEADER + b"\x07" + b"\x91" * 2000 + b"\xc0", "malformed msgpack"),
+        (_map(4) + _HEADER + b"\x07\xda\xff\xff" + b"a" * 10, "malformed msgpack"),
+        (_map(4) + _HEADER + b"\x06\xc0", "events must be an array"),
+        (_map(4) + _HEADER + b"\x06\x80", "events must be an array"),
+        (_map(3) + _HEADER + b"\xc0", "trailing bytes"),
+        (b"\xdf\xff\xff\xff\xff", r"exceeds max_map_len\(1024\)"),
+    ],
+    ids=[
+        "container key",
+        "bad byte in an unknown value",
+        "unknown value cut short",
+        "unknown value nested too deep",
+        "unknown string past the buffer",
+        "nil events",
+        "map events",
+        "trailing",
+        "huge map",
+    ],
+)
+def test_a_malformed_batch_is_refused_with_a_reason_from_the_header_pass(
+    body: bytes, reason: str
+) -> None:
+    with pytest.raises(WireError, match=reason):
+        read_batch_header(body)
