@@ -21,3 +21,19 @@ class WireTooLargeError(WireError):
 
 class InvalidIdError(WireError):
     """Text that is not a valid trace id, span id or prediction id."""
+
+
+class UnreadableEvent:
+    """An event of a batch that could not be built within its bounds, and why.
+
+    ``read_batch_events`` yields it in the event's place, so the consumer
+    rejects that event alone (``event_from_map`` raises its reason) and reads on.
+    """
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"UnreadableEvent({self.reason!r})"

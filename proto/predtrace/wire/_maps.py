@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any, Final, cast
 
-from predtrace.wire._errors import WireError
+from predtrace.wire._errors import UnreadableEvent, WireError
 from predtrace.wire._event import (
     DeploymentRef,
     ModelRef,
@@ -396,6 +396,8 @@ def event_from_map(raw: object, limits: DecodeLimits = DEFAULT_LIMITS) -> Predic
         fast = _fast_event(raw, limits)
         if fast is not None:
             return fast
+    if isinstance(raw, UnreadableEvent):
+        raise WireError(raw.reason)
     return _checked_event(raw, limits)
 
 

@@ -24,7 +24,7 @@ from typing import Any, Final, TypeVar
 
 import msgpack
 
-from predtrace.wire._errors import WireError, WireTooLargeError
+from predtrace.wire._errors import UnreadableEvent, WireError, WireTooLargeError
 from predtrace.wire._limits import DEFAULT_LIMITS, INT63_MAX, DecodeLimits
 from predtrace.wire._maps import _is_uint
 
@@ -115,34 +115,60 @@ def read_batch_events(
 
     ``event_from_map`` checks one. Each event is bounded in maps and arrays and
     in their entries (bounds every valid event stays under), and the batch in
-    maps and arrays per byte; past a bound the batch is refused, since the
-    decoder cannot step over the rest of an event it stopped building.
+    maps and arrays per byte. An event past its own bounds, or one msgpack
+    cannot build (invalid UTF-8, a key that is a map), is yielded as an
+    ``UnreadableEvent`` in its place, to be rejected alone: where each event
+    starts is known from a first pass that steps over them, building nothing.
 
     Raises:
-        WireError: malformed msgpack in the events, or a bound exceeded (raised
-            by the iteration, once the events before have been yielded).
+        WireError: the batch's bound on maps and arrays exceeded, or malformed
+            msgpack between events (raised by the iteration, once the events
+            before have been yielded).
     """
     start, _ = header.events_span
     if not header.event_count:
         return
+    starts = _event_starts(payload, start, header.event_count, limits)
     meter = _meter(len(payload), limits)
-    unpacker = _unpacker(payload, limits, start, hook=meter.hook)
+    unpacker = _unpacker(payload, limits, starts[0], hook=meter.hook)
+    for index in range(header.event_count):
+        meter.next_event()
+        item: object
+        try:
+            item = unpacker.unpack()
+        except _TooManyContainersError:
+            if meter.over_batch():
+                raise WireError(meter.reason()) from None
+            item = UnreadableEvent(meter.reason())
+        except _MSGPACK_ERRORS as exc:
+            item = UnreadableEvent(str(_malformed(exc)))
+        if isinstance(item, UnreadableEvent):
+            # On from the next event's first byte, with a new decoder: this
+            # one stopped somewhere inside the event.
+            unpacker = _unpacker(payload, limits, starts[index + 1], hook=meter.hook)
+        yield item
+
+
+def _event_starts(payload: bytes, start: int, count: int, limits: DecodeLimits) -> list[int]:
+    """Where each of the ``count`` events begins in ``payload``, then where the last ends.
+
+    Steps over the events (msgpack's ``skip`` builds nothing and checks no
+    bound), as the header's pass already did whole.
+
+    Raises:
+        WireError: malformed msgpack.
+    """
+    unpacker = _unpacker(payload, limits, start, hook=None)
+    starts: list[int] = []
     try:
         unpacker.read_array_header()  # its count was checked with the header
+        for _ in range(count):
+            starts.append(start + unpacker.tell())
+            unpacker.skip()
     except _MSGPACK_ERRORS as exc:
         raise _malformed(exc) from None
-    for _ in range(header.event_count):
-        meter.next_event()
-        yield _next_event(unpacker, meter)
-
-
-def _next_event(unpacker: msgpack.Unpacker, meter: _Meter) -> object:
-    try:
-        return unpacker.unpack()
-    except _TooManyContainersError:
-        raise WireError(meter.reason()) from None
-    except _MSGPACK_ERRORS as exc:
-        raise _malformed(exc) from None
+    starts.append(start + unpacker.tell())
+    return starts
 
 
 class _TooManyContainersError(Exception):
@@ -164,6 +190,7 @@ class _Meter:
     hook: Callable[[Any], Any]
     next_event: Callable[[], None]
     reason: Callable[[], str]
+    over_batch: Callable[[], bool]
 
 
 def _meter(payload_len: int, limits: DecodeLimits) -> _Meter:
@@ -195,7 +222,10 @@ def _meter(payload_len: int, limits: DecodeLimits) -> _Meter:
             return f"an event holds more than {per_event_entries} map entries and array items"
         return f"an event holds more than {per_event} maps or arrays"
 
-    return _Meter(hook, next_event, reason)
+    def over_batch() -> bool:
+        return containers > most_batch
+
+    return _Meter(hook, next_event, reason, over_batch)
 
 
 def _unpacker(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -104,40 +105,46 @@ def test_events_are_built_one_at_a_time() -> None:
     assert next(events, None) is None
 
 
-def test_an_event_of_more_maps_than_any_valid_one_is_refused_as_it_is_built() -> None:
+def _rejected_alone(body: bytes, reason: str) -> None:
+    """The batch decodes, and its one event is rejected alone, for ``reason`` (a regex)."""
+    decoded = decode_batch(body)
+    assert decoded.batch.events == []
+    (rejection,) = decoded.rejected
+    assert rejection.index == 0 and re.search(reason, rejection.reason), rejection
+
+
+def test_an_event_of_more_maps_than_any_valid_one_is_rejected_as_it_is_built() -> None:
     # One event, an unknown key holding 10,240 maps (a valid event: at most
     # 1,040); was built whole, some 40 times its bytes.
     event = _map(2) + b"\x01\xa1x\x63" + _junk(0.02)
     body = _map(4) + _HEADER + b"\x06" + _array(1) + event
-    with _peak() as peak, pytest.raises(WireError, match="an event holds more than 1040 maps"):
-        decode_batch(body)
+    with _peak() as peak:
+        _rejected_alone(body, "an event holds more than 1040 maps")
     assert peak[0] < 1024 * 1024
 
 
-def test_an_event_of_more_entries_than_any_valid_one_is_refused_as_it_is_built() -> None:
+def test_an_event_of_more_entries_than_any_valid_one_is_rejected_as_it_is_built() -> None:
     nils = _array(1024) + b"\xc0" * 1024
     event = _map(2) + b"\x01\xa1x\x63" + _array(16) + nils * 16
     body = _map(4) + _HEADER + b"\x06" + _array(1) + event
-    with pytest.raises(WireError, match="an event holds more than 13312 map entries"):
-        decode_batch(body)
+    _rejected_alone(body, "an event holds more than 13312 map entries")
 
 
-def test_an_array_in_an_event_longer_than_a_map_may_be_is_refused_from_its_header() -> None:
+def test_an_array_in_an_event_longer_than_a_map_may_be_is_rejected_from_its_header() -> None:
     # Arrays nest 1,024 deep and are counted once complete: 10,000 items a
     # level (the old bound) let 30 MB of nested two-character strings cost
     # 600 MB before the first count; 1,024 a level, some 60 MB.
     event = _map(2) + b"\x01\xa1x\x63" + _array(1025) + b"\xc0" * 1025
     body = _map(4) + _HEADER + b"\x06" + _array(1) + event
-    with pytest.raises(WireError, match=r"1025 exceeds max_array_len\(1024\)"):
-        decode_batch(body)
+    _rejected_alone(body, r"1025 exceeds max_array_len\(1024\)")
 
 
 def test_arrays_nested_as_deep_as_msgpack_allows_cost_a_bounded_memory() -> None:
     level = _array(1024) + b"\xa2ab" * 1023
     event = _map(2) + b"\x01\xa1x\x63" + level * 1000 + b"\xc0"
     body = _map(4) + _HEADER + b"\x06" + _array(1) + event
-    with _peak() as peak, pytest.raises(WireError, match="an event holds more than"):
-        decode_batch(body)
+    with _peak() as peak:
+        _rejected_alone(body, "an event holds more than")
     assert peak[0] < 80 * 1024 * 1024
 
 
@@ -200,3 +207,21 @@ def test_a_malformed_batch_is_refused_with_a_reason_from_the_header_pass(
 ) -> None:
     with pytest.raises(WireError, match=reason):
         read_batch_header(body)
+
+
+def test_the_events_around_an_unreadable_one_are_read_and_it_is_rejected_in_its_place() -> None:
+    good = [{1: f"g{i}"} for i in range(3)]
+    unreadable = [
+        {1: "long", 16: {"emb": [0.5] * 1536}},  # an array past its bound
+        {1: "utf8", 9: b"x"},  # then bytes that are no UTF-8 text, below
+    ]
+    events = [good[0], unreadable[0], good[1], unreadable[1], good[2]]
+    payload = msgpack.packb({0: [1, 0], 1: "p", 2: 1, 6: events}, use_bin_type=True)
+    # Field 9 as a str header over bytes that are not UTF-8.
+    payload = payload.replace(b"\x09\xc4\x01x", b"\x09\xa1\xff")
+    decoded = decode_batch(payload)
+    assert [e.prediction_id for e in decoded.batch.events] == ["g0", "g1", "g2"]
+    assert [(r.index, "malformed msgpack" in r.reason) for r in decoded.rejected] == [
+        (1, True),
+        (3, True),
+    ]
