@@ -326,9 +326,15 @@ _MSGPACK_ERRORS: Final = (msgpack.UnpackException, ValueError, TypeError)
 
 def _malformed(exc: Exception) -> WireError:
     """Our error for one of msgpack's (or a value error building what it read)."""
-    if isinstance(
-        exc, msgpack.OutOfData | msgpack.FormatError | msgpack.StackError | msgpack.BufferFull
-    ):
+    if isinstance(exc, msgpack.BufferFull):
+        # Only a value the reader must hold whole to step over it fills its
+        # buffer: a string or binary longer than any field's bound, under a
+        # key this version does not know.
+        return WireError(
+            "a string or binary value under an unknown key too long to step over "
+            "(longer than the reader's buffer, some hundreds of KiB)"
+        )
+    if isinstance(exc, msgpack.OutOfData | msgpack.FormatError | msgpack.StackError):
         return WireError(f"malformed msgpack: {type(exc).__name__}")
     return WireError(f"malformed msgpack: {short_reason(exc)}")
 

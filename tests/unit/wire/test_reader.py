@@ -225,3 +225,9 @@ def test_the_events_around_an_unreadable_one_are_read_and_it_is_rejected_in_its_
         (1, True),
         (3, True),
     ]
+
+
+def test_a_value_too_long_to_step_over_under_an_unknown_key_is_named_as_such() -> None:
+    payload = msgpack.packb({0: [1, 0], 1: "p", 2: 1, 9: "x" * 400_000, 6: [{1: "e"}]})
+    with pytest.raises(WireError, match="under an unknown key too long to step over"):
+        decode_batch(payload)
