@@ -118,7 +118,9 @@ class InProcess:
             flush_tracer_provider=False,
             queue=QueueConfig(max_queue_size=65536),
         )
-        self.runtimes[name] = instrument_app(app, config)
+        runtime = instrument_app(app, config)
+        runtime.start()  # what the app's lifespan startup does (driven here without one)
+        self.runtimes[name] = runtime
         return app
 
     def _build(self) -> None:
