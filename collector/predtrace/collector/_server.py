@@ -17,17 +17,14 @@ import asyncio
 import contextlib
 import logging
 import os
-import resource
 import signal
 import socket
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from aiohttp import web
 
-from predtrace.cli._serving import quiet_client_errors, tune_gc
+from predtrace.cli._serving import AcceptErrorLog, quiet_client_errors, raise_fd_limit, tune_gc
 from predtrace.collector._app import build_app
 from predtrace.collector._config import CollectorConfig, parse_listen
 
@@ -39,11 +36,6 @@ log = logging.getLogger("predtrace.collector")
 # connection (the sidecar's exporter), so the collector never closes one the
 # client is about to reuse.
 IDLE_TIMEOUT_S: Final = 20.0
-# At most one log line this often while accept() fails for want of
-# descriptors (asyncio logs every failure, a traceback each, a hundred a tick).
-ACCEPT_ERROR_LOG_INTERVAL_S: Final = 10.0
-_ACCEPT_FAILED: Final = "socket.accept() out of system resource"
-_ExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
 
 
 class RunningCollector:
@@ -111,64 +103,6 @@ def write_ready_file(path: str, lines: list[str]) -> None:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
     tmp.replace(target)
-
-
-def raise_fd_limit() -> int:
-    """Raise this process's soft limit of open files to its hard limit; return the soft limit.
-
-    Each client connection holds a descriptor: the soft limit (often 1,024)
-    is what a burst of slow clients exhausts first, and raising it up to the
-    hard limit needs no privilege.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    # An infinite hard limit is refused as a soft one by Linux (past nr_open).
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError) as exc:
-            log.info("open files limit stays %d: %s", soft, exc)
-            return soft
-        return target
-    return soft
-
-
-class AcceptErrorLog:
-    """The event loop's exception handler: accept() failures logged at most once an interval.
-
-    asyncio reports every accept() that fails for want of descriptors (EMFILE)
-    as an ERROR with a traceback, up to a hundred times per loop iteration:
-    under a flood of connections that grew a log by hundreds of MB a minute.
-    Those become one WARNING line per ``interval`` with the count left out;
-    anything else goes to the handler that was there before (or the default).
-    """
-
-    def __init__(
-        self,
-        previous: _ExceptionHandler | None = None,
-        interval: float = ACCEPT_ERROR_LOG_INTERVAL_S,
-    ) -> None:
-        self.previous, self.interval = previous, interval
-        self.left_out = 0
-        self._last = -interval
-
-    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        """Handle one exception the loop reports."""
-        if context.get("message") != _ACCEPT_FAILED:
-            if self.previous is not None:
-                self.previous(loop, context)
-            else:
-                loop.default_exception_handler(context)
-            return
-        now = time.monotonic()
-        if now - self._last < self.interval:
-            self.left_out += 1
-            return
-        self._last = now
-        exc = context.get("exception")
-        extra = f" ({self.left_out} more since the last one)" if self.left_out else ""
-        log.warning("cannot accept connections: %s%s", exc or "out of resources", extra)
-        self.left_out = 0
 
 
 async def serve(config: CollectorConfig, *, ready_file: str | None = None) -> None:

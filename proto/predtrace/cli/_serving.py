@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
+import resource
 import time
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final
 
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -14,6 +17,12 @@ from aiohttp.http_exceptions import HttpProcessingError
 # reference counting frees anyway; Python's default (700) runs a collection
 # every few events.
 GC_GEN0_THRESHOLD: Final = 50_000
+# At most one log line this often while accept() fails for want of
+# descriptors (asyncio logs every failure, a traceback each, a hundred a tick).
+ACCEPT_ERROR_LOG_INTERVAL_S: Final = 10.0
+_ACCEPT_FAILED: Final = "socket.accept() out of system resource"
+_ExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
+_log = logging.getLogger("predtrace.serving")
 
 
 def tune_gc() -> None:
@@ -84,3 +93,61 @@ def quiet_client_errors() -> None:
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _ClientErrorLog) for f in server_log.filters):
         server_log.addFilter(_ClientErrorLog())
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit; return the soft limit.
+
+    Each client connection holds a descriptor: the soft limit (often 1,024)
+    is what a burst of slow clients exhausts first, and raising it up to the
+    hard limit needs no privilege.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An infinite hard limit is refused as a soft one by Linux (past nr_open).
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            _log.info("open files limit stays %d: %s", soft, exc)
+            return soft
+        return target
+    return soft
+
+
+class AcceptErrorLog:
+    """The event loop's exception handler: accept() failures logged at most once an interval.
+
+    asyncio reports every accept() that fails for want of descriptors (EMFILE)
+    as an ERROR with a traceback, up to a hundred times per loop iteration:
+    under a flood of connections that grew a log by hundreds of MB a minute.
+    Those become one WARNING line per ``interval`` with the count left out;
+    anything else goes to the handler that was there before (or the default).
+    """
+
+    def __init__(
+        self,
+        previous: _ExceptionHandler | None = None,
+        interval: float = ACCEPT_ERROR_LOG_INTERVAL_S,
+    ) -> None:
+        self.previous, self.interval = previous, interval
+        self.left_out = 0
+        self._last = -interval
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """Handle one exception the loop reports."""
+        if context.get("message") != _ACCEPT_FAILED:
+            if self.previous is not None:
+                self.previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self.left_out += 1
+            return
+        self._last = now
+        exc = context.get("exception")
+        extra = f" ({self.left_out} more since the last one)" if self.left_out else ""
+        _log.warning("cannot accept connections: %s%s", exc or "out of resources", extra)
+        self.left_out = 0

@@ -217,12 +217,18 @@ def serve(log_level: str, **options: Any) -> None:
 
 
 async def _serve(config: SidecarConfig, faults: FaultPoints) -> None:
-    from predtrace.cli._serving import tune_gc  # noqa: PLC0415
+    from predtrace.cli._serving import (  # noqa: PLC0415
+        AcceptErrorLog,
+        raise_fd_limit,
+        tune_gc,
+    )
     from predtrace.sidecar._app import SidecarApp  # noqa: PLC0415 - servers load only when serving
 
     app = SidecarApp(config, faults=faults)
     stop = asyncio.Event()
+    raise_fd_limit()  # each OTLP/HTTP, metrics or gRPC connection holds a descriptor
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(AcceptErrorLog(loop.get_exception_handler()))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:

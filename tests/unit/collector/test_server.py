@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from predtrace.collector._server import AcceptErrorLog
+from predtrace.cli._serving import AcceptErrorLog
 
 _ACCEPT_FAILED = {
     "message": "socket.accept() out of system resource",
@@ -74,7 +74,7 @@ def test_the_open_files_limit_is_raised_to_the_hard_limit() -> None:
     # In a child: the test process keeps its own limit.
     code = (
         "import resource\n"
-        "from predtrace.collector._server import raise_fd_limit\n"
+        "from predtrace.cli._serving import raise_fd_limit\n"
         "limit = resource.RLIMIT_NOFILE\n"
         "resource.setrlimit(limit, (256, resource.getrlimit(limit)[1]))\n"
         "raised = raise_fd_limit()\n"
