@@ -20,22 +20,20 @@ import os
 import signal
 import socket
 from pathlib import Path
-from typing import Final
 
 from aiohttp import web
 
-from predtrace.cli._serving import AcceptErrorLog, quiet_client_errors, raise_fd_limit, tune_gc
+from predtrace.cli._serving import (
+    IDLE_TIMEOUT_S,
+    AcceptErrorLog,
+    quiet_client_errors,
+    raise_fd_limit,
+    tune_gc,
+)
 from predtrace.collector._app import build_app
 from predtrace.collector._config import CollectorConfig, parse_listen
 
 log = logging.getLogger("predtrace.collector")
-
-# Seconds a connection may stay idle: before its first request has fully
-# arrived (request line and headers; a batch body has BODY_TIMEOUT_S), and
-# between requests. Longer than the 15 s aiohttp's client keeps an idle
-# connection (the sidecar's exporter), so the collector never closes one the
-# client is about to reuse.
-IDLE_TIMEOUT_S: Final = 20.0
 
 
 class RunningCollector:

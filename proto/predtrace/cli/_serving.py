@@ -17,6 +17,12 @@ from aiohttp.http_exceptions import HttpProcessingError
 # reference counting frees anyway; Python's default (700) runs a collection
 # every few events.
 GC_GEN0_THRESHOLD: Final = 50_000
+# Seconds an HTTP connection may stay idle (collector, sidecar OTLP/HTTP and
+# metrics): before its first request has fully arrived (request line and
+# headers; a body has its own timeout), and between requests. Longer than the
+# 15 s aiohttp's client keeps an idle connection (the sidecar's exporter), so
+# a server never closes one the client is about to reuse.
+IDLE_TIMEOUT_S: Final = 20.0
 # At most one log line this often while accept() fails for want of
 # descriptors (asyncio logs every failure, a traceback each, a hundred a tick).
 ACCEPT_ERROR_LOG_INTERVAL_S: Final = 10.0

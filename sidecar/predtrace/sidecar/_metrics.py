@@ -7,14 +7,15 @@ several sidecars can run in one test process. Served on its own listener at
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from predtrace.cli._serving import IDLE_TIMEOUT_S
 from predtrace.sidecar._config import join_hostport, parse_hostport
 
 if TYPE_CHECKING:
@@ -89,23 +90,15 @@ class SidecarMetrics(Collector):
             shipper.max_batch_bytes,
         )
         yield from _spool_counters(view.spool_counters)
-        dropped = CounterMetricFamily(
-            "predtrace_sidecar_dropped_events", "Events dropped, by reason", labels=["reason"]
-        )
-        for reason, count in sorted(view.dropped().items()):
-            dropped.add_metric([reason], count)
-        yield dropped
-        refused = CounterMetricFamily(
-            "predtrace_sidecar_refused_requests",
+        yield _by_label("dropped_events", "Events dropped, by reason", "reason", view.dropped())
+        yield _by_label(
+            "refused_requests",
             "Requests refused whole, by reason (malformed, too_many_events, bad_packed_events, "
-            "bad_batch_id): "
-            "none of a batch's events is spooled; a Record stream over the event limit has "
-            "spooled its earlier chunks (its trailing metadata says how many)",
-            labels=["reason"],
+            "bad_batch_id): none of a batch's events is spooled; a Record stream over the "
+            "event limit has spooled its earlier chunks (its trailing metadata says how many)",
+            "reason",
+            view.intake.refused_requests,
         )
-        for reason, count in view.intake.refused_requests.items():
-            refused.add_metric([reason], count)
-        yield refused
         if self._app.config.oip_proxies:
             yield _counter(
                 "oip_invalid_caller_ids",
@@ -124,42 +117,43 @@ class SidecarMetrics(Collector):
                 view.oip_ids_not_added,
             )
         if view.otlp_busy_refusals is not None:
-            busy = CounterMetricFamily(
-                "predtrace_sidecar_otlp_busy_refusals",
+            yield _by_label(
+                "otlp_busy_refusals",
                 "OTLP exports refused, retryable (gRPC UNAVAILABLE, HTTP 503), because the "
                 "receiver's in-flight byte budget was spent, by transport",
-                labels=["transport"],
+                "transport",
+                view.otlp_busy_refusals,
             )
-            for transport, count in sorted(view.otlp_busy_refusals.items()):
-                busy.add_metric([transport], count)
-            yield busy
         if view.otlp_forward is not None:
             forward = view.otlp_forward
             yield _counter(
                 "otlp_forwarded_spans", "Spans forwarded to the OTLP backend", forward.forwarded
             )
-            spans = CounterMetricFamily(
-                "predtrace_sidecar_otlp_dropped_spans",
+            yield _by_label(
+                "otlp_dropped_spans",
                 "Spans the OTLP forwarder dropped, by reason (best effort: the predictions "
                 "in them were spooled before forwarding)",
-                labels=["reason"],
+                "reason",
+                forward.dropped,
             )
-            for reason, count in sorted(forward.dropped.items()):
-                spans.add_metric([reason], count)
-            yield spans
 
 
 def _spool_counters(counts: dict[str, int]) -> Iterator[Metric]:
     """Writes the spool refused, and damage it found (a full disk shows here)."""
-    refused = CounterMetricFamily(
-        "predtrace_sidecar_spool_refused_writes",
+    yield _by_label(
+        "spool_refused_writes",
         "Spool writes refused, never acknowledged (disk_full and io_error: per failed "
         "group commit; busy: per append while the writer is behind)",
-        labels=["reason"],
+        "reason",
+        {
+            reason: counts.get(key, 0)
+            for reason, key in (
+                ("disk_full", "disk_full"),
+                ("io_error", "write_errors"),
+                ("busy", "busy"),
+            )
+        },
     )
-    for reason, key in (("disk_full", "disk_full"), ("io_error", "write_errors"), ("busy", "busy")):
-        refused.add_metric([reason], counts.get(key, 0))
-    yield refused
     yield _counter(
         "spool_corrupt_regions",
         "Damaged regions found in spool segments",
@@ -181,8 +175,19 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"predtrace_sidecar_{name}", doc, value=value)
 
 
+_K = TypeVar("_K", bound=str)
+
+
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(f"predtrace_sidecar_{name}", doc, value=value)
+
+
+def _by_label(name: str, doc: str, label: str, counts: Mapping[_K, int]) -> CounterMetricFamily:
+    """A counter family with one sample per ``label`` value, sorted by it."""
+    family = CounterMetricFamily(f"predtrace_sidecar_{name}", doc, labels=[label])
+    for value, count in sorted(counts.items()):
+        family.add_metric([value], count)
+    return family
 
 
 class MetricsServer:
@@ -198,7 +203,7 @@ class MetricsServer:
         web_app = web.Application()
         web_app.router.add_get("/metrics", self._scrape)
         self._runner = web.AppRunner(
-            web_app, access_log=None, shutdown_timeout=1.0, keepalive_timeout=20.0
+            web_app, access_log=None, shutdown_timeout=1.0, keepalive_timeout=IDLE_TIMEOUT_S
         )
         await self._runner.setup()
         host, port = parse_hostport(listen, "--metrics-listen")

@@ -33,7 +33,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from predtrace.cli._serving import quiet_client_errors
+from predtrace.cli._serving import IDLE_TIMEOUT_S, quiet_client_errors
 from predtrace.sidecar._config import join_hostport, parse_hostport
 from predtrace.sidecar._errors import SpoolError
 from predtrace.sidecar._intake import Intake
@@ -285,7 +285,7 @@ class OtlpReceiver:
             access_log=None,
             shutdown_timeout=1.0,
             auto_decompress=False,
-            keepalive_timeout=20.0,
+            keepalive_timeout=IDLE_TIMEOUT_S,
         )
         await self._runner.setup()
         host, port = parse_hostport(listen, "--otlp-http-listen")
