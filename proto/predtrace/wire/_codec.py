@@ -29,11 +29,13 @@ from predtrace.wire._event import (
 from predtrace.wire._limits import DEFAULT_LIMITS, DecodeLimits
 from predtrace.wire._maps import _Fields, event_from_map, event_to_map
 from predtrace.wire._reader import (
+    _MSGPACK_ERRORS,
     BYTES_PER_CONTAINER,
     FORMAT_MAJOR,
+    _malformed,
+    _TooManyContainersError,
     read_batch_events,
     read_batch_header,
-    short_reason,
 )
 
 FORMAT_MINOR: Final = 0
@@ -248,17 +250,11 @@ def unpack_bounded(payload: bytes, limits: DecodeLimits) -> object:
         ) from None
     except msgpack.ExtraData:
         raise WireError("trailing bytes after the msgpack value") from None
-    except (msgpack.OutOfData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise WireError(f"malformed msgpack: {type(exc).__name__}") from None
-    except (ValueError, TypeError, UnicodeDecodeError) as exc:
-        raise WireError(f"malformed msgpack: {short_reason(exc)}") from None
+    except _MSGPACK_ERRORS as exc:
+        raise _malformed(exc) from None
 
 
 _C = TypeVar("_C")
-
-
-class _TooManyContainersError(Exception):
-    """Raised inside the decoder's hooks; becomes a WireError."""
 
 
 @dataclass(frozen=True, slots=True)
