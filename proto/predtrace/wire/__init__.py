@@ -55,6 +55,8 @@ from predtrace.wire._proto import event_from_proto, event_to_proto
 from predtrace.wire._reader import (
     FORMAT_MAJOR,
     BatchHeader,
+    PackedEvents,
+    open_packed_events,
     read_batch_events,
     read_batch_header,
 )
@@ -73,6 +75,7 @@ __all__ = [
     "InvalidIdError",
     "ModelRef",
     "OutputSummary",
+    "PackedEvents",
     "PredictionEvent",
     "PredtraceError",
     "RawBatch",
@@ -100,6 +103,7 @@ __all__ = [
     "gunzip_bounded",
     "gzip_bytes",
     "new_prediction_id",
+    "open_packed_events",
     "pack_events",
     "parse_prediction_id",
     "parse_span_id",

@@ -15,7 +15,7 @@ import itertools
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, TypeVar
 
 import msgpack
 
@@ -34,6 +34,7 @@ from predtrace.wire._reader import (
     FORMAT_MAJOR,
     _malformed,
     _TooManyContainersError,
+    open_packed_events,
     read_batch_events,
     read_batch_header,
 )
@@ -103,38 +104,15 @@ def unpack_events(
 def unpack_event_maps(data: bytes, *, limits: DecodeLimits = DEFAULT_LIMITS) -> list[object]:
     """The items of ``pack_events`` bytes, not yet checked (``event_from_map`` checks one).
 
+    Each is built within the bounds of one event (``open_packed_events``); one
+    past them is an ``UnreadableEvent`` in its place. To hold one event's
+    objects at a time, iterate ``open_packed_events`` instead.
+
     Raises:
         WireTooLargeError: more bytes or events than ``limits`` allow.
         WireError: the bytes are not a msgpack array.
     """
-    if len(data) > limits.max_bytes:
-        raise WireTooLargeError(f"packed events exceed {limits.max_bytes} bytes")
-    declared = _declared_array_len(data)
-    if declared is None:
-        raise WireError("packed events must be a msgpack array")
-    if declared > limits.max_events:
-        # Refused from the array header, before one item is built.
-        raise WireTooLargeError(f"more than {limits.max_events} packed events")
-    size = max(len(data), 1)
-    whole = DecodeLimits(max_events=size, max_str_len=size, max_bin_len=size, max_map_len=size)
-    # An array of the declared length: its header was read above.
-    return cast("list[object]", unpack_bounded(data, whole))
-
-
-def _declared_array_len(data: bytes) -> int | None:
-    """The item count an msgpack array header at the start of ``data`` declares.
-
-    None when ``data`` does not start with an array header (or is cut in it).
-    """
-    if not data:
-        return None
-    first = data[0]
-    if 0x90 <= first <= 0x9F:  # fixarray
-        return first & 0x0F
-    width = {0xDC: 2, 0xDD: 4}.get(first)
-    if width is None or len(data) < 1 + width:
-        return None
-    return int.from_bytes(data[1 : 1 + width], "big")
+    return list(open_packed_events(data, limits))
 
 
 def _events_from_maps(
@@ -210,8 +188,8 @@ def gunzip_bounded(data: bytes, max_bytes: int) -> bytes:
 def unpack_bounded(payload: bytes, limits: DecodeLimits) -> object:
     """Unpack msgpack bytes with every declared length, and the number of containers, bounded.
 
-    For values built whole (packed events, acknowledgements); batches are read
-    in parts by ``_reader``, with bounds per event. An empty map or array is one
+    For values built whole (acknowledgements); batches and packed events are
+    read in parts by ``_reader``, with bounds per event. An empty map or array is one
     byte on the wire and some 60 in memory, a map of one entry three bytes and
     224. What predtrace's encoder writes spends at least three bytes a
     container (the densest event, a one-character id and an empty output, is

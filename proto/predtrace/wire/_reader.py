@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, TypeVar
 
 import msgpack
@@ -129,9 +129,87 @@ def read_batch_events(
     if not header.event_count:
         return
     starts = _event_starts(payload, start, header.event_count, limits)
-    meter = _meter(len(payload), limits)
+    yield from _events(payload, starts, limits, _meter(len(payload), limits))
+
+
+class PackedEvents:
+    """``pack_events`` bytes whose layout is checked, their events not yet built.
+
+    ``len()`` is the array's length. Iterating builds the events one at a
+    time, as ``read_batch_events`` does, with the same bounds per event; an
+    event past them is an ``UnreadableEvent`` in its place, and nothing else
+    is raised (there is no bound on the whole: each event is let go before
+    the next is built). A consumer that keeps bytes per event, not the maps,
+    holds one event's objects at a time, however the bytes are arranged.
+    """
+
+    __slots__ = ("_limits", "_payload", "_starts")
+
+    def __init__(self, payload: bytes, starts: list[int], limits: DecodeLimits) -> None:
+        self._payload, self._starts, self._limits = payload, starts, limits
+
+    def __len__(self) -> int:
+        return len(self._starts) - 1
+
+    def __iter__(self) -> Iterator[object]:
+        if len(self) == 0:
+            return iter(())
+        # No bound per byte of the whole: an event past its own bounds
+        # stays one unreadable event, whatever came before it.
+        meter = _meter(len(self._payload), self._limits, whole_bound=False)
+        return _events(self._payload, self._starts, self._limits, meter)
+
+
+def open_packed_events(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> PackedEvents:
+    """Check ``pack_events`` bytes (an array, its length, nothing after it), building no event.
+
+    Strings and binaries are bounded by ``len(data)`` only, maps and arrays
+    by ``limits.max_map_len``: a value over a field's own limit is that
+    event's problem (``event_problem``), not the others'.
+
+    Raises:
+        WireTooLargeError: more bytes than ``limits.max_bytes``, or more
+            events than ``limits.max_events`` (read from the array header).
+        WireError: not a msgpack array, malformed, or trailing bytes.
+    """
+    if len(data) > limits.max_bytes:
+        raise WireTooLargeError(f"packed events exceed {limits.max_bytes} bytes")
+    declared = _declared_array_len(data)
+    if declared is None:
+        raise WireError("packed events must be a msgpack array")
+    if declared > limits.max_events:
+        # Refused from the array header, before one item is stepped over.
+        raise WireTooLargeError(f"more than {limits.max_events} packed events")
+    size = max(len(data), 1)
+    per_event = replace(limits, max_str_len=size, max_bin_len=size)
+    starts = _event_starts(data, 0, declared, per_event)
+    if starts[-1] != len(data):
+        raise WireError("trailing bytes after the msgpack value")
+    return PackedEvents(data, starts, per_event)
+
+
+def _declared_array_len(data: bytes) -> int | None:
+    """The item count an msgpack array header at the start of ``data`` declares.
+
+    None when ``data`` does not start with an array header (or is cut in it).
+    """
+    if not data:
+        return None
+    first = data[0]
+    if 0x90 <= first <= 0x9F:  # fixarray
+        return first & 0x0F
+    width = {0xDC: 2, 0xDD: 4}.get(first)
+    if width is None or len(data) < 1 + width:
+        return None
+    return int.from_bytes(data[1 : 1 + width], "big")
+
+
+def _events(
+    payload: bytes, starts: list[int], limits: DecodeLimits, meter: _Meter
+) -> Iterator[object]:
+    """The events beginning at ``starts`` (the last entry: where the last one ends)."""
     unpacker = _unpacker(payload, limits, starts[0], hook=meter.hook)
-    for index in range(header.event_count):
+    for index in range(len(starts) - 1):
         meter.next_event()
         item: object
         try:
@@ -193,11 +271,11 @@ class _Meter:
     over_batch: Callable[[], bool]
 
 
-def _meter(payload_len: int, limits: DecodeLimits) -> _Meter:
+def _meter(payload_len: int, limits: DecodeLimits, *, whole_bound: bool = True) -> _Meter:
     # Closures over plain ints: the hook runs once per map or array decoded,
     # and this is about a fifth cheaper than attributes of an object.
     models = limits.max_map_len
-    most_batch = payload_len // BYTES_PER_CONTAINER + 64
+    most_batch = payload_len // BYTES_PER_CONTAINER + 64 if whole_bound else INT63_MAX
     per_event = models + _EVENT_CONTAINERS_BEYOND_MODELS
     per_event_entries = (_EVENT_MAPS_OF_MAX_LEN + _EVENT_ENTRIES_PER_MODEL) * models
     containers = entries = most_containers = most_entries = 0

@@ -14,8 +14,9 @@ spooled the chunks before: its trailing metadata says how many events
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final, NoReturn, TypeVar
 
@@ -23,7 +24,7 @@ import grpc
 
 from predtrace.sidecar._errors import SpoolBusyError, SpoolClosedError, SpoolError, SpoolFullError
 from predtrace.sidecar._grpc_requests import ID_CHARS, Batch, parse_event, raw_id, read_batch
-from predtrace.sidecar._intake import Intake, RefusedReason
+from predtrace.sidecar._intake import EventItems, Intake, RefusedReason
 from predtrace.sidecar._protowire import ProtoWireError
 from predtrace.sidecar._recent_batches import (
     MAX_BATCH_ID_BYTES,
@@ -33,12 +34,13 @@ from predtrace.sidecar._recent_batches import (
 from predtrace.v1 import batch_pb2, event_pb2, sidecar_pb2
 from predtrace.wire import (
     DecodeLimits,
+    PackedEvents,
     PredictionEvent,
     Rejection,
     WireError,
     WireTooLargeError,
     event_from_proto,
-    unpack_event_maps,
+    open_packed_events,
 )
 
 _log = logging.getLogger("predtrace.sidecar.grpc")
@@ -181,11 +183,12 @@ class GrpcSource:
         room = self._max_events - batch.count
         if room < 0:
             await self._refuse(context, "too_many_events", too_many)
-        events, positions, rejected = _convert_batch(batch)
+        converted, positions, rejected = _convert_batch(batch)
+        events: EventItems = converted
         if batch.packed:
-            maps = await self._unpack(context, batch.packed, room, too_many)
-            events += maps
-            positions += range(batch.count, batch.count + len(maps))
+            packed = await self._unpack(context, batch.packed, room, too_many)
+            events = _Joined(converted, packed) if converted else packed
+            positions += range(batch.count, batch.count + len(packed))
         read_packed = bool(batch.packed)
 
         async def spool() -> sidecar_pb2.RecordAck:
@@ -232,21 +235,21 @@ class GrpcSource:
         packed: bytes,
         room: int,
         too_many: str,
-    ) -> list[object]:
+    ) -> PackedEvents:
         # The message size limit already bounds the bytes; the count is
-        # checked from the array header, before any event is built.
+        # checked from the array header, and the layout by a pass that builds
+        # nothing. The intake builds the maps one at a time (a plain one is
+        # never turned into an object): a request never holds all of them.
         limits = DecodeLimits(max_events=max(room, 1), max_bytes=max(len(packed), 1))
         try:
-            # The maps themselves go to the intake: a plain one is never
-            # turned into an object (see Intake).
-            maps = unpack_event_maps(packed, limits=limits)
+            events = open_packed_events(packed, limits)
         except WireTooLargeError:
             await self._refuse(context, "too_many_events", too_many)
         except WireError as exc:
             await self._refuse(context, "bad_packed_events", f"packed_events: {exc}")
-        if len(maps) > room:
+        if len(events) > room:
             await self._refuse(context, "too_many_events", too_many)
-        return maps
+        return events
 
     async def _refuse(
         self,
@@ -321,7 +324,7 @@ class GrpcSource:
 
     async def _spool(
         self,
-        events: Sequence[PredictionEvent | object],
+        events: EventItems,
         positions: list[int],
         rejected: list[Rejection],
     ) -> int:
@@ -355,6 +358,21 @@ class GrpcSource:
     ) -> sidecar_pb2.SidecarStatus:
         """The running sidecar's spool depth, lag and counters."""
         return self._status()
+
+
+class _Joined:
+    """A request's protobuf events, then its packed ones (read as the intake goes)."""
+
+    __slots__ = ("_first", "_then")
+
+    def __init__(self, first: list[PredictionEvent | object], then: PackedEvents) -> None:
+        self._first, self._then = first, then
+
+    def __len__(self) -> int:
+        return len(self._first) + len(self._then)
+
+    def __iter__(self) -> Iterator[PredictionEvent | object]:
+        return itertools.chain(self._first, self._then)
 
 
 def _convert_batch(

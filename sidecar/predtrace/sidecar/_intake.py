@@ -12,16 +12,19 @@ those maps (the intake changes them in place). A plain one
 to its event, and the spooled bytes are the same, a little cheaper than
 building the event and encoding it again.
 Any other map takes the precise path (``event_from_map``), which alone names
-why a map is refused.
+why a map is refused. Packed events are handed over unread
+(``PackedEvents``) and built here one at a time, off the event loop for a
+big request: the intake holds one event's objects at a time, and bytes for
+the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final, Literal, Protocol, get_args
 
 import msgpack
 
@@ -47,6 +50,14 @@ _THREAD_THRESHOLD = 256  # encode bigger requests in a thread: the loop keeps se
 RefusedReason = Literal["malformed", "too_many_events", "bad_packed_events", "bad_batch_id"]
 """Why a source refused a whole request, none of its events read (a fixed set)."""
 REFUSED_REASONS: Final[tuple[RefusedReason, ...]] = get_args(RefusedReason)
+
+
+class EventItems(Protocol):
+    """What ``record`` takes: events, maps, or packed events read as it goes."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[PredictionEvent | object]: ...
 
 
 @dataclass(slots=True)
@@ -98,7 +109,7 @@ class Intake:
         """Count a whole request a source refused (malformed, too many events...)."""
         self.counters.refused_requests[reason] += 1
 
-    async def record(self, events: Sequence[PredictionEvent | object]) -> IntakeResult:
+    async def record(self, events: EventItems) -> IntakeResult:
         """Spool ``events``; return once the accepted ones are durable.
 
         An item that is not a ``PredictionEvent`` is an event map as unpacked
@@ -118,9 +129,7 @@ class Intake:
         self.counters.rejected += len(rejected)
         return IntakeResult(len(payloads), tuple(rejected))
 
-    def _prepare(
-        self, events: Sequence[PredictionEvent | object]
-    ) -> tuple[list[bytes], list[Rejection]]:
+    def _prepare(self, events: EventItems) -> tuple[list[bytes], list[Rejection]]:
         payloads: list[bytes] = []
         rejected: list[Rejection] = []
         self.counters.received += len(events)

@@ -6,6 +6,7 @@ import asyncio
 import re
 import socket
 import threading
+import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -547,6 +548,35 @@ async def test_a_non_finite_output_is_stored_unset_not_refused(
     assert stored.output is not None
     assert (stored.output.score, stored.output.value) == (None, None)
     assert running.app._shipper.counters.rejected == 0  # the collector refused nothing
+
+
+async def test_packed_events_are_built_one_at_a_time_not_a_request_whole(
+    start_sidecar: StartSidecar,
+) -> None:
+    # 600 events of 1,000 maps of one entry each under an unknown key: 1.8 MB
+    # on the wire, within each event's bounds; built whole (as they were),
+    # some 140 MB of Python objects for this one request.
+    running = await start_sidecar()
+    heavy = _array(1000) + b"\x81\x00\x00" * 1000
+    packed = _array(600) + b"".join(
+        b"\x82\x01" + msgpack.packb(f"h{i:05d}") + b"\x63" + heavy for i in range(600)
+    )
+    request = sidecar_pb2.RecordBatchRequest(packed_events=packed)
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        stub = sidecar_pb2_grpc.SidecarStub(channel)
+        await stub.RecordBatch(sidecar_pb2.RecordBatchRequest(events=proto_events(1)))  # warm
+        tracemalloc.start()
+        try:
+            ack = await stub.RecordBatch(request)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert ack.accepted == 600 and not ack.rejected  # the unknown key is dropped
+    assert peak < 20 * 1024 * 1024, peak
+
+
+def _array(n: int) -> bytes:
+    return b"\xdc" + n.to_bytes(2, "big")
 
 
 async def test_the_ack_fits_the_message_limit_however_many_rejections_it_could_list(

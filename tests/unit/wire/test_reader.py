@@ -16,10 +16,13 @@ from predtrace.wire import (
     ModelRef,
     PredictionEvent,
     WireError,
+    WireTooLargeError,
     decode_batch,
     encode_batch,
     event_problem,
     event_to_map,
+    open_packed_events,
+    pack_events,
     read_batch_events,
     read_batch_header,
 )
@@ -231,3 +234,59 @@ def test_a_value_too_long_to_step_over_under_an_unknown_key_is_named_as_such() -
     payload = msgpack.packb({0: [1, 0], 1: "p", 2: 1, 9: "x" * 400_000, 6: [{1: "e"}]})
     with pytest.raises(WireError, match="under an unknown key too long to step over"):
         decode_batch(payload)
+
+
+# -- packed events (the sidecar's RecordBatch) --------------------------------
+
+
+def _packed_heavy(events: int) -> bytes:
+    """``events`` events, each an id and an unknown key of 1,000 maps of one entry.
+
+    Within the bounds of one event (1,040 maps), and some 70 times their
+    bytes in Python objects when built.
+    """
+    inner = _array(1000) + b"\x81\x00\x00" * 1000
+    return _array(events) + b"".join(
+        _map(2) + b"\x01" + msgpack.packb(f"e{i}") + b"\x63" + inner for i in range(events)
+    )
+
+
+def test_packed_events_are_built_one_at_a_time_each_let_go_before_the_next() -> None:
+    body = _packed_heavy(600)  # 1.8 MB; built whole (as before), some 130 MB
+    with _peak() as peak:
+        packed = open_packed_events(body)
+        assert len(packed) == 600
+        ids = [item[1] for item in packed]  # type: ignore[index]
+    assert ids == [f"e{i}" for i in range(600)]
+    assert peak[0] < 2 * 1024 * 1024
+
+
+def test_a_packed_event_past_its_bounds_is_unreadable_alone() -> None:
+    events = [{1: "a"}, {1: "b", 99: [{}] * 1000 + [[{}] * 100]}, {1: "c"}]
+    items = list(open_packed_events(msgpack.packb(events)))
+    assert items[0] == {1: "a"} and items[2] == {1: "c"}
+    assert "an event holds more than 1040 maps" in str(items[1])
+
+
+def test_a_string_longer_than_a_field_may_be_is_left_to_the_event_check() -> None:
+    # The event's own problem, named by event_problem, not a decode error.
+    (item,) = open_packed_events(pack_events([PredictionEvent("x", endpoint="/" + "e" * 70_000)]))
+    assert isinstance(item, dict) and len(item[9]) == 70_001
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "reason"),
+    [
+        (msgpack.packb([{1: "a"}]) + b"\xc0", WireError, "trailing bytes"),
+        (b"\x92\x81\x01\xa1a", WireError, "malformed msgpack"),  # one item short
+        (b"\x81\x01\xa1a", WireError, "must be a msgpack array"),
+        (msgpack.packb([{1: "a"}] * 11), WireTooLargeError, "more than 10 packed events"),
+        (msgpack.packb([{1: "a" * 100}]), WireTooLargeError, "exceed 64 bytes"),
+    ],
+    ids=["trailing", "truncated", "a map", "too many", "too big"],
+)
+def test_packed_events_are_checked_whole_before_one_is_built(
+    data: bytes, error: type[WireError], reason: str
+) -> None:
+    with pytest.raises(error, match=reason):
+        open_packed_events(data, DecodeLimits(max_events=10, max_bytes=64))
