@@ -36,7 +36,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import posixpath
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -44,6 +43,8 @@ from typing import Protocol
 
 from predtrace.sidecar._batch import assemble_payload
 from predtrace.sidecar._config import ShipperConfig
+from predtrace.sidecar._quarantine import QUARANTINE_SHARE, Quarantine
+from predtrace.sidecar._quarantine import SUFFIX as QUARANTINE_SUFFIX
 from predtrace.sidecar._shipstate import Plan, ShipState
 from predtrace.sidecar.pipeline import (
     Clock,
@@ -53,7 +54,7 @@ from predtrace.sidecar.pipeline import (
     SystemClock,
 )
 from predtrace.sidecar.pipeline._collector_http import RefusedBatchError
-from predtrace.sidecar.spool import FaultPoints, FileLayer, Record, Spool, write_whole
+from predtrace.sidecar.spool import FaultPoints, FileLayer, Record, Spool
 from predtrace.wire import (
     IngestAck,
     batch_digest,
@@ -77,9 +78,6 @@ Sleep = Callable[[float], Awaitable[None]]
 # Given the producer id whose seqs the collector holds with other bytes: the
 # id to continue under, already made durable (``SidecarApp`` keeps it).
 Renumber = Callable[[str], str]
-QUARANTINE_DIR = "quarantine"
-# The quarantine's byte cap when none is configured: this share of the spool's.
-QUARANTINE_SHARE = 0.1
 
 
 def counts_against_batch(exc: RetryableExportError) -> bool:
@@ -214,8 +212,7 @@ class Shipper:
         self._state = ShipState.decode(b"" if fresh else spool.meta)
         self._hwm = spool.hwm
         self._held = spool.hwm  # the last record index the shipper holds (see _hold)
-        self._quarantine_dir = posixpath.join(spool.config.directory, QUARANTINE_DIR)
-        self._quarantined: dict[str, int] = {}  # file name -> bytes, oldest first
+        self._quarantined = Quarantine(files, spool.config.directory, self.counters)
         cap = config.quarantine_max_bytes
         self.counters.quarantine_byte_cap = (
             int(spool.config.max_bytes * QUARANTINE_SHARE) if cap is None else cap
@@ -241,9 +238,9 @@ class Shipper:
         self._loop = asyncio.get_running_loop()
         self._spool.add_listener(self._on_data)
         try:
-            await asyncio.to_thread(self._scan_quarantine)
+            await asyncio.to_thread(self._quarantined.scan)
         except OSError as exc:  # counted from the next quarantined batch on
-            _log.error("cannot read %s: %s", self._quarantine_dir, exc.strerror or exc)
+            _log.error("cannot read %s: %s", self._quarantined.directory, exc.strerror or exc)
         try:
             await self._loop_until_stopped()
         finally:
@@ -713,11 +710,10 @@ class Shipper:
         # Named by time, then seq: seqs start again at 1 after a numbering
         # restart (a new producer id), and a seq alone would overwrite an older
         # batch; the cap removes the oldest first, in name order.
-        name = f"{self._clock.time_ns():020d}-{plan.seq:020d}.msgpack"
-        path = posixpath.join(self._quarantine_dir, name)
-        payload = plan.payload or b""
+        name = f"{self._clock.time_ns():020d}-{plan.seq:020d}{QUARANTINE_SUFFIX}"
+        path = self._quarantined.path(name)
         try:
-            await asyncio.to_thread(self._write_quarantine, name, payload)
+            await asyncio.to_thread(self._quarantined.write, name, plan.payload or b"")
         except OSError as exc:
             # The file is the batch's only copy once the marks move past it:
             # keep the batch spooled; the loop backs off and tries again.
@@ -731,65 +727,6 @@ class Shipper:
         _log.error("%s; kept in %s", c.last_error, path)
         self._advance(plan)
         await self._persist()
-
-    def _scan_quarantine(self) -> None:
-        """Count the files a previous run quarantined (oldest first), then apply the cap."""
-        directory = self._quarantine_dir
-        try:
-            names = self._files.listdir(directory)
-        except FileNotFoundError:
-            return  # nothing was ever quarantined here
-        for name in sorted(names):
-            if name.endswith(".msgpack"):
-                self._quarantined[name] = self._files.size(posixpath.join(directory, name))
-        self.counters.quarantine_bytes = sum(self._quarantined.values())
-        self._evict_quarantine(0)
-
-    def _write_quarantine(self, name: str, payload: bytes) -> None:
-        """Write ``payload`` durably as ``name``, first removing the oldest files past the cap."""
-        directory = self._quarantine_dir
-        path = posixpath.join(directory, name)
-        self._files.makedirs(directory)
-        self._evict_quarantine(len(payload), keep=name)
-        write_whole(self._files, path, payload)
-        self._files.fsync_dir(directory)
-        self._quarantined.pop(name, None)
-        self._quarantined[name] = len(payload)
-        self.counters.quarantine_bytes = sum(self._quarantined.values())
-
-    def _evict_quarantine(self, incoming: int, keep: str = "") -> None:
-        """Remove the oldest quarantined files until ``incoming`` more bytes fit the cap.
-
-        The newest batch is always kept, even alone over the cap. Removed
-        batches are counted (``quarantine_evicted``); their events were
-        counted as dropped when they were quarantined.
-        """
-        c = self.counters
-        files = self._quarantined
-        total = sum(size for name, size in files.items() if name != keep)
-        removed = 0
-        for name in [name for name in files if name != keep]:
-            if total + incoming <= c.quarantine_byte_cap:
-                break
-            try:
-                self._files.unlink(posixpath.join(self._quarantine_dir, name))
-            except FileNotFoundError:
-                pass  # removed by an operator meanwhile
-            except OSError as exc:
-                _log.error("cannot remove quarantined batch %s: %s", name, exc.strerror)
-                break
-            total -= files.pop(name)
-            removed += 1
-        if removed:
-            c.quarantine_evicted += removed
-            c.quarantine_bytes = sum(files.values())
-            self._files.fsync_dir(self._quarantine_dir)
-            self._log.warning(
-                "quarantine_cap",
-                "quarantine at its byte cap (%d bytes): removed %d oldest batches",
-                c.quarantine_byte_cap,
-                removed,
-            )
 
     # -- persistence and waiting ----------------------------------------------------
 
