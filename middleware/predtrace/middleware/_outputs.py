@@ -5,6 +5,13 @@ on untouched; a gzip or deflate body is decoded into that copy, never past its
 bound): OIP v2 ``model_name``/``model_version``/``id`` and the first
 outputs, KServe v1 ``predictions``. Only a label, a score and a value leave,
 never the output tensor.
+
+A string is taken as the label only when it looks like a class label: at most
+64 characters (``MAX_LABEL``). A longer one is generated or echoed text (a
+text model's answer may carry the request's text, personal data included):
+no label is exported then, though a score or value still is. Every text taken
+(label, model name and version) is made safe by ``clean``: no control
+characters, a lone surrogate replaced by U+FFFD.
 """
 
 from __future__ import annotations
@@ -16,11 +23,13 @@ import zlib
 from collections import Counter
 from typing import Final
 
-from predtrace.middleware._context import clean, clip
+from predtrace.middleware._context import clean
 from predtrace.middleware._routes import PROTOCOL_KSERVE_V1, PROTOCOL_OIP_V2_REST
 from predtrace.wire import OutputSummary
 
 _MAX_OUTPUTS_SCANNED: Final = 16
+MAX_LABEL: Final = 64
+"""The longest string taken as a label: a longer one is text, not a class (not exported)."""
 _LABEL_HINTS: Final = ("label", "class", "category")
 _SCORE_HINTS: Final = ("score", "prob", "confidence")
 
@@ -268,7 +277,14 @@ def response_id(parsed: object) -> str | None:
 
 
 def summarise(parsed: object, protocol: str) -> OutputSummary | None:
-    """A label/score/value summary of an OIP v2 or KServe v1 response."""
+    """A label/score/value summary of an OIP v2 or KServe v1 response.
+
+    OIP v2: the first string of the outputs is the label (or a number from a
+    tensor named like a label), a number from a tensor named like a score the
+    score, another number the value. KServe v1: the first prediction, a label
+    or a value. A string over ``MAX_LABEL`` characters is no label (see the
+    module's docstring).
+    """
     if not isinstance(parsed, dict):
         return None
     if protocol == PROTOCOL_OIP_V2_REST:
@@ -291,13 +307,14 @@ def _summarise_oip(outputs: object) -> OutputSummary | None:
             continue
         name = str(tensor.get("name", "")).lower()
         first = _first(tensor.get("data"))
-        if isinstance(first, str) and label is None:
-            label = clip(first)
+        if isinstance(first, str):
+            if label is None:
+                label = _label(first)
         elif (number := _number(first)) is not None:
             if score is None and any(h in name for h in _SCORE_HINTS):
                 score = number
             elif label is None and any(h in name for h in _LABEL_HINTS):
-                label = clip(str(first))
+                label = _label(str(first))
             elif value is None:
                 value = number
     if label is None and score is None and value is None:
@@ -309,9 +326,15 @@ def _from_scalar(first: object) -> OutputSummary | None:
     while isinstance(first, list) and first:
         first = first[0]
     if isinstance(first, str):
-        return OutputSummary(label=clip(first))
+        label = _label(first)
+        return OutputSummary(label=label) if label is not None else None
     number = _number(first)
     return OutputSummary(value=number) if number is not None else None
+
+
+def _label(text: str) -> str | None:
+    """``text`` made safe if it looks like a class label (short), else None."""
+    return clean(text) if len(text) <= MAX_LABEL else None
 
 
 def _first(data: object) -> object:

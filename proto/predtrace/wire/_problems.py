@@ -66,10 +66,11 @@ def event_problem(event: PredictionEvent, limits: DecodeLimits = DEFAULT_LIMITS)
 
     The decoder's bounds (a string or binary over its limit, a map over its
     entries) would refuse a whole batch, a store cannot hold a time past
-    int64 or a NUL in text, and an id outside ``CALLER_ID_RE`` could never be
-    looked up: a producer checks here before it acknowledges an event, so one
-    bad event never costs the batch it would travel in. A NaN or infinite
-    number is no problem: the decoders leave it out.
+    int64 or a NUL in text, an encoder cannot write a text that is not a
+    ``str`` or holds a lone surrogate, and an id outside ``CALLER_ID_RE``
+    could never be looked up: a producer checks here before it acknowledges
+    an event, so one bad event never costs the batch it would travel in. A
+    NaN or infinite number is no problem: the decoders leave it out.
     """
     # An event object was built by code, not decoded (which checks numbers):
     # what the collector's decoder would refuse is refused here.
@@ -124,6 +125,15 @@ def _packable_number(value: object) -> bool:
 _INT64_MIN: Final = -(2**63)
 
 
+def _utf8(text: str) -> bool:
+    """Whether ``text`` can be encoded as UTF-8 (it holds no lone surrogate)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def stored_problem(  # noqa: PLR0911 - one answer per rule, flat on purpose
     limits: DecodeLimits,
     *,
@@ -137,9 +147,15 @@ def stored_problem(  # noqa: PLR0911 - one answer per rule, flat on purpose
     if times[0] > INT63_MAX or times[1] > INT63_MAX:
         return "timestamp_unix_nano and duration_nanos must fit in int64"
     # One scan of the joined text instead of one per field (a hot path).
-    joined = "".join(texts)
+    try:
+        joined = "".join(texts)
+    except TypeError:  # an event object built by code with, say, a list for a label
+        return "text fields must be strings"
     if "\x00" in joined:
         return "text fields must not contain NUL characters"
+    if not joined.isascii() and not _utf8(joined):  # isascii: one quick pass, the usual case
+        # A lone surrogate: the encoder would fail on the whole batch.
+        return "text fields must be valid Unicode (no lone surrogates)"
     if map_sizes[0] > limits.max_map_len or map_sizes[1] > limits.max_map_len:
         return f"features and attributes hold at most {limits.max_map_len} entries each"
     if extra_models > limits.max_map_len:

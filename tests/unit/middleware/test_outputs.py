@@ -129,9 +129,11 @@ def test_oip_summary_picks_label_score_and_value_by_name_and_type() -> None:
 
 
 def test_summary_bounds_labels_and_ignores_non_finite_numbers() -> None:
+    # A string longer than a class label is generated text: never exported.
     long_label = {"outputs": [{"name": "label", "data": ["x" * 10_000]}]}
-    summary = summarise(long_label, "oip-v2-rest")
-    assert summary is not None and summary.label is not None and len(summary.label) == 256
+    assert summarise(long_label, "oip-v2-rest") is None
+    scored = {"outputs": [{"name": "label", "data": ["x" * 65]}, {"name": "p", "data": [0.5]}]}
+    assert summarise(scored, "oip-v2-rest") == OutputSummary(value=0.5)
     assert summarise({"outputs": [{"name": "v", "data": [float("inf")]}]}, "oip-v2-rest") is None
 
 

@@ -709,14 +709,20 @@ def test_the_worker_survives_an_error_in_a_loop_turn(
 
 
 def test_a_batch_lost_to_a_worker_bug_is_counted_and_the_worker_carries_on(
-    make_events: Events,
+    make_events: Events, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def garbage_for_e0(event: PredictionEvent) -> PredictionEvent:
-        return "garbage" if event.prediction_id == "e0" else event  # type: ignore[return-value]
-
     exporter = InMemoryExporter()
     config = QueueConfig(max_batch_size=5, schedule_delay=0.01)
-    pipeline = QueuedExporter(exporter, config, processors=[garbage_for_e0])
+    pipeline = QueuedExporter(exporter, config)
+    deliver, failed = pipeline._deliver, []
+
+    def buggy_once(batch: OutgoingBatch) -> None:
+        if not failed:
+            failed.append(batch)
+            raise RuntimeError("a bug in the worker")
+        deliver(batch)
+
+    monkeypatch.setattr(pipeline, "_deliver", buggy_once)
     for event in make_events(5):
         pipeline.emit(event)
     assert pipeline.force_flush(timeout=10)  # the lost batch still counts as handled

@@ -455,7 +455,10 @@ class QueuedExporter:
                 continue
             # An event the collector would refuse would cost its whole batch
             # (a 400): it is dropped alone, counted (off the request path).
-            problem = event_problem(processed)
+            try:
+                problem = event_problem(processed)
+            except Exception as exc:  # noqa: BLE001 - a malformed event drops alone, not its batch
+                problem = f"unreadable event ({type(exc).__name__})"
             if problem is not None:
                 drops["invalid"] += 1
                 self._log.warning("invalid", "event dropped: %s", problem)
