@@ -61,6 +61,21 @@ class MiddlewareConfig:
     ``sidecar_target`` (the local sidecar over gRPC) or ``exporter`` (any
     object with ``export``/``shutdown``, e.g. ``InMemoryExporter`` in tests).
 
+    ``routes`` adds prediction routes to the built-in OIP v2 REST and KServe
+    v1 ones: ``RoutePattern`` objects or text ``"[METHOD ]/path[ PROTOCOL]"``,
+    the protocol one of ``oip-v2-rest``, ``kserve-v1`` or ``http`` (the
+    default), e.g. ``"POST /api/v2/models/{name}/infer oip-v2-rest"`` for an
+    OIP server mounted under ``/api`` (an unknown protocol fails at startup).
+
+    ``oip_echo_id`` (default True): an OIP v2 request body without ``id`` gets
+    the prediction id added as its ``id`` before the app sees it, so the
+    server's answer echoes the id of the ``x-prediction-id`` header (the
+    protocol keeps the response id the request's, and an OIP server accepts
+    ``id``). An app whose request model forbids unknown fields (pydantic
+    ``extra="forbid"``), or whose own body limit is within a few dozen bytes
+    of the body, would then refuse the request (422, 413): set it False
+    (``PREDTRACE_OIP_ECHO_ID=0``) for such an app.
+
     Example:
         >>> MiddlewareConfig(
         ...     sidecar_target="127.0.0.1:4555",
@@ -284,6 +299,7 @@ _FIELD_VARIABLES: Final = {
     "shutdown_timeout": env.PREDTRACE_SHUTDOWN_TIMEOUT,
     "fingerprint_key": env.PREDTRACE_FINGERPRINT_KEY,
     "id_header": env.PREDTRACE_ID_HEADER,
+    "route": env.PREDTRACE_ROUTES,
 }
 
 

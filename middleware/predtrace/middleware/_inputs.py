@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
 from predtrace.middleware._asgi import Message, Receive
+from predtrace.middleware._outputs import _top_level_strings
 from predtrace.middleware._routes import PROTOCOL_KSERVE_V1, PROTOCOL_OIP_V2_REST
 from predtrace.wire import CALLER_ID_RE
 
@@ -50,6 +51,9 @@ _C_ENCODER: Final[Callable[[object, int], Sequence[str]] | None] = (
     else None
 )
 _MAX_INPUTS_SCANNED: Final = 64
+# A body over the bound keeps its first bytes: its OIP ``id`` is read from there.
+HEAD_BYTES: Final = 4096
+_ID_KEY: Final = (b"id",)
 _UTF8: Final = frozenset({"utf-8", "utf-8-sig"})
 _FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
 NOT_JSON: Final = object()
@@ -58,11 +62,12 @@ NOT_JSON: Final = object()
 class BodyRead:
     """What was read of a request body: the messages to replay and the bytes, if complete."""
 
-    __slots__ = ("body", "messages")
+    __slots__ = ("body", "head", "messages")
 
-    def __init__(self, messages: list[Message], body: bytes | None) -> None:
+    def __init__(self, messages: list[Message], body: bytes | None, head: bytes = b"") -> None:
         self.messages = messages
         self.body = body  # None: over the bound or interrupted; not fingerprinted
+        self.head = head  # over the bound: its first HEAD_BYTES (see head_caller_id)
 
 
 async def read_rest(first: Message, receive: Receive, limit: int) -> BodyRead:
@@ -78,7 +83,7 @@ async def read_rest(first: Message, receive: Receive, limit: int) -> BodyRead:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            return BodyRead(messages, None)
+            return BodyRead(messages, None, head_of(chunks, chunk))
         chunks.append(chunk)
         if not message.get("more_body", False):
             return BodyRead(messages, b"".join(chunks))
@@ -91,10 +96,12 @@ class BodyTee:
     For FastAPI's telemetry mode, where the middleware does not read the
     body first: when the route parsed none (a handler reading ``request``
     itself), the copy taken on the way is parsed instead. ``body`` is the
-    whole body once the app has read it all, else None.
+    whole body once the app has read it all, else None. ``head`` is set once
+    the body passed the bound: its first ``HEAD_BYTES`` (then the body is
+    treated as one read first and found too large: no fingerprint, no features).
     """
 
-    __slots__ = ("_chunks", "_limit", "_receive", "_size", "body")
+    __slots__ = ("_chunks", "_limit", "_receive", "_size", "body", "head")
 
     def __init__(self, receive: Receive, limit: int) -> None:
         self._receive = receive
@@ -102,6 +109,7 @@ class BodyTee:
         self._chunks: list[bytes] | None = []
         self._size = 0
         self.body: bytes | None = None
+        self.head: bytes | None = None
 
     async def receive(self) -> Message:
         """The server's ``receive``, copying body chunks as they pass."""
@@ -114,13 +122,25 @@ class BodyTee:
             chunk = message.get("body", b"")
             self._size += len(chunk)
             if self._size > self._limit:
-                self._chunks = None  # over the bound: no copy, like a body read first
+                # Over the bound: no copy, like a body read first; only its head.
+                self.head = head_of(chunks, chunk)
+                self._chunks = None
             elif message.get("more_body", False):
                 chunks.append(chunk)
             else:
                 self.body = b"".join(chunks) + chunk if chunks else chunk
                 self._chunks = None
         return message
+
+
+def head_of(chunks: list[bytes], last: bytes) -> bytes:
+    """The first ``HEAD_BYTES`` of ``chunks`` followed by ``last``."""
+    head = b""
+    for chunk in (*chunks, last):
+        head += chunk[: HEAD_BYTES - len(head)]
+        if len(head) >= HEAD_BYTES:
+            break
+    return head
 
 
 def replay(messages: Iterable[Message], receive: Receive) -> Receive:
@@ -175,6 +195,24 @@ def body_caller_id(parsed: object) -> str | None:
         value = parsed.get("id")
         if isinstance(value, str) and CALLER_ID_RE.fullmatch(value):
             return value
+    return None
+
+
+def head_caller_id(head: bytes, counts: Counter[str]) -> str | None:
+    """The OIP request's own ``id`` read from the first bytes of a body too large to parse.
+
+    Found only as a top-level string member near the start (where clients
+    write it); anywhere else, or when the scan is unsure, None: the body's id
+    is then unknown, as for a body not read. One found but unusable is
+    counted in ``counts`` (``invalid_caller_id``), like ``header_caller_id``.
+    """
+    members = _top_level_strings(head, _ID_KEY)
+    value = members.get(b"id") if members else None
+    if value is None:
+        return None
+    if CALLER_ID_RE.fullmatch(value):
+        return value
+    counts["invalid_caller_id"] += 1
     return None
 
 

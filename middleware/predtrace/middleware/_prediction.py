@@ -25,10 +25,12 @@ from predtrace.middleware._asgi import ASGIApp, Message, Receive, Scope, Send
 from predtrace.middleware._context import CURRENT, PredictionContext
 from predtrace.middleware._fastapi import telemetry_data
 from predtrace.middleware._inputs import (
+    HEAD_BYTES,
     NOT_JSON,
     BodyTee,
     body_caller_id,
     fingerprint,
+    head_caller_id,
     header_caller_id,
     is_utf8_json,
     parse_json,
@@ -72,6 +74,7 @@ class Prediction:
         "_ended",
         "_fingerprint",
         "_finished",
+        "_head",
         "_own_span",
         "_parsed",
         "_span",
@@ -97,6 +100,7 @@ class Prediction:
         self._fingerprint = b""
         self._parsed: object = NOT_JSON
         self._body: bytes | None = None
+        self._head = b""  # a body over the bound: its first bytes, for the OIP id
         self._telemetry: object | None = None
         self._tee: BodyTee | None = None
         self._own_span = False
@@ -149,12 +153,15 @@ class Prediction:
         message = await receive()
         messages: Sequence[Message] = (message,)
         if message["type"] == "http.request" and not message.get("more_body", False):
-            body = message.get("body", b"")
-            self._body = body if len(body) <= limit else None  # the usual case: one message
+            body = message.get("body", b"")  # the usual case: one message
+            if len(body) <= limit:
+                self._body = body
+            else:
+                self._head = body[:HEAD_BYTES]
         else:
             # Several messages (or a disconnect): read on, up to the bound.
             rest = await read_rest(message, receive, limit)
-            self._body, messages = rest.body, rest.messages
+            self._body, self._head, messages = rest.body, rest.head, rest.messages
         if self._body is None:
             self.rt.counts["body_unread"] += 1  # too large, or the client went away
         return messages
@@ -221,10 +228,17 @@ class Prediction:
         return messages, token
 
     def _body_id(self, parsed: object) -> str | None:
-        """The OIP request's own ``id`` when usable; one it cannot use is counted."""
+        """The OIP request's own ``id`` when usable; one it cannot use is counted.
+
+        A body over the bound is not parsed (``parsed`` is ``NOT_JSON``): its
+        id is read from its first bytes, kept in ``_head``.
+        """
         body_id = body_caller_id(parsed)
-        if body_id is None and isinstance(parsed, dict) and "id" in parsed:
-            self.rt.counts["invalid_caller_id"] += 1  # replaced, like a bad header id
+        if body_id is None:
+            if isinstance(parsed, dict) and "id" in parsed:
+                self.rt.counts["invalid_caller_id"] += 1  # replaced, like a bad header id
+            elif self._head:
+                return head_caller_id(self._head, self.rt.counts)
         return body_id
 
     def _capture_features(self, unparsed: bytes | None = None) -> None:
@@ -262,11 +276,16 @@ class Prediction:
         # context API would otherwise each look it up again.
         current = otel_context.get_current()
         outer = spans.enclosing_server_span(current)
-        if outer is not None:
+        if outer is None:
+            parent = spans.extract_parent(scope["headers"]) if propagated else current
+        elif CURRENT.get(None) is None or not spans.is_predtrace_span(outer):
             outer.set_attributes(attributes)
             self._span = outer
             return None
-        parent = spans.extract_parent(scope["headers"]) if propagated else current
+        else:
+            # Called in-process from another prediction (an ensemble's
+            # sub-model): its span is that prediction's, never to be joined.
+            parent = current
         span = rt.tracer.start_span(name, parent, SpanKind.SERVER, attributes)
         self._span = span
         self._own_span = True
@@ -277,11 +296,20 @@ class Prediction:
 
         The context's id hook: run once it succeeds. An OIP body id becomes
         the prediction id, and the sampling decision is taken again from it.
+        A body over ``max_body_bytes`` is not taken, as when it is read first:
+        its OIP id comes from its first bytes, and nothing else is read of it.
         """
+        tee = self._tee
+        if tee is not None and tee.head is not None:
+            if self.match.protocol == PROTOCOL_OIP_V2_REST:
+                body_id = head_caller_id(tee.head, self.rt.counts)
+                if body_id is not None:
+                    self._ctx._set_id(body_id, sampled=self.rt.samples(body_id))
+            return True
         body = getattr(self._telemetry, "body", None)
         if body is None:
             # No body parsed by FastAPI: the one the app read, if it read it all.
-            raw = self._tee.body if self._tee is not None else None
+            raw = tee.body if tee is not None else None
             if raw is None:
                 return False
             self._body, body = raw, parse_json(raw)
@@ -384,7 +412,9 @@ class Prediction:
             if self._capture is not None
             else (None, ("", ""))
         )
-        model, run_id = rt.final_model(self._start_model, ctx.model_override, served)
+        model, run_id = rt.final_model(
+            self._start_model, ctx.model_override, served, succeeded=not error_type
+        )
         if span is not None:
             try:
                 attributes = rt.late_attributes(self._start_model, model, run_id)
@@ -430,6 +460,11 @@ class Prediction:
         # twice), else the copy of what the app read.
         rt, ctx = self.rt, self._ctx
         ctx._settle_id()  # adopts the body once, if the response start has not yet
+        if self._tee is not None and self._tee.head is not None:
+            # Over max_body_bytes: no fingerprint or features, as in plain mode
+            # (canonicalising a body of many MB would stall the event loop).
+            rt.counts["body_unread"] += 1
+            return
         if self._body is not None:
             rt.counts["fastapi_body_copied"] += 1  # the route parsed none; the app read it
         elif self._parsed is NOT_JSON:

@@ -4,7 +4,9 @@ A ``ModelResolver`` asks the registry (slow, may fail); the ``ResolverCache``
 makes that cheap for the request path: a lookup is a dict read, and a miss
 only queues the model for a background thread, so the first predictions of a
 new model go out without a run id and later ones carry it. Each model is
-resolved once (failures are retried after ``retry_interval``).
+resolved once (failures are retried after ``retry_interval``). The cache is
+bounded: once full, a new model takes the place of one the registry did not
+know (or failed on), else of the least recently used one.
 """
 
 from __future__ import annotations
@@ -66,8 +68,14 @@ class _Entry:
 class ResolverCache:
     """O(1) cached lookups in front of a ModelResolver, resolved by a background thread.
 
-    Bounded: at most ``max_models`` models are remembered; further ones are
-    not resolved (counted in ``overflow``).
+    Bounded: at most ``max_models`` models are remembered. A new one evicts a
+    model the registry did not know or failed on (oldest first), else the
+    least recently used resolved one; only when every entry still waits for
+    the registry is it not resolved. Both are counted in ``overflow``.
+
+    Threads: lookups, scheduling and eviction run on the event loop; the
+    background thread only writes the result of an entry still pending (never
+    evicted), and appends to the deque of negative entries.
     """
 
     def __init__(
@@ -82,8 +90,12 @@ class ResolverCache:
         _CACHES.add(self)
 
     def _reset(self) -> None:
+        # Insertion order is recency: a hit moves its entry to the end.
         self._entries: dict[tuple[str, str], _Entry | None] = {}
         self._todo: deque[tuple[str, str]] = deque()
+        # Models resolved to nothing (unknown, or failed), oldest first: evicted
+        # before any known one. May hold stale keys (checked when taken); bounded.
+        self._negative: deque[tuple[str, str]] = deque(maxlen=2 * self._max)
         self._wake = threading.Event()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -97,6 +109,9 @@ class ResolverCache:
             return None
         if entry is None:  # pending
             return None
+        # Most recently used last (the background thread never adds or removes keys).
+        del self._entries[key]
+        self._entries[key] = entry
         if entry.retry_at and time.monotonic() >= entry.retry_at:
             entry.retry_at = 0.0
             self._entries[key] = None
@@ -104,18 +119,41 @@ class ResolverCache:
             self._wake.set()
         return entry.result
 
+    def peek(self, name: str, version: str) -> ResolvedModel | None:
+        """The cached result, if any; never asks the registry (for names not to be trusted)."""
+        entry = self._entries.get((name, version))
+        return entry.result if entry is not None else None
+
     def _schedule(self, key: tuple[str, str]) -> None:
         if self._closed:
             return
         if len(self._entries) >= self._max:
             self.overflow += 1
-            return
+            if not self._evict():
+                return  # every entry waits for the registry: this model is not resolved
         self._entries[key] = None
         self._todo.append(key)
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="predtrace-resolve", daemon=True)
             self._thread.start()
         self._wake.set()
+
+    def _evict(self) -> bool:
+        """Forget one model to make room: an unknown or failed one, else the least recently used."""
+        entries = self._entries
+        negative = self._negative
+        while negative:
+            key = negative.popleft()
+            entry = entries.get(key)
+            # Still there, not pending, still without a result (not resolved since).
+            if entry is not None and entry.result is None:
+                del entries[key]
+                return True
+        for key, entry in entries.items():  # oldest use first
+            if entry is not None:  # a pending entry is the background thread's
+                del entries[key]
+                return True
+        return False
 
     def prime(self, name: str, version: str) -> ResolvedModel | None:
         """Resolve one model now, in the calling thread (used at startup, off the loop)."""
@@ -134,11 +172,14 @@ class ResolverCache:
 
     def _resolve(self, key: tuple[str, str]) -> _Entry:
         try:
-            return _Entry(self._resolver.resolve(*key), 0.0)
+            entry = _Entry(self._resolver.resolve(*key), 0.0)
         except Exception as exc:  # noqa: BLE001 - a registry outage must not reach requests
             self.failures += 1
             _log.warning("resolve", "model registry lookup failed: %s", type(exc).__name__)
-            return _Entry(None, time.monotonic() + self._retry_interval)
+            entry = _Entry(None, time.monotonic() + self._retry_interval)
+        if entry.result is None:
+            self._negative.append(key)
+        return entry
 
     def close(self, timeout: float = 1.0) -> None:
         """Stop the background thread. Safe twice."""
@@ -156,18 +197,22 @@ class ResolverCache:
         cache = ResolverCache(
             self._resolver, max_models=self._max, retry_interval=self._retry_interval
         )
-        cache._entries.update(self._resolved())
+        cache._keep(self._resolved())
         cache.overflow, cache.failures = self.overflow, self.failures
         return cache
 
-    def _resolved(self) -> dict[tuple[str, str], _Entry | None]:
+    def _resolved(self) -> dict[tuple[str, str], _Entry]:
         return {k: v for k, v in self._entries.items() if v is not None and not v.retry_at}
+
+    def _keep(self, resolved: dict[tuple[str, str], _Entry]) -> None:
+        self._entries.update(resolved)
+        self._negative.extend(k for k, v in resolved.items() if v.result is None)
 
     def _after_fork_in_child(self) -> None:
         # Keep what the parent learnt; the parent's thread does not exist here.
         done = self._resolved()
         self._reset()
-        self._entries.update(done)
+        self._keep(done)
 
 
 _MISSING = _Entry(None, -1.0)

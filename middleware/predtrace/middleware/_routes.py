@@ -3,7 +3,8 @@
 First stage of the middleware: a request whose method and path match no
 pattern passes through untouched. Built in are the Open Inference Protocol v2
 REST route and KServe v1; users add their own templates, where ``{name}`` and
-``{version}`` capture the model identity from the path.
+``{version}`` capture the model identity from the path, each with the protocol
+it speaks (an OIP v2 server mounted under a prefix is still OIP v2).
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ from predtrace.middleware._errors import ConfigError
 PROTOCOL_OIP_V2_REST: Final = "oip-v2-rest"
 PROTOCOL_KSERVE_V1: Final = "kserve-v1"
 PROTOCOL_HTTP: Final = "http"
+PROTOCOLS: Final = (PROTOCOL_OIP_V2_REST, PROTOCOL_KSERVE_V1, PROTOCOL_HTTP)
+"""The protocols a route may speak: what the middleware reads of its request and answer.
+
+``oip-v2-rest``: the body ``id`` is the caller's prediction id, the answer
+names the model version served, its outputs are summarised. ``kserve-v1``:
+``instances`` and ``predictions``. ``http``: any other JSON route (the id
+comes from the headers only).
+"""
 
 _PLACEHOLDER_RE: Final = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _CACHE_SIZE: Final = 1024
@@ -28,9 +37,12 @@ _METHODS: Final = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "QUERY"})
 class RoutePattern:
     """A prediction route: method, path template and the protocol it speaks.
 
+    ``protocol`` is one of ``PROTOCOLS`` (default ``http``).
+
     Example:
         >>> RoutePattern(template="/models/{name}/predict")
         >>> RoutePattern.parse("POST /v1/score")
+        >>> RoutePattern.parse("POST /api/v2/models/{name}/infer oip-v2-rest")
     """
 
     template: str
@@ -44,8 +56,11 @@ class RoutePattern:
             raise ConfigError(
                 f"route method must be one of {sorted(_METHODS)}, got {self.method!r}"
             )
-        if not self.protocol:
-            raise ConfigError("route protocol must not be empty")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(
+                f"route protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}"
+                f" (route {self.template!r})"
+            )
         names = _PLACEHOLDER_RE.findall(self.template)
         if len(names) != len(set(names)):
             raise ConfigError(f"route template repeats a placeholder: {self.template!r}")
@@ -58,17 +73,26 @@ class RoutePattern:
 
     @classmethod
     def parse(cls, text: str) -> RoutePattern:
-        """Read ``"[METHOD ]/path/{name}"`` (method defaults to POST).
+        """Read ``"[METHOD ]/path/{name}[ PROTOCOL]"`` (method POST, protocol ``http`` by default).
+
+        Example: ``POST /api/v2/models/{name}/infer oip-v2-rest``.
 
         Raises:
-            ConfigError: not a method and a template starting with ``/``.
+            ConfigError: not an optional method, a template starting with ``/``
+                and an optional protocol among ``PROTOCOLS``.
         """
         parts = text.split()
+        method = "POST"
+        if len(parts) > 1 and not parts[0].startswith("/"):
+            method = parts.pop(0).upper()
         if len(parts) == 1:
-            return cls(template=parts[0])
-        if len(parts) == 2:
-            return cls(method=parts[0].upper(), template=parts[1])
-        raise ConfigError(f"route must be '[METHOD ]/path', got {text!r}")
+            return cls(method=method, template=parts[0])
+        if len(parts) == 2 and parts[0].startswith("/"):
+            return cls(method=method, template=parts[0], protocol=parts[1].lower())
+        raise ConfigError(
+            f"route must be '[METHOD ]/path[ PROTOCOL]' (PROTOCOL one of {', '.join(PROTOCOLS)}),"
+            f" got {text!r}"
+        )
 
     def compile(self) -> re.Pattern[str]:
         """The regular expression matching a request path in full."""

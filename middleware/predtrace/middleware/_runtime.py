@@ -170,13 +170,22 @@ class PredictionRuntime:
         return ref
 
     def final_model(
-        self, start: tuple[str, str], override: dict[str, str] | None, served: tuple[str, str]
+        self,
+        start: tuple[str, str],
+        override: dict[str, str] | None,
+        served: tuple[str, str],
+        *,
+        succeeded: bool = True,
     ) -> tuple[ModelRef, str]:
         """The model a prediction used, and its training run id ("" when unknown).
 
         The served name and version (from the answer) win over the ones known
         at the start; what the handler set (``override``) wins over both and
         over the configured alias, id and digest; the resolver fills the rest.
+        A model is sent to the registry only when the prediction ``succeeded``
+        or its name came from the answer or the handler: a name from the path
+        of a failed request (a model that does not exist, any client may send
+        one) only reads what the cache already knows.
         """
         served_name, served_version = served
         name, version = served_name or start[0], served_version or start[1]
@@ -193,7 +202,11 @@ class PredictionRuntime:
         )
         run_id = ""
         if self.resolver is not None and model.name:
-            resolved = self.resolver.lookup(model.name, model.version)
+            resolved = (
+                self.resolver.lookup(model.name, model.version)
+                if succeeded or served_name or override.get("name")
+                else self.resolver.peek(model.name, model.version)
+            )
             if resolved is not None:
                 run_id = resolved.run_id
                 model.registry_model_id = model.registry_model_id or resolved.registry_model_id

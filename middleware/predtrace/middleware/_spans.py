@@ -3,8 +3,11 @@
 When OpenTelemetry's ASGI/FastAPI instrumentation or FastAPI's built-in
 telemetry already made a SERVER span, the middleware adds its ``predtrace.*``
 attributes to it; otherwise it starts a SERVER span ``predict {model}`` whose
-parent comes from the request's W3C headers. Only the OpenTelemetry API is
-used, so the app's own SDK setup decides sampling and export.
+parent comes from the request's W3C headers. A prediction served inside
+another one (an ensemble calling a sub-model of the same app in-process) never
+joins the span of the outer prediction: it starts a SERVER span of its own,
+a child of that one. Only the OpenTelemetry API is used, so the app's own SDK
+setup decides sampling and export.
 """
 
 from __future__ import annotations
@@ -51,6 +54,15 @@ def enclosing_server_span(context: Context | None = None) -> Span | None:
     if span.is_recording() and getattr(span, "kind", None) is SpanKind.SERVER:
         return span
     return None
+
+
+def is_predtrace_span(span: Span) -> bool:
+    """Whether a prediction started or joined ``span`` already (it carries a prediction id).
+
+    Only asked for a prediction inside another one: reads the span's attributes.
+    """
+    attributes = getattr(span, "attributes", None)  # the SDK's span; the API has none
+    return attributes is not None and ATTR_PREDICTION_ID in attributes
 
 
 def extract_parent(headers: RawHeaders) -> Context:

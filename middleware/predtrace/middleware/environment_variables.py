@@ -82,7 +82,13 @@ and events with the artifact digest (``MlflowResolver``); credentials from MLflo
 ``MLFLOW_TRACKING_TOKEN`` or ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``."""
 
 PREDTRACE_ROUTES: Final = "PREDTRACE_ROUTES"
-"""Extra prediction routes, e.g. ``POST /predict,POST /models/{name}/score``."""
+"""Extra prediction routes, comma-separated ``[METHOD ]/path[ PROTOCOL]``.
+
+E.g. ``POST /predict,POST /models/{name}/score``. PROTOCOL is ``http`` (the
+default), ``oip-v2-rest`` or ``kserve-v1``: an OIP v2 server mounted under a
+prefix is ``POST /api/v2/models/{name}/infer oip-v2-rest``, so its body ``id``,
+served version and outputs are read as on the built-in route.
+"""
 
 PREDTRACE_BUILTIN_ROUTES: Final = "PREDTRACE_BUILTIN_ROUTES"
 """Whether the OIP v2 REST and KServe v1 routes are predictions (default ``true``)."""
@@ -94,7 +100,12 @@ Not a framing or hop-by-hop header (content-length, transfer-encoding, connectio
 """
 
 PREDTRACE_OIP_ECHO_ID: Final = "PREDTRACE_OIP_ECHO_ID"
-"""Give an OIP v2 request without ``id`` the prediction id, so the response echoes it."""
+"""Give an OIP v2 request without ``id`` the prediction id, so the answer echoes it (default on).
+
+The body the app gets then has an ``id`` member its client did not send: set
+``0`` for an app whose request model forbids unknown fields (it would answer
+422) or whose own body limit is within a few bytes of the bodies it takes (413).
+"""
 
 PREDTRACE_FINGERPRINT_KEY: Final = "PREDTRACE_FINGERPRINT_KEY"
 """HMAC key (at least 16 characters) of the input fingerprint; unset: no fingerprint."""

@@ -421,7 +421,9 @@ async def test_body_over_the_bound_is_passed_on_but_not_fingerprinted(
     assert response.status == 200 and json.loads(response.body)["id"] == "big"
     runtime.force_flush(5)
     (event,) = events.events
-    assert event.input_fingerprint == b"" and event.prediction_id != "big"
+    # Not fingerprinted; the OIP id is still read, from the body's first bytes.
+    assert event.input_fingerprint == b"" and event.prediction_id == "big"
+    assert response.header("x-prediction-id") == "big"
     assert runtime.stats()["body_unread"] == 1
 
 
