@@ -41,7 +41,7 @@ from predtrace.sidecar._grpc_api import SERVICE_NAME, GrpcSource
 from predtrace.sidecar._intake import Intake
 from predtrace.sidecar._metrics import MetricsServer
 from predtrace.sidecar._oip_proxy import OipProxy
-from predtrace.sidecar._otlp import OtlpReceiver
+from predtrace.sidecar._otlp import OtlpReceiver, http_listen_what
 from predtrace.sidecar._otlp_export import OtlpForwarder
 from predtrace.sidecar._processors import DeploymentEnricher, default_processors
 from predtrace.sidecar._shipper import Shipper
@@ -212,7 +212,10 @@ class SidecarApp:
         self._servers.append(server)
         http_listen = config.otlp_http_listen or _next_port(config.otlp_listen)
         self.addresses["otlp-http"] = await self._otlp.start_http(
-            http_listen, max_body=config.max_message_bytes, ssl_context=self._ssl_context
+            http_listen,
+            max_body=config.max_message_bytes,
+            ssl_context=self._ssl_context,
+            what=http_listen_what(config.otlp_http_listen is not None),
         )
 
     async def _start_oip(self, intake: Intake, listen: str, upstream: str, index: int) -> None:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -106,6 +108,27 @@ _INFLIGHT_BODIES: Final = 4
 _MAX_HOPS: Final = 16
 _STATUS_DETAILS: Final = "grpc-status-details-bin"
 ExportResponse = trace_service_pb2.ExportTraceServiceResponse
+
+
+def http_listen_what(given: bool | None = None) -> str:
+    """The OTLP/HTTP listener's setting as an error names it: given, derived, or either."""
+    if given:
+        return "--otlp-http-listen"
+    if given is None:
+        return "OTLP/HTTP: --otlp-http-listen, or --otlp-listen's port + 1 without it"
+    return (
+        "OTLP/HTTP: --otlp-listen's port + 1, as --otlp-http-listen is not given; "
+        "give --otlp-http-listen HOST:PORT to choose another"
+    )
+
+
+def _bind_reason(exc: OSError) -> str:
+    """Why an address could not be listened on, in a few words ("address already in use")."""
+    if isinstance(exc, socket.gaierror):  # a host name that does not resolve
+        return f"cannot resolve the host ({exc.strerror})"
+    if exc.errno:
+        return os.strerror(exc.errno).lower()
+    return str(exc) or "the address is in use or unusable"
 
 
 class _TraceService:
@@ -242,6 +265,16 @@ class OtlpReceiver:
         refused = converted.refused
         if refused:
             self._intake.count_refused(len(refused))
+            position, why = min(refused)
+            self._log.warning(
+                "unusable-span",
+                "%d OTLP span(s) carrying predtrace.* attributes made no prediction event "
+                "(the sender is told in the Export answer's partial_success); the first, "
+                "span %d of its request: %s",
+                len(refused),
+                position,
+                why,
+            )
         if converted.events:
             result = await self._intake.record(converted.events)  # counts what it refuses
             refused += [(converted.positions[r.index], r.reason) for r in result.rejected]
@@ -261,6 +294,7 @@ class OtlpReceiver:
         ssl_context: ssl.SSLContext | None = None,
         inflight_bytes: int | None = None,
         body_timeout: float = BODY_TIMEOUT_S,
+        what: str | None = None,
     ) -> str:
         """Serve ``POST /v1/traces`` (HTTPS given ``ssl_context``); return ``host:port``.
 
@@ -271,6 +305,14 @@ class OtlpReceiver:
             inflight_bytes: bodies held at once, in bytes, over every request
                 (503 + Retry-After past it); four ``max_body`` by default.
             body_timeout: seconds a body may take to arrive (408 past it).
+            what: the setting ``listen`` came from, as an error names it
+                (``http_listen_what``: only the caller knows whether it was
+                given or derived); by default it names both.
+
+        Raises:
+            ConfigError: ``listen`` is not ``host:port``.
+            OSError: it cannot be listened on, naming it and ``what``, as
+                the gRPC listeners' bind errors do.
         """
         self._max_body = max_body
         # Resized, not replaced: gRPC calls may already hold some of it.
@@ -288,9 +330,17 @@ class OtlpReceiver:
             keepalive_timeout=IDLE_TIMEOUT_S,
         )
         await self._runner.setup()
-        host, port = parse_hostport(listen, "--otlp-http-listen")
+        host, port = parse_hostport(listen, what or "--otlp-http-listen")
         site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            # aiohttp's own words name an address only ("error while attempting
+            # to bind on address (...)"): not which listener, nor which setting.
+            await self._runner.cleanup()
+            self._runner = None
+            what = what or http_listen_what()
+            raise OSError(f"cannot listen on {listen} ({what}): {_bind_reason(exc)}") from None
         bound = self._runner.addresses[0][1]
         return join_hostport(host, bound)
 

@@ -3,8 +3,10 @@
 A span carrying ``predtrace.prediction.id`` (a string) becomes one
 PredictionEvent: its ``predtrace.model.*`` attributes, status, timing and
 the resource's deployment identity; other attributes are kept bounded. A
-request's conversion lists the spans whose event it refused, with why, for
-the Export answer's ``partial_success``.
+span that carries ``predtrace.*`` attributes but cannot become one (its id
+empty or not a string, or ``predtrace.model.*`` attributes without an id) is
+refused, not skipped unsaid. A request's conversion lists the spans whose
+event it refused, with why, for the Export answer's ``partial_success``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from predtrace.wire import (
 )
 
 PREDICTION_ID: Final = "predtrace.prediction.id"
+_MODEL_PREFIX: Final = "predtrace.model."
 _MAX_ATTRIBUTES: Final = 64
 _MAX_VALUE_LEN: Final = 1024
 _REASON_CHARS: Final = 512
@@ -59,7 +62,11 @@ def _described(attrs: Mapping[str, str], *keys: str) -> str:
     return next((attrs[key] for key in keys if attrs.get(key)), "")[:_MAX_VALUE_LEN]
 
 
-class PredictionIdTypeError(ValueError):
+class UnusablePredictionSpanError(ValueError):
+    """A span that carries ``predtrace.*`` attributes but cannot become a prediction event."""
+
+
+class PredictionIdTypeError(UnusablePredictionSpanError):
     """A span whose ``predtrace.prediction.id`` is not a string: no prediction is made of it."""
 
 
@@ -78,17 +85,24 @@ def _prediction_id(span: trace_pb2.Span) -> str:
 
 
 def span_to_event(span: trace_pb2.Span, resource: Mapping[str, str]) -> PredictionEvent | None:
-    """The prediction event of a span, or None when it carries no prediction id.
+    """The prediction event of a span, or None when it is not a prediction's.
 
     Raises:
         PredictionIdTypeError: its prediction id is not a string.
+        UnusablePredictionSpanError: its prediction id is empty, or it has
+            ``predtrace.model.*`` attributes and no prediction id (a prediction
+            meant, the id forgotten or misspelt).
     """
     attrs = _attrs(span.attributes)
     if PREDICTION_ID not in attrs:
+        if any(key.startswith(_MODEL_PREFIX) for key in attrs):
+            raise UnusablePredictionSpanError(
+                f"{_MODEL_PREFIX}* attributes without {PREDICTION_ID}: no prediction event made"
+            )
         return None
     prediction_id = _prediction_id(span)
     if not prediction_id:
-        return None
+        raise UnusablePredictionSpanError(f"{PREDICTION_ID} is empty: no prediction event made")
     get = attrs.get
     model = ModelRef(
         name=get("predtrace.model.name", ""),
@@ -111,7 +125,7 @@ def span_to_event(span: trace_pb2.Span, resource: Mapping[str, str]) -> Predicti
     extra = {
         k: v[:_MAX_VALUE_LEN]
         for k, v in list(attrs.items())[:_MAX_ATTRIBUTES]
-        if k != PREDICTION_ID and not k.startswith("predtrace.model.")
+        if k != PREDICTION_ID and not k.startswith(_MODEL_PREFIX)
     }
     return PredictionEvent(
         prediction_id=prediction_id,
@@ -141,7 +155,10 @@ class Conversion:
 
 
 def request_to_events(request: ExportRequest) -> Conversion:
-    """Prediction events of an export request, its span count, and the spans refused one."""
+    """Prediction events of an export request, its span count, and the spans refused one.
+
+    A span refused one (``UnusablePredictionSpanError``) is listed with why.
+    """
     out = Conversion()
     for resource_spans in request.resource_spans:
         resource = _attrs(resource_spans.resource.attributes)
@@ -150,7 +167,7 @@ def request_to_events(request: ExportRequest) -> Conversion:
                 position, out.spans = out.spans, out.spans + 1
                 try:
                     event = span_to_event(span, resource)
-                except PredictionIdTypeError as exc:
+                except UnusablePredictionSpanError as exc:
                     out.refused.append((position, str(exc)))
                     continue
                 if event is None:
