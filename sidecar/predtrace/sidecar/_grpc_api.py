@@ -331,7 +331,10 @@ class GrpcSource:
         """Hand ``events`` to the intake; the number spooled.
 
         Raises:
-            _RefusedError: the spool refused them (none of them spooled).
+            _RefusedError: the spool refused them: none of them spooled, unless
+                they were more than a spool segment holds and the disk filled
+                part way (the parts written stay: sent again, they are
+                delivered twice, never lost).
         """
         if not events:
             return 0

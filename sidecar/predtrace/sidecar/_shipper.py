@@ -192,9 +192,11 @@ class Shipper:
         # Set by a 409 renumbering, cleared by the next ack: a second 409
         # before any ack quarantines the batch instead of switching again.
         self._renumbered = False
-        # Batch limits in force: the configured ones, lowered by a 413.
+        # Batch limits in force: the configured ones, lowered by a 413. The
+        # batch in flight and the one read ahead are pinned in the spool, out
+        # of its cap's reach: together at most half of a small cap.
         self._max_events = config.max_batch_events
-        self._max_bytes = config.max_batch_bytes
+        self._max_bytes = max(1, min(config.max_batch_bytes, spool.config.max_bytes // 4))
         self.counters.max_batch_events = self._max_events
         self.counters.max_batch_bytes = self._max_bytes
         # The plan whose replay count this process has already raised: a retry

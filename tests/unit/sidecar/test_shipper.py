@@ -521,6 +521,20 @@ async def test_max_batch_bytes_splits_a_backlog_into_batches_of_at_most_that_man
     assert [e.prediction_id for e in rig.collector.events()] == [f"p{i:06d}" for i in range(23)]
 
 
+async def test_batches_take_at_most_a_quarter_of_a_small_spool_cap(rig: Rig) -> None:
+    # The batch in flight and the one read ahead are pinned, out of the cap's
+    # reach: with a 16 KiB cap they hold 4 KiB each, not the configured 1 MiB.
+    size = len(encode_event(padded(1)[0]))
+    spool = spool_config(segment_bytes=4096, max_bytes=16384)
+    config = ShipperConfig(linger=0, max_batch_events=1000, max_batch_bytes=1 << 20)
+    shipper = await rig.start(config, spool=spool)
+    assert shipper.counters.max_batch_bytes == 4096
+    await rig.record(padded(40))
+    await rig.wait_delivered(40)
+    assert max(batch_sizes(rig.collector)) <= 4096 // size
+    assert [e.prediction_id for e in rig.collector.events()] == [f"p{i:06d}" for i in range(40)]
+
+
 async def test_a_byte_limit_between_event_boundaries_is_never_exceeded(rig: Rig) -> None:
     size = len(encode_event(padded(1)[0]))
     max_bytes = 5 * size + size // 2  # room for five and a half events

@@ -6,7 +6,9 @@ them, so an acknowledgement always follows the fsync (RELIABILITY rule 1).
 The shipper reads records in order (never past the last fsync) and, once the
 collector has them, commits a new high-water mark: the mark is made durable
 first and only then are fully delivered segments unlinked (rule 2). At the
-byte cap the oldest segments are dropped and counted. A sealed segment
+byte cap the oldest segments are dropped and counted, never those the
+shipper has pinned (see ``SpoolWriter``: the segment files stay within the
+cap plus the pinned segments). A sealed segment
 that vanishes or shrinks while the spool runs is dropped from the reads and
 its undelivered records counted (``missing_segment``, ``corrupt``); the index
 is a cache, so a disk too full to rewrite it stops nothing.
@@ -112,6 +114,7 @@ class Spool(SpoolWriter):
         self._segments: list[Segment] = []
         self._state = SpoolState()
         self._pin: tuple[int, int] | None = None
+        self._read_reach = 0
         self._handle = -1
         self._next_index = 1
         self._lock_fd: int | None = None
@@ -174,6 +177,8 @@ class Spool(SpoolWriter):
                 self._reader.mark_counted(seg.path, seg.size)
         self._segments = segments
         self._open_active(tail, tail_lost)
+        # A plan persisted by an earlier run may hold any record on disk.
+        self._read_reach = self._next_index - 1
         self._release()
         self._write_index()
 
@@ -355,9 +360,17 @@ class Spool(SpoolWriter):
         return next((s for s in self._segments if s.first == first), None)
 
     def _segment_after(self, after: int) -> Segment | None:
+        """A copy of the first segment with durable records past ``after``.
+
+        Taken with the cap's lock, which also moves ``_read_reach`` over the
+        records the read may return: an open pin covers them from here on,
+        so the cap either dropped the segment before (the read skips it) or
+        keeps it.
+        """
         with self._lock:
             for seg in self._segments:
                 if seg.durable_last > after:
+                    self._read_reach = max(self._read_reach, seg.durable_last)
                     return Segment(
                         seg.first,
                         seg.path,
@@ -371,7 +384,12 @@ class Spool(SpoolWriter):
         return None
 
     def pin(self, span: tuple[int, int] | None) -> None:
-        """Protect the segments holding indexes ``span`` (the batch in flight) from the cap."""
+        """Protect the segments holding indexes ``span`` (the batch in flight) from the cap.
+
+        A span ending past the last record written (the shipper's pin while a
+        read is under way) protects what reads have reached, not what is
+        written after them.
+        """
         with self._lock:
             self._pin = span
 

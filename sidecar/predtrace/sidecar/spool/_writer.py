@@ -5,6 +5,21 @@ the thread writes each group with one ``pwrite`` per segment, fsyncs once and
 only then completes the appends, so an acknowledgement always follows the
 fsync (RELIABILITY rule 1). A failed write (disk full) is rolled back to the
 last fsync and reported to every append of the group that was not durable.
+
+Rotation and the byte cap: an append that does not fit in the room left in
+the active segment, but would in an empty one, begins a new segment; an
+append bigger than a whole segment fills the active one and goes on in new
+ones, record by record (a record is never split), so no segment passes
+``segment_bytes`` unless a single record does. Before each write the
+oldest sealed segments are dropped (counted as ``byte_cap``) until the
+segments plus the write fit under ``max_bytes``; the active segment and
+those the shipper has pinned are never dropped. So the segment files stay
+within ``max_bytes`` while nothing is pinned; otherwise within the larger of
+``max_bytes`` and the pinned segments plus the active one. An append split
+across segments that fails in a later one is refused, yet its records in
+the earlier, fsynced segments stay spooled: at least once, the sender's
+retry may deliver them twice. An append that fits in a segment is never
+split, so it is refused whole.
 """
 
 from __future__ import annotations
@@ -26,7 +41,7 @@ from predtrace.sidecar._errors import (
     SpoolError,
     SpoolFullError,
 )
-from predtrace.sidecar.pipeline import Clock
+from predtrace.sidecar.pipeline import Clock, RateLimitedLog
 from predtrace.sidecar.spool._config import SpoolConfig, SpoolCounters
 from predtrace.sidecar.spool._files import NO_ROOM, FaultPoints, FileLayer, SimulatedCrash
 from predtrace.sidecar.spool._meta import SpoolState
@@ -37,6 +52,8 @@ from predtrace.sidecar.spool._segments import Segment, segment_name
 # A refused write is logged at once, then at most this often (with a count).
 _FAIL_LOG_INTERVAL_S: Final = 60.0
 _log = logging.getLogger("predtrace.sidecar.spool")
+# At the cap a segment is dropped per segment written: one line a minute per spool.
+_cap_log = RateLimitedLog(_log)
 Callback = Callable[[range | BaseException], None]
 
 
@@ -71,6 +88,7 @@ class SpoolWriter:
     _segments: list[Segment]
     _state: SpoolState
     _pin: tuple[int, int] | None
+    _read_reach: int
     _handle: int
     _next_index: int
     last_refusal: tuple[int, str] | None = None
@@ -178,36 +196,48 @@ class SpoolWriter:
                 return
 
     def _commit_group(self, group: list[_Request]) -> None:
-        self._enforce_cap(sum(r.nbytes for r in group))
         done: list[tuple[_Request, range]] = []
         chunk: list[bytes] = []
         chunk_bytes = 0
         try:
             for request in group:
-                active = self._segments[-1]
-                if active.size + chunk_bytes + request.nbytes > self.config.segment_bytes and (
-                    active.size + chunk_bytes
+                if request.nbytes <= self.config.segment_bytes and not self._fits(
+                    chunk_bytes, request.nbytes
                 ):
+                    # Begin the append in a new segment: split only if it must be.
                     self._flush(chunk, done)
-                    chunk, chunk_bytes, done = [], 0, []
+                    chunk, chunk_bytes = [], 0
                     self._rotate()
                 first = self._next_index
                 ts_ns = self._clock.time_ns()
                 for payload in request.payloads:
+                    size = HEADER_SIZE + len(payload)
+                    if not self._fits(chunk_bytes, size):
+                        # Bigger than a segment: the records so far are written
+                        # and fsynced; the append completes with its last part.
+                        self._flush(chunk, done)
+                        chunk, chunk_bytes = [], 0
+                        self._rotate()
                     chunk.append(encode_record(self._next_index, ts_ns, payload))
                     self._next_index += 1
-                chunk_bytes += request.nbytes
+                    chunk_bytes += size
                 done.append((request, range(first, self._next_index)))
             self._flush(chunk, done)
         except OSError as exc:
             self._fail(group, exc)
 
+    def _fits(self, chunk_bytes: int, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit in the active segment (always, if it is still empty)."""
+        used = self._segments[-1].size + chunk_bytes
+        return used == 0 or used + nbytes <= self.config.segment_bytes
+
     def _flush(self, chunk: list[bytes], done: list[tuple[_Request, range]]) -> None:
-        """Write, fsync, then complete: the acknowledgement follows the fsync."""
+        """Make room under the cap, write, fsync, then complete (the ack follows the fsync)."""
         if not chunk:
             return
-        active = self._segments[-1]
         data = b"".join(chunk)
+        self._enforce_cap(len(data))
+        active = self._segments[-1]
         self._files.pwrite(self._handle, data, active.size)
         self._faults.hit("append.after_write")
         self._files.fsync(self._handle)
@@ -276,10 +306,19 @@ class SpoolWriter:
         self._write_index()
 
     def _enforce_cap(self, incoming: int) -> None:
-        """Drop the oldest segments (never the active or pinned one) to stay under the cap."""
+        """Drop the oldest segments until ``incoming`` more bytes fit under the cap.
+
+        Every segment counts against the cap, pinned ones included; the
+        active one and pinned ones are never dropped. Called before each
+        write, so when the write rotated the segment it filled is a
+        candidate too. If the active and the pinned segments alone leave no
+        room, the write still goes ahead (drop oldest, never refuse the
+        newest): the overshoot is at most the pinned segments.
+        """
         with self._lock:
             excess = sum(s.size for s in self._segments) + incoming - self.config.max_bytes
             victims = []
+            lost = 0
             for seg in self._segments[:-1]:
                 if excess <= 0:
                     break
@@ -289,14 +328,35 @@ class SpoolWriter:
                 excess -= seg.size
             for seg in victims:
                 self._segments.remove(seg)
-                self.counters.drop("byte_cap", seg.unacked(self._state.hwm))
+                lost += seg.unacked(self._state.hwm)
+            self.counters.drop("byte_cap", lost)
         if victims:
-            _log.warning("spool at its byte cap: dropped %d oldest segments", len(victims))
+            _cap_log.warning(
+                self._dir,
+                "spool %s at its byte cap of %d bytes: dropped %d oldest segments, "
+                "%d undelivered records (counted as dropped: byte_cap)",
+                self._dir,
+                self.config.max_bytes,
+                len(victims),
+                lost,
+            )
             self._unlink(victims)
 
     def _pinned(self, seg: Segment) -> bool:
+        """Whether ``seg`` holds records the shipper pinned (call with ``_lock`` held).
+
+        A pin that ends past the last record written is open: a read is under
+        way, or has just returned and the shipper has not narrowed the pin yet.
+        It holds nothing past the furthest any read has reached
+        (``_read_reach``), so segments written later stay under the cap.
+        """
         pin = self._pin
-        return pin is not None and seg.first <= pin[1] and seg.last >= pin[0]
+        if pin is None:
+            return False
+        first, last = pin
+        if last >= self._next_index:
+            last = self._read_reach
+        return seg.first <= last and seg.last >= first
 
 
 def _settle(future: asyncio.Future[range], result: range | BaseException) -> None:
