@@ -46,7 +46,7 @@ from predtrace.sidecar._otlp_export import OtlpForwarder
 from predtrace.sidecar._processors import DeploymentEnricher, default_processors
 from predtrace.sidecar._shipper import Shipper
 from predtrace.sidecar._status import StatusView, build_status, spool_refusal
-from predtrace.sidecar.pipeline import CollectorClient
+from predtrace.sidecar.pipeline import CollectorClient, Processor
 from predtrace.sidecar.spool import FaultPoints, FileLayer, OsFileLayer, Spool, write_whole
 from predtrace.v1 import sidecar_pb2
 from predtrace.wire import producer_id_base, restarted_producer_id
@@ -110,6 +110,7 @@ class SidecarApp:
         self._otlp: OtlpReceiver | None = None
         self._metrics: MetricsServer | None = None
         self._proxies: list[OipProxy] = []
+        self.processors: list[Processor] = []
         self._health = health_aio.HealthServicer()
         self._stopped = False
         self.failed = asyncio.Event()
@@ -142,7 +143,9 @@ class SidecarApp:
         )
         self.producer_id, fresh = await asyncio.to_thread(self._producer_id)
         enricher = DeploymentEnricher(config.deployment)
-        intake = Intake(self._spool, default_processors(config.deployment, config.redaction))
+        # Kept: /metrics reads what the redaction processor removed.
+        self.processors = default_processors(config.deployment, config.redaction)
+        intake = Intake(self._spool, self.processors)
         self.intake = intake
         self._shipper = Shipper(
             self._spool,
@@ -225,7 +228,8 @@ class SidecarApp:
             deployment=self.config.deployment,
             max_message_bytes=self.config.max_message_bytes,
         )
-        server = grpc.aio.server(options=grpc_server_options(self.config))
+        # Room to send an answer up to the proxy's margin over the message limit.
+        server = grpc.aio.server(options=proxy.server_options(grpc_server_options(self.config)))
         server.add_generic_rpc_handlers((proxy.generic_handler(),))
         name = "oip-proxy" if index == 0 else f"oip-proxy-{index + 1}"
         self.addresses[name] = _bind(server, listen, "--oip-proxy", self._credentials)
@@ -354,6 +358,8 @@ class SidecarApp:
             oip_invalid_caller_ids=sum(proxy.invalid_caller_ids for proxy in self._proxies),
             oip_unreadable_requests=sum(proxy.unreadable_requests for proxy in self._proxies),
             oip_ids_not_added=sum(proxy.ids_not_added for proxy in self._proxies),
+            oip_budget_waits=sum(proxy.budget_waits for proxy in self._proxies),
+            oip_inflight_bytes=sum(proxy.budget.used for proxy in self._proxies),
             otlp_busy_refusals=dict(self._otlp.budget_refusals) if self._otlp else None,
         )
 

@@ -22,6 +22,7 @@ from typing import Any
 import click
 import grpc
 
+from predtrace.sidecar import environment_variables as ev
 from predtrace.sidecar._config import (
     RedactionConfig,
     ShipperConfig,
@@ -44,18 +45,22 @@ def sidecar() -> None:
     """Run the sidecar next to a model server, or ask a running one for its status."""
 
 
-def _pairs(values: tuple[str, ...], sep: str, what: str) -> tuple[tuple[str, str], ...]:
+def _pairs(
+    values: tuple[str, ...], sep: str, what: str, *, secret: bool = False
+) -> tuple[tuple[str, str], ...]:
+    """``LEFT<sep>RIGHT`` values split; ``secret``: never echo a value (a header's credential)."""
     out = []
     for value in values:
         left, found, right = value.partition(sep)
-        if not found or not left or not right:
-            raise click.BadParameter(f"expected {what}, got {value!r}")
+        if not found or not left.strip() or not right.strip():
+            got = "a value not shown (it may hold a credential)" if secret else repr(value)
+            raise click.BadParameter(f"expected {what}, got {got}")
         out.append((left.strip(), right.strip()))
     return tuple(out)
 
 
-def _size_or_none(text: str | None) -> int | None:
-    return None if text is None else parse_size(text)
+def _size_or_none(text: str | None, what: str) -> int | None:
+    return None if text is None else parse_size(text, what)
 
 
 def build_config(options: dict[str, Any], environ: dict[str, str]) -> SidecarConfig:
@@ -72,7 +77,10 @@ def build_config(options: dict[str, Any], environ: dict[str, str]) -> SidecarCon
             ("poison_attempts", options.pop("poison_attempts")),
             ("max_batch_events", options.pop("batch_max_events")),
             ("linger", options.pop("batch_linger")),
-            ("quarantine_max_bytes", _size_or_none(options.pop("quarantine_max_bytes", None))),
+            (
+                "quarantine_max_bytes",
+                _size_or_none(options.pop("quarantine_max_bytes", None), "--quarantine-max-bytes"),
+            ),
         )
         if value is not None
     }
@@ -81,7 +89,10 @@ def build_config(options: dict[str, Any], environ: dict[str, str]) -> SidecarCon
         options.pop(k) for k in ("allow_feature", "allow_attribute", "redact")
     )
     if allow_f or allow_a or redact:
-        base = RedactionConfig.from_env(environ)
+        # The variables the flags leave in force (a --redact flag replaces PREDTRACE_REDACT).
+        base = RedactionConfig.from_env(
+            {k: v for k, v in environ.items() if not (redact and k == ev.REDACT)}
+        )
         redaction = RedactionConfig(
             allow_features=allow_f or base.allow_features,
             allow_attributes=allow_a or base.allow_attributes,
@@ -92,8 +103,11 @@ def build_config(options: dict[str, Any], environ: dict[str, str]) -> SidecarCon
     overrides.update(
         edge=edge,
         redaction=redaction,
-        max_message_bytes=parse_size(size) if size else None,
-        otlp_export_headers=_pairs(options["otlp_export_headers"], "=", "NAME=VALUE") or None,
+        max_message_bytes=parse_size(size, "--max-message-bytes") if size else None,
+        otlp_export_headers=_pairs(
+            options["otlp_export_headers"], "=", "--otlp-export-header NAME=VALUE", secret=True
+        )
+        or None,
         oip_proxies=_pairs(options["oip_proxies"], "=", "LISTEN=UPSTREAM") or None,
     )
     if shipper_overrides or edge is not None:
@@ -124,24 +138,30 @@ def build_config(options: dict[str, Any], environ: dict[str, str]) -> SidecarCon
 @click.option(
     "--edge/--no-edge",
     default=None,
-    help="Edge mode: long outages, bigger batches, backoff capped at 5 min [PREDTRACE_EDGE=1].",
+    help="Edge mode: long outages, bigger batches, backoff capped at 5 min "
+    "[PREDTRACE_EDGE: 1/true/yes/on or 0/false/no/off].",
 )
 @click.option(
     "--spool-max-bytes",
-    help="Spool byte cap, e.g. 2GiB; oldest dropped past it [PREDTRACE_SPOOL_MAX_BYTES].",
+    help="Spool byte cap, e.g. 2GiB; oldest dropped past it "
+    "[PREDTRACE_SPOOL_MAX_BYTES, else 1GiB].",
 )
 @click.option("--spool-segment-bytes", help="Spool segment size [8MiB]; small flash: 1MiB.")
 @click.option("--otlp-listen", help="HOST:PORT of the OTLP/gRPC receiver [PREDTRACE_OTLP_LISTEN].")
-@click.option("--otlp-http-listen", help="HOST:PORT of OTLP/HTTP [--otlp-listen's port + 1].")
+@click.option(
+    "--otlp-http-listen",
+    help="HOST:PORT of OTLP/HTTP; needs --otlp-listen [--otlp-listen's port + 1; 0 with port 0].",
+)
 @click.option(
     "--otlp-export",
-    help="OTLP/HTTP traces URL every received span is forwarded to [PREDTRACE_OTLP_EXPORT].",
+    help="OTLP/HTTP traces URL every span the OTLP receiver takes is forwarded to; "
+    "needs --otlp-listen [PREDTRACE_OTLP_EXPORT].",
 )
 @click.option(
     "--otlp-export-header",
     "otlp_export_headers",
     multiple=True,
-    help="NAME=VALUE header for --otlp-export (repeatable).",
+    help="NAME=VALUE header sent to --otlp-export (repeatable; NAME an HTTP token).",
 )
 @click.option(
     "--oip-proxy",
@@ -152,7 +172,10 @@ def build_config(options: dict[str, Any], environ: dict[str, str]) -> SidecarCon
 @click.option(
     "--metrics-listen", help="HOST:PORT for Prometheus /metrics [PREDTRACE_METRICS_LISTEN]."
 )
-@click.option("--max-message-bytes", help="Largest gRPC message accepted [4MiB].")
+@click.option(
+    "--max-message-bytes",
+    help="Largest gRPC message (API, OTLP/gRPC, OIP proxy) and OTLP/HTTP body accepted [4MiB].",
+)
 @click.option("--drain-timeout", type=float, help="Seconds to ship after SIGTERM [10].")
 @click.option(
     "--keepalive-time",
@@ -170,11 +193,35 @@ def build_config(options: dict[str, Any], environ: dict[str, str]) -> SidecarCon
     help="Byte cap of the spool's quarantine/ directory; oldest batches removed past it "
     "[a tenth of --spool-max-bytes].",
 )
-@click.option("--batch-max-events", type=int, help="Events per batch to the collector.")
-@click.option("--batch-linger", type=float, help="Seconds to wait for a fuller batch.")
-@click.option("--allow-feature", multiple=True, help="Feature name glob that may leave.")
-@click.option("--allow-attribute", multiple=True, help="Attribute key glob that may leave.")
-@click.option("--redact", multiple=True, help="Regex masked in kept attribute values.")
+@click.option(
+    "--batch-max-events",
+    type=int,
+    help="Events per batch to the collector [5000; 10000 with --edge].",
+)
+@click.option(
+    "--batch-linger",
+    type=float,
+    help="Seconds to wait for a fuller batch [0.2; 1 with --edge].",
+)
+@click.option(
+    "--allow-feature",
+    multiple=True,
+    help="Feature name glob that may leave (repeatable) [PREDTRACE_ALLOW_FEATURES, "
+    "comma-separated; else none: a feature the middleware sends is removed here "
+    "unless allowed].",
+)
+@click.option(
+    "--allow-attribute",
+    multiple=True,
+    help="Attribute key glob that may leave (repeatable) [PREDTRACE_ALLOW_ATTRIBUTES, "
+    "comma-separated; else none].",
+)
+@click.option(
+    "--redact",
+    multiple=True,
+    help="Regex masked in kept attribute values and output labels (repeatable) "
+    "[PREDTRACE_REDACT, one per line].",
+)
 @click.option(
     "--tls-cert",
     type=click.Path(exists=True, dir_okay=False),
@@ -196,7 +243,13 @@ def build_config(options: dict[str, Any], environ: dict[str, str]) -> SidecarCon
     type=click.Path(exists=True, dir_okay=False),
     help="PEM CA of an https collector's certificate [PREDTRACE_COLLECTOR_CA; else system].",
 )
-@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning"]),
+    help="Least severe log records written to stderr.",
+)
 def serve(log_level: str, **options: Any) -> None:
     """Run the sidecar: gRPC API, durable spool, shipper, optional OTLP and OIP proxy.
 
@@ -258,10 +311,17 @@ async def _until_stopped_or_failed(stop: asyncio.Event, failed: asyncio.Event) -
 
 
 @sidecar.command()
-@click.option("--target", help=f"HOST:PORT of the sidecar [{TARGET_ENV}, else {DEFAULT_TARGET}].")
-@click.option("--ready-file", help="Read the target from the sidecar's ready file.")
+@click.option(
+    "--target",
+    help=f"HOST:PORT of the sidecar [{TARGET_ENV}, else {DEFAULT_TARGET}]; not with --ready-file.",
+)
+@click.option(
+    "--ready-file", help="Read the target from the sidecar's ready file; not with --target."
+)
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
-@click.option("--timeout", type=float, default=5.0, help="Seconds to wait for the answer.")
+@click.option(
+    "--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the answer."
+)
 @click.option(
     "--tls-ca",
     type=click.Path(exists=True, dir_okay=False),
@@ -321,13 +381,15 @@ def status(
 
 
 def _status_target(target: str | None, ready_file: str | None) -> str:
-    """The address ``status`` asks: --ready-file's first line, --target, the env, the default.
+    """The address ``status`` asks: --ready-file's first line or --target, the env, the default.
 
     A sidecar removes its ready file when it stops: missing or empty means
     not running (or not ready yet), exit 1 as for one that does not answer.
     """
     if target is not None and not target.strip():
         raise click.UsageError("--target is empty: give HOST:PORT")
+    if target is not None and ready_file is not None:
+        raise click.UsageError("give --target or --ready-file, not both")
     if ready_file:
         try:
             with open(ready_file, encoding="utf-8") as fh:

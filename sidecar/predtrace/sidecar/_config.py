@@ -9,17 +9,23 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from predtrace.sidecar import environment_variables as ev
 from predtrace.sidecar._errors import ConfigError
 from predtrace.sidecar.pipeline import CollectorClientConfig, RetryPolicy
+from predtrace.sidecar.pipeline._collector_http import without_userinfo
 from predtrace.sidecar.spool import SpoolConfig
+from predtrace.wire import DEFAULT_LIMITS
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+# A number, then nothing, ``b``, or a unit letter with ``b``, ``ib`` or nothing
+# (``512k``, ``512KB``, ``512KiB``): every unit is binary, 1024-based.
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(?:i?b)?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+MAX_SIZE = 2**63 - 1  # no file or byte count the sidecar keeps is larger
 MAX_BATCH_EVENTS = 10_000  # the collector's decoder bound (proto/FORMAT.md)
 MAX_PRODUCER_ID_LEN = 200  # room for a restart suffix under the collector's 256
 MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC takes its message size limits as a C int
@@ -42,17 +48,22 @@ def producer_id_problem(producer_id: str) -> str | None:
     return None
 
 
-def parse_size(text: str) -> int:
-    """Parse ``512MiB``, ``2G``, ``1048576`` into bytes.
+def parse_size(text: str, what: str = "") -> int:
+    """Parse ``512MiB``, ``2G``, ``1048576`` into bytes (``what``: the flag, for errors).
 
     Raises:
-        ConfigError: not a size.
+        ConfigError: not a size, or one past 2**63 - 1 bytes.
     """
+    label = f"{what}: " if what else ""
+    shown = repr(text) if len(text) <= 60 else f"{text[:40]!r}... ({len(text)} characters)"
     match = _SIZE_RE.match(text)
     if not match:
-        raise ConfigError(f"not a size: {text!r} (examples: 512MiB, 2GiB, 1048576)")
-    unit = (match.group(2) or "").lower()[:1]
-    return int(float(match.group(1)) * _UNITS[unit])
+        raise ConfigError(f"{label}not a size: {shown} (examples: 512MiB, 2GiB, 1048576)")
+    # Decimal, not float: exact for any digit string, never infinite.
+    size = int(Decimal(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+    if size > MAX_SIZE:
+        raise ConfigError(f"{label}a size must be at most {MAX_SIZE} bytes, not {shown}")
+    return size
 
 
 def parse_hostport(text: str, what: str) -> tuple[str, int]:
@@ -153,6 +164,14 @@ def _globs(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _check_patterns(patterns: tuple[str, ...], what: str) -> None:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"{what}: bad redaction pattern {pattern!r}: {exc}") from None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RedactionConfig:
     """What may leave the model server's machine; runs before the spool.
@@ -168,27 +187,60 @@ class RedactionConfig:
     patterns: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for pattern in self.patterns:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(f"bad redaction pattern {pattern!r}: {exc}") from None
+        _check_patterns(self.patterns, "--redact")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> RedactionConfig:
-        """Read ``PREDTRACE_ALLOW_FEATURES``/``_ATTRIBUTES`` (comma globs), ``PREDTRACE_REDACT``."""
+        """Read ``PREDTRACE_ALLOW_FEATURES``/``_ATTRIBUTES`` (comma globs), ``PREDTRACE_REDACT``.
+
+        Raises:
+            ConfigError: a pattern of ``PREDTRACE_REDACT`` is no regular expression (named).
+        """
+        patterns = tuple(p for p in environ.get(ev.REDACT, "").split("\n") if p)
+        _check_patterns(patterns, f"--redact ({ev.REDACT})")
         return cls(
             allow_features=_globs(environ.get(ev.ALLOW_FEATURES, "")),
             allow_attributes=_globs(environ.get(ev.ALLOW_ATTRIBUTES, "")),
-            patterns=tuple(p for p in environ.get(ev.REDACT, "").split("\n") if p),
+            patterns=patterns,
         )
 
 
-def _first(environ: Mapping[str, str], *names: str) -> str:
+def _pick(environ: Mapping[str, str], names: tuple[str, ...]) -> tuple[str, str]:
+    """The first of ``names`` set (non-empty) and its name; ``("", "")`` if none is."""
     for name in names:
         if environ.get(name):
-            return environ[name]
-    return ""
+            return environ[name], name
+    return "", ""
+
+
+def identity_problem(value: str) -> str | None:
+    """Why ``value`` cannot be stamped on events as a deployment field (None when it can).
+
+    The rules of ``predtrace.wire.event_problem`` for a text field: an event
+    carrying such a value would be refused, every one of them.
+    """
+    if "\x00" in value:
+        return "it holds a NUL character"
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "it is not valid UTF-8 text"
+    limit = DEFAULT_LIMITS.max_str_len
+    if size > limit:
+        return f"it is {size} bytes long, more than the {limit} bytes a text field may hold"
+    return None
+
+
+# Each deployment field: its variables (first set wins), then its OTel resource attribute.
+_DEPLOYMENT_SOURCES: Final[tuple[tuple[str, tuple[str, ...], str], ...]] = (
+    ("id", (ev.DEPLOYMENT_ID,), ""),
+    ("service", (ev.SERVICE_NAME, "OTEL_SERVICE_NAME"), "service.name"),
+    ("namespace", ev.K8S_NAMESPACE, "k8s.namespace.name"),
+    ("pod", ev.K8S_POD, "k8s.pod.name"),
+    ("node", ev.K8S_NODE, "k8s.node.name"),
+    ("image_digest", (ev.IMAGE_DIGEST,), "container.image.id"),
+    ("image_name", (ev.IMAGE_NAME,), "container.image.name"),
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -203,20 +255,34 @@ class DeploymentConfig:
     image_digest: str = ""
     image_name: str = ""
 
+    def __post_init__(self) -> None:
+        for name, _, _ in _DEPLOYMENT_SOURCES:
+            problem = identity_problem(getattr(self, name))
+            if problem is not None:
+                raise ConfigError(f"the deployment's {name} cannot be stamped on events: {problem}")
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> DeploymentConfig:
-        """Read the Kubernetes downward-API variables, ``OTEL_*`` and ``PREDTRACE_*``."""
+        """Read the Kubernetes downward-API variables, ``OTEL_*`` and ``PREDTRACE_*``.
+
+        Raises:
+            ConfigError: a value no event could carry (over 64 KiB, a NUL), named
+                by its variable: at startup, not on every event after it.
+        """
         resource = _resource_attributes(environ.get("OTEL_RESOURCE_ATTRIBUTES", ""))
-        return cls(
-            id=_first(environ, ev.DEPLOYMENT_ID),
-            service=_first(environ, ev.SERVICE_NAME, "OTEL_SERVICE_NAME")
-            or resource.get("service.name", ""),
-            namespace=_first(environ, *ev.K8S_NAMESPACE) or resource.get("k8s.namespace.name", ""),
-            pod=_first(environ, *ev.K8S_POD) or resource.get("k8s.pod.name", ""),
-            node=_first(environ, *ev.K8S_NODE) or resource.get("k8s.node.name", ""),
-            image_digest=_first(environ, ev.IMAGE_DIGEST),
-            image_name=_first(environ, ev.IMAGE_NAME) or resource.get("container.image.name", ""),
-        )
+        values: dict[str, str] = {}
+        for name, variables, attribute in _DEPLOYMENT_SOURCES:
+            value, source = _pick(environ, variables)
+            if not value and attribute:
+                value = resource.get(attribute, "")
+                source = f"OTEL_RESOURCE_ATTRIBUTES ({attribute})"
+            problem = identity_problem(value)
+            if problem is not None:
+                raise ConfigError(
+                    f"{source} cannot be the deployment's {name} stamped on events: {problem}"
+                )
+            values[name] = value
+        return cls(**values)
 
 
 def _resource_attributes(text: str) -> dict[str, str]:
@@ -227,6 +293,38 @@ def _resource_attributes(text: str) -> dict[str, str]:
         if sep and key.strip():
             out[key.strip()] = unquote(value.strip())
     return out
+
+
+# RFC 9110 5.6.2: a field name is a token of these characters.
+_TOKEN_RE: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CONTROL_RE: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # HTAB is allowed in a value
+
+
+def header_problem(name: str, value: str) -> str | None:
+    """Why ``name: value`` cannot be sent as an HTTP header (None when it can)."""
+    if _TOKEN_RE.fullmatch(name) is None:
+        return "a header name is a token: letters, digits and !#$%&'*+-.^_`|~, no spaces"
+    if _CONTROL_RE.search(value):
+        return "a header value must not hold control characters (CR, LF, NUL...)"
+    return None
+
+
+def otlp_export_problem(url: str) -> str | None:
+    """Why ``url`` cannot be an OTLP/HTTP receiver's URL (None when it can)."""
+    if not url.lower().startswith(("http://", "https://")):
+        return "it must be an http(s):// URL of an OTLP/HTTP receiver"
+    if any(c.isspace() or not c.isprintable() for c in url):
+        return "a URL holds no spaces or control characters"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # an unbalanced IPv6 bracket, a port past 65535 or not a number
+        return f"it is not a usable URL ({exc})"
+    if not parts.hostname:
+        return "it names no host"
+    if port == 0:
+        return "it must name a port from 1 to 65535 (or none: 80, 443)"
+    return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -261,27 +359,37 @@ class SidecarConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
+    from_environment: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
+    """(field, variable) of the settings read from the environment: errors name both."""
+
+    def _what(self, name: str, flag: str) -> str:
+        """``flag``, with the variable it came from when the environment set it."""
+        for field_name, variable in self.from_environment:
+            if field_name == name:
+                return f"{flag} ({variable})"
+        return flag
 
     def __post_init__(self) -> None:
-        parse_hostport(self.listen, "--listen")
+        what = self._what
+        parse_hostport(self.listen, what("listen", "--listen"))
+        cert, key = what("tls_cert", "--tls-cert"), what("tls_key", "--tls-key")
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+            raise ConfigError(f"TLS needs both {cert} and {key}")
         if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ConfigError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
-        for value, what in (
-            (self.otlp_listen, "--otlp-listen"),
-            (self.otlp_http_listen, "--otlp-http-listen"),
-            (self.metrics_listen, "--metrics-listen"),
+            raise ConfigError(
+                f"{what('tls_client_ca', '--tls-client-ca')} (mTLS) needs {cert} and {key}"
+            )
+        for value, name, flag in (
+            (self.otlp_listen, "otlp_listen", "--otlp-listen"),
+            (self.otlp_http_listen, "otlp_http_listen", "--otlp-http-listen"),
+            (self.metrics_listen, "metrics_listen", "--metrics-listen"),
         ):
             if value is not None:
-                parse_hostport(value, what)
+                parse_hostport(value, what(name, flag))
         for listen, upstream in self.oip_proxies:
             parse_hostport(listen, "--oip-proxy LISTEN")
             check_grpc_target(upstream, "--oip-proxy UPSTREAM")
-        if self.otlp_export is not None and not self.otlp_export.startswith(
-            ("http://", "https://")
-        ):
-            raise ConfigError("--otlp-export must be an http(s):// URL of an OTLP/HTTP receiver")
+        self._check_otlp()
         if not 64 * 1024 <= self.max_message_bytes <= MAX_MESSAGE_BYTES:
             raise ConfigError(
                 f"--max-message-bytes must be between 64 KiB and {MAX_MESSAGE_BYTES} bytes "
@@ -293,16 +401,63 @@ class SidecarConfig:
             raise ConfigError(
                 f"--drain-timeout must be between 0 and 86400 seconds, not {self.drain_timeout}"
             )
-        for seconds, what in (
+        for seconds, flag in (
             (self.keepalive_time, "--keepalive-time"),
             (self.keepalive_timeout, "--keepalive-timeout"),
         ):
             # A finite, sane range: gRPC takes milliseconds as a C int.
             if not 0.1 <= seconds <= 86_400:
-                raise ConfigError(f"{what} must be between 0.1 and 86400 seconds, not {seconds}")
+                raise ConfigError(f"{flag} must be between 0.1 and 86400 seconds, not {seconds}")
         problem = producer_id_problem(self.producer_id) if self.producer_id else None
         if problem is not None:
-            raise ConfigError(f"--producer-id {self.producer_id[:60]!r} is not usable: {problem}")
+            raise ConfigError(
+                f"{what('producer_id', '--producer-id')} {self.producer_id[:60]!r} "
+                f"is not usable: {problem}"
+            )
+
+    def _check_otlp(self) -> None:
+        """The OTLP settings: a usable export URL and headers, and what each needs.
+
+        Raises:
+            ConfigError: at startup, rather than every span dropped after it.
+        """
+        what = self._what
+        export = what("otlp_export", "--otlp-export")
+        if self.otlp_export is not None:
+            problem = otlp_export_problem(self.otlp_export)
+            if problem is not None:
+                shown = without_userinfo(self.otlp_export)[:200]
+                raise ConfigError(f"{export} {shown!r} cannot be used: {problem}")
+        for name, value in self.otlp_export_headers:
+            problem = header_problem(name, value)
+            if problem is not None:  # the value is never shown: it may be a credential
+                raise ConfigError(f"--otlp-export-header {name[:60]!r} cannot be sent: {problem}")
+        if self.otlp_export_headers and self.otlp_export is None:
+            raise ConfigError(
+                f"--otlp-export-header needs --otlp-export (or {ev.OTLP_EXPORT}): "
+                "the headers go with the forwarded spans"
+            )
+        listen = f"--otlp-listen (or {ev.OTLP_LISTEN})"
+        if self.otlp_listen is None:
+            if self.otlp_http_listen is not None:
+                raise ConfigError(
+                    f"--otlp-http-listen needs {listen}: the OTLP/HTTP receiver runs "
+                    "next to the OTLP/gRPC one"
+                )
+            if self.otlp_export is not None:
+                raise ConfigError(
+                    f"{export} needs {listen}: it forwards the spans the OTLP receiver takes"
+                )
+            return
+        if self.otlp_http_listen is None:
+            otlp = what("otlp_listen", "--otlp-listen")
+            if parse_hostport(self.otlp_listen, otlp)[1] == 65535:
+                raise ConfigError(
+                    f"{otlp} {self.otlp_listen!r}: OTLP/HTTP listens on the next port "
+                    "unless --otlp-http-listen is given, and 65536 is no port: give "
+                    "--otlp-http-listen HOST:PORT (port 0 for --otlp-listen picks free "
+                    "ports for both)"
+                )
 
     def tls_files(self) -> tuple[bytes, bytes, bytes | None] | None:
         """(certificate chain, key, client CA or None) read from disk, or None for plaintext.
@@ -327,59 +482,104 @@ class SidecarConfig:
         """Settings from ``PREDTRACE_*`` variables; ``overrides`` (flags) win.
 
         ``collector_url``, ``token``, ``spool_dir`` and ``spool_max_bytes`` may
-        be given as overrides; they build ``collector`` and ``spool``.
+        be given as overrides; they build ``collector`` and ``spool``. An error
+        about a value from the environment names its flag and its variable.
 
         Raises:
             ConfigError: a missing or invalid setting, named.
         """
         given = {k: v for k, v in overrides.items() if v is not None}
-        url = given.pop("collector_url", None) or environ.get(ev.COLLECTOR_URL)
+        collector = _collector_config(environ, given)
         spool_dir = given.pop("spool_dir", None) or environ.get(ev.SPOOL_DIR)
-        if not url:
-            raise ConfigError(f"the collector URL is required: --collector or {ev.COLLECTOR_URL}")
         if not spool_dir:
             raise ConfigError(f"the spool directory is required: --spool or {ev.SPOOL_DIR}")
-        token = given.pop("token", None) or environ.get(ev.TOKEN) or None
-        seconds = given.pop("collector_timeout", None)
-        timeout = 10.0 if seconds is None else float(seconds)
-        collector_ca = given.pop("collector_ca", None) or environ.get(ev.COLLECTOR_CA) or None
-        max_bytes = given.pop("spool_max_bytes", None) or environ.get(ev.SPOOL_MAX_BYTES)
-        try:
-            collector = CollectorClientConfig(
-                url=url, token=token, timeout=timeout, ca_file=collector_ca
-            )
-        except ValueError as exc:
-            raise ConfigError(f"{_collector_flag(str(exc))}: {exc}") from None
-        spool = _spool_config(spool_dir, max_bytes, given.pop("spool_segment_bytes", None))
+        max_bytes = given.pop("spool_max_bytes", None)
+        max_bytes_what = "--spool-max-bytes"
+        if not max_bytes and environ.get(ev.SPOOL_MAX_BYTES):
+            max_bytes = environ[ev.SPOOL_MAX_BYTES]
+            max_bytes_what = f"--spool-max-bytes ({ev.SPOOL_MAX_BYTES})"
+        segment_bytes = given.pop("spool_segment_bytes", None)
+        spool = _spool_config(spool_dir, (max_bytes, max_bytes_what), segment_bytes)
         flag = given.pop("edge", None)  # --edge/--no-edge win over PREDTRACE_EDGE
         edge = bool(flag) if flag is not None else edge_from_env(environ)
         values: dict[str, Any] = {
-            "listen": environ.get(ev.LISTEN, "127.0.0.1:4555"),
-            "producer_id": environ.get(ev.PRODUCER_ID, ""),
-            "otlp_listen": environ.get(ev.OTLP_LISTEN) or None,
-            "otlp_export": environ.get(ev.OTLP_EXPORT) or None,
-            "metrics_listen": environ.get(ev.METRICS_LISTEN) or None,
-            "tls_cert": environ.get(ev.TLS_CERT) or None,
-            "tls_key": environ.get(ev.TLS_KEY) or None,
-            "tls_client_ca": environ.get(ev.TLS_CLIENT_CA) or None,
             "edge": edge,
             "shipper": ShipperConfig.edge() if edge else ShipperConfig(),
-            "redaction": RedactionConfig.from_env(environ),
-            "deployment": DeploymentConfig.from_env(environ),
         }
+        read: list[tuple[str, str]] = []
+        for name, variable, default in (
+            ("listen", ev.LISTEN, "127.0.0.1:4555"),
+            ("producer_id", ev.PRODUCER_ID, ""),
+            ("otlp_listen", ev.OTLP_LISTEN, None),
+            ("otlp_export", ev.OTLP_EXPORT, None),
+            ("metrics_listen", ev.METRICS_LISTEN, None),
+            ("tls_cert", ev.TLS_CERT, None),
+            ("tls_key", ev.TLS_KEY, None),
+            ("tls_client_ca", ev.TLS_CLIENT_CA, None),
+        ):
+            if name in given:
+                continue
+            if environ.get(variable):
+                values[name] = environ[variable]
+                read.append((name, variable))
+            elif default is not None:
+                values[name] = default
+        # Read only when no flag replaces them: a flag wins over a bad variable.
+        if "redaction" not in given:
+            values["redaction"] = RedactionConfig.from_env(environ)
+        if "deployment" not in given:
+            values["deployment"] = DeploymentConfig.from_env(environ)
         values.update(given)
-        return cls(collector=collector, spool=spool, **values)
+        return cls(collector=collector, spool=spool, from_environment=tuple(read), **values)
 
 
-def _spool_config(directory: str, max_bytes: object, segment_bytes: object) -> SpoolConfig:
+def _collector_config(environ: Mapping[str, str], given: dict[str, Any]) -> CollectorClientConfig:
+    """The collector client's config from flags (popped from ``given``) over the environment.
+
+    Raises:
+        ConfigError: no URL, or a setting the client refuses, named by flag (and variable).
+    """
+    url, from_env = given.pop("collector_url", None), set()
+    if not url and environ.get(ev.COLLECTOR_URL):
+        url = environ[ev.COLLECTOR_URL]
+        from_env.add("--collector")
+    if not url:
+        raise ConfigError(f"the collector URL is required: --collector or {ev.COLLECTOR_URL}")
+    token = given.pop("token", None) or environ.get(ev.TOKEN) or None
+    seconds = given.pop("collector_timeout", None)
+    timeout = 10.0 if seconds is None else float(seconds)
+    collector_ca = given.pop("collector_ca", None)
+    if not collector_ca and environ.get(ev.COLLECTOR_CA):
+        collector_ca = environ[ev.COLLECTOR_CA]
+        from_env.add("--collector-ca")
+    try:
+        return CollectorClientConfig(url=url, token=token, timeout=timeout, ca_file=collector_ca)
+    except ValueError as exc:
+        flag = _collector_flag(str(exc))
+        variable = {"--collector": ev.COLLECTOR_URL, "--collector-ca": ev.COLLECTOR_CA}.get(flag)
+        if flag in from_env:
+            flag = f"{flag} ({variable})"
+        raise ConfigError(f"{flag}: {exc}") from None
+
+
+def _spool_config(
+    directory: str, max_bytes: tuple[object, str], segment_bytes: object
+) -> SpoolConfig:
     """The spool's config, a size that cannot work named by its flag.
+
+    ``max_bytes``: the cap as given (None: the default) and what to call it.
 
     Raises:
         ConfigError: not a size, or a cap below two segments.
     """
     defaults = SpoolConfig(directory=directory)
-    segment = parse_size(str(segment_bytes)) if segment_bytes else defaults.segment_bytes
-    cap = parse_size(str(max_bytes)) if max_bytes else defaults.max_bytes
+    cap_text, cap_what = max_bytes
+    segment = (
+        parse_size(str(segment_bytes), "--spool-segment-bytes")
+        if segment_bytes
+        else defaults.segment_bytes
+    )
+    cap = parse_size(str(cap_text), cap_what) if cap_text else defaults.max_bytes
     if segment < 4096:
         raise ConfigError(f"--spool-segment-bytes must be at least 4 KiB, not {segment}")
     if cap < 2 * segment:
@@ -399,6 +599,23 @@ def _collector_flag(problem: str) -> str:
     return "--collector"
 
 
+# The words the middleware's boolean settings take (``PREDTRACE_ENABLED`` and the like).
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+
+
 def edge_from_env(environ: Mapping[str, str]) -> bool:
-    """Whether ``PREDTRACE_EDGE`` asks for edge mode (1, true or yes)."""
-    return environ.get(ev.EDGE, "").strip().lower() in ("1", "true", "yes")
+    """Whether ``PREDTRACE_EDGE`` asks for edge mode (1/true/yes/on; 0/false/no/off or unset: not).
+
+    Raises:
+        ConfigError: any other value (a typo must not silently mean "not edge").
+    """
+    value = environ.get(ev.EDGE, "").strip().lower()
+    if not value:
+        return False
+    if value in _TRUE or value in _FALSE:
+        return value in _TRUE
+    raise ConfigError(
+        f"{ev.EDGE} must be true or false (1/true/yes/on, 0/false/no/off), "
+        f"got {environ[ev.EDGE][:60]!r}"
+    )

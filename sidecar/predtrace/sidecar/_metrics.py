@@ -7,8 +7,9 @@ several sidecars can run in one test process. Served on its own listener at
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, TypeVar
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -17,11 +18,26 @@ from prometheus_client.registry import Collector
 
 from predtrace.cli._serving import IDLE_TIMEOUT_S
 from predtrace.sidecar._config import join_hostport, parse_hostport
+from predtrace.sidecar._otlp_export import SPAN_DROP_REASONS
+from predtrace.sidecar._processors import redaction_counts
 
 if TYPE_CHECKING:
     from predtrace.sidecar._app import SidecarApp
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+EVENT_DROP_REASONS: Final = (
+    "byte_cap",  # the spool's byte cap: its oldest undelivered events (spool writer)
+    "corrupt",  # damaged spool records skipped (spool reader, recovery)
+    "torn",  # a record torn by a crash mid-write (spool recovery)
+    "missing_segment",  # a spool segment file gone (spool recovery)
+    "rejected",  # events the collector refused in its acknowledgement (shipper)
+    "quarantined",  # events of a batch moved to quarantine (shipper)
+    "invalid",  # events the intake refused (event_problem, unreadable)
+    "processor",  # a processor raised on the event (intake)
+    "oip_buffer",  # the OIP proxy's recording buffer was full or closed
+)
+"""Every reason ``predtrace_sidecar_dropped_events_total`` counts: each shown from 0."""
 
 
 class SidecarMetrics(Collector):
@@ -90,7 +106,19 @@ class SidecarMetrics(Collector):
             shipper.max_batch_bytes,
         )
         yield from _spool_counters(view.spool_counters)
-        yield _by_label("dropped_events", "Events dropped, by reason", "reason", view.dropped())
+        yield _by_label(
+            "dropped_events",
+            f"Events dropped, by reason ({', '.join(EVENT_DROP_REASONS)})",
+            "reason",
+            _from_zero(EVENT_DROP_REASONS, view.dropped()),
+        )
+        yield _by_label(
+            "redacted",
+            "Features and attributes removed by the sidecar's allow-lists (--allow-feature, "
+            "--allow-attribute), a gate after the middleware's, by what",
+            "what",
+            redaction_counts(self._app.processors),
+        )
         yield _by_label(
             "refused_requests",
             "Requests refused whole, by reason (malformed, too_many_events, bad_packed_events, "
@@ -116,6 +144,17 @@ class SidecarMetrics(Collector):
                 "the message limit (recorded under that id all the same)",
                 view.oip_ids_not_added,
             )
+            yield _counter(
+                "oip_budget_waits",
+                "ModelInfer calls that waited for room under the proxy's in-flight byte budget "
+                "(16 --max-message-bytes of requests held for the model server)",
+                view.oip_budget_waits,
+            )
+            yield _gauge(
+                "oip_inflight_bytes",
+                "Bytes of ModelInfer requests the proxy holds for the model server now",
+                view.oip_inflight_bytes,
+            )
         if view.otlp_busy_refusals is not None:
             yield _by_label(
                 "otlp_busy_refusals",
@@ -131,11 +170,17 @@ class SidecarMetrics(Collector):
             )
             yield _by_label(
                 "otlp_dropped_spans",
-                "Spans the OTLP forwarder dropped, by reason (best effort: the predictions "
-                "in them were spooled before forwarding)",
+                "Spans the OTLP forwarder dropped, by reason "
+                f"({', '.join(SPAN_DROP_REASONS)}; best effort: the predictions in them "
+                "were spooled before forwarding)",
                 "reason",
-                forward.dropped,
+                _from_zero(SPAN_DROP_REASONS, forward.dropped),
             )
+
+
+def _from_zero(reasons: Iterable[str], counts: Mapping[str, int]) -> dict[str, int]:
+    """``counts`` with every known reason present (0 until it happens): rate() sees the first."""
+    return {**dict.fromkeys(reasons, 0), **counts}
 
 
 def _spool_counters(counts: dict[str, int]) -> Iterator[Metric]:
@@ -207,7 +252,14 @@ class MetricsServer:
         )
         await self._runner.setup()
         host, port = parse_hostport(listen, "--metrics-listen")
-        await web.TCPSite(self._runner, host, port).start()
+        try:
+            await web.TCPSite(self._runner, host, port).start()
+        except OSError as exc:  # worded as the gRPC listeners' (``_app._bind``)
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise OSError(
+                f"cannot listen on {listen} (--metrics-listen): the address is in use or "
+                f"unusable ({reason})"
+            ) from None
         return join_hostport(host, self._runner.addresses[0][1])
 
     async def _scrape(self, request: web.Request) -> web.Response:

@@ -1,18 +1,23 @@
 """The OIP v2 gRPC proxy: a transparent, byte-level source in front of a model server.
 
-Client -> **OipProxy** -> model server (``inference.GRPCInferenceService``).
-Every method is passed through as bytes (a generic stream handler, so any
-cardinality works; a single request to a method known to be unary goes
-upstream as a unary request, see ``_passthrough``). ``ModelInfer`` alone is
-looked into: the proxy reads model_name, model_version and id from the
-request and response bytes (``_oip_fields``, protobuf's C parser), picks the
+Client -> **OipProxy** -> model server (``inference.GRPCInferenceService``,
+over a few connections: ``_oip_upstream.ChannelPool``). Every method is
+passed through as bytes (a generic stream handler, so any cardinality works;
+a single request to a method known to be unary goes upstream as a unary
+request, see ``_passthrough``), with its metadata, trailers and status (rich
+error details and retry pushback included). ``ModelInfer`` alone is looked
+into: the proxy reads model_name, model_version and id from the request and
+response bytes (``_oip_fields``, without copying the tensors), picks the
 prediction id (DESIGN §3: the OIP id, then ``x-request-id``, then ``ce-id``,
 else a new UUIDv7), adds it when the request has no id and the message limit
 leaves room (rewriting the request bytes; a caller's id is never replaced),
-forwards or starts a W3C ``traceparent``, and records a prediction
-event with the version actually served, or with the error (a deadline or a
-cancellation included). Events are recorded off the response path: the
-model's answer never waits for telemetry.
+tells the caller the id (``x-prediction-id`` in the headers, or in the
+trailers of an error without headers), forwards or starts a W3C
+``traceparent``, and records a prediction event with the version actually
+served, or with the error (a deadline or a cancellation included). Requests
+in flight to the model server are held under a byte budget
+(``_oip_upstream.ByteBudget``): past it, calls wait their turn. Events are
+recorded off the response path: the model's answer never waits for telemetry.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from predtrace.sidecar._config import DeploymentConfig
 from predtrace.sidecar._errors import SpoolError
 from predtrace.sidecar._intake import Intake
-from predtrace.sidecar._oip_fields import OipFields, id_field, read_fields
+from predtrace.sidecar._oip_fields import OipFields, clean_text, id_field, read_fields
+from predtrace.sidecar._oip_upstream import ByteBudget, ChannelPool, Upstream
 from predtrace.sidecar.pipeline import RateLimitedLog
 from predtrace.wire import CALLER_ID_RE, ModelRef, PredictionEvent, Status, new_prediction_id
 
@@ -40,8 +46,36 @@ _log = logging.getLogger("predtrace.sidecar.oip")
 SERVICE: Final = "inference.GRPCInferenceService"
 MODEL_INFER: Final = f"/{SERVICE}/ModelInfer"
 PROTOCOL: Final = "oip-v2-grpc"
-_SKIP_METADATA: Final = ("grpc-", ":")
-_SKIP_KEYS: Final = frozenset({"user-agent", "te", "content-type", "host"})
+# Metadata the proxy does not pass on, either way: HTTP/2 pseudo-headers
+# (":..."), what gRPC writes itself (status, message, compression, deadline,
+# retry attempts; a grpc-timeout it is given to send aborts the process, a
+# CHECK in gRPC core) and the transport's own headers. Every other key
+# passes, grpc-status-details-bin (rich error details) and
+# grpc-retry-pushback-ms included.
+_RESERVED_KEYS: Final = frozenset(
+    {
+        "grpc-status",
+        "grpc-message",
+        "grpc-encoding",
+        "grpc-accept-encoding",
+        "grpc-timeout",
+        "grpc-internal-encoding-request",
+        "grpc-internal-stream-encoding-request",
+        "grpc-previous-rpc-attempts",
+        "user-agent",
+        "te",
+        "content-type",
+        "host",
+    }
+)
+# The prediction id, as the ASGI middleware names it in its response headers.
+PREDICTION_ID_HEADER: Final = "x-prediction-id"
+# How much bigger than the message limit a model server's answer may be: an
+# answer that echoes the id the proxy added (up to 256 characters) is that
+# much longer than the one the caller would have had directly.
+RESPONSE_MARGIN: Final = 1024
+# Requests in flight to the model server, in maximum messages, by default.
+INFLIGHT_MESSAGES: Final = 16
 # A caller id outside the wire's rule (CALLER_ID_RE, as in the middleware) is
 # refused by the intake (a NUL) or cannot be looked up in the collector (a
 # space, non-ASCII, over 256 characters).
@@ -87,8 +121,16 @@ def _forwardable(metadata: Iterable[Any] | None) -> Metadata:
     return [
         (key, value)
         for key, value in metadata or ()
-        if key not in _SKIP_KEYS and not key.startswith(_SKIP_METADATA)
+        if key not in _RESERVED_KEYS and not key.startswith(":")
     ]
+
+
+def _with_prediction_id(metadata: Metadata, prediction_id: str) -> Metadata:
+    """``metadata`` and the prediction id (not twice, if the model server sent the same)."""
+    entry = (PREDICTION_ID_HEADER, prediction_id)
+    if entry not in metadata:
+        metadata.append(entry)
+    return metadata
 
 
 def _trace_context(metadata: Metadata) -> tuple[bytes, bytes]:
@@ -127,13 +169,15 @@ def _cancel_status(context: grpc.aio.ServicerContext[bytes, bytes]) -> grpc.Stat
 
 
 class _Recorder:
-    """A bounded buffer between the proxy and the intake (drops counted)."""
+    """A bounded buffer between the proxy and the intake (drops and rejections counted)."""
 
     def __init__(self, intake: Intake, capacity: int = 10_000) -> None:
         self._intake = intake
         self._queue: asyncio.Queue[PredictionEvent] = asyncio.Queue(capacity)
         self._task: asyncio.Task[None] | None = None
         self.dropped = 0
+        self.rejected = 0
+        """Events the intake refused (also in its counters): logged, with the reason."""
         self._log = RateLimitedLog(_log)
 
     def record(self, event: PredictionEvent) -> None:
@@ -150,10 +194,18 @@ class _Recorder:
             while not self._queue.empty() and len(batch) < 1000:
                 batch.append(self._queue.get_nowait())
             try:
-                await self._intake.record(batch)
+                result = await self._intake.record(batch)
             except SpoolError as exc:
                 self.dropped += len(batch)
                 self._log.warning("spool", "OIP proxy events not spooled: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - the recorder must go on recording
+                self.dropped += len(batch)
+                self._log.warning("error", "OIP proxy events not recorded: %r", exc)
+            else:
+                for rejection in result.rejected:
+                    self.rejected += 1
+                    reason = rejection.reason
+                    self._log.warning("rejected", "OIP proxy: an event was refused: %s", reason)
             finally:
                 for _ in batch:
                     self._queue.task_done()
@@ -179,20 +231,25 @@ class OipProxy(_Handler):
         *,
         deployment: DeploymentConfig | None = None,
         max_message_bytes: int = 4 * 1024 * 1024,
+        max_inflight_bytes: int | None = None,
     ) -> None:
+        """``max_inflight_bytes``: ModelInfer request bytes in flight to the model server
+        at once (default 16 maximum messages); past it, calls wait their turn."""
         self.upstream = upstream
         # The same message limit towards the model server as towards its
         # clients (a tensor the proxy's listener takes must also come back);
         # the model server is assumed to take requests up to it too, and no
-        # more: the proxy adds no id that would take a request over it.
+        # more: the proxy adds no id that would take a request over it. An
+        # answer may be a little longer than the limit (the echoed id): the
+        # proxy takes it, and so must its listener (``server_options``).
         self._max_message_bytes = max_message_bytes
         options = [
-            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes + RESPONSE_MARGIN),
             ("grpc.max_send_message_length", max_message_bytes),
             *_RECONNECT_BACKOFF,
         ]
-        self._channel = grpc.aio.insecure_channel(upstream, options=options)
-        self._infer = self._channel.unary_unary(MODEL_INFER, None, None)
+        self._pool = ChannelPool(upstream, options, MODEL_INFER)
+        self.budget = ByteBudget(max_inflight_bytes or INFLIGHT_MESSAGES * max_message_bytes)
         self._recorder = _Recorder(intake)
         self._log = RateLimitedLog(_log)
         self.requests = 0
@@ -205,6 +262,31 @@ class OipProxy(_Handler):
     def dropped(self) -> int:
         """Events the proxy could not record (buffer full or spool refused)."""
         return self._recorder.dropped
+
+    @property
+    def rejected_events(self) -> int:
+        """Events the intake refused (a reason logged for each, rate-limited)."""
+        return self._recorder.rejected
+
+    @property
+    def budget_waits(self) -> int:
+        """ModelInfer calls that waited for room in the in-flight byte budget."""
+        return self.budget.waits
+
+    @property
+    def upstream_connections(self) -> int:
+        """Connections opened to the model server (at most ``_oip_upstream.MAX_CHANNELS``)."""
+        return len(self._pool.upstreams)
+
+    def server_options(self, options: Iterable[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        """A listener's gRPC ``options`` with room to send the answers the proxy takes.
+
+        The model server's answer may be up to ``RESPONSE_MARGIN`` bytes over
+        the message limit (an echo of the id the proxy added); gRPC takes the
+        first value of an option, so the raised send limit comes first.
+        """
+        send = ("grpc.max_send_message_length", self._max_message_bytes + RESPONSE_MARGIN)
+        return [send, *(option for option in options if option[0] != send[0])]
 
     def generic_handler(self) -> grpc.GenericRpcHandler[bytes, bytes]:
         """This proxy as a handler for ``server.add_generic_rpc_handlers``."""
@@ -244,21 +326,22 @@ class OipProxy(_Handler):
         may: methods of other services) keep that race.
         """
         metadata = _forwardable(context.invocation_metadata())
-        call: grpc.aio.UnaryStreamCall[bytes, bytes] | grpc.aio.StreamStreamCall[bytes, bytes]
-        if not _takes_one_request(method):
-            call = self._channel.stream_stream(method, None, None)(
-                requests, metadata=metadata, timeout=context.time_remaining()
-            )
-        else:
+        head: list[bytes] = []
+        if _takes_one_request(method):
             head = [item async for item in _take(requests, 2)]
-            if len(head) == 1:
-                call = self._channel.unary_stream(method, None, None)(
-                    head[0], metadata=metadata, timeout=context.time_remaining()
-                )
-            else:
-                call = self._channel.stream_stream(method, None, None)(
-                    _chain(head, requests), metadata=metadata, timeout=context.time_remaining()
-                )
+        upstream = self._pool.take()
+        try:
+            call = self._open_call(
+                upstream.channel,
+                method,
+                head,
+                requests,
+                metadata=metadata,
+                timeout=context.time_remaining(),
+            )
+        except BaseException:
+            self._pool.give_back(upstream)
+            raise
         try:
             # Before the first response, and also when there is none: the
             # caller may read the headers before (or without) a message.
@@ -277,6 +360,26 @@ class OipProxy(_Handler):
             # upstream call too; grpc.aio does not cancel a call a cancelled
             # task was iterating. Cancelling a finished call does nothing.
             call.cancel()
+            self._pool.give_back(upstream)
+
+    @staticmethod
+    def _open_call(
+        channel: grpc.aio.Channel,
+        method: str,
+        head: list[bytes],
+        requests: AsyncIterator[bytes],
+        *,
+        metadata: Metadata,
+        timeout: float | None,
+    ) -> grpc.aio.UnaryStreamCall[bytes, bytes] | grpc.aio.StreamStreamCall[bytes, bytes]:
+        """The upstream call: unary-stream for a single request to a one-request method."""
+        if len(head) == 1:
+            return channel.unary_stream(method, None, None)(
+                head[0], metadata=metadata, timeout=timeout
+            )
+        return channel.stream_stream(method, None, None)(
+            _chain(head, requests) if head else requests, metadata=metadata, timeout=timeout
+        )
 
     async def model_infer(
         self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
@@ -292,11 +395,10 @@ class OipProxy(_Handler):
         # all); None: it has one the proxy cannot read (over 4 KiB, not UTF-8).
         oip_id = "" if parsed is None else parsed.id
         prediction_id = self._caller_id(oip_id, metadata) or new_prediction_id()
-        if parsed is not None and oip_id == "":
-            # The model server echoes the prediction id. An id of the caller's,
-            # usable or not, and bytes the proxy cannot read pass untouched:
-            # an appended id would override the caller's own.
-            request = self._with_id(request, prediction_id)
+        # The model server echoes the prediction id. An id of the caller's,
+        # usable or not, and bytes the proxy cannot read pass untouched: an
+        # appended id would override the caller's own.
+        field = self._id_field(request, prediction_id) if parsed and oip_id == "" else b""
         trace_id, span_id = _trace_context(metadata)
         fields = parsed or _NO_FIELDS
         event = PredictionEvent(
@@ -304,16 +406,37 @@ class OipProxy(_Handler):
             trace_id=trace_id,
             span_id=span_id,
             timestamp_unix_nano=start_ns,
-            model=ModelRef(fields.model_name or "", fields.model_version or ""),
+            model=ModelRef(clean_text(fields.model_name), clean_text(fields.model_version)),
             endpoint=MODEL_INFER,
             protocol=PROTOCOL,
         )
-        return await self._forward(
-            request, metadata, context, event=event, started=started, unreadable=parsed is None
-        )
+        # The bytes sent upstream, held (by gRPC) until the answer: within
+        # the budget, or waiting for room (until the call's deadline).
+        held = len(request) + len(field)
+        try:
+            await self.budget.acquire(held)
+        except asyncio.CancelledError:
+            self._finish(event, started, status=_cancel_status(context))
+            raise
+        upstream = self._pool.take()
+        try:
+            if field:  # the one copy of the request the proxy makes, counted in ``held``
+                request += field
+            return await self._forward(
+                upstream,
+                request,
+                metadata,
+                context,
+                event=event,
+                started=started,
+                unreadable=parsed is None,
+            )
+        finally:
+            self._pool.give_back(upstream)
+            self.budget.release(held)
 
-    def _with_id(self, request: bytes, prediction_id: str) -> bytes:
-        """The request with the prediction id added, unless that takes it over the message limit.
+    def _id_field(self, request: bytes, prediction_id: str) -> bytes:
+        """The id field to add to the request; none if that takes it over the message limit.
 
         A request the model server would take without the id must not be
         refused because of it (telemetry never changes a prediction): it
@@ -321,7 +444,7 @@ class OipProxy(_Handler):
         """
         field = id_field(prediction_id)
         if len(request) + len(field) <= self._max_message_bytes:
-            return request + field
+            return field
         self.ids_not_added += 1
         self._log.warning(
             "id-not-added",
@@ -329,7 +452,7 @@ class OipProxy(_Handler):
             " for the proxy to add one; forwarded without it (its event keeps the id)",
             self._max_message_bytes,
         )
-        return request
+        return b""
 
     def _count_unreadable(self) -> None:
         self.unreadable_requests += 1
@@ -341,6 +464,7 @@ class OipProxy(_Handler):
 
     async def _forward(
         self,
+        upstream: Upstream,
         request: bytes,
         metadata: Metadata,
         context: grpc.aio.ServicerContext[bytes, bytes],
@@ -349,24 +473,33 @@ class OipProxy(_Handler):
         started: int,
         unreadable: bool,
     ) -> bytes:
-        """Send the request upstream; answer the caller and record the outcome, whatever it is."""
-        call = self._infer(request, metadata=metadata, timeout=context.time_remaining())
+        """Send the request upstream; answer the caller and record the outcome, whatever it is.
+
+        The caller learns the prediction id in the ``x-prediction-id`` header
+        (after the model server's own headers), also when the model server
+        does not echo it, the call fails, or the caller's id was unusable.
+        """
+        call = upstream.infer(request, metadata=metadata, timeout=context.time_remaining())
         try:
             response: bytes = await call
             _note_served(event, response, unreadable_request=unreadable)
-            await context.send_initial_metadata(_forwardable(await call.initial_metadata()))
+            initial = _forwardable(await call.initial_metadata())
+            await context.send_initial_metadata(_with_prediction_id(initial, event.prediction_id))
             context.set_trailing_metadata(_forwardable(await call.trailing_metadata()))
         except grpc.aio.AioRpcError as exc:
             self._finish(event, started, status=exc.code())
             # Headers the model server sent before it failed (a retry hint,
-            # say) reach the caller as they would directly; a trailers-only
-            # error stays trailers-only.
+            # say) reach the caller as they would directly, with the id; a
+            # trailers-only error stays trailers-only, the id in its trailers.
             initial = _forwardable(exc.initial_metadata())
+            trailing = _forwardable(exc.trailing_metadata())
             if initial:
-                await context.send_initial_metadata(initial)
-            await context.abort(
-                exc.code(), exc.details() or "", tuple(_forwardable(exc.trailing_metadata()))
-            )
+                await context.send_initial_metadata(
+                    _with_prediction_id(initial, event.prediction_id)
+                )
+            else:
+                _with_prediction_id(trailing, event.prediction_id)
+            await context.abort(exc.code(), exc.details() or "", tuple(trailing))
         except asyncio.CancelledError:
             # grpc.aio cancels the handler when the call's deadline passes, the
             # client cancels or the server stops: the model server may have run
@@ -405,9 +538,9 @@ class OipProxy(_Handler):
         self._recorder.record(event)
 
     async def close(self) -> None:
-        """Flush recorded events briefly and close the upstream channel. Safe twice."""
+        """Flush recorded events briefly and close the upstream channels. Safe twice."""
         await self._recorder.close()
-        await self._channel.close(None)
+        await self._pool.close()
 
 
 async def _take(items: AsyncIterator[bytes], n: int) -> AsyncIterator[bytes]:
@@ -434,5 +567,5 @@ def _note_served(event: PredictionEvent, response: bytes, *, unreadable_request:
     served = read_fields(response) or _NO_FIELDS
     if unreadable_request and _usable(served.id):
         event.prediction_id = served.id
-    event.model.name = served.model_name or event.model.name
-    event.model.version = served.model_version or event.model.version
+    event.model.name = clean_text(served.model_name) or event.model.name
+    event.model.version = clean_text(served.model_version) or event.model.version

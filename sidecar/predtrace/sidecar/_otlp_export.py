@@ -38,6 +38,16 @@ _MESSAGE_CHARS: Final = 200
 PROTOBUF: Final = "application/x-protobuf"
 FORWARDED_BY: Final = "x-predtrace-forwarded-by"
 """The header naming, comma-separated, the forwarders a request went through."""
+SPAN_DROP_REASONS: Final = (
+    "too_large",  # one request over the queue's byte cap
+    "queue_full",  # the oldest queued, past the byte cap
+    "loop",  # the export URL leads back to this sidecar (508)
+    "permanent",  # the backend refused them (a status not worth retrying)
+    "retries_exhausted",  # the backend unreachable or failing through every retry
+    "rejected",  # the backend's partial_success rejected them
+    "shutdown",  # still queued when the sidecar stopped
+)
+"""Every reason ``ForwarderCounters.drop`` is given."""
 
 
 @dataclass(slots=True)

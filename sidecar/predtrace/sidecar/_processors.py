@@ -13,6 +13,7 @@ two forms are held equal by a test.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +24,7 @@ from predtrace.wire import DeploymentRef, PredictionEvent
 from predtrace.wire._maps import _DEPLOYMENT_FIELDS  # the wire's deployment keys
 
 REDACTED = "[redacted]"
+_log = logging.getLogger("predtrace.sidecar.redaction")
 
 
 class _Globs:
@@ -43,6 +45,12 @@ class _Globs:
 class RedactionProcessor:
     """Keeps only allow-listed features and attributes and masks sensitive patterns.
 
+    The sidecar's allow-lists are a second gate after the middleware's: a
+    feature the middleware sends is removed here unless allowed too. What
+    is removed is counted (``removed_features``, ``removed_attributes``:
+    the ``predtrace_sidecar_redacted_total`` metric), and the first removal
+    of each kind is logged with the setting that would keep it.
+
     Example:
         >>> RedactionProcessor(RedactionConfig(allow_features=("age", "tenure_*")))
     """
@@ -53,14 +61,37 @@ class RedactionProcessor:
         self._attributes = _Globs(config.allow_attributes)
         joined = "|".join(f"(?:{p})" for p in config.patterns)
         self._mask = re.compile(joined) if joined else None
+        self.removed_features = 0
+        """Features removed, not allow-listed (one add per event that lost some)."""
+        self.removed_attributes = 0
+        """Attributes removed, not allow-listed."""
+
+    def counts(self) -> dict[str, int]:
+        """What was removed so far, by kind (``feature``, ``attribute``)."""
+        return {"feature": self.removed_features, "attribute": self.removed_attributes}
+
+    def _removed_features(self, given: dict[Any, Any], kept: dict[Any, Any]) -> None:
+        if not self.removed_features:
+            _log_first("feature", given, kept, "--allow-feature", "PREDTRACE_ALLOW_FEATURES")
+        self.removed_features += len(given) - len(kept)
+
+    def _removed_attributes(self, given: dict[Any, Any], kept: dict[Any, Any]) -> None:
+        if not self.removed_attributes:
+            _log_first("attribute", given, kept, "--allow-attribute", "PREDTRACE_ALLOW_ATTRIBUTES")
+        self.removed_attributes += len(given) - len(kept)
 
     def __call__(self, event: PredictionEvent) -> PredictionEvent:
         """Return the event with what may not leave removed (in place)."""
         if event.features and not self._features.everything:
-            event.features = {k: v for k, v in event.features.items() if self._features(k)}
+            features = event.features
+            event.features = {k: v for k, v in features.items() if self._features(k)}
+            if len(event.features) != len(features):
+                self._removed_features(features, event.features)
         if event.attributes:
             if not self._attributes.everything:
                 kept = {k: v for k, v in event.attributes.items() if self._attributes(k)}
+                if len(kept) != len(event.attributes):
+                    self._removed_attributes(event.attributes, kept)
                 event.attributes = kept
             if self._mask is not None:
                 event.attributes = {
@@ -74,11 +105,16 @@ class RedactionProcessor:
         """``__call__`` on a plain event map (in place)."""
         features = raw.get(16)
         if features and not self._features.everything:
-            raw[16] = {k: v for k, v in features.items() if self._features(k)}
+            raw[16] = kept = {k: v for k, v in features.items() if self._features(k)}
+            if len(kept) != len(features):
+                self._removed_features(features, kept)
         attributes = raw.get(17)
         if attributes:
             if not self._attributes.everything:
-                attributes = {k: v for k, v in attributes.items() if self._attributes(k)}
+                kept = {k: v for k, v in attributes.items() if self._attributes(k)}
+                if len(kept) != len(attributes):
+                    self._removed_attributes(attributes, kept)
+                attributes = kept
             if self._mask is not None:
                 attributes = {k: self._mask.sub(REDACTED, v) for k, v in attributes.items()}
             raw[17] = attributes
@@ -86,6 +122,30 @@ class RedactionProcessor:
         if self._mask is not None and output and output.get(1):
             output[1] = self._mask.sub(REDACTED, output[1])
         return raw
+
+
+def _log_first(
+    kind: str, given: dict[Any, Any], kept: dict[Any, Any], flag: str, variable: str
+) -> None:
+    """Say once, at the first removal, why the names an event carried do not leave."""
+    removed = sorted(str(name) for name in given if name not in kept)
+    _log.warning(
+        "the sidecar removes every %s not on its allow-list (%s or %s), a gate after "
+        "the middleware's: removed %s%s; counted in predtrace_sidecar_redacted_total",
+        kind,
+        flag,
+        variable,
+        ", ".join(repr(name[:60]) for name in removed[:5]),
+        f" and {len(removed) - 5} more" if len(removed) > 5 else "",
+    )
+
+
+def redaction_counts(processors: Sequence[object]) -> dict[str, int]:
+    """Features and attributes the ``RedactionProcessor`` among ``processors`` removed."""
+    for processor in processors:
+        if isinstance(processor, RedactionProcessor):
+            return processor.counts()
+    return {"feature": 0, "attribute": 0}
 
 
 class DeploymentEnricher:

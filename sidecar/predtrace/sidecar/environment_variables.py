@@ -20,11 +20,12 @@ LISTEN: Final = "PREDTRACE_SIDECAR_LISTEN"
 PRODUCER_ID: Final = "PREDTRACE_PRODUCER_ID"
 """Producer id of this sidecar; by default one is made once and kept in the spool directory."""
 EDGE: Final = "PREDTRACE_EDGE"
-"""``1`` for edge mode: long outages, bigger batches, backoff capped at 5 minutes."""
+"""Edge mode (long outages, bigger batches, backoff capped at 5 minutes): ``1``, ``true``,
+``yes`` or ``on``; ``0``, ``false``, ``no``, ``off`` or unset: not. Anything else fails startup."""
 OTLP_LISTEN: Final = "PREDTRACE_OTLP_LISTEN"
 """HOST:PORT of the OTLP/gRPC receiver."""
 OTLP_EXPORT: Final = "PREDTRACE_OTLP_EXPORT"
-"""URL of the OTLP/HTTP receiver every span is forwarded to."""
+"""URL of the OTLP/HTTP receiver every span is forwarded to (needs ``PREDTRACE_OTLP_LISTEN``)."""
 METRICS_LISTEN: Final = "PREDTRACE_METRICS_LISTEN"
 """HOST:PORT of the Prometheus ``/metrics`` listener."""
 TLS_CERT: Final = "PREDTRACE_SIDECAR_TLS_CERT"
@@ -36,7 +37,12 @@ TLS_CLIENT_CA: Final = "PREDTRACE_SIDECAR_TLS_CLIENT_CA"
 COLLECTOR_CA: Final = "PREDTRACE_COLLECTOR_CA"
 """PEM CA to trust for an https collector (else the system's)."""
 ALLOW_FEATURES: Final = "PREDTRACE_ALLOW_FEATURES"
-"""Comma-separated globs of feature names that may leave (empty: none)."""
+"""Comma-separated globs of feature names that may leave (empty: none).
+
+A second gate after the middleware's ``PREDTRACE_FEATURES``: a feature the
+middleware sends is removed here unless allowed too (counted in
+``predtrace_sidecar_redacted_total``).
+"""
 ALLOW_ATTRIBUTES: Final = "PREDTRACE_ALLOW_ATTRIBUTES"
 """Comma-separated globs of attribute keys that may leave (empty: none)."""
 REDACT: Final = "PREDTRACE_REDACT"

@@ -1,0 +1,649 @@
+"""The OIP v2 proxy's limits: bytes in flight, connections, metadata, ids, sizes, odd names.
+
+Real grpc.aio servers on 127.0.0.1 port 0: a scripted model server, the
+sidecar's proxy in front of it, and a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import tracemalloc
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+from predtrace.oip.v2 import grpc_predict_v2_pb2 as pb
+from predtrace.sidecar import _oip_fields
+from predtrace.sidecar._app import grpc_server_options
+from predtrace.sidecar._intake import IntakeResult
+from predtrace.sidecar._metrics import SidecarMetrics
+from predtrace.sidecar._oip_fields import read_fields
+from predtrace.sidecar._oip_proxy import OipProxy
+from predtrace.sidecar._oip_upstream import ByteBudget
+from predtrace.sidecar._protowire import encode_varint
+from predtrace.wire import Rejection, Status, uuid7_timestamp_ms
+from tests.reliability.sidecar.polling import eventually
+
+from .conftest import Running, StartSidecar
+
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+MODEL_READY = "/inference.GRPCInferenceService/ModelReady"
+SERVER_METADATA = "/inference.GRPCInferenceService/ServerMetadata"
+STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
+MiB = 1024 * 1024
+
+
+def field(number: int, raw: bytes) -> bytes:
+    return encode_varint(number << 3 | 2) + encode_varint(len(raw)) + raw
+
+
+def body(size: int = 0, request_id: str = "", name: str = "churn") -> bytes:
+    """A ModelInfer request with a raw tensor of ``size`` bytes."""
+    message = pb.ModelInferRequest(model_name=name, id=request_id)
+    if size:
+        message.raw_input_contents.append(b"\x07" * size)
+    return message.SerializeToString()
+
+
+class Model(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """A model server: counts calls in flight, holds them until ``gate`` opens, or fails."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.inflight = 0
+        self.peak = 0
+        self.arrived = 0
+        self.delay = 0.0
+        self.echo_id = True
+        self.error: tuple[grpc.StatusCode, str, tuple[tuple[str, Any], ...]] | None = None
+        self.headers: tuple[tuple[str, Any], ...] = ()
+        self.reply: bytes | None = None
+        self.echo_onto: bytes | None = None  # a reply the request's id is appended to
+        self.metadata: list[tuple[str, Any]] = []
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:  # type: ignore[type-arg]
+        if details.method == STREAM_INFER:
+            return grpc.stream_stream_rpc_method_handler(self.stream)
+        if details.method.startswith("/inference.GRPCInferenceService/"):
+            return grpc.unary_unary_rpc_method_handler(self.infer)
+        return None
+
+    async def infer(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        self.arrived += 1
+        self.metadata = list(context.invocation_metadata() or ())
+        self.inflight += 1
+        self.peak = max(self.peak, self.inflight)
+        try:
+            await self.gate.wait()
+            if self.delay:
+                await asyncio.sleep(self.delay)
+        finally:
+            self.inflight -= 1
+        if self.headers:
+            await context.send_initial_metadata(self.headers)
+        if self.error is not None:
+            code, details, trailers = self.error
+            await context.abort(code, details, trailers)
+        if self.reply is not None:
+            return self.reply
+        fields = read_fields(request)
+        if self.echo_onto is not None:
+            assert fields is not None and fields.id
+            return self.echo_onto + field(3, fields.id.encode())
+        echoed = fields.id if fields and self.echo_id else ""
+        return pb.ModelInferResponse(
+            model_name="churn", model_version="7", id=echoed or ""
+        ).SerializeToString()
+
+    async def stream(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        async for _ in requests:
+            if self.error is not None:
+                code, details, trailers = self.error
+                await context.abort(code, details, trailers)
+            yield b"ok"
+
+
+@contextlib.asynccontextmanager
+async def serving(handler: Model, options: list[tuple[str, Any]] | None = None) -> Any:
+    server = grpc.aio.server(options=options)
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
+@pytest.fixture
+async def model() -> AsyncIterator[tuple[Model, str]]:
+    handler = Model()
+    async with serving(handler) as address:
+        yield handler, address
+
+
+@pytest.fixture
+async def proxied(start_sidecar: StartSidecar, model: tuple[Model, str]) -> tuple[Model, Running]:
+    handler, address = model
+    running: Running = await start_sidecar(oip_proxies=(("127.0.0.1:0", address),))
+    return handler, running
+
+
+def proxy_of(running: Running) -> OipProxy:
+    (proxy,) = running.app._proxies
+    return proxy
+
+
+async def recorded(running: Running, n: int) -> list[Any]:
+    await eventually(lambda: len(running.collector.events()) >= n)
+    return list(running.collector.events())
+
+
+def client(running: Running, **options: int) -> grpc.aio.Channel:
+    opts = [(f"grpc.{key}", value) for key, value in options.items()]
+    return grpc.aio.insecure_channel(running.app.addresses["oip-proxy"], options=opts)
+
+
+# -- 1. bytes in flight: calls wait for room, within a budget -------------------------
+
+
+def proxy_allocations(snapshot: tracemalloc.Snapshot) -> int:
+    """Bytes traced as allocated by the proxy's own code (its copies of requests)."""
+    own = snapshot.filter_traces(
+        [
+            tracemalloc.Filter(True, "*/predtrace/sidecar/_oip_proxy.py"),
+            tracemalloc.Filter(True, "*/predtrace/sidecar/_oip_fields.py"),
+            tracemalloc.Filter(True, "*/predtrace/sidecar/_oip_upstream.py"),
+        ]
+    )
+    return sum(stat.size for stat in own.statistics("filename"))
+
+
+@contextlib.contextmanager
+def tracing() -> Iterator[None]:
+    tracemalloc.start()
+    try:
+        yield
+    finally:
+        tracemalloc.stop()
+
+
+async def test_calls_over_the_inflight_budget_wait_for_room_and_all_complete(
+    proxied: tuple[Model, Running],
+) -> None:
+    model, running = proxied
+    proxy = proxy_of(running)
+    size = MiB
+    proxy.budget.cap = 3 * size + 3 * 1024  # three calls' requests (and the ids added)
+    model.gate.clear()
+    requests = [body(size) for _ in range(8)]  # no id: the proxy adds one (a copy)
+    with tracing():
+        async with client(running, max_send_message_length=8 * MiB) as channel:
+            method = channel.unary_unary(MODEL_INFER)
+            calls = [asyncio.ensure_future(method(r, timeout=30)) for r in requests]
+            await eventually(lambda: model.arrived >= 3)
+            await asyncio.sleep(0.3)  # the others stay out while the three are held
+            assert (model.arrived, model.inflight) == (3, 3)
+            assert proxy.budget_waits == 5
+            assert proxy.budget.used <= proxy.budget.cap
+            metrics = {
+                m.name: m.samples[0].value
+                for m in SidecarMetrics(running.app).collect()
+                if m.samples
+            }
+            assert metrics["predtrace_sidecar_oip_budget_waits"] == 5  # on /metrics too
+            assert metrics["predtrace_sidecar_oip_inflight_bytes"] == proxy.budget.used > 0
+            # What the proxy itself holds (the requests it rewrote) stays within the budget.
+            assert proxy_allocations(tracemalloc.take_snapshot()) <= proxy.budget.cap + 64 * 1024
+            model.gate.set()
+            answers = await asyncio.gather(*calls)
+    assert model.peak == 3
+    assert all(uuid7_timestamp_ms(pb.ModelInferResponse.FromString(a).id) for a in answers)
+    events = await recorded(running, 8)
+    assert {e.status for e in events} == {Status.OK}
+    assert proxy.budget.used == 0
+
+
+async def test_without_a_budget_in_the_way_calls_are_not_held_back(
+    proxied: tuple[Model, Running],
+) -> None:
+    model, running = proxied
+    model.gate.clear()
+    async with client(running) as channel:
+        method = channel.unary_unary(MODEL_INFER)
+        calls = [asyncio.ensure_future(method(body(1000), timeout=30)) for _ in range(50)]
+        await eventually(lambda: model.inflight == 50)
+        model.gate.set()
+        await asyncio.gather(*calls)
+    assert proxy_of(running).budget_waits == 0
+
+
+async def test_a_call_bigger_than_the_whole_budget_goes_alone(
+    proxied: tuple[Model, Running],
+) -> None:
+    model, running = proxied
+    proxy = proxy_of(running)
+    proxy.budget.cap = MiB
+    model.gate.clear()
+    async with client(running, max_send_message_length=8 * MiB) as channel:
+        method = channel.unary_unary(MODEL_INFER)
+        big = asyncio.ensure_future(method(body(2 * MiB, "big-1"), timeout=30))
+        await eventually(lambda: model.arrived == 1)
+        small = asyncio.ensure_future(method(body(10, "small-1"), timeout=30))
+        await asyncio.sleep(0.2)
+        assert model.arrived == 1  # the small one waits for the big one
+        model.gate.set()
+        assert pb.ModelInferResponse.FromString(await big).id == "big-1"
+        assert pb.ModelInferResponse.FromString(await small).id == "small-1"
+    assert model.peak == 1
+
+
+async def test_a_call_waiting_for_room_ends_at_its_deadline_and_is_recorded(
+    proxied: tuple[Model, Running],
+) -> None:
+    model, running = proxied
+    proxy = proxy_of(running)
+    proxy.budget.cap = MiB
+    model.gate.clear()
+    async with client(running, max_send_message_length=8 * MiB) as channel:
+        method = channel.unary_unary(MODEL_INFER)
+        held = asyncio.ensure_future(method(body(MiB - 100, "held-1"), timeout=30))
+        await eventually(lambda: model.arrived == 1)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await method(body(1000, "late-1"), timeout=0.3)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        late = [e for e in await recorded(running, 1) if e.prediction_id == "late-1"]
+        assert [e.status_code for e in late] == ["DEADLINE_EXCEEDED"]
+        model.gate.set()
+        await held
+    assert model.arrived == 1  # the late call never reached the model server
+    await eventually(lambda: proxy.budget.used == 0)
+
+
+async def test_the_byte_budget_is_first_come_first_served_and_survives_cancellations() -> None:
+    budget = ByteBudget(10)
+    await budget.acquire(6)
+    big = asyncio.ensure_future(budget.acquire(8))
+    small = asyncio.ensure_future(budget.acquire(1))
+    cancelled = asyncio.ensure_future(budget.acquire(2))
+    await asyncio.sleep(0)
+    assert not big.done() and not small.done()  # the small one does not jump the queue
+    cancelled.cancel()
+    budget.release(6)
+    await asyncio.gather(big, small)
+    assert cancelled.cancelled()
+    assert budget.used == 9
+    budget.release(8)
+    budget.release(1)
+    assert budget.used == 0
+    assert budget.waits == 3
+
+
+def test_the_fields_of_a_big_message_are_read_without_copying_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # protobuf's C parser keeps every field it does not know (the tensor) as
+    # a copy in the parsed message; the walk skips the tensor by its length.
+    tensor = b"\x07" * (32 * MiB)
+    message = field(1, b"churn") + field(7, tensor) + field(2, b"3") + field(3, b"req-1")
+    response = pb.ModelInferResponse(model_name="churn", model_version="7", id="r")
+    response.raw_output_contents.append(tensor)
+    answer = response.SerializeToString()
+
+    class Refuse:
+        @staticmethod
+        def FromString(data: bytes) -> None:
+            raise AssertionError("the C parser was asked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_oip_fields, "_FIELDS", Refuse)
+        assert read_fields(message) == ("churn", "3", "req-1")
+        assert read_fields(answer) == ("churn", "7", "r")
+    hwm = Path("/proc/self/clear_refs")
+    if hwm.exists():
+        with contextlib.suppress(OSError):
+            hwm.write_text("5")  # reset the peak resident size
+            before = _peak_rss()
+            read_fields(message)
+            assert _peak_rss() - before < 16 * MiB
+
+
+def _peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        field(1, b"churn") + b"\x9b\x01\x9c\x01" + field(3, b"x"),  # a group: the parser decides
+        field(1, b"churn") + b"\x80\x01\x00" * 100 + field(3, b"x"),  # many fields: the same
+        field(1, b"churn") + field(3, b"x") + b"\x2a\x05ab",  # cut short: malformed
+        field(1, b"a") + b"\x08\x96\x01" + field(1, b"b") + b"\x1d\x00\x00\x00\x00",
+    ],
+    ids=["group", "many", "cut", "varint-fixed"],
+)
+def test_the_walk_and_protobuf_agree(message: bytes) -> None:
+    try:
+        parsed: Any = pb.ModelInferRequest.FromString(message)
+    except Exception:  # noqa: BLE001 - malformed, as protobuf says
+        parsed = None
+    expected = None if parsed is None else (parsed.model_name, parsed.model_version, parsed.id)
+    assert read_fields(message) == expected
+
+
+# -- 2. the upstream's error details and retry pushback reach the caller --------------
+
+
+def rich_error() -> tuple[grpc.StatusCode, str, tuple[tuple[str, Any], ...]]:
+    status = status_pb2.Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message="bad")
+    status.details.add().Pack(
+        error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field="inputs", description="shape")
+            ]
+        )
+    )
+    trailers = (
+        ("grpc-status-details-bin", status.SerializeToString()),
+        ("grpc-retry-pushback-ms", "250"),
+        ("x-err", "e1"),
+    )
+    return grpc.StatusCode.INVALID_ARGUMENT, "bad", trailers
+
+
+@pytest.mark.parametrize("method", [MODEL_INFER, MODEL_READY, STREAM_INFER])
+async def test_rich_error_details_and_retry_pushback_reach_the_caller(
+    proxied: tuple[Model, Running], method: str
+) -> None:
+    model, running = proxied
+    model.error = rich_error()
+    async with client(running) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            if method == STREAM_INFER:
+                call = channel.stream_stream(method)(iter([body(10, "s-1")]), timeout=10)
+                async for _ in call:
+                    pass
+            else:
+                await channel.unary_unary(method)(body(10, "r-1"), timeout=10)
+    trailers = dict(info.value.trailing_metadata())
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert trailers["grpc-status-details-bin"] == model.error[2][0][1]
+    assert trailers["grpc-retry-pushback-ms"] == "250"
+    assert trailers["x-err"] == "e1"
+    status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
+    assert status.details[0].Is(error_details_pb2.BadRequest.DESCRIPTOR)
+
+
+@pytest.mark.parametrize("method", [MODEL_INFER, SERVER_METADATA])
+async def test_grpc_metadata_of_the_caller_reaches_the_model_server_and_back(
+    proxied: tuple[Model, Running], method: str
+) -> None:
+    model, running = proxied
+    model.headers = (("grpc-custom", "h"), ("x-up", "u"))
+    sent = (("grpc-custom-bin", b"\x00\x01"), ("x-mine", "m"))
+    async with client(running) as channel:
+        call = channel.unary_unary(method)(body(10, "md-1"), metadata=sent, timeout=10)
+        await call
+        initial = tuple(await call.initial_metadata())
+    assert ("grpc-custom", "h") in initial
+    assert ("x-up", "u") in initial
+    assert set(sent) <= set(model.metadata)
+
+
+# -- 3. several connections to a model server that caps streams per connection ---------
+
+
+async def test_concurrent_calls_over_a_model_servers_stream_cap_all_succeed(
+    start_sidecar: StartSidecar,
+) -> None:
+    model = Model()
+    model.delay = 0.5
+    async with serving(model, [("grpc.max_concurrent_streams", 10)]) as address:
+        running: Running = await start_sidecar(oip_proxies=(("127.0.0.1:0", address),))
+        channels = [client(running, use_local_subchannel_pool=1) for _ in range(50)]
+        try:
+
+            async def one(i: int, method: str) -> grpc.StatusCode:
+                try:
+                    await channels[i].unary_unary(method)(body(10, f"st-{i}"), timeout=30)
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code()
+                return grpc.StatusCode.OK
+
+            for method in (MODEL_INFER, MODEL_READY):
+                codes = await asyncio.gather(*(one(i, method) for i in range(50)))
+                assert set(codes) == {grpc.StatusCode.OK}, method
+        finally:
+            for channel in channels:
+                await channel.close()
+    proxy = proxy_of(running)
+    assert 1 < proxy.upstream_connections <= 8
+    assert model.peak > 10  # more calls at once than one connection carries
+
+
+# -- 4. the caller learns the prediction id -------------------------------------------
+
+
+async def test_the_caller_learns_the_id_when_the_model_server_does_not_echo_it(
+    proxied: tuple[Model, Running],
+) -> None:
+    model, running = proxied
+    model.echo_id = False
+    model.headers = (("x-up", "u"),)
+    async with client(running) as channel:
+        call = channel.unary_unary(MODEL_INFER)(body(10), timeout=10)
+        assert pb.ModelInferResponse.FromString(await call).id == ""
+        initial = list(await call.initial_metadata())
+    (event,) = await recorded(running, 1)
+    assert ("x-prediction-id", event.prediction_id) in initial
+    assert ("x-up", "u") in initial  # the model server's own headers pass as before
+    assert [key for key, _ in initial].count("x-prediction-id") == 1
+
+
+async def test_the_caller_learns_the_id_that_replaced_its_unusable_one(
+    proxied: tuple[Model, Running],
+) -> None:
+    _, running = proxied
+    async with client(running) as channel:
+        call = channel.unary_unary(MODEL_INFER)(body(10, "order 42"), timeout=10)
+        assert pb.ModelInferResponse.FromString(await call).id == "order 42"
+        initial = dict(await call.initial_metadata())
+    (event,) = await recorded(running, 1)
+    assert uuid7_timestamp_ms(event.prediction_id) is not None
+    assert initial["x-prediction-id"] == event.prediction_id
+
+
+async def test_a_failed_call_without_headers_carries_the_id_in_its_trailers(
+    proxied: tuple[Model, Running],
+) -> None:
+    model, running = proxied
+    model.error = rich_error()
+    async with client(running) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await channel.unary_unary(MODEL_INFER)(body(10), timeout=10)
+    (event,) = await recorded(running, 1)
+    assert dict(info.value.trailing_metadata())["x-prediction-id"] == event.prediction_id
+    assert "x-prediction-id" not in dict(info.value.initial_metadata())
+
+
+async def test_a_failed_call_after_headers_carries_the_id_in_its_headers(
+    proxied: tuple[Model, Running],
+) -> None:
+    model, running = proxied
+    model.headers = (("retry-after-ms", "250"),)
+    model.error = (grpc.StatusCode.UNAVAILABLE, "busy", ())
+    async with client(running) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await channel.unary_unary(MODEL_INFER)(body(10, "busy-1"), timeout=10)
+    initial = list(info.value.initial_metadata())
+    assert ("retry-after-ms", "250") in initial
+    assert ("x-prediction-id", "busy-1") in initial
+
+
+async def test_the_model_servers_own_prediction_id_header_is_not_doubled(
+    proxied: tuple[Model, Running],
+) -> None:
+    model, running = proxied
+    model.headers = (("x-prediction-id", "same-1"),)
+    async with client(running) as channel:
+        call = channel.unary_unary(MODEL_INFER)(body(10, "same-1"), timeout=10)
+        await call
+        initial = list(await call.initial_metadata())
+    assert initial.count(("x-prediction-id", "same-1")) == 1
+
+
+async def test_a_passed_through_call_gets_no_prediction_id(
+    proxied: tuple[Model, Running],
+) -> None:
+    _, running = proxied
+    async with client(running) as channel:
+        call = channel.unary_unary(MODEL_READY)(b"", timeout=10)
+        await call
+        assert "x-prediction-id" not in dict(await call.initial_metadata())
+
+
+# -- 5. an answer that echoes the added id may be a little over the limit -------------
+
+
+@contextlib.asynccontextmanager
+async def own_proxy(running: Running, upstream: str, **kwargs: Any) -> AsyncIterator[str]:
+    """An OIP proxy served as the sidecar serves it, with the listener options it asks for."""
+    proxy = OipProxy(running.app.intake, upstream, **kwargs)
+    server = grpc.aio.server(options=proxy.server_options(grpc_server_options(running.app.config)))
+    server.add_generic_rpc_handlers((proxy.generic_handler(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+        await proxy.close()
+
+
+async def test_an_answer_over_the_limit_by_the_echoed_id_reaches_the_caller(
+    start_sidecar: StartSidecar,
+) -> None:
+    limit = 4 * MiB
+    model = Model()
+    options = [("grpc.max_send_message_length", 2 * limit)]
+    async with serving(model, options) as address:
+        running: Running = await start_sidecar()
+        async with own_proxy(running, address, max_message_bytes=limit) as target:
+            base = pb.ModelInferResponse(model_name="churn", model_version="7")
+            padding = limit - 20 - len(base.SerializeToString()) - 5  # tag + 4-byte length
+            base.raw_output_contents.append(b"x" * padding)
+            answer_without_id = base.SerializeToString()
+            assert len(answer_without_id) == limit - 20
+            model.echo_onto = answer_without_id  # and the 36-character id the proxy adds
+            async with grpc.aio.insecure_channel(
+                target, options=[("grpc.max_receive_message_length", limit + 1024)]
+            ) as channel:
+                call = channel.unary_unary(MODEL_INFER)(body(10), timeout=30)
+                response = await call
+            assert len(response) > limit
+            assert response.startswith(answer_without_id)
+
+
+async def test_the_listener_options_put_the_raised_send_limit_first(
+    start_sidecar: StartSidecar,
+) -> None:
+    running: Running = await start_sidecar()
+    proxy = OipProxy(running.app.intake, "127.0.0.1:9", max_message_bytes=4 * MiB)
+    try:
+        limit = ("grpc.max_send_message_length", 4 * MiB)
+        options = proxy.server_options([("grpc.x", 1), limit])
+        assert options == [("grpc.max_send_message_length", 4 * MiB + 1024), ("grpc.x", 1)]
+    finally:
+        await proxy.close()
+
+
+# -- 7. text a store cannot hold; refused events are logged -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "version"),
+    [("m\x00x", ""), ("churn", "1\x00"), ("tab\tname\x7f", "v\x85")],
+    ids=["nul-name", "nul-version", "controls"],
+)
+async def test_a_model_name_with_a_nul_is_recorded_with_it_replaced(
+    proxied: tuple[Model, Running], name: str, version: str
+) -> None:
+    model, running = proxied
+    message = pb.ModelInferRequest(model_name=name, model_version=version, id="nul-1")
+    model.reply = pb.ModelInferResponse(id="nul-1").SerializeToString()  # no name served
+    async with client(running) as channel:
+        await channel.unary_unary(MODEL_INFER)(message.SerializeToString(), timeout=10)
+    (event,) = await recorded(running, 1)
+    clean = str.maketrans({c: "\ufffd" for c in "\x00\t\x7f\x85"})
+    assert (event.model.name, event.model.version) == (
+        name.translate(clean),
+        version.translate(clean),
+    )
+    assert proxy_of(running).rejected_events == 0
+
+
+async def test_a_nul_in_the_served_model_name_is_replaced_too(
+    proxied: tuple[Model, Running],
+) -> None:
+    model, running = proxied
+    model.reply = pb.ModelInferResponse(
+        model_name="m\x00", model_version="7\x00", id="nul-2"
+    ).SerializeToString()
+    async with client(running) as channel:
+        await channel.unary_unary(MODEL_INFER)(body(10, "nul-2"), timeout=10)
+    (event,) = await recorded(running, 1)
+    assert (event.model.name, event.model.version) == ("m\ufffd", "7\ufffd")
+
+
+async def test_an_event_the_intake_refuses_is_logged_and_counted(
+    proxied: tuple[Model, Running],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, running = proxied
+    intake = running.app.intake
+
+    async def refuse(events: Any) -> IntakeResult:
+        return IntakeResult(0, tuple(Rejection(i, "no good", "x") for i in range(len(events))))
+
+    monkeypatch.setattr(intake, "record", refuse)
+    with caplog.at_level(logging.WARNING, logger="predtrace.sidecar.oip"):
+        async with client(running) as channel:
+            await channel.unary_unary(MODEL_INFER)(body(10, "refused-1"), timeout=10)
+        await eventually(lambda: proxy_of(running).rejected_events == 1)
+    assert any("refused: no good" in record.getMessage() for record in caplog.records)
+
+
+async def test_the_recorder_goes_on_after_an_unexpected_intake_error(
+    proxied: tuple[Model, Running],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, running = proxied
+    intake = running.app.intake
+    real = intake.record
+    failures = [RuntimeError("boom")]
+
+    async def flaky(events: Any) -> IntakeResult:
+        if failures:
+            raise failures.pop()
+        return await real(events)
+
+    monkeypatch.setattr(intake, "record", flaky)
+    async with client(running) as channel:
+        await channel.unary_unary(MODEL_INFER)(body(10, "lost-1"), timeout=10)
+        await eventually(lambda: proxy_of(running).dropped == 1)
+        await channel.unary_unary(MODEL_INFER)(body(10, "kept-1"), timeout=10)
+    (event,) = await recorded(running, 1)
+    assert event.prediction_id == "kept-1"
