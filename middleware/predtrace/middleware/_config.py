@@ -20,7 +20,14 @@ from predtrace.middleware._errors import ConfigError
 from predtrace.middleware._mlflow import MlflowResolver
 from predtrace.middleware._registry import ModelResolver
 from predtrace.middleware._routes import BUILTIN_ROUTES, RoutePattern
-from predtrace.sidecar.pipeline import CollectorClientConfig, Exporter, QueueConfig
+from predtrace.sidecar.pipeline import (
+    CollectorClientConfig,
+    DeploymentEnvError,
+    Exporter,
+    QueueConfig,
+    deployment_from_env,
+    identity_problem,
+)
 
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
@@ -44,6 +51,22 @@ _RESERVED_HEADERS: Final = frozenset(
         "proxy-authenticate",
         "proxy-authorization",
     }
+)
+# Text fields stamped on every event (or span): a value no event could carry
+# (over 64 KiB, a NUL, not UTF-8) would cost every event, so it fails startup.
+_IDENTITY_FIELDS: Final = (
+    "service",
+    "model_name",
+    "model_version",
+    "model_alias",
+    "model_id",
+    "model_digest",
+    "deployment_id",
+    "namespace",
+    "pod",
+    "node",
+    "image_digest",
+    "image_name",
 )
 _QUEUE_VARIABLES: Final = {
     "max_queue_size": env.PREDTRACE_QUEUE_SIZE,
@@ -149,6 +172,10 @@ class MiddlewareConfig:
                 )
         if self.fingerprint_key is not None and len(self.fingerprint_key) < _MIN_KEY_LEN:
             raise ConfigError(f"fingerprint_key must be at least {_MIN_KEY_LEN} characters")
+        for name in _IDENTITY_FIELDS:
+            problem = identity_problem(getattr(self, name))
+            if problem is not None:
+                raise ConfigError(f"{name} cannot be stamped on events: {problem}")
         _check_id_header(self.id_header)
         # Parse string routes now, so a typo fails at startup.
         self.route_patterns()
@@ -174,6 +201,9 @@ class MiddlewareConfig:
             _check_target(self.sidecar_target)
         if (self.sidecar_tls_cert is None) != (self.sidecar_tls_key is None):
             raise ConfigError("sidecar_tls_cert and sidecar_tls_key go together")
+        if self.enabled and self.sidecar_target is not None:
+            for name in ("sidecar_tls_ca", "sidecar_tls_cert", "sidecar_tls_key"):
+                _check_readable(name, getattr(self, name))
 
     def collector_client_config(self) -> CollectorClientConfig:
         """The pipeline's client config for direct mode (``collector_url`` must be set)."""
@@ -202,6 +232,11 @@ class MiddlewareConfig:
         """Read the ``PREDTRACE_*`` variables of ``environ`` (pass ``os.environ``).
 
         Objects that cannot come from the environment are keyword arguments.
+        The deployment (service, namespace, pod, node, image) is read as the
+        sidecar reads it (``predtrace.sidecar.pipeline.deployment_from_env``):
+        ``PREDTRACE_*``, then the Kubernetes downward-API variables
+        (``POD_NAME``...), then ``OTEL_RESOURCE_ATTRIBUTES``, so the same pod
+        is the same deployment in direct and in sidecar mode.
 
         Raises:
             ConfigError: a variable that does not parse, or an invalid combination.
@@ -221,6 +256,11 @@ class MiddlewareConfig:
         resolver: ModelResolver | None,
         tracer_provider: TracerProvider | None,
     ) -> MiddlewareConfig:
+        try:
+            # The sidecar's chain: the error names the variable the value came from.
+            deployment = deployment_from_env(environ)
+        except DeploymentEnvError as exc:
+            raise ConfigError(str(exc)) from None
         return cls(
             enabled=reader.flag(env.PREDTRACE_ENABLED, default=True),
             collector_url=reader.text(env.PREDTRACE_COLLECTOR_URL),
@@ -234,20 +274,18 @@ class MiddlewareConfig:
             exporter=exporter,
             queue=reader.queue(),
             shutdown_timeout=reader.number(env.PREDTRACE_SHUTDOWN_TIMEOUT, 5.0),
-            service=reader.text(env.PREDTRACE_SERVICE_NAME)
-            or reader.text(env.OTEL_SERVICE_NAME)
-            or "",
+            service=deployment["service"],
             model_name=reader.str_or_empty(env.PREDTRACE_MODEL_NAME),
             model_version=reader.str_or_empty(env.PREDTRACE_MODEL_VERSION),
             model_alias=reader.str_or_empty(env.PREDTRACE_MODEL_ALIAS),
             model_id=reader.str_or_empty(env.PREDTRACE_MODEL_ID),
             model_digest=reader.str_or_empty(env.PREDTRACE_MODEL_DIGEST),
-            deployment_id=reader.str_or_empty(env.PREDTRACE_DEPLOYMENT_ID),
-            namespace=reader.str_or_empty(env.PREDTRACE_K8S_NAMESPACE),
-            pod=reader.str_or_empty(env.PREDTRACE_K8S_POD),
-            node=reader.str_or_empty(env.PREDTRACE_K8S_NODE),
-            image_digest=reader.str_or_empty(env.PREDTRACE_IMAGE_DIGEST),
-            image_name=reader.str_or_empty(env.PREDTRACE_IMAGE_NAME),
+            deployment_id=deployment["id"],
+            namespace=deployment["namespace"],
+            pod=deployment["pod"],
+            node=deployment["node"],
+            image_digest=deployment["image_digest"],
+            image_name=deployment["image_name"],
             resolver=resolver or MlflowResolver.from_env(environ),
             routes=tuple(reader.items(env.PREDTRACE_ROUTES)),
             builtin_routes=reader.flag(env.PREDTRACE_BUILTIN_ROUTES, default=True),
@@ -277,6 +315,17 @@ def _check_id_header(name: str) -> None:
         )
 
 
+def _check_readable(name: str, path: str | None) -> None:
+    """Startup, not the first export: a TLS file of the sidecar that cannot be read fails here."""
+    if path is None:
+        return
+    try:
+        with open(path, "rb") as file:
+            file.read(1)
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path}: {exc.strerror or exc}") from None
+
+
 def _check_target(target: str) -> None:
     host, sep, port = target.rpartition(":")
     if "://" in target:
@@ -290,7 +339,9 @@ def _check_target(target: str) -> None:
 _FIELD_VARIABLES: Final = {
     "collector_url": env.PREDTRACE_COLLECTOR_URL,
     "sidecar_target": env.PREDTRACE_SIDECAR_TARGET,
+    "sidecar_tls_ca": env.PREDTRACE_SIDECAR_TLS_CA,
     "sidecar_tls_cert": env.PREDTRACE_SIDECAR_TLS_CERT,
+    "sidecar_tls_key": env.PREDTRACE_SIDECAR_TLS_KEY,
     "sample_rate": env.PREDTRACE_SAMPLE_RATE,
     "max_body_bytes": env.PREDTRACE_MAX_BODY_BYTES,
     "max_output_bytes": env.PREDTRACE_MAX_OUTPUT_BYTES,
@@ -299,6 +350,11 @@ _FIELD_VARIABLES: Final = {
     "shutdown_timeout": env.PREDTRACE_SHUTDOWN_TIMEOUT,
     "fingerprint_key": env.PREDTRACE_FINGERPRINT_KEY,
     "id_header": env.PREDTRACE_ID_HEADER,
+    "model_name": env.PREDTRACE_MODEL_NAME,
+    "model_version": env.PREDTRACE_MODEL_VERSION,
+    "model_alias": env.PREDTRACE_MODEL_ALIAS,
+    "model_id": env.PREDTRACE_MODEL_ID,
+    "model_digest": env.PREDTRACE_MODEL_DIGEST,
     "route": env.PREDTRACE_ROUTES,
 }
 

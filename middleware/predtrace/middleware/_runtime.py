@@ -52,6 +52,10 @@ TRACER_NAME: Final = "predtrace.middleware"
 _CACHE_SIZE: Final = 256
 # How long a lifespan shutdown waits for predictions in flight to emit their event.
 _INFLIGHT_GRACE_S: Final = 1.0
+# The producer id is the service name and a random suffix, within the collector's
+# 256 characters: a longer service name (any up to 64 KiB is a valid one) would
+# have every batch refused, so only its start names the producer.
+_MAX_PRODUCER_PREFIX: Final = 200
 
 
 def build_exporter(config: MiddlewareConfig) -> Exporter:
@@ -67,7 +71,8 @@ def build_exporter(config: MiddlewareConfig) -> Exporter:
             tls_key=config.sidecar_tls_key,
         )
     return CollectorHttpExporter(
-        config.collector_client_config(), producer_prefix=config.service or "predtrace"
+        config.collector_client_config(),
+        producer_prefix=(config.service or "predtrace")[:_MAX_PRODUCER_PREFIX],
     )
 
 

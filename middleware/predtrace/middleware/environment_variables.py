@@ -4,6 +4,14 @@ Each constant is the name of one variable; its docstring says what it sets.
 Booleans accept ``1/true/yes/on`` and ``0/false/no/off``; lists are
 comma-separated. A value that does not parse fails at startup, naming the
 variable. The OpenTelemetry SDK keeps reading its own ``OTEL_*`` variables.
+
+The deployment (service, deployment id, namespace, pod, node, image) is read
+with the sidecar's chain (``predtrace.sidecar.pipeline.deployment_from_env``):
+for each field the first variable set, then the Kubernetes downward-API
+spellings, then ``OTEL_RESOURCE_ATTRIBUTES``, so one pod is one deployment in
+direct and in sidecar mode. A value no event could carry (over 64 KiB, a NUL,
+not UTF-8), there or in a ``PREDTRACE_MODEL_*`` variable, fails startup naming
+its variable.
 """
 
 from __future__ import annotations
@@ -38,7 +46,10 @@ PREDTRACE_SIDECAR_TLS_KEY: Final = "PREDTRACE_SIDECAR_TLS_KEY"
 """PEM private key of the client certificate."""
 
 PREDTRACE_SERVICE_NAME: Final = "PREDTRACE_SERVICE_NAME"
-"""Service name of the events and the producer id prefix (else ``OTEL_SERVICE_NAME``)."""
+"""Service name of the events and the producer id prefix.
+
+Else ``OTEL_SERVICE_NAME``, else ``service.name`` of ``OTEL_RESOURCE_ATTRIBUTES``.
+"""
 
 OTEL_SERVICE_NAME: Final = "OTEL_SERVICE_NAME"
 """The OpenTelemetry service name, used when ``PREDTRACE_SERVICE_NAME`` is unset."""
@@ -59,22 +70,48 @@ PREDTRACE_MODEL_DIGEST: Final = "PREDTRACE_MODEL_DIGEST"
 """Static artifact digest, ``sha256:<hex>``."""
 
 PREDTRACE_DEPLOYMENT_ID: Final = "PREDTRACE_DEPLOYMENT_ID"
-"""Deployment id carried by every event."""
+"""Deployment id carried by every event.
+
+Unset, events carry none and the collector keys the deployment
+``namespace/service`` (``service`` without a namespace), as for the sidecar's.
+"""
 
 PREDTRACE_K8S_NAMESPACE: Final = "PREDTRACE_K8S_NAMESPACE"
-"""Kubernetes namespace (set it from the downward API)."""
+"""Kubernetes namespace (set it from the downward API).
+
+Else ``POD_NAMESPACE``, ``K8S_NAMESPACE``, then ``k8s.namespace.name`` of
+``OTEL_RESOURCE_ATTRIBUTES``.
+"""
+
+PREDTRACE_K8S_POD_NAME: Final = "PREDTRACE_K8S_POD_NAME"
+"""Kubernetes pod name, the sidecar's spelling: wins over ``PREDTRACE_K8S_POD``."""
 
 PREDTRACE_K8S_POD: Final = "PREDTRACE_K8S_POD"
-"""Kubernetes pod name (downward API)."""
+"""Kubernetes pod name (downward API).
+
+``PREDTRACE_K8S_POD_NAME`` wins over it; else ``POD_NAME``, ``K8S_POD_NAME``,
+then ``k8s.pod.name`` of ``OTEL_RESOURCE_ATTRIBUTES``.
+"""
+
+PREDTRACE_K8S_NODE_NAME: Final = "PREDTRACE_K8S_NODE_NAME"
+"""Kubernetes node name, the sidecar's spelling: wins over ``PREDTRACE_K8S_NODE``."""
 
 PREDTRACE_K8S_NODE: Final = "PREDTRACE_K8S_NODE"
-"""Kubernetes node name (downward API)."""
+"""Kubernetes node name (downward API).
+
+``PREDTRACE_K8S_NODE_NAME`` wins over it; else ``NODE_NAME``, ``K8S_NODE_NAME``,
+then ``k8s.node.name`` of ``OTEL_RESOURCE_ATTRIBUTES``.
+"""
 
 PREDTRACE_IMAGE_DIGEST: Final = "PREDTRACE_IMAGE_DIGEST"
-"""Container image digest, ``sha256:<hex>``."""
+"""Container image digest, ``sha256:<hex>`` (else ``container.image.id`` of
+``OTEL_RESOURCE_ATTRIBUTES``)."""
 
 PREDTRACE_IMAGE_NAME: Final = "PREDTRACE_IMAGE_NAME"
-"""Container image name."""
+"""Container image name (else ``container.image.name`` of ``OTEL_RESOURCE_ATTRIBUTES``)."""
+
+OTEL_RESOURCE_ATTRIBUTES: Final = "OTEL_RESOURCE_ATTRIBUTES"
+"""The OpenTelemetry resource (``k=v,...``, percent-decoded): the deployment fields left unset."""
 
 PREDTRACE_MLFLOW_URL: Final = "PREDTRACE_MLFLOW_URL"
 """MLflow tracking server (``http(s)://host:port``) to stamp spans with the training run id

@@ -12,14 +12,20 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from predtrace.sidecar import environment_variables as ev
 from predtrace.sidecar._errors import ConfigError
-from predtrace.sidecar.pipeline import CollectorClientConfig, RetryPolicy
+from predtrace.sidecar.pipeline import (
+    DEPLOYMENT_FIELDS,
+    CollectorClientConfig,
+    DeploymentEnvError,
+    RetryPolicy,
+    deployment_from_env,
+    identity_problem,
+)
 from predtrace.sidecar.pipeline._collector_http import without_userinfo
 from predtrace.sidecar.spool import SpoolConfig
-from predtrace.wire import DEFAULT_LIMITS
 
 # A number, then nothing, ``b``, or a unit letter with ``b``, ``ib`` or nothing
 # (``512k``, ``512KB``, ``512KiB``): every unit is binary, 1024-based.
@@ -205,44 +211,6 @@ class RedactionConfig:
         )
 
 
-def _pick(environ: Mapping[str, str], names: tuple[str, ...]) -> tuple[str, str]:
-    """The first of ``names`` set (non-empty) and its name; ``("", "")`` if none is."""
-    for name in names:
-        if environ.get(name):
-            return environ[name], name
-    return "", ""
-
-
-def identity_problem(value: str) -> str | None:
-    """Why ``value`` cannot be stamped on events as a deployment field (None when it can).
-
-    The rules of ``predtrace.wire.event_problem`` for a text field: an event
-    carrying such a value would be refused, every one of them.
-    """
-    if "\x00" in value:
-        return "it holds a NUL character"
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError:
-        return "it is not valid UTF-8 text"
-    limit = DEFAULT_LIMITS.max_str_len
-    if size > limit:
-        return f"it is {size} bytes long, more than the {limit} bytes a text field may hold"
-    return None
-
-
-# Each deployment field: its variables (first set wins), then its OTel resource attribute.
-_DEPLOYMENT_SOURCES: Final[tuple[tuple[str, tuple[str, ...], str], ...]] = (
-    ("id", (ev.DEPLOYMENT_ID,), ""),
-    ("service", (ev.SERVICE_NAME, "OTEL_SERVICE_NAME"), "service.name"),
-    ("namespace", ev.K8S_NAMESPACE, "k8s.namespace.name"),
-    ("pod", ev.K8S_POD, "k8s.pod.name"),
-    ("node", ev.K8S_NODE, "k8s.node.name"),
-    ("image_digest", (ev.IMAGE_DIGEST,), "container.image.id"),
-    ("image_name", (ev.IMAGE_NAME,), "container.image.name"),
-)
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DeploymentConfig:
     """Who serves: stamped on events (empty fields only) and on forwarded spans' resources."""
@@ -256,7 +224,7 @@ class DeploymentConfig:
     image_name: str = ""
 
     def __post_init__(self) -> None:
-        for name, _, _ in _DEPLOYMENT_SOURCES:
+        for name in DEPLOYMENT_FIELDS:
             problem = identity_problem(getattr(self, name))
             if problem is not None:
                 raise ConfigError(f"the deployment's {name} cannot be stamped on events: {problem}")
@@ -265,34 +233,16 @@ class DeploymentConfig:
     def from_env(cls, environ: Mapping[str, str]) -> DeploymentConfig:
         """Read the Kubernetes downward-API variables, ``OTEL_*`` and ``PREDTRACE_*``.
 
+        The chain the middleware reads too (``predtrace.sidecar.pipeline.deployment_from_env``).
+
         Raises:
             ConfigError: a value no event could carry (over 64 KiB, a NUL), named
                 by its variable: at startup, not on every event after it.
         """
-        resource = _resource_attributes(environ.get("OTEL_RESOURCE_ATTRIBUTES", ""))
-        values: dict[str, str] = {}
-        for name, variables, attribute in _DEPLOYMENT_SOURCES:
-            value, source = _pick(environ, variables)
-            if not value and attribute:
-                value = resource.get(attribute, "")
-                source = f"OTEL_RESOURCE_ATTRIBUTES ({attribute})"
-            problem = identity_problem(value)
-            if problem is not None:
-                raise ConfigError(
-                    f"{source} cannot be the deployment's {name} stamped on events: {problem}"
-                )
-            values[name] = value
-        return cls(**values)
-
-
-def _resource_attributes(text: str) -> dict[str, str]:
-    """``OTEL_RESOURCE_ATTRIBUTES`` as the OTel SDK reads it: values are percent-decoded."""
-    out = {}
-    for item in text.split(","):
-        key, sep, value = item.partition("=")
-        if sep and key.strip():
-            out[key.strip()] = unquote(value.strip())
-    return out
+        try:
+            return cls(**deployment_from_env(environ))
+        except DeploymentEnvError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 # RFC 9110 5.6.2: a field name is a token of these characters.

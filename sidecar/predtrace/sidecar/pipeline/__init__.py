@@ -2,7 +2,8 @@
 
 Used in-process by the middleware and, behind the durable spool, by the
 sidecar. ``QueuedExporter.emit`` is safe on a request path: O(1), bounded,
-never raising.
+never raising. ``deployment_from_env`` is the one reading of the deployment
+identity (Kubernetes downward API, ``OTEL_*``, ``PREDTRACE_*``) both share.
 """
 
 from predtrace.sidecar.pipeline._clock import Clock, SystemClock
@@ -16,6 +17,14 @@ from predtrace.sidecar.pipeline._collector_http import (
     parse_retry_after,
 )
 from predtrace.sidecar.pipeline._counters import PipelineCounters, RateLimitedLog
+from predtrace.sidecar.pipeline._deployment import (
+    DEPLOYMENT_FIELDS,
+    DEPLOYMENT_SOURCES,
+    DeploymentEnvError,
+    deployment_from_env,
+    identity_problem,
+    resource_attributes,
+)
 from predtrace.sidecar.pipeline._errors import (
     ExportError,
     PermanentExportError,
@@ -27,10 +36,13 @@ from predtrace.sidecar.pipeline._stages import Exporter, ExportResult, OutgoingB
 
 __all__ = [
     "BATCH_CONTENT_TYPE",
+    "DEPLOYMENT_FIELDS",
+    "DEPLOYMENT_SOURCES",
     "Clock",
     "CollectorClient",
     "CollectorClientConfig",
     "CollectorHttpExporter",
+    "DeploymentEnvError",
     "ExportError",
     "ExportResult",
     "Exporter",
@@ -44,7 +56,10 @@ __all__ = [
     "RetryPolicy",
     "RetryableExportError",
     "SystemClock",
+    "deployment_from_env",
+    "identity_problem",
     "is_loopback_host",
     "new_producer_id",
     "parse_retry_after",
+    "resource_attributes",
 ]
