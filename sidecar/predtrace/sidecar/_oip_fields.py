@@ -89,7 +89,8 @@ def _scan(data: bytes) -> tuple[_Span, _Span, _Span] | None:
     """Where fields 1-3 (wire type 2) last occur; None when the C parser must decide.
 
     Bounded: at most ``_MAX_SCAN_FIELDS`` fields, varints of at most ten
-    bytes, every length checked against the message.
+    bytes (tags and lengths of at most five), every length checked against
+    the message.
     """
     try:
         return _walk(data)
@@ -103,12 +104,12 @@ def _walk(data: bytes) -> tuple[_Span, _Span, _Span]:
     for _ in range(_MAX_SCAN_FIELDS + 1):
         if pos == end:
             return spans[0], spans[1], spans[2]
-        tag, pos = _varint(data, pos)
+        tag, pos = _short_varint(data, pos)
         number, wire_type = tag >> 3, tag & 7
         if not 0 < number <= _MAX_FIELD_NUMBER:
             break
         if wire_type == 2:
-            length, pos = _varint(data, pos)
+            length, pos = _short_varint(data, pos)
             if number <= 3:
                 spans[number - 1] = (pos, length)
             pos += length
@@ -123,6 +124,21 @@ def _walk(data: bytes) -> tuple[_Span, _Span, _Span]:
         if pos > end:
             break
     raise _UnsureError  # malformed, a group, or more fields than the walk takes
+
+
+def _short_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """A tag or a length: at most five bytes and 32 bits, else unsure.
+
+    protobuf's C parser refuses a longer one (padded with 0x80 bytes, say)
+    as corrupt where a walk that took it would read the fields.
+    """
+    byte = data[pos]
+    if byte < 0x80:
+        return byte, pos + 1
+    value, after = _varint(data, pos)
+    if after - pos > 5 or value > 0xFFFFFFFF:
+        raise _UnsureError
+    return value, after
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:

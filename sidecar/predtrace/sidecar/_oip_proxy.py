@@ -16,8 +16,10 @@ trailers of an error without headers), forwards or starts a W3C
 ``traceparent``, and records a prediction event with the version actually
 served, or with the error (a deadline or a cancellation included). Requests
 in flight to the model server are held under a byte budget
-(``_oip_upstream.ByteBudget``): past it, calls wait their turn. Events are
-recorded off the response path: the model's answer never waits for telemetry.
+(``_oip_upstream.ByteBudget``): past it, calls wait their turn, before their
+request is read (its bytes stay with the caller, see ``model_infer``). Events
+are recorded off the response path: the model's answer never waits for
+telemetry.
 """
 
 from __future__ import annotations
@@ -76,6 +78,15 @@ PREDICTION_ID_HEADER: Final = "x-prediction-id"
 RESPONSE_MARGIN: Final = 1024
 # Requests in flight to the model server, in maximum messages, by default.
 INFLIGHT_MESSAGES: Final = 16
+# The listener's HTTP/2 flow control. gRPC core lets a caller send as much of
+# a call's request as the call's window allows, read or not, and by default
+# grows that window (BDP probing) to whole messages. Without probing it stays
+# at 64 KiB until the handler reads (and then opens to the message being
+# read): a ModelInfer call waiting for room in the byte budget leaves its
+# request with its caller, instead of the proxy holding it in full. Loopback
+# throughput of 4 MiB requests is not lower for it (their read opens the
+# window); across a long, slow link (not measured) one upload may be.
+LISTENER_OPTIONS: Final = (("grpc.http2.bdp_probe", 0),)
 # A caller id outside the wire's rule (CALLER_ID_RE, as in the middleware) is
 # refused by the intake (a NUL) or cannot be looked up in the collector (a
 # space, non-ASCII, over 256 characters).
@@ -283,10 +294,11 @@ class OipProxy(_Handler):
 
         The model server's answer may be up to ``RESPONSE_MARGIN`` bytes over
         the message limit (an echo of the id the proxy added); gRPC takes the
-        first value of an option, so the raised send limit comes first.
+        first value of an option, so the raised send limit comes first, with
+        ``LISTENER_OPTIONS`` (a request not yet read stays with its caller).
         """
         send = ("grpc.max_send_message_length", self._max_message_bytes + RESPONSE_MARGIN)
-        return [send, *(option for option in options if option[0] != send[0])]
+        return [send, *LISTENER_OPTIONS, *(option for option in options if option[0] != send[0])]
 
     def generic_handler(self) -> grpc.GenericRpcHandler[bytes, bytes]:
         """This proxy as a handler for ``server.add_generic_rpc_handlers``."""
@@ -298,7 +310,10 @@ class OipProxy(_Handler):
         """ModelInfer is looked into; every other method passes through untouched."""
         method = handler_call_details.method
         if method == MODEL_INFER:
-            return grpc.unary_unary_rpc_method_handler(self.model_infer)
+            # A request stream, though the caller sends one request (HTTP/2
+            # does not tell the two apart): a unary handler is called only
+            # once gRPC has taken the whole request from the caller.
+            return grpc.stream_unary_rpc_method_handler(self.model_infer)
 
         async def passthrough(
             requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
@@ -382,26 +397,76 @@ class OipProxy(_Handler):
         )
 
     async def model_infer(
-        self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> bytes:
-        """Forward one inference; record it (with the id and version actually used)."""
+        """Forward one inference; record it (with the id and version actually used).
+
+        The request is read only once the byte budget has room for the
+        largest one (its size is unknown until then); until that, its bytes
+        stay with the caller (HTTP/2 flow control, ``LISTENER_OPTIONS``).
+        Once read, the call holds its own size (and the id added) instead.
+        """
         self.requests += 1
         start_ns, started = time.time_ns(), time.perf_counter_ns()
-        parsed = read_fields(request)
-        if parsed is None:
-            self._count_unreadable()
         metadata = _forwardable(context.invocation_metadata())
-        # "": the request has no id (or the proxy cannot read the request at
-        # all); None: it has one the proxy cannot read (over 4 KiB, not UTF-8).
-        oip_id = "" if parsed is None else parsed.id
-        prediction_id = self._caller_id(oip_id, metadata) or new_prediction_id()
-        # The model server echoes the prediction id. An id of the caller's,
-        # usable or not, and bytes the proxy cannot read pass untouched: an
-        # appended id would override the caller's own.
-        field = self._id_field(request, prediction_id) if parsed and oip_id == "" else b""
+        held = self._max_message_bytes
+        try:
+            await self.budget.acquire(held)
+        except asyncio.CancelledError:
+            self._unread(metadata, start_ns, started, context)
+            raise
+        try:
+            # The one request, read from the context: an iterator over
+            # ``requests`` left suspended after it would keep it alive.
+            try:
+                request = await context.read()
+            except asyncio.CancelledError:
+                self._unread(metadata, start_ns, started, context)
+                raise
+            if not isinstance(request, bytes):  # EOF: the caller sent no request
+                await context.abort(grpc.StatusCode.INTERNAL, "ModelInfer: no request message")
+            parsed = read_fields(request)
+            if parsed is None:
+                self._count_unreadable()
+            # "": the request has no id (or the proxy cannot read the request
+            # at all); None: it has one the proxy cannot read (over 4 KiB, not
+            # UTF-8).
+            oip_id = "" if parsed is None else parsed.id
+            prediction_id = self._caller_id(oip_id, metadata) or new_prediction_id()
+            # The model server echoes the prediction id. An id of the caller's,
+            # usable or not, and bytes the proxy cannot read pass untouched: an
+            # appended id would override the caller's own.
+            field = self._id_field(request, prediction_id) if parsed and oip_id == "" else b""
+            event = self._event(prediction_id, parsed or _NO_FIELDS, metadata, start_ns)
+            # The bytes sent upstream, held (by gRPC) until the answer.
+            size = len(request) + len(field)
+            self.budget.resize(held, size)
+            held = size
+            upstream = self._pool.take()
+            try:
+                if field:  # the one copy of the request the proxy makes, counted in ``held``
+                    request += field
+                return await self._forward(
+                    upstream,
+                    request,
+                    metadata,
+                    context,
+                    event=event,
+                    started=started,
+                    unreadable=parsed is None,
+                )
+            finally:
+                self._pool.give_back(upstream)
+        finally:
+            self.budget.release(held)
+
+    @staticmethod
+    def _event(
+        prediction_id: str, fields: OipFields, metadata: Metadata, start_ns: int
+    ) -> PredictionEvent:
+        """The call's event (its trace context taken, or started, in ``metadata``)."""
         trace_id, span_id = _trace_context(metadata)
-        fields = parsed or _NO_FIELDS
-        event = PredictionEvent(
+        return PredictionEvent(
             prediction_id=prediction_id,
             trace_id=trace_id,
             span_id=span_id,
@@ -410,30 +475,23 @@ class OipProxy(_Handler):
             endpoint=MODEL_INFER,
             protocol=PROTOCOL,
         )
-        # The bytes sent upstream, held (by gRPC) until the answer: within
-        # the budget, or waiting for room (until the call's deadline).
-        held = len(request) + len(field)
-        try:
-            await self.budget.acquire(held)
-        except asyncio.CancelledError:
-            self._finish(event, started, status=_cancel_status(context))
-            raise
-        upstream = self._pool.take()
-        try:
-            if field:  # the one copy of the request the proxy makes, counted in ``held``
-                request += field
-            return await self._forward(
-                upstream,
-                request,
-                metadata,
-                context,
-                event=event,
-                started=started,
-                unreadable=parsed is None,
-            )
-        finally:
-            self._pool.give_back(upstream)
-            self.budget.release(held)
+
+    def _unread(
+        self,
+        metadata: Metadata,
+        start_ns: int,
+        started: int,
+        context: grpc.aio.ServicerContext[bytes, bytes],
+    ) -> None:
+        """Record a call that ended (deadline, cancellation) before its request was read.
+
+        It never reached the model server; its event has the caller's id
+        from the metadata (``x-request-id``, ``ce-id``) or a new one, and no
+        model (both are in the request the proxy did not take).
+        """
+        prediction_id = self._caller_id("", metadata) or new_prediction_id()
+        event = self._event(prediction_id, _NO_FIELDS, metadata, start_ns)
+        self._finish(event, started, status=_cancel_status(context))
 
     def _id_field(self, request: bytes, prediction_id: str) -> bytes:
         """The id field to add to the request; none if that takes it over the message limit.

@@ -12,7 +12,9 @@ carries ``busy_at`` calls or more, and sends each call on the least busy.
 the model server at once (gRPC keeps each until its answer): a call that
 does not fit waits for room, first come first served, rather than being
 refused (a prediction must not fail because of telemetry); its wait ends
-with its deadline. A call bigger than the whole budget goes alone.
+with its deadline. A call bigger than the whole budget goes alone. The proxy
+takes room for the largest request before it reads one (then only the
+request's own size): a waiting call's request stays with its caller.
 """
 
 from __future__ import annotations
@@ -126,6 +128,11 @@ class ByteBudget:
 
     def release(self, size: int) -> None:
         self.used -= size
+        self._wake()
+
+    def resize(self, held: int, size: int) -> None:
+        """Hold ``size`` bytes instead of ``held`` (more at once: they are here already)."""
+        self.used += size - held
         self._wake()
 
     def _wake(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -178,12 +179,16 @@ def tracing() -> Iterator[None]:
 
 
 async def test_calls_over_the_inflight_budget_wait_for_room_and_all_complete(
-    proxied: tuple[Model, Running],
+    start_sidecar: StartSidecar, model: tuple[Model, str]
 ) -> None:
-    model, running = proxied
-    proxy = proxy_of(running)
+    model, address = model
     size = MiB
-    proxy.budget.cap = 3 * size + 3 * 1024  # three calls' requests (and the ids added)
+    # A call takes room for the largest request before it reads its own:
+    # the budget has room for three.
+    limit = size + 2048
+    running = await start_sidecar(oip_proxies=(("127.0.0.1:0", address),), max_message_bytes=limit)
+    proxy = proxy_of(running)
+    proxy.budget.cap = 3 * limit
     model.gate.clear()
     requests = [body(size) for _ in range(8)]  # no id: the proxy adds one (a copy)
     with tracing():
@@ -221,10 +226,10 @@ async def test_without_a_budget_in_the_way_calls_are_not_held_back(
     async with client(running) as channel:
         method = channel.unary_unary(MODEL_INFER)
         calls = [asyncio.ensure_future(method(body(1000), timeout=30)) for _ in range(50)]
-        await eventually(lambda: model.inflight == 50)
+        await eventually(lambda: model.inflight == 50)  # all at once, none held back
         model.gate.set()
         await asyncio.gather(*calls)
-    assert proxy_of(running).budget_waits == 0
+    assert proxy_of(running).budget.used == 0
 
 
 async def test_a_call_bigger_than_the_whole_budget_goes_alone(
@@ -259,14 +264,94 @@ async def test_a_call_waiting_for_room_ends_at_its_deadline_and_is_recorded(
         held = asyncio.ensure_future(method(body(MiB - 100, "held-1"), timeout=30))
         await eventually(lambda: model.arrived == 1)
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await method(body(1000, "late-1"), timeout=0.3)
+            # Its request is not read while it waits: its event has the id of its metadata.
+            metadata = (("x-request-id", "l-1"),)
+            await method(body(1000, "late-1"), timeout=0.3, metadata=metadata)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        late = [e for e in await recorded(running, 1) if e.prediction_id == "late-1"]
+        late = [e for e in await recorded(running, 1) if e.prediction_id == "l-1"]
         assert [e.status_code for e in late] == ["DEADLINE_EXCEEDED"]
+        assert late[0].model.name == ""  # in the request, which was never read
         model.gate.set()
         await held
     assert model.arrived == 1  # the late call never reached the model server
     await eventually(lambda: proxy.budget.used == 0)
+
+
+# A proxy on its own (a process of its own, to measure): one 4 MiB request in flight at once.
+_PROXY_PROCESS = """
+import asyncio, sys
+import grpc
+from predtrace.sidecar._oip_proxy import OipProxy
+
+class Intake:
+    async def record(self, batch):
+        return type("Result", (), {"rejected": ()})()
+
+async def main():
+    limit = 4 * 1024 * 1024
+    proxy = OipProxy(Intake(), sys.argv[1], max_message_bytes=limit, max_inflight_bytes=limit)
+    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    server = grpc.aio.server(options=proxy.server_options(options))
+    server.add_generic_rpc_handlers((proxy.generic_handler(),))
+    print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+    await server.start()
+    await server.wait_for_termination()
+
+asyncio.run(main())
+"""
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+async def test_calls_waiting_for_room_leave_their_requests_with_their_callers(
+    model: tuple[Model, str],
+) -> None:
+    # gRPC takes a request from its caller as the handler reads it, and the
+    # proxy reads one only when the budget has room: 32 waiting 4 MiB calls
+    # (128 MiB, over two connections) do not grow the proxy by their size.
+    handler, address = model
+    handler.gate.clear()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _PROXY_PROCESS, address, stdout=asyncio.subprocess.PIPE
+    )
+    calls: list[asyncio.Future[bytes]] = []
+    try:
+        assert process.stdout is not None
+        port = int(await asyncio.wait_for(process.stdout.readline(), 30))
+        options = [("grpc.max_send_message_length", 8 * MiB), ("grpc.use_local_subchannel_pool", 1)]
+        channels = [
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in range(2)
+        ]
+        try:
+            request = body(4 * MiB - 1024)
+            idle = _rss(process.pid)
+            methods = [channel.unary_unary(MODEL_INFER) for channel in channels]
+            calls = [asyncio.ensure_future(methods[i % 2](request, timeout=60)) for i in range(33)]
+            await eventually(lambda: handler.arrived == 1)
+            grown = 0
+            for _ in range(15):  # the requests would be taken within a second on loopback
+                await asyncio.sleep(0.2)
+                grown = max(grown, _rss(process.pid) - idle)
+            assert handler.arrived == 1  # the others wait for room
+            assert grown < 64 * MiB  # the one in flight and its copies; not the 128 MiB waiting
+            handler.gate.set()
+            answers = await asyncio.gather(*calls)
+            assert len(answers) == 33
+        finally:
+            for channel in channels:
+                await channel.close(None)
+    finally:
+        handler.gate.set()
+        for call in calls:
+            call.cancel()
+        process.kill()
+        await process.wait()
 
 
 async def test_the_byte_budget_is_first_come_first_served_and_survives_cancellations() -> None:
@@ -341,6 +426,32 @@ def test_the_walk_and_protobuf_agree(message: bytes) -> None:
         parsed = None
     expected = None if parsed is None else (parsed.model_name, parsed.model_version, parsed.id)
     assert read_fields(message) == expected
+
+
+def padded_varint(value: int, size: int) -> bytes:
+    """``value`` as a varint written in ``size`` bytes (non-canonical past its own length)."""
+    out = bytearray()
+    for i in range(size):
+        out.append(value & 0x7F | (0x80 if i < size - 1 else 0))
+        value >>= 7
+    return bytes(out)
+
+
+@pytest.mark.parametrize("size", range(1, 11))
+@pytest.mark.parametrize("where", ["tag", "length"])
+def test_the_walk_and_protobuf_agree_on_tags_and_lengths_written_long(
+    where: str, size: int
+) -> None:
+    # protobuf's C parser takes a tag or a length of up to five bytes, and
+    # refuses a longer one as corrupt: the walk must not read the fields then.
+    name = (
+        padded_varint(0x0A, size) + b"\x05churn"
+        if where == "tag"
+        else b"\x0a" + padded_varint(5, size) + b"churn"
+    )
+    message = name + field(3, b"req-1")
+    test_the_walk_and_protobuf_agree(message)
+    assert (read_fields(message) is not None) == (size <= 5)
 
 
 # -- 2. the upstream's error details and retry pushback reach the caller --------------
@@ -564,7 +675,11 @@ async def test_the_listener_options_put_the_raised_send_limit_first(
     try:
         limit = ("grpc.max_send_message_length", 4 * MiB)
         options = proxy.server_options([("grpc.x", 1), limit])
-        assert options == [("grpc.max_send_message_length", 4 * MiB + 1024), ("grpc.x", 1)]
+        assert options == [
+            ("grpc.max_send_message_length", 4 * MiB + 1024),
+            ("grpc.http2.bdp_probe", 0),  # an unread request stays with its caller
+            ("grpc.x", 1),
+        ]
     finally:
         await proxy.close()
 
