@@ -40,7 +40,7 @@ from predtrace.sidecar._config import DeploymentConfig
 from predtrace.sidecar._errors import SpoolError
 from predtrace.sidecar._intake import Intake
 from predtrace.sidecar._oip_fields import OipFields, clean_text, id_field, read_fields
-from predtrace.sidecar._oip_upstream import ByteBudget, ChannelPool, Upstream
+from predtrace.sidecar._oip_upstream import BudgetShare, ByteBudget, ChannelPool, Upstream
 from predtrace.sidecar.pipeline import RateLimitedLog
 from predtrace.wire import CALLER_ID_RE, ModelRef, PredictionEvent, Status, new_prediction_id
 
@@ -87,6 +87,9 @@ INFLIGHT_MESSAGES: Final = 16
 # throughput of 4 MiB requests is not lower for it (their read opens the
 # window); across a long, slow link (not measured) one upload may be.
 LISTENER_OPTIONS: Final = (("grpc.http2.bdp_probe", 0),)
+# A ModelInfer request not read this long after its call got room in the
+# budget is read outside it (see ``OipProxy._read_request``).
+READ_GRACE_S: Final = 0.25
 # A caller id outside the wire's rule (CALLER_ID_RE, as in the middleware) is
 # refused by the intake (a NUL) or cannot be looked up in the collector (a
 # space, non-ASCII, over 256 characters).
@@ -267,6 +270,7 @@ class OipProxy(_Handler):
         self.invalid_caller_ids = 0
         self.unreadable_requests = 0  # malformed: forwarded untouched, recorded under a new id
         self.ids_not_added = 0  # no room under the message limit for the id the proxy adds
+        self.slow_reads = 0  # requests read outside the budget: not arrived in READ_GRACE_S
         del deployment  # identity is stamped by the intake's enricher
 
     @property
@@ -409,18 +413,15 @@ class OipProxy(_Handler):
         self.requests += 1
         start_ns, started = time.time_ns(), time.perf_counter_ns()
         metadata = _forwardable(context.invocation_metadata())
-        held = self._max_message_bytes
+        share = self.budget.share()
         try:
-            await self.budget.acquire(held)
-        except asyncio.CancelledError:
-            self._unread(metadata, start_ns, started, context)
-            raise
-        try:
-            # The one request, read from the context: an iterator over
-            # ``requests`` left suspended after it would keep it alive.
             try:
-                request = await context.read()
-            except asyncio.CancelledError:
+                await share.take(self._max_message_bytes)
+                request = await self._read_request(context, share)
+            except (asyncio.CancelledError, Exception):
+                # Cancelled (a deadline, the caller), or the call ended under
+                # the read (grpc.aio then raises its own errors): recorded as
+                # a call whose request was never read.
                 self._unread(metadata, start_ns, started, context)
                 raise
             if not isinstance(request, bytes):  # EOF: the caller sent no request
@@ -438,13 +439,16 @@ class OipProxy(_Handler):
             # appended id would override the caller's own.
             field = self._id_field(request, prediction_id) if parsed and oip_id == "" else b""
             event = self._event(prediction_id, parsed or _NO_FIELDS, metadata, start_ns)
-            # The bytes sent upstream, held (by gRPC) until the answer.
-            size = len(request) + len(field)
-            self.budget.resize(held, size)
-            held = size
+            try:
+                # The bytes sent upstream, held (by gRPC) until the answer; a
+                # request read outside the budget (slow) waits for its turn.
+                await share.take(len(request) + len(field))
+            except asyncio.CancelledError:
+                self._finish(event, started, status=_cancel_status(context))
+                raise
             upstream = self._pool.take()
             try:
-                if field:  # the one copy of the request the proxy makes, counted in ``held``
+                if field:  # the one copy of the request the proxy makes, counted in the share
                     request += field
                 return await self._forward(
                     upstream,
@@ -458,7 +462,29 @@ class OipProxy(_Handler):
             finally:
                 self._pool.give_back(upstream)
         finally:
-            self.budget.release(held)
+            share.release()
+
+    async def _read_request(
+        self, context: grpc.aio.ServicerContext[bytes, bytes], share: BudgetShare
+    ) -> object:
+        """The call's one request (``EOF`` if none came), read within ``share`` if it is quick.
+
+        Read from the context (an iterator over the request stream left
+        suspended after it would keep the request alive). A request still
+        arriving ``READ_GRACE_S`` after the call got its room (a slow link,
+        or a caller that has not sent it yet) gives the room back and is read
+        outside the budget: calls that wait on their callers never hold up
+        the others.
+        """
+        read = asyncio.ensure_future(context.read())
+        try:
+            done, _ = await asyncio.wait((read,), timeout=READ_GRACE_S)
+            if not done:
+                share.release()
+                self.slow_reads += 1
+            return await read
+        finally:
+            read.cancel()  # nothing once it is done; else the call is ending
 
     @staticmethod
     def _event(

@@ -130,10 +130,9 @@ class ByteBudget:
         self.used -= size
         self._wake()
 
-    def resize(self, held: int, size: int) -> None:
-        """Hold ``size`` bytes instead of ``held`` (more at once: they are here already)."""
-        self.used += size - held
-        self._wake()
+    def share(self) -> BudgetShare:
+        """A call's share of the budget, empty until it ``take``s some."""
+        return BudgetShare(self)
 
     def _wake(self) -> None:
         while self._waiters:
@@ -146,3 +145,28 @@ class ByteBudget:
             self._waiters.popleft()
             self.used += size
             waiter.set_result(None)
+
+
+class BudgetShare:
+    """What one call holds of a ``ByteBudget``: taken, resized, given back once."""
+
+    __slots__ = ("_budget", "amount")
+
+    def __init__(self, budget: ByteBudget) -> None:
+        self._budget, self.amount = budget, 0
+
+    async def take(self, size: int) -> None:
+        """Hold ``size`` bytes: at once when the share holds some (resized), else in turn."""
+        if self.amount:
+            self._budget.used += size - self.amount
+            self.amount = size
+            self._budget._wake()  # a smaller share leaves room for the next in line
+            return
+        await self._budget.acquire(size)
+        self.amount = size
+
+    def release(self) -> None:
+        """Give everything back (safe twice)."""
+        if self.amount:
+            amount, self.amount = self.amount, 0
+            self._budget.release(amount)

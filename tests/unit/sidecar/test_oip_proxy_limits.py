@@ -25,7 +25,7 @@ from predtrace.sidecar._app import grpc_server_options
 from predtrace.sidecar._intake import IntakeResult
 from predtrace.sidecar._metrics import SidecarMetrics
 from predtrace.sidecar._oip_fields import read_fields
-from predtrace.sidecar._oip_proxy import OipProxy
+from predtrace.sidecar._oip_proxy import INFLIGHT_MESSAGES, OipProxy
 from predtrace.sidecar._oip_upstream import ByteBudget
 from predtrace.sidecar._protowire import encode_varint
 from predtrace.wire import Rejection, Status, uuid7_timestamp_ms
@@ -277,11 +277,55 @@ async def test_a_call_waiting_for_room_ends_at_its_deadline_and_is_recorded(
     await eventually(lambda: proxy.budget.used == 0)
 
 
+async def test_callers_that_have_not_sent_their_request_hold_up_no_one(
+    proxied: tuple[Model, Running],
+) -> None:
+    # Each of these calls gets room for a largest request before reading it;
+    # once their callers keep them waiting, that room goes to the others.
+    model, running = proxied
+    proxy = proxy_of(running)
+    async with client(running) as stalled_channel, client(running) as channel:
+        stalled = [
+            stalled_channel.stream_unary(MODEL_INFER)(
+                timeout=30, metadata=(("x-request-id", f"stalled-{i}"),)
+            )
+            for i in range(INFLIGHT_MESSAGES + 4)
+        ]
+        await eventually(lambda: proxy.budget.used == proxy.budget.cap)  # all the room, unread
+        answer = await channel.unary_unary(MODEL_INFER)(body(100, "quick-1"), timeout=5)
+        assert pb.ModelInferResponse.FromString(answer).id == "quick-1"
+        assert proxy.slow_reads >= INFLIGHT_MESSAGES
+        for call in stalled:
+            call.cancel()
+    # Cancelled before their request came: recorded under their header ids.
+    events = await recorded(running, INFLIGHT_MESSAGES + 5)
+    cancelled = {e.prediction_id for e in events if e.status_code == "CANCELLED"}
+    assert cancelled == {f"stalled-{i}" for i in range(INFLIGHT_MESSAGES + 4)}
+    await eventually(lambda: proxy.budget.used == 0)
+    assert model.arrived == 1
+
+
+async def test_a_call_cancelled_while_its_request_is_read_is_recorded(
+    proxied: tuple[Model, Running],
+) -> None:
+    _, running = proxied
+    async with client(running) as channel:
+        call = channel.stream_unary(MODEL_INFER)(
+            timeout=0.5, metadata=(("x-request-id", "unsent-1"),)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    (event,) = [e for e in await recorded(running, 1) if e.prediction_id == "unsent-1"]
+    assert event.status_code == "DEADLINE_EXCEEDED"
+    await eventually(lambda: proxy_of(running).budget.used == 0)
+
+
 # A proxy on its own (a process of its own, to measure): one 4 MiB request in flight at once.
 _PROXY_PROCESS = """
 import asyncio, sys
 import grpc
-from predtrace.sidecar._oip_proxy import OipProxy
+from predtrace.sidecar._oip_proxy import INFLIGHT_MESSAGES, OipProxy
 
 class Intake:
     async def record(self, batch):
