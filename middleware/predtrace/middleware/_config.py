@@ -172,7 +172,7 @@ class MiddlewareConfig:
                 )
         if self.fingerprint_key is not None and len(self.fingerprint_key) < _MIN_KEY_LEN:
             raise ConfigError(f"fingerprint_key must be at least {_MIN_KEY_LEN} characters")
-        for name in _IDENTITY_FIELDS:
+        for name in _IDENTITY_FIELDS if self.enabled else ():
             problem = identity_problem(getattr(self, name))
             if problem is not None:
                 raise ConfigError(f"{name} cannot be stamped on events: {problem}")
@@ -256,13 +256,15 @@ class MiddlewareConfig:
         resolver: ModelResolver | None,
         tracer_provider: TracerProvider | None,
     ) -> MiddlewareConfig:
+        enabled = reader.flag(env.PREDTRACE_ENABLED, default=True)
         try:
-            # The sidecar's chain: the error names the variable the value came from.
-            deployment = deployment_from_env(environ)
+            # The sidecar's chain: the error names the variable the value came
+            # from. Disabled, the middleware stamps nothing: nothing to refuse.
+            deployment = deployment_from_env(environ if enabled else {})
         except DeploymentEnvError as exc:
             raise ConfigError(str(exc)) from None
         return cls(
-            enabled=reader.flag(env.PREDTRACE_ENABLED, default=True),
+            enabled=enabled,
             collector_url=reader.text(env.PREDTRACE_COLLECTOR_URL),
             collector_token=reader.text(env.PREDTRACE_COLLECTOR_TOKEN),
             collector_timeout=reader.number(env.PREDTRACE_COLLECTOR_TIMEOUT, 10.0),

@@ -339,3 +339,23 @@ async def test_a_middleware_event_and_the_sidecar_agree_on_the_deployment(
     through_sidecar = DeploymentEnricher(sidecar)(PredictionEvent("p-1"))
     assert deployment_key(event) == deployment_key(through_sidecar)
     assert deployment_key(event) == f"{sidecar.namespace}/{sidecar.service}"
+
+
+def test_values_are_stripped_and_a_blank_one_is_unset_on_both_sides() -> None:
+    # Padded values were stripped by the middleware before the shared chain;
+    # a changed deployment key after an upgrade would split one deployment.
+    environ = {
+        "PREDTRACE_SERVICE_NAME": "  ",
+        "OTEL_SERVICE_NAME": "svc\n",
+        "PREDTRACE_K8S_NAMESPACE": " ns1 ",
+        "PREDTRACE_DEPLOYMENT_ID": "\tprod-1 ",
+    }
+    config = _from_env(environ)
+    assert (config.service, config.namespace, config.deployment_id) == ("svc", "ns1", "prod-1")
+    assert _middleware_deployment(config) == _sidecar_deployment(environ)
+
+
+def test_a_disabled_middleware_reads_and_refuses_no_deployment() -> None:
+    environ = {"PREDTRACE_ENABLED": "false", "OTEL_RESOURCE_ATTRIBUTES": "k8s.pod.name=a%00b"}
+    config = MiddlewareConfig.from_env(environ)
+    assert not config.enabled and config.pod == ""

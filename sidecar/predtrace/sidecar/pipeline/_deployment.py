@@ -70,10 +70,14 @@ def resource_attributes(text: str) -> dict[str, str]:
 
 
 def _pick(environ: Mapping[str, str], names: tuple[str, ...]) -> tuple[str, str]:
-    """The first of ``names`` set (non-empty) and its name; ``("", "")`` if none is."""
+    """The first of ``names`` set (not blank) and its name, stripped; ``("", "")`` if none is.
+
+    A value of only whitespace counts as unset: the next name is asked.
+    """
     for name in names:
-        if environ.get(name):
-            return environ[name], name
+        value = environ.get(name, "").strip()
+        if value:
+            return value, name
     return "", ""
 
 
@@ -89,7 +93,7 @@ def deployment_from_env(environ: Mapping[str, str]) -> dict[str, str]:
     for name, variables, attribute in DEPLOYMENT_SOURCES:
         value, source = _pick(environ, variables)
         if not value and attribute:
-            value = resource.get(attribute, "")
+            value = resource.get(attribute, "").strip()
             source = f"{OTEL_RESOURCE_ATTRIBUTES} ({attribute})"
         problem = identity_problem(value)
         if problem is not None:
