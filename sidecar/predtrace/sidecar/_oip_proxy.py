@@ -90,6 +90,8 @@ LISTENER_OPTIONS: Final = (("grpc.http2.bdp_probe", 0),)
 # A ModelInfer request not read this long after its call got room in the
 # budget is read outside it (see ``OipProxy._read_request``).
 READ_GRACE_S: Final = 0.25
+# A cancellation this close to the call's deadline is the deadline's (see _cancel_status).
+_DEADLINE_SLACK_S: Final = 0.05
 # A caller id outside the wire's rule (CALLER_ID_RE, as in the middleware) is
 # refused by the intake (a NUL) or cannot be looked up in the collector (a
 # space, non-ASCII, over 256 characters).
@@ -175,11 +177,20 @@ def _usable(caller_id: object) -> TypeGuard[str]:
 
 
 def _cancel_status(context: grpc.aio.ServicerContext[bytes, bytes]) -> grpc.StatusCode:
-    """Why grpc.aio cancelled a handler: its deadline passed, or the call was cancelled."""
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
+    """Why grpc.aio cancelled a handler: its deadline passed, or the call was cancelled.
+
+    The caller's own deadline fires first and cancels the call: the server
+    sees the cancellation a few milliseconds before its copy of the deadline.
+    """
+    if _past_deadline(context):
         return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.CANCELLED
+
+
+def _past_deadline(context: grpc.aio.ServicerContext[bytes, bytes]) -> bool:
+    """Whether the call's deadline has passed (or is within ``_DEADLINE_SLACK_S``)."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= _DEADLINE_SLACK_S
 
 
 class _Recorder:
@@ -424,7 +435,11 @@ class OipProxy(_Handler):
                 # a call whose request was never read.
                 self._unread(metadata, start_ns, started, context)
                 raise
-            if not isinstance(request, bytes):  # EOF: the caller sent no request
+            if not isinstance(request, bytes):  # EOF: no request came
+                if context.cancelled() or _past_deadline(context):
+                    # The call ended under the read (grpc.aio's read then gives
+                    # EOF, not an error): recorded as a call never read.
+                    self._unread(metadata, start_ns, started, context)
                 await context.abort(grpc.StatusCode.INTERNAL, "ModelInfer: no request message")
             parsed = read_fields(request)
             if parsed is None:
@@ -439,13 +454,10 @@ class OipProxy(_Handler):
             # appended id would override the caller's own.
             field = self._id_field(request, prediction_id) if parsed and oip_id == "" else b""
             event = self._event(prediction_id, parsed or _NO_FIELDS, metadata, start_ns)
-            try:
-                # The bytes sent upstream, held (by gRPC) until the answer; a
-                # request read outside the budget (slow) waits for its turn.
-                await share.take(len(request) + len(field))
-            except asyncio.CancelledError:
-                self._finish(event, started, status=_cancel_status(context))
-                raise
+            # The bytes sent upstream, held (by gRPC) until the answer. A
+            # request read outside the budget (slow) goes at once too, past
+            # the cap if need be: queued, it would sit here whole.
+            share.hold(len(request) + len(field))
             upstream = self._pool.take()
             try:
                 if field:  # the one copy of the request the proxy makes, counted in the share

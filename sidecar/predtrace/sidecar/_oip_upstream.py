@@ -156,14 +156,19 @@ class BudgetShare:
         self._budget, self.amount = budget, 0
 
     async def take(self, size: int) -> None:
-        """Hold ``size`` bytes: at once when the share holds some (resized), else in turn."""
-        if self.amount:
-            self._budget.used += size - self.amount
-            self.amount = size
-            self._budget._wake()  # a smaller share leaves room for the next in line
-            return
+        """Hold ``size`` bytes, in turn (the share holds none yet)."""
         await self._budget.acquire(size)
         self.amount = size
+
+    def hold(self, size: int) -> None:
+        """Hold ``size`` bytes now, instead of what the share holds, past the cap if need be.
+
+        For bytes already here (a request read): waiting would only keep
+        them longer. Counted, they keep later calls waiting until they drain.
+        """
+        self._budget.used += size - self.amount
+        self.amount = size
+        self._budget._wake()  # a smaller share leaves room for the next in line
 
     def release(self) -> None:
         """Give everything back (safe twice)."""

@@ -305,6 +305,53 @@ async def test_callers_that_have_not_sent_their_request_hold_up_no_one(
     assert model.arrived == 1
 
 
+async def test_a_request_read_outside_the_budget_goes_on_at_once_not_held_in_turn(
+    proxied: tuple[Model, Running],
+) -> None:
+    # Slow requests given back their room are read whole: queued for room
+    # again, they would sit in the sidecar, as many as callers chose to send.
+    model, running = proxied
+    proxy = proxy_of(running)
+    proxy.budget.cap = 2 * proxy._max_message_bytes
+    model.gate.clear()
+    async with client(running, max_send_message_length=8 * MiB) as channel:
+        slow = [channel.stream_unary(MODEL_INFER)(timeout=30) for _ in range(3)]
+        await eventually(lambda: proxy.slow_reads == 3)
+        method = channel.unary_unary(MODEL_INFER)
+        big = [asyncio.ensure_future(method(body(4 * MiB - 1000), timeout=30)) for _ in range(2)]
+        await eventually(lambda: model.arrived == 2)  # the budget is full now
+        for k, call in enumerate(slow):
+            await call.write(body(1000, f"slow-{k}"))
+            await call.done_writing()
+        await eventually(lambda: model.arrived == 5)  # past the cap, not waiting for room
+        model.gate.set()
+        answers = [pb.ModelInferResponse.FromString(await call) for call in slow]
+        await asyncio.gather(*big)
+    assert [a.id for a in answers] == ["slow-0", "slow-1", "slow-2"]
+    await eventually(lambda: proxy.budget.used == 0)
+
+
+@pytest.mark.parametrize("deadline", [0.3, 1.5])
+async def test_a_call_past_its_deadline_while_waiting_is_recorded_as_such(
+    proxied: tuple[Model, Running], deadline: float
+) -> None:
+    # The caller's deadline cancels the call a few ms before the server's copy.
+    model, running = proxied
+    proxy = proxy_of(running)
+    proxy.budget.cap = MiB
+    model.gate.clear()
+    async with client(running, max_send_message_length=8 * MiB) as channel:
+        method = channel.unary_unary(MODEL_INFER)
+        held = asyncio.ensure_future(method(body(MiB - 100, "held-2"), timeout=30))
+        await eventually(lambda: model.arrived == 1)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await method(body(1000), timeout=deadline, metadata=(("x-request-id", "late-2"),))
+        late = [e for e in await recorded(running, 1) if e.prediction_id == "late-2"]
+        assert [e.status_code for e in late] == ["DEADLINE_EXCEEDED"]
+        model.gate.set()
+        await held
+
+
 async def test_a_call_cancelled_while_its_request_is_read_is_recorded(
     proxied: tuple[Model, Running],
 ) -> None:
