@@ -330,7 +330,15 @@ class _NoPrediction(PredictionContext):
     def active(self) -> bool:
         return False
 
-    def set_model(self, **_: str | None) -> None:
+    def set_model(  # the same keywords as a prediction's: a typo fails alike, telemetry on or off
+        self,
+        *,
+        name: str | None = None,
+        version: str | None = None,
+        alias: str | None = None,
+        registry_model_id: str | None = None,
+        artifact_digest: str | None = None,
+    ) -> None:
         return
 
     def add_model(self, *, role: str, name: str, version: str = "") -> None:

@@ -201,3 +201,12 @@ async def test_a_label_of_the_wrong_type_costs_no_other_event_of_its_batch(
     assert len(events.events) == 21
     stats = runtime.stats()
     assert stats.get("dropped", 0) == 0 and stats[IGNORED] == 2
+
+
+def test_a_misspelt_keyword_fails_alike_inside_and_outside_a_prediction() -> None:
+    # Accepted outside a prediction only, a typo would pass every test run
+    # with telemetry off and fail the first prediction with it on.
+    inside = PredictionContext("p", sampled=True, features=frozenset(), attributes=frozenset())
+    for context in (current_prediction(), inside):
+        with pytest.raises(TypeError, match="nmae"):
+            context.set_model(nmae="churn")  # type: ignore[call-arg]
