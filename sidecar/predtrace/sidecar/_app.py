@@ -23,7 +23,7 @@ import socket
 import ssl
 import time
 from collections.abc import Mapping
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import grpc
 from grpc_health.v1 import _async as health_aio  # the package's asyncio servicer
@@ -39,10 +39,6 @@ from predtrace.sidecar._config import (
 from predtrace.sidecar._errors import ConfigError
 from predtrace.sidecar._grpc_api import SERVICE_NAME, GrpcSource
 from predtrace.sidecar._intake import Intake
-from predtrace.sidecar._metrics import MetricsServer
-from predtrace.sidecar._oip_proxy import OipProxy
-from predtrace.sidecar._otlp import OtlpReceiver, http_listen_what
-from predtrace.sidecar._otlp_export import OtlpForwarder
 from predtrace.sidecar._processors import DeploymentEnricher, default_processors
 from predtrace.sidecar._shipper import Shipper
 from predtrace.sidecar._status import StatusView, build_status, spool_refusal
@@ -50,6 +46,15 @@ from predtrace.sidecar.pipeline import CollectorClient, Processor
 from predtrace.sidecar.spool import FaultPoints, FileLayer, OsFileLayer, Spool, write_whole
 from predtrace.v1 import sidecar_pb2
 from predtrace.wire import producer_id_base, restarted_producer_id
+
+if TYPE_CHECKING:
+    # Imported where they start: a sidecar without OTLP, an OIP proxy or
+    # /metrics does not load them (their protobuf and HTTP server modules
+    # cost some 10-15 MB of memory).
+    from predtrace.sidecar._metrics import MetricsServer
+    from predtrace.sidecar._oip_proxy import OipProxy
+    from predtrace.sidecar._otlp import OtlpReceiver
+    from predtrace.sidecar._otlp_export import OtlpForwarder
 
 _log = logging.getLogger("predtrace.sidecar")
 # What a shipper gets to finish its last step once the drain deadline passed.
@@ -161,6 +166,8 @@ class SidecarApp:
         self._shipper_task.add_done_callback(self._on_shipper_done)
         await self._start_api(intake)
         if config.otlp_export:
+            from predtrace.sidecar._otlp_export import OtlpForwarder  # noqa: PLC0415 - see top
+
             self._forwarder = OtlpForwarder(
                 config.otlp_export,
                 headers=dict(config.otlp_export_headers),
@@ -172,6 +179,8 @@ class SidecarApp:
         for index, (listen, upstream) in enumerate(config.oip_proxies):
             await self._start_oip(intake, listen, upstream, index)
         if config.metrics_listen:
+            from predtrace.sidecar._metrics import MetricsServer  # noqa: PLC0415 - see top
+
             self._metrics = MetricsServer(self)
             self.addresses["metrics"] = await self._metrics.start(config.metrics_listen)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -200,6 +209,8 @@ class SidecarApp:
     async def _start_otlp(self, intake: Intake) -> None:
         config = self.config
         assert config.otlp_listen is not None  # noqa: S101 - checked by the caller
+        from predtrace.sidecar._otlp import OtlpReceiver, http_listen_what  # noqa: PLC0415
+
         self._otlp = OtlpReceiver(intake, self._forwarder)
         # Bounds the partial messages one connection can hold in memory (an
         # OTLP export is one unary call); further calls wait their turn at the
@@ -222,6 +233,8 @@ class SidecarApp:
         )
 
     async def _start_oip(self, intake: Intake, listen: str, upstream: str, index: int) -> None:
+        from predtrace.sidecar._oip_proxy import OipProxy  # noqa: PLC0415 - see top
+
         proxy = OipProxy(
             intake,
             upstream,
