@@ -330,22 +330,10 @@ class _NoPrediction(PredictionContext):
     def active(self) -> bool:
         return False
 
-    def set_model(  # the same keywords as a prediction's: a typo fails alike, telemetry on or off
-        self,
-        *,
-        name: str | None = None,
-        version: str | None = None,
-        alias: str | None = None,
-        registry_model_id: str | None = None,
-        artifact_digest: str | None = None,
-    ) -> None:
-        return
-
-    def add_model(self, *, role: str, name: str, version: str = "") -> None:
-        return
-
-    def set_attribute(self, key: str, value: str) -> None:
-        return
+    def _too_late(self) -> bool:
+        # Every helper asks this first: outside a prediction each does nothing,
+        # with a prediction's own signature (a misspelt keyword fails alike).
+        return True
 
 
 NO_PREDICTION: Final[PredictionContext] = _NoPrediction(
