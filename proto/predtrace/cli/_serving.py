@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import resource
+import socket
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -157,3 +159,18 @@ class AcceptErrorLog:
         extra = f" ({self.left_out} more since the last one)" if self.left_out else ""
         _log.warning("cannot accept connections: %s%s", exc or "out of resources", extra)
         self.left_out = 0
+
+
+def listen_error(listen: str, what: str, exc: OSError) -> OSError:
+    """The error for an address an HTTP listener could not bind, naming it and its setting.
+
+    Worded as the gRPC listeners' (``cannot listen on HOST:PORT (--flag): reason``),
+    not as aiohttp's bare errno.
+    """
+    if isinstance(exc, socket.gaierror):  # a host name that does not resolve
+        reason = f"cannot resolve the host ({exc.strerror})"
+    elif exc.errno:
+        reason = os.strerror(exc.errno).lower()
+    else:
+        reason = str(exc) or "the address is in use or unusable"
+    return OSError(f"cannot listen on {listen} ({what}): {reason}")

@@ -7,7 +7,6 @@ several sidecars can run in one test process. Served on its own listener at
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Final, TypeVar
 
@@ -16,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from predtrace.cli._serving import IDLE_TIMEOUT_S
+from predtrace.cli._serving import IDLE_TIMEOUT_S, listen_error
 from predtrace.sidecar._config import join_hostport, parse_hostport
 from predtrace.sidecar._otlp_export import SPAN_DROP_REASONS
 from predtrace.sidecar._processors import redaction_counts
@@ -254,12 +253,8 @@ class MetricsServer:
         host, port = parse_hostport(listen, "--metrics-listen")
         try:
             await web.TCPSite(self._runner, host, port).start()
-        except OSError as exc:  # worded as the gRPC listeners' (``_app._bind``)
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise OSError(
-                f"cannot listen on {listen} (--metrics-listen): the address is in use or "
-                f"unusable ({reason})"
-            ) from None
+        except OSError as exc:
+            raise listen_error(listen, "--metrics-listen", exc) from None
         return join_hostport(host, self._runner.addresses[0][1])
 
     async def _scrape(self, request: web.Request) -> web.Response:

@@ -22,8 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import socket
 import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +33,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from predtrace.cli._serving import IDLE_TIMEOUT_S, quiet_client_errors
+from predtrace.cli._serving import IDLE_TIMEOUT_S, listen_error, quiet_client_errors
 from predtrace.sidecar._config import join_hostport, parse_hostport
 from predtrace.sidecar._errors import SpoolError
 from predtrace.sidecar._intake import Intake
@@ -120,15 +118,6 @@ def http_listen_what(given: bool | None = None) -> str:
         "OTLP/HTTP: --otlp-listen's port + 1, as --otlp-http-listen is not given; "
         "give --otlp-http-listen HOST:PORT to choose another"
     )
-
-
-def _bind_reason(exc: OSError) -> str:
-    """Why an address could not be listened on, in a few words ("address already in use")."""
-    if isinstance(exc, socket.gaierror):  # a host name that does not resolve
-        return f"cannot resolve the host ({exc.strerror})"
-    if exc.errno:
-        return os.strerror(exc.errno).lower()
-    return str(exc) or "the address is in use or unusable"
 
 
 class _TraceService:
@@ -340,7 +329,7 @@ class OtlpReceiver:
             await self._runner.cleanup()
             self._runner = None
             what = what or http_listen_what()
-            raise OSError(f"cannot listen on {listen} ({what}): {_bind_reason(exc)}") from None
+            raise listen_error(listen, what, exc) from None
         bound = self._runner.addresses[0][1]
         return join_hostport(host, bound)
 

@@ -283,7 +283,7 @@ async def test_a_busy_metrics_port_is_named_like_a_busy_grpc_port() -> None:
         finally:
             await server.stop()
     assert str(info.value).startswith(
-        f"cannot listen on {listen} (--metrics-listen): the address is in use or unusable"
+        f"cannot listen on {listen} (--metrics-listen): address already in use"
     )
 
 
