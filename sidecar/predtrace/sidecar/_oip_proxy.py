@@ -436,10 +436,11 @@ class OipProxy(_Handler):
                 self._unread(metadata, start_ns, started, context)
                 raise
             if not isinstance(request, bytes):  # EOF: no request came
-                if context.cancelled() or _past_deadline(context):
-                    # The call ended under the read (grpc.aio's read then gives
-                    # EOF, not an error): recorded as a call never read.
-                    self._unread(metadata, start_ns, started, context)
+                # The call ended under the read (grpc.aio's read then gives EOF,
+                # and may do so before the context says it was cancelled), or a
+                # caller half-closed without a request: either way a call that
+                # never reached the model server, recorded as such.
+                self._unread(metadata, start_ns, started, context)
                 await context.abort(grpc.StatusCode.INTERNAL, "ModelInfer: no request message")
             parsed = read_fields(request)
             if parsed is None:
