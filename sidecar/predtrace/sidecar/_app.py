@@ -374,6 +374,7 @@ class SidecarApp:
             oip_budget_waits=sum(proxy.budget_waits for proxy in self._proxies),
             oip_inflight_bytes=sum(proxy.budget.used for proxy in self._proxies),
             otlp_busy_refusals=dict(self._otlp.budget_refusals) if self._otlp else None,
+            otlp_duplicate_exports=self._otlp.duplicate_exports if self._otlp else None,
         )
 
     def _on_shipper_done(self, task: asyncio.Task[None]) -> None:

@@ -162,6 +162,13 @@ class SidecarMetrics(Collector):
                 "transport",
                 view.otlp_busy_refusals,
             )
+        if view.otlp_duplicate_exports is not None:
+            yield _counter(
+                "otlp_duplicate_exports",
+                "OTLP exports with the bytes of one already taken (a sender's retry after its "
+                "deadline): answered with that export's answer, its predictions not spooled again",
+                view.otlp_duplicate_exports,
+            )
         if view.otlp_forward is not None:
             forward = view.otlp_forward
             yield _counter(

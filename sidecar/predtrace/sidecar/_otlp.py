@@ -15,15 +15,23 @@ retryable by the OTLP spec), over HTTP in a ``google.rpc.Status`` body in the
 request's encoding (503 + Retry-After when busy). A request that this sidecar
 forwarded itself is refused (508): an ``--otlp-export`` pointing back at the
 sidecar would otherwise loop.
+
+An export is taken once: a sender whose call ended on its side (a deadline)
+while the sidecar was still spooling retries with the same bytes, and that
+retry gets the first call's answer instead of spooling the events again (an
+OTLP request names no batch; its bytes are its name, kept for the last 4,096
+exports). The work of a call whose caller gave up runs to its end, its bytes
+still charged to the in-flight budget.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final, NoReturn, TypeVar
 
@@ -60,6 +68,7 @@ from predtrace.sidecar._otlp_body import (
 )
 from predtrace.sidecar._otlp_export import FORWARDED_BY, OtlpForwarder
 from predtrace.sidecar._otlp_spans import export_response, request_to_events
+from predtrace.sidecar._recent_batches import RecentBatches
 from predtrace.sidecar.pipeline import RateLimitedLog
 from predtrace.wire import (
     WireTooLargeError,
@@ -80,15 +89,14 @@ _THREAD_BYTES: Final = 16 * 1024
 # deadline) runs on in its thread, and still holds one of the two. Smaller
 # bodies are parsed on the loop, one at a time by construction.
 _MAX_BIG_PARSES: Final = 2
-_In = TypeVar("_In")
 _Out = TypeVar("_Out")
 
 
-async def _off_loop(size: int, work: Callable[[_In], _Out], arg: _In) -> _Out:
-    """``work(arg)``, in a thread when ``size`` says it is big."""
+async def _off_loop(size: int, work: Callable[..., _Out], *args: object) -> _Out:
+    """``work(*args)``, in a thread when ``size`` says it is big."""
     if size > _THREAD_BYTES:
-        return await asyncio.to_thread(work, arg)
-    return work(arg)
+        return await asyncio.to_thread(work, *args)
+    return work(*args)
 
 
 _log = logging.getLogger("predtrace.sidecar.otlp")
@@ -106,6 +114,11 @@ _INFLIGHT_BODIES: Final = 4
 _MAX_HOPS: Final = 16
 _STATUS_DETAILS: Final = "grpc-status-details-bin"
 ExportResponse = trace_service_pb2.ExportTraceServiceResponse
+
+
+def _export_key(body: bytes, as_json: bool) -> bytes:
+    """The name of an export (an OTLP request has none of its own): a digest of its bytes."""
+    return hashlib.blake2b(body, digest_size=16, person=b"json" if as_json else b"proto").digest()
 
 
 def http_listen_what(given: bool | None = None) -> str:
@@ -154,7 +167,7 @@ class _TraceService:
             self._receiver.budget_refusals["grpc"] += 1
             await _unavailable(context, exc.reason)
         try:
-            return await self._receiver.export(body, parse_protobuf)
+            return await self._receiver.export(body, parse_protobuf, reservation=reservation)
         except (DecodeError, RecursionError) as exc:
             reason = f"malformed ExportTraceServiceRequest: {decode_reason(exc)}"
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
@@ -196,9 +209,12 @@ class OtlpReceiver:
         # ``_big_parses`` at once, but leaves no body queued behind the pool.
         self._parse_slots = asyncio.Semaphore(_MAX_BIG_PARSES)
         self._log = RateLimitedLog(_log)
+        self._recent: RecentBatches[ExportResponse] = RecentBatches(ExportResponse.ByteSize)
         self.spans_received = 0
         self.budget_refusals = {"grpc": 0, "http": 0}
         """Exports refused because the in-flight budget was spent, by transport."""
+        self.duplicate_exports = 0
+        """Exports answered with the answer of an earlier one with the same bytes (a retry)."""
 
     @property
     def inflight_bytes(self) -> int:
@@ -214,13 +230,52 @@ class OtlpReceiver:
         body: bytes,
         parse: Callable[[bytes], ExportRequest],
         via: tuple[str, ...] = (),
+        *,
+        reservation: BodyReservation | None = None,
     ) -> ExportResponse:
-        """Parse ``body`` and ``accept`` it; a big one waits for one of the big-parse slots.
+        """``_parse_and_accept`` once per export (the same bytes again: a retry).
+
+        The work runs to its end even if the caller goes away, so that its
+        retry gets its answer; it takes over the caller's ``reservation``
+        (its body's share of the in-flight budget) and gives it back once done.
 
         Raises:
             DecodeError, RecursionError, OtlpJsonError, TooManySpansError: as ``parse``.
             SpoolError: as ``accept``.
         """
+        key = await _off_loop(len(body), _export_key, body, parse is parse_json)
+
+        def start() -> Awaitable[ExportResponse]:
+            held = reservation.hand_over() if reservation is not None else None
+            return self._parse_and_accept(body, parse, via, held)
+
+        # A retry waits for the first call's answer, its own bytes still held
+        # by its caller (they are until it answers).
+        answer, duplicate = await self._recent.spool_once(key, b"", start)
+        if not duplicate:
+            return answer
+        self.duplicate_exports += 1
+        copy = ExportResponse()
+        copy.CopyFrom(answer)  # the kept answer stays as it was
+        return copy
+
+    async def _parse_and_accept(
+        self,
+        body: bytes,
+        parse: Callable[[bytes], ExportRequest],
+        via: tuple[str, ...],
+        held: BodyReservation | None,
+    ) -> ExportResponse:
+        """Parse ``body`` and ``accept`` it; a big one waits for one of the big-parse slots."""
+        try:
+            return await self._parse_then_accept(body, parse, via)
+        finally:
+            if held is not None:
+                held.release()
+
+    async def _parse_then_accept(
+        self, body: bytes, parse: Callable[[bytes], ExportRequest], via: tuple[str, ...]
+    ) -> ExportResponse:
         if len(body) <= _THREAD_BYTES:
             return await self.accept(parse(body), len(body), via)
         async with self._big_parses:  # held while the parsed request lives
@@ -338,7 +393,7 @@ class OtlpReceiver:
         try:
             via = self._hops(request)
             body = await self._read_http(request, reservation)
-            answer = await self._export_http(body, request.content_type == JSON, via)
+            answer = await self._export_http(body, request.content_type == JSON, via, reservation)
         except BodyRefusedError as refused:
             if isinstance(refused, BudgetSpentError):
                 self.budget_refusals["http"] += 1
@@ -370,11 +425,12 @@ class OtlpReceiver:
         return hops
 
     async def _export_http(
-        self, body: bytes, as_json: bool, via: tuple[str, ...]
+        self, body: bytes, as_json: bool, via: tuple[str, ...], reservation: BodyReservation
     ) -> ExportResponse:
         """``export`` of a read body, its failures as the HTTP refusals they are."""
         try:
-            return await self.export(body, parse_json if as_json else parse_protobuf, via)
+            parse = parse_json if as_json else parse_protobuf
+            return await self.export(body, parse, via, reservation=reservation)
         except (DecodeError, RecursionError) as exc:
             reason = f"malformed OTLP protobuf body: {decode_reason(exc)}"
             raise BodyRefusedError(400, reason) from None

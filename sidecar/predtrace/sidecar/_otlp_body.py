@@ -125,6 +125,17 @@ class BodyReservation:
         self._budget.used -= self.amount
         self.amount = 0
 
+    def hand_over(self) -> BodyReservation:
+        """A new reservation holding what this one held; this one is left empty.
+
+        For work that may outlive the request that reserved the bytes (its
+        caller gave up): the work releases its own share once it is done, and
+        the request's ``release`` then gives back nothing.
+        """
+        taken = BodyReservation(self._budget)
+        taken.amount, self.amount = self.amount, 0
+        return taken
+
 
 async def read_body(
     request: web.Request, reservation: BodyReservation, *, limit: int, body_timeout: float

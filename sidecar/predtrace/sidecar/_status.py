@@ -48,6 +48,8 @@ class StatusView:
     oip_inflight_bytes: int = 0
     # OTLP exports refused with the in-flight budget spent, by transport (None: no receiver).
     otlp_busy_refusals: dict[str, int] | None = None
+    # OTLP exports answered as retries of one already taken (None: no receiver).
+    otlp_duplicate_exports: int | None = None
 
     def dropped(self) -> dict[str, int]:
         """Events dropped, by reason, across spool, shipper, intake and the OIP proxy.

@@ -340,13 +340,18 @@ async def test_a_big_export_is_parsed_off_the_loop_and_every_prediction_is_kept(
     running: Running = await start_sidecar(
         otlp_listen="127.0.0.1:0", otlp_export=sink.url, max_message_bytes=8 * 1024 * 1024
     )
-    request = trace_service_pb2.ExportTraceServiceRequest()
-    scope = request.resource_spans.add().scope_spans.add()
-    for k in range(2000):  # about 600 kB: over the in-loop bound
-        span = scope.spans.add(name="predict", trace_id=b"t" * 16, span_id=k.to_bytes(8, "big"))
-        span.attributes.add(key="predtrace.prediction.id").value.string_value = f"big-{k:04d}"
-        span.attributes.add(key="filler").value.string_value = "x" * 200
-    body = request.SerializeToString()
+
+    def big_body(via: str) -> bytes:
+        request = trace_service_pb2.ExportTraceServiceRequest()
+        scope = request.resource_spans.add().scope_spans.add()
+        for k in range(2000):  # about 600 kB: over the in-loop bound
+            trace_id = via.encode()[:1] * 16
+            span = scope.spans.add(name="predict", trace_id=trace_id, span_id=k.to_bytes(8, "big"))
+            span.attributes.add(key="predtrace.prediction.id").value.string_value = f"{via}-{k:04d}"
+            span.attributes.add(key="filler").value.string_value = "x" * 200
+        return request.SerializeToString()
+
+    body = big_body("http")
     assert len(body) > 256 * 1024
     url = f"http://{running.app.addresses['otlp-http']}/v1/traces"
     async with (
@@ -356,10 +361,10 @@ async def test_a_big_export_is_parsed_off_the_loop_and_every_prediction_is_kept(
         assert r.status == 200
     method = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
     async with grpc.aio.insecure_channel(running.app.addresses["otlp-grpc"]) as channel:
-        await channel.unary_unary(method)(body)
+        await channel.unary_unary(method)(big_body("grpc"))
     await eventually(lambda: len(running.collector.events()) >= 4000)
-    ids = {e.prediction_id for e in running.collector.events()}
-    assert ids == {f"big-{k:04d}" for k in range(2000)}
+    ids = [e.prediction_id for e in running.collector.events()]
+    assert sorted(ids) == sorted(f"{via}-{k:04d}" for via in ("http", "grpc") for k in range(2000))
 
 
 @dataclass
@@ -649,11 +654,13 @@ async def test_at_most_two_big_otlp_bodies_are_parsed_at_once_over_grpc_and_http
 
     monkeypatch.setattr(_otlp, "parse_json", slow_parse)
     monkeypatch.setattr(_otlp, "parse_protobuf", slow_parse)
-    big = b"{}" + b" " * 300_000  # over the size parsed on the loop
+    # Over the size parsed on the loop; six other bodies, not one sent six times.
+    bodies = iter(b"{}" + b" " * (300_000 + k) for k in range(6))
     url = f"http://{running.app.addresses['otlp-http']}/v1/traces"
     method = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
     async def over_http(session: aiohttp.ClientSession) -> None:
+        big = next(bodies)
         async with session.post(url, data=big, headers={"Content-Type": "application/json"}) as r:
             assert r.status == 200
 
@@ -663,7 +670,7 @@ async def test_at_most_two_big_otlp_bodies_are_parsed_at_once_over_grpc_and_http
     ):
         export = channel.unary_unary(method)
         await asyncio.gather(
-            *[over_http(session) for _ in range(3)], *[export(big) for _ in range(3)]
+            *[over_http(session) for _ in range(3)], *[export(next(bodies)) for _ in range(3)]
         )
     assert parsed[0] == 6
     assert peak[0] <= 2, f"{peak[0]} bodies parsed at once"

@@ -34,6 +34,7 @@ from .conftest import Running, StartSidecar
 PROTOBUF = "application/x-protobuf"
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 ExportRequest = trace_service_pb2.ExportTraceServiceRequest
+ExportResponse = trace_service_pb2.ExportTraceServiceResponse
 KiB = 1024
 
 
@@ -102,13 +103,16 @@ def _field(number: int, payload: bytes) -> bytes:
     return encode_varint(number << 3 | 2) + encode_varint(len(payload)) + payload
 
 
-def _export(spans: int, padding: int = 0) -> bytes:
-    """A request of ``spans`` predictions, and ``padding`` bytes of a field parsers skip."""
+def _export(spans: int, padding: int = 0, tag: str = "p") -> bytes:
+    """A request of ``spans`` predictions, and ``padding`` bytes of a field parsers skip.
+
+    Requests of other ``tag``s are other exports; the same bytes again are a retry.
+    """
     request = ExportRequest()
     scope = request.resource_spans.add().scope_spans.add()
     for k in range(spans):
         span = scope.spans.add(name="predict", trace_id=b"t" * 16, span_id=k.to_bytes(8, "big"))
-        span.attributes.add(key="predtrace.prediction.id").value.string_value = f"p-{k}"
+        span.attributes.add(key="predtrace.prediction.id").value.string_value = f"{tag}-{k}"
     return request.SerializeToString() + (_field(99, b"x" * padding) if padding else b"")
 
 
@@ -133,15 +137,15 @@ async def test_a_grpc_export_past_the_in_flight_budget_is_unavailable_at_once_un
     receiver = listening.receiver
     held = _HeldParse()
     monkeypatch.setattr(_otlp, "parse_protobuf", held)
-    body = _export(3, padding=200 * KiB)
+    body, other, third_body = (_export(3, padding=200 * KiB, tag=tag) for tag in "abc")
     channels = [grpc.aio.insecure_channel(listening.grpc) for _ in range(3)]
     try:
         first, second, third = (channel.unary_unary(EXPORT) for channel in channels)
-        parsing = [asyncio.ensure_future(first(body)), asyncio.ensure_future(second(body))]
+        parsing = [asyncio.ensure_future(first(body)), asyncio.ensure_future(second(other))]
         await eventually(lambda: held.waiting == 2)
         assert receiver.inflight_bytes == 2 * len(body)
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await third(body, timeout=5)
+            await third(third_body, timeout=5)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
         assert "in-flight budget" in (info.value.details() or "")
         assert _retry_delay(info.value) == 1.0, "retryable by the OTLP spec, in 1 s"
@@ -151,7 +155,7 @@ async def test_a_grpc_export_past_the_in_flight_budget_is_unavailable_at_once_un
         held.release.set()
         await asyncio.wait_for(asyncio.gather(*parsing), 10)
         assert receiver.inflight_bytes == 0
-        await third(body, timeout=5)  # the sender's retry is taken
+        await third(third_body, timeout=5)  # the sender's retry is taken
     finally:
         held.release.set()
         for channel in channels:
@@ -190,14 +194,16 @@ async def test_a_grpc_export_holds_its_bytes_while_parsed_and_frees_them_after_s
     assert receiver.budget_refusals == {"grpc": 0, "http": 0}
 
 
-async def test_a_grpc_export_its_client_gives_up_frees_its_bytes(
+async def test_a_grpc_export_its_client_gives_up_frees_its_bytes_once_its_work_ends(
     start_receiver: Callable[..., Awaitable[Listening]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The work of an export runs to its end whatever becomes of its call (so
+    # that the retry gets its answer); the bytes it holds stay charged until then.
     listening = await start_receiver()
     receiver = listening.receiver
     held = _HeldParse()
     monkeypatch.setattr(_otlp, "parse_protobuf", held)
-    body = _export(1, padding=64 * KiB)
+    body, other = _export(1, padding=64 * KiB, tag="a"), _export(1, padding=64 * KiB, tag="b")
     try:
         async with grpc.aio.insecure_channel(listening.grpc) as channel:
             export = channel.unary_unary(EXPORT)
@@ -206,12 +212,46 @@ async def test_a_grpc_export_its_client_gives_up_frees_its_bytes(
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await timed
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            await eventually(lambda: receiver.inflight_bytes == 0)
-            cancelled = export(body)
-            await eventually(lambda: receiver.inflight_bytes == len(body))
+            cancelled = export(other)
+            await eventually(lambda: held.waiting == 2)
             cancelled.cancel()
+            await asyncio.sleep(0.2)
+            assert receiver.inflight_bytes == len(body) + len(other), "both still parsed"
+            held.release.set()
             await eventually(lambda: receiver.inflight_bytes == 0)
-            assert held.waiting == 2, "both were given up while parsed"
+            assert sorted(e.prediction_id for e in listening.intake.events) == ["a-0", "b-0"]
+    finally:
+        held.release.set()
+
+
+async def test_a_grpc_export_retried_after_its_deadline_is_answered_once_not_spooled_twice(
+    start_receiver: Callable[..., Awaitable[Listening]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An OTLP request names no batch: an SDK whose export timed out while the
+    # sidecar was still spooling sends the same bytes again. Without the
+    # check the events were spooled (and stored) twice.
+    listening = await start_receiver()
+    receiver = listening.receiver
+    held = _HeldParse()
+    monkeypatch.setattr(_otlp, "parse_protobuf", held)
+    body = _export(3, padding=32 * KiB)
+    try:
+        async with grpc.aio.insecure_channel(listening.grpc) as channel:
+            export = channel.unary_unary(EXPORT)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await export(body, timeout=0.5)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            retry = asyncio.ensure_future(export(body, timeout=10))
+            await eventually(lambda: receiver.inflight_bytes == 2 * len(body))
+            assert held.waiting == 1, "the retry is not parsed again"
+            held.release.set()
+            answer = ExportResponse.FromString(await retry)
+            assert not answer.HasField("partial_success")
+            await export(body, timeout=10)  # once more, after the first is done
+            assert receiver.inflight_bytes == 0
+        assert held.waiting == 1
+        assert receiver.duplicate_exports == 2
+        assert sorted(e.prediction_id for e in listening.intake.events) == ["p-0", "p-1", "p-2"]
     finally:
         held.release.set()
 
@@ -259,6 +299,23 @@ async def test_one_in_flight_budget_covers_otlp_grpc_and_http_and_its_refusals_a
             stalled.close()  # the stalled client gives up: its bytes are freed
             await eventually(lambda: receiver.inflight_bytes == 0)
             await export(body, timeout=5)
+            # The same bytes again, over HTTP this time: a retry, answered, not spooled.
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    f"http://{address}/v1/traces", data=body, headers={"Content-Type": PROTOBUF}
+                ) as resp,
+            ):
+                assert resp.status == 200
     finally:
         stalled.close()
     await eventually(lambda: len(running.collector.events()) == 1)
+    duplicates = [
+        sample.value
+        for family in SidecarMetrics(running.app).collect()
+        for sample in family.samples
+        if sample.name == "predtrace_sidecar_otlp_duplicate_exports_total"
+    ]
+    assert duplicates == [1]
+    await asyncio.sleep(0.3)  # time for a second copy to reach the collector, were it spooled
+    assert len(running.collector.events()) == 1

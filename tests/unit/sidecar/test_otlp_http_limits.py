@@ -391,13 +391,15 @@ async def test_big_parses_stay_two_at_once_when_their_callers_give_up() -> None:
             running -= 1
         return trace_service_pb2.ExportTraceServiceRequest()
 
-    body = b"\x00" * (_otlp._THREAD_BYTES + 1)
-    given_up = [asyncio.create_task(receiver.export(body, slow_parse)) for _ in range(6)]
+    def body(k: int) -> bytes:  # other bytes: other exports, not retries of one
+        return b"\x00" * (_otlp._THREAD_BYTES + 1 + k)
+
+    given_up = [asyncio.create_task(receiver.export(body(k), slow_parse)) for k in range(6)]
     await eventually(lambda: running == 2)
     for task in given_up:
         task.cancel()
     await asyncio.gather(*given_up, return_exceptions=True)
-    later = [asyncio.create_task(receiver.export(body, slow_parse)) for _ in range(4)]
+    later = [asyncio.create_task(receiver.export(body(k), slow_parse)) for k in range(6, 10)]
     await asyncio.sleep(0.2)  # time for a wrongly freed slot to start a fifth thread
     assert peak == 2
     release.set()
