@@ -90,6 +90,12 @@ LISTENER_OPTIONS: Final = (("grpc.http2.bdp_probe", 0),)
 # A ModelInfer request not read this long after its call got room in the
 # budget is read outside it (see ``OipProxy._read_request``).
 READ_GRACE_S: Final = 0.25
+# Requests read outside the budget at once, at most: each holds what of it has
+# arrived, up to a whole message, uncounted until read. Past that, a slow
+# request is read within its room, like a quick one: the proxy's requests stay
+# within twice the budget (the reads outside it, then the budget, which
+# takes no new call while they drain past its cap).
+MAX_READS_OUTSIDE: Final = INFLIGHT_MESSAGES
 # A cancellation this close to the call's deadline is the deadline's (see _cancel_status).
 _DEADLINE_SLACK_S: Final = 0.05
 # A caller id outside the wire's rule (CALLER_ID_RE, as in the middleware) is
@@ -282,6 +288,7 @@ class OipProxy(_Handler):
         self.unreadable_requests = 0  # malformed: forwarded untouched, recorded under a new id
         self.ids_not_added = 0  # no room under the message limit for the id the proxy adds
         self.slow_reads = 0  # requests read outside the budget: not arrived in READ_GRACE_S
+        self.reading_outside = 0  # of those, being read now (at most MAX_READS_OUTSIDE)
         del deployment  # identity is stamped by the intake's enricher
 
     @property
@@ -487,17 +494,23 @@ class OipProxy(_Handler):
         arriving ``READ_GRACE_S`` after the call got its room (a slow link,
         or a caller that has not sent it yet) gives the room back and is read
         outside the budget: calls that wait on their callers never hold up
-        the others.
+        the others. At most ``MAX_READS_OUTSIDE`` at once; past that, a slow
+        request keeps its room while it arrives.
         """
         read = asyncio.ensure_future(context.read())
+        outside = False
         try:
             done, _ = await asyncio.wait((read,), timeout=READ_GRACE_S)
-            if not done:
+            if not done and self.reading_outside < MAX_READS_OUTSIDE:
+                outside = True
+                self.reading_outside += 1
                 share.release()
                 self.slow_reads += 1
             return await read
         finally:
             read.cancel()  # nothing once it is done; else the call is ending
+            if outside:
+                self.reading_outside -= 1
 
     @staticmethod
     def _event(

@@ -20,12 +20,12 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from predtrace.oip.v2 import grpc_predict_v2_pb2 as pb
-from predtrace.sidecar import _oip_fields
+from predtrace.sidecar import _oip_fields, _oip_proxy
 from predtrace.sidecar._app import grpc_server_options
 from predtrace.sidecar._intake import IntakeResult
 from predtrace.sidecar._metrics import SidecarMetrics
 from predtrace.sidecar._oip_fields import read_fields
-from predtrace.sidecar._oip_proxy import INFLIGHT_MESSAGES, OipProxy
+from predtrace.sidecar._oip_proxy import INFLIGHT_MESSAGES, READ_GRACE_S, OipProxy
 from predtrace.sidecar._oip_upstream import ByteBudget
 from predtrace.sidecar._protowire import encode_varint
 from predtrace.wire import Rejection, Status, uuid7_timestamp_ms
@@ -294,7 +294,9 @@ async def test_callers_that_have_not_sent_their_request_hold_up_no_one(
         await eventually(lambda: proxy.budget.used == proxy.budget.cap)  # all the room, unread
         answer = await channel.unary_unary(MODEL_INFER)(body(100, "quick-1"), timeout=5)
         assert pb.ModelInferResponse.FromString(answer).id == "quick-1"
-        assert proxy.slow_reads >= INFLIGHT_MESSAGES
+        # (The quick call may get through once the first of them gives its room back.)
+        await eventually(lambda: proxy.slow_reads == INFLIGHT_MESSAGES)
+        assert proxy.reading_outside == INFLIGHT_MESSAGES  # the bound; the other 4 keep room
         for call in stalled:
             call.cancel()
     # Cancelled before their request came: recorded under their header ids.
@@ -303,6 +305,36 @@ async def test_callers_that_have_not_sent_their_request_hold_up_no_one(
     assert cancelled == {f"stalled-{i}" for i in range(INFLIGHT_MESSAGES + 4)}
     await eventually(lambda: proxy.budget.used == 0)
     assert model.arrived == 1
+
+
+async def test_requests_read_outside_the_budget_are_bounded_in_number(
+    proxied: tuple[Model, Running], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each request read outside the budget holds what of it has arrived, up
+    # to a whole message, counted nowhere: past the bound, a slow request
+    # keeps its room while it arrives, so slow callers cannot grow the
+    # proxy's memory without end.
+    monkeypatch.setattr(_oip_proxy, "MAX_READS_OUTSIDE", 2)
+    model, running = proxied
+    proxy = proxy_of(running)
+    largest = proxy._max_message_bytes
+    proxy.budget.cap = 4 * largest
+    async with client(running) as slow_channel, client(running) as channel:
+        slow = [slow_channel.stream_unary(MODEL_INFER)(timeout=30) for _ in range(4)]
+        await eventually(lambda: proxy.slow_reads == 2 and proxy.budget.used == 2 * largest)
+        await asyncio.sleep(2 * READ_GRACE_S)
+        assert (proxy.slow_reads, proxy.reading_outside) == (2, 2)
+        assert proxy.budget.used == 2 * largest, "the two past the bound keep their room"
+        answer = await channel.unary_unary(MODEL_INFER)(body(100, "quick-1"), timeout=5)
+        assert pb.ModelInferResponse.FromString(answer).id == "quick-1"
+        for k, call in enumerate(slow):
+            await call.write(body(1000, f"slow-{k}"))
+            await call.done_writing()
+        answers = [pb.ModelInferResponse.FromString(await call) for call in slow]
+    assert [a.id for a in answers] == [f"slow-{k}" for k in range(4)]
+    assert proxy.reading_outside == 0
+    await eventually(lambda: proxy.budget.used == 0)
+    assert model.arrived == 5
 
 
 async def test_a_request_read_outside_the_budget_goes_on_at_once_not_held_in_turn(
@@ -372,7 +404,8 @@ async def test_a_call_cancelled_while_its_request_is_read_is_recorded(
 _PROXY_PROCESS = """
 import asyncio, sys
 import grpc
-from predtrace.sidecar._oip_proxy import INFLIGHT_MESSAGES, OipProxy
+from predtrace.sidecar import _oip_proxy
+from predtrace.sidecar._oip_proxy import INFLIGHT_MESSAGES, READ_GRACE_S, OipProxy
 
 class Intake:
     async def record(self, batch):
