@@ -253,6 +253,10 @@ def _strs(raw: object, keys: tuple[int, ...]) -> list[str] | None:
 
 
 _MODEL_KEYS: Final = (1, 2, 3, 4, 5, 6)
+# OpenTelemetry's invalid ids: a trace or span id of zeros names no trace
+# (``predtrace trace`` refuses to look one up). Read as absent.
+_ZERO_TRACE_ID: Final = bytes(16)
+_ZERO_SPAN_ID: Final = bytes(8)
 _DEPLOYMENT_KEYS: Final = (1, 2, 3, 4, 5, 6, 7)
 
 
@@ -283,8 +287,10 @@ def plain_scalars(  # noqa: PLR0917 - six scalar fields of an event map, two bou
         and " " not in pid
         and type(trace_id) is bytes
         and len(trace_id) in (0, 16)
+        and trace_id != _ZERO_TRACE_ID  # read as absent by the precise path
         and type(span_id) is bytes
         and len(span_id) in (0, 8)
+        and span_id != _ZERO_SPAN_ID
         and type(ts) is int
         and type(duration) is int
         and 0 <= ts <= max_time
@@ -292,6 +298,11 @@ def plain_scalars(  # noqa: PLR0917 - six scalar fields of an event map, two bou
         and type(status) is int
         and status in (0, 1, 2)
     )
+
+
+def _valid_id(value: bytes, zeros: bytes) -> bytes:
+    """A trace or span id; OpenTelemetry's invalid one (all zeros) is no id (``b""``)."""
+    return b"" if value == zeros else value
 
 
 def _fast_event(raw: dict[Any, Any], limits: DecodeLimits) -> PredictionEvent | None:
@@ -415,8 +426,8 @@ def _checked_event(raw: object, limits: DecodeLimits) -> PredictionEvent:
         raise WireError("event.additional_models must be an array")
     return PredictionEvent(
         prediction_id=prediction_id,
-        trace_id=f.blob(2, "trace_id", (0, 16)),
-        span_id=f.blob(3, "span_id", (0, 8)),
+        trace_id=_valid_id(f.blob(2, "trace_id", (0, 16)), _ZERO_TRACE_ID),
+        span_id=_valid_id(f.blob(3, "span_id", (0, 8)), _ZERO_SPAN_ID),
         timestamp_unix_nano=f.uint(4, "timestamp_unix_nano"),
         duration_nanos=f.uint(5, "duration_nanos"),
         model=_model_from(f.raw.get(6, {}), "model"),

@@ -129,8 +129,9 @@ def span_to_event(span: trace_pb2.Span, resource: Mapping[str, str]) -> Predicti
     }
     return PredictionEvent(
         prediction_id=prediction_id,
-        trace_id=span.trace_id if len(span.trace_id) == 16 else b"",
-        span_id=span.span_id if len(span.span_id) == 8 else b"",
+        # OpenTelemetry's invalid ids (all zeros) are no ids, as in the decoder.
+        trace_id=span.trace_id if len(span.trace_id) == 16 and any(span.trace_id) else b"",
+        span_id=span.span_id if len(span.span_id) == 8 and any(span.span_id) else b"",
         timestamp_unix_nano=start,
         duration_nanos=end - start if end >= start else 0,
         model=model,

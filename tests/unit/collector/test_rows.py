@@ -171,3 +171,14 @@ def test_json_columns_escape_what_utf8_cannot_hold() -> None:
     text = json_text({"k": "\ud800"})
     assert json.loads(text) == {"k": "\ud800"}
     assert text.isascii()
+
+
+def test_an_all_zero_trace_id_is_stored_as_none_not_as_an_id_no_one_can_look_up() -> None:
+    zeros = event_to_map(_event(prediction_id="zeros", trace_id=bytes(16), span_id=bytes(8)))
+    assert fast_prediction_row(zeros, "edge-7", 42, 99, MAX_ID) is None  # the precise path's
+    body = msgpack.packb({0: [1, 0], 1: "edge-7", 2: 42, 6: [zeros]}, use_bin_type=True)
+    (row,) = prepare(body, DecodeLimits(), 99).record.rows
+    assert row == prediction_row(
+        _event(prediction_id="zeros", trace_id=b"", span_id=b""), "edge-7", 42, 99
+    )
+    assert row[1] is None and row[2] is None

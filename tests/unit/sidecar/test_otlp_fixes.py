@@ -29,6 +29,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from predtrace.sidecar._intake import IntakeResult
 from predtrace.sidecar._otlp import OtlpReceiver, http_listen_what
 from predtrace.sidecar._otlp_body import OtlpJsonError, parse_json
+from predtrace.sidecar._otlp_spans import request_to_events
 from predtrace.wire import PredictionEvent
 from predtrace.wire import Status as EventStatus
 from tests.reliability.sidecar.polling import eventually
@@ -395,3 +396,15 @@ async def test_a_sidecar_whose_derived_otlp_http_port_is_busy_says_which_listene
             assert "Errno" not in text, text
             return
     pytest.skip("no busy port with a free one below it")
+
+
+def test_a_span_with_opentelemetrys_invalid_all_zero_ids_makes_an_event_without_ids() -> None:
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    span = (
+        request.resource_spans.add()
+        .scope_spans.add()
+        .spans.add(name="predict", trace_id=bytes(16), span_id=bytes(8))
+    )
+    span.attributes.add(key="predtrace.prediction.id").value.string_value = "zero-ids"
+    (event,) = request_to_events(request).events
+    assert (event.prediction_id, event.trace_id, event.span_id) == ("zero-ids", b"", b"")

@@ -542,3 +542,25 @@ def test_a_plain_map_with_an_unfindable_id_takes_the_path_that_refuses_it(
     event = event_from_map(raw)  # the decoder keeps the id as sent ...
     assert event.prediction_id == prediction_id
     assert event_problem(event) == PREDICTION_ID_RULE  # ... the store's rule refuses it
+
+
+@pytest.mark.parametrize(
+    ("trace_id", "span_id"),
+    [(bytes(16), bytes(8)), (bytes(16), b"s" * 8), (b"t" * 16, bytes(8))],
+    ids=["both", "trace", "span"],
+)
+def test_opentelemetrys_invalid_all_zero_ids_are_read_as_absent_on_every_path(
+    trace_id: bytes, span_id: bytes
+) -> None:
+    # A trace id of zeros names no trace: stored, it was shown but could never
+    # be looked up (``predtrace trace`` refuses it). The fast paths leave such
+    # an event to the precise one, which reads it as no id.
+    raw = {1: "p1", 2: trace_id, 3: span_id}
+    assert not plain_event_map(raw)
+    event = event_from_map(raw)
+    assert event.trace_id == (b"" if trace_id == bytes(16) else trace_id)
+    assert event.span_id == (b"" if span_id == bytes(8) else span_id)
+    decoded = decode_batch(
+        encode_batch(EventBatch("edge", 1, [PredictionEvent("p1", trace_id, span_id)]))
+    )
+    assert decoded.batch.events == [event]
