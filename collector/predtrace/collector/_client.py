@@ -51,6 +51,18 @@ class Answer:
         return str(self.body.get("error", f"HTTP {self.status}"))
 
 
+def without_userinfo(url: str) -> str:
+    """``url`` cut after its last ``@``: what may be shown of one that carries credentials.
+
+    By hand, not ``urlsplit``: a password holding "/", "?" or "#" unencoded
+    would end urlsplit's host part before its "@" and stay in the URL.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    return scheme + sep + rest.rpartition("@")[2] if "@" in rest else url
+
+
 def path_part(text: str) -> str:
     """Quote one path segment (model names may hold slashes or spaces)."""
     return quote(text, safe="")
@@ -69,6 +81,15 @@ class QueryClient:
         retry_for: float = 0.0,
         on_retry: Callable[[str, float], None] | None = None,
     ) -> None:
+        shown = without_userinfo(url)
+        if shown != url:
+            # urllib would take "user:password@host" for a host name (a DNS
+            # error quoting the password); the token is the credential.
+            raise ConfigError(
+                "the collector URL must not carry a user name or password"
+                f" (user:password@host; without them: {shown!r}):"
+                f" give a bearer token with --token or {PREDTRACE_TOKEN} instead"
+            )
         try:
             parts = urlsplit(url)
             port_ok = parts.port is None or parts.port > 0  # reading .port validates it

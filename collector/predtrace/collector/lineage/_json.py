@@ -15,14 +15,25 @@ refused whole with a reason naming the field (400): digests and the commit
 are printable ASCII without spaces; names and ids hold no control, bidi or
 invisible characters and no space at either end; nothing is longer than 512
 characters but URLs, sources and param or tag values (2,048).
+
+Every key is one of the above, at the top level and in each section: a key
+the format does not have (a misspelt ``alias``, ``dataset``, ``run.commit``)
+refuses the body (400) naming it and the key it most likely meant, instead
+of being dropped while the registration is answered as stored. (The keys
+of ``run.params``, ``run.metrics`` and ``run.tags`` are the caller's own.)
+A deployment may name the version it serves (``"model": {"name", "version"}``):
+the registration's model, which it gives when the body has no ``model``.
+OpenLineage events (``_openlineage``) are not held to this: their facets
+legitimately carry keys of their own.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 from predtrace.collector._errors import LineageError
 from predtrace.collector.lineage._model import (
@@ -42,15 +53,67 @@ from predtrace.collector.lineage._values import (
     check_id,
     check_text,
     check_token,
+    clean_text,
 )
 
+# The keys of the body and of each section: any other refuses the body.
+_TOP: Final = ("model", "run", "datasets", "commit", "image", "deployment", "source")
+_MODEL: Final = (
+    "name",
+    "version",
+    "registry",
+    "registry_id",
+    "artifact_digest",
+    "source",
+    "aliases",
+)
+_RUN: Final = ("id", "registry", "name", "url", "params", "metrics", "tags")
+_DATASET: Final = ("digest", "source", "name", "context")
+_COMMIT: Final = ("sha", "repo")
+_IMAGE: Final = ("digest", "name")
+_DEPLOYMENT: Final = ("id", "service", "namespace", "started", "ended", "model")
+_SERVED_MODEL: Final = ("name", "version")
 
-def _section(body: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
+
+def _likely(key: str, known: tuple[str, ...]) -> str | None:
+    """The known key ``key`` most likely misspells (None: none is close)."""
+    lower = key.lower()
+    close = difflib.get_close_matches(lower, known, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    # "digest" for "artifact_digest", "run_id" for "id": one word of the other;
+    # "repository" for "repo": one begins the other.
+    words = set(lower.replace("-", "_").split("_"))
+    return next((k for k in known if words & set(k.split("_"))), None) or next(
+        (k for k in known if len(lower) >= 3 and (lower.startswith(k) or k.startswith(lower))),
+        None,
+    )
+
+
+def _only_known(section: Mapping[str, Any], known: tuple[str, ...], where: str) -> None:
+    """Refuse a key of ``section`` (named ``where``) that is not in ``known``."""
+    for key in section:
+        if key in known:
+            continue
+        shown = repr(clean_text(str(key), 64)) + ("..." if len(str(key)) > 64 else "")
+        in_where = f"in {where}" if where else "at the top level of the lineage body"
+        hint = _likely(str(key), known)
+        if where and key in _TOP:  # "run": {"commit": ...}
+            advice = f"did you mean the top-level {key!r}?"
+        elif hint is not None:
+            advice = f"did you mean {hint!r}?"
+        else:
+            advice = "known keys: " + ", ".join(known)
+        raise LineageError(f"unknown key {shown} {in_where}; {advice}")
+
+
+def _section(body: Mapping[str, Any], key: str, known: tuple[str, ...]) -> Mapping[str, Any] | None:
     value = body.get(key)
     if value is None:
         return None
     if not isinstance(value, dict):
         raise LineageError(f"{key} must be an object")
+    _only_known(value, known, key)
     return value
 
 
@@ -146,6 +209,7 @@ def _datasets(value: object) -> tuple[DatasetNode, ...]:
         where = f"datasets[{i}]"
         if not isinstance(item, dict):
             raise LineageError(f"{where} must be an object")
+        _only_known(item, _DATASET, where)
         out.append(
             DatasetNode(
                 digest=check_token(
@@ -167,11 +231,15 @@ def parse_registration(body: object, *, source: str = "api") -> Registration:
     """
     if not isinstance(body, dict):
         raise LineageError("the lineage body must be a JSON object")
-    model, run = _section(body, "model"), _section(body, "run")
-    commit, image = _section(body, "commit"), _section(body, "image")
-    deployment = _section(body, "deployment")
+    _only_known(body, _TOP, "")
+    model, run = _section(body, "model", _MODEL), _section(body, "run", _RUN)
+    commit, image = _section(body, "commit", _COMMIT), _section(body, "image", _IMAGE)
+    deployment = _section(body, "deployment", _DEPLOYMENT)
+    version = _model(model) if model is not None else None
+    if deployment is not None:
+        version = _served_model(deployment, version)
     return Registration(
-        model=_model(model) if model is not None else None,
+        model=version,
         run=_run(run) if run is not None else None,
         datasets=_datasets(body.get("datasets")),
         commit=CommitNode(
@@ -189,6 +257,29 @@ def parse_registration(body: object, *, source: str = "api") -> Registration:
         deployment=_deployment(deployment) if deployment is not None else None,
         source=check_text(body.get("source") or source, "source", limit=MAX_NAME),
     )
+
+
+def _served_model(
+    deployment: Mapping[str, Any], model: ModelVersionNode | None
+) -> ModelVersionNode | None:
+    """The registration's model, given or checked by ``deployment.model``."""
+    served = deployment.get("model")
+    if served is None:
+        return model
+    where = "deployment.model"
+    if not isinstance(served, dict):
+        raise LineageError(f"{where} must be an object")
+    _only_known(served, _SERVED_MODEL, where)
+    name = check_id(served.get("name"), f"{where}.name", required=True)
+    version = check_id(served.get("version"), f"{where}.version", required=True)
+    if model is None:
+        return ModelVersionNode(name=name, version=version)
+    if (name, version) != (model.name, model.version):
+        raise LineageError(
+            f"{where} ({name}/{version}) must be the registration's model"
+            f" ({model.name}/{model.version}): one registration links one model version"
+        )
+    return model
 
 
 def _deployment(section: Mapping[str, Any]) -> DeploymentNode:

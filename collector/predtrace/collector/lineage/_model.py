@@ -178,6 +178,11 @@ class Registration:
     image: ImageNode | None = None
     deployment: DeploymentNode | None = None
     source: str = "api"
+    run_authority: bool = True
+    """Whether ``run`` names the registry's run (the CI hook's, MLflow's), so the
+    model version PRODUCED by it is evidence. False for OpenLineage, whose
+    runId is its own: the link it makes holds until a registration that is
+    the authority names the version's run, which then replaces it (no 409)."""
 
     def __post_init__(self) -> None:
         if not any((self.model, self.run, self.image, self.deployment)):

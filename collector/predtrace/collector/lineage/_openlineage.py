@@ -6,6 +6,9 @@ its input datasets become Datasets the run USED, and the job's
 becomes the Commit it was BUILT_FROM. The model version the run PRODUCED comes
 from an output dataset named like an MLflow model URI (``models:/<name>/<version>``)
 or from a custom run facet ``predtrace`` (``{"model": {"name", "version"}}``).
+That link is provisional (``Registration.run_authority``): the runId is
+OpenLineage's own, so a CI hook or MLflow naming the version's run later
+replaces it instead of being refused as a conflict.
 
 A dataset's digest is its ``version`` facet's ``datasetVersion`` when present,
 otherwise its OpenLineage identity ``namespace/name``.
@@ -147,4 +150,5 @@ def parse_run_event(body: object) -> Registration:
         datasets=tuple(_input_dataset(i, item) for i, item in enumerate(inputs)),
         commit=_commit(job),
         source="openlineage",
+        run_authority=False,  # the runId is OpenLineage's own, not the registry's run
     )

@@ -140,10 +140,21 @@ _V2_NO_MODEL_INDEX: Final = "DROP INDEX IF EXISTS predictions_model;"
 # the move was served by an earlier version, which the store cannot name.
 _V3_ALIAS_MOVED: Final = "ALTER TABLE model_aliases ADD COLUMN moved_ns {INT} NOT NULL DEFAULT 0;"
 
+# A model version's run link made by a source whose run id is its own
+# (OpenLineage's runId), not the registry's: provisional while the version's
+# ``run_id`` still is this one. A registration that is the authority on the
+# run (the CI hook's, MLflow's) replaces it without a conflict and drops the row.
+_V4_PROVISIONAL_RUNS: Final = """
+CREATE TABLE IF NOT EXISTS provisional_runs (
+  name TEXT NOT NULL, version TEXT NOT NULL, run_id TEXT NOT NULL,
+  PRIMARY KEY (name, version));
+"""
+
 MIGRATIONS: Final[tuple[tuple[int, str], ...]] = (
     (1, _V1_TABLES + _PREDICTIONS),
     (2, _V2_NO_MODEL_INDEX),
     (3, _V3_ALIAS_MOVED),
+    (4, _V4_PROVISIONAL_RUNS),
 )
 
 

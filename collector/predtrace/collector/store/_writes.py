@@ -281,6 +281,11 @@ def register_plan(
     (for sources that are not the authority on them: MLflow lookups,
     OpenLineage events). Returns the conflicts that were kept.
 
+    A model version's run link that only OpenLineage made (its runId is its
+    own, ``Registration.run_authority``) is not evidence against a
+    registration that is the authority on the run: that one replaces it
+    whatever ``on_conflict`` says. Two authorities that disagree conflict.
+
     Raises:
         LineageConflictError: ``refuse`` and a contradiction (nothing written).
     """
@@ -361,13 +366,18 @@ def _conflicts(reg: Registration) -> Plan[dict[str, str]]:
     model = reg.model
     if model is not None:
         rows = yield Fetch(
-            "SELECT run_id, artifact_digest FROM model_versions WHERE name = ? AND version = ?",
+            "SELECT v.run_id, v.artifact_digest, p.run_id FROM model_versions v"
+            " LEFT JOIN provisional_runs p ON p.name = v.name AND p.version = v.version"
+            " WHERE v.name = ? AND v.version = ?",
             (model.name, model.version),
         )
         if rows:
-            stored_run, stored_digest = rows[0]
+            stored_run, stored_digest, provisional = rows[0]
             run_id = reg.run.run_id if reg.run else ""
-            if stored_run and run_id and stored_run != run_id:
+            # A link only OpenLineage made (its runId is its own) gives way to
+            # a registration that is the authority on the run: no conflict.
+            gives_way = reg.run_authority and provisional == stored_run
+            if stored_run and run_id and stored_run != run_id and not gives_way:
                 problems["run_id"] = (
                     f"model {model.name}/{model.version} was produced by run {stored_run}, "
                     f"not {run_id}"
@@ -454,6 +464,17 @@ def _register_model(
 ) -> Plan[None]:
     model = reg.model
     assert model is not None  # noqa: S101 - checked by the caller
+    # The run link this registration sets (none: the stored one stays as it is).
+    run_id = reg.run.run_id if reg.run is not None and "run_id" not in keep else ""
+    stored: tuple[str, str] = ("", "")
+    if run_id and not reg.run_authority:
+        rows = yield Fetch(
+            "SELECT v.run_id, coalesce(p.run_id, '') FROM model_versions v"
+            " LEFT JOIN provisional_runs p ON p.name = v.name AND p.version = v.version"
+            " WHERE v.name = ? AND v.version = ?",
+            (model.name, model.version),
+        )
+        stored = (str(rows[0][0]), str(rows[0][1])) if rows else stored
     columns = ("registry", "registry_id", "artifact_digest", "source", "run_id")
     yield Exec(
         "INSERT INTO model_versions (name, version, registry, registry_id, artifact_digest,"  # noqa: S608 - fixed SQL fragments, values are bound
@@ -473,6 +494,8 @@ def _register_model(
             now_ns,
         ),
     )
+    if run_id:
+        yield from _mark_run_link(reg, model.name, model.version, run_id, stored)
     if model.aliases:
         yield from _register_aliases(model.name, model.version, model.aliases, now_ns)
     if reg.image is not None:
@@ -483,6 +506,29 @@ def _register_model(
         )
         if replace:
             yield from _replace_image(reg, model.name, model.version, reg.image.digest)
+
+
+def _mark_run_link(
+    reg: Registration, name: str, version: str, run_id: str, stored: tuple[str, str]
+) -> Plan[None]:
+    """Record whether the version's run link ``run_id`` (just written) is provisional.
+
+    An authority's link is evidence (no row). A link only OpenLineage made is
+    provisional (a row naming it), unless it repeats the authority's stored
+    one: agreeing does not weaken it. ``stored`` is the (run_id, provisional
+    run_id) read before the write, for OpenLineage's registrations.
+    """
+    if reg.run_authority:
+        yield Exec("DELETE FROM provisional_runs WHERE name = ? AND version = ?", (name, version))
+        return
+    stored_run, provisional = stored
+    if stored_run == run_id and provisional != stored_run:
+        return  # the authority's link, repeated
+    yield Exec(
+        "INSERT INTO provisional_runs (name, version, run_id) VALUES (?, ?, ?)"
+        " ON CONFLICT (name, version) DO UPDATE SET run_id = excluded.run_id",
+        (name, version, run_id),
+    )
 
 
 def _register_aliases(name: str, version: str, aliases: Sequence[str], now_ns: int) -> Plan[None]:
