@@ -8,7 +8,8 @@ at a time (``?limit=``, ``?after=``). A path or query value holding NUL is
 refused (400) before any handler runs: no store holds one. Lineage registration
 (scope ``ingest``, on a token bound to no producer): the CI/CD hook body and
 OpenLineage run events, read as batches are (a deadline, the shared in-flight
-byte budget). Retention (scope ``admin``).
+byte budget). Retention (scope ``admin``). Answers are bounded in memory
+(``_answers``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
+from predtrace.collector._answers import (
+    ANSWER_BUDGET_BYTES,
+    MIN_SEND_RATE,
+    SEND_TIMEOUT_S,
+    AnswerSender,
+)
 from predtrace.collector._auth import Scope
 from predtrace.collector._errors import (
     LineageConflictError,
@@ -37,8 +44,10 @@ from predtrace.collector._metrics import CollectorMetrics
 from predtrace.collector._retention import Retainer
 from predtrace.collector._security import Authorizer, AuthRefusal
 from predtrace.collector._service import LineageService
+from predtrace.collector._stopping import ShuttingDownError, reading
 from predtrace.collector.lineage import Registration, parse_registration, parse_run_event
 from predtrace.collector.store import OnConflict, PivotAnswer
+from predtrace.collector.store._chain import Json
 from predtrace.collector.store._maintenance import MAX_PAGE_LIMIT, PAGE_LIMIT, producers_plan
 from predtrace.collector.store._reads import AmbiguousCommitError, completeness_plan
 from predtrace.wire import InvalidIdError, parse_prediction_id, parse_trace_id
@@ -200,10 +209,15 @@ class _StoreFaultLog:
 
 
 class _DisconnectLog:
-    """Uploads whose client hung up mid-body: one line a minute at most, with a count."""
+    """Uploads whose client hung up mid-body: one line a minute at most, with a count.
 
-    def __init__(self, interval_s: float = 60.0) -> None:
-        self.interval_s, self.count = interval_s, 0
+    ``what``: the line's text after the count and before the path.
+    """
+
+    def __init__(
+        self, interval_s: float = 60.0, what: str = "upload(s) ended by the client mid-body"
+    ) -> None:
+        self.interval_s, self.count, self.what = interval_s, 0, what
         self._last = -math.inf
 
     def record(self, path: str) -> None:
@@ -211,7 +225,7 @@ class _DisconnectLog:
         self.count += 1
         now = time.monotonic()
         if now - self._last >= self.interval_s:
-            log.info("%d upload(s) to %s ended by the client mid-body", self.count, path)
+            log.info("%d %s (%s)", self.count, self.what, path)
             self._last, self.count = now, 0
 
 
@@ -227,12 +241,22 @@ class QueryApi:
         *,
         query_limit: int,
         retry_after_s: int,
+        answer_budget_bytes: int = ANSWER_BUDGET_BYTES,
+        send_timeout_s: float = SEND_TIMEOUT_S,
+        min_send_rate: float = MIN_SEND_RATE,
     ) -> None:
         self.service, self.retainer, self.authorizer = service, retainer, authorizer
         self.metrics, self.limit = metrics, query_limit
         self.retry_after = str(retry_after_s)
         self.disconnects = _DisconnectLog()
+        self.stalled = _DisconnectLog(what="answer(s) not read by the client in time, aborted")
         self.store_faults = _StoreFaultLog()
+        self.answers = AnswerSender(
+            budget_bytes=answer_budget_bytes,
+            send_timeout_s=send_timeout_s,
+            min_send_rate=min_send_rate,
+            on_stalled=self.stalled.record,
+        )
 
     def _guard(
         self, scope: Scope, name: str, handler: Handler, *, unbound: bool = False
@@ -264,6 +288,9 @@ class QueryApi:
                 return refusal.response()
             except StoreError as exc:
                 return self._store_failed(name, exc)
+            except _Refused as refused:  # 503: the answers' byte budget is full
+                headers = {"Retry-After": self.retry_after} if refused.status == 503 else None
+                return _error(refused.status, refused.reason, headers)
             finally:
                 self.metrics.query_seconds.labels(name).observe(time.perf_counter() - started)
 
@@ -316,7 +343,7 @@ class QueryApi:
             web.post("/v1/retention/run", self._guard(admin, "retention", self.run_retention)),
         ]
 
-    async def _pivot(self, column: str, value: object, what: str) -> web.Response:
+    async def _pivot(self, column: str, value: object, what: str) -> web.Response | Json:
         predictions = await self.service.pivot(column, value, self.limit)
         answer = predictions if isinstance(predictions, PivotAnswer) else _as_answer(predictions)
         if not answer.total:
@@ -340,17 +367,20 @@ class QueryApi:
                 f"{len(answer)} of {answer.total} predictions listed ({_CUT_BY[answer.cut_by]});"
                 f" {checked}"
             )
-        return _json(body)
+        return body
 
-    async def trace(self, request: web.Request) -> web.Response:
+    async def trace(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/traces/{trace_id}``: predictions of a trace and their chains."""
         try:
             trace_id = parse_trace_id(request.match_info["trace_id"])
         except InvalidIdError as exc:
             return _error(400, str(exc))
-        return await self._pivot("trace_id", trace_id, f"trace {trace_id.hex()}")
+        what = f"trace {trace_id.hex()}"
+        return await self.answers.answer(
+            request, lambda: self._pivot("trace_id", trace_id, what), big=True
+        )
 
-    async def prediction(self, request: web.Request) -> web.Response:
+    async def prediction(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/predictions/{id}``: one prediction (or several sharing a caller id)."""
         given = request.match_info["id"].strip()
         try:
@@ -359,8 +389,11 @@ class QueryApi:
             return _error(400, str(exc))
         # Ingest keeps a caller's id as sent: a UUID may be stored upper case or
         # without dashes. The text given and every such spelling, in one query.
-        return await self._pivot(
-            "prediction_id", (given, *_uuid_spellings(canonical)), f"prediction {given}"
+        spellings = (given, *_uuid_spellings(canonical))
+        return await self.answers.answer(
+            request,
+            lambda: self._pivot("prediction_id", spellings, f"prediction {given}"),
+            big=True,
         )
 
     def _registry_failed(self, what: str, exc: RegistryError) -> web.Response:
@@ -371,22 +404,27 @@ class QueryApi:
             {"Retry-After": self.retry_after},
         )
 
-    async def _lineage(self, name: str, version: str, what: str) -> web.Response:
+    async def _lineage(self, name: str, version: str, what: str) -> web.Response | Json:
         try:
             lineage = await self.service.model_lineage(name, version)
         except RegistryError as exc:
             return self._registry_failed(f"model version {what}", exc)
         if lineage is None:
             return _error(404, f"model version {what} is not registered")
-        return _json(lineage)
+        return lineage
 
-    async def model_lineage(self, request: web.Request) -> web.Response:
+    async def model_lineage(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/models/{name}/versions/{version}/lineage``."""
         name, version = request.match_info["name"], request.match_info["version"]
-        return await self._lineage(name, version, f"{name}/{version}")
+        return await self.answers.answer(
+            request, lambda: self._lineage(name, version, f"{name}/{version}")
+        )
 
-    async def alias_lineage(self, request: web.Request) -> web.Response:
+    async def alias_lineage(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/models/{name}/aliases/{alias}/lineage``."""
+        return await self.answers.answer(request, lambda: self._alias_lineage(request))
+
+    async def _alias_lineage(self, request: web.Request) -> web.Response | Json:
         name, alias = request.match_info["name"], request.match_info["alias"]
         try:
             version = await self.service.resolve_alias(name, alias)
@@ -396,12 +434,14 @@ class QueryApi:
             return _error(404, f"alias {name}@{alias} is not registered")
         return await self._lineage(name, version, f"{name}@{alias} (version {version})")
 
-    async def impact(self, request: web.Request) -> web.Response:
+    async def impact(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/impact?dataset=D | commit=SHA | image=D``."""
         given = [(k, request.query[k]) for k in _IMPACT_KINDS if request.query.get(k)]
         if len(given) != 1:
             return _error(400, "give exactly one of dataset=, commit= or image=")
-        kind, value = given[0]
+        return await self.answers.answer(request, lambda: self._impact(*given[0]), big=True)
+
+    async def _impact(self, kind: str, value: str) -> web.Response | Json:
         # A commit shorter than git's 7-digit abbreviation finds only itself:
         # registration stores any name an OpenLineage source gives.
         try:
@@ -412,9 +452,9 @@ class QueryApi:
             return _json({"error": str(exc), "matches": exc.commits}, 400)
         if result is None:
             return _error(404, f"nothing known about {kind} {value}")
-        return _json(result)
+        return result
 
-    async def completeness(self, request: web.Request) -> web.Response:
+    async def completeness(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/completeness[?limit=N&after=MODEL]``: complete share, per model.
 
         The totals cover every model; ``models`` is one page of them by name
@@ -424,6 +464,11 @@ class QueryApi:
             limit, after = _page_args(request)
         except _BadArgumentError as exc:
             return _error(400, str(exc))
+        return await self.answers.answer(
+            request, lambda: self._completeness(limit, after), big=True
+        )
+
+    async def _completeness(self, limit: int, after: str | None) -> Json:
         answer: dict[str, object] | None = None
         if self.service.registry is not None and after is None:
             # The service first fetches served versions the store lacks from
@@ -434,14 +479,17 @@ class QueryApi:
             # Store.completeness() takes no page: its plan, run on the engine.
             answer = await self.service.store.engine.read(completeness_plan(limit, after))
         models = answer["models"]
-        return _json(_paged(answer, len(models) if isinstance(models, list) else 0, "models"))
+        return _paged(answer, len(models) if isinstance(models, list) else 0, "models")
 
-    async def producers(self, request: web.Request) -> web.Response:
+    async def producers(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/producers[?limit=N&after=ID]``: producers by id, with missing batch counts."""
         try:
             limit, after = _page_args(request)
         except _BadArgumentError as exc:
             return _error(400, str(exc))
+        return await self.answers.answer(request, lambda: self._producers(limit, after), big=True)
+
+    async def _producers(self, limit: int, after: str | None) -> Json:
         # Store.producers() takes no page: its plan, run on the engine.
         page = await self.service.store.engine.read(producers_plan(limit, after))
         body: dict[str, object] = {
@@ -451,12 +499,15 @@ class QueryApi:
         }
         if page.truncated:
             body["next_after"] = page.next_after
-        return _json(_paged(body, len(page), "producers"))
+        return _paged(body, len(page), "producers")
 
-    async def producer(self, request: web.Request) -> web.Response:
+    async def producer(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/producers/{id}``: the gap report of one producer."""
-        report = await self.service.store.producer(request.match_info["id"])
-        return _json(report) if report is not None else _error(404, "unknown producer")
+        return await self.answers.answer(request, lambda: self._producer(request.match_info["id"]))
+
+    async def _producer(self, producer_id: str) -> web.Response | Json:
+        report = await self.service.store.producer(producer_id)
+        return report if report is not None else _error(404, "unknown producer")
 
     async def _read_json(self, request: web.Request) -> object:
         """The JSON body, read under the same rules as a batch's.
@@ -522,20 +573,21 @@ class QueryApi:
         # version (its runId is its own): conflicting links are kept as stored.
         return await self._register(request, parse_run_event, "keep")
 
-    async def retention(self, request: web.Request) -> web.Response:
+    async def retention(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/retention``: the policy and the latest reports."""
+        return await self.answers.answer(request, self._retention)
+
+    async def _retention(self) -> Json:
         policy = self.retainer.policy
-        return _json(
-            {
-                "policy": {
-                    "predictions_days": policy.predictions_days,
-                    "batches_days": policy.batches_days,
-                    "chain_events_days": policy.chain_events_days,
-                    "lineage": "kept",
-                },
-                "reports": await self.retainer.reports(),
-            }
-        )
+        return {
+            "policy": {
+                "predictions_days": policy.predictions_days,
+                "batches_days": policy.batches_days,
+                "chain_events_days": policy.chain_events_days,
+                "lineage": "kept",
+            },
+            "reports": await self.retainer.reports(),
+        }
 
     async def run_retention(self, request: web.Request) -> web.Response:
         """``POST /v1/retention/run``: one pass now; answers its report."""
@@ -572,13 +624,18 @@ async def _read_body(
     chunks: list[bytes] = []
     total = 0
     try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.content.iter_chunked(_CHUNK):
-                total += len(chunk)
-                if total > cap:
-                    raise _Refused(413, f"lineage body exceeds {cap} bytes", "too_large")
-                reservation.grow_to(total)
-                chunks.append(chunk)
+        with reading(request):
+            async with asyncio.timeout(timeout_s):
+                async for chunk in request.content.iter_chunked(_CHUNK):
+                    total += len(chunk)
+                    if total > cap:
+                        raise _Refused(413, f"lineage body exceeds {cap} bytes", "too_large")
+                    reservation.grow_to(total)
+                    chunks.append(chunk)
+    except ShuttingDownError:
+        raise _Refused(
+            503, "collector shutting down: not registered, send it again", "shutting_down"
+        ) from None
     except TimeoutError:
         # A stalled upload must not hold its bytes (and a connection) for ever.
         raise _Refused(408, f"body not received within {timeout_s:g} s", "timeout") from None

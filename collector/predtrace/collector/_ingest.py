@@ -11,7 +11,9 @@ bombs); a client that hangs up mid-body is let go without a log line (it is
 counted); a batch is acknowledged only after the store committed it;
 (producer_id, seq) is idempotent (the same bytes again are a duplicate; other
 bytes under a stored seq are a 409); bad events are rejected alone; store
-failures answer 503, never 200 and never 500.
+failures answer 503, never 200 and never 500. A stopping collector ends an
+upload whose body is still arriving with 503 (``_stopping``): nothing of it was
+acknowledged; a batch whose body arrived is committed and acknowledged.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from predtrace.collector._auth import Scope, TokenEntry
 from predtrace.collector._errors import StoreError
 from predtrace.collector._metrics import CollectorMetrics
 from predtrace.collector._security import Authorizer, AuthRefusal
+from predtrace.collector._stopping import ShuttingDownError, reading
 from predtrace.collector.store import (
     IngestRecord,
     Store,
@@ -84,10 +87,12 @@ _ENCODINGS: Final = ("", "identity", "gzip", "x-gzip")
 class InflightBudget:
     """Bytes of request bodies, and of their decompressed forms, being ingested now, capped.
 
+    Also the budget of query answers (a budget of their own, see ``_api``):
+    ``metrics`` None, since the in-flight gauge counts ingest only.
     Event-loop only.
     """
 
-    def __init__(self, cap: int, metrics: CollectorMetrics) -> None:
+    def __init__(self, cap: int, metrics: CollectorMetrics | None) -> None:
         self.cap = cap
         self.used = 0
         self._metrics = metrics
@@ -97,28 +102,32 @@ class InflightBudget:
         if self.used + count > self.cap:
             return False
         self.used += count
-        self._metrics.inflight_bytes.set(self.used)
+        if self._metrics is not None:
+            self._metrics.inflight_bytes.set(self.used)
         return True
 
     def release(self, count: int) -> None:
         """Give back reserved bytes."""
         self.used -= count
-        self._metrics.inflight_bytes.set(self.used)
+        if self._metrics is not None:
+            self._metrics.inflight_bytes.set(self.used)
 
 
 class _Reservation:
     """One request's share of the budget: grows as its body arrives, released once."""
 
-    __slots__ = ("amount", "budget")
+    __slots__ = ("amount", "budget", "refusal")
 
-    def __init__(self, budget: InflightBudget) -> None:
-        self.budget, self.amount = budget, 0
+    def __init__(
+        self, budget: InflightBudget, refusal: str = "collector busy: in-flight byte cap reached"
+    ) -> None:
+        self.budget, self.amount, self.refusal = budget, 0, refusal
 
     def grow_to(self, total: int) -> None:
         """Hold ``total`` bytes; 503 when the budget cannot give the difference."""
         if total > self.amount:
             if not self.budget.try_reserve(total - self.amount):
-                raise _Refused(503, "collector busy: in-flight byte cap reached", "overloaded")
+                raise _Refused(503, self.refusal, "overloaded")
             self.amount = total
 
     def release(self) -> None:
@@ -310,15 +319,22 @@ class IngestHandler:
         chunks: list[bytes] = []
         total = 0
         try:
-            async with asyncio.timeout(self.body_timeout_s):
-                async for chunk in request.content.iter_chunked(_CHUNK):
-                    total += len(chunk)
-                    if total > self.limits.max_bytes:
-                        raise _Refused(
-                            413, f"body exceeds {self.limits.max_bytes} bytes", "too_large"
-                        )
-                    reservation.grow_to(total)
-                    chunks.append(chunk)
+            with reading(request):
+                async with asyncio.timeout(self.body_timeout_s):
+                    async for chunk in request.content.iter_chunked(_CHUNK):
+                        total += len(chunk)
+                        if total > self.limits.max_bytes:
+                            raise _Refused(
+                                413, f"body exceeds {self.limits.max_bytes} bytes", "too_large"
+                            )
+                        reservation.grow_to(total)
+                        chunks.append(chunk)
+        except ShuttingDownError:
+            # Nothing of it was stored: the producer sends it again (here once
+            # restarted, or to another replica).
+            raise _Refused(
+                503, "collector shutting down: batch not stored, send it again", "shutting_down"
+            ) from None
         except TimeoutError:
             raise _Refused(
                 408, f"body not received within {self.body_timeout_s:g} s", "timeout"

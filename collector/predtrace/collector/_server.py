@@ -2,7 +2,9 @@
 
 ``--listen 127.0.0.1:0`` binds a free port; the ready file's first line is the
 bound ``host:port``, written (atomically) only once the store is open and the
-socket accepts connections. SIGTERM/SIGINT stop it gracefully.
+socket accepts connections. SIGTERM/SIGINT stop it gracefully: uploads still
+arriving and answers still being sent get ``STOP_GRACE_S``, then end (503, or
+the connection closed); batches being committed finish and are acknowledged.
 
 Slow clients are let go: a connection is closed once it has been idle for
 ``IDLE_TIMEOUT_S``, including one whose request line or headers never end
@@ -20,6 +22,7 @@ import os
 import signal
 import socket
 from pathlib import Path
+from typing import Final
 
 from aiohttp import web
 
@@ -32,15 +35,31 @@ from predtrace.cli._serving import (
 )
 from predtrace.collector._app import build_app
 from predtrace.collector._config import CollectorConfig, parse_listen
+from predtrace.collector._stopping import STOPPING, Stopping
 
 log = logging.getLogger("predtrace.collector")
+# On stop, what uploads still arriving and answers still being sent are given
+# before they end: a stalled one held SIGTERM for the 30 s body deadline (the
+# default grace of a Kubernetes pod); well within it, a batch in flight on a
+# healthy link arrives.
+STOP_GRACE_S: Final = 2.0
 
 
 class RunningCollector:
     """A collector serving on a socket; ``stop`` shuts it down. Safe twice."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, *, tls: bool = False) -> None:
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        host: str,
+        port: int,
+        *,
+        tls: bool = False,
+        stopping: Stopping | None = None,
+        stop_grace_s: float = STOP_GRACE_S,
+    ) -> None:
         self.runner, self.host, self.port, self.tls = runner, host, port, tls
+        self.stopping, self.stop_grace_s = stopping, stop_grace_s
 
     @property
     def url(self) -> str:
@@ -49,7 +68,17 @@ class RunningCollector:
         return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     async def stop(self) -> None:
-        """Stop accepting, finish in-flight requests, run the app's cleanup."""
+        """Stop accepting, end what no client was promised, finish the rest, clean up.
+
+        Uploads still arriving and answers still being sent get
+        ``stop_grace_s``, then end (see ``Stopping``): a stalled one no
+        longer holds the stop for the body deadline or the send timeout.
+        Batches being committed finish and are acknowledged.
+        """
+        for site in list(self.runner.sites):
+            await site.stop()
+        if self.stopping is not None:
+            await self.stopping.stop(self.stop_grace_s)
         await self.runner.cleanup()
 
 
@@ -58,11 +87,12 @@ async def start_collector(
     *,
     app: web.Application | None = None,
     idle_timeout_s: float = IDLE_TIMEOUT_S,
+    stop_grace_s: float = STOP_GRACE_S,
 ) -> RunningCollector:
     """Start serving ``config`` (or a prebuilt ``app``) on its listen address.
 
     ``idle_timeout_s``: a connection idle that long is closed (see the module
-    docstring; tests shorten it).
+    docstring; tests shorten it). ``stop_grace_s``: see ``RunningCollector.stop``.
 
     Raises:
         ConfigError / StoreError: the collector cannot start.
@@ -71,8 +101,12 @@ async def start_collector(
     host, port = parse_listen(config.listen)
     ssl_context = config.ssl_context()  # a bad certificate fails before anything binds
     quiet_client_errors()
+    app = app or build_app(config)
+    stopping = app.get(STOPPING)
+    if stopping is None:
+        stopping = app[STOPPING] = Stopping()
     runner = web.AppRunner(
-        app or build_app(config),
+        app,
         # Off: the bounded decoder inflates gzip itself (gzip bombs -> 413).
         auto_decompress=False,
         access_log=None,
@@ -92,7 +126,14 @@ async def start_collector(
     if isinstance(server, asyncio.base_events.Server) and server.sockets:
         sock: socket.socket = server.sockets[0]
         bound = sock.getsockname()[1]
-    return RunningCollector(runner, host, bound, tls=ssl_context is not None)
+    return RunningCollector(
+        runner,
+        host,
+        bound,
+        tls=ssl_context is not None,
+        stopping=stopping,
+        stop_grace_s=stop_grace_s,
+    )
 
 
 def write_ready_file(path: str, lines: list[str]) -> None:
