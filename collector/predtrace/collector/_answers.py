@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Final
 
 from aiohttp import web
+from prometheus_client import Gauge
 
 from predtrace.collector._ingest import DecodeSlots, InflightBudget, _Reservation
 from predtrace.collector._stopping import STOPPING
@@ -58,9 +59,13 @@ class AnswerSender:
         send_timeout_s: float = SEND_TIMEOUT_S,
         min_send_rate: float = MIN_SEND_RATE,
         on_stalled: Callable[[str], None] = lambda _path: None,
+        gauge: Gauge | None = None,
     ) -> None:
-        """``on_stalled(path)``: an answer's client read too slowly; its connection was aborted."""
-        self.budget = InflightBudget(budget_bytes, None)
+        """``on_stalled(path)``: an answer's client read too slowly; its connection was aborted.
+
+        ``gauge``: shows the bytes of answers being built or sent.
+        """
+        self.budget = InflightBudget(budget_bytes, gauge)
         self.send_timeout_s, self.min_send_rate = send_timeout_s, min_send_rate
         self.queries = DecodeSlots(QUERIES_AT_ONCE)
         self.encodes = DecodeSlots(ENCODES_AT_ONCE)

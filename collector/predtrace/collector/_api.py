@@ -256,6 +256,7 @@ class QueryApi:
             send_timeout_s=send_timeout_s,
             min_send_rate=min_send_rate,
             on_stalled=self.stalled.record,
+            gauge=metrics.answer_bytes,
         )
 
     def _guard(

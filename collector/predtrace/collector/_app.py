@@ -66,7 +66,7 @@ def build_app(config: CollectorConfig, *, store: Store | None = None) -> web.App
     registry = MlflowRegistry(MlflowConfig(url=config.mlflow_url)) if config.mlflow_url else None
     service = LineageService(store, registry, metrics)
     retainer = Retainer(store, config.retention, metrics)
-    budget = InflightBudget(config.max_inflight_bytes, metrics)
+    budget = InflightBudget(config.max_inflight_bytes, metrics.inflight_bytes)
     decoding = DecodeSlots()
     authorizer = Authorizer(tokens)
     parts = CollectorParts(config, store, service, retainer, metrics, budget, decoding)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from aiohttp import web
+from prometheus_client import Gauge
 
 from predtrace.collector._auth import Scope, TokenEntry
 from predtrace.collector._errors import StoreError
@@ -87,30 +88,29 @@ _ENCODINGS: Final = ("", "identity", "gzip", "x-gzip")
 class InflightBudget:
     """Bytes of request bodies, and of their decompressed forms, being ingested now, capped.
 
-    Also the budget of query answers (a budget of their own, see ``_api``):
-    ``metrics`` None, since the in-flight gauge counts ingest only.
-    Event-loop only.
+    Also the budget of query answers (a budget of their own, see ``_answers``).
+    ``gauge``, if any, shows ``used``. Event-loop only.
     """
 
-    def __init__(self, cap: int, metrics: CollectorMetrics | None) -> None:
+    def __init__(self, cap: int, gauge: Gauge | None = None) -> None:
         self.cap = cap
         self.used = 0
-        self._metrics = metrics
+        self._gauge = gauge
 
     def try_reserve(self, count: int) -> bool:
         """Reserve ``count`` bytes; False when that would pass the cap."""
         if self.used + count > self.cap:
             return False
         self.used += count
-        if self._metrics is not None:
-            self._metrics.inflight_bytes.set(self.used)
+        if self._gauge is not None:
+            self._gauge.set(self.used)
         return True
 
     def release(self, count: int) -> None:
         """Give back reserved bytes."""
         self.used -= count
-        if self._metrics is not None:
-            self._metrics.inflight_bytes.set(self.used)
+        if self._gauge is not None:
+            self._gauge.set(self.used)
 
 
 class _Reservation:

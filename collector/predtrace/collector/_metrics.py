@@ -41,6 +41,11 @@ class CollectorMetrics:
             "Bytes held by ingests now: bodies, inflated payloads and their decoding",
             registry=r,
         )
+        self.answer_bytes = Gauge(
+            "predtrace_collector_answer_bytes",
+            "Bytes of query answers being built or sent now (a budget apart from ingest's)",
+            registry=r,
+        )
         self.chain = Counter(
             "predtrace_collector_chain",
             "Hash-chain status of stored batches",

@@ -162,9 +162,12 @@ async def test_a_query_past_the_answer_budget_is_answered_503_with_retry_after_a
         assert status == 503, body
         assert headers["Retry-After"] == "7"
         assert "query answer byte cap" in json.loads(body)["error"]
+        gauge = served.api.metrics.registry.get_sample_value("predtrace_collector_answer_bytes")
+        assert gauge == served.api.answers.used > 150_000
     finally:
         held.close()
     await _until(lambda: served.api.answers.used == 0, "the hung-up client's bytes to be freed")
+    assert served.api.metrics.registry.get_sample_value("predtrace_collector_answer_bytes") == 0
     status, body, _ = await _get(served.url + PATH)
     assert status == 200 and len(json.loads(body)["predictions"]) == PREDICTIONS
 
