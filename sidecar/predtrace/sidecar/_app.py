@@ -372,6 +372,7 @@ class SidecarApp:
             oip_unreadable_requests=sum(proxy.unreadable_requests for proxy in self._proxies),
             oip_ids_not_added=sum(proxy.ids_not_added for proxy in self._proxies),
             oip_budget_waits=sum(proxy.budget_waits for proxy in self._proxies),
+            oip_slow_refusals=sum(proxy.slow_refused for proxy in self._proxies),
             oip_inflight_bytes=sum(proxy.budget.used for proxy in self._proxies),
             otlp_busy_refusals=dict(self._otlp.budget_refusals) if self._otlp else None,
             otlp_duplicate_exports=self._otlp.duplicate_exports if self._otlp else None,

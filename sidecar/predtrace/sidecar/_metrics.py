@@ -149,6 +149,12 @@ class SidecarMetrics(Collector):
                 "(16 --max-message-bytes of requests held for the model server)",
                 view.oip_budget_waits,
             )
+            yield _counter(
+                "oip_slow_refusals",
+                "ModelInfer calls refused (UNAVAILABLE, retryable): their request had not arrived "
+                "0.25 s after the proxy had room for it, while 16 others were arriving slowly",
+                view.oip_slow_refusals,
+            )
             yield _gauge(
                 "oip_inflight_bytes",
                 "Bytes of ModelInfer requests the proxy holds for the model server now",

@@ -91,11 +91,24 @@ LISTENER_OPTIONS: Final = (("grpc.http2.bdp_probe", 0),)
 # budget is read outside it (see ``OipProxy._read_request``).
 READ_GRACE_S: Final = 0.25
 # Requests read outside the budget at once, at most: each holds what of it has
-# arrived, up to a whole message, uncounted until read. Past that, a slow
-# request is read within its room, like a quick one: the proxy's requests stay
-# within twice the budget (the reads outside it, then the budget, which
-# takes no new call while they drain past its cap).
+# arrived, up to a whole message, uncounted until read. Past that, a call whose
+# request has not arrived is refused, retryable (UNAVAILABLE): kept waiting
+# with its room, it would hold up the calls behind it (callers that never send
+# would stall the proxy); read outside the budget, it would hold bytes beyond
+# any bound. The proxy's requests stay within twice the budget (the reads
+# outside it, then the budget, which takes no new call while they drain past
+# its cap).
 MAX_READS_OUTSIDE: Final = INFLIGHT_MESSAGES
+_TOO_MANY_SLOW: Final = (
+    f"ModelInfer: the request had not arrived {READ_GRACE_S:g} s after the proxy had room "
+    f"for it, and {MAX_READS_OUTSIDE} other calls' requests are arriving slowly; retry"
+)
+
+
+class _TooManySlowError(Exception):
+    """A request slow to arrive while ``MAX_READS_OUTSIDE`` others are (see ``_read_request``)."""
+
+
 # A cancellation this close to the call's deadline is the deadline's (see _cancel_status).
 _DEADLINE_SLACK_S: Final = 0.05
 # A caller id outside the wire's rule (CALLER_ID_RE, as in the middleware) is
@@ -289,6 +302,7 @@ class OipProxy(_Handler):
         self.ids_not_added = 0  # no room under the message limit for the id the proxy adds
         self.slow_reads = 0  # requests read outside the budget: not arrived in READ_GRACE_S
         self.reading_outside = 0  # of those, being read now (at most MAX_READS_OUTSIDE)
+        self.slow_refused = 0  # calls refused as slow past MAX_READS_OUTSIDE (UNAVAILABLE)
         del deployment  # identity is stamped by the intake's enricher
 
     @property
@@ -436,6 +450,10 @@ class OipProxy(_Handler):
             try:
                 await share.take(self._max_message_bytes)
                 request = await self._read_request(context, share)
+            except _TooManySlowError:
+                unavailable = grpc.StatusCode.UNAVAILABLE
+                self._unread(metadata, start_ns, started, context, status=unavailable)
+                await context.abort(unavailable, _TOO_MANY_SLOW)
             except (asyncio.CancelledError, Exception):
                 # Cancelled (a deadline, the caller), or the call ended under
                 # the read (grpc.aio then raises its own errors): recorded as
@@ -494,14 +512,19 @@ class OipProxy(_Handler):
         arriving ``READ_GRACE_S`` after the call got its room (a slow link,
         or a caller that has not sent it yet) gives the room back and is read
         outside the budget: calls that wait on their callers never hold up
-        the others. At most ``MAX_READS_OUTSIDE`` at once; past that, a slow
-        request keeps its room while it arrives.
+        the others. At most ``MAX_READS_OUTSIDE`` at once.
+
+        Raises:
+            _TooManySlowError: past that (the call is to be refused).
         """
         read = asyncio.ensure_future(context.read())
         outside = False
         try:
             done, _ = await asyncio.wait((read,), timeout=READ_GRACE_S)
-            if not done and self.reading_outside < MAX_READS_OUTSIDE:
+            if not done:
+                if self.reading_outside >= MAX_READS_OUTSIDE:
+                    self.slow_refused += 1
+                    raise _TooManySlowError
                 outside = True
                 self.reading_outside += 1
                 share.release()
@@ -534,8 +557,11 @@ class OipProxy(_Handler):
         start_ns: int,
         started: int,
         context: grpc.aio.ServicerContext[bytes, bytes],
+        status: grpc.StatusCode | None = None,
     ) -> None:
         """Record a call that ended (deadline, cancellation) before its request was read.
+
+        ``status``: the proxy's own refusal; else the cancellation's (``_cancel_status``).
 
         It never reached the model server; its event has the caller's id
         from the metadata (``x-request-id``, ``ce-id``) or a new one, and no
@@ -543,7 +569,7 @@ class OipProxy(_Handler):
         """
         prediction_id = self._caller_id("", metadata) or new_prediction_id()
         event = self._event(prediction_id, _NO_FIELDS, metadata, start_ns)
-        self._finish(event, started, status=_cancel_status(context))
+        self._finish(event, started, status=status or _cancel_status(context))
 
     def _id_field(self, request: bytes, prediction_id: str) -> bytes:
         """The id field to add to the request; none if that takes it over the message limit.

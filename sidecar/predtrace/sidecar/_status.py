@@ -45,6 +45,7 @@ class StatusView:
     oip_unreadable_requests: int = 0
     oip_ids_not_added: int = 0
     oip_budget_waits: int = 0
+    oip_slow_refusals: int = 0
     oip_inflight_bytes: int = 0
     # OTLP exports refused with the in-flight budget spent, by transport (None: no receiver).
     otlp_busy_refusals: dict[str, int] | None = None

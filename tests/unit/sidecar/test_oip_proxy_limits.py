@@ -25,7 +25,7 @@ from predtrace.sidecar._app import grpc_server_options
 from predtrace.sidecar._intake import IntakeResult
 from predtrace.sidecar._metrics import SidecarMetrics
 from predtrace.sidecar._oip_fields import read_fields
-from predtrace.sidecar._oip_proxy import INFLIGHT_MESSAGES, READ_GRACE_S, OipProxy
+from predtrace.sidecar._oip_proxy import INFLIGHT_MESSAGES, OipProxy
 from predtrace.sidecar._oip_upstream import ByteBudget
 from predtrace.sidecar._protowire import encode_varint
 from predtrace.wire import Rejection, Status, uuid7_timestamp_ms
@@ -296,13 +296,16 @@ async def test_callers_that_have_not_sent_their_request_hold_up_no_one(
         assert pb.ModelInferResponse.FromString(answer).id == "quick-1"
         # (The quick call may get through once the first of them gives its room back.)
         await eventually(lambda: proxy.slow_reads == INFLIGHT_MESSAGES)
-        assert proxy.reading_outside == INFLIGHT_MESSAGES  # the bound; the other 4 keep room
+        assert proxy.reading_outside == INFLIGHT_MESSAGES  # the bound: the other 4 are refused
+        await eventually(lambda: proxy.slow_refused == 4)
         for call in stalled:
             call.cancel()
-    # Cancelled before their request came: recorded under their header ids.
+    # Cancelled before their request came, or refused: recorded under their header ids.
     events = await recorded(running, INFLIGHT_MESSAGES + 5)
-    cancelled = {e.prediction_id for e in events if e.status_code == "CANCELLED"}
-    assert cancelled == {f"stalled-{i}" for i in range(INFLIGHT_MESSAGES + 4)}
+    ended = {e.prediction_id: e.status_code for e in events if e.prediction_id != "quick-1"}
+    assert set(ended) == {f"stalled-{i}" for i in range(INFLIGHT_MESSAGES + 4)}
+    statuses = sorted(ended.values())
+    assert statuses == ["CANCELLED"] * INFLIGHT_MESSAGES + ["UNAVAILABLE"] * 4
     await eventually(lambda: proxy.budget.used == 0)
     assert model.arrived == 1
 
@@ -311,30 +314,52 @@ async def test_requests_read_outside_the_budget_are_bounded_in_number(
     proxied: tuple[Model, Running], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Each request read outside the budget holds what of it has arrived, up
-    # to a whole message, counted nowhere: past the bound, a slow request
-    # keeps its room while it arrives, so slow callers cannot grow the
-    # proxy's memory without end.
+    # to a whole message, counted nowhere. Past the bound a call whose request
+    # has not arrived is refused, retryable: neither its bytes nor its room
+    # (which would hold up the calls behind it) are kept for it.
     monkeypatch.setattr(_oip_proxy, "MAX_READS_OUTSIDE", 2)
     model, running = proxied
     proxy = proxy_of(running)
     largest = proxy._max_message_bytes
     proxy.budget.cap = 4 * largest
     async with client(running) as slow_channel, client(running) as channel:
-        slow = [slow_channel.stream_unary(MODEL_INFER)(timeout=30) for _ in range(4)]
-        await eventually(lambda: proxy.slow_reads == 2 and proxy.budget.used == 2 * largest)
-        await asyncio.sleep(2 * READ_GRACE_S)
+        metadata = [(("x-request-id", f"slow-{k}"),) for k in range(4)]
+        slow = [
+            slow_channel.stream_unary(MODEL_INFER)(timeout=30, metadata=metadata[k])
+            for k in range(4)
+        ]
+        await eventually(lambda: proxy.slow_refused == 2)
         assert (proxy.slow_reads, proxy.reading_outside) == (2, 2)
-        assert proxy.budget.used == 2 * largest, "the two past the bound keep their room"
+        await eventually(lambda: proxy.budget.used == 0)  # no room kept for a slow request
         answer = await channel.unary_unary(MODEL_INFER)(body(100, "quick-1"), timeout=5)
         assert pb.ModelInferResponse.FromString(answer).id == "quick-1"
+        outcomes: dict[str, str] = {}
         for k, call in enumerate(slow):
-            await call.write(body(1000, f"slow-{k}"))
-            await call.done_writing()
-        answers = [pb.ModelInferResponse.FromString(await call) for call in slow]
-    assert [a.id for a in answers] == [f"slow-{k}" for k in range(4)]
+            with contextlib.suppress(asyncio.InvalidStateError):  # a refused call is over
+                await call.write(body(1000, f"slow-{k}"))
+                await call.done_writing()
+            try:
+                outcomes[f"slow-{k}"] = pb.ModelInferResponse.FromString(await call).id
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                assert "other calls' requests are arriving slowly; retry" in (exc.details() or "")
+                outcomes[f"slow-{k}"] = "refused"
+    assert sorted(outcomes.values()).count("refused") == 2
+    answered = sorted(k for k, v in outcomes.items() if v != "refused")
+    assert [outcomes[k] for k in answered] == answered  # answered with their own ids
     assert proxy.reading_outside == 0
     await eventually(lambda: proxy.budget.used == 0)
-    assert model.arrived == 5
+    assert model.arrived == 3
+    events = await recorded(running, 5)
+    refused = sorted(e.prediction_id for e in events if e.status_code == "UNAVAILABLE")
+    assert refused == sorted(k for k, v in outcomes.items() if v == "refused")
+    counted = [
+        sample.value
+        for family in SidecarMetrics(running.app).collect()
+        for sample in family.samples
+        if sample.name == "predtrace_sidecar_oip_slow_refusals_total"
+    ]
+    assert counted == [2]
 
 
 async def test_a_request_read_outside_the_budget_goes_on_at_once_not_held_in_turn(
