@@ -110,10 +110,10 @@ class SegmentReader:
             self._count_damage(seg.path, offset, scanned, result.corrupt_regions, result.skipped)
             records.extend(result.records)
             total += sum(len(r.payload) for r in result.records)
-            if result.records:
-                expected = result.records[-1].index + 1
-            if result.resume_index is not None:
-                expected = result.resume_index
+            # Records passed over (``skip_through``) move it on too: a buffer
+            # of nothing but delivered records is no gap for the next one.
+            if result.next_expected is not None:
+                expected = result.next_expected
             offset += result.consumed
             if final or result.at_limit or result.consumed == 0:
                 break

@@ -57,6 +57,11 @@ class ScanResult:
     counted, that the next buffer continues. ``at_limit``: a record was left
     for the next read by ``max_bytes`` or ``until``; ``resume_index`` is its
     index (the records missing before it are counted in ``skipped`` here).
+    ``next_expected``: the index expected at ``consumed``, the one after the
+    last record the scan passed, taken or skipped over (``skip_through``), or
+    ``resume_index`` at a limit; ``expected_index`` when it found no record.
+    A buffer whose records were all passed over still moves it on, so the next
+    buffer does not count them as a gap.
     """
 
     records: list[Record]
@@ -68,6 +73,7 @@ class ScanResult:
     ends_in_damage: bool = False
     at_limit: bool = False
     resume_index: int | None = None
+    next_expected: int | None = None
 
 
 def _parse_at(data: bytes, pos: int, max_payload: int) -> Record | int | None:
@@ -120,7 +126,7 @@ def scan(
         continues_damage: ``data`` starts inside a damaged region the previous
             buffer ended in (its ``ends_in_damage``), already counted there.
     """
-    result = ScanResult([], 0, 0)
+    result = ScanResult([], 0, 0, next_expected=expected_index)
     pos, total = 0, 0
     while pos < len(data):
         if (max_records is not None and len(result.records) >= max_records) or (
@@ -143,10 +149,10 @@ def scan(
                 _count_gap(result, found, expected_index)
                 result.consumed = pos
                 result.at_limit = True
-                result.resume_index = found.index
+                result.resume_index = result.next_expected = found.index
                 break
             _count_gap(result, found, expected_index)
-            expected_index = found.index + 1
+            expected_index = result.next_expected = found.index + 1
             if found.index > skip_through:
                 result.records.append(found)
                 total += len(found.payload)

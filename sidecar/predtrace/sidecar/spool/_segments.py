@@ -164,7 +164,10 @@ def load_segments(
     segments, the invalid tail length of the last one (the caller truncates
     it: that segment becomes the active one again) and how many records the
     last one lost from its end by its index row (0 without a row: a clean
-    close writes one for the active segment, a crash leaves none).
+    close writes one for the active segment, a crash leaves none). When the
+    records on disk stop short of ``hwm`` (the active segment was deleted or
+    cut outside the spool), a new empty segment at ``hwm + 1`` ends the list,
+    to be created as the active one: the old one, delivered, is released.
     """
     firsts = list_segments(files, directory)
     segments: list[Segment] = []
@@ -188,6 +191,14 @@ def load_segments(
             _log.warning("spool segment %s has %d damaged trailing bytes", seg.path, tail)
         segments.append(seg)
     last_lost = _count_lost_ends(segments, index or {}, damaged, hwm, counters)
+    if _check_mark_on_disk(segments, index or {}, hwm, counters) and segments:
+        # Appending to the last segment would leave a gap in it, up to the
+        # mark, that a later scan takes for lost records: the next records go
+        # to a new segment at the mark, and the old one, delivered, is released.
+        first = hwm + 1
+        path = posixpath.join(directory, segment_name(first))
+        segments.append(Segment(first, path, first - 1, 0, 0, 0, 0, first - 1))
+        return segments, 0, 0
     return segments, tail, last_lost
 
 
@@ -229,6 +240,44 @@ def _count_lost_ends(
         if following is None:
             last_lost = lost
     return last_lost
+
+
+def _check_mark_on_disk(
+    segments: list[Segment], index: dict[int, SegmentMeta], hwm: int, counters: SpoolCounters
+) -> bool:
+    """Count (one region, an error line) an active segment removed or cut below the mark.
+
+    The spool never unlinks its active segment, which holds every record up
+    to the mark that no sealed one does: the records on disk, or the index's
+    rows (a clean close lists the active segment too), always reach the mark.
+    When they stop short, the active segment was deleted, emptied or cut
+    outside the spool after a crash; the undelivered records it held after
+    the mark are lost, and nothing durable says how many (a crash leaves the
+    active segment no row), so only the region is counted. With a row, the
+    loss is counted record by record (``_count_lost_ends``, and the
+    ``missing_segment`` count of a listed segment that is gone). Returns
+    whether the last segment present ends below the mark (counted or not).
+    """
+    short = bool(segments) and segments[-1].last < hwm
+    reach = max([seg.last for seg in segments] + [meta.last for meta in index.values()], default=0)
+    if hwm <= reach:
+        return short
+    counters.add("corrupt_regions")
+    last = segments[-1] if segments else None
+    if last is not None and last.first not in index:
+        what = f"spool segment {last.path} ends at record {last.last}"
+    elif reach:
+        what = f"the spool's active segment (after record {reach}) is missing"
+    else:
+        what = "the spool's active segment is missing"
+    _log.error(
+        "%s, below the delivered mark %d: it was deleted or cut outside the spool, and "
+        "the undelivered records it held after the mark are lost (how many is not known: "
+        "counted as one corrupt region, no records)",
+        what,
+        hwm,
+    )
+    return short
 
 
 def _overlap(meta: SegmentMeta, start: int, end: int) -> int:
