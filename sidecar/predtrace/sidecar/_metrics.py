@@ -200,7 +200,8 @@ def _spool_counters(counts: dict[str, int]) -> Iterator[Metric]:
     yield _by_label(
         "spool_refused_writes",
         "Spool writes refused, never acknowledged (disk_full and io_error: per failed "
-        "group commit; busy: per append while the writer is behind)",
+        "group commit; busy: per append while the writer is behind; cap: per append the "
+        "byte cap has no room for)",
         "reason",
         {
             reason: counts.get(key, 0)
@@ -208,6 +209,7 @@ def _spool_counters(counts: dict[str, int]) -> Iterator[Metric]:
                 ("disk_full", "disk_full"),
                 ("io_error", "write_errors"),
                 ("busy", "busy"),
+                ("cap", "cap_refused"),
             )
         },
     )

@@ -104,7 +104,8 @@ def spool_refusal(spool: Spool, now_ns: int) -> str:
     return (
         f"the spool refused a write {ago:.0f} s ago: {latest[1]} "
         f"(refused so far: disk full {counts.get('disk_full', 0)}, "
-        f"I/O error {counts.get('write_errors', 0)}, busy {counts.get('busy', 0)})"
+        f"I/O error {counts.get('write_errors', 0)}, busy {counts.get('busy', 0)}, "
+        f"over the cap {counts.get('cap_refused', 0)})"
     )
 
 

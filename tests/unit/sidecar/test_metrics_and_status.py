@@ -338,6 +338,31 @@ async def test_a_full_disk_shows_in_metrics_and_status_and_is_logged_once(
     await _record_ids(running, ["room-again"])
 
 
+async def test_a_request_bigger_than_the_spool_cap_is_refused_and_shows_in_metrics_and_status(
+    start_sidecar: StartSidecar,
+) -> None:
+    mib = 1 << 20
+    running: Running = await start_sidecar(
+        files=MemoryFileLayer(),
+        spool=SpoolConfig(directory="/spool", max_bytes=2 * mib, segment_bytes=mib),
+        metrics_listen="127.0.0.1:0",
+    )
+    path = "/v2/models/" + "m" * 240 + "/infer"  # 10,000 events (the most a request takes)
+    events = [PredictionEvent(f"big-{i}", endpoint=path) for i in range(10_000)]
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        stub = sidecar_pb2_grpc.SidecarStub(channel)
+        request = sidecar_pb2.RecordBatchRequest(events=[event_to_proto(e) for e in events])
+        assert request.ByteSize() > 2 * mib
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.RecordBatch(request)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--spool-max-bytes" in (info.value.details() or "")
+        status = await stub.Status(sidecar_pb2.StatusRequest())
+    scraped = await _scrape(running)
+    assert scraped['predtrace_sidecar_spool_refused_writes_total{reason="cap"}'] == 1
+    assert "over the cap 1" in status.last_error
+
+
 async def test_an_io_error_refusing_a_write_shows_in_metrics_and_status(
     start_sidecar: StartSidecar,
 ) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 import pytest
 
-from predtrace.sidecar._errors import ConfigError, SpoolFullError
+from predtrace.sidecar._errors import ConfigError, SpoolBusyError, SpoolFullError
 from predtrace.sidecar.spool import HEADER_SIZE, MemoryFileLayer, Spool, SpoolConfig
 
 DIR = "/spool"
@@ -57,6 +57,10 @@ def event(i: int, size: int = 300) -> bytes:
     return f"{i:010d}".encode().ljust(size, b".")
 
 
+def spooled(batch: list[bytes]) -> int:
+    return sum(HEADER_SIZE + len(p) for p in batch)
+
+
 def read_all(spool: Spool, after: int = 0) -> dict[int, bytes]:
     return {r.index: r.payload for r in spool.read(after, max_records=1 << 30, max_bytes=1 << 40)}
 
@@ -93,12 +97,19 @@ def test_appends_larger_than_a_segment_keep_the_segment_files_within_the_cap(see
     disk = MeasuredDisk()
     spool = Spool.open(config(), files=disk)
     sent: dict[int, bytes] = {}
+    refused = 0
     for _ in range(40):
         # From a few records to groups bigger than a segment, some bigger than the cap.
         batch = [
             event(len(sent) + k, rng.randrange(50, 4 * KIB)) for k in range(rng.randrange(1, 400))
         ]
+        if spooled(batch) > CAP:  # refused whole: written, the cap would drop part of it
+            with pytest.raises(SpoolFullError, match="--spool-max-bytes"):
+                spool.append_sync(batch)
+            refused += 1
+            continue
         sent.update(zip(spool.append_sync(batch), batch, strict=True))
+    assert refused and spool.counters.cap_refused == refused
     assert disk.peak <= CAP, f"{disk.peak} bytes on disk past a cap of {CAP}"
     assert disk.largest <= SEGMENT, f"a segment of {disk.largest} bytes past {SEGMENT}"
     assert spool.stats().bytes == segment_bytes_on(disk) <= CAP
@@ -115,21 +126,38 @@ def test_a_group_commit_of_many_appends_keeps_the_segment_files_within_the_cap()
     sent: dict[int, bytes] = {}
     lock = threading.Lock()
     done = threading.Semaphore(0)
-    batches = [[event(1000 * b + k) for k in range(700)] for b in range(12)]  # ~230 KiB each
+    # ~60 KiB each; queued together up to half the cap (then busy), so the
+    # writer takes them as one group or a few; those refused are sent again.
+    waiting = [[event(1000 * b + k) for k in range(190)] for b in range(24)]
+    refused: list[list[bytes]] = []
 
     def on_done(batch: list[bytes]) -> Callable[[range | BaseException], None]:
         def callback(result: range | BaseException) -> None:
-            assert isinstance(result, range), result
             with lock:
-                sent.update(zip(result, batch, strict=True))
+                if isinstance(result, range):
+                    sent.update(zip(result, batch, strict=True))
+                else:
+                    assert isinstance(result, SpoolFullError), result
+                    refused.append(batch)
             done.release()
 
         return callback
 
-    for batch in batches:  # queued together: the writer takes them as one group or a few
-        spool.submit(batch, on_done(batch))
-    for _ in batches:
-        assert done.acquire(timeout=30)
+    for _ in range(200):
+        if not waiting:
+            break
+        submitted = 0
+        for batch in waiting:
+            try:
+                spool.submit(batch, on_done(batch))
+                submitted += 1
+            except SpoolBusyError:
+                refused.append(batch)
+        for _ in range(submitted):
+            assert done.acquire(timeout=30)
+        waiting, refused = refused, []
+    assert not waiting, "appends were refused again and again"
+    # Every acknowledged record is kept or counted, none dropped by its own group.
     assert disk.peak <= CAP, f"{disk.peak} bytes on disk past a cap of {CAP}"
     assert disk.largest <= SEGMENT
     check_exact(spool, sent)
@@ -137,7 +165,8 @@ def test_a_group_commit_of_many_appends_keeps_the_segment_files_within_the_cap()
 
 
 def test_the_small_flash_settings_hold_their_cap_with_requests_bigger_than_it() -> None:
-    # The README's small-flash settings, with RecordBatch calls of 10,000 events.
+    # The README's small-flash settings: RecordBatch calls of 5,000 events
+    # fit under the cap (and are kept whole); one of 10,000 is refused.
     mib = 1 << 20
     disk = MeasuredDisk()
     cfg = config(
@@ -145,9 +174,13 @@ def test_the_small_flash_settings_hold_their_cap_with_requests_bigger_than_it() 
     )
     spool = Spool.open(cfg, files=disk)
     sent: dict[int, bytes] = {}
-    for b in range(4):
-        batch = [event(10_000 * b + k, 320) for k in range(10_000)]  # ~3.3 MB a call
-        sent.update(zip(spool.append_sync(batch), batch, strict=True))
+    for b in range(6):
+        batch = [event(10_000 * b + k, 320) for k in range(5_000)]  # ~1.7 MB a call
+        indexes = spool.append_sync(batch)
+        assert read_all(spool, indexes.start - 1) == dict(zip(indexes, batch, strict=True))
+        sent.update(zip(indexes, batch, strict=True))
+    with pytest.raises(SpoolFullError, match="--spool-max-bytes"):
+        spool.append_sync([event(90_000 + k, 320) for k in range(10_000)])  # ~3.3 MB
     assert disk.peak <= 2 * mib, f"{disk.peak} bytes on disk past a cap of {2 * mib}"
     assert disk.largest <= mib
     check_exact(spool, sent)
@@ -161,8 +194,8 @@ def test_pinned_segments_count_against_the_cap_and_are_the_only_overshoot() -> N
     batch = [event(k) for k in range(500)]  # ~160 KiB: three segments, the batch in flight
     sent.update(zip(spool.append_sync(batch), batch, strict=True))
     spool.pin((1, 500))
-    for b in range(1, 30):
-        batch = [event(1000 * b + k) for k in range(300)]
+    for b in range(1, 60):  # ~48 KiB each: they fit beside the pinned segments
+        batch = [event(1000 * b + k) for k in range(150)]
         sent.update(zip(spool.append_sync(batch), batch, strict=True))
     with spool._lock:  # the segments holding the pinned records
         pinned = sum(s.size for s in spool._segments if s.first <= 500)
@@ -175,8 +208,9 @@ def test_past_a_cap_that_pinned_segments_fill_appends_go_on_and_only_the_active_
     None
 ):
     # The shipper holds more than the cap (its batch in flight and the next
-    # one): nothing pinned is dropped, appends are still accepted (the newest
-    # kept), every other segment goes.
+    # one): nothing pinned is dropped, appends of up to a segment are still
+    # accepted (the newest kept), every other segment goes; a bigger one is
+    # refused until the pin goes (the cap would have to drop part of it).
     disk = MeasuredDisk()
     spool = Spool.open(config(), files=disk)
     sent: dict[int, bytes] = {}
@@ -185,9 +219,12 @@ def test_past_a_cap_that_pinned_segments_fill_appends_go_on_and_only_the_active_
         sent.update(zip(spool.append_sync(batch), batch, strict=True))
         spool.pin((1, max(sent)))
     last_pinned = max(sent)
-    for b in range(12, 40):
-        batch = [event(1000 * b + k) for k in range(300)]
+    for b in range(12, 80):
+        batch = [event(1000 * b + k) for k in range(100)]  # ~32 KiB
         sent.update(zip(spool.append_sync(batch), batch, strict=True))
+    bigger = [event(500_000 + k) for k in range(300)]  # ~95 KiB: more than a segment
+    with pytest.raises(SpoolFullError, match="--spool-max-bytes"):
+        spool.append_sync(bigger)
     with spool._lock:
         pinned = sum(s.size for s in spool._segments if s.first <= last_pinned)
     assert pinned > CAP
@@ -195,7 +232,7 @@ def test_past_a_cap_that_pinned_segments_fill_appends_go_on_and_only_the_active_
     assert spool.stats().bytes <= pinned + SEGMENT
     check_exact(spool, sent, held=range(1, last_pinned + 1))
     spool.pin(None)  # delivered and released: the next append brings it under the cap
-    sent.update(zip(spool.append_sync([b"after"]), [b"after"], strict=True))
+    sent.update(zip(spool.append_sync(bigger), bigger, strict=True))
     assert spool.stats().bytes <= CAP
     spool.close()
 

@@ -24,7 +24,8 @@ class SpoolConfig:
         segment_bytes: size at which the active segment is sealed and a new one begun
             (a segment may exceed it by one append).
         max_record_bytes: the largest event accepted (bigger ones are rejected alone).
-        max_pending_bytes: bytes waiting for the writer before appends are refused.
+        max_pending_bytes: bytes waiting for the writer before appends are refused
+            (at most half the cap: see ``pending_limit``).
         commit_delay: seconds the writer waits to gather more appends per fsync.
     """
 
@@ -49,14 +50,31 @@ class SpoolConfig:
         if not 0 <= self.commit_delay <= 1:
             raise ConfigError("spool commit_delay must be between 0 and 1 second")
 
+    @property
+    def pending_limit(self) -> int:
+        """Bytes waiting for the writer before appends are refused as busy.
+
+        ``max_pending_bytes``, but at most half the cap (and never under one
+        maximal record): a group commit is what waits, and the cap keeps
+        every record of the group being committed, so a group must fit under
+        the cap with the active segment's earlier records (at most a segment,
+        itself at most half the cap). A single append is taken whatever its
+        size (up to the cap).
+        """
+        return min(self.max_pending_bytes, max(self.max_bytes // 2, self.max_record_bytes))
+
 
 @dataclass(slots=True)
 class SpoolCounters:
     """What the spool did that a user must be able to see (all monotonic).
 
-    ``dropped`` reasons: ``byte_cap`` (oldest records dropped at the cap),
-    ``corrupt`` (records in damaged regions), ``torn`` (an incomplete tail
-    cut on recovery; never acknowledged records), ``missing_segment``.
+    ``cap_refused``: appends refused because the byte cap cannot hold them
+    (bigger than the cap, or than it has room for beside the rest of their
+    group commit and the shipper's pinned segments): the cap never drops a
+    record before it is acknowledged. ``dropped`` reasons: ``byte_cap``
+    (oldest records dropped at the cap), ``corrupt`` (records in damaged
+    regions), ``torn`` (an incomplete tail cut on recovery; never
+    acknowledged records), ``missing_segment``.
     """
 
     appended: int = 0
@@ -64,6 +82,7 @@ class SpoolCounters:
     corrupt_regions: int = 0
     disk_full: int = 0
     busy: int = 0
+    cap_refused: int = 0
     write_errors: int = 0
     index_rebuilds: int = 0
     state_slots_bad: int = 0
@@ -92,6 +111,7 @@ class SpoolCounters:
                     "corrupt_regions",
                     "disk_full",
                     "busy",
+                    "cap_refused",
                     "write_errors",
                     "index_rebuilds",
                     "state_slots_bad",

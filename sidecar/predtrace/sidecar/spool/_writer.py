@@ -12,14 +12,23 @@ append bigger than a whole segment fills the active one and goes on in new
 ones, record by record (a record is never split), so no segment passes
 ``segment_bytes`` unless a single record does. Before each write the
 oldest sealed segments are dropped (counted as ``byte_cap``) until the
-segments plus the write fit under ``max_bytes``; the active segment and
-those the shipper has pinned are never dropped. So the segment files stay
-within ``max_bytes`` while nothing is pinned; otherwise within the larger of
-``max_bytes`` and the pinned segments plus the active one. An append split
-across segments that fails in a later one is refused, yet its records in
-the earlier, fsynced segments stay spooled: at least once, the sender's
-retry may deliver them twice. An append that fits in a segment is never
-split, so it is refused whole.
+segments plus the write fit under ``max_bytes``; the active segment, those
+the shipper has pinned and those holding records of the group being
+committed are never dropped. So the segment files stay within ``max_bytes``
+while nothing is pinned; otherwise within the larger of ``max_bytes`` and
+the pinned segments plus the group's. An append split across segments that
+fails in a later one is refused, yet its records in the earlier, fsynced
+segments stay spooled: at least once, the sender's retry may deliver them
+twice. An append that fits in a segment is never split, so it is refused whole.
+
+The cap never drops a record before it is acknowledged: an append bigger
+than ``max_bytes`` is refused up front, and one that would take the group's
+segments past what the pinned segments leave of ``max_bytes`` (at least a
+segment) is refused (SpoolFullError) before any of it is written, while the
+others of its group go on. Alone in a group with nothing pinned, an append
+of up to ``max_bytes`` always fits: if the earlier records in the active
+segment would take it past the cap, it begins a new segment (and the cap
+may then drop the old one, acknowledged earlier).
 """
 
 from __future__ import annotations
@@ -112,6 +121,8 @@ class SpoolWriter:
 
         Raises:
             EventTooLargeError: a payload is over ``max_record_bytes``.
+            SpoolFullError: the records together are more than the byte cap
+                (``max_bytes``) holds: refused whole, it would never fit.
             SpoolBusyError: too many bytes are already waiting for the writer.
             SpoolClosedError: the spool is closing.
         """
@@ -119,10 +130,22 @@ class SpoolWriter:
         if any(len(p) > limit for p in payloads):
             raise EventTooLargeError(f"event larger than {limit} bytes")
         nbytes = sum(len(p) for p in payloads) + HEADER_SIZE * len(payloads)
+        cap = self.config.max_bytes
+        if nbytes > cap:
+            # Written, part of it would be dropped at the cap before the
+            # acknowledgement: refused, with what to do about it.
+            self.counters.add("cap_refused")
+            reason = (
+                f"{len(payloads)} events ({nbytes} bytes spooled) are more than the spool's "
+                f"byte cap of {cap} bytes (--spool-max-bytes) holds: send them in smaller "
+                "batches, or raise --spool-max-bytes"
+            )
+            self.last_refusal = (self._clock.time_ns(), reason)
+            raise SpoolFullError(reason)
         with self._cond:
             if self._closing or self._crashed:
                 raise SpoolClosedError("the spool is closed")
-            if self._pending and self._pending_bytes + nbytes > self.config.max_pending_bytes:
+            if self._pending and self._pending_bytes + nbytes > self.config.pending_limit:
                 self.counters.add("busy")
                 self.last_refusal = (self._clock.time_ns(), "the spool writer is behind (busy)")
                 raise SpoolBusyError("the spool writer is behind; retry shortly")
@@ -199,13 +222,19 @@ class SpoolWriter:
         done: list[tuple[_Request, range]] = []
         chunk: list[bytes] = []
         chunk_bytes = 0
+        # The cap drops no segment holding a record of this group: its
+        # appends are acknowledged as its writes complete, and a record
+        # dropped while its group commits would be acknowledged already lost.
+        hold_from = self._next_index
         try:
             for request in group:
-                if request.nbytes <= self.config.segment_bytes and not self._fits(
-                    chunk_bytes, request.nbytes
-                ):
+                fresh = self._begins_segment(request, chunk_bytes, hold_from)
+                if fresh is None:
+                    self._refuse_over_cap(request)
+                    continue
+                if fresh:
                     # Begin the append in a new segment: split only if it must be.
-                    self._flush(chunk, done)
+                    self._flush(chunk, done, hold_from)
                     chunk, chunk_bytes = [], 0
                     self._rotate()
                 first = self._next_index
@@ -215,14 +244,14 @@ class SpoolWriter:
                     if not self._fits(chunk_bytes, size):
                         # Bigger than a segment: the records so far are written
                         # and fsynced; the append completes with its last part.
-                        self._flush(chunk, done)
+                        self._flush(chunk, done, hold_from)
                         chunk, chunk_bytes = [], 0
                         self._rotate()
                     chunk.append(encode_record(self._next_index, ts_ns, payload))
                     self._next_index += 1
                     chunk_bytes += size
                 done.append((request, range(first, self._next_index)))
-            self._flush(chunk, done)
+            self._flush(chunk, done, hold_from)
         except OSError as exc:
             self._fail(group, exc)
 
@@ -231,12 +260,71 @@ class SpoolWriter:
         used = self._segments[-1].size + chunk_bytes
         return used == 0 or used + nbytes <= self.config.segment_bytes
 
-    def _flush(self, chunk: list[bytes], done: list[tuple[_Request, range]]) -> None:
-        """Make room under the cap, write, fsync, then complete (the ack follows the fsync)."""
+    def _begins_segment(self, request: _Request, chunk_bytes: int, hold_from: int) -> bool | None:
+        """Whether ``request`` begins a new segment; None if the cap cannot hold it now.
+
+        It does if it fits in a segment but not in the room left in the
+        active one, or if not even its first record fits there (bigger than
+        a segment, it otherwise fills the active one first). Either way, the
+        segments holding records of the group (``hold_from`` on), the active
+        one (never dropped) and the request must fit in what the segments
+        the shipper pinned leave of ``max_bytes`` (at least a segment: past a
+        cap the pinned ones fill, appends go on one segment at a time). If
+        the active segment's earlier records are what passes it, the request
+        begins a new segment, so that the cap may drop the old one.
+        """
+        nbytes = request.nbytes
+        active = self._segments[-1]
+        used = active.size + chunk_bytes
+        if nbytes > self.config.segment_bytes and request.payloads:
+            fresh = not self._fits(chunk_bytes, HEADER_SIZE + len(request.payloads[0]))
+        else:
+            fresh = not self._fits(chunk_bytes, nbytes)
+        held = pinned = 0
+        with self._lock:
+            for seg in self._segments[:-1]:
+                if seg.last >= hold_from:
+                    held += seg.size
+                elif self._pinned(seg):
+                    pinned += seg.size
+            active_pinned = self._pinned(active)
+        cap, segment = self.config.max_bytes, self.config.segment_bytes
+        if held + used + nbytes <= max(cap - pinned, segment):
+            return fresh
+        in_group = chunk_bytes > 0 or active.last >= hold_from
+        if used and not in_group:
+            # Sealed, the active segment's earlier records may go instead (unless pinned).
+            pinned += used if active_pinned else 0
+            if held + nbytes <= max(cap - pinned, segment):
+                return True
+        return None
+
+    def _refuse_over_cap(self, request: _Request) -> None:
+        """Refuse an append the cap has no room for now (none of it written)."""
+        self.counters.add("cap_refused")
+        cap = self.config.max_bytes
+        reason = (
+            f"the spool's byte cap of {cap} bytes (--spool-max-bytes) has no room now for "
+            f"{len(request.payloads)} more events ({request.nbytes} bytes): the appends being "
+            "written and the batch being delivered hold the rest; retry shortly, or send "
+            "smaller batches"
+        )
+        self.last_refusal = (self._clock.time_ns(), reason)
+        _cap_log.warning(f"{self._dir} refused", "spool %s: %s", self._dir, reason)
+        request.settle(SpoolFullError(reason))
+
+    def _flush(
+        self, chunk: list[bytes], done: list[tuple[_Request, range]], hold_from: int
+    ) -> None:
+        """Make room under the cap, write, fsync, then complete (the ack follows the fsync).
+
+        ``hold_from``: the first index of the group being committed; the cap
+        keeps every segment holding it or a later record.
+        """
         if not chunk:
             return
         data = b"".join(chunk)
-        self._enforce_cap(len(data))
+        self._enforce_cap(len(data), hold_from)
         active = self._segments[-1]
         self._files.pwrite(self._handle, data, active.size)
         self._faults.hit("append.after_write")
@@ -305,22 +393,24 @@ class SpoolWriter:
         self._files.close(old)
         self._write_index()
 
-    def _enforce_cap(self, incoming: int) -> None:
+    def _enforce_cap(self, incoming: int, hold_from: int) -> None:
         """Drop the oldest segments until ``incoming`` more bytes fit under the cap.
 
         Every segment counts against the cap, pinned ones included; the
-        active one and pinned ones are never dropped. Called before each
-        write, so when the write rotated the segment it filled is a
-        candidate too. If the active and the pinned segments alone leave no
-        room, the write still goes ahead (drop oldest, never refuse the
-        newest): the overshoot is at most the pinned segments.
+        active one, pinned ones and those holding records from ``hold_from``
+        on (the group being committed: not acknowledged yet, or acknowledged
+        by this very group) are never dropped. Called before each write, so
+        when an earlier group's segment was just sealed it is a candidate
+        too. ``_begins_segment`` keeps the group's segments within what the
+        pinned ones leave of the cap, or within a segment if they leave less:
+        the overshoot is at most the pinned segments.
         """
         with self._lock:
             excess = sum(s.size for s in self._segments) + incoming - self.config.max_bytes
             victims = []
             lost = 0
             for seg in self._segments[:-1]:
-                if excess <= 0:
+                if excess <= 0 or seg.last >= hold_from:
                     break
                 if self._pinned(seg):
                     continue
