@@ -115,6 +115,7 @@ class SidecarApp:
         self._otlp: OtlpReceiver | None = None
         self._metrics: MetricsServer | None = None
         self._proxies: list[OipProxy] = []
+        self.grpc_source: GrpcSource | None = None
         self.processors: list[Processor] = []
         self._health = health_aio.HealthServicer()
         self._stopped = False
@@ -196,6 +197,7 @@ class SidecarApp:
             max_events_per_request=config.max_events_per_request,
             max_message_bytes=config.max_message_bytes,
         )
+        self.grpc_source = source
         server = grpc.aio.server(options=grpc_server_options(config))
         server.add_generic_rpc_handlers((source.generic_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -266,8 +268,9 @@ class SidecarApp:
         A new id's numbering is reset in the spool state before the id is
         kept, so a death in between cannot leave the new id on the old seqs.
 
-        A kept id that breaks the ``--producer-id`` rules (a damaged file) is
-        logged and replaced the same way, by a new id whose seqs start at 1:
+        A kept id that breaks the ``--producer-id`` rules (a damaged file), or
+        none kept in a spool that was used (the file removed), is logged and
+        replaced the same way, by a new id whose seqs start at 1:
         the old id is unknown, so nothing may continue its numbering. That
         loses nothing: the spooled events go out under the new id, and the
         sidecar keeps accepting (refusing to start would leave producers
@@ -277,6 +280,11 @@ class SidecarApp:
         stored, damage = "", None
         if self._files.exists(path):
             stored, damage = _read_producer_file(self._files, path)
+        elif self.spool.meta or self.spool.hwm > 0:
+            # Lost while the spool kept the shipper's numbering: of an id
+            # unknown now (the configured one may have been continued under a
+            # derived id), so nothing may continue it, as for a damaged file.
+            damage = "the file is missing, but the spool holds an earlier id's numbering"
         configured = self.config.producer_id
         if damage is not None:
             kept = restarted_producer_id(configured) if configured else _new_producer_id()

@@ -7,13 +7,19 @@ only once every accepted event is durable in the spool. Spool pressure maps
 to RESOURCE_EXHAUSTED with a retry pushback; shutdown to UNAVAILABLE.
 
 A ``Record`` stream is spooled in chunks as it arrives, so that one stream
-holds a bounded number of bytes. A stream the sidecar fails part way has
-spooled the chunks before: its trailing metadata says how many events
-(``predtrace-accepted``) and how many leading messages (``predtrace-processed``).
+holds a bounded number of bytes, and all open streams together at most
+``STREAMS_HELD_BYTES`` (past it, the stream a message would take over spools
+its chunk early); a chunk is spooled at most ``STREAM_LINGER_S`` after its
+first message, while its stream stays open (a paused producer's events are
+not held unseen). A stream
+the sidecar fails part way has spooled the chunks before: its trailing
+metadata says how many events (``predtrace-accepted``) and how many leading
+messages (``predtrace-processed``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -53,6 +59,13 @@ _STREAM_CHUNK: Final = 1000
 # stream holds at most this plus one message (of --max-message-bytes at most)
 # unchecked, not 1,000 such messages.
 STREAM_CHUNK_BYTES: Final = 1024 * 1024
+# All open streams' chunks together hold at most this many message bytes: the
+# stream whose message would pass it spools its chunk at once (nothing is
+# refused for it). Parsed, a chunk takes some 2-3 times its message bytes.
+STREAMS_HELD_BYTES: Final = 8 * 1024 * 1024
+# A chunk is spooled at most this long after its first message came, while its
+# stream stays open: a producer that pauses has its events made durable and shipped.
+STREAM_LINGER_S: Final = 0.2
 # Trailing metadata of a Record stream the sidecar fails: events of it spooled,
 # and leading messages done with (each spooled or rejected).
 ACCEPTED_KEY: Final = "predtrace-accepted"
@@ -114,7 +127,7 @@ class _RefusedError(Exception):
         self.code, self.details, self.pushback = code, details, pushback
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Stream:
     """One ``Record`` call: what is spooled, and the chunk not yet checked."""
 
@@ -123,7 +136,10 @@ class _Stream:
     rejected: list[Rejection] = field(default_factory=list)
     chunk: list[event_pb2.PredictionEvent] = field(default_factory=list)
     places: list[int] = field(default_factory=list)  # each chunk message's stream position
-    chunk_bytes: int = 0
+    chunk_bytes: int = 0  # of the chunk's messages, while held (0 once handed to the spool)
+    # The lingering chunk's spooling, while the handler waits for a message:
+    # the refusal it met, if any.
+    lingering: asyncio.Task[_RefusedError | None] | None = None
 
     def full(self) -> bool:
         """Whether the chunk is to be spooled now (by count or by bytes)."""
@@ -152,6 +168,13 @@ class GrpcSource:
         self._recent: RecentBatches[sidecar_pb2.RecordAck] = RecentBatches(
             sidecar_pb2.RecordAck.ByteSize
         )
+        self.held_bytes = 0
+        """Message bytes of open ``Record`` streams' chunks not yet handed to the spool."""
+        self._held_limit = STREAMS_HELD_BYTES
+        # Streams with a chunk held, by when its first message came (oldest first).
+        self._waiting: dict[_Stream, float] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._lingering: set[asyncio.Task[_RefusedError | None]] = set()  # strong references
 
     def generic_handler(self) -> grpc.GenericRpcHandler[bytes, bytes]:
         """The service's handlers, taking raw request bytes."""
@@ -268,33 +291,45 @@ class GrpcSource:
     ) -> sidecar_pb2.RecordAck:
         """Spool a stream of events in chunks; answer once all of them are durable."""
         stream = _Stream()
-        async for raw in requests:
-            if stream.seen >= MAX_EVENTS_PER_STREAM:
-                self._intake.count_refused_request("too_many_events")
-                too_many = f"more than {MAX_EVENTS_PER_STREAM} events in one stream"
-                await _abort_stream(
-                    context, stream, _RefusedError(grpc.StatusCode.INVALID_ARGUMENT, too_many)
-                )
-            # Its size is judged after redaction, by the intake, as in
-            # RecordBatch: dropped attributes may bring it under the record
-            # limit. Held meanwhile: at most one message past the chunk bound.
-            self._take(stream, raw)
-            stream.seen += 1
-            # The stream's last allowed chunk waits for the stream's end: one
-            # more message fails the call, and then it must not be spooled.
-            if stream.full() and stream.seen < MAX_EVENTS_PER_STREAM:
-                await self._flush(context, stream)
-        await self._flush(context, stream)
-        return _ack(stream.accepted, stream.rejected, self._max_ack_bytes)
+        try:
+            async for raw in requests:
+                if stream.lingering is not None:
+                    await self._settle(context, stream)
+                if stream.seen >= MAX_EVENTS_PER_STREAM:
+                    self._intake.count_refused_request("too_many_events")
+                    too_many = f"more than {MAX_EVENTS_PER_STREAM} events in one stream"
+                    await _abort_stream(
+                        context, stream, _RefusedError(grpc.StatusCode.INVALID_ARGUMENT, too_many)
+                    )
+                # Its size is judged after redaction, by the intake, as in
+                # RecordBatch: dropped attributes may bring it under the record
+                # limit. Held meanwhile: at most one message past the chunk bound.
+                self._take(stream, raw)
+                stream.seen += 1
+                # The stream's last allowed chunk waits for the stream's end: one
+                # more message fails the call, and then it must not be spooled.
+                if stream.seen < MAX_EVENTS_PER_STREAM and (
+                    stream.full() or self.held_bytes > self._held_limit
+                ):
+                    await self._flush(context, stream)
+            if stream.lingering is not None:
+                await self._settle(context, stream)
+            await self._flush(context, stream)
+            return _ack(stream.accepted, stream.rejected, self._max_ack_bytes)
+        finally:
+            self._forget(stream)
 
     def _take(self, stream: _Stream, raw: bytes) -> None:
         parsed = parse_event(raw)
         if isinstance(parsed, str):
             self._reject_unread(stream, raw, parsed)
             return
+        if not stream.chunk:
+            self._wait_for_more(stream)
         stream.chunk.append(parsed)
         stream.places.append(stream.seen)
         stream.chunk_bytes += len(raw)
+        self.held_bytes += len(raw)
 
     def _reject_unread(self, stream: _Stream, raw: bytes, reason: str) -> None:
         self._intake.count_refused(1)
@@ -306,10 +341,84 @@ class GrpcSource:
         if not stream.chunk:
             return
         try:
-            stream.accepted += await self._spool_chunk(stream.chunk, stream.places, stream.rejected)
+            await self._spool_stream(stream)
         except _RefusedError as refusal:
             await _abort_stream(context, stream, refusal)
-        stream.chunk, stream.places, stream.chunk_bytes = [], [], 0
+
+    async def _spool_stream(self, stream: _Stream) -> None:
+        """Spool the stream's chunk; a chunk the spool refuses stays (``processed`` leaves it out).
+
+        Raises:
+            _RefusedError: as ``_spool``.
+        """
+        self._release(stream)  # the spool bounds what it is handed
+        stream.accepted += await self._spool_chunk(stream.chunk, stream.places, stream.rejected)
+        stream.chunk, stream.places = [], []
+
+    def _release(self, stream: _Stream) -> None:
+        """The stream's chunk no longer counts as held (handed to the spool, or the call ended)."""
+        self.held_bytes -= stream.chunk_bytes
+        stream.chunk_bytes = 0
+        self._waiting.pop(stream, None)
+
+    def _forget(self, stream: _Stream) -> None:
+        """The call ended (answered, failed or cancelled): nothing of it is held any more."""
+        self._release(stream)
+        if not self._waiting and self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    # -- chunks that wait for their next message ----------------------------------------
+
+    def _wait_for_more(self, stream: _Stream) -> None:
+        """The stream's chunk starts now: the sweeper spools it if still held at its linger."""
+        self._waiting[stream] = asyncio.get_running_loop().time()
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep(), name="predtrace-stream-linger")
+
+    async def _sweep(self) -> None:
+        """Spool each chunk that waited ``STREAM_LINGER_S``, oldest first; ends when none waits.
+
+        One task for all streams (not a timer per stream), asleep until the
+        oldest chunk's linger. A chunk in ``_waiting`` is one its handler is
+        not spooling (it takes the chunk off first): the handler waits for
+        the next message, and awaits this spooling (``_settle``) before it
+        takes that message. A read is never cancelled for this (a grpc.aio
+        read cancelled ends the call's request iterator).
+        """
+        loop = asyncio.get_running_loop()
+        while self._waiting:
+            stream, since = next(iter(self._waiting.items()))
+            left = since + STREAM_LINGER_S - loop.time()
+            if left > 0:
+                await asyncio.sleep(left)
+                continue
+            del self._waiting[stream]
+            # The last allowed chunk waits for the stream's end (see ``record``).
+            if stream.lingering is None and stream.seen < MAX_EVENTS_PER_STREAM:
+                task = asyncio.create_task(self._spool_lingering(stream))
+                self._lingering.add(task)
+                task.add_done_callback(self._lingering.discard)
+                stream.lingering = task
+        self._sweeper = None
+
+    async def _spool_lingering(self, stream: _Stream) -> _RefusedError | None:
+        try:
+            await self._spool_stream(stream)
+        except _RefusedError as refusal:
+            return refusal
+        return None
+
+    async def _settle(
+        self, context: grpc.aio.ServicerContext[bytes, sidecar_pb2.RecordAck], stream: _Stream
+    ) -> None:
+        """Wait for the sweeper's spooling of the stream's chunk; fail the call if refused."""
+        assert stream.lingering is not None  # noqa: S101 - checked by the caller
+        # Shielded: a call cancelled meanwhile must not cut a spool write short.
+        refusal = await asyncio.shield(stream.lingering)
+        stream.lingering = None
+        if refusal is not None:
+            await _abort_stream(context, stream, refusal)
 
     async def _spool_chunk(
         self,

@@ -1,0 +1,177 @@
+"""Open ``Record`` streams hold a bounded number of bytes together, and a paused one is spooled.
+
+Many producers each holding a stream open with a chunk not yet full held it
+all in memory, unspooled and unshipped, without limit: the chunks of all
+open streams now share one byte budget, and a chunk left waiting for its next
+message is spooled while its stream stays open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+import pytest
+
+from predtrace.sidecar import _grpc_api
+from predtrace.sidecar._grpc_api import ACCEPTED_KEY, PROCESSED_KEY, GrpcSource
+from predtrace.v1 import event_pb2, sidecar_pb2
+from tests.reliability.sidecar.polling import eventually
+
+from .conftest import Running, StartSidecar
+from .test_grpc_api import proto_events
+from .test_grpc_stream_and_refusals import _spy_on_intake
+
+RECORD = "/predtrace.v1.Sidecar/Record"
+
+
+def _blobs(n: int, start: int) -> list[bytes]:
+    """``n`` events of about 1 KiB each, all of one length (ids of one length)."""
+    events: list[event_pb2.PredictionEvent] = proto_events(n, start)
+    for event in events:
+        event.attributes["blob"] = "x" * 1000
+    return [e.SerializeToString() for e in events]
+
+
+async def _paused(
+    first: Sequence[bytes], go_on: asyncio.Event, then: Sequence[bytes] = ()
+) -> AsyncIterator[bytes]:
+    """``first``, then nothing until ``go_on`` is set, then ``then`` and the stream's end."""
+    for message in first:
+        yield message
+    await go_on.wait()
+    for message in then:
+        yield message
+
+
+def _source(running: Running) -> GrpcSource:
+    source = running.app.grpc_source
+    assert source is not None
+    return source
+
+
+def _spooled(running: Running) -> int:
+    return running.app.spool.stats().next_index - 1
+
+
+async def test_open_streams_hold_no_more_than_the_budget_the_rest_is_spooled(
+    start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    budget = 200 * 1024
+    monkeypatch.setattr(_grpc_api, "STREAMS_HELD_BYTES", budget)
+    monkeypatch.setattr(_grpc_api, "STREAM_LINGER_S", 600.0)  # the budget alone at work
+    running = await start_sidecar()
+    source = _source(running)
+    streams, per = 20, 60  # 20 x 60 KiB: six times the budget, each stream under its chunk
+    messages = [_blobs(per, s * 1000) for s in range(streams)]
+    size = len(messages[0][0])
+    assert all(len(m) == size for stream in messages for m in stream)
+    total = streams * per
+    most = 0
+
+    async def watch() -> None:
+        nonlocal most
+        while True:
+            most = max(most, source.held_bytes)
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(watch())
+    go_on = asyncio.Event()
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        record = channel.stream_unary(
+            RECORD, response_deserializer=sidecar_pb2.RecordAck.FromString
+        )
+        calls = [asyncio.ensure_future(record(_paused(m, go_on))) for m in messages]
+        # Every message arrived: each is spooled or held.
+        await eventually(lambda: _spooled(running) * size + source.held_bytes == total * size)
+        held = source.held_bytes
+        assert 0 < held <= budget
+        assert _spooled(running) >= total - budget // size  # while every stream stays open
+        assert not any(call.done() for call in calls)
+        go_on.set()
+        acks = await asyncio.gather(*calls)
+    watcher.cancel()
+    assert [ack.accepted for ack in acks] == [per] * streams
+    assert most <= budget
+    assert source.held_bytes == 0
+    await eventually(lambda: len(running.collector.events()) == total)
+    ids = sorted(e.prediction_id for e in running.collector.events())
+    assert ids == sorted(f"p{s * 1000 + i:05d}" for s in range(streams) for i in range(per))
+
+
+async def test_a_cancelled_stream_frees_what_it_held(
+    start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_grpc_api, "STREAM_LINGER_S", 600.0)
+    running = await start_sidecar()
+    source = _source(running)
+    messages = _blobs(10, 0)
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        record = channel.stream_unary(
+            RECORD, response_deserializer=sidecar_pb2.RecordAck.FromString
+        )
+        call = record(_paused(messages, asyncio.Event()))
+        await eventually(lambda: source.held_bytes == sum(map(len, messages)))
+        call.cancel()
+        # Its chunk spooled or let go (a cancelled call may have spooled whole
+        # chunks, as documented), it counts no more.
+        await eventually(lambda: source.held_bytes == 0)
+
+
+async def test_a_paused_stream_is_spooled_and_shipped_while_it_stays_open(
+    start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_grpc_api, "STREAM_LINGER_S", 0.05)
+    running = await start_sidecar()
+    source = _source(running)
+    calls = _spy_on_intake(running, monkeypatch)
+    go_on = asyncio.Event()
+    first, then = _blobs(5, 0), _blobs(3, 5)
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        record = channel.stream_unary(
+            RECORD, response_deserializer=sidecar_pb2.RecordAck.FromString
+        )
+        call = asyncio.ensure_future(record(_paused(first, go_on, then)))
+        await eventually(lambda: len(running.collector.events()) == 5)
+        assert not call.done()
+        assert source.held_bytes == 0
+        go_on.set()
+        ack = await call
+    assert (ack.accepted, list(ack.rejected)) == (8, [])
+    assert calls == [[f"p{i:05d}" for i in range(5)], [f"p{i:05d}" for i in range(5, 8)]]
+    await eventually(lambda: len(running.collector.events()) == 8)
+    assert [e.prediction_id for e in running.collector.events()] == [f"p{i:05d}" for i in range(8)]
+
+
+@pytest.mark.parametrize(
+    ("refused_call", "accepted"),
+    [
+        (1, 0),  # the paused chunk's spooling is refused: the call fails at its next message
+        (2, 5),  # the paused chunk spooled, the last one refused
+    ],
+)
+async def test_a_failed_stream_counts_what_its_paused_chunks_spooled(
+    start_sidecar: StartSidecar,
+    monkeypatch: pytest.MonkeyPatch,
+    refused_call: int,
+    accepted: int,
+) -> None:
+    monkeypatch.setattr(_grpc_api, "STREAM_LINGER_S", 0.05)
+    running = await start_sidecar()
+    calls = _spy_on_intake(running, monkeypatch, fail_on_call=refused_call)
+    go_on = asyncio.Event()
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        record = channel.stream_unary(
+            RECORD, response_deserializer=sidecar_pb2.RecordAck.FromString
+        )
+        call = asyncio.ensure_future(record(_paused(_blobs(5, 0), go_on, _blobs(5, 5))))
+        await eventually(lambda: len(calls) == 1)
+        go_on.set()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailing = dict(info.value.trailing_metadata() or ())
+    assert (trailing[ACCEPTED_KEY], trailing[PROCESSED_KEY]) == (str(accepted), str(accepted))
+    assert _spooled(running) == accepted
+    assert _source(running).held_bytes == 0
