@@ -85,9 +85,22 @@ class AnswerSender:
         budget answers 503 at once) until sent; ``big``: built in one of
         ``QUERIES_AT_ONCE`` slots and encoded in a thread.
 
+        A stopping collector gives it, from the start, the grace it gives
+        uploads (``_stopping``): an answer being built when SIGTERM comes is
+        still sent if it is done within the grace.
+
         Raises:
             _Refused: 503, the budget cannot hold the answer.
         """
+        stopping, transport = request.app.get(STOPPING), request.transport
+        if stopping is None or transport is None:
+            return await self._answer(request, build, big=big)
+        with stopping.answering(transport):
+            return await self._answer(request, build, big=big)
+
+    async def _answer(
+        self, request: web.Request, build: Callable[[], Awaitable[object]], *, big: bool
+    ) -> web.StreamResponse:
         reservation = _Reservation(self.budget, _BUSY)
         try:
             reservation.grow_to(1)
@@ -122,15 +135,13 @@ class AnswerSender:
         transport = request.transport
         if transport is None:  # the client is gone
             return response
-        stopping = request.app.get(STOPPING)
         try:
-            with contextlib.nullcontext() if stopping is None else stopping.sending(transport):
-                async with asyncio.timeout(self.send_timeout_s + size / self.min_send_rate):
-                    await response.prepare(request)
-                    for part in _slices(pieces) if request.method != "HEAD" else ():
-                        async with asyncio.timeout(self.send_timeout_s):
-                            await response.write(part)
-                    await response.write_eof()
+            async with asyncio.timeout(self.send_timeout_s + size / self.min_send_rate):
+                await response.prepare(request)
+                for part in _slices(pieces) if request.method != "HEAD" else ():
+                    async with asyncio.timeout(self.send_timeout_s):
+                        await response.write(part)
+                await response.write_eof()
         except TimeoutError:
             # Closing would wait for the buffered bytes to be read: abort.
             transport.abort()

@@ -1,4 +1,4 @@
-"""What a stopping collector ends: uploads still arriving, answers still being sent.
+"""What a stopping collector ends: uploads still arriving, answers still being built or sent.
 
 On SIGTERM a stalled upload held the stop for its body deadline (30 s, the
 default grace of a Kubernetes pod). ``RunningCollector.stop`` gives what is
@@ -27,7 +27,7 @@ class ShuttingDownError(TimeoutError):
 
 
 class Stopping:
-    """What a stopping collector ends: uploads still arriving, answers still being sent.
+    """What a stopping collector ends: uploads still arriving, answers still being built or sent.
 
     Nothing in them was acknowledged: a body not yet received was not
     stored, a query answer can be asked again. A batch whose body has
@@ -62,8 +62,11 @@ class Stopping:
             self._untrack(self._reads, body)
 
     @contextlib.contextmanager
-    def sending(self, transport: asyncio.Transport) -> Iterator[None]:
-        """Track ``transport`` while the ``with`` sends an answer on it (aborted on stop)."""
+    def answering(self, transport: asyncio.Transport) -> Iterator[None]:
+        """Track ``transport`` while the ``with`` builds and sends an answer on it.
+
+        Aborted on stop once the grace is over (at once when the stop is).
+        """
         if self.stopped:
             transport.abort()
         self._track(self._sends, transport)

@@ -234,3 +234,53 @@ def test_sigterm_with_stalled_uploads_exits_within_seconds(tmp_path: Path) -> No
             process.wait()
         if process.stderr:
             process.stderr.close()
+
+
+class _SlowQueryStore:
+    """Holds each ``producer`` query until ``release`` is set (the rest is the real store's)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.querying, self.release = asyncio.Event(), asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def producer(self, producer_id: str) -> Any:
+        self.querying.set()
+        await self.release.wait()
+        return await self._store.producer(producer_id)
+
+
+async def test_an_answer_being_built_when_the_stop_begins_is_still_sent_within_the_grace(
+    tmp_path: Path, stoppable: list[RunningCollector]
+) -> None:
+    # Review of the first version: only answers already being written shared
+    # the grace; one still being built (a slow query, MLflow lagging) was
+    # aborted as soon as it was done, and the CLI got no answer.
+    db = f"sqlite:///{tmp_path}/c.db"
+    config = CollectorConfig(db=db, listen="127.0.0.1:0")
+    slow = _SlowQueryStore(open_store(db))
+    app = build_app(config, store=slow)  # type: ignore[arg-type]  # a store's stand-in
+    collector = await start_collector(config, app=app, stop_grace_s=5)
+    stoppable.append(collector)
+    async with aiohttp.ClientSession() as session:
+        body = ChainedProducer("edge-9").body(make_events(3))
+        headers = {"Content-Type": CONTENT_TYPE}
+        async with session.post(f"{collector.url}/v1/batches", data=body, headers=headers) as r:
+            assert r.status == 200
+
+        async def ask() -> tuple[int, Any]:
+            async with session.get(f"{collector.url}/v1/producers/edge-9") as resp:
+                return resp.status, await resp.json()
+
+        asked = asyncio.create_task(ask())
+        await asyncio.wait_for(slow.querying.wait(), 10)
+        stopping = asyncio.create_task(collector.stop())
+        await asyncio.sleep(0.3)
+        assert not stopping.done(), "the stop waits for the answer being built"
+        slow.release.set()
+        status, body = await asyncio.wait_for(asked, 10)
+        await asyncio.wait_for(stopping, 10)
+    assert status == 200
+    assert (body["producer_id"], body["last_seq"]) == ("edge-9", 1), body
