@@ -153,6 +153,35 @@ async def test_a_store_from_before_migration_4_opens_and_links(tmp_path: Path) -
     assert max(v for v, _ in MIGRATIONS) == 4
 
 
+async def test_an_openlineage_link_stored_before_migration_4_gives_way_after_it(
+    tmp_path: Path,
+) -> None:
+    # Review: the migration only made an empty table, so a link OpenLineage
+    # made before the upgrade still refused the CI hook with 409.
+    path = tmp_path / f"old-{secrets.token_hex(4)}.db"
+    first = open_store(f"sqlite:///{path}")
+    await first.open()
+    await first.register(parse_run_event(_event()))
+    await first.register(parse_run_event(_event(OTHER_OL_RUN, model="n")))
+    await first.register(parse_registration(_ci("run-9", name="k")))  # the authority's
+    await first.close()
+    with sqlite3.connect(path) as conn:  # as migration 3 left it
+        conn.execute("DROP TABLE provisional_runs")
+        conn.execute("DELETE FROM schema_migrations WHERE version >= 4")
+    again = open_store(f"sqlite:///{path}")
+    await again.open()
+    try:
+        await again.register(parse_registration(_ci("mlflow-run-42")))
+        assert await _run_of(again) == "mlflow-run-42"
+        with pytest.raises(LineageConflictError):  # an authority's link stays evidence
+            await again.register(parse_registration(_ci("run-10", name="k")))
+    finally:
+        await again.close()
+    with sqlite3.connect(path) as conn:
+        rows = sorted(conn.execute("SELECT name, version, run_id FROM provisional_runs"))
+    assert rows == [("n", "1", OTHER_OL_RUN)]
+
+
 @pytest.fixture
 async def collector(tmp_path: Path) -> AsyncIterator[RunningCollector]:
     """A real collector (aiohttp on 127.0.0.1:0, SQLite) without tokens."""

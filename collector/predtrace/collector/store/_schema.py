@@ -144,10 +144,15 @@ _V3_ALIAS_MOVED: Final = "ALTER TABLE model_aliases ADD COLUMN moved_ns {INT} NO
 # (OpenLineage's runId), not the registry's: provisional while the version's
 # ``run_id`` still is this one. A registration that is the authority on the
 # run (the CI hook's, MLflow's) replaces it without a conflict and drops the row.
+# Links stored before: those whose run only OpenLineage registered.
 _V4_PROVISIONAL_RUNS: Final = """
 CREATE TABLE IF NOT EXISTS provisional_runs (
   name TEXT NOT NULL, version TEXT NOT NULL, run_id TEXT NOT NULL,
   PRIMARY KEY (name, version));
+INSERT INTO provisional_runs (name, version, run_id)
+  SELECT v.name, v.version, v.run_id FROM model_versions v JOIN runs r ON r.run_id = v.run_id
+  WHERE r.origin = 'openlineage' AND v.run_id <> ''
+  ON CONFLICT (name, version) DO NOTHING;
 """
 
 MIGRATIONS: Final[tuple[tuple[int, str], ...]] = (
