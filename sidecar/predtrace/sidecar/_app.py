@@ -37,7 +37,7 @@ from predtrace.sidecar._config import (
     producer_id_problem,
 )
 from predtrace.sidecar._errors import ConfigError
-from predtrace.sidecar._grpc_api import SERVICE_NAME, GrpcSource
+from predtrace.sidecar._grpc_api import SERVICE_NAME, STREAM_CHUNK_BYTES, GrpcSource
 from predtrace.sidecar._intake import Intake
 from predtrace.sidecar._processors import DeploymentEnricher, default_processors
 from predtrace.sidecar._shipper import Shipper
@@ -196,6 +196,10 @@ class SidecarApp:
             self.status_message,
             max_events_per_request=config.max_events_per_request,
             max_message_bytes=config.max_message_bytes,
+            # Well within a segment (records take a little more than their
+            # messages): on small flash, a chunk bigger than a segment found no
+            # room while the shipper's batches filled the cap.
+            chunk_bytes=min(STREAM_CHUNK_BYTES, config.spool.segment_bytes // 2),
         )
         self.grpc_source = source
         server = grpc.aio.server(options=grpc_server_options(config))

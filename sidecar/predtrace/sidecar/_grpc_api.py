@@ -141,9 +141,9 @@ class _Stream:
     # the refusal it met, if any.
     lingering: asyncio.Task[_RefusedError | None] | None = None
 
-    def full(self) -> bool:
+    def full(self, max_bytes: int) -> bool:
         """Whether the chunk is to be spooled now (by count or by bytes)."""
-        return len(self.chunk) >= _STREAM_CHUNK or self.chunk_bytes >= STREAM_CHUNK_BYTES
+        return len(self.chunk) >= _STREAM_CHUNK or self.chunk_bytes >= max_bytes
 
     def processed(self) -> int:
         """Leading messages done with: each spooled or rejected (none of the chunk)."""
@@ -160,8 +160,11 @@ class GrpcSource:
         *,
         max_events_per_request: int,
         max_message_bytes: int,
+        chunk_bytes: int = STREAM_CHUNK_BYTES,
     ) -> None:
+        """``chunk_bytes``: a ``Record`` stream's chunk is spooled once its messages reach it."""
         self._intake = intake
+        self._chunk_bytes = chunk_bytes
         self._status = status
         self._max_events = max_events_per_request
         self._max_ack_bytes = max_message_bytes
@@ -309,7 +312,7 @@ class GrpcSource:
                 # The stream's last allowed chunk waits for the stream's end: one
                 # more message fails the call, and then it must not be spooled.
                 if stream.seen < MAX_EVENTS_PER_STREAM and (
-                    stream.full() or self.held_bytes > self._held_limit
+                    stream.full(self._chunk_bytes) or self.held_bytes > self._held_limit
                 ):
                     await self._flush(context, stream)
             if stream.lingering is not None:

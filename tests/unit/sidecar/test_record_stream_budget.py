@@ -16,6 +16,7 @@ import pytest
 
 from predtrace.sidecar import _grpc_api
 from predtrace.sidecar._grpc_api import ACCEPTED_KEY, PROCESSED_KEY, GrpcSource
+from predtrace.sidecar.spool import MemoryFileLayer, SpoolConfig
 from predtrace.v1 import event_pb2, sidecar_pb2
 from tests.reliability.sidecar.polling import eventually
 
@@ -175,3 +176,28 @@ async def test_a_failed_stream_counts_what_its_paused_chunks_spooled(
     assert (trailing[ACCEPTED_KEY], trailing[PROCESSED_KEY]) == (str(accepted), str(accepted))
     assert _spooled(running) == accepted
     assert _source(running).held_bytes == 0
+
+
+async def test_on_small_flash_a_streams_chunks_are_half_a_segment_at_most(
+    start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Review: 1,000 events of 1 KiB made a chunk of more than a 1 MiB segment
+    # in the spool, which found no room while the shipper's batches filled
+    # the small cap: every such stream was refused for the whole outage.
+    monkeypatch.setattr(_grpc_api, "STREAM_LINGER_S", 600.0)  # chunks cut by size alone
+    mib = 1 << 20
+    running = await start_sidecar(
+        files=MemoryFileLayer(),
+        spool=SpoolConfig(directory="/spool", segment_bytes=mib, max_bytes=2 * mib),
+    )
+    messages = _blobs(1000, 0)  # ~1.04 MB of messages
+    commits = running.app.spool.counters.commits
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        record = channel.stream_unary(
+            RECORD, response_deserializer=sidecar_pb2.RecordAck.FromString
+        )
+        ack = await record(iter(messages))
+    assert ack.accepted == 1000
+    # One append per chunk, each awaited before the next: at least three of
+    # at most 512 KiB, where one chunk of 1,000 events used to be written.
+    assert running.app.spool.counters.commits - commits >= 3

@@ -54,14 +54,13 @@ class SpoolConfig:
     def pending_limit(self) -> int:
         """Bytes waiting for the writer before appends are refused as busy.
 
-        ``max_pending_bytes``, but at most half the cap (and never under one
-        maximal record): a group commit is what waits, and the cap keeps
-        every record of the group being committed, so a group must fit under
-        the cap with the active segment's earlier records (at most a segment,
-        itself at most half the cap). A single append is taken whatever its
-        size (up to the cap).
+        ``max_pending_bytes``, but at most the cap (and never under one
+        maximal record): more could never be kept at once. A group commit
+        takes what fits under the cap beside the shipper's batches; the rest
+        waits for the next one. A single append is taken whatever its size
+        (up to the cap).
         """
-        return min(self.max_pending_bytes, max(self.max_bytes // 2, self.max_record_bytes))
+        return min(self.max_pending_bytes, max(self.max_bytes, self.max_record_bytes))
 
 
 @dataclass(slots=True)

@@ -226,11 +226,20 @@ class SpoolWriter:
         # appends are acknowledged as its writes complete, and a record
         # dropped while its group commits would be acknowledged already lost.
         hold_from = self._next_index
+        deferred: list[_Request] = []
         try:
             for request in group:
+                if deferred:  # in turn: the rest waits with it
+                    deferred.append(request)
+                    continue
                 fresh = self._begins_segment(request, chunk_bytes, hold_from)
                 if fresh is None:
-                    self._refuse_over_cap(request)
+                    if done or chunk:
+                        # The group's earlier appends take the room: the next
+                        # group's first, once these are durable.
+                        deferred.append(request)
+                    else:  # no room for it alone now
+                        self._refuse_over_cap(request)
                     continue
                 if fresh:
                     # Begin the append in a new segment: split only if it must be.
@@ -254,6 +263,12 @@ class SpoolWriter:
             self._flush(chunk, done, hold_from)
         except OSError as exc:
             self._fail(group, exc)
+            return
+        if deferred:
+            with self._cond:
+                self._pending[:0] = deferred
+                self._pending_bytes += sum(request.nbytes for request in deferred)
+                self._cond.notify()
 
     def _fits(self, chunk_bytes: int, nbytes: int) -> bool:
         """Whether ``nbytes`` more fit in the active segment (always, if it is still empty)."""
@@ -288,14 +303,18 @@ class SpoolWriter:
                 elif self._pinned(seg):
                     pinned += seg.size
             active_pinned = self._pinned(active)
-        cap, segment = self.config.max_bytes, self.config.segment_bytes
-        if held + used + nbytes <= max(cap - pinned, segment):
+        cap = self.config.max_bytes
+        # At least a segment, or the one record a segment may pass it to hold.
+        least = self.config.segment_bytes
+        if len(request.payloads) == 1:
+            least = max(least, nbytes)
+        if held + used + nbytes <= max(cap - pinned, least):
             return fresh
         in_group = chunk_bytes > 0 or active.last >= hold_from
         if used and not in_group:
             # Sealed, the active segment's earlier records may go instead (unless pinned).
             pinned += used if active_pinned else 0
-            if held + nbytes <= max(cap - pinned, segment):
+            if held + nbytes <= max(cap - pinned, least):
                 return True
         return None
 
