@@ -55,6 +55,12 @@ class SidecarMetrics(Collector):
         yield _gauge(
             "writer_pending_bytes", "Bytes waiting for the spool writer", spool.pending_bytes
         )
+        yield _gauge(
+            "stream_held_bytes",
+            "Message bytes of open Record streams' chunks not yet handed to the spool (8 MiB "
+            "at most)",
+            view.stream_held_bytes,
+        )
         age = 0.0
         if view.oldest_unsent_ns:
             age = max(0.0, (self._app.now_ns() - view.oldest_unsent_ns) / 1e9)

@@ -47,6 +47,7 @@ class StatusView:
     oip_budget_waits: int = 0
     oip_slow_refusals: int = 0
     oip_inflight_bytes: int = 0
+    stream_held_bytes: int = 0
     # OTLP exports refused with the in-flight budget spent, by transport (None: no receiver).
     otlp_busy_refusals: dict[str, int] | None = None
     # OTLP exports answered as retries of one already taken (None: no receiver).

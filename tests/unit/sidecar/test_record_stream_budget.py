@@ -16,6 +16,7 @@ import pytest
 
 from predtrace.sidecar import _grpc_api
 from predtrace.sidecar._grpc_api import ACCEPTED_KEY, PROCESSED_KEY, GrpcSource
+from predtrace.sidecar._metrics import SidecarMetrics
 from predtrace.sidecar.spool import MemoryFileLayer, SpoolConfig
 from predtrace.v1 import event_pb2, sidecar_pb2
 from tests.reliability.sidecar.polling import eventually
@@ -88,6 +89,13 @@ async def test_open_streams_hold_no_more_than_the_budget_the_rest_is_spooled(
         await eventually(lambda: _spooled(running) * size + source.held_bytes == total * size)
         held = source.held_bytes
         assert 0 < held <= budget
+        gauge = [
+            sample.value
+            for family in SidecarMetrics(running.app).collect()
+            for sample in family.samples
+            if sample.name == "predtrace_sidecar_stream_held_bytes"
+        ]
+        assert gauge == [held]
         assert _spooled(running) >= total - budget // size  # while every stream stays open
         assert not any(call.done() for call in calls)
         go_on.set()
