@@ -14,7 +14,6 @@ byte budget). Retention (scope ``admin``). Answers are bounded in memory
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -39,12 +38,11 @@ from predtrace.collector._errors import (
     StoreError,
     StoreUnavailableError,
 )
-from predtrace.collector._ingest import _Refused, _Reservation
+from predtrace.collector._ingest import _Refused, _Reservation, read_body
 from predtrace.collector._metrics import CollectorMetrics
 from predtrace.collector._retention import Retainer
 from predtrace.collector._security import Authorizer, AuthRefusal
 from predtrace.collector._service import LineageService
-from predtrace.collector._stopping import ShuttingDownError, reading
 from predtrace.collector.lineage import Registration, parse_registration, parse_run_event
 from predtrace.collector.store import OnConflict, PivotAnswer
 from predtrace.collector.store._chain import Json
@@ -58,7 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("predtrace.collector.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _IMPACT_KINDS: Final = ("dataset", "commit", "image")
-_CHUNK: Final = 64 * 1024
 # A path segment: any text but "/" (aiohttp's default, [^{}/]+, leaves ids
 # holding a brace unreachable, though ingest and registration accept them).
 _SEGMENT: Final = "[^/]+"
@@ -622,22 +619,11 @@ async def _read_body(
 ) -> bytes:
     if request.content_length is not None and request.content_length > cap:
         raise _Refused(413, f"lineage body exceeds {cap} bytes", "too_large")
-    chunks: list[bytes] = []
-    total = 0
-    try:
-        with reading(request):
-            async with asyncio.timeout(timeout_s):
-                async for chunk in request.content.iter_chunked(_CHUNK):
-                    total += len(chunk)
-                    if total > cap:
-                        raise _Refused(413, f"lineage body exceeds {cap} bytes", "too_large")
-                    reservation.grow_to(total)
-                    chunks.append(chunk)
-    except ShuttingDownError:
-        raise _Refused(
-            503, "collector shutting down: not registered, send it again", "shutting_down"
-        ) from None
-    except TimeoutError:
-        # A stalled upload must not hold its bytes (and a connection) for ever.
-        raise _Refused(408, f"body not received within {timeout_s:g} s", "timeout") from None
-    return b"".join(chunks)
+    return await read_body(
+        request,
+        reservation,
+        cap=cap,
+        timeout_s=timeout_s,
+        name="lineage body",
+        unsaved="not registered",
+    )

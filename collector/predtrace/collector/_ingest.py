@@ -166,6 +166,50 @@ class _Refused(Exception):
         self.status, self.reason, self.outcome = status, reason, outcome
 
 
+async def read_body(
+    request: web.Request,
+    reservation: _Reservation,
+    *,
+    cap: int,
+    timeout_s: float,
+    name: str,
+    unsaved: str,
+) -> bytes:
+    """The request's body, ``cap`` bytes at most, each chunk charged to ``reservation``.
+
+    Reserved as it arrives, never the declared length up front: a stalled
+    upload holds only the bytes it sent. ``name`` names the body in a
+    refusal ("body", "lineage body"); ``unsaved`` says what a stopping
+    collector did not do with it ("batch not stored").
+
+    Raises:
+        _Refused: 413 past ``cap``, 408 not all received within ``timeout_s``,
+            503 the budget is spent or the collector is stopping.
+        ConnectionResetError: the client hung up mid-body.
+    """
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        with reading(request):
+            async with asyncio.timeout(timeout_s):
+                async for chunk in request.content.iter_chunked(_CHUNK):
+                    total += len(chunk)
+                    if total > cap:
+                        raise _Refused(413, f"{name} exceeds {cap} bytes", "too_large")
+                    reservation.grow_to(total)
+                    chunks.append(chunk)
+    except ShuttingDownError:
+        # Nothing of it was kept: the client sends it again (here once
+        # restarted, or to another replica).
+        raise _Refused(
+            503, f"collector shutting down: {unsaved}, send it again", "shutting_down"
+        ) from None
+    except TimeoutError:
+        # A stalled upload must not hold its bytes (and a connection) for ever.
+        raise _Refused(408, f"body not received within {timeout_s:g} s", "timeout") from None
+    return b"".join(chunks)
+
+
 @dataclass(frozen=True, slots=True)
 class _Prepared:
     record: IngestRecord
@@ -316,36 +360,21 @@ class IngestHandler:
             reservation.release()
 
     async def _read(self, request: web.Request, reservation: _Reservation) -> bytes:
-        chunks: list[bytes] = []
-        total = 0
         try:
-            with reading(request):
-                async with asyncio.timeout(self.body_timeout_s):
-                    async for chunk in request.content.iter_chunked(_CHUNK):
-                        total += len(chunk)
-                        if total > self.limits.max_bytes:
-                            raise _Refused(
-                                413, f"body exceeds {self.limits.max_bytes} bytes", "too_large"
-                            )
-                        reservation.grow_to(total)
-                        chunks.append(chunk)
-        except ShuttingDownError:
-            # Nothing of it was stored: the producer sends it again (here once
-            # restarted, or to another replica).
-            raise _Refused(
-                503, "collector shutting down: batch not stored, send it again", "shutting_down"
-            ) from None
-        except TimeoutError:
-            raise _Refused(
-                408, f"body not received within {self.body_timeout_s:g} s", "timeout"
-            ) from None
+            return await read_body(
+                request,
+                reservation,
+                cap=self.limits.max_bytes,
+                timeout_s=self.body_timeout_s,
+                name="body",
+                unsaved="batch not stored",
+            )
         except ConnectionResetError:
             # The client hung up mid-body: nobody reads the answer, and left to
             # aiohttp this is an ERROR with a traceback per dropped upload.
             raise _Refused(
                 400, "client disconnected before the body ended", "disconnected"
             ) from None
-        return b"".join(chunks)
 
     async def _prepare(
         self, body: bytes, reservation: _Reservation, entry: TokenEntry | None
