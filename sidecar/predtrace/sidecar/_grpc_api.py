@@ -55,9 +55,9 @@ _Resp = TypeVar("_Resp")
 SERVICE_NAME: Final = "predtrace.v1.Sidecar"
 MAX_EVENTS_PER_STREAM: Final = 1_000_000
 _STREAM_CHUNK: Final = 1000
-# A stream's chunk is also spooled once its messages pass this many bytes: one
-# stream holds at most this plus one message (of --max-message-bytes at most)
-# unchecked, not 1,000 such messages.
+# A stream's chunk holds at most this many bytes of messages (or one message
+# alone, of --max-message-bytes at most), not 1,000 messages of any size: the
+# chunk goes to the spool before a message that would take it past this.
 STREAM_CHUNK_BYTES: Final = 1024 * 1024
 # All open streams' chunks together hold at most this many message bytes: the
 # stream whose message would pass it spools its chunk at once (nothing is
@@ -304,9 +304,14 @@ class GrpcSource:
                     await _abort_stream(
                         context, stream, _RefusedError(grpc.StatusCode.INVALID_ARGUMENT, too_many)
                     )
+                if stream.chunk and stream.chunk_bytes + len(raw) > self._chunk_bytes:
+                    # It would take the chunk past its bound: the chunk goes
+                    # first. A chunk is within the bound or one event alone,
+                    # which the spool takes even when a segment is all it has.
+                    await self._flush(context, stream)
                 # Its size is judged after redaction, by the intake, as in
                 # RecordBatch: dropped attributes may bring it under the record
-                # limit. Held meanwhile: at most one message past the chunk bound.
+                # limit.
                 self._take(stream, raw)
                 stream.seen += 1
                 # The stream's last allowed chunk waits for the stream's end: one

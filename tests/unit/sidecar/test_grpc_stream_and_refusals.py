@@ -104,8 +104,9 @@ async def test_a_stream_message_over_the_record_limit_is_rejected_alone_and_held
     assert [(r.index, r.prediction_id, r.reason) for r in ack.rejected] == [
         (1, "too-big", f"event larger than {limit} bytes")
     ]
-    # Past the chunk's byte bound as soon as it came: handed over at once, not held.
-    assert calls == [["p00000", "too-big"], ["p00001"]]
+    # Past the chunk's byte bound as soon as it came: the chunk before it goes
+    # first, then it alone, at once (not held).
+    assert calls == [["p00000"], ["too-big"], ["p00001"]]
     assert running.app.status_view().dropped()["invalid"] == 1
 
 

@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from predtrace.sidecar import _grpc_api
+from predtrace.sidecar._config import RedactionConfig
 from predtrace.sidecar._grpc_api import ACCEPTED_KEY, PROCESSED_KEY, GrpcSource
 from predtrace.sidecar._metrics import SidecarMetrics
 from predtrace.sidecar.spool import MemoryFileLayer, SpoolConfig
@@ -209,3 +210,42 @@ async def test_on_small_flash_a_streams_chunks_are_half_a_segment_at_most(
     # One append per chunk, each awaited before the next: at least three of
     # at most 512 KiB, where one chunk of 1,000 events used to be written.
     assert running.app.spool.counters.commits - commits >= 3
+
+
+async def test_a_chunk_never_passes_its_bound_by_a_big_last_event(
+    start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Review: the message that took a chunk past its bound joined it first, so
+    # 400 small events and one of ~900 KB made a chunk of more than a 1 MiB
+    # segment; with the shipper's batches holding the rest of a small cap it
+    # was refused on every retry, while the same events in two RecordBatch
+    # calls were taken. Now that chunk goes first, and the big event alone.
+    monkeypatch.setattr(_grpc_api, "STREAM_LINGER_S", 600.0)  # chunks cut by size alone
+    mib = 1 << 20
+    running = await start_sidecar(
+        files=MemoryFileLayer(),
+        spool=SpoolConfig(directory="/spool", segment_bytes=mib, max_bytes=2 * mib),
+        redaction=RedactionConfig(allow_attributes=("blob*",)),  # the sizes reach the spool
+    )
+    small = _blobs(400, 0)  # ~400 KiB, under half a segment
+    big = proto_events(1, 900)[0]
+    for k in range(15):  # 900 KB, in text fields of 60,000 bytes (the limit is 64 KiB)
+        big.attributes[f"blob{k}"] = "x" * 60_000
+    sizes: list[int] = []
+    append = running.app.spool.append
+
+    async def watched(payloads: Sequence[bytes]) -> range:
+        sizes.append(sum(len(p) for p in payloads))
+        return await append(payloads)
+
+    monkeypatch.setattr(running.app.spool, "append", watched)
+    async with grpc.aio.insecure_channel(
+        running.target, options=[("grpc.max_send_message_length", 4 * mib)]
+    ) as channel:
+        record = channel.stream_unary(
+            RECORD, response_deserializer=sidecar_pb2.RecordAck.FromString
+        )
+        ack = await record(iter([*small, big.SerializeToString()]))
+    assert ack.accepted == 401
+    assert len(sizes) == 2, sizes
+    assert sizes[0] < mib // 2 and sizes[1] > 800_000  # the small ones, then the big one alone
