@@ -89,6 +89,7 @@ def build_app(config: CollectorConfig, *, store: Store | None = None) -> web.App
         metrics,
         query_limit=config.query_limit,
         retry_after_s=config.retry_after_s,
+        answer_budget_bytes=config.max_answer_bytes,
     )
     app.router.add_post("/v1/batches", ingest.handle)
     app.add_routes(api.routes())

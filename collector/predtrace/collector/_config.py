@@ -20,6 +20,7 @@ PREDTRACE_COLLECTOR_TLS_CERT: Final = "PREDTRACE_COLLECTOR_TLS_CERT"
 PREDTRACE_COLLECTOR_TLS_KEY: Final = "PREDTRACE_COLLECTOR_TLS_KEY"
 PREDTRACE_COLLECTOR_MAX_BODY_BYTES: Final = "PREDTRACE_COLLECTOR_MAX_BODY_BYTES"
 PREDTRACE_COLLECTOR_MAX_INFLIGHT_BYTES: Final = "PREDTRACE_COLLECTOR_MAX_INFLIGHT_BYTES"
+PREDTRACE_COLLECTOR_MAX_ANSWER_BYTES: Final = "PREDTRACE_COLLECTOR_MAX_ANSWER_BYTES"
 PREDTRACE_RETENTION_PREDICTIONS_DAYS: Final = "PREDTRACE_RETENTION_PREDICTIONS_DAYS"
 PREDTRACE_RETENTION_BATCHES_DAYS: Final = "PREDTRACE_RETENTION_BATCHES_DAYS"
 MLFLOW_TRACKING_URI: Final = "MLFLOW_TRACKING_URI"
@@ -108,6 +109,7 @@ class CollectorConfig:
     max_decompressed_bytes: int = 64 * 1024 * 1024
     max_events: int = 10_000
     max_inflight_bytes: int = 128 * 1024 * 1024
+    max_answer_bytes: int = 64 * 1024 * 1024  # query answers being built or sent (``_answers``)
     max_json_bytes: int = 1024 * 1024
     retry_after_s: int = 1
     body_timeout_s: float = 30.0  # a batch body must arrive within this (else 408)
@@ -118,7 +120,13 @@ class CollectorConfig:
         parse_listen(self.listen)
         if not self.db:
             raise ConfigError("--db is required")
-        for name in ("max_body_bytes", "max_decompressed_bytes", "max_events", "max_json_bytes"):
+        for name in (
+            "max_body_bytes",
+            "max_decompressed_bytes",
+            "max_events",
+            "max_json_bytes",
+            "max_answer_bytes",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")
         if self.max_inflight_bytes < self.max_body_bytes:
@@ -169,6 +177,7 @@ class CollectorConfig:
         for key, name in (
             ("max_body_bytes", PREDTRACE_COLLECTOR_MAX_BODY_BYTES),
             ("max_inflight_bytes", PREDTRACE_COLLECTOR_MAX_INFLIGHT_BYTES),
+            ("max_answer_bytes", PREDTRACE_COLLECTOR_MAX_ANSWER_BYTES),
         ):
             if environ.get(name):
                 values[key] = _int(environ[name], name)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
-from predtrace.collector import CollectorConfig, ConfigError, RetentionPolicy, open_store
+from predtrace.collector import CollectorConfig, ConfigError, RetentionPolicy, _app, open_store
+from predtrace.collector._api import QueryApi
+from predtrace.collector._app import build_app
 from predtrace.collector._cli import collector_group
 from predtrace.collector._config import MAX_RETENTION_DAYS, parse_listen
 
@@ -129,3 +132,25 @@ def test_serve_names_a_bad_db_scheme_as_usage_and_a_ready_file_path_it_cannot_wr
     assert result.exit_code == 1
     assert f"cannot start the collector: {ready.parent}" in result.stderr  # not "cannot listen"
     assert "cannot listen" not in result.stderr
+
+
+def test_the_query_answer_budget_comes_from_the_environment_and_reaches_the_api(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {"PREDTRACE_COLLECTOR_MAX_ANSWER_BYTES": str(3 * 1024 * 1024)}
+    config = CollectorConfig.from_env(env, db=f"sqlite:///{tmp_path}/c.db")
+    assert config.max_answer_bytes == 3 * 1024 * 1024
+    built: list[QueryApi] = []
+
+    class Recorded(QueryApi):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(_app, "QueryApi", Recorded)
+    build_app(config)
+    assert [api.answers.budget.cap for api in built] == [3 * 1024 * 1024]
+    with pytest.raises(ConfigError, match="PREDTRACE_COLLECTOR_MAX_ANSWER_BYTES must be"):
+        CollectorConfig.from_env({"PREDTRACE_COLLECTOR_MAX_ANSWER_BYTES": "lots"})
+    with pytest.raises(ConfigError, match="max_answer_bytes must be > 0"):
+        CollectorConfig(max_answer_bytes=0)
