@@ -22,10 +22,9 @@ from typing import Final
 from aiohttp import web
 from prometheus_client import Gauge
 
-from predtrace.collector._ingest import DecodeSlots, InflightBudget, _Reservation
+from predtrace.collector._ingest import _CHUNK, DecodeSlots, InflightBudget, _Reservation
 from predtrace.collector._stopping import STOPPING
 
-_CHUNK: Final = 64 * 1024
 # JSON of answers being built or sent, at most: a budget of their own, not
 # ingest's. A batch is the delivery path and a query an on-call read: a few
 # clients slow to read big answers must not turn sidecars away (503), nor a

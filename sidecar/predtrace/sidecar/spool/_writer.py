@@ -134,14 +134,11 @@ class SpoolWriter:
         if nbytes > cap:
             # Written, part of it would be dropped at the cap before the
             # acknowledgement: refused, with what to do about it.
-            self.counters.add("cap_refused")
-            reason = (
+            raise self._over_cap(
                 f"{len(payloads)} events ({nbytes} bytes spooled) are more than the spool's "
                 f"byte cap of {cap} bytes (--spool-max-bytes) holds: send them in smaller "
                 "batches, or raise --spool-max-bytes"
             )
-            self.last_refusal = (self._clock.time_ns(), reason)
-            raise SpoolFullError(reason)
         with self._cond:
             if self._closing or self._crashed:
                 raise SpoolClosedError("the spool is closed")
@@ -320,17 +317,21 @@ class SpoolWriter:
 
     def _refuse_over_cap(self, request: _Request) -> None:
         """Refuse an append the cap has no room for now (none of it written)."""
-        self.counters.add("cap_refused")
-        cap = self.config.max_bytes
-        reason = (
-            f"the spool's byte cap of {cap} bytes (--spool-max-bytes) has no room now for "
-            f"{len(request.payloads)} more events ({request.nbytes} bytes): the appends being "
-            "written and the batch being delivered hold the rest; retry shortly, or send "
-            "smaller batches"
+        request.settle(
+            self._over_cap(
+                f"the spool's byte cap of {self.config.max_bytes} bytes (--spool-max-bytes) has "
+                f"no room now for {len(request.payloads)} more events ({request.nbytes} bytes): "
+                "the appends being written and the batch being delivered hold the rest; retry "
+                "shortly, or send smaller batches"
+            )
         )
+
+    def _over_cap(self, reason: str) -> SpoolFullError:
+        """A refusal by the byte cap: counted, shown in the status, logged (rate-limited)."""
+        self.counters.add("cap_refused")
         self.last_refusal = (self._clock.time_ns(), reason)
         _cap_log.warning(f"{self._dir} refused", "spool %s: %s", self._dir, reason)
-        request.settle(SpoolFullError(reason))
+        return SpoolFullError(reason)
 
     def _flush(
         self, chunk: list[bytes], done: list[tuple[_Request, range]], hold_from: int
