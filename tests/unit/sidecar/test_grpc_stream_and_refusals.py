@@ -30,6 +30,17 @@ RECORD = "/predtrace.v1.Sidecar/Record"
 RECORD_BATCH = "/predtrace.v1.Sidecar/RecordBatch"
 
 
+@pytest.fixture(autouse=True)
+def _chunks_by_size_and_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streams cut into chunks by size and count alone, as these tests count them.
+
+    A pause of 0.2 s mid-stream (a loaded machine) would otherwise spool a
+    chunk early (the linger; tested in test_record_stream_budget): a fresh
+    clone's CI saw 1,812 events spooled where chunks of 1,000 make 2,000.
+    """
+    monkeypatch.setattr(_grpc_api, "STREAM_LINGER_S", 600.0)
+
+
 def _spy_on_intake(
     running: Running, monkeypatch: pytest.MonkeyPatch, fail_on_call: int | None = None
 ) -> list[list[str]]:
