@@ -74,6 +74,9 @@ class SidecarServicer:
         number of events of this stream that are durable, "predtrace-processed"
         the number of leading messages done with (each spooled or rejected), so
         a retry may resume from that message; the status details say the same.
+        It answers once the sender has ended the stream (what comes meanwhile is
+        read and dropped, for at most 5 s), so a sender still writing gets that
+        status, not a transport error in its place.
         A cancelled call or an expired deadline carries no such count.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -14,12 +14,16 @@ first message, while its stream stays open (a paused producer's events are
 not held unseen). A stream
 the sidecar fails part way has spooled the chunks before: its trailing
 metadata says how many events (``predtrace-accepted``) and how many leading
-messages (``predtrace-processed``).
+messages (``predtrace-processed``). It answers once its client has sent all
+it meant to (the rest is read and dropped, for at most ``STREAM_DRAIN_S``):
+a grpc.aio client still writing when the answer comes reports INTERNAL
+"Internal error from Core" instead, and loses that metadata.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -71,6 +75,12 @@ STREAM_LINGER_S: Final = 0.2
 ACCEPTED_KEY: Final = "predtrace-accepted"
 PROCESSED_KEY: Final = "predtrace-processed"
 _PUSHBACK_MS: Final = "1000"
+# A Record stream the sidecar fails reads (and drops) what its client still
+# sends, for at most this long, before it answers. gRPC's asyncio client turns
+# a server's answer that comes while it is still writing into INTERNAL
+# "Internal error from Core", trailing metadata lost (grpc/grpc issue 36066):
+# its sender could neither tell a refusal from a fault nor skip what was spooled.
+STREAM_DRAIN_S: Final = 5.0
 # An ack lists at most this many rejections (the first ones by position), and
 # fewer when they would not fit the message size limit; the sender counts the
 # rest as sent - accepted - listed.
@@ -295,37 +305,48 @@ class GrpcSource:
         """Spool a stream of events in chunks; answer once all of them are durable."""
         stream = _Stream()
         try:
-            async for raw in requests:
-                if stream.lingering is not None:
-                    await self._settle(context, stream)
-                if stream.seen >= MAX_EVENTS_PER_STREAM:
-                    self._intake.count_refused_request("too_many_events")
-                    too_many = f"more than {MAX_EVENTS_PER_STREAM} events in one stream"
-                    await _abort_stream(
-                        context, stream, _RefusedError(grpc.StatusCode.INVALID_ARGUMENT, too_many)
-                    )
-                if stream.chunk and stream.chunk_bytes + len(raw) > self._chunk_bytes:
-                    # It would take the chunk past its bound: the chunk goes
-                    # first. A chunk is within the bound or one event alone,
-                    # which the spool takes even when a segment is all it has.
-                    await self._flush(context, stream)
-                # Its size is judged after redaction, by the intake, as in
-                # RecordBatch: dropped attributes may bring it under the record
-                # limit.
-                self._take(stream, raw)
-                stream.seen += 1
-                # The stream's last allowed chunk waits for the stream's end: one
-                # more message fails the call, and then it must not be spooled.
-                if stream.seen < MAX_EVENTS_PER_STREAM and (
-                    stream.full(self._chunk_bytes) or self.held_bytes > self._held_limit
-                ):
-                    await self._flush(context, stream)
-            if stream.lingering is not None:
-                await self._settle(context, stream)
-            await self._flush(context, stream)
+            try:
+                await self._read_stream(requests, stream)
+            except _RefusedError as refusal:
+                self._forget(stream)  # what it held is dropped: nothing to wait for
+                await _drain(requests)
+                await _abort_stream(context, stream, refusal)
             return _ack(stream.accepted, stream.rejected, self._max_ack_bytes)
         finally:
             self._forget(stream)
+
+    async def _read_stream(self, requests: AsyncIterator[bytes], stream: _Stream) -> None:
+        """Spool a stream in chunks, up to its end.
+
+        Raises:
+            _RefusedError: the stream fails there (what went before is spooled).
+        """
+        async for raw in requests:
+            if stream.lingering is not None:
+                await self._settle(stream)
+            if stream.seen >= MAX_EVENTS_PER_STREAM:
+                self._intake.count_refused_request("too_many_events")
+                too_many = f"more than {MAX_EVENTS_PER_STREAM} events in one stream"
+                raise _RefusedError(grpc.StatusCode.INVALID_ARGUMENT, too_many)
+            if stream.chunk and stream.chunk_bytes + len(raw) > self._chunk_bytes:
+                # It would take the chunk past its bound: the chunk goes
+                # first. A chunk is within the bound or one event alone,
+                # which the spool takes even when a segment is all it has.
+                await self._flush(stream)
+            # Its size is judged after redaction, by the intake, as in
+            # RecordBatch: dropped attributes may bring it under the record
+            # limit.
+            self._take(stream, raw)
+            stream.seen += 1
+            # The stream's last allowed chunk waits for the stream's end: one
+            # more message fails the call, and then it must not be spooled.
+            if stream.seen < MAX_EVENTS_PER_STREAM and (
+                stream.full(self._chunk_bytes) or self.held_bytes > self._held_limit
+            ):
+                await self._flush(stream)
+        if stream.lingering is not None:
+            await self._settle(stream)
+        await self._flush(stream)
 
     def _take(self, stream: _Stream, raw: bytes) -> None:
         parsed = parse_event(raw)
@@ -343,15 +364,14 @@ class GrpcSource:
         self._intake.count_refused(1)
         _note(stream.rejected, [Rejection(stream.seen, reason, raw_id(raw, reason))])
 
-    async def _flush(
-        self, context: grpc.aio.ServicerContext[bytes, sidecar_pb2.RecordAck], stream: _Stream
-    ) -> None:
-        if not stream.chunk:
-            return
-        try:
+    async def _flush(self, stream: _Stream) -> None:
+        """Spool the stream's chunk, if any.
+
+        Raises:
+            _RefusedError: as ``_spool``.
+        """
+        if stream.chunk:
             await self._spool_stream(stream)
-        except _RefusedError as refusal:
-            await _abort_stream(context, stream, refusal)
 
     async def _spool_stream(self, stream: _Stream) -> None:
         """Spool the stream's chunk; a chunk the spool refuses stays (``processed`` leaves it out).
@@ -417,16 +437,18 @@ class GrpcSource:
             return refusal
         return None
 
-    async def _settle(
-        self, context: grpc.aio.ServicerContext[bytes, sidecar_pb2.RecordAck], stream: _Stream
-    ) -> None:
-        """Wait for the sweeper's spooling of the stream's chunk; fail the call if refused."""
+    async def _settle(self, stream: _Stream) -> None:
+        """Wait for the sweeper's spooling of the stream's chunk.
+
+        Raises:
+            _RefusedError: the spool refused that chunk.
+        """
         assert stream.lingering is not None  # noqa: S101 - checked by the caller
         # Shielded: a call cancelled meanwhile must not cut a spool write short.
         refusal = await asyncio.shield(stream.lingering)
         stream.lingering = None
         if refusal is not None:
-            await _abort_stream(context, stream, refusal)
+            raise refusal
 
     async def _spool_chunk(
         self,
@@ -506,6 +528,14 @@ def _convert_batch(
         rejected = [Rejection(places[r.index], r.reason, r.prediction_id) for r in rejected]
         rejected += batch.unreadable
     return list(converted), positions, rejected
+
+
+async def _drain(requests: AsyncIterator[bytes]) -> None:
+    """Read and drop what a failed stream's sender still sends, to its end or STREAM_DRAIN_S."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(STREAM_DRAIN_S):
+            async for _ in requests:
+                pass
 
 
 async def _abort_stream(

@@ -3,6 +3,8 @@ events read one by one when protobuf refuses their request, refusals counted."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
@@ -189,6 +191,58 @@ async def test_a_stream_over_the_event_limit_fails_before_its_last_chunk_is_spoo
         exactly = await record(_stream([e.SerializeToString() for e in proto_events(30, 100)]))
     assert exactly.accepted == 30
     assert running.app.intake.counters.refused_requests["too_many_events"] == 1
+
+
+async def test_a_refused_stream_still_being_written_gets_its_refusal_not_an_internal_error(
+    start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grpc.aio client still writing when the sidecar answers saw INTERNAL, metadata lost.
+
+    The race (grpc/grpc issue 36066) hit some 5 % of such calls here; the
+    sidecar now reads what the client still sends before it answers.
+    """
+    monkeypatch.setattr(_grpc_api, "MAX_EVENTS_PER_STREAM", 50)
+    running = await start_sidecar()
+    messages = [e.SerializeToString() for e in proto_events(300)]
+    codes: collections.Counter[grpc.StatusCode] = collections.Counter()
+    without_metadata = 0
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        record = channel.stream_unary(
+            RECORD, response_deserializer=sidecar_pb2.RecordAck.FromString
+        )
+        for _ in range(200):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await record(_stream(messages))
+            codes[info.value.code()] += 1
+            trailing = dict(info.value.trailing_metadata() or ())
+            without_metadata += PROCESSED_KEY not in trailing
+    assert codes == {grpc.StatusCode.INVALID_ARGUMENT: 200}
+    assert without_metadata == 0
+    assert running.app.intake.counters.refused_requests["too_many_events"] == 200
+
+
+async def test_a_refused_stream_whose_client_never_ends_it_is_answered_after_the_drain_bound(
+    start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_grpc_api, "MAX_EVENTS_PER_STREAM", 5)
+    monkeypatch.setattr(_grpc_api, "STREAM_DRAIN_S", 0.3)
+    running = await start_sidecar()
+    never = asyncio.Event()
+
+    async def six_then_silence() -> AsyncIterator[bytes]:
+        for event in proto_events(6):
+            yield event.SerializeToString()
+        await never.wait()  # the stream stays open
+
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        record = channel.stream_unary(
+            RECORD, response_deserializer=sidecar_pb2.RecordAck.FromString
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await asyncio.wait_for(record(six_then_silence()), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "more than 5 events in one stream" in (info.value.details() or "")
+    assert running.app.grpc_source.held_bytes == 0
 
 
 # -- F4: one unreadable event does not cost its batch --------------------------------
