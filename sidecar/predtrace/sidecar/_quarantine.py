@@ -5,7 +5,7 @@ kills the sidecar on every start) is written here, whole and durably, before
 the shipper's marks move past it: the file is then its only copy. The
 directory has its own byte cap; past it the oldest files are removed first
 (counted), the newest always kept. File names sort by age (see
-``Shipper._quarantine``).
+``_ship_outcomes.BatchOutcomes.quarantine``).
 """
 
 from __future__ import annotations

@@ -259,8 +259,9 @@ def test_a_capped_read_counts_the_damaged_record_before_a_reread_from_an_older_m
 
 
 def test_a_read_stopped_by_until_inside_damage_leaves_the_region_counted_once() -> None:
-    # Shipper._resume reads up to a planned batch's last index; when its last
-    # chunk ends inside a damaged run, the next read continues that run.
+    # BatchPlanner.resume (the shipper, at start) reads up to a planned batch's
+    # last index; when its last chunk ends inside a damaged run, the next read
+    # continues that run.
     disk = MemoryFileLayer()
     big = config(segment_bytes=64 << 20, max_bytes=256 << 20, max_record_bytes=1 << 20)
     spool = Spool.open(big, files=disk)

@@ -451,7 +451,7 @@ async def test_metrics_count_features_and_attributes_the_sidecar_removed(
 def _reasons_in_source() -> tuple[set[str], set[str]]:
     """Event drop reasons and OTLP span drop reasons the sidecar's code can count."""
     events: set[str] = set()
-    for path in [*SIDECAR.glob("spool/*.py"), SIDECAR / "_shipper.py"]:
+    for path in [*SIDECAR.glob("spool/*.py"), *SIDECAR.glob("_ship*.py")]:
         events |= set(re.findall(r"\.drop\(\s*\"(\w+)\"", path.read_text()))
     events |= set(re.findall(r"out\[\"(\w+)\"\]", (SIDECAR / "_status.py").read_text()))
     spans = set(re.findall(r"\.drop\(\s*\"(\w+)\"", (SIDECAR / "_otlp_export.py").read_text()))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
-from predtrace.sidecar import _shipper as shipper_module
+from predtrace.sidecar import _ship_attempts
 from predtrace.sidecar._batch import encode_event
 from predtrace.sidecar._config import ShipperConfig
 from predtrace.sidecar._shipper import Renumber, Shipper
@@ -739,7 +739,7 @@ def _persisted_replays(spool: Spool) -> int | None:
 async def test_kills_while_the_uplink_stalls_never_quarantine_a_healthy_batch(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(shipper_module, "ON_THE_WIRE_S", 0.01, raising=False)
+    monkeypatch.setattr(_ship_attempts, "ON_THE_WIRE_S", 0.01, raising=False)
     first = Spool.open(spool_config(), files=rig.disk)
     await first.append([encode_event(e) for e in events(10)])
     first.close()
