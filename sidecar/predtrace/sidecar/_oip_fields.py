@@ -45,6 +45,10 @@ class OipFields(NamedTuple):
     id: str | None
 
 
+# What an event has of a message the proxy did not read (or could not).
+NO_FIELDS: Final = OipFields("", "", "")
+
+
 class _Raw(Protocol):
     model_name: bytes
     model_version: bytes

@@ -2,76 +2,52 @@
 
 Client -> **OipProxy** -> model server (``inference.GRPCInferenceService``,
 over a few connections: ``_oip_upstream.ChannelPool``). Every method is
-passed through as bytes (a generic stream handler, so any cardinality works;
-a single request to a method known to be unary goes upstream as a unary
-request, see ``_passthrough``), with its metadata, trailers and status (rich
-error details and retry pushback included). ``ModelInfer`` alone is looked
-into: the proxy reads model_name, model_version and id from the request and
-response bytes (``_oip_fields``, without copying the tensors), picks the
-prediction id (DESIGN §3: the OIP id, then ``x-request-id``, then ``ce-id``,
-else a new UUIDv7), adds it when the request has no id and the message limit
-leaves room (rewriting the request bytes; a caller's id is never replaced),
-tells the caller the id (``x-prediction-id`` in the headers, or in the
-trailers of an error without headers), forwards or starts a W3C
-``traceparent``, and records a prediction event with the version actually
-served, or with the error (a deadline or a cancellation included). Requests
-in flight to the model server are held under a byte budget
-(``_oip_upstream.ByteBudget``): past it, calls wait their turn, before their
-request is read (its bytes stay with the caller, see ``model_infer``). Events
-are recorded off the response path: the model's answer never waits for
-telemetry.
+passed through as bytes (``_oip_passthrough``: a generic stream handler, so
+any cardinality works; a single request to a method known to be unary goes
+upstream as a unary request), with its metadata, trailers and status (rich
+error details and retry pushback included; ``_oip_metadata``). ``ModelInfer``
+alone is looked into: the proxy reads model_name, model_version and id from
+the request and response bytes (``_oip_fields``, without copying the
+tensors), picks the prediction id (``_oip_ids``, DESIGN §3: the OIP id, then
+``x-request-id``, then ``ce-id``, else a new UUIDv7), adds it when the
+request has no id and the message limit leaves room (rewriting the request
+bytes; a caller's id is never replaced), tells the caller the id
+(``x-prediction-id`` in the headers, or in the trailers of an error without
+headers), forwards or starts a W3C ``traceparent``, and records a prediction
+event with the version actually served, or with the error (a deadline or a
+cancellation included; ``_oip_exchange``). Requests in flight to the model
+server are held under a byte budget (``_oip_upstream.ByteBudget``): past it,
+calls wait their turn, before their request is read (its bytes stay with the
+caller, see ``model_infer``). Events are recorded off the response path
+(``_oip_recorder``): the model's answer never waits for telemetry.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Iterable
-from typing import TYPE_CHECKING, Any, Final, TypeGuard
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
-from opentelemetry import trace
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from predtrace.sidecar._config import DeploymentConfig
-from predtrace.sidecar._errors import SpoolError
 from predtrace.sidecar._intake import Intake
-from predtrace.sidecar._oip_fields import OipFields, clean_text, id_field, read_fields
-from predtrace.sidecar._oip_upstream import BudgetShare, ByteBudget, ChannelPool, Upstream
+from predtrace.sidecar._oip_exchange import cancel_status, forward
+from predtrace.sidecar._oip_fields import NO_FIELDS, OipFields, clean_text, read_fields
+from predtrace.sidecar._oip_ids import PredictionIds
+from predtrace.sidecar._oip_metadata import Metadata, forwardable, trace_context
+from predtrace.sidecar._oip_passthrough import passthrough_handler
+from predtrace.sidecar._oip_recorder import Recorder
+from predtrace.sidecar._oip_upstream import RECONNECT_BACKOFF, BudgetShare, ByteBudget, ChannelPool
 from predtrace.sidecar.pipeline import RateLimitedLog
-from predtrace.wire import CALLER_ID_RE, ModelRef, PredictionEvent, Status, new_prediction_id
+from predtrace.wire import ModelRef, PredictionEvent
 
 _log = logging.getLogger("predtrace.sidecar.oip")
 SERVICE: Final = "inference.GRPCInferenceService"
 MODEL_INFER: Final = f"/{SERVICE}/ModelInfer"
 PROTOCOL: Final = "oip-v2-grpc"
-# Metadata the proxy does not pass on, either way: HTTP/2 pseudo-headers
-# (":..."), what gRPC writes itself (status, message, compression, deadline,
-# retry attempts; a grpc-timeout it is given to send aborts the process, a
-# CHECK in gRPC core) and the transport's own headers. Every other key
-# passes, grpc-status-details-bin (rich error details) and
-# grpc-retry-pushback-ms included.
-_RESERVED_KEYS: Final = frozenset(
-    {
-        "grpc-status",
-        "grpc-message",
-        "grpc-encoding",
-        "grpc-accept-encoding",
-        "grpc-timeout",
-        "grpc-internal-encoding-request",
-        "grpc-internal-stream-encoding-request",
-        "grpc-previous-rpc-attempts",
-        "user-agent",
-        "te",
-        "content-type",
-        "host",
-    }
-)
-# The prediction id, as the ASGI middleware names it in its response headers.
-PREDICTION_ID_HEADER: Final = "x-prediction-id"
 # How much bigger than the message limit a model server's answer may be: an
 # answer that echoes the id the proxy added (up to 256 characters) is that
 # much longer than the one the caller would have had directly.
@@ -109,27 +85,6 @@ class _TooManySlowError(Exception):
     """A request slow to arrive while ``MAX_READS_OUTSIDE`` others are (see ``_read_request``)."""
 
 
-# A cancellation this close to the call's deadline is the deadline's (see _cancel_status).
-_DEADLINE_SLACK_S: Final = 0.05
-# A caller id outside the wire's rule (CALLER_ID_RE, as in the middleware) is
-# refused by the intake (a NUL) or cannot be looked up in the collector (a
-# space, non-ASCII, over 256 characters).
-# Where a caller's id may come from after the OIP ``id``, in order (DESIGN §3).
-_CALLER_ID_KEYS: Final = ("x-request-id", "ce-id")
-# W3C Trace Context's rules (lower-case hex, no version ff, four fields in
-# version 00, no all-zero ids), as OpenTelemetry's propagator applies them.
-_TRACE_CONTEXT: Final = TraceContextTextMapPropagator()
-# gRPC's connection backoff (1 s, growing to 120 s) would keep answering
-# UNAVAILABLE for up to two minutes after the model server next to the proxy
-# restarts. Retry from 100 ms, growing to at most 1 s: a local server that
-# comes back is reached within about a second, at the cost of one refused
-# connect a second while it is down. (grpc.min_reconnect_backoff_ms is not a
-# backoff but the time one connection attempt may take, 20 s by default: it
-# stays, so a slow handshake is not cut short.)
-_RECONNECT_BACKOFF: Final = (
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-)
 # Methods known to take exactly one request: every method of the OIP v2
 # service but the streaming one (and any the model server lacks), and health
 # checks. Only these are read ahead to be sent as unary requests; any other
@@ -145,124 +100,10 @@ def _takes_one_request(method: str) -> bool:
     return method.startswith(f"/{SERVICE}/") and method != _STREAM_INFER
 
 
-Metadata = list[tuple[str, str | bytes]]
 if TYPE_CHECKING:
     _Handler = grpc.GenericRpcHandler[bytes, bytes]
 else:  # grpc's runtime class is not generic; only its stubs are
     _Handler = grpc.GenericRpcHandler
-
-
-def _forwardable(metadata: Iterable[Any] | None) -> Metadata:
-    return [
-        (key, value)
-        for key, value in metadata or ()
-        if key not in _RESERVED_KEYS and not key.startswith(":")
-    ]
-
-
-def _with_prediction_id(metadata: Metadata, prediction_id: str) -> Metadata:
-    """``metadata`` and the prediction id (not twice, if the model server sent the same)."""
-    entry = (PREDICTION_ID_HEADER, prediction_id)
-    if entry not in metadata:
-        metadata.append(entry)
-    return metadata
-
-
-def _trace_context(metadata: Metadata) -> tuple[bytes, bytes]:
-    """Trace and span id of the caller's traceparent; a missing or invalid one is replaced."""
-    for key, value in metadata:
-        if key == "traceparent":
-            parsed = _parse_traceparent(value) if isinstance(value, str) else None
-            if parsed is not None:
-                return parsed
-            break
-    metadata[:] = [(key, value) for key, value in metadata if key != "traceparent"]
-    trace_id, span_id = secrets.token_bytes(16), secrets.token_bytes(8)
-    metadata.append(("traceparent", f"00-{trace_id.hex()}-{span_id.hex()}-01"))
-    return trace_id, span_id
-
-
-def _parse_traceparent(value: str) -> tuple[bytes, bytes] | None:
-    """Trace and span id of a traceparent W3C Trace Context accepts, else None."""
-    carrier = {"traceparent": value}
-    context = trace.get_current_span(_TRACE_CONTEXT.extract(carrier)).get_span_context()
-    if not context.is_valid:
-        return None
-    return context.trace_id.to_bytes(16, "big"), context.span_id.to_bytes(8, "big")
-
-
-def _usable(caller_id: object) -> TypeGuard[str]:
-    return isinstance(caller_id, str) and CALLER_ID_RE.fullmatch(caller_id) is not None
-
-
-def _cancel_status(context: grpc.aio.ServicerContext[bytes, bytes]) -> grpc.StatusCode:
-    """Why grpc.aio cancelled a handler: its deadline passed, or the call was cancelled.
-
-    The caller's own deadline fires first and cancels the call: the server
-    sees the cancellation a few milliseconds before its copy of the deadline.
-    """
-    if _past_deadline(context):
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    return grpc.StatusCode.CANCELLED
-
-
-def _past_deadline(context: grpc.aio.ServicerContext[bytes, bytes]) -> bool:
-    """Whether the call's deadline has passed (or is within ``_DEADLINE_SLACK_S``)."""
-    remaining = context.time_remaining()
-    return remaining is not None and remaining <= _DEADLINE_SLACK_S
-
-
-class _Recorder:
-    """A bounded buffer between the proxy and the intake (drops and rejections counted)."""
-
-    def __init__(self, intake: Intake, capacity: int = 10_000) -> None:
-        self._intake = intake
-        self._queue: asyncio.Queue[PredictionEvent] = asyncio.Queue(capacity)
-        self._task: asyncio.Task[None] | None = None
-        self.dropped = 0
-        self.rejected = 0
-        """Events the intake refused (also in its counters): logged, with the reason."""
-        self._log = RateLimitedLog(_log)
-
-    def record(self, event: PredictionEvent) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="predtrace-oip-recorder")
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self.dropped += 1
-
-    async def _run(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while not self._queue.empty() and len(batch) < 1000:
-                batch.append(self._queue.get_nowait())
-            try:
-                result = await self._intake.record(batch)
-            except SpoolError as exc:
-                self.dropped += len(batch)
-                self._log.warning("spool", "OIP proxy events not spooled: %s", exc)
-            except Exception as exc:  # noqa: BLE001 - the recorder must go on recording
-                self.dropped += len(batch)
-                self._log.warning("error", "OIP proxy events not recorded: %r", exc)
-            else:
-                for rejection in result.rejected:
-                    self.rejected += 1
-                    reason = rejection.reason
-                    self._log.warning("rejected", "OIP proxy: an event was refused: %s", reason)
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
-
-    async def close(self, timeout: float = 2.0) -> None:  # noqa: ASYNC109 - a flush deadline
-        if self._task is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._queue.join(), timeout)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self.dropped += self._queue.qsize()
 
 
 class OipProxy(_Handler):
@@ -290,16 +131,15 @@ class OipProxy(_Handler):
         options = [
             ("grpc.max_receive_message_length", max_message_bytes + RESPONSE_MARGIN),
             ("grpc.max_send_message_length", max_message_bytes),
-            *_RECONNECT_BACKOFF,
+            *RECONNECT_BACKOFF,
         ]
         self._pool = ChannelPool(upstream, options, MODEL_INFER)
         self.budget = ByteBudget(max_inflight_bytes or INFLIGHT_MESSAGES * max_message_bytes)
-        self._recorder = _Recorder(intake)
+        self._recorder = Recorder(intake)
         self._log = RateLimitedLog(_log)
+        self._ids = PredictionIds(max_message_bytes, self._log)
         self.requests = 0
-        self.invalid_caller_ids = 0
         self.unreadable_requests = 0  # malformed: forwarded untouched, recorded under a new id
-        self.ids_not_added = 0  # no room under the message limit for the id the proxy adds
         self.slow_reads = 0  # requests read outside the budget: not arrived in READ_GRACE_S
         self.reading_outside = 0  # of those, being read now (at most MAX_READS_OUTSIDE)
         self.slow_refused = 0  # calls refused as slow past MAX_READS_OUTSIDE (UNAVAILABLE)
@@ -314,6 +154,16 @@ class OipProxy(_Handler):
     def rejected_events(self) -> int:
         """Events the intake refused (a reason logged for each, rate-limited)."""
         return self._recorder.rejected
+
+    @property
+    def invalid_caller_ids(self) -> int:
+        """Caller ids skipped as unusable (not 1-256 printable ASCII characters)."""
+        return self._ids.invalid_caller_ids
+
+    @property
+    def ids_not_added(self) -> int:
+        """Requests without an id too close to the message limit for the proxy to add one."""
+        return self._ids.ids_not_added
 
     @property
     def budget_waits(self) -> int:
@@ -350,87 +200,7 @@ class OipProxy(_Handler):
             # does not tell the two apart): a unary handler is called only
             # once gRPC has taken the whole request from the caller.
             return grpc.stream_unary_rpc_method_handler(self.model_infer)
-
-        async def passthrough(
-            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
-        ) -> AsyncIterator[bytes]:
-            async for item in self._passthrough(method, requests, context):
-                yield item
-
-        return grpc.stream_stream_rpc_method_handler(passthrough)
-
-    async def _passthrough(
-        self,
-        method: str,
-        requests: AsyncIterator[bytes],
-        context: grpc.aio.ServicerContext[bytes, bytes],
-    ) -> AsyncIterator[bytes]:
-        """Forward one call of any cardinality; the upstream's status reaches the caller.
-
-        A call to a method known to take one request (``_takes_one_request``)
-        that sent exactly one goes upstream as unary-stream, not as a request
-        stream: grpc.aio reports a request write that fails because the
-        upstream already ended the call (an unknown method, an early abort) as
-        INTERNAL "Internal error from Core", overwriting the upstream's status
-        (grpc/grpc#36066); a unary request is sent in one batch whose failure
-        defers to the status the upstream sent. Calls that stream requests (or
-        may: methods of other services) keep that race.
-        """
-        metadata = _forwardable(context.invocation_metadata())
-        head: list[bytes] = []
-        if _takes_one_request(method):
-            head = [item async for item in _take(requests, 2)]
-        upstream = self._pool.take()
-        try:
-            call = self._open_call(
-                upstream.channel,
-                method,
-                head,
-                requests,
-                metadata=metadata,
-                timeout=context.time_remaining(),
-            )
-        except BaseException:
-            self._pool.give_back(upstream)
-            raise
-        try:
-            # Before the first response, and also when there is none: the
-            # caller may read the headers before (or without) a message.
-            initial = _forwardable(await call.initial_metadata())
-            if initial:  # none: grpc sends its own headers, or a trailers-only error
-                await context.send_initial_metadata(initial)
-            async for response in call:
-                yield response
-            context.set_trailing_metadata(_forwardable(await call.trailing_metadata()))
-        except grpc.aio.AioRpcError as exc:
-            await context.abort(
-                exc.code(), exc.details() or "", tuple(_forwardable(exc.trailing_metadata()))
-            )
-        finally:
-            # A caller that cancels (or whose deadline passes) ends the
-            # upstream call too; grpc.aio does not cancel a call a cancelled
-            # task was iterating. Cancelling a finished call does nothing.
-            call.cancel()
-            self._pool.give_back(upstream)
-
-    @staticmethod
-    def _open_call(
-        channel: grpc.aio.Channel,
-        method: str,
-        head: list[bytes],
-        requests: AsyncIterator[bytes],
-        *,
-        metadata: Metadata,
-        timeout: float | None,
-    ) -> grpc.aio.UnaryStreamCall[bytes, bytes] | grpc.aio.StreamStreamCall[bytes, bytes]:
-        """The upstream call: unary-stream for a single request to a one-request method."""
-        if len(head) == 1:
-            return channel.unary_stream(method, None, None)(
-                head[0], metadata=metadata, timeout=timeout
-            )
-        return channel.stream_stream(method, None, None)(
-            _chain(head, requests) if head else requests, metadata=metadata, timeout=timeout
-        )
+        return passthrough_handler(self._pool, method, read_ahead=_takes_one_request(method))
 
     async def model_infer(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
@@ -444,7 +214,7 @@ class OipProxy(_Handler):
         """
         self.requests += 1
         start_ns, started = time.time_ns(), time.perf_counter_ns()
-        metadata = _forwardable(context.invocation_metadata())
+        metadata = forwardable(context.invocation_metadata())
         share = self.budget.share()
         try:
             try:
@@ -474,12 +244,12 @@ class OipProxy(_Handler):
             # at all); None: it has one the proxy cannot read (over 4 KiB, not
             # UTF-8).
             oip_id = "" if parsed is None else parsed.id
-            prediction_id = self._caller_id(oip_id, metadata) or new_prediction_id()
+            prediction_id = self._ids.pick(oip_id, metadata)
             # The model server echoes the prediction id. An id of the caller's,
             # usable or not, and bytes the proxy cannot read pass untouched: an
             # appended id would override the caller's own.
-            field = self._id_field(request, prediction_id) if parsed and oip_id == "" else b""
-            event = self._event(prediction_id, parsed or _NO_FIELDS, metadata, start_ns)
+            field = self._ids.field(request, prediction_id) if parsed and oip_id == "" else b""
+            event = self._event(prediction_id, parsed or NO_FIELDS, metadata, start_ns)
             # The bytes sent upstream, held (by gRPC) until the answer. A
             # request read outside the budget (slow) goes at once too, past
             # the cap if need be: queued, it would sit here whole.
@@ -488,7 +258,7 @@ class OipProxy(_Handler):
             try:
                 if field:  # the one copy of the request the proxy makes, counted in the share
                     request += field
-                return await self._forward(
+                return await forward(
                     upstream,
                     request,
                     metadata,
@@ -496,6 +266,7 @@ class OipProxy(_Handler):
                     event=event,
                     started=started,
                     unreadable=parsed is None,
+                    recorder=self._recorder,
                 )
             finally:
                 self._pool.give_back(upstream)
@@ -540,7 +311,7 @@ class OipProxy(_Handler):
         prediction_id: str, fields: OipFields, metadata: Metadata, start_ns: int
     ) -> PredictionEvent:
         """The call's event (its trace context taken, or started, in ``metadata``)."""
-        trace_id, span_id = _trace_context(metadata)
+        trace_id, span_id = trace_context(metadata)
         return PredictionEvent(
             prediction_id=prediction_id,
             trace_id=trace_id,
@@ -561,34 +332,15 @@ class OipProxy(_Handler):
     ) -> None:
         """Record a call that ended (deadline, cancellation) before its request was read.
 
-        ``status``: the proxy's own refusal; else the cancellation's (``_cancel_status``).
+        ``status``: the proxy's own refusal; else the cancellation's (``cancel_status``).
 
         It never reached the model server; its event has the caller's id
         from the metadata (``x-request-id``, ``ce-id``) or a new one, and no
         model (both are in the request the proxy did not take).
         """
-        prediction_id = self._caller_id("", metadata) or new_prediction_id()
-        event = self._event(prediction_id, _NO_FIELDS, metadata, start_ns)
-        self._finish(event, started, status=status or _cancel_status(context))
-
-    def _id_field(self, request: bytes, prediction_id: str) -> bytes:
-        """The id field to add to the request; none if that takes it over the message limit.
-
-        A request the model server would take without the id must not be
-        refused because of it (telemetry never changes a prediction): it
-        goes untouched, and its event keeps the id (the answer lacks it).
-        """
-        field = id_field(prediction_id)
-        if len(request) + len(field) <= self._max_message_bytes:
-            return field
-        self.ids_not_added += 1
-        self._log.warning(
-            "id-not-added",
-            "OIP proxy: a request without an id is too close to the %d-byte message limit"
-            " for the proxy to add one; forwarded without it (its event keeps the id)",
-            self._max_message_bytes,
-        )
-        return b""
+        prediction_id = self._ids.pick("", metadata)
+        event = self._event(prediction_id, NO_FIELDS, metadata, start_ns)
+        self._recorder.finish(event, started, status=status or cancel_status(context))
 
     def _count_unreadable(self) -> None:
         self.unreadable_requests += 1
@@ -598,110 +350,7 @@ class OipProxy(_Handler):
             " forwarded untouched",
         )
 
-    async def _forward(
-        self,
-        upstream: Upstream,
-        request: bytes,
-        metadata: Metadata,
-        context: grpc.aio.ServicerContext[bytes, bytes],
-        *,
-        event: PredictionEvent,
-        started: int,
-        unreadable: bool,
-    ) -> bytes:
-        """Send the request upstream; answer the caller and record the outcome, whatever it is.
-
-        The caller learns the prediction id in the ``x-prediction-id`` header
-        (after the model server's own headers), also when the model server
-        does not echo it, the call fails, or the caller's id was unusable.
-        """
-        call = upstream.infer(request, metadata=metadata, timeout=context.time_remaining())
-        try:
-            response: bytes = await call
-            _note_served(event, response, unreadable_request=unreadable)
-            initial = _forwardable(await call.initial_metadata())
-            await context.send_initial_metadata(_with_prediction_id(initial, event.prediction_id))
-            context.set_trailing_metadata(_forwardable(await call.trailing_metadata()))
-        except grpc.aio.AioRpcError as exc:
-            self._finish(event, started, status=exc.code())
-            # Headers the model server sent before it failed (a retry hint,
-            # say) reach the caller as they would directly, with the id; a
-            # trailers-only error stays trailers-only, the id in its trailers.
-            initial = _forwardable(exc.initial_metadata())
-            trailing = _forwardable(exc.trailing_metadata())
-            if initial:
-                await context.send_initial_metadata(
-                    _with_prediction_id(initial, event.prediction_id)
-                )
-            else:
-                _with_prediction_id(trailing, event.prediction_id)
-            await context.abort(exc.code(), exc.details() or "", tuple(trailing))
-        except asyncio.CancelledError:
-            # grpc.aio cancels the handler when the call's deadline passes, the
-            # client cancels or the server stops: the model server may have run
-            # the prediction, so it is recorded (without waiting: the recorder
-            # only buffers), and the cancellation goes on.
-            self._finish(event, started, status=_cancel_status(context))
-            raise
-        self._finish(event, started, status=grpc.StatusCode.OK)
-        return response
-
-    def _caller_id(self, oip_id: str | None, metadata: Metadata) -> str | None:
-        """The first usable caller id: the OIP id, then ``x-request-id``, then ``ce-id``.
-
-        An unusable one is skipped, counted and logged (never its value).
-        """
-        candidates: list[tuple[str, str | bytes | None]] = [] if oip_id == "" else [("id", oip_id)]
-        for name in _CALLER_ID_KEYS:
-            candidates += [(key, value) for key, value in metadata if key == name][:1]
-        for source, value in candidates:
-            if _usable(value):
-                return value
-            self.invalid_caller_ids += 1
-            self._log.warning(
-                f"caller-id-{source}",
-                "OIP proxy: a caller's %s is not 1-256 printable ASCII characters; not used",
-                source,
-            )
-        return None
-
-    def _finish(self, event: PredictionEvent, started: int, *, status: grpc.StatusCode) -> None:
-        event.duration_nanos = time.perf_counter_ns() - started
-        event.status = Status.OK if status == grpc.StatusCode.OK else Status.ERROR
-        event.status_code = status.name
-        if event.status == Status.ERROR:
-            event.error_type = "grpc"
-        self._recorder.record(event)
-
     async def close(self) -> None:
         """Flush recorded events briefly and close the upstream channels. Safe twice."""
         await self._recorder.close()
         await self._pool.close()
-
-
-async def _take(items: AsyncIterator[bytes], n: int) -> AsyncIterator[bytes]:
-    """The first ``n`` items (fewer if the caller half-closes), leaving the rest."""
-    for _ in range(n):
-        item = await anext(items, None)
-        if item is None:
-            return
-        yield item
-
-
-async def _chain(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    for item in head:
-        yield item
-    async for item in rest:
-        yield item
-
-
-_NO_FIELDS: Final = OipFields("", "", "")
-
-
-def _note_served(event: PredictionEvent, response: bytes, *, unreadable_request: bool) -> None:
-    """The model and version that answered; for an unreadable request, the answer's id."""
-    served = read_fields(response) or _NO_FIELDS
-    if unreadable_request and _usable(served.id):
-        event.prediction_id = served.id
-    event.model.name = clean_text(served.model_name) or event.model.name
-    event.model.version = clean_text(served.model_version) or event.model.version

@@ -7,6 +7,9 @@ connection are refused (``RST_STREAM`` REFUSED_STREAM, UNAVAILABLE to the
 caller) where the callers' own connections would have carried them. The
 pool opens another connection (up to ``max_channels``) when every open one
 carries ``busy_at`` calls or more, and sends each call on the least busy.
+Its connections are opened with the options the proxy gives, which include
+``RECONNECT_BACKOFF``: a model server that restarts is reached again within
+about a second.
 
 **ByteBudget** bounds the bytes of ModelInfer requests the proxy holds for
 the model server at once (gRPC keeps each until its answer): a call that
@@ -29,6 +32,17 @@ import grpc
 
 MAX_CHANNELS: Final = 8
 BUSY_AT: Final = 4  # calls on every open connection before another is opened
+# gRPC's connection backoff (1 s, growing to 120 s) would keep answering
+# UNAVAILABLE for up to two minutes after the model server next to the proxy
+# restarts. Retry from 100 ms, growing to at most 1 s: a local server that
+# comes back is reached within about a second, at the cost of one refused
+# connect a second while it is down. (grpc.min_reconnect_backoff_ms is not a
+# backoff but the time one connection attempt may take, 20 s by default: it
+# stays, so a slow handshake is not cut short.)
+RECONNECT_BACKOFF: Final = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
 
 
 class Upstream:
