@@ -4,23 +4,21 @@ Queries (scope ``read``): the on-call pivot by trace id or prediction id, model
 lineage by version or alias, impact from a dataset, commit or image, completeness
 and the per-producer gap report. A pivot answer is bounded in rows and bytes and
 says what it left out; so do the producer list and completeness's models, a page
-at a time (``?limit=``, ``?after=``). A path or query value holding NUL is
-refused (400) before any handler runs: no store holds one. Lineage registration
-(scope ``ingest``, on a token bound to no producer): the CI/CD hook body and
-OpenLineage run events, read as batches are (a deadline, the shared in-flight
-byte budget). Retention (scope ``admin``). Answers are bounded in memory
-(``_answers``).
+at a time (``?limit=``, ``?after=``; ``_api_responses``). A path or query value
+holding NUL is refused (400) before any handler runs: no store holds one. Lineage
+registration (scope ``ingest``, on a token bound to no producer;
+``_api_registration``): the CI/CD hook body and OpenLineage run events, read as
+batches are (a deadline, the shared in-flight byte budget). Retention (scope
+``admin``). Answers are bounded in memory (``_answers``); store failures and
+dropped clients are logged at a bounded rate (``_api_logs``).
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from aiohttp import web
 
@@ -30,100 +28,34 @@ from predtrace.collector._answers import (
     SEND_TIMEOUT_S,
     AnswerSender,
 )
-from predtrace.collector._auth import Scope
-from predtrace.collector._errors import (
-    LineageConflictError,
-    LineageError,
-    RegistryError,
-    StoreError,
-    StoreUnavailableError,
+from predtrace.collector._api_logs import DisconnectLog, StoreFaultLog
+from predtrace.collector._api_registration import RegistrationHandler
+from predtrace.collector._api_responses import (
+    BadArgumentError,
+    error_response,
+    json_response,
+    page_args,
+    paged,
+    pivot_body,
 )
-from predtrace.collector._ingest import _Refused, _Reservation, read_body
+from predtrace.collector._auth import Scope
+from predtrace.collector._errors import RegistryError, StoreError, StoreUnavailableError
+from predtrace.collector._ingest import _Refused
 from predtrace.collector._metrics import CollectorMetrics
 from predtrace.collector._retention import Retainer
 from predtrace.collector._security import Authorizer, AuthRefusal
 from predtrace.collector._service import LineageService
-from predtrace.collector.lineage import Registration, parse_registration, parse_run_event
-from predtrace.collector.store import OnConflict, PivotAnswer
+from predtrace.collector.lineage import parse_registration, parse_run_event
 from predtrace.collector.store._chain import Json
-from predtrace.collector.store._maintenance import MAX_PAGE_LIMIT, PAGE_LIMIT, producers_plan
+from predtrace.collector.store._maintenance import PAGE_LIMIT, producers_plan
 from predtrace.collector.store._reads import AmbiguousCommitError, completeness_plan
 from predtrace.wire import InvalidIdError, parse_prediction_id, parse_trace_id
 
-if TYPE_CHECKING:
-    from predtrace.collector._app import CollectorParts
-
-log = logging.getLogger("predtrace.collector.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _IMPACT_KINDS: Final = ("dataset", "commit", "image")
 # A path segment: any text but "/" (aiohttp's default, [^{}/]+, leaves ids
 # holding a brace unreachable, though ingest and registration accept them).
 _SEGMENT: Final = "[^/]+"
-_CUT_BY: Final = {
-    "limit": "the answer's row limit",
-    "bytes": "the answer's byte budget",
-}
-
-# ``?replace=`` of the lineage endpoints: overwrite links that disagree.
-_FLAGS: Final = {"true": True, "1": True, "false": False, "0": False}
-
-
-def _json(data: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(
-        data, status=status, headers=headers, dumps=lambda d: json.dumps(d, default=str)
-    )
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return _json({"error": message}, status, headers)
-
-
-def _parts(request: web.Request) -> CollectorParts:
-    # The app module builds this API (it imports this module): read per request.
-    from predtrace.collector._app import PARTS  # noqa: PLC0415 - see above
-
-    return request.app[PARTS]
-
-
-def _refuse_constant(name: str) -> object:
-    raise LineageError(f"the body holds {name}, which JSON does not allow")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e400: json reads it as infinity
-        raise LineageError(f"the number {text[:32]} in the body is out of range")
-    return value
-
-
-_MAX_INT_DIGITS: Final = 4000
-
-
-def _bounded_int(text: str) -> int:
-    # Python refuses to read integers past 4,300 digits with a ValueError that
-    # would say "not valid JSON"; name the real reason.
-    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
-        raise LineageError(f"a number has more than {_MAX_INT_DIGITS} digits")
-    return int(text)
-
-
-def _decode_json(body: bytes) -> object:
-    try:
-        # UTF-8 whatever charset the header claims (RFC 8259 §8.1). NaN,
-        # Infinity and numbers beyond a double are not JSON numbers: json
-        # would read them, and an id would be stored as the text "nan".
-        return json.loads(
-            body.decode("utf-8"),
-            parse_constant=_refuse_constant,
-            parse_float=_finite_float,
-            parse_int=_bounded_int,
-        )
-    except LineageError:
-        raise
-    except (ValueError, UnicodeDecodeError):
-        raise LineageError("the body is not valid JSON") from None
-    except RecursionError:
-        raise LineageError("the body is nested too deeply") from None
 
 
 def _refused_argument(request: web.Request) -> str | None:
@@ -142,88 +74,6 @@ def _refused_argument(request: web.Request) -> str | None:
             if "\x00" in name or "\x00" in value:
                 return f"the {where} {name!r} holds a NUL character (%00): no stored value does"
     return None
-
-
-class _BadArgumentError(ValueError):
-    """A query argument the API refuses (400 with this reason)."""
-
-
-def _page_args(request: web.Request) -> tuple[int, str | None]:
-    """``?limit=`` (rows) and ``?after=`` (the key the page starts after) of a list answer.
-
-    Raises:
-        _BadArgumentError: a limit that is not a whole number from 1 to MAX_PAGE_LIMIT.
-    """
-    text = request.query.get("limit", "")
-    limit = PAGE_LIMIT
-    if text:
-        # isdecimal: int() would also read " 5", "5_0" and other digits.
-        if not (text.isascii() and text.isdecimal()) or not 1 <= int(text) <= MAX_PAGE_LIMIT:
-            raise _BadArgumentError(f"limit must be a whole number from 1 to {MAX_PAGE_LIMIT}")
-        limit = int(text)
-    # ``after=`` empty is a key too: the page after the model with no name.
-    return limit, request.query.get("after")
-
-
-def _paged(body: dict[str, object], listed: int, what: str) -> dict[str, object]:
-    """``body`` (with ``total``, ``truncated``, ``next_after``) saying how to go on when cut."""
-    if body.get("truncated"):
-        body["truncated_by"] = "limit"
-        body["note"] = (
-            f"{listed} of {body['total']} {what} listed ({_CUT_BY['limit']}); ask again with"
-            " after= next_after for the next page"
-        )
-    return body
-
-
-class _StoreFaultLog:
-    """Queries the store failed: one line per kind of failure a minute at most, with a count.
-
-    A store that fails every query must not write a line per query; a
-    failure of a new kind is logged at once. Kinds are exception names (the
-    message's first two fields), a few dozen at most; past ``max_kinds`` they
-    share one line.
-    """
-
-    def __init__(self, interval_s: float = 60.0, max_kinds: int = 64) -> None:
-        self.interval_s, self.max_kinds = interval_s, max_kinds
-        self._kinds: dict[str, tuple[float, int]] = {}  # kind -> (last logged, since then)
-
-    def record(self, route: str, exc: StoreError) -> None:
-        """Count one; log it when its kind was not logged within the interval."""
-        kind = ": ".join(str(exc).split(": ", 2)[:2])
-        key = kind if kind in self._kinds or len(self._kinds) < self.max_kinds else "other"
-        last, count = self._kinds.get(key, (-math.inf, 0))
-        now, count = time.monotonic(), count + 1
-        if now - last < self.interval_s:
-            self._kinds[key] = (last, count)
-            return
-        self._kinds[key] = (now, 0)
-        level = logging.WARNING if isinstance(exc, StoreUnavailableError) else logging.ERROR
-        log.log(
-            level, "store failed a %s query (%d since the last such line): %s", route, count, exc
-        )
-
-
-class _DisconnectLog:
-    """Uploads whose client hung up mid-body: one line a minute at most, with a count.
-
-    ``what``: the line's text after the count and before the path.
-    """
-
-    def __init__(
-        self, interval_s: float = 60.0, what: str = "upload(s) ended by the client mid-body"
-    ) -> None:
-        self.interval_s, self.count, self.what = interval_s, 0, what
-        self._last = -math.inf
-
-    def record(self, path: str) -> None:
-        """Count one; log when the last line is older than the interval."""
-        self.count += 1
-        now = time.monotonic()
-        if now - self._last >= self.interval_s:
-            log.info("%d %s (%s)", self.count, self.what, path)
-            self._last, self.count = now, 0
 
 
 class QueryApi:
@@ -245,9 +95,10 @@ class QueryApi:
         self.service, self.retainer, self.authorizer = service, retainer, authorizer
         self.metrics, self.limit = metrics, query_limit
         self.retry_after = str(retry_after_s)
-        self.disconnects = _DisconnectLog()
-        self.stalled = _DisconnectLog(what="answer(s) not read by the client in time, aborted")
-        self.store_faults = _StoreFaultLog()
+        self.disconnects = DisconnectLog()
+        self.stalled = DisconnectLog(what="answer(s) not read by the client in time, aborted")
+        self.store_faults = StoreFaultLog()
+        self.registration = RegistrationHandler(service, self.retry_after, self.disconnects)
         self.answers = AnswerSender(
             budget_bytes=answer_budget_bytes,
             send_timeout_s=send_timeout_s,
@@ -280,7 +131,7 @@ class QueryApi:
                     )
                 refused = _refused_argument(request)
                 if refused is not None:
-                    return _error(400, refused)
+                    return error_response(400, refused)
                 return await handler(request)
             except AuthRefusal as refusal:
                 return refusal.response()
@@ -288,7 +139,7 @@ class QueryApi:
                 return self._store_failed(name, exc)
             except _Refused as refused:  # 503: the answers' byte budget is full
                 headers = {"Retry-After": self.retry_after} if refused.status == 503 else None
-                return _error(refused.status, refused.reason, headers)
+                return error_response(refused.status, refused.reason, headers)
             finally:
                 self.metrics.query_seconds.labels(name).observe(time.perf_counter() - started)
 
@@ -308,8 +159,10 @@ class QueryApi:
         """
         self.store_faults.record(route, exc)
         if isinstance(exc, StoreUnavailableError):
-            return _error(503, "store unavailable, retry later", {"Retry-After": self.retry_after})
-        return _error(503, "the store failed this query; the collector's log says why")
+            return error_response(
+                503, "store unavailable, retry later", {"Retry-After": self.retry_after}
+            )
+        return error_response(503, "the store failed this query; the collector's log says why")
 
     def routes(self) -> list[web.RouteDef]:
         """Every route of the API."""
@@ -342,37 +195,14 @@ class QueryApi:
         ]
 
     async def _pivot(self, column: str, value: object, what: str) -> web.Response | Json:
-        predictions = await self.service.pivot(column, value, self.limit)
-        answer = predictions if isinstance(predictions, PivotAnswer) else _as_answer(predictions)
-        if not answer.total:
-            return _error(404, f"no predictions for {what}")
-        body: dict[str, object] = {
-            "query": what,
-            "predictions": list(answer),
-            "complete": answer.complete,
-            "total": answer.total,
-            "truncated": answer.cut_by is not None,
-        }
-        if answer.cut_by is not None:
-            checked = (
-                "the chains of all of them were checked (see unlisted)"
-                if answer.unlisted is not None
-                else "too many chains to check them all: completeness unknown"
-            )
-            body["truncated_by"] = answer.cut_by
-            body["unlisted"] = answer.unlisted
-            body["note"] = (
-                f"{len(answer)} of {answer.total} predictions listed ({_CUT_BY[answer.cut_by]});"
-                f" {checked}"
-            )
-        return body
+        return pivot_body(await self.service.pivot(column, value, self.limit), what)
 
     async def trace(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/traces/{trace_id}``: predictions of a trace and their chains."""
         try:
             trace_id = parse_trace_id(request.match_info["trace_id"])
         except InvalidIdError as exc:
-            return _error(400, str(exc))
+            return error_response(400, str(exc))
         what = f"trace {trace_id.hex()}"
         return await self.answers.answer(
             request, lambda: self._pivot("trace_id", trace_id, what), big=True
@@ -384,7 +214,7 @@ class QueryApi:
         try:
             canonical = parse_prediction_id(given)
         except InvalidIdError as exc:
-            return _error(400, str(exc))
+            return error_response(400, str(exc))
         # Ingest keeps a caller's id as sent: a UUID may be stored upper case or
         # without dashes. The text given and every such spelling, in one query.
         spellings = (given, *_uuid_spellings(canonical))
@@ -396,7 +226,7 @@ class QueryApi:
 
     def _registry_failed(self, what: str, exc: RegistryError) -> web.Response:
         # Not "not registered": MLflow may have it. The CLI retries a 503.
-        return _error(
+        return error_response(
             503,
             f"{what} is not in the store; the MLflow lookup failed: {exc}",
             {"Retry-After": self.retry_after},
@@ -408,7 +238,7 @@ class QueryApi:
         except RegistryError as exc:
             return self._registry_failed(f"model version {what}", exc)
         if lineage is None:
-            return _error(404, f"model version {what} is not registered")
+            return error_response(404, f"model version {what} is not registered")
         return lineage
 
     async def model_lineage(self, request: web.Request) -> web.StreamResponse:
@@ -429,14 +259,14 @@ class QueryApi:
         except RegistryError as exc:
             return self._registry_failed(f"alias {name}@{alias}", exc)
         if version is None:
-            return _error(404, f"alias {name}@{alias} is not registered")
+            return error_response(404, f"alias {name}@{alias} is not registered")
         return await self._lineage(name, version, f"{name}@{alias} (version {version})")
 
     async def impact(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/impact?dataset=D | commit=SHA | image=D``."""
         given = [(k, request.query[k]) for k in _IMPACT_KINDS if request.query.get(k)]
         if len(given) != 1:
-            return _error(400, "give exactly one of dataset=, commit= or image=")
+            return error_response(400, "give exactly one of dataset=, commit= or image=")
         return await self.answers.answer(request, lambda: self._impact(*given[0]), big=True)
 
     async def _impact(self, kind: str, value: str) -> web.Response | Json:
@@ -447,21 +277,21 @@ class QueryApi:
         except AmbiguousCommitError as exc:
             # As git refuses an ambiguous short sha: the impact of which
             # commit is asked is not known, and a sum of both is no answer.
-            return _json({"error": str(exc), "matches": exc.commits}, 400)
+            return json_response({"error": str(exc), "matches": exc.commits}, 400)
         if result is None:
-            return _error(404, f"nothing known about {kind} {value}")
+            return error_response(404, f"nothing known about {kind} {value}")
         return result
 
     async def completeness(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/completeness[?limit=N&after=MODEL]``: complete share, per model.
 
         The totals cover every model; ``models`` is one page of them by name
-        (see ``_paged``).
+        (see ``_api_responses.paged``).
         """
         try:
-            limit, after = _page_args(request)
-        except _BadArgumentError as exc:
-            return _error(400, str(exc))
+            limit, after = page_args(request)
+        except BadArgumentError as exc:
+            return error_response(400, str(exc))
         return await self.answers.answer(
             request, lambda: self._completeness(limit, after), big=True
         )
@@ -477,14 +307,14 @@ class QueryApi:
             # Store.completeness() takes no page: its plan, run on the engine.
             answer = await self.service.store.engine.read(completeness_plan(limit, after))
         models = answer["models"]
-        return _paged(answer, len(models) if isinstance(models, list) else 0, "models")
+        return paged(answer, len(models) if isinstance(models, list) else 0, "models")
 
     async def producers(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/producers[?limit=N&after=ID]``: producers by id, with missing batch counts."""
         try:
-            limit, after = _page_args(request)
-        except _BadArgumentError as exc:
-            return _error(400, str(exc))
+            limit, after = page_args(request)
+        except BadArgumentError as exc:
+            return error_response(400, str(exc))
         return await self.answers.answer(request, lambda: self._producers(limit, after), big=True)
 
     async def _producers(self, limit: int, after: str | None) -> Json:
@@ -497,7 +327,7 @@ class QueryApi:
         }
         if page.truncated:
             body["next_after"] = page.next_after
-        return _paged(body, len(page), "producers")
+        return paged(body, len(page), "producers")
 
     async def producer(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/producers/{id}``: the gap report of one producer."""
@@ -505,71 +335,17 @@ class QueryApi:
 
     async def _producer(self, producer_id: str) -> web.Response | Json:
         report = await self.service.store.producer(producer_id)
-        return report if report is not None else _error(404, "unknown producer")
-
-    async def _read_json(self, request: web.Request) -> object:
-        """The JSON body, read under the same rules as a batch's.
-
-        Within the body deadline (408) and the lineage body cap (413), each
-        byte held in the in-flight budget that batches share (503 when full).
-
-        Raises:
-            LineageError: the body is not JSON (400).
-            _Refused: 408, 413 or 503 with the reason.
-            ConnectionResetError: the client hung up mid-body.
-        """
-        parts = _parts(request)
-        reservation = _Reservation(parts.budget)
-        try:
-            reservation.grow_to(1)  # a full budget answers 503 before any read
-            body = await _read_body(
-                request, parts.config.max_json_bytes, parts.config.body_timeout_s, reservation
-            )
-            return _decode_json(body)
-        finally:
-            reservation.release()
-
-    async def _register(
-        self,
-        request: web.Request,
-        parse: Callable[[object], Registration],
-        on_conflict: OnConflict,
-    ) -> web.Response:
-        replace = request.query.get("replace", "false").lower()
-        if replace not in _FLAGS:
-            return _error(400, "replace must be true or false")
-        try:
-            registration = parse(await self._read_json(request))
-        except LineageError as exc:
-            return _error(400, str(exc))
-        except _Refused as refused:
-            headers = {"Retry-After": self.retry_after} if refused.status == 503 else None
-            return _error(refused.status, refused.reason, headers)
-        except ConnectionResetError:
-            # Nobody reads this answer; left to aiohttp, each dropped upload
-            # would be an ERROR with a traceback.
-            self.disconnects.record(request.path)
-            return _error(400, "client disconnected before the body ended")
-        try:
-            conflicts = await self.service.register(
-                registration, on_conflict="replace" if _FLAGS[replace] else on_conflict
-            )
-        except LineageConflictError as exc:
-            return _error(409, str(exc))
-        answer: dict[str, object] = {"registered": True, "source": registration.source}
-        if conflicts:
-            answer["conflicts_kept_as_stored"] = conflicts
-        return _json(answer, 201)
+        return report if report is not None else error_response(404, "unknown producer")
 
     async def register(self, request: web.Request) -> web.Response:
         """``POST /v1/lineage``: a CI/CD hook registers lineage."""
-        return await self._register(request, parse_registration, "refuse")
+        return await self.registration.handle(request, parse_registration, "refuse")
 
     async def openlineage(self, request: web.Request) -> web.Response:
         """``POST /v1/openlineage``: an OpenLineage RunEvent."""
         # An OpenLineage run is not the authority on which run made a model
         # version (its runId is its own): conflicting links are kept as stored.
-        return await self._register(request, parse_run_event, "keep")
+        return await self.registration.handle(request, parse_run_event, "keep")
 
     async def retention(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/retention``: the policy and the latest reports."""
@@ -589,7 +365,7 @@ class QueryApi:
 
     async def run_retention(self, request: web.Request) -> web.Response:
         """``POST /v1/retention/run``: one pass now; answers its report."""
-        return _json(await self.retainer.run_once())
+        return json_response(await self.retainer.run_once())
 
 
 def _uuid_spellings(canonical: str) -> tuple[str, ...]:
@@ -605,25 +381,3 @@ def _uuid_spellings(canonical: str) -> tuple[str, ...]:
         return (canonical,)
     bare = canonical.replace("-", "")
     return (canonical, canonical.upper(), bare, bare.upper())
-
-
-def _as_answer(predictions: list[dict[str, object]]) -> PivotAnswer:
-    answer = PivotAnswer()
-    answer.extend(predictions)
-    answer.total = len(predictions)
-    return answer
-
-
-async def _read_body(
-    request: web.Request, cap: int, timeout_s: float, reservation: _Reservation
-) -> bytes:
-    if request.content_length is not None and request.content_length > cap:
-        raise _Refused(413, f"lineage body exceeds {cap} bytes", "too_large")
-    return await read_body(
-        request,
-        reservation,
-        cap=cap,
-        timeout_s=timeout_s,
-        name="lineage body",
-        unsaved="not registered",
-    )
