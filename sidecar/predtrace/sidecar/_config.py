@@ -1,280 +1,65 @@
 """What a user sets for the sidecar: flags, environment, and their validation.
 
-Every setting is checked here at startup ("verify configuration at startup
-and fail fast"); nothing after startup raises a config error.
+Every setting is checked at startup ("verify configuration at startup and
+fail fast"); nothing after startup raises a config error. This module holds
+``SidecarConfig``, all that ``sidecar serve`` runs with, and its reading of
+flags over ``PREDTRACE_*`` variables; the configs of single stages are in
+``_config_stages``, the parsers of single values in ``_config_values``, and
+every public name of theirs is imported from here.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final
-from urllib.parse import urlsplit
+from typing import Any
 
 from predtrace.sidecar import environment_variables as ev
-from predtrace.sidecar._errors import ConfigError
-from predtrace.sidecar.pipeline import (
-    DEPLOYMENT_FIELDS,
-    CollectorClientConfig,
-    DeploymentEnvError,
-    RetryPolicy,
-    deployment_from_env,
-    identity_problem,
+from predtrace.sidecar._config_stages import (
+    MAX_BATCH_EVENTS,
+    DeploymentConfig,
+    RedactionConfig,
+    ShipperConfig,
 )
+from predtrace.sidecar._config_values import (
+    MAX_PRODUCER_ID_LEN,
+    MAX_SIZE,
+    check_grpc_target,
+    edge_from_env,
+    header_problem,
+    join_hostport,
+    otlp_export_problem,
+    parse_hostport,
+    parse_size,
+    producer_id_problem,
+)
+from predtrace.sidecar._errors import ConfigError
+from predtrace.sidecar.pipeline import CollectorClientConfig
 from predtrace.sidecar.pipeline._collector_http import without_userinfo
 from predtrace.sidecar.spool import SpoolConfig
 
-# A number, then nothing, ``b``, or a unit letter with ``b``, ``ib`` or nothing
-# (``512k``, ``512KB``, ``512KiB``): every unit is binary, 1024-based.
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(?:i?b)?|b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-MAX_SIZE = 2**63 - 1  # no file or byte count the sidecar keeps is larger
-MAX_BATCH_EVENTS = 10_000  # the collector's decoder bound (proto/FORMAT.md)
-MAX_PRODUCER_ID_LEN = 200  # room for a restart suffix under the collector's 256
+# Imported from here, wherever they are defined.
+__all__ = [
+    "MAX_BATCH_EVENTS",
+    "MAX_MESSAGE_BYTES",
+    "MAX_PRODUCER_ID_LEN",
+    "MAX_SIZE",
+    "DeploymentConfig",
+    "RedactionConfig",
+    "ShipperConfig",
+    "SidecarConfig",
+    "check_grpc_target",
+    "edge_from_env",
+    "header_problem",
+    "join_hostport",
+    "otlp_export_problem",
+    "parse_hostport",
+    "parse_size",
+    "producer_id_problem",
+]
+
 MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC takes its message size limits as a C int
-
-
-def producer_id_problem(producer_id: str) -> str | None:
-    """Why ``producer_id`` cannot name a producer (None when it can).
-
-    One rule for ``--producer-id`` and for the id kept in the spool
-    directory: 1 to 200 printable characters, no surrounding whitespace.
-    """
-    if not producer_id:
-        return "it is empty"
-    if len(producer_id) > MAX_PRODUCER_ID_LEN:
-        return f"it is longer than {MAX_PRODUCER_ID_LEN} characters"
-    if not producer_id.isprintable():
-        return "it holds characters that are not printable"
-    if producer_id != producer_id.strip():
-        return "it starts or ends with whitespace"
-    return None
-
-
-def parse_size(text: str, what: str = "") -> int:
-    """Parse ``512MiB``, ``2G``, ``1048576`` into bytes (``what``: the flag, for errors).
-
-    Raises:
-        ConfigError: not a size, or one past 2**63 - 1 bytes.
-    """
-    label = f"{what}: " if what else ""
-    shown = repr(text) if len(text) <= 60 else f"{text[:40]!r}... ({len(text)} characters)"
-    match = _SIZE_RE.match(text)
-    if not match:
-        raise ConfigError(f"{label}not a size: {shown} (examples: 512MiB, 2GiB, 1048576)")
-    # Decimal, not float: exact for any digit string, never infinite.
-    size = int(Decimal(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
-    if size > MAX_SIZE:
-        raise ConfigError(f"{label}a size must be at most {MAX_SIZE} bytes, not {shown}")
-    return size
-
-
-def parse_hostport(text: str, what: str) -> tuple[str, int]:
-    """Split ``host:port`` (``[::1]:port`` for IPv6); port 0 means any free port.
-
-    Raises:
-        ConfigError: not host:port (a URL included).
-    """
-    host, sep, port = text.rpartition(":")
-    if "/" in text:
-        raise ConfigError(f"{what} must be HOST:PORT, not a URL, got {text!r}")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"{what} must be HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
-
-
-# gRPC's own name-resolver schemes (dns:///model:8001 balances over a headless
-# Kubernetes service): a target written so is gRPC's to read.
-_GRPC_SCHEMES: Final = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
-
-
-def check_grpc_target(text: str, what: str) -> None:
-    """A gRPC target to connect to: HOST:PORT with a port, or a gRPC resolver target.
-
-    Raises:
-        ConfigError: an http(s) URL (gRPC takes none), or not a target.
-    """
-    if text.startswith(_GRPC_SCHEMES):
-        return
-    if text.startswith(("http://", "https://")):
-        raise ConfigError(
-            f"{what} must be HOST:PORT (or a gRPC target such as dns:///HOST:PORT), "
-            f"not an http URL, got {text!r}"
-        )
-    if parse_hostport(text, what)[1] == 0:
-        raise ConfigError(f"{what} must name the port to connect to, got {text!r}")
-
-
-def join_hostport(host: str, port: int) -> str:
-    """``host:port``, ``[host]:port`` for an IPv6 address (what ``parse_hostport`` reads)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ShipperConfig:
-    """How the shipper batches and retries.
-
-    Example:
-        >>> ShipperConfig(max_batch_events=5000, linger=0.2)
-        >>> ShipperConfig.edge()   # long outages: capped backoff of 5 minutes
-    """
-
-    max_batch_events: int = 5000
-    max_batch_bytes: int = 4 * 1024 * 1024
-    linger: float = 0.2
-    compress: bool = True
-    compress_level: int = 1  # level 6 saves ~2 % of bytes for twice the CPU
-    retry: RetryPolicy = field(
-        default_factory=lambda: RetryPolicy(initial_backoff=0.5, max_backoff=30.0)
-    )
-    poison_attempts: int = 5
-    quarantine_max_bytes: int | None = None
-    """Byte cap of ``quarantine/`` (oldest files removed past it); None: a tenth of the spool's."""
-
-    def __post_init__(self) -> None:
-        # Named by the flags of ``sidecar serve``, which set them.
-        if not 1 <= self.max_batch_events <= MAX_BATCH_EVENTS:
-            raise ConfigError(
-                f"--batch-max-events must be between 1 and {MAX_BATCH_EVENTS}, "
-                f"not {self.max_batch_events}"
-            )
-        if self.max_batch_bytes < 1024:
-            raise ConfigError("max_batch_bytes must be at least 1 KiB")
-        if not 0 <= self.linger <= 60:  # NaN fails too: it compares false
-            raise ConfigError(f"--batch-linger must be between 0 and 60 seconds, not {self.linger}")
-        if not 1 <= self.compress_level <= 9:
-            raise ConfigError("compress_level must be in [1, 9]")
-        if self.retry.max_attempts is not None:
-            raise ConfigError("the shipper never gives up for elapsed time: max_attempts=None")
-        if self.poison_attempts < 1:
-            raise ConfigError(f"--poison-attempts must be at least 1, not {self.poison_attempts}")
-        if self.quarantine_max_bytes is not None and self.quarantine_max_bytes < 0:
-            raise ConfigError("--quarantine-max-bytes must be >= 0")
-
-    @classmethod
-    def edge(cls, **overrides: Any) -> ShipperConfig:
-        """Settings for devices offline for days: bigger batches, backoff capped at 5 min."""
-        values: dict[str, Any] = {
-            "max_batch_events": MAX_BATCH_EVENTS,
-            "linger": 1.0,
-            "retry": RetryPolicy(initial_backoff=1.0, max_backoff=300.0),
-        }
-        values.update(overrides)
-        return cls(**values)
-
-
-def _globs(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def _check_patterns(patterns: tuple[str, ...], what: str) -> None:
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ConfigError(f"{what}: bad redaction pattern {pattern!r}: {exc}") from None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RedactionConfig:
-    """What may leave the model server's machine; runs before the spool.
-
-    Privacy by default: with the empty allow-lists no feature and no
-    attribute is kept. Names are shell-style globs (``*`` keeps all);
-    ``patterns`` are regular expressions whose matches in the kept
-    attribute values and output labels are replaced by ``[redacted]``.
-    """
-
-    allow_features: tuple[str, ...] = ()
-    allow_attributes: tuple[str, ...] = ()
-    patterns: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        _check_patterns(self.patterns, "--redact")
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> RedactionConfig:
-        """Read ``PREDTRACE_ALLOW_FEATURES``/``_ATTRIBUTES`` (comma globs), ``PREDTRACE_REDACT``.
-
-        Raises:
-            ConfigError: a pattern of ``PREDTRACE_REDACT`` is no regular expression (named).
-        """
-        patterns = tuple(p for p in environ.get(ev.REDACT, "").split("\n") if p)
-        _check_patterns(patterns, f"--redact ({ev.REDACT})")
-        return cls(
-            allow_features=_globs(environ.get(ev.ALLOW_FEATURES, "")),
-            allow_attributes=_globs(environ.get(ev.ALLOW_ATTRIBUTES, "")),
-            patterns=patterns,
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeploymentConfig:
-    """Who serves: stamped on events (empty fields only) and on forwarded spans' resources."""
-
-    id: str = ""
-    service: str = ""
-    namespace: str = ""
-    pod: str = ""
-    node: str = ""
-    image_digest: str = ""
-    image_name: str = ""
-
-    def __post_init__(self) -> None:
-        for name in DEPLOYMENT_FIELDS:
-            problem = identity_problem(getattr(self, name))
-            if problem is not None:
-                raise ConfigError(f"the deployment's {name} cannot be stamped on events: {problem}")
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> DeploymentConfig:
-        """Read the Kubernetes downward-API variables, ``OTEL_*`` and ``PREDTRACE_*``.
-
-        The chain the middleware reads too (``predtrace.sidecar.pipeline.deployment_from_env``).
-
-        Raises:
-            ConfigError: a value no event could carry (over 64 KiB, a NUL), named
-                by its variable: at startup, not on every event after it.
-        """
-        try:
-            return cls(**deployment_from_env(environ))
-        except DeploymentEnvError as exc:
-            raise ConfigError(str(exc)) from None
-
-
-# RFC 9110 5.6.2: a field name is a token of these characters.
-_TOKEN_RE: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_CONTROL_RE: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # HTAB is allowed in a value
-
-
-def header_problem(name: str, value: str) -> str | None:
-    """Why ``name: value`` cannot be sent as an HTTP header (None when it can)."""
-    if _TOKEN_RE.fullmatch(name) is None:
-        return "a header name is a token: letters, digits and !#$%&'*+-.^_`|~, no spaces"
-    if _CONTROL_RE.search(value):
-        return "a header value must not hold control characters (CR, LF, NUL...)"
-    return None
-
-
-def otlp_export_problem(url: str) -> str | None:
-    """Why ``url`` cannot be an OTLP/HTTP receiver's URL (None when it can)."""
-    if not url.lower().startswith(("http://", "https://")):
-        return "it must be an http(s):// URL of an OTLP/HTTP receiver"
-    if any(c.isspace() or not c.isprintable() for c in url):
-        return "a URL holds no spaces or control characters"
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:  # an unbalanced IPv6 bracket, a port past 65535 or not a number
-        return f"it is not a usable URL ({exc})"
-    if not parts.hostname:
-        return "it names no host"
-    if port == 0:
-        return "it must name a port from 1 to 65535 (or none: 80, 443)"
-    return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -547,25 +332,3 @@ def _collector_flag(problem: str) -> str:
     if "CA file" in problem:
         return "--collector-ca"
     return "--collector"
-
-
-# The words the middleware's boolean settings take (``PREDTRACE_ENABLED`` and the like).
-_TRUE: Final = frozenset({"1", "true", "yes", "on"})
-_FALSE: Final = frozenset({"0", "false", "no", "off"})
-
-
-def edge_from_env(environ: Mapping[str, str]) -> bool:
-    """Whether ``PREDTRACE_EDGE`` asks for edge mode (1/true/yes/on; 0/false/no/off or unset: not).
-
-    Raises:
-        ConfigError: any other value (a typo must not silently mean "not edge").
-    """
-    value = environ.get(ev.EDGE, "").strip().lower()
-    if not value:
-        return False
-    if value in _TRUE or value in _FALSE:
-        return value in _TRUE
-    raise ConfigError(
-        f"{ev.EDGE} must be true or false (1/true/yes/on, 0/false/no/off), "
-        f"got {environ[ev.EDGE][:60]!r}"
-    )

@@ -1,55 +1,68 @@
-"""OTLP request bodies: the HTTP read, the content decoding, the parsers, the refusals.
+"""OTLP request bodies: the HTTP read, the content decoding, the refusals.
 
 Used by the receiver (``_otlp``) before any span is looked at: an HTTP body
 is read chunk by chunk within a deadline and under a byte budget shared by
 every request (gRPC ones too, each charged its bytes whole); a compressed body
 is inflated here, bounded and checked to end properly (aiohttp's own
-inflation is off); a protobuf or JSON body becomes an
-``ExportTraceServiceRequest`` (JSON with its hex ids and either spelling of
-the field names), once a cheap count says it is not a bomb of tiny spans. A
-refused body is answered with a ``google.rpc.Status`` in the request's encoding.
+inflation is off). The parsers of a body, protobuf (``_otlp_protobuf``) and
+JSON (``_otlp_json``), are imported from here too. A refused body is answered
+with a ``google.rpc.Status`` in the request's encoding.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import zlib
-from collections.abc import Iterator
-from typing import Final, TypeAlias
+from typing import Final
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from google.protobuf import duration_pb2, json_format
-from google.protobuf.descriptor import Descriptor
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]  # no py.typed
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
-from opentelemetry.proto.trace.v1 import trace_pb2
 
+from predtrace.sidecar._otlp_json import OtlpJsonError, parse_json
+from predtrace.sidecar._otlp_protobuf import (
+    ExportRequest,
+    TooManySpansError,
+    count_spans,
+    parse_protobuf,
+)
 from predtrace.wire import WireTooLargeError
 
-ExportRequest = trace_service_pb2.ExportTraceServiceRequest
+# Imported from here, wherever they are defined.
+__all__ = [
+    "BODY_TIMEOUT_S",
+    "CODINGS",
+    "JSON",
+    "PROTOBUF",
+    "BodyRefusedError",
+    "BodyReservation",
+    "BudgetSpentError",
+    "ExportRequest",
+    "InflightBudget",
+    "OtlpJsonError",
+    "TooManySpansError",
+    "UndecodableBodyError",
+    "count_spans",
+    "decode_reason",
+    "decompress",
+    "forget_traceback",
+    "parse_json",
+    "parse_protobuf",
+    "read_body",
+    "refusal_response",
+    "rpc_status",
+]
+
 PROTOBUF: Final = "application/x-protobuf"
 JSON: Final = "application/json"
 _DECODE_REASON_CHARS: Final = 200
 # The Content-Encodings a body may come in; anything else is refused (415).
 CODINGS: Final = frozenset({"", "identity", "gzip", "deflate"})
-# At least this many objects are taken (about 4,000 spans of 30 attributes
-# each), and more in a bigger body: one per 16 bytes (a real span spends some
-# 25 bytes an object; a bomb of ``{}`` 2 or 3).
-_MIN_JSON_OBJECTS: Final = 250_000
-_BYTES_PER_JSON_OBJECT: Final = 16
 _GZIP_MAGIC: Final = b"\x1f\x8b"
 # A gzip body may be several members back to back (RFC 1952): a few are taken,
 # not thousands, as each one costs a copy of the rest of the body.
 _MAX_GZIP_MEMBERS: Final = 16
-# At least this many spans are taken in one protobuf request, and more in a
-# bigger body: one per 64 bytes. An SDK exports 512 at most, a Collector some
-# thousands; a parsed span costs some 180 bytes even when empty (2 on the
-# wire), so a 4 MiB body of two million empty spans would cost 360 MB.
-_MIN_SPANS: Final = 100_000
-_BYTES_PER_SPAN: Final = 64
 # HTTP bodies are read in chunks of this size, each charged to the budget.
 _CHUNK: Final = 64 * 1024
 # A body that has not fully arrived by then is refused (408): a client that
@@ -77,10 +90,6 @@ class BudgetSpentError(BodyRefusedError):
             "bytes of request bodies, gRPC and HTTP together); retry shortly",
             retry_after=1,
         )
-
-
-class TooManySpansError(ValueError):
-    """A protobuf request with more spans than a body of its size may carry."""
 
 
 class InflightBudget:
@@ -181,267 +190,6 @@ def forget_traceback(exc: BaseException) -> None:
         seen.add(id(current))
         current.__traceback__ = None
         current = current.__cause__ or current.__context__
-
-
-class OtlpJsonError(ValueError):
-    """An OTLP/JSON body that does not describe an ExportTraceServiceRequest."""
-
-
-# OTLP/JSON writes these bytes fields as hex, where protobuf's JSON mapping says base64.
-_HEX_ID_FIELDS: Final = (
-    "traceId",
-    "spanId",
-    "parentSpanId",
-    "trace_id",
-    "span_id",
-    "parent_span_id",
-)
-# The messages whose ids are hex in OTLP/JSON.
-_WITH_HEX_IDS: Final = frozenset(
-    {trace_pb2.Span.DESCRIPTOR.full_name, trace_pb2.Span.Link.DESCRIPTOR.full_name}
-)
-# Where an object lies in the body: None for the body itself, else (the
-# parent's place, the field's key as written, the index in a list or None).
-# Rendered only for an error message: a walk builds no strings.
-_Place: TypeAlias = "tuple[_Place, str, int | None] | None"
-
-
-def _path(place: _Place) -> str:
-    """``place`` as written in an error: ``resourceSpans[0].scopeSpans[0].spans[3].status``."""
-    parts: list[str] = []
-    while place is not None:
-        place, key, index = place
-        parts.append(key if index is None else f"{key}[{index}]")
-    return ".".join(reversed(parts)) or "the body"
-
-
-def _hex_ids_to_base64(item: dict[str, object], place: _Place) -> None:
-    for key in _HEX_ID_FIELDS:
-        value = item.get(key)
-        if isinstance(value, str) and value:
-            try:
-                item[key] = base64.b64encode(bytes.fromhex(value)).decode()
-            except ValueError:
-                raise OtlpJsonError(f"{_path((place, key, None))} must be hex") from None
-
-
-class _Type:
-    """What the walk needs of a message type: its message-typed fields, and its hex ids."""
-
-    __slots__ = ("fields", "hex_ids", "name")
-
-    def __init__(self, descriptor: Descriptor) -> None:
-        self.name = descriptor.full_name
-        self.hex_ids = self.name in _WITH_HEX_IDS
-        # Each message-typed field (maps and well-known types aside: a JSON
-        # string or list may be right for them) under both of its spellings,
-        # with its type and whether it is repeated; filled in by ``_type``.
-        self.fields: dict[str, tuple[_Type, bool]] = {}
-
-
-_TYPES: Final[dict[str, _Type]] = {}
-
-
-def _type(descriptor: Descriptor) -> _Type:
-    """The walk's view of a message type (and of those it holds), made once, at import."""
-    known = _TYPES.get(descriptor.full_name)
-    if known is not None:
-        return known
-    made = _TYPES[descriptor.full_name] = _Type(descriptor)  # first: the types nest in a cycle
-    for field in descriptor.fields:
-        sub = field.message_type
-        if sub is None or sub.GetOptions().map_entry or sub.full_name.startswith("google."):
-            continue
-        made.fields[field.name] = made.fields[field.json_name] = (_type(sub), field.is_repeated)
-    return made
-
-
-# Made whole here, before any parse thread can see it half made.
-_REQUEST_TYPE: Final = _type(ExportRequest.DESCRIPTOR)
-
-
-def _check_shape(document: dict[str, object]) -> None:
-    """Check that every message in ``document`` is an object (a list of them where repeated).
-
-    protobuf's ``ParseDict`` reads a string where a message belongs as the
-    names of fields it does not know, and ignores them: an attribute written
-    ``"value": "churn"`` would become an empty value, a ``"status": "ERROR"``
-    an OK span, all answered 200. Also turns the hex ids of spans and links
-    into the base64 protobuf reads. One pass over the objects, in the body's
-    order, without recursion; it holds one iterator per level of nesting.
-
-    Raises:
-        OtlpJsonError: naming where in the body the first misshapen field lies.
-    """
-    stack = [_messages_in(document, _REQUEST_TYPE, None)]
-    while stack:
-        child = next(stack[-1], None)
-        if child is None:
-            stack.pop()
-        else:
-            stack.append(_messages_in(*child))
-
-
-_Message: TypeAlias = tuple[dict[str, object], _Type, _Place]
-
-
-def _messages_in(item: dict[str, object], kind: _Type, place: _Place) -> Iterator[_Message]:
-    """The messages held by ``item`` (a message of type ``kind``) that need a look, checked.
-
-    A message with no field to look into (an attribute's ``{"stringValue":
-    ...}``: most of a body) is checked here, not handed back.
-
-    Raises:
-        OtlpJsonError: one is not an object, or a repeated field not a list.
-    """
-    if kind.hex_ids:
-        _hex_ids_to_base64(item, place)
-    fields = kind.fields
-    for key, value in item.items():
-        field = fields.get(key)
-        if field is None or value is None:  # not a message; or null: the field is unset
-            continue
-        sub, repeated = field
-        if not repeated:
-            if not isinstance(value, dict):
-                raise OtlpJsonError(f"{_path((place, key, None))} must be an object")
-            if sub.hex_ids or not sub.fields.keys().isdisjoint(value):
-                yield value, sub, (place, key, None)
-            continue
-        if not isinstance(value, list):
-            raise OtlpJsonError(f"{_path((place, key, None))} must be a list")
-        look = sub.hex_ids or bool(sub.fields)
-        for index, element in enumerate(value):
-            if not isinstance(element, dict):
-                raise OtlpJsonError(f"{_path((place, key, index))} must be an object")
-            if look:
-                yield element, sub, (place, key, index)
-
-
-def parse_protobuf(body: bytes) -> ExportRequest:
-    """Decode an OTLP protobuf body (gRPC or HTTP), once its span count is within bounds.
-
-    Raises:
-        TooManySpansError: more spans than a body of its size may carry.
-        DecodeError: not an ExportTraceServiceRequest (or nested too deep).
-    """
-    most = max(_MIN_SPANS, len(body) // _BYTES_PER_SPAN)
-    # A span takes two bytes at least: a smaller body cannot hold too many.
-    if len(body) > 2 * most and count_spans(body, most) > most:
-        raise TooManySpansError(f"more than {most} spans in one request")
-    return ExportRequest.FromString(body)
-
-
-def count_spans(body: bytes, most: int) -> int:
-    """The spans of an ExportTraceServiceRequest, counted on the wire, without parsing it.
-
-    Walks resource_spans (1) -> scope_spans (2) -> spans (2), skipping each
-    span by its length, and stops once past ``most``: some ten times cheaper
-    than parsing. Bytes it cannot walk end the count early: the parser that
-    follows says what is wrong with them.
-    """
-    count = 0
-    try:
-        for rs_start, rs_end in _embedded(body, 0, len(body), 1):
-            for ss_start, ss_end in _embedded(body, rs_start, rs_end, 2):
-                for _ in _embedded(body, ss_start, ss_end, 2):
-                    count += 1
-                    if count > most:
-                        return count
-    except IndexError:  # a varint cut off by the end of the body
-        pass
-    return count
-
-
-def _embedded(data: bytes, pos: int, end: int, number: int) -> Iterator[tuple[int, int]]:
-    """Where each length-delimited field ``number`` of the message in ``data[pos:end]`` lies."""
-    while pos < end:
-        key, pos = _varint(data, pos)
-        kind = key & 7
-        if kind == 2:  # length-delimited
-            size, pos = _varint(data, pos)
-            if key >> 3 == number and pos + size <= end:
-                yield pos, pos + size
-            pos += size
-        elif kind == 0:  # varint
-            pos = _varint(data, pos)[1]
-        elif kind in (1, 5):  # fixed64, fixed32
-            pos += 8 if kind == 1 else 4
-        elif kind == 3:  # a group: protobuf skips it and reads on, so does the count
-            pos = _past_group(data, pos, end)
-        else:  # not protobuf: left to the parser
-            return
-
-
-def _past_group(data: bytes, pos: int, end: int) -> int:
-    """The position after the group whose start tag ended at ``pos`` (``end`` if it never ends)."""
-    depth = 1
-    while pos < end:
-        key, pos = _varint(data, pos)
-        kind = key & 7
-        if kind == 3:
-            depth += 1
-        elif kind == 4:
-            depth -= 1
-            if depth == 0:
-                return pos
-        elif kind == 2:
-            size, pos = _varint(data, pos)
-            pos += size
-        elif kind == 0:
-            pos = _varint(data, pos)[1]
-        elif kind in (1, 5):
-            pos += 8 if kind == 1 else 4
-        else:
-            return end
-    return end
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    """The varint at ``pos`` and the position after it (IndexError past the end)."""
-    if data[pos] < 0x80:  # the common case: tags, and lengths under 128
-        return data[pos], pos + 1
-    value = shift = 0
-    for _ in range(10):
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-    raise IndexError("overlong varint")
-
-
-def parse_json(body: bytes) -> trace_service_pb2.ExportTraceServiceRequest:
-    """Decode an OTLP/HTTP JSON body (hex ids, lowerCamelCase or snake_case keys).
-
-    Unknown fields are ignored, as the OTLP spec asks of receivers; a known
-    field holding the wrong kind of JSON value is not.
-
-    Raises:
-        OtlpJsonError: not JSON, nested too deep, too many objects, or not the
-            request's shape (a message that is not an object names its place).
-    """
-    # protobuf's ParseDict walks every object in Python (some microseconds
-    # each): a body of nothing but ``{}`` would cost seconds of CPU. Braces
-    # are counted first, at C speed (those in strings too: a generous bound).
-    most = max(_MIN_JSON_OBJECTS, len(body) // _BYTES_PER_JSON_OBJECT)
-    if body.count(b"{") > most:
-        raise OtlpJsonError(f"more than {most} JSON objects in one request")
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
-        raise OtlpJsonError("not JSON (or nested too deep)") from None
-    if not isinstance(document, dict):
-        raise OtlpJsonError("the body must be a JSON object")
-    # Protobuf's JSON parser takes a field under its name or its lowerCamelCase
-    # json_name: the walk follows both, or a snake_case body's hex ids would
-    # be read as base64 (and its misshapen fields let through).
-    _check_shape(document)
-    try:
-        return json_format.ParseDict(document, ExportRequest(), ignore_unknown_fields=True)
-    except (json_format.ParseError, RecursionError, TypeError, ValueError) as exc:
-        raise OtlpJsonError(str(exc)[:200]) from None
 
 
 class UndecodableBodyError(ValueError):

@@ -23,7 +23,7 @@ from google.protobuf import json_format
 from google.rpc import status_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from predtrace.sidecar import _otlp, _otlp_body
+from predtrace.sidecar import _otlp, _otlp_protobuf
 from predtrace.sidecar._intake import IntakeResult
 from predtrace.sidecar._otlp import OtlpReceiver
 from predtrace.sidecar._otlp_body import BodyRefusedError, count_spans
@@ -281,7 +281,7 @@ async def test_a_protobuf_bomb_of_empty_spans_is_refused_before_it_is_parsed(
 ) -> None:
     # 200,000 empty spans in 400 kB would cost some 36 MB parsed (2 million: 360 MB).
     listening = await start_receiver()
-    monkeypatch.setattr(_otlp_body, "ExportRequest", _CountingParser)
+    monkeypatch.setattr(_otlp_protobuf, "ExportRequest", _CountingParser)
     # Also behind groups (protobuf skips them and parses on; the count must too).
     empty_group, nested_groups = b"\x7b\x7c", b"\x7b\x83\x01\x0a\x01x\x84\x01\x7c"
     for bomb in (
