@@ -30,10 +30,10 @@ from predtrace.collector._retention import Retainer
 from predtrace.collector._security import Authorizer
 from predtrace.collector._service import LineageService
 from predtrace.collector.store import Store
+from predtrace.collector.store._completeness import _ModelPage, completeness_plan
 from predtrace.collector.store._maintenance import PAGE_LIMIT
 from predtrace.collector.store._ops import ExecMany, Plan, T
 from predtrace.collector.store._postgres import translate
-from predtrace.collector.store._reads import _ModelPage, completeness_plan
 from predtrace.collector.testing import make_events
 
 from .test_store import record
