@@ -9,6 +9,10 @@ leaves the rest durable in the spool for the next start. A shipper that
 stops on an unexpected error is never left dead behind a sidecar that keeps
 acknowledging: it is logged at once, health turns NOT_SERVING and ``failed``
 is set, on which ``predtrace sidecar serve`` stops and exits non-zero.
+
+Here: the assembly, status and shutdown. The parts: the producer id kept in
+the spool directory (``_app_identity``) and the listeners' options, TLS and
+addresses (``_app_listeners``).
 """
 
 from __future__ import annotations
@@ -17,10 +21,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import posixpath
-import secrets
-import socket
-import ssl
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
@@ -30,12 +30,9 @@ from grpc_health.v1 import _async as health_aio  # the package's asyncio service
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from predtrace.sidecar._config import (
-    SidecarConfig,
-    join_hostport,
-    parse_hostport,
-    producer_id_problem,
-)
+from predtrace.sidecar._app_identity import PRODUCER_FILE, producer_id, renumbered_producer_id
+from predtrace.sidecar._app_listeners import bind, grpc_server_options, next_port, tls
+from predtrace.sidecar._config import SidecarConfig
 from predtrace.sidecar._errors import ConfigError
 from predtrace.sidecar._grpc_api import SERVICE_NAME, STREAM_CHUNK_BYTES, GrpcSource
 from predtrace.sidecar._intake import Intake
@@ -43,9 +40,8 @@ from predtrace.sidecar._processors import DeploymentEnricher, default_processors
 from predtrace.sidecar._shipper import Shipper
 from predtrace.sidecar._status import StatusView, build_status, spool_refusal
 from predtrace.sidecar.pipeline import CollectorClient, Processor
-from predtrace.sidecar.spool import FaultPoints, FileLayer, OsFileLayer, Spool, write_whole
+from predtrace.sidecar.spool import FaultPoints, FileLayer, OsFileLayer, Spool
 from predtrace.v1 import sidecar_pb2
-from predtrace.wire import producer_id_base, restarted_producer_id
 
 if TYPE_CHECKING:
     # Imported where they start: a sidecar without OTLP, an OIP proxy or
@@ -56,38 +52,13 @@ if TYPE_CHECKING:
     from predtrace.sidecar._otlp import OtlpReceiver
     from predtrace.sidecar._otlp_export import OtlpForwarder
 
+# Imported from here, wherever they are defined.
+__all__ = ["PRODUCER_FILE", "SidecarApp", "environ_fault_points", "grpc_server_options"]
+
 _log = logging.getLogger("predtrace.sidecar")
 # What a shipper gets to finish its last step once the drain deadline passed.
 _SHIPPER_EXIT_GRACE_S: Final = 0.5
-PRODUCER_FILE = "producer_id"
-_PRODUCER_FILE_MAX_BYTES = 1024  # an id is at most 200 characters (4 bytes each in UTF-8)
-
-
 _OTLP_STREAMS: Final = 8  # concurrent OTLP/gRPC calls per connection
-
-
-def grpc_server_options(config: SidecarConfig) -> list[tuple[str, int]]:
-    """Message size limits and keepalive for every gRPC listener of the sidecar.
-
-    The server pings a connection with calls in flight every
-    ``keepalive_time`` and closes it when a ping goes unanswered for
-    ``keepalive_timeout``: a producer that vanished (an edge device losing
-    its link) frees its streams instead of holding them open. A dead peer
-    is cut off by ``grpc.http2.ping_timeout_ms`` (a minute in gRPC core
-    by default), not by the keepalive timeout alone, so both are set.
-    ``SO_REUSEPORT`` (on by default in gRPC) is off: with it, a second
-    sidecar, or a second listener of this one, bound the same port and the
-    kernel split producers between them.
-    """
-    return [
-        ("grpc.so_reuseport", 0),
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.keepalive_time_ms", round(config.keepalive_time * 1000)),
-        ("grpc.keepalive_timeout_ms", round(config.keepalive_timeout * 1000)),
-        ("grpc.http2.ping_timeout_ms", round(config.keepalive_timeout * 1000)),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ]
 
 
 class SidecarApp:
@@ -123,7 +94,7 @@ class SidecarApp:
         """Set when the shipper stopped on its own (``failure`` says why)."""
         self.failure: BaseException | None = None
         self._failing: asyncio.Task[None] | None = None
-        self._credentials, self._ssl_context = _tls(config)
+        self._credentials, self._ssl_context = tls(config)
 
     @property
     def spool(self) -> Spool:
@@ -147,7 +118,9 @@ class SidecarApp:
         self._spool = await asyncio.to_thread(
             Spool.open, config.spool, files=self._files, faults=self._faults
         )
-        self.producer_id, fresh = await asyncio.to_thread(self._producer_id)
+        self.producer_id, fresh = await asyncio.to_thread(
+            producer_id, config, self.spool, self._files
+        )
         enricher = DeploymentEnricher(config.deployment)
         # Kept: /metrics reads what the redaction processor removed.
         self.processors = default_processors(config.deployment, config.redaction)
@@ -208,7 +181,7 @@ class SidecarApp:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.addresses["grpc"] = _bind(server, config.listen, "--listen", self._credentials)
+        self.addresses["grpc"] = bind(server, config.listen, "--listen", self._credentials)
         await server.start()
         self._servers.append(server)
 
@@ -225,12 +198,12 @@ class SidecarApp:
         options = [*grpc_server_options(config), ("grpc.max_concurrent_streams", _OTLP_STREAMS)]
         server = grpc.aio.server(options=options)
         self._otlp.add_to_grpc_server(server)
-        self.addresses["otlp-grpc"] = _bind(
+        self.addresses["otlp-grpc"] = bind(
             server, config.otlp_listen, "--otlp-listen", self._credentials
         )
         await server.start()
         self._servers.append(server)
-        http_listen = config.otlp_http_listen or _next_port(config.otlp_listen)
+        http_listen = config.otlp_http_listen or next_port(config.otlp_listen)
         self.addresses["otlp-http"] = await self._otlp.start_http(
             http_listen,
             max_body=config.max_message_bytes,
@@ -251,88 +224,12 @@ class SidecarApp:
         server = grpc.aio.server(options=proxy.server_options(grpc_server_options(self.config)))
         server.add_generic_rpc_handlers((proxy.generic_handler(),))
         name = "oip-proxy" if index == 0 else f"oip-proxy-{index + 1}"
-        self.addresses[name] = _bind(server, listen, "--oip-proxy", self._credentials)
+        self.addresses[name] = bind(server, listen, "--oip-proxy", self._credentials)
         await server.start()
         self._servers.append(server)
         self._proxies.append(proxy)
 
     # -- identity and readiness -------------------------------------------------------
-
-    def _producer_id(self) -> tuple[str, bool]:
-        """The configured id, else the one kept in the spool directory (made once).
-
-        Also whether the id is new to the spool's numbering (its seqs then
-        start at 1). When the spool's state was lost, its seq numbering can
-        no longer be trusted, so the sidecar continues under a derived id
-        (``<id>-r<hex>``, kept in the directory) that can never collide with
-        the old seqs; a token made by ``predtrace collector token --producer
-        <id>`` accepts it. A configured id other than the kept one (and not
-        one of its ``-r`` restarts) is new too: it must not carry on the old
-        id's numbering, which the collector would report as missing batches.
-        A new id's numbering is reset in the spool state before the id is
-        kept, so a death in between cannot leave the new id on the old seqs.
-
-        A kept id that breaks the ``--producer-id`` rules (a damaged file), or
-        none kept in a spool that was used (the file removed), is logged and
-        replaced the same way, by a new id whose seqs start at 1:
-        the old id is unknown, so nothing may continue its numbering. That
-        loses nothing: the spooled events go out under the new id, and the
-        sidecar keeps accepting (refusing to start would leave producers
-        unacknowledged until someone repairs the file).
-        """
-        path = posixpath.join(self.config.spool.directory, PRODUCER_FILE)
-        stored, damage = "", None
-        if self._files.exists(path):
-            stored, damage = _read_producer_file(self._files, path)
-        elif self.spool.meta or self.spool.hwm > 0:
-            # Lost while the spool kept the shipper's numbering: of an id
-            # unknown now (the configured one may have been continued under a
-            # derived id), so nothing may continue it, as for a damaged file.
-            damage = "the file is missing, but the spool holds an earlier id's numbering"
-        configured = self.config.producer_id
-        if damage is not None:
-            kept = restarted_producer_id(configured) if configured else _new_producer_id()
-            _log.error(
-                "the producer id kept in %s is not usable (%s); continuing as the new "
-                "producer %s, its seqs from 1",
-                path,
-                damage,
-                kept,
-            )
-            self._reset_numbering()
-            _write_atomic(self._files, path, kept.encode())
-            return kept, True
-        kept, fresh = stored, False
-        # The kept id is this one, or one it continued under (``<id>-r<6 hex>``);
-        # not merely one that begins with it ("edge" is not "edge-rack-1").
-        if configured and not (kept == configured or producer_id_base(kept) == configured):
-            if stored:
-                _log.warning(
-                    "--producer-id %s replaces the producer id %s kept in %s; seqs start at 1",
-                    configured,
-                    stored,
-                    path,
-                )
-                self._reset_numbering()
-                fresh = True
-            kept = configured
-        if not kept:
-            kept = _new_producer_id()
-        elif self.spool.state_lost:
-            # From the configured id when there is one: a configured id may
-            # itself end in -r<6 hex> and must never be taken for a restart.
-            kept = restarted_producer_id(configured or producer_id_base(kept))
-        if kept != stored:
-            _write_atomic(self._files, path, kept.encode())
-        return kept, fresh
-
-    def _reset_numbering(self) -> None:
-        """Make the shipper's next start number from 1, durably (the mark stays).
-
-        The shipper's state (next seq, chain, the batch in flight) belongs to
-        the old id; an empty state is a fresh numbering.
-        """
-        self.spool.commit(self.spool.hwm, b"")
 
     def _renumbered_producer_id(self, current: str) -> str:
         """The id to continue under after the collector refused a seq of ``current`` as reused.
@@ -341,11 +238,8 @@ class SidecarApp:
         derived from the configured id when there is one, as for a lost spool
         state, and kept in the spool directory so a restart continues it.
         """
-        path = posixpath.join(self.config.spool.directory, PRODUCER_FILE)
-        new = restarted_producer_id(self.config.producer_id or producer_id_base(current))
-        _write_atomic(self._files, path, new.encode())
-        self.producer_id = new
-        return new
+        self.producer_id = renumbered_producer_id(self.config, self._files, current)
+        return self.producer_id
 
     def _write_ready_file(self, path: str) -> None:
         lines = [self.addresses["grpc"]]
@@ -470,82 +364,6 @@ class SidecarApp:
             # cleanly and what it holds is shipped on the next start.
             if self.failure is None:  # else logged when it happened
                 _log.exception("the shipper had stopped on an error")
-
-
-def _tls(config: SidecarConfig) -> tuple[grpc.ServerCredentials | None, ssl.SSLContext | None]:
-    """gRPC credentials and the HTTP listener's TLS context; client certs required with a CA.
-
-    Raises:
-        ConfigError: a certificate, key or CA cannot be read or loaded.
-    """
-    files = config.tls_files()
-    if files is None:
-        return None, None
-    chain, key, client_ca = files
-    credentials = grpc.ssl_server_credentials(
-        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
-    )
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(str(config.tls_cert), str(config.tls_key))
-        if client_ca is not None:
-            context.load_verify_locations(cadata=client_ca.decode("ascii", "replace"))
-            context.verify_mode = ssl.CERT_REQUIRED
-    except ssl.SSLError as exc:
-        raise ConfigError(f"cannot load the TLS certificate, key or client CA: {exc}") from None
-    return credentials, context
-
-
-def _bind(
-    server: grpc.aio.Server,
-    listen: str,
-    what: str,
-    credentials: grpc.ServerCredentials | None = None,
-) -> str:
-    host, port = parse_hostport(listen, what)
-    address = join_hostport(host, port)
-    try:
-        if credentials is None:
-            bound = server.add_insecure_port(address)
-        else:
-            bound = server.add_secure_port(address, credentials)
-    except RuntimeError:  # what current grpcio raises where it used to return 0
-        bound = 0
-    if bound == 0:
-        raise OSError(f"cannot listen on {listen} ({what}): the address is in use or unusable")
-    return join_hostport(host, bound)
-
-
-def _next_port(listen: str) -> str:
-    host, port = parse_hostport(listen, "--otlp-listen")
-    return join_hostport(host, port + 1 if port else 0)
-
-
-def _new_producer_id() -> str:
-    host = socket.gethostname().split(".")[0][:40] or "host"
-    return f"sidecar-{host}-{secrets.token_hex(4)}"
-
-
-def _read_producer_file(files: FileLayer, path: str) -> tuple[str, str | None]:
-    """The id kept in ``path``, and what is wrong with it (None when usable)."""
-    if files.size(path) > _PRODUCER_FILE_MAX_BYTES:
-        return "", f"the file is larger than {_PRODUCER_FILE_MAX_BYTES} bytes"
-    try:
-        text = files.read(path, 0, _PRODUCER_FILE_MAX_BYTES).decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return "", "the file is not UTF-8 text"
-    # A restarted id is its base plus "-r" and 6 hex digits: the length rule
-    # (room for that suffix) applies to the base, as it did to --producer-id.
-    problem = producer_id_problem(producer_id_base(text))
-    return (text, None) if problem is None else ("", problem)
-
-
-def _write_atomic(files: FileLayer, path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    write_whole(files, tmp, data)
-    files.rename(tmp, path)
-    files.fsync_dir(posixpath.dirname(path))
 
 
 def environ_fault_points(environ: Mapping[str, str]) -> FaultPoints:

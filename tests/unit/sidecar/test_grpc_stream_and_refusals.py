@@ -14,7 +14,7 @@ import pytest
 from google.protobuf.internal import api_implementation
 from prometheus_client.parser import text_string_to_metric_families
 
-from predtrace.sidecar import _grpc_api
+from predtrace.sidecar import _grpc_streams
 from predtrace.sidecar._config import RedactionConfig
 from predtrace.sidecar._errors import SpoolFullError
 from predtrace.sidecar._grpc_api import ACCEPTED_KEY, PROCESSED_KEY
@@ -40,7 +40,7 @@ def _chunks_by_size_and_count(monkeypatch: pytest.MonkeyPatch) -> None:
     chunk early (the linger; tested in test_record_stream_budget): a fresh
     clone's CI saw 1,812 events spooled where chunks of 1,000 make 2,000.
     """
-    monkeypatch.setattr(_grpc_api, "STREAM_LINGER_S", 600.0)
+    monkeypatch.setattr(_grpc_streams, "STREAM_LINGER_S", 600.0)
 
 
 def _spy_on_intake(
@@ -173,8 +173,8 @@ async def test_a_stream_the_spool_refuses_midway_says_how_many_of_its_events_are
 async def test_a_stream_over_the_event_limit_fails_before_its_last_chunk_is_spooled(
     start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_grpc_api, "MAX_EVENTS_PER_STREAM", 30)
-    monkeypatch.setattr(_grpc_api, "_STREAM_CHUNK", 10)
+    monkeypatch.setattr(_grpc_streams, "MAX_EVENTS_PER_STREAM", 30)
+    monkeypatch.setattr(_grpc_streams, "_STREAM_CHUNK", 10)
     running = await start_sidecar()
     async with grpc.aio.insecure_channel(running.target) as channel:
         record = channel.stream_unary(
@@ -201,7 +201,7 @@ async def test_a_refused_stream_still_being_written_gets_its_refusal_not_an_inte
     The race (grpc/grpc issue 36066) hit some 5 % of such calls here; the
     sidecar now reads what the client still sends before it answers.
     """
-    monkeypatch.setattr(_grpc_api, "MAX_EVENTS_PER_STREAM", 50)
+    monkeypatch.setattr(_grpc_streams, "MAX_EVENTS_PER_STREAM", 50)
     running = await start_sidecar()
     messages = [e.SerializeToString() for e in proto_events(300)]
     codes: collections.Counter[grpc.StatusCode] = collections.Counter()
@@ -224,8 +224,8 @@ async def test_a_refused_stream_still_being_written_gets_its_refusal_not_an_inte
 async def test_a_refused_stream_whose_client_never_ends_it_is_answered_after_the_drain_bound(
     start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_grpc_api, "MAX_EVENTS_PER_STREAM", 5)
-    monkeypatch.setattr(_grpc_api, "STREAM_DRAIN_S", 0.3)
+    monkeypatch.setattr(_grpc_streams, "MAX_EVENTS_PER_STREAM", 5)
+    monkeypatch.setattr(_grpc_streams, "STREAM_DRAIN_S", 0.3)
     running = await start_sidecar()
     never = asyncio.Event()
 

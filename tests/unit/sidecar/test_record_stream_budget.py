@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 import pytest
 
-from predtrace.sidecar import _grpc_api
+from predtrace.sidecar import _grpc_streams
 from predtrace.sidecar._config import RedactionConfig
 from predtrace.sidecar._grpc_api import ACCEPTED_KEY, PROCESSED_KEY, GrpcSource
 from predtrace.sidecar._metrics import SidecarMetrics
@@ -62,8 +62,8 @@ async def test_open_streams_hold_no_more_than_the_budget_the_rest_is_spooled(
     start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     budget = 200 * 1024
-    monkeypatch.setattr(_grpc_api, "STREAMS_HELD_BYTES", budget)
-    monkeypatch.setattr(_grpc_api, "STREAM_LINGER_S", 600.0)  # the budget alone at work
+    monkeypatch.setattr(_grpc_streams, "STREAMS_HELD_BYTES", budget)
+    monkeypatch.setattr(_grpc_streams, "STREAM_LINGER_S", 600.0)  # the budget alone at work
     running = await start_sidecar()
     source = _source(running)
     streams, per = 20, 60  # 20 x 60 KiB: six times the budget, each stream under its chunk
@@ -113,7 +113,7 @@ async def test_open_streams_hold_no_more_than_the_budget_the_rest_is_spooled(
 async def test_a_cancelled_stream_frees_what_it_held(
     start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_grpc_api, "STREAM_LINGER_S", 600.0)
+    monkeypatch.setattr(_grpc_streams, "STREAM_LINGER_S", 600.0)
     running = await start_sidecar()
     source = _source(running)
     messages = _blobs(10, 0)
@@ -132,7 +132,7 @@ async def test_a_cancelled_stream_frees_what_it_held(
 async def test_a_paused_stream_is_spooled_and_shipped_while_it_stays_open(
     start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_grpc_api, "STREAM_LINGER_S", 0.05)
+    monkeypatch.setattr(_grpc_streams, "STREAM_LINGER_S", 0.05)
     running = await start_sidecar()
     source = _source(running)
     calls = _spy_on_intake(running, monkeypatch)
@@ -167,7 +167,7 @@ async def test_a_failed_stream_counts_what_its_paused_chunks_spooled(
     refused_call: int,
     accepted: int,
 ) -> None:
-    monkeypatch.setattr(_grpc_api, "STREAM_LINGER_S", 0.05)
+    monkeypatch.setattr(_grpc_streams, "STREAM_LINGER_S", 0.05)
     running = await start_sidecar()
     calls = _spy_on_intake(running, monkeypatch, fail_on_call=refused_call)
     go_on = asyncio.Event()
@@ -193,7 +193,7 @@ async def test_on_small_flash_a_streams_chunks_are_half_a_segment_at_most(
     # Review: 1,000 events of 1 KiB made a chunk of more than a 1 MiB segment
     # in the spool, which found no room while the shipper's batches filled
     # the small cap: every such stream was refused for the whole outage.
-    monkeypatch.setattr(_grpc_api, "STREAM_LINGER_S", 600.0)  # chunks cut by size alone
+    monkeypatch.setattr(_grpc_streams, "STREAM_LINGER_S", 600.0)  # chunks cut by size alone
     mib = 1 << 20
     running = await start_sidecar(
         files=MemoryFileLayer(),
@@ -220,7 +220,7 @@ async def test_a_chunk_never_passes_its_bound_by_a_big_last_event(
     # segment; with the shipper's batches holding the rest of a small cap it
     # was refused on every retry, while the same events in two RecordBatch
     # calls were taken. Now that chunk goes first, and the big event alone.
-    monkeypatch.setattr(_grpc_api, "STREAM_LINGER_S", 600.0)  # chunks cut by size alone
+    monkeypatch.setattr(_grpc_streams, "STREAM_LINGER_S", 600.0)  # chunks cut by size alone
     mib = 1 << 20
     running = await start_sidecar(
         files=MemoryFileLayer(),
