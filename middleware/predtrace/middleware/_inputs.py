@@ -12,51 +12,23 @@ from __future__ import annotations
 
 import hmac
 import json
-import json.encoder
-import json.scanner
 import math
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from typing import Final
 
 from predtrace.middleware._asgi import Message, Receive
+from predtrace.middleware._json_codec import NOT_JSON, canonical_json
 from predtrace.middleware._outputs import _top_level_strings
 from predtrace.middleware._routes import PROTOCOL_KSERVE_V1, PROTOCOL_OIP_V2_REST
 from predtrace.wire import CALLER_ID_RE
 
-_CANONICAL_ENCODER: Final = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=False, check_circular=False
-)
-_CANONICAL: Final = _CANONICAL_ENCODER.encode
-# The C scanner and encoder behind ``json.loads`` and ``_CANONICAL``, built once:
-# the public entry points detect the encoding, skip whitespace and rebuild the
-# encoder on every call, a few microseconds per request for small bodies.
-_SCAN: Final[Callable[[str, int], tuple[object, int]]] = json.scanner.make_scanner(
-    json.JSONDecoder()  # type: ignore[arg-type]  # typeshed: the class is typed, not the decoder it takes
-)
-_C_MAKE_ENCODER: Final = getattr(json.encoder, "c_make_encoder", None)  # not in typeshed
-_C_ENCODER: Final[Callable[[object, int], Sequence[str]] | None] = (
-    _C_MAKE_ENCODER(
-        None,  # markers: no circularity check, as check_circular=False
-        _CANONICAL_ENCODER.default,
-        json.encoder.encode_basestring,  # ensure_ascii=False
-        None,  # indent
-        ":",
-        ",",
-        True,  # sort_keys
-        False,  # skipkeys
-        True,  # allow_nan
-    )
-    if _C_MAKE_ENCODER is not None
-    else None
-)
 _MAX_INPUTS_SCANNED: Final = 64
 # A body over the bound keeps its first bytes: its OIP ``id`` is read from there.
 HEAD_BYTES: Final = 4096
 _ID_KEY: Final = (b"id",)
 _UTF8: Final = frozenset({"utf-8", "utf-8-sig"})
 _FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
-NOT_JSON: Final = object()
 
 
 class BodyRead:
@@ -155,40 +127,6 @@ def replay(messages: Iterable[Message], receive: Receive) -> Receive:
     return replaying_receive
 
 
-def parse_json(body: bytes) -> object:
-    """The JSON value of ``body``, or ``NOT_JSON``."""
-    if not body:
-        return NOT_JSON
-    try:
-        # The usual body: UTF-8 that starts with the value. Anything else
-        # (leading whitespace, a BOM, UTF-16, an error) takes ``json.loads``.
-        text = body.decode()
-        value, end = _SCAN(text, 0)
-    except (ValueError, StopIteration, RecursionError):
-        return _parse_slow(body)
-    if end != len(text) and text[end:].strip(" \t\n\r"):
-        return NOT_JSON  # trailing data: json.loads refuses it too
-    return value
-
-
-def _parse_slow(body: bytes) -> object:
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError):
-        return NOT_JSON
-
-
-def canonical_json(value: object) -> bytes:
-    """Sorted keys, no whitespace, UTF-8: the form the fingerprint covers.
-
-    Raises:
-        TypeError, ValueError, RecursionError: a value JSON cannot encode.
-    """
-    if _C_ENCODER is None or isinstance(value, str):
-        return _CANONICAL(value).encode("utf-8", "surrogatepass")
-    return "".join(_C_ENCODER(value, 0)).encode("utf-8", "surrogatepass")
-
-
 def body_caller_id(parsed: object) -> str | None:
     """The OIP request's own ``id``, when it is a usable prediction id."""
     if isinstance(parsed, dict):
@@ -271,10 +209,13 @@ def request_features(parsed: object, protocol: str, allowed: frozenset[str]) -> 
         return {}
     if protocol == PROTOCOL_OIP_V2_REST:
         return _oip_features(parsed.get("inputs"), allowed)
-    if protocol == PROTOCOL_KSERVE_V1:
-        instances = parsed.get("instances")
+    if protocol == PROTOCOL_KSERVE_V1 and "instances" in parsed:
+        # Features are the first instance's, when it is an object; a body's
+        # other members (or rows of bare values) are not features.
+        instances = parsed["instances"]
         if isinstance(instances, list) and instances and isinstance(instances[0], dict):
             return _pick(instances[0].items(), allowed)
+        return {}
     return _pick(parsed.items(), allowed)
 
 

@@ -26,19 +26,18 @@ from predtrace.middleware._context import CURRENT, PredictionContext
 from predtrace.middleware._fastapi import telemetry_data
 from predtrace.middleware._inputs import (
     HEAD_BYTES,
-    NOT_JSON,
     BodyTee,
     body_caller_id,
     fingerprint,
     head_caller_id,
     header_caller_id,
     is_utf8_json,
-    parse_json,
     read_rest,
     replay,
     request_features,
     with_oip_id,
 )
+from predtrace.middleware._json_codec import NOT_JSON, parse_json
 from predtrace.middleware._outputs import (
     ResponseCapture,
     capture_for,
@@ -186,10 +185,12 @@ class Prediction:
         propagated = False
         fields = rt.propagation_fields
         for key, value in scope["headers"]:
+            # The first of a repeated header, as the app reads it (Starlette's
+            # ``headers.get``): the prediction id is the request id it logs.
             if key == b"x-request-id":
-                request_id = value
+                request_id = value if request_id is None else request_id
             elif key == b"ce-id":
-                ce_id = value
+                ce_id = value if ce_id is None else ce_id
             elif key in fields:
                 propagated = True
         body_id = self._body_id(self._parsed) if is_oip else None
@@ -210,6 +211,9 @@ class Prediction:
                 # The app sees the prediction id as the OIP request id, so a
                 # conforming server answers with the id the response header carries.
                 echo = with_oip_id(scope["headers"], body, self._parsed, pid)
+            # Nothing reads the parsed body from here on: a large one is not
+            # kept alive for the whole request beside the app's own copy.
+            self._parsed = NOT_JSON
         elif self._telemetry is not None:
             ctx.id_hook = self._adopt_telemetry_body
         self._start_model = rt.start_model(self.match)

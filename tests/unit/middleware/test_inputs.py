@@ -9,19 +9,18 @@ from typing import Any
 import pytest
 
 from predtrace.middleware._inputs import (
-    NOT_JSON,
     BodyTee,
     body_caller_id,
     fingerprint,
     inject_oip_id,
     is_utf8_json,
     new_hmac,
-    parse_json,
     read_rest,
     replay,
     request_features,
     with_content_length,
 )
+from predtrace.middleware._json_codec import NOT_JSON, parse_json
 
 KEY = new_hmac(b"k" * 16)
 
@@ -156,6 +155,21 @@ def test_features_come_only_from_the_allow_list_and_only_numbers() -> None:
     assert request_features(kserve, "kserve-v1", frozenset({"age"})) == {"age": 3.0}
     assert request_features({"age": 2, "x": 1}, "http", frozenset({"age"})) == {"age": 2.0}
     assert request_features(oip, "oip-v2-rest", frozenset()) == {}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"instances": [[41, 5]], "age": 99},
+        {"instances": [], "age": 99},
+        {"instances": "rows", "age": 99},
+        {"instances": [{"x": 1}], "age": 99},
+    ],
+)
+def test_kserve_features_come_from_the_first_instance_never_from_the_body_around_it(
+    body: dict[str, object],
+) -> None:
+    assert request_features(body, "kserve-v1", frozenset({"age"})) == {}
 
 
 @pytest.mark.parametrize("name", [["x"], {"x": 1}, 7, None])

@@ -7,9 +7,11 @@ responses compressed inside the middleware, FastAPI's own telemetry, and
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import os
+import weakref
 import zlib
 from typing import Any
 
@@ -301,3 +303,59 @@ async def test_current_prediction_after_the_response_is_inactive_and_late_calls_
     (event,) = events.events
     assert event.model.version == "1" and event.output is None
     assert runtime.stats()["late_context_call"] == 2
+
+
+@pytest.mark.parametrize("header", ["x-request-id", "ce-id"])
+async def test_a_repeated_caller_id_header_gives_the_first_as_the_app_reads_it(
+    header: str, instrument: Instrument, events: InMemoryExporter
+) -> None:
+    seen: list[str | None] = []
+
+    async def score(request: Request) -> Response:
+        seen.append(request.headers.get(header))
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/score", score, methods=["POST"])])
+    runtime = instrument(app, routes=("POST /score",))
+    headers = [*JSON, (header, "req-first"), (header, "req-second")]
+    response = await call_asgi(app, "POST", "/score", b"{}", headers)
+    runtime.force_flush(5)
+    (event,) = events.events
+    assert seen == ["req-first"]
+    assert response.header("x-prediction-id") == event.prediction_id == "req-first"
+
+
+class _Tracked(dict[str, object]):
+    """A parsed body that can be watched with a weak reference."""
+
+
+async def test_the_parsed_body_is_not_kept_while_the_app_serves_the_request(
+    instrument: Instrument, events: InMemoryExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A MB tensor parsed for the fingerprint would otherwise live as long as
+    # the request, beside the app's own copy (twice the memory under load).
+    watched: list[weakref.ref[_Tracked]] = []
+    real = _prediction.parse_json
+
+    def parse(body: bytes) -> object:
+        value = _Tracked(real(body))  # type: ignore[arg-type]  # a JSON object here
+        watched.append(weakref.ref(value))
+        return value
+
+    monkeypatch.setattr(_prediction, "parse_json", parse)
+    alive_in_handler: list[bool] = []
+
+    async def infer(request: Request) -> Response:
+        await request.body()
+        gc.collect()
+        alive_in_handler.append(watched[0]() is not None)
+        return JSONResponse({"model_name": "iris", "model_version": "3", "outputs": []})
+
+    app = Starlette(routes=[Route("/v2/models/iris/infer", infer, methods=["POST"])])
+    runtime = instrument(app, feature_allowlist=frozenset({"x"}), sample_rate=1.0)
+    body = _json({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.5]}]})
+    await call_asgi(app, "POST", "/v2/models/iris/infer", body, JSON)
+    runtime.force_flush(5)
+    (event,) = events.events
+    assert event.input_fingerprint and event.features == {"x": 1.5}  # it was used, then let go
+    assert alive_in_handler == [False]
