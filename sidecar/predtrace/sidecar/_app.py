@@ -317,6 +317,8 @@ class SidecarApp:
         deadline = asyncio.get_running_loop().time() + self.config.drain_timeout
         await self._health.enter_graceful_shutdown()
         grace = min(2.0, max(0.1, self.config.drain_timeout / 4))
+        if self.grpc_source is not None:
+            self.grpc_source.answer_draining()  # before the grace ends and cancels them
         await asyncio.gather(*(server.stop(grace) for server in self._servers))
         if self._otlp is not None:
             await self._otlp.stop()

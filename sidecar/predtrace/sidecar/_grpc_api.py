@@ -97,6 +97,10 @@ class GrpcSource:
         """Message bytes of open ``Record`` streams' chunks not yet handed to the spool."""
         return self._streams.held_bytes
 
+    def answer_draining(self) -> None:
+        """The sidecar stops: ``Record`` streams it failed are answered at once."""
+        self._streams.answer_draining()
+
     def generic_handler(self) -> grpc.GenericRpcHandler[bytes, bytes]:
         """The service's handlers, taking raw request bytes."""
         serialize = sidecar_pb2.RecordAck.SerializeToString

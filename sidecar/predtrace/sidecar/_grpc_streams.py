@@ -85,6 +85,11 @@ class _Stream:
         """Leading messages done with: each spooled or rejected (none of the chunk)."""
         return self.places[0] if self.chunk else self.seen
 
+    def drop_chunk(self) -> None:
+        """Let go of a refused chunk (its messages stay unprocessed: to be sent again)."""
+        self.seen = self.processed()
+        self.chunk, self.places = [], []
+
 
 class RecordStreams:
     """The ``Record`` handler: every open stream's chunk, their held bytes and the linger."""
@@ -101,6 +106,10 @@ class RecordStreams:
         self._waiting: dict[_Stream, float] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._lingering: set[asyncio.Task[RefusedError | None]] = set()  # strong references
+        # The drains of failed streams, cut short when the sidecar stops: a
+        # stream must get its answer (and counts) before the server cancels it.
+        self._drains: set[asyncio.Timeout] = set()
+        self._stopping = False
 
     async def record(
         self,
@@ -113,8 +122,9 @@ class RecordStreams:
             try:
                 await self._read_stream(requests, stream)
             except RefusedError as refusal:
-                self._forget(stream)  # what it held is dropped: nothing to wait for
-                await _drain(requests)
+                self._forget(stream)
+                stream.drop_chunk()  # not held (outside the budget) while the rest is read
+                await self._drain(requests)
                 await _abort_stream(context, stream, refusal)
             return ack(stream.accepted, stream.rejected, self._max_ack_bytes)
         finally:
@@ -239,8 +249,33 @@ class RecordStreams:
         try:
             await self._spool_stream(stream)
         except RefusedError as refusal:
+            # Its producer may pause for long before the message that learns
+            # of the refusal: the chunk is not kept (outside the budget) meanwhile.
+            stream.drop_chunk()
             return refusal
         return None
+
+    async def _drain(self, requests: AsyncIterator[bytes]) -> None:
+        """Read and drop what a failed stream's sender still sends.
+
+        Up to the stream's end, for at most ``STREAM_DRAIN_S``, and not past
+        the sidecar's stop (``answer_draining``).
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0 if self._stopping else STREAM_DRAIN_S) as drain:
+                self._drains.add(drain)
+                try:
+                    async for _ in requests:
+                        pass
+                finally:
+                    self._drains.discard(drain)
+
+    def answer_draining(self) -> None:
+        """The sidecar stops: failed streams get their answer now, not after their drain."""
+        self._stopping = True
+        now = asyncio.get_running_loop().time()
+        for drain in self._drains:
+            drain.reschedule(now)
 
     async def _settle(self, stream: _Stream) -> None:
         """Wait for the sweeper's spooling of the stream's chunk.
@@ -265,14 +300,6 @@ class RecordStreams:
         self._intake.count_refused(len(bad))
         note(rejected, [Rejection(places[r.index], r.reason, r.prediction_id) for r in bad])
         return await spool_events(self._intake, events, [places[p] for p in positions], rejected)
-
-
-async def _drain(requests: AsyncIterator[bytes]) -> None:
-    """Read and drop what a failed stream's sender still sends, to its end or STREAM_DRAIN_S."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(STREAM_DRAIN_S):
-            async for _ in requests:
-                pass
 
 
 async def _abort_stream(

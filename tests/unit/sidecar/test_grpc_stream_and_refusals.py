@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
@@ -243,6 +244,111 @@ async def test_a_refused_stream_whose_client_never_ends_it_is_answered_after_the
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "more than 5 events in one stream" in (info.value.details() or "")
     assert running.app.grpc_source.held_bytes == 0
+
+
+def _chunks_kept() -> int:
+    """Messages held in chunks by every ``Record`` stream alive (refused ones included)."""
+    return sum(len(o.chunk) for o in gc.get_objects() if isinstance(o, _grpc_streams._Stream))
+
+
+async def _stream_then_pause(
+    messages: Sequence[bytes], more: asyncio.Event
+) -> AsyncIterator[bytes]:
+    for message in messages:
+        yield message
+    await more.wait()  # a producer that pauses with its stream open
+    yield messages[0]
+
+
+async def test_refused_streams_let_go_of_their_chunk_while_they_drain(
+    start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each refused stream kept its chunk (up to 1 MiB, parsed) outside the budget for 5 s."""
+    running = await start_sidecar()
+    refusals = 0
+
+    async def full(events: Sequence[PredictionEvent | object]) -> IntakeResult:
+        nonlocal refusals
+        refusals += 1
+        raise SpoolFullError("no space left on the spool's disk")
+
+    monkeypatch.setattr(running.app.intake, "record", full)
+    monkeypatch.setattr(_grpc_streams, "_STREAM_CHUNK", 10)  # a chunk of 10 goes, refused
+    messages = [e.SerializeToString() for e in proto_events(40)]
+    more = asyncio.Event()
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        record = channel.stream_unary(
+            RECORD, response_deserializer=sidecar_pb2.RecordAck.FromString
+        )
+        streams = [_stream_then_pause(messages, more) for _ in range(8)]
+        calls = [asyncio.ensure_future(record(stream)) for stream in streams]
+        await eventually(lambda: refusals == 8)
+        assert not any(call.done() for call in calls), "answered before the stream ended"
+        assert _chunks_kept() == 0, "a refused stream holds its chunk while it drains"
+        more.set()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        assert isinstance(result, grpc.aio.AioRpcError)
+        assert result.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        trailing = dict(result.trailing_metadata() or ())
+        assert (trailing[ACCEPTED_KEY], trailing[PROCESSED_KEY]) == ("0", "0")
+
+
+def _refused(running: Running) -> int:
+    return sum(running.app.intake.counters.refused_requests.values())
+
+
+async def test_a_chunk_the_linger_could_not_spool_is_let_go_while_its_producer_pauses(
+    start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = await start_sidecar()
+    monkeypatch.setattr(_grpc_streams, "STREAM_LINGER_S", 0.05)
+    refusals = 0
+
+    async def full(events: Sequence[PredictionEvent | object]) -> IntakeResult:
+        nonlocal refusals
+        refusals += 1
+        raise SpoolFullError("no space left on the spool's disk")
+
+    monkeypatch.setattr(running.app.intake, "record", full)
+    more = asyncio.Event()
+    messages = [e.SerializeToString() for e in proto_events(5)]
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        record = channel.stream_unary(
+            RECORD, response_deserializer=sidecar_pb2.RecordAck.FromString
+        )
+        call = asyncio.ensure_future(record(_stream_then_pause(messages, more)))
+        await eventually(lambda: refusals == 1)
+        await asyncio.sleep(0.1)
+        assert _chunks_kept() == 0, "the refused chunk waits for the producer's next message"
+        more.set()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailing = dict(info.value.trailing_metadata() or ())
+    assert (trailing[ACCEPTED_KEY], trailing[PROCESSED_KEY]) == ("0", "0")
+
+
+async def test_a_stream_draining_when_the_sidecar_stops_gets_its_refusal_and_counts(
+    start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop's grace used to cancel the drain: UNAVAILABLE, and no counts to resume from."""
+    monkeypatch.setattr(_grpc_streams, "MAX_EVENTS_PER_STREAM", 5)
+    running = await start_sidecar(drain_timeout=10.0)
+    never = asyncio.Event()
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        record = channel.stream_unary(
+            RECORD, response_deserializer=sidecar_pb2.RecordAck.FromString
+        )
+        messages = [e.SerializeToString() for e in proto_events(6)]
+        call = asyncio.ensure_future(record(_stream_then_pause(messages, never)))
+        await eventually(lambda: _refused(running) == 1)
+        await running.app.stop()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await asyncio.wait_for(call, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    trailing = dict(info.value.trailing_metadata() or ())
+    assert PROCESSED_KEY in trailing
 
 
 # -- F4: one unreadable event does not cost its batch --------------------------------
