@@ -75,7 +75,9 @@ def parse_json(body: bytes) -> object:
     except (ValueError, StopIteration, RecursionError):
         return _parse_slow(body)
     if end != len(text) and text[end:].strip(" \t\n\r"):
-        return NOT_JSON  # trailing data: json.loads refuses it too
+        # Trailing data (json.loads refuses it too), or a UTF-16 or UTF-32
+        # body that reads as a number and NULs: json.loads tells them apart.
+        return _parse_slow(body)
     return value
 
 

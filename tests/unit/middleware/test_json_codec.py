@@ -84,6 +84,8 @@ def test_every_float_magnitude_is_written_as_repr_writes_it() -> None:
         (b'\xef\xbb\xbf{"a": 1}', "a BOM"),
         ('{"a": "é"}'.encode("utf-16"), "UTF-16"),
         (b'{"a": 1e400}', "an overflow to infinity"),
+        ("12".encode("utf-16-le"), "a number in UTF-16 (not a number and trailing NULs)"),
+        ("3.5".encode("utf-32-le"), "a number in UTF-32"),
     ],
 )
 def test_what_orjson_reads_otherwise_is_read_by_json(body: bytes, why: str) -> None:
