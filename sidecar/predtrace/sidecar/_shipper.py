@@ -107,7 +107,7 @@ class Shipper:
         the collector refuses a seq as reused (409); without it the shipper
         derives one (``<id>-r<hex>``) that lasts until it stops.
         """
-        self.config = config
+        self._config = config
         self.counters = ShipperCounters()
         # Failed attempts in a row, over batches: only an ack resets the
         # backoff, so an outage is not hammered afresh by each new batch.
@@ -143,6 +143,11 @@ class Shipper:
         self._idle = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._prefetch: asyncio.Task[Plan | None] | None = None
+
+    @property
+    def config(self) -> ShipperConfig:
+        """The settings, read-only: its parts took theirs when it was built."""
+        return self._config
 
     @property
     def next_seq(self) -> int:
@@ -244,12 +249,12 @@ class Shipper:
                 return None
             planner.oldest_unsent_ns = records[0].ts_ns
             full = planner.limits.full(records)
-            if not full and self.config.linger > 0 and self._pacing.deadline is None:
+            if not full and self._config.linger > 0 and self._pacing.deadline is None:
                 # What was delivered is marked in the spool before the wait,
                 # not after it: the depth is right meanwhile, and a crash in
                 # the wait resends nothing already delivered.
                 await self._marks.persist_if_dirty()
-                await self._pacing.pause(self.config.linger)
+                await self._pacing.pause(self._config.linger)
                 if self._pacing.stopping:
                     return None
                 records = await planner.read()
@@ -301,7 +306,7 @@ class Shipper:
                 ack = await attempt(
                     self._sender,
                     plan,
-                    compressed=self.config.compress,
+                    compressed=self._config.compress,
                     on_the_wire=self._clear_replays,
                 )
             except asyncio.CancelledError:
@@ -335,7 +340,7 @@ class Shipper:
             await self._marks.persist()
         against = await against_batch(self._sender, exc)
         failures += against
-        if failures >= self.config.poison_attempts:
+        if failures >= self._config.poison_attempts:
             await self._outcomes.quarantine(plan, f"{failures} failed attempts: {exc}")
             return None
         self._note_retry(exc)

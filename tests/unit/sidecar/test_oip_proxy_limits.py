@@ -159,13 +159,8 @@ def client(running: Running, **options: int) -> grpc.aio.Channel:
 
 def proxy_allocations(snapshot: tracemalloc.Snapshot) -> int:
     """Bytes traced as allocated by the proxy's own code (its copies of requests)."""
-    own = snapshot.filter_traces(
-        [
-            tracemalloc.Filter(True, "*/predtrace/sidecar/_oip_proxy.py"),
-            tracemalloc.Filter(True, "*/predtrace/sidecar/_oip_fields.py"),
-            tracemalloc.Filter(True, "*/predtrace/sidecar/_oip_upstream.py"),
-        ]
-    )
+    # Every module of the proxy (``_oip_*``), wherever its code moves.
+    own = snapshot.filter_traces([tracemalloc.Filter(True, "*/predtrace/sidecar/_oip_*.py")])
     return sum(stat.size for stat in own.statistics("filename"))
 
 
