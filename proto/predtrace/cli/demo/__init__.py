@@ -74,7 +74,8 @@ def _run(console: Console, workdir: Path, count: int, keep: bool, stack: ExitSta
         model = train()
     console.print(
         f"[green]✓[/] trained churn v{VERSION}: accuracy {model.metrics['train_accuracy']:.1%}, "
-        f"dataset {model.dataset_digest[:19]}…"
+        f"dataset {model.dataset_digest[:19]}…",
+        soft_wrap=True,  # ids and paths stay whole on one line, to be copied
     )
     url = _start_collector(console, workdir, keep, stack)
     commit = _commit_sha()
@@ -85,7 +86,8 @@ def _run(console: Console, workdir: Path, count: int, keep: bool, stack: ExitSta
     _register_lineage(url, model, run_id, commit, image)
     console.print(
         f"[green]✓[/] registered lineage (as a CI hook would): churn/{VERSION} ← {run_id} ← "
-        f"dataset, commit {commit[:12]}, image {image[:19]}…"
+        f"dataset, commit {commit[:12]}, image {image[:19]}…",
+        soft_wrap=True,
     )
     trace_id = _serve_and_predict(console, url, model, image, count)
     _show_pivot(console, url, trace_id)
@@ -155,7 +157,8 @@ def _start_collector(console: Console, workdir: Path, keep: bool, stack: ExitSta
                 )
             time.sleep(0.05)
     url = "http://" + ready.read_text().splitlines()[0].strip()
-    console.print(f"[green]✓[/] collector on {url} (SQLite at {workdir / 'demo.db'})")
+    db = workdir / "demo.db"
+    console.print(f"[green]✓[/] collector on {url} (SQLite at {db})", soft_wrap=True)
     if keep:
         console.print(f"  it keeps running after the demo: stop it with `kill {proc.pid}`")
     return url
@@ -254,7 +257,10 @@ def _serve_and_predict(console: Console, url: str, model: Any, image: str, count
                 progress.advance(task)
     finally:
         server.stop()  # the lifespan shutdown flushes the middleware's queue
-    console.print(f"[green]✓[/] sent {count} predictions; the riskiest had trace id {flagged[0]}")
+    console.print(
+        f"[green]✓[/] sent {count} predictions; the riskiest had trace id {flagged[0]}",
+        soft_wrap=True,
+    )
     _wait_for_trace(url, flagged[0])
     return flagged[0]
 
