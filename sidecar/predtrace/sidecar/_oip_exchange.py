@@ -19,6 +19,7 @@ import grpc
 from predtrace.sidecar._oip_fields import NO_FIELDS, clean_text, read_fields
 from predtrace.sidecar._oip_ids import usable
 from predtrace.sidecar._oip_metadata import Metadata, forwardable, with_prediction_id
+from predtrace.sidecar._oip_passthrough import fail_with
 from predtrace.sidecar._oip_recorder import Recorder
 from predtrace.sidecar._oip_upstream import Upstream
 from predtrace.wire import PredictionEvent
@@ -62,7 +63,8 @@ async def forward(
             await context.send_initial_metadata(with_prediction_id(initial, event.prediction_id))
         else:
             with_prediction_id(trailing, event.prediction_id)
-        await context.abort(exc.code(), exc.details() or "", tuple(trailing))
+        fail_with(context, exc, trailing)  # not abort(): see fail_with
+        return b""  # no message: the status is the answer
     except asyncio.CancelledError:
         # grpc.aio cancels the handler when the call's deadline passes, the
         # client cancels or the server stops: the model server may have run
