@@ -22,59 +22,56 @@ retry gets the first call's answer instead of spooling the events again (an
 OTLP request names no batch; its bytes are its name, kept for the last 4,096
 exports). The work of a call whose caller gave up runs to its end, its bytes
 still charged to the in-flight budget.
+
+The transports are front-ends of the receiver: ``_otlp_grpc`` (TraceService)
+and ``_otlp_http`` (``/v1/traces``, its listener started by ``start_http``).
+This module holds what they share: the in-flight budget, the parse (on the
+loop, or for a big body in a bounded pool of threads), the once-per-export
+answer, and the conversion, spooling and forwarding of the spans.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Final, NoReturn, TypeVar
+from typing import Final, TypeVar
 
 import grpc
-from aiohttp import web
-from google.protobuf import json_format
 from google.protobuf.message import DecodeError
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from predtrace.cli._serving import IDLE_TIMEOUT_S, listen_error, quiet_client_errors
-from predtrace.sidecar._config import join_hostport, parse_hostport
-from predtrace.sidecar._errors import SpoolError
 from predtrace.sidecar._intake import Intake
 from predtrace.sidecar._otlp_body import (
     BODY_TIMEOUT_S,
-    CODINGS,
-    JSON,
-    PROTOBUF,
-    BodyRefusedError,
     BodyReservation,
-    BudgetSpentError,
     ExportRequest,
     InflightBudget,
     OtlpJsonError,
-    TooManySpansError,
-    UndecodableBodyError,
-    decode_reason,
-    decompress,
     parse_json,
     parse_protobuf,
-    read_body,
-    refusal_response,
-    rpc_status,
 )
-from predtrace.sidecar._otlp_export import FORWARDED_BY, OtlpForwarder
-from predtrace.sidecar._otlp_spans import export_response, request_to_events
+from predtrace.sidecar._otlp_export import OtlpForwarder
+from predtrace.sidecar._otlp_grpc import add_trace_service
+from predtrace.sidecar._otlp_http import OtlpHttpListener, http_listen_what
+from predtrace.sidecar._otlp_spans import ExportResponse, export_response, request_to_events
 from predtrace.sidecar._recent_batches import RecentBatches
 from predtrace.sidecar.pipeline import RateLimitedLog
-from predtrace.wire import (
-    WireTooLargeError,
-)
 
-TRACE_SERVICE: Final = "opentelemetry.proto.collector.trace.v1.TraceService"
+# Imported from here, wherever they are defined (the parsers and what they
+# raise are named by ``export``; the transports live in ``_otlp_grpc`` and
+# ``_otlp_http``).
+__all__ = [
+    "DecodeError",
+    "OtlpJsonError",
+    "OtlpReceiver",
+    "http_listen_what",
+    "parse_json",
+    "parse_protobuf",
+]
+
 # Requests bigger than this are parsed and converted in a thread: a 4 MiB
 # export must not stall every other connection of the loop for a second, nor
 # a 256 KiB body of 87,000 ``{}`` spans (or 120,000 empty protobuf ones) for
@@ -100,8 +97,6 @@ async def _off_loop(size: int, work: Callable[..., _Out], *args: object) -> _Out
 
 
 _log = logging.getLogger("predtrace.sidecar.otlp")
-# How long a sender is told to wait when the spool is busy or full.
-_RETRY_AFTER_S: Final = 1
 # The in-flight budget of OTLP bodies, in maximum bodies: a few exports
 # arriving at once are held; past that, 503 + Retry-After (gRPC: UNAVAILABLE +
 # RetryInfo) until one is done. One budget for both transports, not one each:
@@ -109,87 +104,13 @@ _RETRY_AFTER_S: Final = 1
 # big-parse slots they wait for are shared too. (gRPC's own bound is per
 # connection, 8 calls: many connections would hold many bodies, waiting.)
 _INFLIGHT_BODIES: Final = 4
-# Hops a forwarded request may name (``FORWARDED_BY``): a chain of sidecars
-# is never this long; a longer header is someone else's.
-_MAX_HOPS: Final = 16
-_STATUS_DETAILS: Final = "grpc-status-details-bin"
-ExportResponse = trace_service_pb2.ExportTraceServiceResponse
+# The largest body the budget is sized for until ``start_http`` gives its own.
+_DEFAULT_MAX_BODY: Final = 4 * 1024 * 1024
 
 
 def _export_key(body: bytes, as_json: bool) -> bytes:
     """The name of an export (an OTLP request has none of its own): a digest of its bytes."""
     return hashlib.blake2b(body, digest_size=16, person=b"json" if as_json else b"proto").digest()
-
-
-def http_listen_what(given: bool | None = None) -> str:
-    """The OTLP/HTTP listener's setting as an error names it: given, derived, or either."""
-    if given:
-        return "--otlp-http-listen"
-    if given is None:
-        return "OTLP/HTTP: --otlp-http-listen, or --otlp-listen's port + 1 without it"
-    return (
-        "OTLP/HTTP: --otlp-listen's port + 1, as --otlp-http-listen is not given; "
-        "give --otlp-http-listen HOST:PORT to choose another"
-    )
-
-
-class _TraceService:
-    """OTLP/gRPC ``TraceService.Export``, parsing the request bytes itself.
-
-    gRPC's generated deserializer turns malformed bytes into UNKNOWN with a
-    traceback in the log; here they are INVALID_ARGUMENT with a reason.
-    """
-
-    def __init__(self, receiver: OtlpReceiver) -> None:
-        self._receiver = receiver
-
-    def generic_handler(self) -> grpc.GenericRpcHandler[bytes, bytes]:
-        serialize = ExportResponse.SerializeToString
-        return grpc.method_handlers_generic_handler(
-            TRACE_SERVICE,
-            {
-                "Export": grpc.unary_unary_rpc_method_handler(
-                    self.export, response_serializer=serialize
-                )
-            },
-        )
-
-    async def export(
-        self, body: bytes, context: grpc.aio.ServicerContext[bytes, ExportResponse]
-    ) -> ExportResponse:
-        # gRPC read the request whole: its bytes are held until the call ends,
-        # however it ends. Past the budget the call is refused at once, rather
-        # than left waiting, its body held, for a big-parse slot.
-        reservation = self._receiver.reservation()
-        try:
-            reservation.grow_to(len(body))
-        except BudgetSpentError as exc:
-            self._receiver.budget_refusals["grpc"] += 1
-            await _unavailable(context, exc.reason)
-        try:
-            return await self._receiver.export(body, parse_protobuf, reservation=reservation)
-        except (DecodeError, RecursionError) as exc:
-            reason = f"malformed ExportTraceServiceRequest: {decode_reason(exc)}"
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
-        except TooManySpansError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except SpoolError as exc:
-            await _unavailable(context, str(exc))
-        finally:
-            reservation.release()  # the body and its parsed request are gone
-
-
-async def _unavailable(
-    context: grpc.aio.ServicerContext[bytes, ExportResponse], message: str
-) -> NoReturn:
-    """End the call with UNAVAILABLE and a RetryInfo: busy, full or failing, retry shortly.
-
-    OTLP senders retry UNAVAILABLE (a RESOURCE_EXHAUSTED is retried only with
-    a RetryInfo, and some senders drop it whatever); the RetryInfo says when.
-    """
-    unavailable = grpc.StatusCode.UNAVAILABLE
-    details = rpc_status(unavailable.value[0], message, _RETRY_AFTER_S)
-    await context.abort(unavailable, message, trailing_metadata=((_STATUS_DETAILS, details),))
 
 
 class OtlpReceiver:
@@ -198,10 +119,8 @@ class OtlpReceiver:
     def __init__(self, intake: Intake, forwarder: OtlpForwarder | None) -> None:
         self._intake = intake
         self._forwarder = forwarder
-        self._runner: web.AppRunner | None = None
-        self._max_body = 4 * 1024 * 1024
-        self._budget = InflightBudget(_INFLIGHT_BODIES * self._max_body)
-        self._body_timeout = BODY_TIMEOUT_S
+        self._http: OtlpHttpListener | None = None
+        self._budget = InflightBudget(_INFLIGHT_BODIES * _DEFAULT_MAX_BODY)
         self._big_parses = asyncio.Semaphore(_MAX_BIG_PARSES)
         self._parse_pool = ThreadPoolExecutor(_MAX_BIG_PARSES, thread_name_prefix="otlp-parse")
         # Taken before a parse is handed to the pool, given back when the
@@ -224,6 +143,16 @@ class OtlpReceiver:
     def reservation(self) -> BodyReservation:
         """A new request's share of the in-flight budget, empty; ``release`` it once done."""
         return self._budget.reservation()
+
+    @staticmethod
+    def parser(as_json: bool) -> Callable[[bytes], ExportRequest]:
+        """The parser of a body in the JSON encoding (``as_json``) or the protobuf one.
+
+        The transports take it from here at each export rather than import
+        their own: ``export`` names an export by whether its parser ``is
+        parse_json``, so both must read the same names.
+        """
+        return parse_json if as_json else parse_protobuf
 
     async def export(
         self,
@@ -328,7 +257,7 @@ class OtlpReceiver:
 
     def add_to_grpc_server(self, server: grpc.aio.Server) -> None:
         """Register the OTLP TraceService on a gRPC server."""
-        server.add_generic_rpc_handlers((_TraceService(self).generic_handler(),))
+        add_trace_service(server, self)
 
     async def start_http(
         self,
@@ -358,117 +287,15 @@ class OtlpReceiver:
             OSError: it cannot be listened on, naming it and ``what``, as
                 the gRPC listeners' bind errors do.
         """
-        self._max_body = max_body
         # Resized, not replaced: gRPC calls may already hold some of it.
         self._budget.cap = inflight_bytes or _INFLIGHT_BODIES * max_body
-        self._body_timeout = body_timeout
-        app = web.Application(client_max_size=max_body)
-        app.router.add_post("/v1/traces", self._http_export)
-        quiet_client_errors()
-        # auto_decompress off: ``_inflate`` decodes the body, checking its end.
-        self._runner = web.AppRunner(
-            app,
-            access_log=None,
-            shutdown_timeout=1.0,
-            auto_decompress=False,
-            keepalive_timeout=IDLE_TIMEOUT_S,
+        self._http = OtlpHttpListener(
+            self, self._forwarder, self._log, max_body=max_body, body_timeout=body_timeout
         )
-        await self._runner.setup()
-        host, port = parse_hostport(listen, what or "--otlp-http-listen")
-        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
-        try:
-            await site.start()
-        except OSError as exc:
-            # aiohttp's own words name an address only ("error while attempting
-            # to bind on address (...)"): not which listener, nor which setting.
-            await self._runner.cleanup()
-            self._runner = None
-            what = what or http_listen_what()
-            raise listen_error(listen, what, exc) from None
-        bound = self._runner.addresses[0][1]
-        return join_hostport(host, bound)
-
-    async def _http_export(self, request: web.Request) -> web.Response:
-        reservation = self.reservation()
-        try:
-            via = self._hops(request)
-            body = await self._read_http(request, reservation)
-            answer = await self._export_http(body, request.content_type == JSON, via, reservation)
-        except BodyRefusedError as refused:
-            if isinstance(refused, BudgetSpentError):
-                self.budget_refusals["http"] += 1
-            return refusal_response(refused, request.content_type)
-        finally:
-            reservation.release()  # the body and its parsed request are gone
-        if request.content_type == JSON:  # answer in the encoding asked in (OTLP/HTTP spec)
-            text = json.dumps(json_format.MessageToDict(answer))
-            return web.Response(text=text, content_type=JSON)
-        return web.Response(body=answer.SerializeToString(), content_type=PROTOBUF)
-
-    def _hops(self, request: web.Request) -> tuple[str, ...]:
-        """The sidecars the request was forwarded through.
-
-        Raises:
-            BodyRefusedError: 508, this sidecar is one of them (a forwarding loop).
-        """
-        header = request.headers.get(FORWARDED_BY, "")
-        hops = tuple(hop.strip() for hop in header.split(",") if hop.strip())[-_MAX_HOPS:]
-        if self._forwarder is not None and self._forwarder.token in hops:
-            self._log.warning(
-                "loop",
-                "refused (508) an OTLP export this sidecar forwarded itself: "
-                "--otlp-export leads back to this sidecar's own OTLP listener",
-            )
-            raise BodyRefusedError(
-                508, "loop detected: this request was forwarded by this sidecar itself"
-            )
-        return hops
-
-    async def _export_http(
-        self, body: bytes, as_json: bool, via: tuple[str, ...], reservation: BodyReservation
-    ) -> ExportResponse:
-        """``export`` of a read body, its failures as the HTTP refusals they are."""
-        try:
-            parse = parse_json if as_json else parse_protobuf
-            return await self.export(body, parse, via, reservation=reservation)
-        except (DecodeError, RecursionError) as exc:
-            reason = f"malformed OTLP protobuf body: {decode_reason(exc)}"
-            raise BodyRefusedError(400, reason) from None
-        except TooManySpansError as exc:
-            raise BodyRefusedError(413, str(exc)) from None
-        except OtlpJsonError as exc:
-            raise BodyRefusedError(400, f"malformed OTLP JSON body: {exc}") from None
-        except SpoolError as exc:
-            raise BodyRefusedError(503, str(exc), retry_after=_RETRY_AFTER_S) from None
-
-    async def _read_http(self, request: web.Request, reservation: BodyReservation) -> bytes:
-        """The request's body, decompressed, its bytes held in the in-flight budget.
-
-        Raises:
-            BodyRefusedError: why there is no body to parse (4xx, or 503 when busy).
-        """
-        if request.content_type not in (PROTOBUF, JSON):
-            raise BodyRefusedError(415, f"send {PROTOBUF} or {JSON}")
-        coding = request.headers.get("Content-Encoding", "").strip().lower()
-        if coding not in CODINGS:  # the parser would get it still encoded
-            raise BodyRefusedError(415, "Content-Encoding must be gzip or deflate")
-        raw = await read_body(
-            request, reservation, limit=self._max_body, body_timeout=self._body_timeout
-        )
-        try:
-            body = decompress(raw, coding, self._max_body)
-        except WireTooLargeError:
-            raise BodyRefusedError(413, "decompressed body too large") from None
-        except UndecodableBodyError as exc:
-            reason = f"cannot decompress the body (Content-Encoding: {coding or 'none'}): {exc}"
-            raise BodyRefusedError(400, reason) from None
-        del raw  # only the inflated body is held from here on
-        reservation.grow_to(len(body))
-        return body
+        return await self._http.start(listen, ssl_context=ssl_context, what=what)
 
     async def stop(self) -> None:
         """Stop the HTTP listener and the parse threads. Safe twice."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._http is not None:
+            await self._http.stop()
         self._parse_pool.shutdown(wait=False, cancel_futures=True)

@@ -685,7 +685,7 @@ def test_a_json_body_of_too_many_objects_is_refused_before_it_is_parsed(
     # 4 KiB gzip'd, 4 MiB of ``{}``: millions of objects, each walked in Python.
     bomb = b'{"resourceSpans":[' + b"{}," * 1_000_000 + b"{}]}"
     parsed: list[bytes] = []
-    monkeypatch.setattr(_otlp.json, "loads", parsed.append)
+    monkeypatch.setattr(json, "loads", parsed.append)
     with pytest.raises(_otlp.OtlpJsonError, match="more than 250000 JSON objects"):
         _otlp.parse_json(bomb)
     assert parsed == []  # refused from a count of braces, not after json.loads

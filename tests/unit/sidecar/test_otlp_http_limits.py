@@ -23,7 +23,7 @@ from google.protobuf import json_format
 from google.rpc import status_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from predtrace.sidecar import _otlp, _otlp_protobuf
+from predtrace.sidecar import _otlp, _otlp_http, _otlp_protobuf
 from predtrace.sidecar._intake import IntakeResult
 from predtrace.sidecar._otlp import OtlpReceiver
 from predtrace.sidecar._otlp_body import BodyRefusedError, count_spans
@@ -95,13 +95,13 @@ async def start_receiver() -> AsyncIterator[StartReceiver]:
 def _record_refusals(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The HTTP status of every refusal the receiver answers, in order."""
     statuses: list[int] = []
-    answer = _otlp.refusal_response
+    answer = _otlp_http.refusal_response
 
     def recording(refused: BodyRefusedError, content_type: str) -> aiohttp.web.Response:
         statuses.append(refused.status)
         return answer(refused, content_type)
 
-    monkeypatch.setattr(_otlp, "refusal_response", recording)
+    monkeypatch.setattr(_otlp_http, "refusal_response", recording)
     return statuses
 
 
