@@ -12,7 +12,7 @@ UNAVAILABLE; ``abort`` answers it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Final, NoReturn, TypeVar
+from typing import Final, TypeVar
 
 import grpc
 
@@ -22,6 +22,8 @@ from predtrace.sidecar._intake import EventItems, Intake
 from predtrace.v1 import batch_pb2, event_pb2, sidecar_pb2
 from predtrace.wire import PredictionEvent, Rejection, WireError, event_from_proto
 
+# Trailing metadata; a key ending in -bin takes bytes.
+Trailers = tuple[tuple[str, str | bytes], ...]
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
 _PUSHBACK_MS: Final = "1000"
@@ -124,16 +126,26 @@ async def spool_events(
     return result.accepted
 
 
-async def abort(
+def fail_call(
     context: grpc.aio.ServicerContext[_Req, _Resp],
     code: grpc.StatusCode,
     details: str,
     *,
     pushback: bool = False,
-    metadata: tuple[tuple[str, str], ...] = (),
-) -> NoReturn:
-    """Answer the call with ``code``: a pushback asks the client to wait before it retries."""
+    metadata: Trailers = (),
+) -> None:
+    """End the call with ``code`` when its handler returns (the response it returns is not sent).
+
+    A pushback asks the client to wait before it retries. Not
+    ``context.abort()``: the exception it raises through the handler takes
+    the handler's frames, the request's bytes in them, into a reference cycle
+    that only the cyclic garbage collector frees, which the sidecar runs
+    seldom (``tune_gc``): under a full spool every refused request kept its
+    bytes. A handler catches ``RefusedError`` at its top, leaves the
+    ``except`` block (the traceback with it), then calls this.
+    """
     if pushback:
         metadata += (("grpc-retry-pushback-ms", _PUSHBACK_MS),)
-    await context.abort(code, details, trailing_metadata=metadata)
-    raise AssertionError("unreachable: abort raises")  # pragma: no cover
+    context.set_code(code)
+    context.set_details(details)
+    context.set_trailing_metadata(metadata)

@@ -23,9 +23,9 @@ import grpc
 from predtrace.sidecar._grpc_answers import (
     MAX_LISTED_REJECTIONS,
     RefusedError,
-    abort,
     ack,
     convert_events,
+    fail_call,
     spool_events,
 )
 from predtrace.sidecar._grpc_requests import Batch, read_batch
@@ -124,17 +124,33 @@ class GrpcSource:
     ) -> sidecar_pb2.RecordAck:
         """Spool a batch; answer once it is durable."""
         try:
+            return await self._record_batch(request)
+        except RefusedError as refusal:
+            code, details, pushback = refusal.code, refusal.details, refusal.pushback
+        # Out of the except block: the refusal's traceback (the frames holding
+        # the request) is gone before the call ends (see ``fail_call``).
+        fail_call(context, code, details, pushback=pushback)
+        return sidecar_pb2.RecordAck()  # not sent: the status is the answer
+
+    async def _record_batch(self, request: bytes) -> sidecar_pb2.RecordAck:
+        """Spool a batch; the ack, once it is durable.
+
+        Raises:
+            RefusedError: the request is refused whole (malformed, too many
+                events, a reused batch id) or the spool refused it.
+        """
+        try:
             batch = read_batch(request)
         except ProtoWireError as exc:
-            await self._refuse(context, "malformed", f"malformed RecordBatchRequest: {exc}")
+            self._refuse("malformed", f"malformed RecordBatchRequest: {exc}")
         too_many = f"more than {self._max_events} events in one request"
         room = self._max_events - batch.count
         if room < 0:
-            await self._refuse(context, "too_many_events", too_many)
+            self._refuse("too_many_events", too_many)
         converted, positions, rejected = _convert_batch(batch)
         events: EventItems = converted
         if batch.packed:
-            packed = await self._unpack(context, batch.packed, room, too_many)
+            packed = self._unpack(batch.packed, room, too_many)
             events = _Joined(converted, packed) if converted else packed
             positions += range(batch.count, batch.count + len(packed))
         read_packed = bool(batch.packed)
@@ -146,29 +162,23 @@ class GrpcSource:
             answer.read_packed = read_packed
             return answer
 
-        try:
-            if not batch.batch_id:
-                return await spool()
-            return await self._spool_once(context, batch.batch_id, request, spool)
-        except RefusedError as refusal:
-            await abort(context, refusal.code, refusal.details, pushback=refusal.pushback)
+        if not batch.batch_id:
+            return await spool()
+        return await self._spool_once(batch.batch_id, request, spool)
 
     async def _spool_once(
         self,
-        context: grpc.aio.ServicerContext[bytes, sidecar_pb2.RecordAck],
         batch_id: bytes,
         request: bytes,
         spool: Callable[[], Awaitable[sidecar_pb2.RecordAck]],
     ) -> sidecar_pb2.RecordAck:
         """``spool``, once per batch id (see ``_recent_batches``); a retry gets its answer."""
         if len(batch_id) > MAX_BATCH_ID_BYTES:
-            await self._refuse(
-                context, "bad_batch_id", f"batch_id longer than {MAX_BATCH_ID_BYTES} bytes"
-            )
+            self._refuse("bad_batch_id", f"batch_id longer than {MAX_BATCH_ID_BYTES} bytes")
         try:
             kept, duplicate = await self._recent.spool_once(batch_id, request, spool)
         except BatchIdReusedError as exc:
-            await self._refuse(context, "bad_batch_id", str(exc))
+            self._refuse("bad_batch_id", str(exc))
         if not duplicate:
             return kept
         self._intake.counters.duplicate_batches += 1
@@ -177,13 +187,7 @@ class GrpcSource:
         answer.duplicate = True
         return answer
 
-    async def _unpack(
-        self,
-        context: grpc.aio.ServicerContext[bytes, sidecar_pb2.RecordAck],
-        packed: bytes,
-        room: int,
-        too_many: str,
-    ) -> PackedEvents:
+    def _unpack(self, packed: bytes, room: int, too_many: str) -> PackedEvents:
         # The message size limit already bounds the bytes; the count is
         # checked from the array header, and the layout by a pass that builds
         # nothing. The intake builds the maps one at a time (a plain one is
@@ -192,22 +196,21 @@ class GrpcSource:
         try:
             events = open_packed_events(packed, limits)
         except WireTooLargeError:
-            await self._refuse(context, "too_many_events", too_many)
+            self._refuse("too_many_events", too_many)
         except WireError as exc:
-            await self._refuse(context, "bad_packed_events", f"packed_events: {exc}")
+            self._refuse("bad_packed_events", f"packed_events: {exc}")
         if len(events) > room:
-            await self._refuse(context, "too_many_events", too_many)
+            self._refuse("too_many_events", too_many)
         return events
 
-    async def _refuse(
-        self,
-        context: grpc.aio.ServicerContext[bytes, sidecar_pb2.RecordAck],
-        reason: RefusedReason,
-        details: str,
-    ) -> NoReturn:
-        """Refuse a whole request, counted by reason."""
+    def _refuse(self, reason: RefusedReason, details: str) -> NoReturn:
+        """Refuse a whole request, counted by reason.
+
+        Raises:
+            RefusedError: INVALID_ARGUMENT, always.
+        """
         self._intake.count_refused_request(reason)
-        await abort(context, grpc.StatusCode.INVALID_ARGUMENT, details)
+        raise RefusedError(grpc.StatusCode.INVALID_ARGUMENT, details)
 
     async def record(
         self,

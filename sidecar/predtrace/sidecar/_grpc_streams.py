@@ -21,15 +21,15 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Final, NoReturn
+from typing import Final
 
 import grpc
 
 from predtrace.sidecar._grpc_answers import (
     RefusedError,
-    abort,
     ack,
     convert_events,
+    fail_call,
     note,
     spool_events,
 )
@@ -121,12 +121,16 @@ class RecordStreams:
         try:
             try:
                 await self._read_stream(requests, stream)
+                return ack(stream.accepted, stream.rejected, self._max_ack_bytes)
             except RefusedError as refusal:
-                self._forget(stream)
-                stream.drop_chunk()  # not held (outside the budget) while the rest is read
-                await self._drain(requests)
-                await _abort_stream(context, stream, refusal)
-            return ack(stream.accepted, stream.rejected, self._max_ack_bytes)
+                failed = refusal.code, refusal.details, refusal.pushback
+            # Out of the except block: the refusal's traceback (the frames
+            # holding the last message) is gone before the drain (see ``fail_call``).
+            self._forget(stream)
+            stream.drop_chunk()  # not held (outside the budget) while the rest is read
+            await self._drain(requests)
+            _fail_stream(context, stream, *failed)
+            return sidecar_pb2.RecordAck()  # not sent: the status is the answer
         finally:
             self._forget(stream)
 
@@ -302,16 +306,18 @@ class RecordStreams:
         return await spool_events(self._intake, events, [places[p] for p in positions], rejected)
 
 
-async def _abort_stream(
+def _fail_stream(
     context: grpc.aio.ServicerContext[bytes, sidecar_pb2.RecordAck],
     stream: _Stream,
-    refusal: RefusedError,
-) -> NoReturn:
+    code: grpc.StatusCode,
+    reason: str,
+    pushback: bool,
+) -> None:
     """Fail a ``Record`` call, saying what of it is spooled already (not to be sent again)."""
     done = stream.processed()
     details = (
-        f"{refusal.details}; {stream.accepted} events of this stream are already spooled, "
+        f"{reason}; {stream.accepted} events of this stream are already spooled, "
         f"from its first {done} messages (trailing metadata {ACCEPTED_KEY}, {PROCESSED_KEY})"
     )
     spooled = ((ACCEPTED_KEY, str(stream.accepted)), (PROCESSED_KEY, str(done)))
-    await abort(context, refusal.code, details, pushback=refusal.pushback, metadata=spooled)
+    fail_call(context, code, details, pushback=pushback, metadata=spooled)

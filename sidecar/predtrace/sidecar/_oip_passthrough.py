@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from predtrace.sidecar._grpc_answers import fail_call
 from predtrace.sidecar._oip_metadata import Metadata, forwardable
 from predtrace.sidecar._oip_upstream import ChannelPool
 
@@ -94,14 +95,10 @@ def fail_with(
 ) -> None:
     """End the call with the model server's error, the handler returning normally.
 
-    Not ``context.abort()``: the exception it raises takes the handler's
-    frames (the request bytes in them) into a reference cycle that only the
-    cyclic garbage collector frees, which the sidecar runs seldom
-    (``tune_gc``): every failed call of a MB request kept its MB.
+    Not ``context.abort()`` (see ``fail_call``): every failed call of a MB
+    request kept its MB until a cyclic GC pass.
     """
-    context.set_code(exc.code())
-    context.set_details(exc.details() or "")
-    context.set_trailing_metadata(tuple(trailing))
+    fail_call(context, exc.code(), exc.details() or "", metadata=tuple(trailing))
 
 
 def _open_call(

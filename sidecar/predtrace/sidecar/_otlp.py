@@ -217,7 +217,13 @@ class OtlpReceiver:
                 raise
             release = self._parse_slots.release
             future.add_done_callback(lambda _: loop.call_soon_threadsafe(release))
-            request = await asyncio.wrap_future(future, loop=loop)
+            try:
+                request = await asyncio.wrap_future(future, loop=loop)
+            finally:
+                # The future holds a parse error, whose traceback holds this
+                # frame: holding the future too would close a cycle (the body
+                # in it) that only the seldom-run cyclic GC frees.
+                del future
             return await self.accept(request, len(body), via)
 
     async def accept(

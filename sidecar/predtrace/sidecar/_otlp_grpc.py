@@ -9,12 +9,13 @@ UNAVAILABLE with a RetryInfo (retryable by the OTLP spec).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final, NoReturn
+from typing import TYPE_CHECKING, Final
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from predtrace.sidecar._errors import SpoolError
+from predtrace.sidecar._grpc_answers import Trailers, fail_call
 from predtrace.sidecar._otlp_body import (
     BudgetSpentError,
     TooManySpansError,
@@ -70,29 +71,32 @@ class _TraceService:
             reservation.grow_to(len(body))
         except BudgetSpentError as exc:
             self._receiver.budget_refusals["grpc"] += 1
-            await _unavailable(context, exc.reason)
-        try:
-            parse = self._receiver.parser(as_json=False)
-            return await self._receiver.export(body, parse, reservation=reservation)
-        except (DecodeError, RecursionError) as exc:
-            reason = f"malformed ExportTraceServiceRequest: {decode_reason(exc)}"
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
-        except TooManySpansError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except SpoolError as exc:
-            await _unavailable(context, str(exc))
-        finally:
-            reservation.release()  # the body and its parsed request are gone
+            failed = _unavailable(exc.reason)
+        else:
+            try:
+                parse = self._receiver.parser(as_json=False)
+                return await self._receiver.export(body, parse, reservation=reservation)
+            except (DecodeError, RecursionError) as exc:
+                reason = f"malformed ExportTraceServiceRequest: {decode_reason(exc)}"
+                failed = grpc.StatusCode.INVALID_ARGUMENT, reason, ()
+            except TooManySpansError as exc:
+                failed = grpc.StatusCode.INVALID_ARGUMENT, str(exc), ()
+            except SpoolError as exc:
+                failed = _unavailable(str(exc))
+            finally:
+                reservation.release()  # the body and its parsed request are gone
+        # Out of the except block, its traceback gone (see ``fail_call``).
+        code, details, trailing = failed
+        fail_call(context, code, details, metadata=trailing)
+        return ExportResponse()  # not sent: the status is the answer
 
 
-async def _unavailable(
-    context: grpc.aio.ServicerContext[bytes, ExportResponse], message: str
-) -> NoReturn:
-    """End the call with UNAVAILABLE and a RetryInfo: busy, full or failing, retry shortly.
+def _unavailable(message: str) -> tuple[grpc.StatusCode, str, Trailers]:
+    """UNAVAILABLE with a RetryInfo: busy, full or failing, retry shortly.
 
     OTLP senders retry UNAVAILABLE (a RESOURCE_EXHAUSTED is retried only with
     a RetryInfo, and some senders drop it whatever); the RetryInfo says when.
     """
     unavailable = grpc.StatusCode.UNAVAILABLE
     details = rpc_status(unavailable.value[0], message, RETRY_AFTER_S)
-    await context.abort(unavailable, message, trailing_metadata=((_STATUS_DETAILS, details),))
+    return unavailable, message, ((_STATUS_DETAILS, details),)

@@ -80,12 +80,17 @@ class RecentBatches(Generic[_T]):
                     "own id and keep it only for that batch's retries"
                 )
             self.duplicates += 1
-            return await asyncio.shield(entry[1]), True
+            del entry  # it holds the task: see _outcome
+            return await _outcome(self._entries[batch_id][1]), True
+        self._start(batch_id, digest, spool)
+        return await _outcome(self._entries[batch_id][1]), False
+
+    def _start(self, batch_id: bytes, digest: bytes, spool: Callable[[], Awaitable[_T]]) -> None:
+        """The spooling of a new id, as a task of its own, remembered under the id."""
         task = asyncio.ensure_future(spool())
         self._entries[batch_id] = (digest, task)
         task.add_done_callback(lambda done: self._settle(batch_id, done))
         self._trim()
-        return await asyncio.shield(task), False
 
     def _settle(self, batch_id: bytes, task: asyncio.Task[_T]) -> None:
         """Keep a done spooling's answer (counted in bytes), forget a failed one."""
@@ -109,3 +114,18 @@ class RecentBatches(Generic[_T]):
                 return
             del entries[oldest]
             self.held_bytes -= self._held.pop(oldest, 0)
+
+
+async def _outcome(task: asyncio.Task[_T]) -> _T:
+    """The spooling's result, or its exception raised, the caller staying while it runs.
+
+    No frame the exception passes through keeps the task (``spool_once``
+    hands it over without a local): the task holds the exception, whose
+    traceback holds those frames, and a frame holding the task would close a
+    reference cycle (the request's bytes in it) that only the cyclic garbage
+    collector frees, which the sidecar runs seldom.
+    """
+    try:
+        return await asyncio.shield(task)
+    finally:
+        del task

@@ -26,6 +26,7 @@ from predtrace.wire import PredictionEvent, pack_events
 from tests.reliability.sidecar.polling import eventually
 
 from .conftest import Running, StartSidecar
+from .cycles import CycleWatch
 from .test_grpc_api import plain_events, proto_events
 
 MIB = 1024 * 1024
@@ -349,6 +350,49 @@ async def test_a_stream_draining_when_the_sidecar_stops_gets_its_refusal_and_cou
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     trailing = dict(info.value.trailing_metadata() or ())
     assert PROCESSED_KEY in trailing
+
+
+async def test_refused_requests_leave_no_cycle_holding_their_bytes(
+    start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a full spool every refused request kept its bytes until a cyclic GC pass.
+
+    ``context.abort()`` (and the retry check's task) took the handler's
+    frames into reference cycles; the sidecar runs the cyclic GC seldom.
+    """
+    running = await start_sidecar()
+    size = 256 * 1024
+
+    async def full(events: Sequence[PredictionEvent | object]) -> IntakeResult:
+        raise SpoolFullError("no space left on the spool's disk")
+
+    monkeypatch.setattr(running.app.intake, "record", full)
+    event = proto_events(1)[0]
+    event.attributes["blob"] = "x" * size
+    malformed = b"\x0a" + b"\xff" * 10 + b"z" * size
+    batches = [
+        (malformed, grpc.StatusCode.INVALID_ARGUMENT),
+        (sidecar_pb2.RecordBatchRequest(events=[event]).SerializeToString(), None),
+        (
+            sidecar_pb2.RecordBatchRequest(events=[event], batch_id=b"b-1").SerializeToString(),
+            None,
+        ),
+    ]
+    with CycleWatch() as watch:
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            for body, code in batches:
+                for _ in range(2):
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await channel.unary_unary(RECORD_BATCH)(body)
+                    assert info.value.code() == (code or grpc.StatusCode.RESOURCE_EXHAUSTED)
+            record = channel.stream_unary(RECORD)
+            for _ in range(2):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await record(_stream([event.SerializeToString()] * 2))
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert PROCESSED_KEY in dict(info.value.trailing_metadata() or ())
+        await asyncio.sleep(0.1)
+        assert watch.frames_holding(size) == []
 
 
 # -- F4: one unreadable event does not cost its batch --------------------------------

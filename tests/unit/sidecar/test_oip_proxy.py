@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import importlib.util
 import os
 import sys
-import types
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -28,6 +26,7 @@ from predtrace.wire import Status, parse_prediction_id, uuid7_timestamp_ms
 from tests.reliability.sidecar.polling import eventually
 
 from .conftest import Running, StartSidecar
+from .cycles import CycleWatch
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "oip_grpc_server" / "server.py"
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -835,23 +834,6 @@ async def test_without_any_usable_caller_id_the_prediction_id_is_a_new_uuid7(
     assert proxy_of(running).invalid_caller_ids == 2
 
 
-def _frames_holding_big_bytes(garbage: list[object], size: int) -> list[str]:
-    """Names of the frames in ``garbage`` with a local holding ``size`` bytes or more."""
-
-    def big(value: object) -> bool:
-        if isinstance(value, bytes | bytearray):
-            return len(value) >= size
-        return isinstance(value, list) and any(big(item) for item in value)
-
-    return [
-        f"{frame.f_code.co_name}:{name}"
-        for frame in garbage
-        if isinstance(frame, types.FrameType)
-        for name, value in frame.f_locals.items()
-        if big(value)
-    ]
-
-
 async def test_a_call_the_model_server_fails_leaves_no_cycle_holding_its_request(
     proxied: Running,
 ) -> None:
@@ -863,9 +845,7 @@ async def test_a_call_the_model_server_fails_leaves_no_cycle_holding_its_request
     size = 512 * 1024
     unknown_model = pb.ModelInferRequest(model_name="nope", id="err-1")
     unknown_model.raw_input_contents.append(b"x" * size)
-    gc.collect()
-    gc.disable()  # cycles stay where the test can find them
-    try:
+    with CycleWatch() as watch:
         async with grpc.aio.insecure_channel(proxied.app.addresses["oip-proxy"]) as channel:
             for method, body, code in (
                 ("/inference.GRPCInferenceService/NoSuchMethod", b"y" * size, "UNIMPLEMENTED"),
@@ -880,11 +860,4 @@ async def test_a_call_the_model_server_fails_leaves_no_cycle_holding_its_request
                         await channel.unary_unary(method)(body)
                     assert info.value.code().name == code
         await asyncio.sleep(0.1)  # the handlers' tasks end
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        gc.collect()
-        holders = _frames_holding_big_bytes(gc.garbage, size)
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
-    assert holders == []
+        assert watch.frames_holding(size) == []

@@ -43,6 +43,7 @@ from predtrace.wire import Status as EventStatus
 from tests.reliability.sidecar.polling import eventually
 
 from .conftest import Running, StartSidecar, traces_endpoint
+from .cycles import CycleWatch
 
 
 @dataclass
@@ -814,3 +815,32 @@ async def test_a_prediction_id_that_is_not_a_string_refuses_the_prediction_not_t
     assert [e.prediction_id for e in running.collector.events()] == ["typed-ok"]
     intake = running.app.status_view().intake
     assert (intake.received, intake.accepted, intake.rejected) == (6, 1, 5)
+
+
+async def test_a_refused_export_leaves_no_cycle_holding_its_body(
+    start_sidecar: StartSidecar, sink: OtlpSink
+) -> None:
+    """A tester saw the sidecar grow by one body per refused export (3.9 MB each), gRPC and HTTP.
+
+    The body stayed in reference cycles (the retry check's task, the parse
+    thread's future) that only the cyclic GC frees, which the sidecar runs seldom.
+    """
+    running: Running = await start_sidecar(otlp_listen="127.0.0.1:0", otlp_export=sink.url)
+    size = 512 * 1024
+    method = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+    url = f"http://{running.app.addresses['otlp-http']}/v1/traces"
+    with CycleWatch() as watch:
+        async with grpc.aio.insecure_channel(running.app.addresses["otlp-grpc"]) as channel:
+            for i in range(3):
+                malformed = _field(1, bytes([i]) + b"\xff" * size)  # parsed in a thread: > 16 KiB
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await channel.unary_unary(method)(malformed)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        async with aiohttp.ClientSession() as session:
+            for i in range(3):
+                malformed = _field(1, bytes([i + 3]) + b"\xff" * size)
+                proto = {"Content-Type": "application/x-protobuf"}
+                async with session.post(url, data=malformed, headers=proto) as resp:
+                    assert resp.status == 400
+        await asyncio.sleep(0.1)
+        assert watch.frames_holding(size) == []
