@@ -2,37 +2,37 @@
 
 Intake -> **spool** -> shipper. Appends go to one writer thread that writes
 each group of appends, fsyncs once (group commit) and only then completes
-them, so an acknowledgement always follows the fsync (RELIABILITY rule 1).
-The shipper reads records in order (never past the last fsync) and, once the
-collector has them, commits a new high-water mark: the mark is made durable
-first and only then are fully delivered segments unlinked (rule 2). At the
-byte cap the oldest segments are dropped and counted, never those the
-shipper has pinned (see ``SpoolWriter``: the segment files stay within the
-cap plus the pinned segments). A sealed segment
-that vanishes or shrinks while the spool runs is dropped from the reads and
-its undelivered records counted (``missing_segment``, ``corrupt``); the index
-is a cache, so a disk too full to rewrite it stops nothing.
+them, so an acknowledgement always follows the fsync (RELIABILITY rule 1;
+see ``SpoolWriter``). The shipper reads records in order (never past the
+last fsync; see ``SpoolReads``) and, once the collector has them, commits a
+new high-water mark: the mark is made durable first and only then are fully
+delivered segments unlinked (rule 2). At the byte cap the oldest segments
+are dropped and counted, never those the shipper has pinned (see
+``ByteCap``: the segment files stay within the cap plus the pinned
+segments). A sealed segment that vanishes or shrinks while the spool runs
+is dropped from the reads and its undelivered records counted
+(``missing_segment``, ``corrupt``); the index is a cache, so a disk too
+full to rewrite it stops nothing.
 
 One sidecar per spool: the directory itself is locked (``flock`` on its own
-descriptor), so no file anyone could delete holds the lock.
+descriptor, see ``_directory_lock``), so no file anyone could delete holds
+the lock. Recovery at start scans the segments (``_segments``) and reopens
+the active one (``_recovery``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import logging
 import os
-import posixpath
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
 
 from predtrace.sidecar._errors import SpoolUnusableError
 from predtrace.sidecar.pipeline import Clock, SystemClock
 from predtrace.sidecar.spool._config import SpoolConfig, SpoolCounters
+from predtrace.sidecar.spool._directory_lock import lock_directory
 from predtrace.sidecar.spool._files import (
     NO_FAULTS,
     NO_ROOM,
@@ -41,7 +41,6 @@ from predtrace.sidecar.spool._files import (
     OsFileLayer,
 )
 from predtrace.sidecar.spool._meta import (
-    SegmentMeta,
     SpoolState,
     read_index,
     read_state,
@@ -49,20 +48,12 @@ from predtrace.sidecar.spool._meta import (
     write_state,
 )
 from predtrace.sidecar.spool._reader import SegmentReader
-from predtrace.sidecar.spool._record import Record
-from predtrace.sidecar.spool._segments import (
-    Segment,
-    load_segments,
-    scan_segment,
-    segment_name,
-)
+from predtrace.sidecar.spool._reads import SpoolReads
+from predtrace.sidecar.spool._recovery import count_missing, open_active
+from predtrace.sidecar.spool._segments import Segment, load_segments
 from predtrace.sidecar.spool._writer import SpoolWriter, _Request
 
 _log = logging.getLogger("predtrace.sidecar.spool")
-_LOCK_NAME: Final = "lock"
-# flock on a directory descriptor fails with these where a filesystem (NFS)
-# cannot lock directories: a lock file is the fallback there.
-_NO_DIR_LOCK: Final = frozenset({errno.EBADF, errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP})
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +69,7 @@ class SpoolStats:
     pending_bytes: int
 
 
-class Spool(SpoolWriter):
+class Spool(SpoolReads, SpoolWriter):
     """Segment files of checksummed records, a durable high-water mark, a byte cap.
 
     Example:
@@ -171,227 +162,36 @@ class Spool(SpoolWriter):
             self.state_lost = True
             _log.error("spool state in %s is unreadable; replaying every segment", directory)
         self._state = state or SpoolState()
-        self._count_missing(index, segments)
+        count_missing(directory, index, segments, self._state.hwm, self.counters)
         for seg in segments:
             if seg.scanned:
                 self._reader.mark_counted(seg.path, seg.size)
         self._segments = segments
-        self._open_active(tail, tail_lost)
+        self._handle, self._next_index = open_active(
+            files,
+            directory,
+            self._segments,
+            hwm=self._state.hwm,
+            tail=tail,
+            tail_lost=tail_lost,
+            counters=self.counters,
+        )
         # A plan persisted by an earlier run may hold any record on disk.
         self._read_reach = self._next_index - 1
         self._release()
         self._write_index()
 
     def _lock_directory(self) -> None:
-        """Hold an exclusive flock on the directory for as long as the spool is open.
-
-        A lock file could be unlinked while held, letting a second sidecar
-        lock a new one; the directory cannot be, short of removing the spool.
-        """
-        if not isinstance(self._files, OsFileLayer):
-            return
-        fd = os.open(self._dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            self._flock(fd)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno not in _NO_DIR_LOCK:
-                raise
-            fd = os.open(posixpath.join(self._dir, _LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                self._flock(fd)
-            except OSError:
-                os.close(fd)
-                raise
-        self._lock_fd = fd
-
-    def _flock(self, fd: int) -> None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OSError(errno.EBUSY, "in use by another sidecar process", self._dir) from None
+        """Hold the directory's lock for as long as the spool is open (the real disk only)."""
+        if isinstance(self._files, OsFileLayer):
+            self._lock_fd = lock_directory(self._dir)
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def _count_missing(self, index: dict[int, SegmentMeta] | None, present: list[Segment]) -> None:
-        firsts = {s.first for s in present}
-        for meta in (index or {}).values():
-            if meta.first not in firsts and meta.last > self._state.hwm:
-                lost = Segment.from_meta(self._dir, meta).unacked(self._state.hwm)
-                self.counters.drop("missing_segment", lost)
-                _log.error(
-                    "spool segment %s is missing with %d undelivered records",
-                    segment_name(meta.first),
-                    lost,
-                )
-
-    def _open_active(self, tail: int, tail_lost: int) -> None:
-        """Open the last segment for appending, cutting an invalid tail off it.
-
-        ``tail_lost``: records the segment lost from its end by the row a
-        clean close wrote for it (already counted as ``corrupt``): the file
-        was cut or damaged after the close, and those records had been
-        acknowledged. Without a row, an invalid tail is a write torn by a
-        crash: one record, never acknowledged.
-        """
-        hwm = self._state.hwm
-        if not self._segments:
-            first = hwm + 1
-            path = posixpath.join(self._dir, segment_name(first))
-            self._segments.append(Segment(first, path, first - 1, 0, 0, 0, 0, first - 1))
-        active = self._segments[-1]
-        self._handle = self._files.open(active.path, create=True)
-        if tail:
-            # A torn tail (rule 3): cut back to the last valid record.
-            self._files.truncate(self._handle, active.size)
-            self._files.fsync(self._handle)
-            if tail_lost:
-                _log.warning(
-                    "spool: cut %d damaged bytes from %s (its %d lost records are counted)",
-                    tail,
-                    active.path,
-                    tail_lost,
-                )
-            else:
-                # A crash tore the write in progress: those records were
-                # never fsynced, so never acknowledged.
-                self.counters.drop("torn", 1)
-                _log.warning(
-                    "spool: cut a torn tail of %d bytes from %s (at least one record that "
-                    "was being written when the sidecar stopped)",
-                    tail,
-                    active.path,
-                )
-        self._files.fsync_dir(self._dir)
-        self._next_index = max(active.last + 1, hwm + 1, active.first)
-
-    # -- reading and acknowledging ------------------------------------------------
-
-    def read(
-        self, after: int, *, max_records: int, max_bytes: int, until: int | None = None
-    ) -> list[Record]:
-        """Durable records with index > ``after`` in order (blocking: call from a thread).
-
-        Damaged records are skipped (and counted); records dropped at the cap
-        are simply absent, and so are those of a sealed segment deleted or cut
-        short meanwhile (counted). Stops at ``max_records``, before the record
-        that would bring the payloads past ``max_bytes`` (the first one is
-        read whatever its size), or after index ``until``.
-        """
-        out: list[Record] = []
-        total = 0
-        while len(out) < max_records and total < max_bytes:
-            if until is not None and after >= until:
-                break
-            seg = self._segment_after(after)
-            if seg is None:
-                break
-            try:
-                records = self._reader.read(
-                    seg,
-                    after,
-                    max_records=max_records - len(out),
-                    max_bytes=max_bytes - total,
-                    until=until,
-                    taken_before=bool(out),
-                )
-            except FileNotFoundError:
-                if not self._forget_missing(seg, after):
-                    raise  # the active segment: nothing to move on to
-                after = max(after, seg.durable_last)
-                continue
-            if not records:
-                if out:
-                    break  # the next record would pass max_bytes (or this segment is damaged)
-                after = max(after, seg.durable_last)
-                continue
-            out.extend(records)
-            total += sum(len(r.payload) for r in records)
-            after = records[-1].index
-        return out
-
-    def _forget_missing(self, seg: Segment, after: int) -> bool:
-        """A sealed segment vanished: stop listing it and count what it still held.
-
-        Records up to ``after`` (the reader has them) or the mark are not lost.
-        Returns False for the active segment, which the writer still holds.
-        """
-        with self._lock:
-            listed = self._listed(seg.first)
-            if listed is self._segments[-1]:
-                return False
-            if listed is None:
-                return True  # released or dropped at the cap meanwhile: accounted for there
-            self._segments.remove(listed)
-            lost = listed.unacked(max(after, self._state.hwm))
-        self.counters.drop("missing_segment", lost)
-        _log.error("spool segment %s vanished with %d undelivered records", seg.path, lost)
-        self._write_index()
-        return True
-
-    def _segment_cut(self, seg: Segment, after: int) -> None:
-        """A sealed segment's file got shorter: count the records it lost, list its new end.
-
-        Records up to ``after`` (the reader has them) or the mark are not lost.
-        The index is rewritten so that a restart does not count them again.
-        """
-        fresh, tail = scan_segment(
-            self._files, self._dir, seg.first, self.config, SpoolCounters(), log_damage=False
-        )
-        with self._lock:
-            listed = self._listed(seg.first)
-            size = fresh.size + tail
-            if listed is None or listed is self._segments[-1] or size >= listed.durable_size:
-                return  # gone, active (the writer's), or already counted
-            lost = max(0, listed.durable_last - max(fresh.last, after, self._state.hwm))
-            listed.size = listed.durable_size = size
-            listed.last = listed.durable_last = fresh.last
-            listed.count = fresh.count
-        self.counters.add("corrupt_regions")
-        self.counters.drop("corrupt", lost)
-        _log.error("spool segment %s was cut short, losing %d undelivered records", seg.path, lost)
-        self._write_index()
-
-    def _listed(self, first: int) -> Segment | None:
-        """The listed segment that starts at ``first`` (call with ``_lock`` held)."""
-        return next((s for s in self._segments if s.first == first), None)
-
-    def _segment_after(self, after: int) -> Segment | None:
-        """A copy of the first segment with durable records past ``after``.
-
-        Taken with the cap's lock, which also moves ``_read_reach`` over the
-        records the read may return: an open pin covers them from here on,
-        so the cap either dropped the segment before (the read skips it) or
-        keeps it.
-        """
-        with self._lock:
-            for seg in self._segments:
-                if seg.durable_last > after:
-                    self._read_reach = max(self._read_reach, seg.durable_last)
-                    return Segment(
-                        seg.first,
-                        seg.path,
-                        seg.last,
-                        seg.count,
-                        seg.size,
-                        seg.first_ts,
-                        seg.durable_size,
-                        seg.durable_last,
-                    )
-        return None
-
-    def pin(self, span: tuple[int, int] | None) -> None:
-        """Protect the segments holding indexes ``span`` (the batch in flight) from the cap.
-
-        A span ending past the last record written (the shipper's pin while a
-        read is under way) protects what reads have reached, not what is
-        written after them.
-        """
-        with self._lock:
-            self._pin = span
+    # -- acknowledging ------------------------------------------------------------
 
     @property
     def hwm(self) -> int:
