@@ -292,7 +292,12 @@ class RecordStreams:
         refusal = await asyncio.shield(stream.lingering)
         stream.lingering = None
         if refusal is not None:
-            raise refusal
+            try:
+                raise refusal
+            finally:
+                # The exception's traceback holds this frame: a local still
+                # naming it would close a cycle (the message just read in it).
+                del refusal
 
     async def _spool_chunk(
         self,

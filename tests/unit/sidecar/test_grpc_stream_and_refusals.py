@@ -395,6 +395,35 @@ async def test_refused_requests_leave_no_cycle_holding_their_bytes(
         assert watch.frames_holding(size) == []
 
 
+async def test_a_stream_the_linger_found_refused_leaves_no_cycle_holding_its_next_message(
+    start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweeper's refusal, raised again from a local, held the message just read in a cycle."""
+    running = await start_sidecar()
+    monkeypatch.setattr(_grpc_streams, "STREAM_LINGER_S", 0.05)
+    size = 256 * 1024
+
+    async def full(events: Sequence[PredictionEvent | object]) -> IntakeResult:
+        raise SpoolFullError("no space left on the spool's disk")
+
+    monkeypatch.setattr(running.app.intake, "record", full)
+    big_event = proto_events(1)[0]
+    big_event.attributes["blob"] = "x" * size
+
+    async def pause_then_big() -> AsyncIterator[bytes]:
+        yield proto_events(1)[0].SerializeToString()
+        await asyncio.sleep(0.5)  # the sweeper spools that chunk meanwhile: refused
+        yield big_event.SerializeToString()
+
+    with CycleWatch() as watch:
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await channel.stream_unary(RECORD)(pause_then_big())
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        await asyncio.sleep(0.1)
+        assert watch.frames_holding(size) == []
+
+
 # -- F4: one unreadable event does not cost its batch --------------------------------
 
 
