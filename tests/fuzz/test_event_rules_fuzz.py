@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from predtrace.collector._ingest import prepare
+from predtrace.collector._ingest_rows import prepare
 from predtrace.sidecar._config import DeploymentConfig, RedactionConfig
 from predtrace.sidecar._intake import Intake
 from predtrace.sidecar._processors import default_processors

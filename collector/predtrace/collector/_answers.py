@@ -22,7 +22,8 @@ from typing import Final
 from aiohttp import web
 from prometheus_client import Gauge
 
-from predtrace.collector._ingest import _CHUNK, DecodeSlots, InflightBudget, _Reservation
+from predtrace.collector._body import _CHUNK
+from predtrace.collector._budget import DecodeSlots, InflightBudget, _Reservation
 from predtrace.collector._stopping import STOPPING
 
 # JSON of answers being built or sent, at most: a budget of their own, not

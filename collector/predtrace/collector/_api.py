@@ -39,8 +39,8 @@ from predtrace.collector._api_responses import (
     pivot_body,
 )
 from predtrace.collector._auth import Scope
+from predtrace.collector._budget import _Refused
 from predtrace.collector._errors import RegistryError, StoreError, StoreUnavailableError
-from predtrace.collector._ingest import _Refused
 from predtrace.collector._metrics import CollectorMetrics
 from predtrace.collector._retention import Retainer
 from predtrace.collector._security import Authorizer, AuthRefusal

@@ -19,8 +19,9 @@ from aiohttp import web
 
 from predtrace.collector._api_logs import DisconnectLog
 from predtrace.collector._api_responses import error_response, json_response
+from predtrace.collector._body import read_body
+from predtrace.collector._budget import _Refused, _Reservation
 from predtrace.collector._errors import LineageConflictError, LineageError
-from predtrace.collector._ingest import _Refused, _Reservation, read_body
 from predtrace.collector._service import LineageService
 from predtrace.collector.lineage import Registration
 from predtrace.collector.store import OnConflict

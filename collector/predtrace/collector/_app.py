@@ -14,9 +14,10 @@ from aiohttp import web
 
 from predtrace.collector._api import QueryApi
 from predtrace.collector._auth import TokenTable
+from predtrace.collector._budget import DecodeSlots, InflightBudget
 from predtrace.collector._config import CollectorConfig
 from predtrace.collector._errors import StoreError
-from predtrace.collector._ingest import DecodeSlots, InflightBudget, IngestHandler
+from predtrace.collector._ingest import IngestHandler
 from predtrace.collector._metrics import CollectorMetrics
 from predtrace.collector._retention import Retainer
 from predtrace.collector._security import Authorizer

@@ -16,8 +16,7 @@ upload whose body is still arriving with 503 (``_stopping``): nothing of it was
 acknowledged; a batch whose body arrived is committed and acknowledged.
 
 The handler is here; the body is read in ``_body``, charged to the budget of
-``_budget``, and a batch becomes its store rows in ``_ingest_rows``. What other
-modules and tests took from this module before is re-exported.
+``_budget``, and a batch becomes its store rows in ``_ingest_rows``.
 """
 
 from __future__ import annotations
@@ -30,9 +29,8 @@ from typing import Final
 from aiohttp import web
 
 from predtrace.collector._auth import Scope, TokenEntry
-from predtrace.collector._body import _CHUNK, read_body
+from predtrace.collector._body import read_body
 from predtrace.collector._budget import (
-    DECODES_AT_ONCE,
     DecodeSlots,
     InflightBudget,
     _Refused,
@@ -40,7 +38,6 @@ from predtrace.collector._budget import (
 )
 from predtrace.collector._errors import StoreError
 from predtrace.collector._ingest_rows import (
-    ROW_BYTES,
     _Prepared,
     decode_cost,
     open_batch,
@@ -59,23 +56,6 @@ from predtrace.wire import (
     read_batch_header,
 )
 from predtrace.wire._codec import GZIP_MAGIC
-
-__all__ = [
-    "BATCH_CONTENT_TYPE",
-    "BODY_TIMEOUT_S",
-    "DECODES_AT_ONCE",
-    "ROW_BYTES",
-    "_CHUNK",
-    "DecodeSlots",
-    "InflightBudget",
-    "IngestHandler",
-    "_Prepared",
-    "_Refused",
-    "_Reservation",
-    "decode_cost",
-    "prepare",
-    "read_body",
-]
 
 log = logging.getLogger("predtrace.collector.ingest")
 BATCH_CONTENT_TYPE: Final = "application/vnd.predtrace.batch+msgpack"

@@ -34,6 +34,7 @@ from predtrace.wire._event import (
     Rejection,
     Status,
 )
+from predtrace.wire._event_reader import PackedEvents, open_packed_events
 from predtrace.wire._ids import (
     CALLER_ID_RE,
     UuidV7Generator,
@@ -52,14 +53,7 @@ from predtrace.wire._maps import event_from_map, event_to_map
 from predtrace.wire._plain import canonical_event_map, plain_event_map, plain_map_problem
 from predtrace.wire._problems import event_problem
 from predtrace.wire._proto import event_from_proto, event_to_proto
-from predtrace.wire._reader import (
-    FORMAT_MAJOR,
-    BatchHeader,
-    PackedEvents,
-    open_packed_events,
-    read_batch_events,
-    read_batch_header,
-)
+from predtrace.wire._reader import FORMAT_MAJOR, BatchHeader, read_batch_events, read_batch_header
 
 __all__ = [
     "CALLER_ID_RE",

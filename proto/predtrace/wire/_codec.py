@@ -26,18 +26,15 @@ from predtrace.wire._event import (
     PredictionEvent,
     Rejection,
 )
-from predtrace.wire._limits import DEFAULT_LIMITS, DecodeLimits
-from predtrace.wire._maps import _Fields, event_from_map, event_to_map
-from predtrace.wire._reader import (
-    _MSGPACK_ERRORS,
+from predtrace.wire._event_reader import (
     BYTES_PER_CONTAINER,
-    FORMAT_MAJOR,
-    _malformed,
     _TooManyContainersError,
     open_packed_events,
-    read_batch_events,
-    read_batch_header,
 )
+from predtrace.wire._limits import DEFAULT_LIMITS, DecodeLimits
+from predtrace.wire._maps import _Fields, event_from_map, event_to_map
+from predtrace.wire._reader import FORMAT_MAJOR, read_batch_events, read_batch_header
+from predtrace.wire._unpacker import _MSGPACK_ERRORS, _malformed
 
 FORMAT_MINOR: Final = 0
 GZIP_MAGIC: Final = b"\x1f\x8b"

@@ -6,8 +6,7 @@ not allowed for the batch's producer_id after a pass over the bytes, not after
 their decode. Values under batch keys the reader does not know are skipped,
 never built (FORMAT.md: a decoder ignores them). Events are then built one by
 one, each within bounds of its own (``_event_reader``, which also reads
-``pack_events`` bytes), through the bounded unpacker of ``_unpacker``; what
-``_codec`` takes from those two is re-exported here.
+``pack_events`` bytes), through the bounded unpacker of ``_unpacker``.
 """
 
 from __future__ import annotations
@@ -20,30 +19,13 @@ import msgpack
 
 from predtrace.wire._errors import WireError, WireTooLargeError
 from predtrace.wire._event_reader import (
-    BYTES_PER_CONTAINER,
-    PackedEvents,
     _event_starts,
     _events,
     _meter,
-    _TooManyContainersError,
-    open_packed_events,
 )
 from predtrace.wire._limits import DEFAULT_LIMITS, INT63_MAX, DecodeLimits
 from predtrace.wire._maps import _is_uint
 from predtrace.wire._unpacker import _MSGPACK_ERRORS, _malformed, _unpacker
-
-__all__ = [
-    "BYTES_PER_CONTAINER",
-    "FORMAT_MAJOR",
-    "_MSGPACK_ERRORS",
-    "BatchHeader",
-    "PackedEvents",
-    "_TooManyContainersError",
-    "_malformed",
-    "open_packed_events",
-    "read_batch_events",
-    "read_batch_header",
-]
 
 FORMAT_MAJOR: Final = 1
 _EVENTS: Final = 6

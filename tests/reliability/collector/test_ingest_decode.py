@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from predtrace.collector import PARTS, _ingest
+from predtrace.collector import PARTS, _budget, _ingest, _ingest_rows
 from predtrace.collector.testing import ChainedProducer, make_events
 from predtrace.wire import BatchHeader, DecodeLimits, gzip_bytes
 
@@ -41,7 +41,7 @@ class SlowDecode:
         limits: DecodeLimits,
         received_ns: int,
         header: BatchHeader | None = None,
-    ) -> _ingest._Prepared:
+    ) -> _ingest_rows._Prepared:
         with self._lock:
             self.threads.append(threading.current_thread())
             self.bodies.append(body)
@@ -92,7 +92,7 @@ async def test_no_more_than_two_batches_are_decoded_at_once_however_many_arrive(
         slow_decode.go.set()
     answers = await asyncio.gather(*posts)
     assert [a.status for a in answers] == [200] * 6
-    assert slow_decode.peak == _ingest.DECODES_AT_ONCE == 2
+    assert slow_decode.peak == _budget.DECODES_AT_ONCE == 2
 
 
 async def test_a_gzip_body_holds_its_decompressed_size_and_its_rows_of_the_in_flight_budget(
@@ -106,7 +106,7 @@ async def test_a_gzip_body_holds_its_decompressed_size_and_its_rows_of_the_in_fl
         await _until(lambda: slow_decode.running == 1)
         (inflated,) = slow_decode.bodies
         assert len(inflated) > 4 * len(body)  # the setup compresses well
-        rows = _ingest.decode_cost(len(inflated), 300)
+        rows = _ingest_rows.decode_cost(len(inflated), 300)
         assert budget.used == len(body) + len(inflated) + rows
     finally:
         slow_decode.go.set()

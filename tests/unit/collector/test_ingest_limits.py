@@ -9,7 +9,7 @@ from collections.abc import Callable
 import msgpack
 import pytest
 
-from predtrace.collector._ingest import ROW_BYTES, decode_cost, prepare
+from predtrace.collector._ingest_rows import ROW_BYTES, decode_cost, prepare
 from predtrace.collector.testing import make_events
 from predtrace.wire import (
     DecodeLimits,

@@ -9,7 +9,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from predtrace.collector._ingest import prepare
+from predtrace.collector._ingest_rows import prepare
 from predtrace.collector.store import event_problem, fast_prediction_row, prediction_row
 from predtrace.collector.store._rows import json_text
 from predtrace.wire import (
