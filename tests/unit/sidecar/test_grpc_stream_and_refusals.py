@@ -247,6 +247,18 @@ async def test_a_refused_stream_whose_client_never_ends_it_is_answered_after_the
     assert running.app.grpc_source.held_bytes == 0
 
 
+def _spool_full(running: Running, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The spool refuses every write as full; the list counts the refusals (in its one item)."""
+    refusals = [0]
+
+    async def full(events: Sequence[PredictionEvent | object]) -> IntakeResult:
+        refusals[0] += 1
+        raise SpoolFullError("no space left on the spool's disk")
+
+    monkeypatch.setattr(running.app.intake, "record", full)
+    return refusals
+
+
 def _chunks_kept() -> int:
     """Messages held in chunks by every ``Record`` stream alive (refused ones included)."""
     return sum(len(o.chunk) for o in gc.get_objects() if isinstance(o, _grpc_streams._Stream))
@@ -266,14 +278,7 @@ async def test_refused_streams_let_go_of_their_chunk_while_they_drain(
 ) -> None:
     """Each refused stream kept its chunk (up to 1 MiB, parsed) outside the budget for 5 s."""
     running = await start_sidecar()
-    refusals = 0
-
-    async def full(events: Sequence[PredictionEvent | object]) -> IntakeResult:
-        nonlocal refusals
-        refusals += 1
-        raise SpoolFullError("no space left on the spool's disk")
-
-    monkeypatch.setattr(running.app.intake, "record", full)
+    refusals = _spool_full(running, monkeypatch)
     monkeypatch.setattr(_grpc_streams, "_STREAM_CHUNK", 10)  # a chunk of 10 goes, refused
     messages = [e.SerializeToString() for e in proto_events(40)]
     more = asyncio.Event()
@@ -283,7 +288,7 @@ async def test_refused_streams_let_go_of_their_chunk_while_they_drain(
         )
         streams = [_stream_then_pause(messages, more) for _ in range(8)]
         calls = [asyncio.ensure_future(record(stream)) for stream in streams]
-        await eventually(lambda: refusals == 8)
+        await eventually(lambda: refusals == [8])
         assert not any(call.done() for call in calls), "answered before the stream ended"
         assert _chunks_kept() == 0, "a refused stream holds its chunk while it drains"
         more.set()
@@ -304,14 +309,7 @@ async def test_a_chunk_the_linger_could_not_spool_is_let_go_while_its_producer_p
 ) -> None:
     running = await start_sidecar()
     monkeypatch.setattr(_grpc_streams, "STREAM_LINGER_S", 0.05)
-    refusals = 0
-
-    async def full(events: Sequence[PredictionEvent | object]) -> IntakeResult:
-        nonlocal refusals
-        refusals += 1
-        raise SpoolFullError("no space left on the spool's disk")
-
-    monkeypatch.setattr(running.app.intake, "record", full)
+    refusals = _spool_full(running, monkeypatch)
     more = asyncio.Event()
     messages = [e.SerializeToString() for e in proto_events(5)]
     async with grpc.aio.insecure_channel(running.target) as channel:
@@ -319,7 +317,7 @@ async def test_a_chunk_the_linger_could_not_spool_is_let_go_while_its_producer_p
             RECORD, response_deserializer=sidecar_pb2.RecordAck.FromString
         )
         call = asyncio.ensure_future(record(_stream_then_pause(messages, more)))
-        await eventually(lambda: refusals == 1)
+        await eventually(lambda: refusals == [1])
         await asyncio.sleep(0.1)
         assert _chunks_kept() == 0, "the refused chunk waits for the producer's next message"
         more.set()
@@ -362,11 +360,7 @@ async def test_refused_requests_leave_no_cycle_holding_their_bytes(
     """
     running = await start_sidecar()
     size = 256 * 1024
-
-    async def full(events: Sequence[PredictionEvent | object]) -> IntakeResult:
-        raise SpoolFullError("no space left on the spool's disk")
-
-    monkeypatch.setattr(running.app.intake, "record", full)
+    _spool_full(running, monkeypatch)
     event = proto_events(1)[0]
     event.attributes["blob"] = "x" * size
     malformed = b"\x0a" + b"\xff" * 10 + b"z" * size
@@ -402,11 +396,7 @@ async def test_a_stream_the_linger_found_refused_leaves_no_cycle_holding_its_nex
     running = await start_sidecar()
     monkeypatch.setattr(_grpc_streams, "STREAM_LINGER_S", 0.05)
     size = 256 * 1024
-
-    async def full(events: Sequence[PredictionEvent | object]) -> IntakeResult:
-        raise SpoolFullError("no space left on the spool's disk")
-
-    monkeypatch.setattr(running.app.intake, "record", full)
+    _spool_full(running, monkeypatch)
     big_event = proto_events(1)[0]
     big_event.attributes["blob"] = "x" * size
 
