@@ -53,7 +53,7 @@ _C_ENCODER: Final[Callable[[object, int], Sequence[str]] | None] = (
 )
 # orjson reads an integer of more than 64 bits as a float; ``json`` keeps it
 # exact. A run of 19 digits anywhere (a string's included) sends the body to
-# ``json``. Found with C-speed bytes methods: ``re`` takes 16 ms on a MB of digits.
+# ``json``. Found with C-speed bytes methods: ``re`` crawls over a MB of digits.
 _DIGITS_AS_ZERO: Final = bytes.maketrans(b"123456789", b"000000000")
 _LONG_INTEGER: Final = b"0" * 19
 

@@ -103,7 +103,7 @@ def test_no_json_is_no_value() -> None:
 def test_a_large_tensor_is_canonicalised_by_orjson_not_by_json(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The point of it all: a MB of floats is not encoded by ``json`` (40 ms on the loop)."""
+    """The point of it all: a MB of floats is not encoded by ``json`` (slow, on the loop)."""
     rng = random.Random(1)
     value = {"inputs": [{"name": "x", "data": [rng.random() * 100 for _ in range(50_000)]}]}
     expected = reference(value)

@@ -200,7 +200,7 @@ async def test_a_refused_stream_still_being_written_gets_its_refusal_not_an_inte
 ) -> None:
     """A grpc.aio client still writing when the sidecar answers saw INTERNAL, metadata lost.
 
-    The race (grpc/grpc issue 36066) hit some 5 % of such calls here; the
+    The race (grpc/grpc issue 36066) hit a few of such calls in a hundred; the
     sidecar now reads what the client still sends before it answers.
     """
     monkeypatch.setattr(_grpc_streams, "MAX_EVENTS_PER_STREAM", 50)

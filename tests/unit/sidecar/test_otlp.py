@@ -820,7 +820,7 @@ async def test_a_prediction_id_that_is_not_a_string_refuses_the_prediction_not_t
 async def test_a_refused_export_leaves_no_cycle_holding_its_body(
     start_sidecar: StartSidecar, sink: OtlpSink
 ) -> None:
-    """A tester saw the sidecar grow by one body per refused export (3.9 MB each), gRPC and HTTP.
+    """A tester saw the sidecar grow by one body per refused export (MBs each), gRPC and HTTP.
 
     The body stayed in reference cycles (the retry check's task, the parse
     thread's future) that only the cyclic GC frees, which the sidecar runs seldom.
