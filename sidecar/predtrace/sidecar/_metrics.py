@@ -151,19 +151,20 @@ class SidecarMetrics(Collector):
             )
             yield _counter(
                 "oip_budget_waits",
-                "ModelInfer calls that waited for room under the proxy's in-flight byte budget "
+                "Calls that waited for room under the OIP proxy's in-flight byte budget "
                 "(16 --max-message-bytes of requests held for the model server)",
                 view.oip_budget_waits,
             )
             yield _counter(
                 "oip_slow_refusals",
-                "ModelInfer calls refused (UNAVAILABLE, retryable): their request had not arrived "
-                "0.25 s after the proxy had room for it, while 16 others were arriving slowly",
+                "OIP proxy calls refused (UNAVAILABLE, retryable): their request had not arrived "
+                "0.25 s after the proxy had room for it, while 16 others were arriving slowly; "
+                "or a streaming call while 32 were passing through",
                 view.oip_slow_refusals,
             )
             yield _gauge(
                 "oip_inflight_bytes",
-                "Bytes of ModelInfer requests the proxy holds for the model server now",
+                "Bytes of requests the OIP proxy holds for the model server now",
                 view.oip_inflight_bytes,
             )
         if view.otlp_busy_refusals is not None:

@@ -5,7 +5,9 @@ Client -> OipProxy -> **passthrough** -> model server (a connection of the
 handler): requests and responses pass untouched, with the call's metadata,
 trailers and status (rich error details and retry pushback included). A
 single request to a method known to take one goes upstream as a unary
-request (see ``passthrough``).
+request (see ``passthrough``). Requests are read within the proxy's byte
+budget, as ModelInfer's are (``_oip_reads``); streaming calls are bounded
+in number.
 """
 
 from __future__ import annotations
@@ -14,21 +16,30 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from predtrace.sidecar import _oip_reads
 from predtrace.sidecar._grpc_answers import fail_call
 from predtrace.sidecar._oip_metadata import Metadata, forwardable
-from predtrace.sidecar._oip_upstream import ChannelPool
+from predtrace.sidecar._oip_reads import RequestReads, TooManySlowError
+from predtrace.sidecar._oip_upstream import BudgetShare, ByteBudget, ChannelPool
 
 
 def passthrough_handler(
-    pool: ChannelPool, method: str, *, read_ahead: bool
+    pool: ChannelPool, method: str, budget: ByteBudget, reads: RequestReads, *, read_ahead: bool
 ) -> grpc.RpcMethodHandler[bytes, bytes]:
     """A handler passing each call of ``method`` through (``read_ahead``: see ``passthrough``)."""
 
     async def handle(
         requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> AsyncIterator[bytes]:
-        async for item in passthrough(pool, method, requests, context, read_ahead=read_ahead):
-            yield item
+        del requests  # read from the context (``RequestReads``)
+        share = budget.share()
+        try:
+            async for item in passthrough(
+                pool, method, context, share, reads, read_ahead=read_ahead
+            ):
+                yield item
+        finally:
+            share.release()
 
     return grpc.stream_stream_rpc_method_handler(handle)
 
@@ -36,8 +47,9 @@ def passthrough_handler(
 async def passthrough(
     pool: ChannelPool,
     method: str,
-    requests: AsyncIterator[bytes],
     context: grpc.aio.ServicerContext[bytes, bytes],
+    share: BudgetShare,
+    reads: RequestReads,
     *,
     read_ahead: bool,
 ) -> AsyncIterator[bytes]:
@@ -51,18 +63,63 @@ async def passthrough(
     (grpc/grpc#36066); a unary request is sent in one batch whose failure
     defers to the status the upstream sent. Calls that stream requests (or
     may: methods of other services) keep that race.
+
+    Its first request and the check that no second one follows are read
+    in the room the share takes for the largest request; the share then
+    holds them until the call ends. Any further requests, and all those of
+    a method not read ahead, are read as a stream (``read_stream``), and
+    the call counts as one of at most ``MAX_STREAMS``.
     """
     metadata = forwardable(context.invocation_metadata())
     head: list[bytes] = []
-    if read_ahead:
-        head = [item async for item in _take(requests, 2)]
+    try:
+        if read_ahead:
+            await share.take(reads.largest)
+            first = await reads.read(context, share)
+            if isinstance(first, bytes):
+                head.append(first)
+                second = await reads.read(context, share, held=len(first))
+                if isinstance(second, bytes):
+                    head.append(second)
+            share.hold(sum(map(len, head)))
+    except TooManySlowError:
+        fail_call(context, grpc.StatusCode.UNAVAILABLE, _oip_reads.too_many_slow(_name(method)))
+        return
+    # A method read ahead whose caller sent nothing goes on with no requests.
+    streams = len(head) > 1 or not read_ahead
+    if streams:
+        if reads.streams >= _oip_reads.MAX_STREAMS:
+            reads.streams_refused += 1
+            head.clear()
+            refusal = _oip_reads.too_many_streams(_name(method))
+            fail_call(context, grpc.StatusCode.UNAVAILABLE, refusal)
+            return
+        reads.streams += 1
+    try:
+        rest = reads.read_stream(context, share) if head or not read_ahead else _nothing()
+        async for item in _forward(pool, method, context, head=head, rest=rest, metadata=metadata):
+            yield item
+    finally:
+        if streams:
+            reads.streams -= 1
+
+
+async def _forward(
+    pool: ChannelPool,
+    method: str,
+    context: grpc.aio.ServicerContext[bytes, bytes],
+    *,
+    head: list[bytes],
+    rest: AsyncIterator[bytes],
+    metadata: Metadata,
+) -> AsyncIterator[bytes]:
     upstream = pool.take()
     try:
         call = _open_call(
             upstream.channel,
             method,
             head,
-            requests,
+            rest,
             metadata=metadata,
             timeout=context.time_remaining(),
         )
@@ -88,6 +145,10 @@ async def passthrough(
         pool.give_back(upstream)
 
 
+def _name(method: str) -> str:
+    return method.rsplit("/", 1)[-1]
+
+
 def fail_with(
     context: grpc.aio.ServicerContext[bytes, bytes],
     exc: grpc.aio.AioRpcError,
@@ -105,7 +166,7 @@ def _open_call(
     channel: grpc.aio.Channel,
     method: str,
     head: list[bytes],
-    requests: AsyncIterator[bytes],
+    rest: AsyncIterator[bytes],
     *,
     metadata: Metadata,
     timeout: float | None,
@@ -114,21 +175,18 @@ def _open_call(
     if len(head) == 1:
         return channel.unary_stream(method, None, None)(head[0], metadata=metadata, timeout=timeout)
     return channel.stream_stream(method, None, None)(
-        _chain(head, requests) if head else requests, metadata=metadata, timeout=timeout
+        _chain(head, rest), metadata=metadata, timeout=timeout
     )
 
 
-async def _take(items: AsyncIterator[bytes], n: int) -> AsyncIterator[bytes]:
-    """The first ``n`` items (fewer if the caller half-closes), leaving the rest."""
-    for _ in range(n):
-        item = await anext(items, None)
-        if item is None:
-            return
-        yield item
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield  # an async generator that yields nothing
 
 
 async def _chain(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    for item in head:
-        yield item
+    """``head`` (emptied as it goes: what has gone on is not kept), then ``rest``."""
+    while head:
+        yield head.pop(0)
     async for item in rest:
         yield item

@@ -16,10 +16,11 @@ bytes; a caller's id is never replaced), tells the caller the id
 headers), forwards or starts a W3C ``traceparent``, and records a prediction
 event with the version actually served, or with the error (a deadline or a
 cancellation included; ``_oip_exchange``). Requests in flight to the model
-server are held under a byte budget (``_oip_upstream.ByteBudget``): past it,
-calls wait their turn, before their request is read (its bytes stay with the
-caller, see ``model_infer``). Events are recorded off the response path
-(``_oip_recorder``): the model's answer never waits for telemetry.
+server are held under a byte budget (``_oip_upstream.ByteBudget``), those
+of the methods passed through too: past it, calls wait their turn, before
+their request is read (its bytes stay with the caller; ``_oip_reads``).
+Events are recorded off the response path (``_oip_recorder``): the model's
+answer never waits for telemetry.
 """
 
 from __future__ import annotations
@@ -39,8 +40,14 @@ from predtrace.sidecar._oip_fields import NO_FIELDS, OipFields, clean_text, read
 from predtrace.sidecar._oip_ids import PredictionIds
 from predtrace.sidecar._oip_metadata import Metadata, forwardable, trace_context
 from predtrace.sidecar._oip_passthrough import passthrough_handler
+from predtrace.sidecar._oip_reads import (
+    INFLIGHT_MESSAGES,
+    RequestReads,
+    TooManySlowError,
+    too_many_slow,
+)
 from predtrace.sidecar._oip_recorder import Recorder
-from predtrace.sidecar._oip_upstream import RECONNECT_BACKOFF, BudgetShare, ByteBudget, ChannelPool
+from predtrace.sidecar._oip_upstream import RECONNECT_BACKOFF, ByteBudget, ChannelPool
 from predtrace.sidecar.pipeline import RateLimitedLog
 from predtrace.wire import ModelRef, PredictionEvent
 
@@ -52,37 +59,15 @@ PROTOCOL: Final = "oip-v2-grpc"
 # answer that echoes the id the proxy added (up to 256 characters) is that
 # much longer than the one the caller would have had directly.
 RESPONSE_MARGIN: Final = 1024
-# Requests in flight to the model server, in maximum messages, by default.
-INFLIGHT_MESSAGES: Final = 16
 # The listener's HTTP/2 flow control. gRPC core lets a caller send as much of
 # a call's request as the call's window allows, read or not, and by default
 # grows that window (BDP probing) to whole messages. Without probing it stays
 # at 64 KiB until the handler reads (and then opens to the message being
-# read): a ModelInfer call waiting for room in the byte budget leaves its
-# request with its caller, instead of the proxy holding it in full. Loopback
-# throughput of 4 MiB requests is not lower for it (their read opens the
-# window); across a long, slow link (not measured) one upload may be.
+# read): a call waiting for room in the byte budget leaves its request with
+# its caller, instead of the proxy holding it in full. Loopback throughput of
+# 4 MiB requests is not lower for it (their read opens the window); across a
+# long, slow link (not measured) one upload may be.
 LISTENER_OPTIONS: Final = (("grpc.http2.bdp_probe", 0),)
-# A ModelInfer request not read this long after its call got room in the
-# budget is read outside it (see ``OipProxy._read_request``).
-READ_GRACE_S: Final = 0.25
-# Requests read outside the budget at once, at most: each holds what of it has
-# arrived, up to a whole message, uncounted until read. Past that, a call whose
-# request has not arrived is refused, retryable (UNAVAILABLE): kept waiting
-# with its room, it would hold up the calls behind it (callers that never send
-# would stall the proxy); read outside the budget, it would hold bytes beyond
-# any bound. The proxy's requests stay within twice the budget (the reads
-# outside it, then the budget, which takes no new call while they drain past
-# its cap).
-MAX_READS_OUTSIDE: Final = INFLIGHT_MESSAGES
-_TOO_MANY_SLOW: Final = (
-    f"ModelInfer: the request had not arrived {READ_GRACE_S:g} s after the proxy had room "
-    f"for it, and {MAX_READS_OUTSIDE} other calls' requests are arriving slowly; retry"
-)
-
-
-class _TooManySlowError(Exception):
-    """A request slow to arrive while ``MAX_READS_OUTSIDE`` others are (see ``_read_request``)."""
 
 
 # Methods known to take exactly one request: every method of the OIP v2
@@ -138,11 +123,9 @@ class OipProxy(_Handler):
         self._recorder = Recorder(intake)
         self._log = RateLimitedLog(_log)
         self._ids = PredictionIds(max_message_bytes, self._log)
+        self.reads = RequestReads(max_message_bytes)
         self.requests = 0
         self.unreadable_requests = 0  # malformed: forwarded untouched, recorded under a new id
-        self.slow_reads = 0  # requests read outside the budget: not arrived in READ_GRACE_S
-        self.reading_outside = 0  # of those, being read now (at most MAX_READS_OUTSIDE)
-        self.slow_refused = 0  # calls refused as slow past MAX_READS_OUTSIDE (UNAVAILABLE)
         del deployment  # identity is stamped by the intake's enricher
 
     @property
@@ -164,6 +147,22 @@ class OipProxy(_Handler):
     def ids_not_added(self) -> int:
         """Requests without an id too close to the message limit for the proxy to add one."""
         return self._ids.ids_not_added
+
+    @property
+    def slow_reads(self) -> int:
+        """Requests read outside the budget (not arrived ``READ_GRACE_S`` after their room)."""
+        return self.reads.slow_reads
+
+    @property
+    def reading_outside(self) -> int:
+        """Of those, being read now (at most ``MAX_READS_OUTSIDE``)."""
+        return self.reads.reading_outside
+
+    @property
+    def slow_refused(self) -> int:
+        """Calls refused (UNAVAILABLE) as slow past ``MAX_READS_OUTSIDE``, or as streams
+        past ``MAX_STREAMS``."""
+        return self.reads.slow_refused + self.reads.streams_refused
 
     @property
     def budget_waits(self) -> int:
@@ -200,7 +199,9 @@ class OipProxy(_Handler):
             # does not tell the two apart): a unary handler is called only
             # once gRPC has taken the whole request from the caller.
             return grpc.stream_unary_rpc_method_handler(self.model_infer)
-        return passthrough_handler(self._pool, method, read_ahead=_takes_one_request(method))
+        return passthrough_handler(
+            self._pool, method, self.budget, self.reads, read_ahead=_takes_one_request(method)
+        )
 
     async def model_infer(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
@@ -219,11 +220,11 @@ class OipProxy(_Handler):
         try:
             try:
                 await share.take(self._max_message_bytes)
-                request = await self._read_request(context, share)
-            except _TooManySlowError:
+                request = await self.reads.read(context, share)
+            except TooManySlowError:
                 unavailable = grpc.StatusCode.UNAVAILABLE
                 self._unread(metadata, start_ns, started, context, status=unavailable)
-                await context.abort(unavailable, _TOO_MANY_SLOW)
+                await context.abort(unavailable, too_many_slow("ModelInfer"))
             except (asyncio.CancelledError, Exception):
                 # Cancelled (a deadline, the caller), or the call ended under
                 # the read (grpc.aio then raises its own errors): recorded as
@@ -272,39 +273,6 @@ class OipProxy(_Handler):
                 self._pool.give_back(upstream)
         finally:
             share.release()
-
-    async def _read_request(
-        self, context: grpc.aio.ServicerContext[bytes, bytes], share: BudgetShare
-    ) -> object:
-        """The call's one request (``EOF`` if none came), read within ``share`` if it is quick.
-
-        Read from the context (an iterator over the request stream left
-        suspended after it would keep the request alive). A request still
-        arriving ``READ_GRACE_S`` after the call got its room (a slow link,
-        or a caller that has not sent it yet) gives the room back and is read
-        outside the budget: calls that wait on their callers never hold up
-        the others. At most ``MAX_READS_OUTSIDE`` at once.
-
-        Raises:
-            _TooManySlowError: past that (the call is to be refused).
-        """
-        read = asyncio.ensure_future(context.read())
-        outside = False
-        try:
-            done, _ = await asyncio.wait((read,), timeout=READ_GRACE_S)
-            if not done:
-                if self.reading_outside >= MAX_READS_OUTSIDE:
-                    self.slow_refused += 1
-                    raise _TooManySlowError
-                outside = True
-                self.reading_outside += 1
-                share.release()
-                self.slow_reads += 1
-            return await read
-        finally:
-            read.cancel()  # nothing once it is done; else the call is ending
-            if outside:
-                self.reading_outside -= 1
 
     @staticmethod
     def _event(

@@ -20,7 +20,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from predtrace.oip.v2 import grpc_predict_v2_pb2 as pb
-from predtrace.sidecar import _oip_fields, _oip_proxy
+from predtrace.sidecar import _oip_fields, _oip_reads
 from predtrace.sidecar._app import grpc_server_options
 from predtrace.sidecar._intake import IntakeResult
 from predtrace.sidecar._metrics import SidecarMetrics
@@ -106,6 +106,7 @@ class Model(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     async def stream(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> AsyncIterator[bytes]:
+        await self.gate.wait()
         async for _ in requests:
             if self.error is not None:
                 code, details, trailers = self.error
@@ -312,7 +313,7 @@ async def test_requests_read_outside_the_budget_are_bounded_in_number(
     # to a whole message, counted nowhere. Past the bound a call whose request
     # has not arrived is refused, retryable: neither its bytes nor its room
     # (which would hold up the calls behind it) are kept for it.
-    monkeypatch.setattr(_oip_proxy, "MAX_READS_OUTSIDE", 2)
+    monkeypatch.setattr(_oip_reads, "MAX_READS_OUTSIDE", 2)
     model, running = proxied
     proxy = proxy_of(running)
     largest = proxy._max_message_bytes
@@ -424,8 +425,7 @@ async def test_a_call_cancelled_while_its_request_is_read_is_recorded(
 _PROXY_PROCESS = """
 import asyncio, sys
 import grpc
-from predtrace.sidecar import _oip_proxy
-from predtrace.sidecar._oip_proxy import INFLIGHT_MESSAGES, READ_GRACE_S, OipProxy
+from predtrace.sidecar._oip_proxy import OipProxy
 
 class Intake:
     async def record(self, batch):
@@ -453,12 +453,15 @@ def _rss(pid: int) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+@pytest.mark.parametrize("method_name", [MODEL_INFER, MODEL_READY])
 async def test_calls_waiting_for_room_leave_their_requests_with_their_callers(
-    model: tuple[Model, str],
+    model: tuple[Model, str], method_name: str
 ) -> None:
     # gRPC takes a request from its caller as the handler reads it, and the
     # proxy reads one only when the budget has room: 32 waiting 4 MiB calls
     # (128 MiB, over two connections) do not grow the proxy by their size.
+    # The same for the methods passed through (a model server's own methods
+    # may take big requests too).
     handler, address = model
     handler.gate.clear()
     process = await asyncio.create_subprocess_exec(
@@ -475,7 +478,7 @@ async def test_calls_waiting_for_room_leave_their_requests_with_their_callers(
         try:
             request = body(4 * MiB - 1024)
             idle = _rss(process.pid)
-            methods = [channel.unary_unary(MODEL_INFER) for channel in channels]
+            methods = [channel.unary_unary(method_name) for channel in channels]
             calls = [asyncio.ensure_future(methods[i % 2](request, timeout=60)) for i in range(33)]
             await eventually(lambda: handler.arrived == 1)
             grown = 0
@@ -496,6 +499,95 @@ async def test_calls_waiting_for_room_leave_their_requests_with_their_callers(
             call.cancel()
         process.kill()
         await process.wait()
+
+
+async def test_a_slow_caller_of_a_passed_through_method_is_refused_past_the_bound(
+    proxied: tuple[Model, Running], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Passed through or looked into, a request is read within the budget,
+    # or outside it when slow, at most MAX_READS_OUTSIDE at once.
+    monkeypatch.setattr(_oip_reads, "MAX_READS_OUTSIDE", 0)
+    model, running = proxied
+    proxy = proxy_of(running)
+    async with client(running) as channel:
+        call = channel.stream_unary(MODEL_READY)(timeout=10)  # sends nothing yet
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert (info.value.details() or "").startswith("ModelReady: the request had not arrived")
+    assert proxy.slow_refused == 1
+    assert proxy.budget.used == 0
+    assert model.arrived == 0
+
+
+async def test_streaming_calls_passed_through_are_bounded_in_number(
+    proxied: tuple[Model, Running], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each may hold a message outside the budget: their number is the bound.
+    monkeypatch.setattr(_oip_reads, "MAX_STREAMS", 2)
+    _, running = proxied
+    proxy = proxy_of(running)
+    async with client(running) as channel:
+        method = channel.stream_stream(STREAM_INFER)
+        open_calls = [method(timeout=10) for _ in range(2)]
+        for call in open_calls:
+            await call.write(b"x")
+            assert await asyncio.wait_for(call.read(), 5) == b"ok"
+        refused = method(timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await refused.write(b"x")
+            await refused.read()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "2 streaming calls are passing through the proxy already" in (
+            info.value.details() or ""
+        )
+        assert proxy.slow_refused == 1  # counted with the slow refusals (on /metrics)
+        await open_calls[0].done_writing()
+        assert await open_calls[0].read() is grpc.aio.EOF
+        await eventually(lambda: proxy.reads.streams == 1)
+        again = method(iter([b"y"]), timeout=10)
+        assert [answer async for answer in again] == [b"ok"]
+        await open_calls[1].done_writing()
+        assert await open_calls[1].read() is grpc.aio.EOF
+    await eventually(lambda: proxy.reads.streams == 0)
+    assert proxy.budget.used == 0
+
+
+async def test_a_streamed_message_in_hand_counts_in_the_budget(
+    proxied: tuple[Model, Running],
+) -> None:
+    # A model server not reading its stream: once gRPC's buffers towards it
+    # are full, the message the proxy is sending it stays in hand, counted,
+    # and calls behind it wait for room.
+    model, running = proxied
+    proxy = proxy_of(running)
+    proxy.budget.cap = MiB
+    model.gate.clear()
+    async with client(running, max_send_message_length=8 * MiB) as channel:
+        stream = channel.stream_stream(STREAM_INFER)(timeout=30)
+        messages = 12
+
+        async def send() -> None:
+            for k in range(messages):
+                await stream.write(body(2 * MiB, f"s-{k}"))
+            await stream.done_writing()
+
+        sending = asyncio.ensure_future(send())
+        await eventually(lambda: proxy.budget.used > 2 * MiB)
+        await asyncio.sleep(0.5)
+        assert proxy.budget.used > 2 * MiB  # in hand while the model server does not read
+        infer = asyncio.ensure_future(
+            channel.unary_unary(MODEL_INFER)(body(100, "behind-1"), timeout=30)
+        )
+        await eventually(lambda: proxy.budget_waits == 1)
+        await asyncio.sleep(0.2)
+        assert not infer.done()
+        model.gate.set()
+        answer = pb.ModelInferResponse.FromString(await infer)
+        assert answer.id == "behind-1"
+        assert [a async for a in stream] == [b"ok"] * messages
+        await sending
+    await eventually(lambda: proxy.budget.used == 0)
 
 
 async def test_the_byte_budget_is_first_come_first_served_and_survives_cancellations() -> None:

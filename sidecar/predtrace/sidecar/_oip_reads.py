@@ -1,0 +1,135 @@
+"""How the OIP proxy reads its callers' requests: only when its byte budget has room.
+
+Client -> **RequestReads** -> OipProxy -> model server. A request's size
+is unknown until it is read, and reading it takes it whole from its caller
+(gRPC opens the call's flow-control window to the message being read), so
+a call takes room in the budget (``_oip_upstream.ByteBudget``) for the
+largest request before its first read: until then, its bytes stay with its
+caller (``LISTENER_OPTIONS``). Every call with a request to read goes this
+way, ModelInfer and the methods passed through alike: a model server's own
+methods take big requests too, and without it, callers of one of them held
+their whole requests in the proxy while the model server stalled.
+
+A call whose request has not arrived ``READ_GRACE_S`` after it got its room
+gives the room back and is read outside the budget (a slow link, or a caller
+that has not sent yet): calls waiting on their callers never hold up the
+others. At most ``MAX_READS_OUTSIDE`` at once; past that, the call is
+refused, retryable (``TooManySlowError``). The proxy's requests thus stay
+within twice the budget (the reads outside it, then the budget, which takes
+no new call while they drain past its cap).
+
+Streaming calls (``read_stream``) read each later message without taking
+room first (a stream may wait for answers before it sends again, and must
+not hold room meanwhile), charge it while in hand, and read no next one
+while the budget is over its cap; their number is bounded
+(``MAX_STREAMS``): each holds at most one message outside the budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Final
+
+import grpc
+
+from predtrace.sidecar._oip_upstream import BudgetShare
+
+# Requests in flight to the model server, in maximum messages, by default.
+INFLIGHT_MESSAGES: Final = 16
+# A request not read this long after its call got room in the budget is
+# read outside it.
+READ_GRACE_S: Final = 0.25
+# Requests read outside the budget at once, at most: each holds what of it has
+# arrived, up to a whole message, uncounted until read. Past that, a call whose
+# request has not arrived is refused, retryable (UNAVAILABLE): kept waiting
+# with its room, it would hold up the calls behind it (callers that never send
+# would stall the proxy); read outside the budget, it would hold bytes beyond
+# any bound.
+MAX_READS_OUTSIDE: Final = INFLIGHT_MESSAGES
+# Streaming calls passed through at once, at most (each may hold one message
+# read outside the budget); past that, a new one is refused, retryable.
+MAX_STREAMS: Final = 2 * INFLIGHT_MESSAGES
+
+
+def too_many_slow(method: str) -> str:
+    """The refusal's details for a call of ``method`` (the last part of its name)."""
+    return (
+        f"{method}: the request had not arrived {READ_GRACE_S:g} s after the proxy had room "
+        f"for it, and {MAX_READS_OUTSIDE} other calls' requests are arriving slowly; retry"
+    )
+
+
+def too_many_streams(method: str) -> str:
+    return (
+        f"{method}: {MAX_STREAMS} streaming calls are passing through the proxy already;"
+        " retry once one has ended"
+    )
+
+
+class TooManySlowError(Exception):
+    """A request slow to arrive while ``MAX_READS_OUTSIDE`` others are (see ``RequestReads``)."""
+
+
+class RequestReads:
+    """One proxy's reads of its callers' requests, and their counts."""
+
+    def __init__(self, largest: int) -> None:
+        self.largest = largest  # the message limit: room taken before a first read
+        self.slow_reads = 0  # requests read outside the budget: not arrived in READ_GRACE_S
+        self.reading_outside = 0  # of those, being read now (at most MAX_READS_OUTSIDE)
+        self.slow_refused = 0  # calls refused as slow past MAX_READS_OUTSIDE (UNAVAILABLE)
+        self.streams = 0  # streaming calls passing through now (at most MAX_STREAMS)
+        self.streams_refused = 0  # refused past MAX_STREAMS (UNAVAILABLE)
+
+    async def read(
+        self, context: grpc.aio.ServicerContext[bytes, bytes], share: BudgetShare, *, held: int = 0
+    ) -> object:
+        """The call's next request (``EOF`` if none came), within the room ``share`` took.
+
+        ``held``: bytes of the call's requests already in hand, what the
+        share keeps if this read goes outside the budget. Read from the
+        context (an iterator over the request stream left suspended after it
+        would keep the request alive). The caller resizes the share to what
+        it holds once the read is done (``BudgetShare.hold``).
+
+        Raises:
+            TooManySlowError: past ``MAX_READS_OUTSIDE`` slow reads (to be refused).
+        """
+        read = asyncio.ensure_future(context.read())
+        outside = False
+        try:
+            done, _ = await asyncio.wait((read,), timeout=READ_GRACE_S)
+            if not done:
+                if self.reading_outside >= MAX_READS_OUTSIDE:
+                    self.slow_refused += 1
+                    raise TooManySlowError
+                outside = True
+                self.reading_outside += 1
+                share.hold(held)
+                self.slow_reads += 1
+            return await read
+        finally:
+            read.cancel()  # nothing once it is done; else the call is ending
+            if outside:
+                self.reading_outside -= 1
+
+    async def read_stream(
+        self, context: grpc.aio.ServicerContext[bytes, bytes], share: BudgetShare
+    ) -> AsyncIterator[bytes]:
+        """A streaming call's requests, each charged to ``share`` until the next is asked
+        for (by then gRPC has sent it on).
+
+        Asked for once what the share held has gone on. A next request is
+        read only while the budget is within its cap; the wait for a request
+        that has not come holds no room.
+        """
+        share.hold(0)
+        while True:
+            await share.wait_within_cap()
+            request = await context.read()
+            if not isinstance(request, bytes):  # EOF: the caller is done
+                return
+            share.hold(len(request))
+            yield request
+            share.hold(0)
