@@ -170,6 +170,7 @@ class OtlpReceiver:
 
         Raises:
             DecodeError, RecursionError, OtlpJsonError, TooManySpansError: as ``parse``.
+            SpanIdLengthError: as ``accept``.
             SpoolError: as ``accept``.
         """
         key = await _off_loop(len(body), _export_key, body, parse is parse_json)
@@ -237,6 +238,8 @@ class OtlpReceiver:
             The Export answer, naming the prediction events refused, if any.
 
         Raises:
+            SpanIdLengthError: an id of a length OTLP does not allow; nothing
+                was spooled or forwarded.
             SpoolError: the spool refused the write; nothing was forwarded.
         """
         converted = await _off_loop(size, request_to_events, request)

@@ -22,7 +22,7 @@ from predtrace.sidecar._otlp_body import (
     decode_reason,
     rpc_status,
 )
-from predtrace.sidecar._otlp_spans import ExportResponse
+from predtrace.sidecar._otlp_spans import ExportResponse, SpanIdLengthError
 
 if TYPE_CHECKING:
     from predtrace.sidecar._otlp import OtlpReceiver
@@ -79,7 +79,7 @@ class _TraceService:
             except (DecodeError, RecursionError) as exc:
                 reason = f"malformed ExportTraceServiceRequest: {decode_reason(exc)}"
                 failed = grpc.StatusCode.INVALID_ARGUMENT, reason, ()
-            except TooManySpansError as exc:
+            except (TooManySpansError, SpanIdLengthError) as exc:
                 failed = grpc.StatusCode.INVALID_ARGUMENT, str(exc), ()
             except SpoolError as exc:
                 failed = _unavailable(str(exc))

@@ -39,7 +39,7 @@ from predtrace.sidecar._otlp_body import (
 )
 from predtrace.sidecar._otlp_export import FORWARDED_BY, OtlpForwarder
 from predtrace.sidecar._otlp_grpc import RETRY_AFTER_S
-from predtrace.sidecar._otlp_spans import ExportResponse
+from predtrace.sidecar._otlp_spans import ExportResponse, SpanIdLengthError
 from predtrace.sidecar.pipeline import RateLimitedLog
 from predtrace.wire import (
     WireTooLargeError,
@@ -172,6 +172,8 @@ class OtlpHttpListener:
             raise BodyRefusedError(413, str(exc)) from None
         except OtlpJsonError as exc:
             raise BodyRefusedError(400, f"malformed OTLP JSON body: {exc}") from None
+        except SpanIdLengthError as exc:
+            raise BodyRefusedError(400, f"malformed OTLP request: {exc}") from None
         except SpoolError as exc:
             raise BodyRefusedError(503, str(exc), retry_after=RETRY_AFTER_S) from None
 

@@ -62,6 +62,50 @@ def _described(attrs: Mapping[str, str], *keys: str) -> str:
     return next((attrs[key] for key in keys if attrs.get(key)), "")[:_MAX_VALUE_LEN]
 
 
+class SpanIdLengthError(ValueError):
+    """A span or link id of a length OTLP does not allow: the request is malformed.
+
+    An id is 16 bytes (a trace's) or 8 (a span's), or empty. The
+    OpenTelemetry Collector refuses such a request whole, as a backend the
+    sidecar forwards to may: it is refused here, before anything of it is
+    spooled or forwarded, naming the id.
+    """
+
+
+# (field, bytes) of a span's ids, and of a link's.
+_SPAN_IDS: Final = (("trace_id", 16), ("span_id", 8), ("parent_span_id", 8))
+_LINK_IDS: Final = (("trace_id", 16), ("span_id", 8))
+
+
+def _check_ids(span: trace_pb2.Span, where: str) -> None:
+    """Raise ``SpanIdLengthError`` if an id of ``span`` (at ``where``) or its links is misfit."""
+    for name, size in _SPAN_IDS:
+        have = len(getattr(span, name))
+        if have and have != size:
+            raise SpanIdLengthError(_misfit(f"{where}.{name}", have, size))
+    for index, link in enumerate(span.links):
+        for name, size in _LINK_IDS:
+            have = len(getattr(link, name))
+            if have and have != size:
+                raise SpanIdLengthError(_misfit(f"{where}.links[{index}].{name}", have, size))
+
+
+def _ids_fit(span: trace_pb2.Span) -> bool:
+    """The common case, quickly: the span's ids fit and it has no links."""
+    return (
+        len(span.trace_id) in (0, 16)
+        and len(span.span_id) in (0, 8)
+        and len(span.parent_span_id) in (0, 8)
+        and not span.links
+    )
+
+
+def _misfit(field: str, have: int, size: int) -> str:
+    return (
+        f"{field} is {have} bytes: it must be {size} ({2 * size} hex digits in OTLP/JSON), or empty"
+    )
+
+
 class UnusablePredictionSpanError(ValueError):
     """A span that carries ``predtrace.*`` attributes but cannot become a prediction event."""
 
@@ -159,12 +203,17 @@ def request_to_events(request: ExportRequest) -> Conversion:
     """Prediction events of an export request, its span count, and the spans refused one.
 
     A span refused one (``UnusablePredictionSpanError``) is listed with why.
+
+    Raises:
+        SpanIdLengthError: an id of a span or link has a length OTLP does not allow.
     """
     out = Conversion()
-    for resource_spans in request.resource_spans:
+    for r, resource_spans in enumerate(request.resource_spans):
         resource = _attrs(resource_spans.resource.attributes)
-        for scope_spans in resource_spans.scope_spans:
-            for span in scope_spans.spans:
+        for s, scope_spans in enumerate(resource_spans.scope_spans):
+            for k, span in enumerate(scope_spans.spans):
+                if not _ids_fit(span):
+                    _check_ids(span, f"resource_spans[{r}].scope_spans[{s}].spans[{k}]")
                 position, out.spans = out.spans, out.spans + 1
                 try:
                     event = span_to_event(span, resource)

@@ -408,3 +408,85 @@ def test_a_span_with_opentelemetrys_invalid_all_zero_ids_makes_an_event_without_
     span.attributes.add(key="predtrace.prediction.id").value.string_value = "zero-ids"
     (event,) = request_to_events(request).events
     assert (event.prediction_id, event.trace_id, event.span_id) == ("zero-ids", b"", b"")
+
+
+# -- ids of a length OTLP does not allow ---------------------------------------------------
+
+
+def _misfit_id_request(where: str) -> ExportRequest:
+    """A good prediction span, then one whose ``where`` id is 5 bytes long."""
+    request = ExportRequest()
+    scope = request.resource_spans.add().scope_spans.add()
+    good = scope.spans.add(name="predict", trace_id=b"t" * 16, span_id=b"s" * 8)
+    good.attributes.add(key="predtrace.prediction.id").value.string_value = "misfit-good"
+    bad = scope.spans.add(name="predict", trace_id=b"t" * 16, span_id=b"u" * 8)
+    bad.attributes.add(key="predtrace.prediction.id").value.string_value = "misfit-bad"
+    if where == "link":
+        bad.links.add(trace_id=b"t" * 16, span_id=b"x" * 5)
+    else:
+        setattr(bad, where, b"x" * 5)
+    return request
+
+
+_MISFITS = {
+    "trace_id": "resource_spans[0].scope_spans[0].spans[1].trace_id is 5 bytes: it must be 16",
+    "span_id": "resource_spans[0].scope_spans[0].spans[1].span_id is 5 bytes: it must be 8",
+    "parent_span_id": "spans[1].parent_span_id is 5 bytes: it must be 8",
+    "link": "resource_spans[0].scope_spans[0].spans[1].links[0].span_id is 5 bytes: it must be 8",
+}
+
+
+@pytest.mark.parametrize("where", list(_MISFITS))
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+async def test_an_id_of_a_length_otlp_does_not_allow_is_refused_and_nothing_kept(
+    start_sidecar: StartSidecar, sink: Sink, transport: str, where: str
+) -> None:
+    # Forwarded, it would get the whole request refused by a strict backend
+    # (the OpenTelemetry Collector refuses it): refused here, naming the id.
+    running: Running = await start_sidecar(otlp_listen="127.0.0.1:0", otlp_export=sink.url)
+    body = _misfit_id_request(where).SerializeToString()
+    if transport == "grpc":
+        async with grpc.aio.insecure_channel(running.app.addresses["otlp-grpc"]) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await channel.unary_unary(EXPORT)(body)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        reason = info.value.details() or ""
+    else:
+        url = f"http://{running.app.addresses['otlp-http']}/v1/traces"
+        headers = {"Content-Type": "application/x-protobuf"}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, data=body, headers=headers) as resp,
+        ):
+            assert resp.status == 400
+            reason = status_pb2.Status.FromString(await resp.read()).message  # as it was sent
+    assert _MISFITS[where] in reason, reason
+    # The good span of the same request was neither spooled nor forwarded;
+    # a request with fitting (or empty) ids still goes through.
+    fitting = _misfit_id_request("trace_id")
+    fitting.resource_spans[0].scope_spans[0].spans[1].trace_id = b""
+    answer = await _export(running, transport, fitting)
+    assert not answer.partial_success.error_message
+    await eventually(lambda: len(running.collector.events()) == 2)
+    assert sorted(e.prediction_id for e in running.collector.events()) == [
+        "misfit-bad",
+        "misfit-good",
+    ]
+    await eventually(lambda: len(sink.spans()) == 2)
+    assert len(sink.requests) == 1
+
+
+async def test_an_otlp_json_id_of_the_wrong_length_is_refused_400_naming_it(
+    start_sidecar: StartSidecar,
+) -> None:
+    running: Running = await start_sidecar(otlp_listen="127.0.0.1:0")
+    url = f"http://{running.app.addresses['otlp-http']}/v1/traces"
+    short = {**_GOOD, "traceId": "5b8efff798038103"}  # 8 bytes where 16 belong
+    async with aiohttp.ClientSession() as session, session.post(url, json=_body(short)) as resp:
+        assert resp.status == 400
+        reason = await _refusal_reason(resp)
+    assert reason == (
+        "malformed OTLP request: resource_spans[0].scope_spans[0].spans[0].trace_id is 8 bytes:"
+        " it must be 16 (32 hex digits in OTLP/JSON), or empty"
+    )
+    assert running.collector.events() == []
