@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Iterator
 from typing import Final, TypeAlias
 
@@ -33,15 +34,17 @@ class OtlpJsonError(ValueError):
     """An OTLP/JSON body that does not describe an ExportTraceServiceRequest."""
 
 
-# OTLP/JSON writes these bytes fields as hex, where protobuf's JSON mapping says base64.
-_HEX_ID_FIELDS: Final = (
-    "traceId",
-    "spanId",
-    "parentSpanId",
-    "trace_id",
-    "span_id",
-    "parent_span_id",
-)
+# OTLP/JSON writes these bytes fields as hex, where protobuf's JSON mapping says
+# base64: each with the hex digits it takes (16 bytes for a trace, 8 for a span).
+_HEX_ID_FIELDS: Final = {
+    "traceId": 32,
+    "spanId": 16,
+    "parentSpanId": 16,
+    "trace_id": 32,
+    "span_id": 16,
+    "parent_span_id": 16,
+}
+_HEX: Final = re.compile(r"[0-9a-fA-F]*")
 # The messages whose ids are hex in OTLP/JSON.
 _WITH_HEX_IDS: Final = frozenset(
     {trace_pb2.Span.DESCRIPTOR.full_name, trace_pb2.Span.Link.DESCRIPTOR.full_name}
@@ -62,13 +65,22 @@ def _path(place: _Place) -> str:
 
 
 def _hex_ids_to_base64(item: dict[str, object], place: _Place) -> None:
-    for key in _HEX_ID_FIELDS:
+    """Turn the hex ids of a span or link into base64, checking their digits and length.
+
+    An id of the wrong length is refused here, naming it as written (the
+    conversion would refuse its bytes too: ``_otlp_spans.SpanIdLengthError``).
+    """
+    for key, digits in _HEX_ID_FIELDS.items():
         value = item.get(key)
         if isinstance(value, str) and value:
-            try:
-                item[key] = base64.b64encode(bytes.fromhex(value)).decode()
-            except ValueError:
-                raise OtlpJsonError(f"{_path((place, key, None))} must be hex") from None
+            if not _HEX.fullmatch(value):  # bytes.fromhex would also take spaces
+                raise OtlpJsonError(f"{_path((place, key, None))} must be hex")
+            if len(value) != digits:
+                raise OtlpJsonError(
+                    f"{_path((place, key, None))} is {len(value)} hex digits: it must be"
+                    f" {digits}, or empty"
+                )
+            item[key] = base64.b64encode(bytes.fromhex(value)).decode()
 
 
 class _Type:

@@ -101,9 +101,8 @@ def _ids_fit(span: trace_pb2.Span) -> bool:
 
 
 def _misfit(field: str, have: int, size: int) -> str:
-    return (
-        f"{field} is {have} bytes: it must be {size} ({2 * size} hex digits in OTLP/JSON), or empty"
-    )
+    # (An OTLP/JSON body's ids are checked as hex, with their names as written.)
+    return f"{field} is {have} bytes: it must be {size}, or empty"
 
 
 class UnusablePredictionSpanError(ValueError):

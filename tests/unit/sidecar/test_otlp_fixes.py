@@ -429,7 +429,7 @@ def _misfit_id_request(where: str) -> ExportRequest:
 
 
 _MISFITS = {
-    "trace_id": "resource_spans[0].scope_spans[0].spans[1].trace_id is 5 bytes: it must be 16",
+    "trace_id": "resource_spans[0].scope_spans[0].spans[1].trace_id is 5 bytes: it must be 16,",
     "span_id": "resource_spans[0].scope_spans[0].spans[1].span_id is 5 bytes: it must be 8",
     "parent_span_id": "spans[1].parent_span_id is 5 bytes: it must be 8",
     "link": "resource_spans[0].scope_spans[0].spans[1].links[0].span_id is 5 bytes: it must be 8",
@@ -476,6 +476,44 @@ async def test_an_id_of_a_length_otlp_does_not_allow_is_refused_and_nothing_kept
     assert len(sink.requests) == 1
 
 
+_JSON_MISFITS = [
+    pytest.param(
+        {"traceId": "5b8efff798038103"},
+        "spans[0].traceId is 16 hex digits: it must be 32, or empty",
+        id="short-trace-id",
+    ),
+    pytest.param(  # odd: not "must be hex"
+        {"traceId": _TRACE[:-1]},
+        "spans[0].traceId is 31 hex digits: it must be 32, or empty",
+        id="odd-trace-id",
+    ),
+    pytest.param(
+        {"parent_span_id": "eee19b7ec3c1b17400"},
+        "spans[0].parent_span_id is 18 hex digits: it must be 16, or empty",
+        id="snake-case-parent",
+    ),
+    pytest.param(
+        {"links": [{"traceId": _TRACE, "spanId": "eee19b"}]},
+        "spans[0].links[0].spanId is 6 hex digits: it must be 16, or empty",
+        id="link-span-id",
+    ),
+    pytest.param(  # bytes.fromhex would take the spaces
+        {"traceId": "5b8efff7 98038103 d269b633 813fc60c"},
+        "spans[0].traceId must be hex",
+        id="spaces",
+    ),
+]
+
+
+@pytest.mark.parametrize(("fields", "reason"), _JSON_MISFITS)
+def test_an_otlp_json_id_of_the_wrong_length_or_not_hex_is_named_as_written(
+    fields: dict[str, object], reason: str
+) -> None:
+    with pytest.raises(OtlpJsonError) as raised:
+        parse_json(json.dumps(_body({**_GOOD, **fields})).encode())
+    assert str(raised.value) == f"resourceSpans[0].scopeSpans[0].{reason}"
+
+
 async def test_an_otlp_json_id_of_the_wrong_length_is_refused_400_naming_it(
     start_sidecar: StartSidecar,
 ) -> None:
@@ -486,7 +524,7 @@ async def test_an_otlp_json_id_of_the_wrong_length_is_refused_400_naming_it(
         assert resp.status == 400
         reason = await _refusal_reason(resp)
     assert reason == (
-        "malformed OTLP request: resource_spans[0].scope_spans[0].spans[0].trace_id is 8 bytes:"
-        " it must be 16 (32 hex digits in OTLP/JSON), or empty"
+        "malformed OTLP JSON body: resourceSpans[0].scopeSpans[0].spans[0].traceId is 16 hex"
+        " digits: it must be 32, or empty"
     )
     assert running.collector.events() == []
