@@ -279,7 +279,7 @@ class SidecarApp:
             oip_ids_not_added=sum(proxy.ids_not_added for proxy in self._proxies),
             oip_budget_waits=sum(proxy.budget_waits for proxy in self._proxies),
             oip_slow_refusals=sum(proxy.slow_refused for proxy in self._proxies),
-            oip_inflight_bytes=sum(proxy.budget.used for proxy in self._proxies),
+            oip_inflight_bytes=sum(proxy.inflight_bytes for proxy in self._proxies),
             stream_held_bytes=self.grpc_source.held_bytes if self.grpc_source else 0,
             otlp_busy_refusals=dict(self._otlp.budget_refusals) if self._otlp else None,
             otlp_duplicate_exports=self._otlp.duplicate_exports if self._otlp else None,

@@ -151,8 +151,9 @@ class SidecarMetrics(Collector):
             )
             yield _counter(
                 "oip_budget_waits",
-                "Calls that waited for room under the OIP proxy's in-flight byte budget "
-                "(16 --max-message-bytes of requests held for the model server)",
+                "Calls that waited for room under the OIP proxy's in-flight byte budgets "
+                "(16 --max-message-bytes of ModelInfer requests held for the model server, "
+                "4 of other methods' requests)",
                 view.oip_budget_waits,
             )
             yield _counter(

@@ -16,11 +16,11 @@ bytes; a caller's id is never replaced), tells the caller the id
 headers), forwards or starts a W3C ``traceparent``, and records a prediction
 event with the version actually served, or with the error (a deadline or a
 cancellation included; ``_oip_exchange``). Requests in flight to the model
-server are held under a byte budget (``_oip_upstream.ByteBudget``), those
-of the methods passed through too: past it, calls wait their turn, before
-their request is read (its bytes stay with the caller; ``_oip_reads``).
-Events are recorded off the response path (``_oip_recorder``): the model's
-answer never waits for telemetry.
+server are held under a byte budget (``_oip_upstream.ByteBudget``), ModelInfer's
+and the other methods' apart: past it, calls wait their turn, before their
+request is read (its bytes stay with the caller; ``_oip_reads``). Events are
+recorded off the response path (``_oip_recorder``): the model's answer never
+waits for telemetry.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ from predtrace.sidecar._oip_exchange import cancel_status, forward
 from predtrace.sidecar._oip_fields import NO_FIELDS, OipFields, clean_text, read_fields
 from predtrace.sidecar._oip_ids import PredictionIds
 from predtrace.sidecar._oip_metadata import Metadata, forwardable, trace_context
-from predtrace.sidecar._oip_passthrough import passthrough_handler
+from predtrace.sidecar._oip_passthrough import Reads, passthrough_handler
 from predtrace.sidecar._oip_reads import (
     INFLIGHT_MESSAGES,
+    PASSTHROUGH_MESSAGES,
     RequestReads,
     TooManySlowError,
     too_many_slow,
@@ -63,10 +64,10 @@ RESPONSE_MARGIN: Final = 1024
 # a call's request as the call's window allows, read or not, and by default
 # grows that window (BDP probing) to whole messages. Without probing it stays
 # at 64 KiB until the handler reads (and then opens to the message being
-# read): a call waiting for room in the byte budget leaves its request with
-# its caller, instead of the proxy holding it in full. Loopback throughput of
-# 4 MiB requests is not lower for it (their read opens the window); across a
-# long, slow link (not measured) one upload may be.
+# read): a ModelInfer call waiting for room in the byte budget leaves its
+# request with its caller, instead of the proxy holding it in full. Loopback
+# throughput of 4 MiB requests is not lower for it (their read opens the
+# window); across a long, slow link (not measured) one upload may be.
 LISTENER_OPTIONS: Final = (("grpc.http2.bdp_probe", 0),)
 
 
@@ -120,10 +121,14 @@ class OipProxy(_Handler):
         ]
         self._pool = ChannelPool(upstream, options, MODEL_INFER)
         self.budget = ByteBudget(max_inflight_bytes or INFLIGHT_MESSAGES * max_message_bytes)
+        # The methods passed through read theirs within a budget of their own.
+        self.passthrough = Reads(
+            ByteBudget(PASSTHROUGH_MESSAGES * max_message_bytes), max_message_bytes, RequestReads()
+        )
         self._recorder = Recorder(intake)
         self._log = RateLimitedLog(_log)
         self._ids = PredictionIds(max_message_bytes, self._log)
-        self.reads = RequestReads(max_message_bytes)
+        self.reads = RequestReads()
         self.requests = 0
         self.unreadable_requests = 0  # malformed: forwarded untouched, recorded under a new id
         del deployment  # identity is stamped by the intake's enricher
@@ -150,7 +155,8 @@ class OipProxy(_Handler):
 
     @property
     def slow_reads(self) -> int:
-        """Requests read outside the budget (not arrived ``READ_GRACE_S`` after their room)."""
+        """ModelInfer requests read outside the budget (not arrived ``READ_GRACE_S`` after
+        their room)."""
         return self.reads.slow_reads
 
     @property
@@ -161,13 +167,20 @@ class OipProxy(_Handler):
     @property
     def slow_refused(self) -> int:
         """Calls refused (UNAVAILABLE) as slow past ``MAX_READS_OUTSIDE``, or as streams
-        past ``MAX_STREAMS``."""
-        return self.reads.slow_refused + self.reads.streams_refused
+        past ``MAX_STREAMS`` (``_oip_reads``)."""
+        passed = self.passthrough.reads
+        return self.reads.slow_refused + passed.slow_refused + passed.streams_refused
+
+    @property
+    def inflight_bytes(self) -> int:
+        """Request bytes held for the model server now, in both budgets."""
+        return self.budget.used + self.passthrough.budget.used
 
     @property
     def budget_waits(self) -> int:
-        """ModelInfer calls that waited for room in the in-flight byte budget."""
-        return self.budget.waits
+        """Calls that waited for room in an in-flight byte budget (ModelInfer's, or the
+        other methods')."""
+        return self.budget.waits + self.passthrough.budget.waits
 
     @property
     def upstream_connections(self) -> int:
@@ -200,7 +213,7 @@ class OipProxy(_Handler):
             # once gRPC has taken the whole request from the caller.
             return grpc.stream_unary_rpc_method_handler(self.model_infer)
         return passthrough_handler(
-            self._pool, method, self.budget, self.reads, read_ahead=_takes_one_request(method)
+            self._pool, method, self.passthrough, one_request=_takes_one_request(method)
         )
 
     async def model_infer(

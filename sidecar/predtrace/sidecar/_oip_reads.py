@@ -1,34 +1,34 @@
-"""How the OIP proxy reads its callers' requests: only when its byte budget has room.
+"""How the OIP proxy reads its callers' requests, within bounds.
 
 Client -> **RequestReads** -> OipProxy -> model server. A request's size
 is unknown until it is read, and reading it takes it whole from its caller
-(gRPC opens the call's flow-control window to the message being read), so
-a call takes room in the budget (``_oip_upstream.ByteBudget``) for the
-largest request before its first read: until then, its bytes stay with its
-caller (``LISTENER_OPTIONS``). Every call with a request to read goes this
-way, ModelInfer and the methods passed through alike: a model server's own
-methods take big requests too, and without it, callers of one of them held
-their whole requests in the proxy while the model server stalled.
+(gRPC opens the call's flow-control window to the message being read);
+until then its bytes stay with its caller (``LISTENER_OPTIONS``).
 
-A call whose request has not arrived ``READ_GRACE_S`` after it got its room
-gives the room back and is read outside the budget (a slow link, or a caller
-that has not sent yet): calls waiting on their callers never hold up the
-others. At most ``MAX_READS_OUTSIDE`` at once; past that, the call is
-refused, retryable (``TooManySlowError``). The proxy's requests thus stay
-within twice the budget (the reads outside it, then the budget, which takes
-no new call while they drain past its cap).
+A call takes room in a byte budget (``_oip_upstream.ByteBudget``) for the
+largest request before its read (``read``), and then holds its request's
+own size. A call whose request has not arrived ``READ_GRACE_S`` after it
+got its room gives the room back and is read outside the budget (a slow
+link, or a caller that has not sent yet): calls waiting on their callers
+never hold up the others. At most ``MAX_READS_OUTSIDE`` at once; past that,
+the call is refused, retryable (``TooManySlowError``). Its requests thus
+stay within twice the budget (the reads outside it, then the budget, which
+takes no new call while they drain past its cap).
 
-Streaming calls (``read_stream``) read each later message without taking
-room first (a stream may wait for answers before it sends again, and must
-not hold room meanwhile), charge it while in hand, and read no next one
-while the budget is over its cap; their number is bounded
-(``MAX_STREAMS``): each holds at most one message outside the budget.
+ModelInfer calls have a budget of their own, and so do the methods passed
+through that take one request (``PASSTHROUGH_MESSAGES``): a health check
+never waits in line behind inference, and callers of a model server's own
+methods no longer hold their whole requests in the proxy while the model
+server stalls. Streaming calls passed through are bounded in number
+instead (``MAX_STREAMS``; each holds one message at a time, the one it is
+sending on): charged to a budget, the message of a stream whose caller
+leaves the answers unread (it stays in hand, by flow control) held up
+every call behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Final
 
 import grpc
@@ -47,8 +47,12 @@ READ_GRACE_S: Final = 0.25
 # would stall the proxy); read outside the budget, it would hold bytes beyond
 # any bound.
 MAX_READS_OUTSIDE: Final = INFLIGHT_MESSAGES
-# Streaming calls passed through at once, at most (each may hold one message
-# read outside the budget); past that, a new one is refused, retryable.
+# Requests of the methods passed through that take one request, in flight to
+# the model server at once, in maximum messages (metadata and health checks:
+# small, and each holds its own size once read).
+PASSTHROUGH_MESSAGES: Final = 4
+# Streaming calls passed through at once, at most; past that, a new one is
+# refused, retryable.
 MAX_STREAMS: Final = 2 * INFLIGHT_MESSAGES
 
 
@@ -61,6 +65,7 @@ def too_many_slow(method: str) -> str:
 
 
 def too_many_streams(method: str) -> str:
+    """The refusal's details for a streaming call of ``method`` past ``MAX_STREAMS``."""
     return (
         f"{method}: {MAX_STREAMS} streaming calls are passing through the proxy already;"
         " retry once one has ended"
@@ -74,8 +79,7 @@ class TooManySlowError(Exception):
 class RequestReads:
     """One proxy's reads of its callers' requests, and their counts."""
 
-    def __init__(self, largest: int) -> None:
-        self.largest = largest  # the message limit: room taken before a first read
+    def __init__(self) -> None:
         self.slow_reads = 0  # requests read outside the budget: not arrived in READ_GRACE_S
         self.reading_outside = 0  # of those, being read now (at most MAX_READS_OUTSIDE)
         self.slow_refused = 0  # calls refused as slow past MAX_READS_OUTSIDE (UNAVAILABLE)
@@ -83,15 +87,14 @@ class RequestReads:
         self.streams_refused = 0  # refused past MAX_STREAMS (UNAVAILABLE)
 
     async def read(
-        self, context: grpc.aio.ServicerContext[bytes, bytes], share: BudgetShare, *, held: int = 0
+        self, context: grpc.aio.ServicerContext[bytes, bytes], share: BudgetShare
     ) -> object:
-        """The call's next request (``EOF`` if none came), within the room ``share`` took.
+        """The call's request (``EOF`` if none came), within the room ``share`` took.
 
-        ``held``: bytes of the call's requests already in hand, what the
-        share keeps if this read goes outside the budget. Read from the
-        context (an iterator over the request stream left suspended after it
-        would keep the request alive). The caller resizes the share to what
-        it holds once the read is done (``BudgetShare.hold``).
+        Read from the context (an iterator over the request stream left
+        suspended after it would keep the request alive). A read outside the
+        budget gives the share's room back; the caller resizes the share to
+        what it holds once the read is done (``BudgetShare.hold``).
 
         Raises:
             TooManySlowError: past ``MAX_READS_OUTSIDE`` slow reads (to be refused).
@@ -106,30 +109,10 @@ class RequestReads:
                     raise TooManySlowError
                 outside = True
                 self.reading_outside += 1
-                share.hold(held)
+                share.release()
                 self.slow_reads += 1
             return await read
         finally:
             read.cancel()  # nothing once it is done; else the call is ending
             if outside:
                 self.reading_outside -= 1
-
-    async def read_stream(
-        self, context: grpc.aio.ServicerContext[bytes, bytes], share: BudgetShare
-    ) -> AsyncIterator[bytes]:
-        """A streaming call's requests, each charged to ``share`` until the next is asked
-        for (by then gRPC has sent it on).
-
-        Asked for once what the share held has gone on. A next request is
-        read only while the budget is within its cap; the wait for a request
-        that has not come holds no room.
-        """
-        share.hold(0)
-        while True:
-            await share.wait_within_cap()
-            request = await context.read()
-            if not isinstance(request, bytes):  # EOF: the caller is done
-                return
-            share.hold(len(request))
-            yield request
-            share.hold(0)

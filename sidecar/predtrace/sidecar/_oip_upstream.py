@@ -174,10 +174,6 @@ class BudgetShare:
         await self._budget.acquire(size)
         self.amount = size
 
-    async def wait_within_cap(self) -> None:
-        """Wait, in turn, until the budget is within its cap (the share holding nothing)."""
-        await self._budget.acquire(0)
-
     def hold(self, size: int) -> None:
         """Hold ``size`` bytes now, instead of what the share holds, past the cap if need be.
 

@@ -30,6 +30,7 @@ from predtrace.sidecar._oip_upstream import ByteBudget
 from predtrace.sidecar._protowire import encode_varint
 from predtrace.wire import Rejection, Status, uuid7_timestamp_ms
 from tests.reliability.sidecar.polling import eventually
+from tests.unit.sidecar.cycles import CycleWatch
 
 from .conftest import Running, StartSidecar
 
@@ -37,6 +38,7 @@ MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 MODEL_READY = "/inference.GRPCInferenceService/ModelReady"
 SERVER_METADATA = "/inference.GRPCInferenceService/ServerMetadata"
 STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 MiB = 1024 * 1024
 
 
@@ -68,8 +70,12 @@ class Model(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         self.reply: bytes | None = None
         self.echo_onto: bytes | None = None  # a reply the request's id is appended to
         self.metadata: list[tuple[str, Any]] = []
+        self.ungated: set[str] = set()  # methods answered at once, the gate closed or not
+        self.stream_reply = b"ok"
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:  # type: ignore[type-arg]
+        if details.method in self.ungated:
+            return grpc.unary_unary_rpc_method_handler(self.quick)
         if details.method == STREAM_INFER:
             return grpc.stream_stream_rpc_method_handler(self.stream)
         if details.method.startswith("/inference.GRPCInferenceService/"):
@@ -103,6 +109,9 @@ class Model(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             model_name="churn", model_version="7", id=echoed or ""
         ).SerializeToString()
 
+    async def quick(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        return b"quick"
+
     async def stream(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> AsyncIterator[bytes]:
@@ -111,7 +120,7 @@ class Model(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             if self.error is not None:
                 code, details, trailers = self.error
                 await context.abort(code, details, trailers)
-            yield b"ok"
+            yield self.stream_reply
 
 
 @contextlib.asynccontextmanager
@@ -453,15 +462,12 @@ def _rss(pid: int) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
-@pytest.mark.parametrize("method_name", [MODEL_INFER, MODEL_READY])
 async def test_calls_waiting_for_room_leave_their_requests_with_their_callers(
-    model: tuple[Model, str], method_name: str
+    model: tuple[Model, str],
 ) -> None:
     # gRPC takes a request from its caller as the handler reads it, and the
     # proxy reads one only when the budget has room: 32 waiting 4 MiB calls
     # (128 MiB, over two connections) do not grow the proxy by their size.
-    # The same for the methods passed through (a model server's own methods
-    # may take big requests too).
     handler, address = model
     handler.gate.clear()
     process = await asyncio.create_subprocess_exec(
@@ -478,7 +484,7 @@ async def test_calls_waiting_for_room_leave_their_requests_with_their_callers(
         try:
             request = body(4 * MiB - 1024)
             idle = _rss(process.pid)
-            methods = [channel.unary_unary(method_name) for channel in channels]
+            methods = [channel.unary_unary(MODEL_INFER) for channel in channels]
             calls = [asyncio.ensure_future(methods[i % 2](request, timeout=60)) for i in range(33)]
             await eventually(lambda: handler.arrived == 1)
             grown = 0
@@ -501,29 +507,114 @@ async def test_calls_waiting_for_room_leave_their_requests_with_their_callers(
         await process.wait()
 
 
-async def test_a_slow_caller_of_a_passed_through_method_is_refused_past_the_bound(
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+async def test_calls_of_a_method_passed_through_wait_for_room_in_a_budget_of_their_own(
+    model: tuple[Model, str],
+) -> None:
+    # A model server's own methods may take big requests too: against a
+    # stalled model server, 33 callers of 4 MiB ModelReady requests held
+    # them all in the proxy. They now wait for room as ModelInfer calls do,
+    # in a budget of four such requests.
+    handler, address = model
+    handler.gate.clear()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _PROXY_PROCESS, address, stdout=asyncio.subprocess.PIPE
+    )
+    calls: list[asyncio.Future[bytes]] = []
+    try:
+        assert process.stdout is not None
+        port = int(await asyncio.wait_for(process.stdout.readline(), 30))
+        options = [("grpc.max_send_message_length", 8 * MiB)]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+            request = body(4 * MiB - 1024)
+            idle = _rss(process.pid)
+            method = channel.unary_unary(MODEL_READY)
+            calls = [asyncio.ensure_future(method(request, timeout=60)) for _ in range(33)]
+            await eventually(lambda: handler.arrived == _oip_reads.PASSTHROUGH_MESSAGES)
+            grown = 0
+            for _ in range(10):  # the requests would be taken within a second on loopback
+                await asyncio.sleep(0.2)
+                grown = max(grown, _rss(process.pid) - idle)
+            assert handler.arrived == _oip_reads.PASSTHROUGH_MESSAGES  # the others wait
+            assert grown < 64 * MiB  # four requests and their copies; not 33 of them
+            handler.gate.set()
+            assert len(await asyncio.gather(*calls)) == 33
+    finally:
+        handler.gate.set()
+        for call in calls:
+            call.cancel()
+        process.kill()
+        await process.wait()
+
+
+@pytest.mark.parametrize(
+    "method", [MODEL_READY, "/inference.GRPCInferenceService/ServerLive", HEALTH_CHECK]
+)
+async def test_a_health_check_passed_through_never_waits_behind_inference(
+    start_sidecar: StartSidecar, model: tuple[Model, str], method: str
+) -> None:
+    # ModelInfer calls fill the byte budget; a liveness or readiness probe
+    # through the proxy is still answered at once.
+    handler, address = model
+    limit = 64 * 1024
+    running = await start_sidecar(oip_proxies=(("127.0.0.1:0", address),), max_message_bytes=limit)
+    proxy = proxy_of(running)
+    handler.ungated = {method}
+    handler.gate.clear()
+    async with client(running) as channel:
+        infer = channel.unary_unary(MODEL_INFER)
+        held = [asyncio.ensure_future(infer(body(limit - 1024), timeout=30)) for _ in range(17)]
+        await eventually(lambda: handler.arrived == INFLIGHT_MESSAGES)
+        await eventually(lambda: proxy.budget_waits == 1)  # the budget is full: one waits
+        assert await channel.unary_unary(method)(b"", timeout=3) == b"quick"
+        handler.gate.set()
+        await asyncio.gather(*held)
+    await eventually(lambda: proxy.budget.used == 0)
+
+
+async def test_a_caller_of_a_method_passed_through_that_never_sends_is_refused_past_the_bound(
     proxied: tuple[Model, Running], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Passed through or looked into, a request is read within the budget,
-    # or outside it when slow, at most MAX_READS_OUTSIDE at once.
+    # Read outside the budget when slow, at most MAX_READS_OUTSIDE at once.
     monkeypatch.setattr(_oip_reads, "MAX_READS_OUTSIDE", 0)
     model, running = proxied
     proxy = proxy_of(running)
     async with client(running) as channel:
-        call = channel.stream_unary(MODEL_READY)(timeout=10)  # sends nothing yet
+        call = channel.stream_unary(MODEL_READY)(timeout=10)  # sends nothing
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await call
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert (info.value.details() or "").startswith("ModelReady: the request had not arrived")
-    assert proxy.slow_refused == 1
-    assert proxy.budget.used == 0
-    assert model.arrived == 0
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert (info.value.details() or "").startswith("ModelReady: the request had not arrived")
+        assert proxy.slow_refused == 1  # on /metrics with the other refusals
+        # Quick callers are not held up meanwhile.
+        assert await channel.unary_unary(MODEL_READY)(body(10), timeout=5)
+    assert proxy.passthrough.budget.used == 0
+    assert model.arrived == 1
+
+
+async def test_a_one_request_caller_that_does_not_half_close_is_answered(
+    proxied: tuple[Model, Running],
+) -> None:
+    # It is answered by the model server called directly; through the proxy
+    # it waited for a half-close that never came (and held a slow-read slot).
+    model, running = proxied
+    proxy = proxy_of(running)
+    async with client(running) as channel:
+        call = channel.stream_unary(MODEL_READY)(timeout=10)
+        await call.write(body(10, "open-1"))
+        answer = pb.ModelInferResponse.FromString(await asyncio.wait_for(call, 5))
+        assert answer.id == "open-1"
+        passed = proxy.passthrough.reads
+        assert passed.reading_outside == passed.slow_reads == 0
+    await eventually(lambda: proxy.passthrough.reads.streams == 0)
+    assert proxy.inflight_bytes == 0
+    assert model.arrived == 1
 
 
 async def test_streaming_calls_passed_through_are_bounded_in_number(
     proxied: tuple[Model, Running], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Each may hold a message outside the budget: their number is the bound.
+    # Each may hold a message in hand: their number is the bound.
     monkeypatch.setattr(_oip_reads, "MAX_STREAMS", 2)
     _, running = proxied
     proxy = proxy_of(running)
@@ -544,50 +635,71 @@ async def test_streaming_calls_passed_through_are_bounded_in_number(
         assert proxy.slow_refused == 1  # counted with the slow refusals (on /metrics)
         await open_calls[0].done_writing()
         assert await open_calls[0].read() is grpc.aio.EOF
-        await eventually(lambda: proxy.reads.streams == 1)
+        await eventually(lambda: proxy.passthrough.reads.streams == 1)
         again = method(iter([b"y"]), timeout=10)
         assert [answer async for answer in again] == [b"ok"]
         await open_calls[1].done_writing()
         assert await open_calls[1].read() is grpc.aio.EOF
-    await eventually(lambda: proxy.reads.streams == 0)
+    await eventually(lambda: proxy.passthrough.reads.streams == 0)
     assert proxy.budget.used == 0
 
 
-async def test_a_streamed_message_in_hand_counts_in_the_budget(
+async def test_streams_whose_callers_leave_answers_unread_hold_up_no_inference(
+    start_sidecar: StartSidecar, model: tuple[Model, str]
+) -> None:
+    # Such a stream's message stays in hand (flow control): charged to the
+    # byte budget, twenty of them held up every ModelInfer call.
+    handler, address = model
+    size = 256 * 1024
+    handler.stream_reply = b"a" * (size - 1024)  # answers as big as the requests
+    running = await start_sidecar(oip_proxies=(("127.0.0.1:0", address),), max_message_bytes=size)
+    proxy = proxy_of(running)
+    target = running.app.addresses["oip-proxy"]
+    channels = [grpc.aio.insecure_channel(target) for _ in range(20)]
+    calls = [channel.stream_stream(STREAM_INFER)() for channel in channels]
+
+    async def write_on(call: Any) -> None:
+        while True:
+            await call.write(b"r" * (size - 1024))
+
+    writers = [asyncio.ensure_future(write_on(call)) for call in calls]
+    try:
+        await asyncio.sleep(2)  # long enough for every stream to fill its windows
+        assert proxy.passthrough.reads.streams == 20
+        async with grpc.aio.insecure_channel(target) as channel:
+            answer = await channel.unary_unary(MODEL_INFER)(body(100, "through-1"), timeout=5)
+        assert pb.ModelInferResponse.FromString(answer).id == "through-1"
+    finally:
+        for writer in writers:
+            writer.cancel()
+        for call in calls:
+            call.cancel()
+        for channel in channels:
+            await channel.close(None)
+    await eventually(lambda: proxy.passthrough.reads.streams == 0)
+    assert proxy.budget.used == 0
+
+
+async def test_a_cancelled_or_expired_one_request_call_keeps_no_request_in_a_cycle(
     proxied: tuple[Model, Running],
 ) -> None:
-    # A model server not reading its stream: once gRPC's buffers towards it
-    # are full, the message the proxy is sending it stays in hand, counted,
-    # and calls behind it wait for room.
+    # A unary-stream call upstream, cancelled, kept its request in a cycle
+    # (call, task, exception, frame) until a GC pass.
     model, running = proxied
-    proxy = proxy_of(running)
-    proxy.budget.cap = MiB
     model.gate.clear()
-    async with client(running, max_send_message_length=8 * MiB) as channel:
-        stream = channel.stream_stream(STREAM_INFER)(timeout=30)
-        messages = 12
-
-        async def send() -> None:
-            for k in range(messages):
-                await stream.write(body(2 * MiB, f"s-{k}"))
-            await stream.done_writing()
-
-        sending = asyncio.ensure_future(send())
-        await eventually(lambda: proxy.budget.used > 2 * MiB)
-        await asyncio.sleep(0.5)
-        assert proxy.budget.used > 2 * MiB  # in hand while the model server does not read
-        infer = asyncio.ensure_future(
-            channel.unary_unary(MODEL_INFER)(body(100, "behind-1"), timeout=30)
-        )
-        await eventually(lambda: proxy.budget_waits == 1)
-        await asyncio.sleep(0.2)
-        assert not infer.done()
-        model.gate.set()
-        answer = pb.ModelInferResponse.FromString(await infer)
-        assert answer.id == "behind-1"
-        assert [a async for a in stream] == [b"ok"] * messages
-        await sending
-    await eventually(lambda: proxy.budget.used == 0)
+    size = 2 * MiB
+    with CycleWatch() as watch:
+        async with client(running, max_send_message_length=8 * MiB) as channel:
+            method = channel.unary_unary(MODEL_READY)
+            for k in range(2):
+                call = method(b"y" * size, timeout=5)
+                await eventually(lambda k=k: model.arrived == k + 1)  # type: ignore[misc]
+                call.cancel()
+            with pytest.raises(grpc.aio.AioRpcError):
+                await method(b"y" * size, timeout=0.5)
+            await asyncio.sleep(0.3)  # the handlers' tasks end
+        assert watch.frames_holding(size) == []
+    model.gate.set()
 
 
 async def test_the_byte_budget_is_first_come_first_served_and_survives_cancellations() -> None:
