@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from predtrace.cli._serving import MAX_CONNECTIONS
 from predtrace.collector._errors import ConfigError
 
 PREDTRACE_COLLECTOR_DB: Final = "PREDTRACE_COLLECTOR_DB"
@@ -21,6 +22,7 @@ PREDTRACE_COLLECTOR_TLS_KEY: Final = "PREDTRACE_COLLECTOR_TLS_KEY"
 PREDTRACE_COLLECTOR_MAX_BODY_BYTES: Final = "PREDTRACE_COLLECTOR_MAX_BODY_BYTES"
 PREDTRACE_COLLECTOR_MAX_INFLIGHT_BYTES: Final = "PREDTRACE_COLLECTOR_MAX_INFLIGHT_BYTES"
 PREDTRACE_COLLECTOR_MAX_ANSWER_BYTES: Final = "PREDTRACE_COLLECTOR_MAX_ANSWER_BYTES"
+PREDTRACE_COLLECTOR_MAX_CONNECTIONS: Final = "PREDTRACE_COLLECTOR_MAX_CONNECTIONS"
 PREDTRACE_RETENTION_PREDICTIONS_DAYS: Final = "PREDTRACE_RETENTION_PREDICTIONS_DAYS"
 PREDTRACE_RETENTION_BATCHES_DAYS: Final = "PREDTRACE_RETENTION_BATCHES_DAYS"
 MLFLOW_TRACKING_URI: Final = "MLFLOW_TRACKING_URI"
@@ -111,6 +113,7 @@ class CollectorConfig:
     max_inflight_bytes: int = 128 * 1024 * 1024
     max_answer_bytes: int = 64 * 1024 * 1024  # query answers being built or sent (``_answers``)
     max_json_bytes: int = 1024 * 1024
+    max_connections: int = MAX_CONNECTIONS  # served at once; more are closed (``_server``)
     retry_after_s: int = 1
     body_timeout_s: float = 30.0  # a batch body must arrive within this (else 408)
     query_limit: int = 1000
@@ -126,6 +129,7 @@ class CollectorConfig:
             "max_events",
             "max_json_bytes",
             "max_answer_bytes",
+            "max_connections",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")
@@ -178,6 +182,7 @@ class CollectorConfig:
             ("max_body_bytes", PREDTRACE_COLLECTOR_MAX_BODY_BYTES),
             ("max_inflight_bytes", PREDTRACE_COLLECTOR_MAX_INFLIGHT_BYTES),
             ("max_answer_bytes", PREDTRACE_COLLECTOR_MAX_ANSWER_BYTES),
+            ("max_connections", PREDTRACE_COLLECTOR_MAX_CONNECTIONS),
         ):
             if environ.get(name):
                 values[key] = _int(environ[name], name)

@@ -97,6 +97,12 @@ class CollectorMetrics:
             registry=r,
         )
 
+        self.connections_refused = Counter(
+            "predtrace_collector_connections_refused",
+            "Connections closed as soon as accepted: as many as max_connections were open",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         """The text exposition format."""
         return generate_latest(self.registry)

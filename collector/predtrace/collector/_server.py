@@ -11,6 +11,9 @@ Slow clients are let go: a connection is closed once it has been idle for
 (aiohttp's own default keeps such a connection an hour: a thousand of them
 held every file descriptor). The process raises its descriptor limit to
 what it may, and a full table is logged once in a while, not per accept.
+At most ``max_connections`` are served at once (more are closed as soon as
+accepted, counted), each with at most ``MAX_HEADERS`` request headers of
+``MAX_FIELD_SIZE`` bytes: what clients' headers hold is bounded too.
 """
 
 from __future__ import annotations
@@ -28,12 +31,15 @@ from aiohttp import web
 
 from predtrace.cli._serving import (
     IDLE_TIMEOUT_S,
+    MAX_FIELD_SIZE,
+    MAX_HEADERS,
     AcceptErrorLog,
+    cap_connections,
     quiet_client_errors,
     raise_fd_limit,
     tune_gc,
 )
-from predtrace.collector._app import build_app
+from predtrace.collector._app import PARTS, build_app
 from predtrace.collector._config import CollectorConfig, parse_listen
 from predtrace.collector._stopping import STOPPING, Stopping
 
@@ -43,6 +49,10 @@ log = logging.getLogger("predtrace.collector")
 # default grace of a Kubernetes pod); well within it, a batch in flight on a
 # healthy link arrives.
 STOP_GRACE_S: Final = 2.0
+
+
+def _no_count() -> None:
+    """A prebuilt app without the collector's parts counts nothing."""
 
 
 class RunningCollector:
@@ -113,8 +123,13 @@ async def start_collector(
         # aiohttp starts this clock when a connection opens and restarts it
         # only after a response: headers trickling in never extend it.
         keepalive_timeout=idle_timeout_s,
+        max_headers=MAX_HEADERS,
+        max_field_size=MAX_FIELD_SIZE,
     )
     await runner.setup()
+    if runner.server is not None:
+        refused = app[PARTS].metrics.connections_refused.inc if PARTS in app else _no_count
+        cap_connections(runner.server, config.max_connections, refused)
     try:
         site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
         await site.start()

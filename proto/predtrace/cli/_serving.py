@@ -12,7 +12,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
+from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 
 # Young-generation threshold of the cyclic GC while serving. Ingest allocates
 # tens of thousands of containers per batch (maps, rows, event objects) that
@@ -174,3 +176,32 @@ def listen_error(listen: str, what: str, exc: OSError) -> OSError:
     else:
         reason = str(exc) or "the address is in use or unusable"
     return OSError(f"cannot listen on {listen} ({what}): {reason}")
+
+
+# What a client's request headers may hold: aiohttp keeps them whole until its
+# request is answered (a POST for its whole body deadline), outside every byte
+# budget. Its own defaults (128 headers of 8 KiB) let one connection hold about
+# 2 MB; our clients send a handful of short ones (a bearer token the longest).
+MAX_HEADERS: Final = 32
+MAX_FIELD_SIZE: Final = 4096
+# Connections an HTTP listener serves at once, by default; one more is closed
+# as soon as it is accepted (``cap_connections``). With the header limits, this
+# bounds what clients' headers hold, and leaves descriptors to the rest.
+MAX_CONNECTIONS: Final = 1024
+
+
+def cap_connections(server: web.Server, most: int, refused: Callable[[], None]) -> None:
+    """Close each connection accepted past ``most`` at once, calling ``refused`` for it.
+
+    ``server`` is an ``AppRunner``'s, set up: its ``connection_made`` is wrapped
+    (aiohttp calls it for each connection, before reading a byte of it).
+    """
+    made = server.connection_made
+
+    def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
+        made(handler, transport)
+        if len(server.connections) > most:
+            refused()
+            transport.close()  # before a byte of it is read
+
+    server.connection_made = connection_made  # type: ignore[method-assign]

@@ -283,6 +283,7 @@ class SidecarApp:
             stream_held_bytes=self.grpc_source.held_bytes if self.grpc_source else 0,
             otlp_busy_refusals=dict(self._otlp.budget_refusals) if self._otlp else None,
             otlp_duplicate_exports=self._otlp.duplicate_exports if self._otlp else None,
+            otlp_connections_refused=self._otlp.connections_refused if self._otlp else None,
         )
 
     def _on_shipper_done(self, task: asyncio.Task[None]) -> None:

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from predtrace.cli._serving import IDLE_TIMEOUT_S, listen_error
+from predtrace.cli._serving import IDLE_TIMEOUT_S, MAX_FIELD_SIZE, MAX_HEADERS, listen_error
 from predtrace.sidecar._config import join_hostport, parse_hostport
 from predtrace.sidecar._otlp_export import SPAN_DROP_REASONS
 from predtrace.sidecar._processors import redaction_counts
@@ -176,6 +176,12 @@ class SidecarMetrics(Collector):
                 "transport",
                 view.otlp_busy_refusals,
             )
+        if view.otlp_connections_refused is not None:
+            yield _counter(
+                "otlp_connections_refused",
+                "OTLP/HTTP connections closed as soon as accepted: 1,024 were open",
+                view.otlp_connections_refused,
+            )
         if view.otlp_duplicate_exports is not None:
             yield _counter(
                 "otlp_duplicate_exports",
@@ -270,7 +276,12 @@ class MetricsServer:
         web_app = web.Application()
         web_app.router.add_get("/metrics", self._scrape)
         self._runner = web.AppRunner(
-            web_app, access_log=None, shutdown_timeout=1.0, keepalive_timeout=IDLE_TIMEOUT_S
+            web_app,
+            access_log=None,
+            shutdown_timeout=1.0,
+            keepalive_timeout=IDLE_TIMEOUT_S,
+            max_headers=MAX_HEADERS,
+            max_field_size=MAX_FIELD_SIZE,
         )
         await self._runner.setup()
         host, port = parse_hostport(listen, "--metrics-listen")

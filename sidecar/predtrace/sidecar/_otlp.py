@@ -264,6 +264,11 @@ class OtlpReceiver:
             self._forwarder.offer(request, converted.spans, via=via)
         return export_response(refused)
 
+    @property
+    def connections_refused(self) -> int:
+        """OTLP/HTTP connections closed as soon as accepted (too many open)."""
+        return self._http.connections_refused if self._http is not None else 0
+
     def add_to_grpc_server(self, server: grpc.aio.Server) -> None:
         """Register the OTLP TraceService on a gRPC server."""
         add_trace_service(server, self)

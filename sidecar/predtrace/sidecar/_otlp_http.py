@@ -19,7 +19,15 @@ from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
-from predtrace.cli._serving import IDLE_TIMEOUT_S, listen_error, quiet_client_errors
+from predtrace.cli._serving import (
+    IDLE_TIMEOUT_S,
+    MAX_CONNECTIONS,
+    MAX_FIELD_SIZE,
+    MAX_HEADERS,
+    cap_connections,
+    listen_error,
+    quiet_client_errors,
+)
 from predtrace.sidecar._config import join_hostport, parse_hostport
 from predtrace.sidecar._errors import SpoolError
 from predtrace.sidecar._otlp_body import (
@@ -91,6 +99,11 @@ class OtlpHttpListener:
         self._max_body = max_body
         self._body_timeout = body_timeout
         self._runner: web.AppRunner | None = None
+        self.connections_refused = 0
+        """Connections closed as soon as accepted, ``MAX_CONNECTIONS`` being open."""
+
+    def _refuse_connection(self) -> None:
+        self.connections_refused += 1
 
     async def start(
         self, listen: str, *, ssl_context: ssl.SSLContext | None, what: str | None
@@ -106,8 +119,12 @@ class OtlpHttpListener:
             shutdown_timeout=1.0,
             auto_decompress=False,
             keepalive_timeout=IDLE_TIMEOUT_S,
+            max_headers=MAX_HEADERS,
+            max_field_size=MAX_FIELD_SIZE,
         )
         await self._runner.setup()
+        if self._runner.server is not None:
+            cap_connections(self._runner.server, MAX_CONNECTIONS, self._refuse_connection)
         host, port = parse_hostport(listen, what or "--otlp-http-listen")
         site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
         try:

@@ -52,6 +52,7 @@ class StatusView:
     otlp_busy_refusals: dict[str, int] | None = None
     # OTLP exports answered as retries of one already taken (None: no receiver).
     otlp_duplicate_exports: int | None = None
+    otlp_connections_refused: int | None = None
 
     def dropped(self) -> dict[str, int]:
         """Events dropped, by reason, across spool, shipper, intake and the OIP proxy.

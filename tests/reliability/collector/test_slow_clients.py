@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
+from predtrace.cli._serving import MAX_FIELD_SIZE, MAX_HEADERS
 from predtrace.collector import CollectorConfig, RunningCollector, start_collector
+from predtrace.collector._app import PARTS
 from predtrace.collector._server import IDLE_TIMEOUT_S
 from predtrace.collector.testing import ChainedProducer, make_events
 
@@ -105,3 +108,60 @@ async def test_an_upload_slower_than_the_idle_timeout_is_still_answered(
         assert status.startswith(b"HTTP/1.1 200"), status
     finally:
         writer.close()
+
+
+# -- what clients' connections and headers may hold --------------------------------------
+
+
+async def _status_of(collector: RunningCollector, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(collector.host, collector.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+
+
+async def test_request_headers_are_bounded_in_number_and_size(start_idle: StartIdle) -> None:
+    # aiohttp's defaults (128 headers of 8 KiB) let each connection hold about
+    # 2 MB of headers, outside every byte budget, for the body deadline.
+    collector = await start_idle()
+    many = b"".join(b"X-H%d: v\r\n" % k for k in range(MAX_HEADERS + 1))
+    long = b"X-Long: " + b"a" * (MAX_FIELD_SIZE + 1) + b"\r\n"
+    for extra in (many, long):
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + extra + b"\r\n"
+        line = await _status_of(collector, request)
+        assert line.startswith((b"HTTP/1.0 400", b"HTTP/1.1 400")), line
+    ok = await _status_of(collector, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: b\r\n\r\n")
+    assert ok.startswith(b"HTTP/1.1 200"), ok
+
+
+async def test_connections_past_the_cap_are_closed_at_once_and_counted(tmp_path: Path) -> None:
+    # With the header limits, this bounds what clients' connections hold.
+    config = CollectorConfig(
+        db=f"sqlite:///{tmp_path}/c.db", listen="127.0.0.1:0", max_connections=2
+    )
+    collector = await start_collector(config, idle_timeout_s=30)
+    held: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(2):  # open, saying nothing yet
+            _, writer = await asyncio.open_connection(collector.host, collector.port)
+            held.append(writer)
+        await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_connection(collector.host, collector.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        assert await _closed_within(reader, 5) == b""  # closed unanswered
+        writer.close()
+        held.pop().close()
+        await asyncio.sleep(0.1)
+        line = await _status_of(collector, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert line.startswith(b"HTTP/1.1 200"), line
+        metrics = collector.runner.app[PARTS].metrics.render().decode()
+        assert "predtrace_collector_connections_refused_total 1.0" in metrics
+    finally:
+        for writer in held:
+            writer.close()
+        await collector.stop()

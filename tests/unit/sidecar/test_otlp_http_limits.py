@@ -8,6 +8,7 @@ must misbehave in ways an HTTP library will not (stall, hang up mid-body).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import socket
 import threading
@@ -23,6 +24,7 @@ from google.protobuf import json_format
 from google.rpc import status_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
+from predtrace.cli._serving import MAX_HEADERS
 from predtrace.sidecar import _otlp, _otlp_http, _otlp_protobuf
 from predtrace.sidecar._intake import IntakeResult
 from predtrace.sidecar._otlp import OtlpReceiver
@@ -406,3 +408,35 @@ async def test_big_parses_stay_two_at_once_when_their_callers_give_up() -> None:
     await asyncio.wait_for(asyncio.gather(*later), 10)
     assert peak == 2
     await receiver.stop()
+
+
+async def test_connections_past_the_cap_are_closed_at_once_and_headers_are_bounded(
+    start_receiver: StartReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aiohttp's defaults let each connection hold about 2 MB of headers,
+    # outside the in-flight budget, and any number of connections.
+    monkeypatch.setattr(_otlp_http, "MAX_CONNECTIONS", 2)
+    listening = await start_receiver()
+    host, port = listening.http.rsplit(":", 1)
+    held = [await asyncio.open_connection(host, int(port)) for _ in range(2)]
+    try:
+        await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(_headers(listening.http, 0))
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed unanswered
+        writer.close()
+        assert listening.receiver.connections_refused == 1
+        for _, held_writer in held:
+            held_writer.close()
+        held = []
+        await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        many = "".join(f"X-H{k}: v\r\n" for k in range(MAX_HEADERS + 1))
+        writer.write(f"GET /v1/traces HTTP/1.1\r\nHost: x\r\n{many}\r\n".encode())
+        assert (await asyncio.wait_for(reader.readline(), 5)).split()[1] == b"400"
+        writer.close()
+    finally:
+        for _, held_writer in held:
+            held_writer.close()
