@@ -130,6 +130,7 @@ def _decode_json(body: bytes) -> object:
             parse_constant=_refuse_constant,
             parse_float=_finite_float,
             parse_int=_bounded_int,
+            object_pairs_hook=_unique_keys,
         )
     except LineageError:
         raise
@@ -137,6 +138,19 @@ def _decode_json(body: bytes) -> object:
         raise LineageError("the body is not valid JSON") from None
     except RecursionError:
         raise LineageError("the body is nested too deeply") from None
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """An object of the body; a key written twice is refused (``json`` keeps the last,
+    silently dropping what the sender may have meant)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise LineageError(f"the key {key[:64]!r} is written twice in one object")
+            seen.add(key)
+    return obj
 
 
 def _refuse_constant(name: str) -> object:

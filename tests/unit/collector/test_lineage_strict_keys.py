@@ -226,3 +226,27 @@ async def test_the_demo_the_cli_and_openlineage_still_register(
 async def _invoke(args: list[str]) -> Any:
     # The CLI is synchronous: run it beside the collector's event loop.
     return await asyncio.to_thread(CliRunner().invoke, main, args)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        (b'{"model":{"name":"dupA","version":"1"},"model":{"name":"dupB","version":"1"}}', "model"),
+        (b'{"model":{"name":"dupC","version":"1","version":"7"},"run":{"id":"r"}}', "version"),
+    ],
+)
+async def test_a_key_written_twice_is_refused_not_silently_the_last(
+    collector: RunningCollector, raw: bytes, key: str
+) -> None:
+    # json keeps the last value: the first model (or version) was dropped unsaid.
+    headers = {"Content-Type": "application/json"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{collector.url}/v1/lineage", data=raw, headers=headers) as resp,
+    ):
+        assert resp.status == 400
+        answer = await resp.json()
+    assert answer["error"] == f"the key {key!r} is written twice in one object"
+    for name in ("dupA", "dupB", "dupC"):
+        status, _ = await _call("GET", f"{collector.url}/v1/models/{name}/versions/1/lineage")
+        assert status == 404
