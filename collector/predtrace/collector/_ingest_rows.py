@@ -39,8 +39,12 @@ from predtrace.wire._codec import GZIP_MAGIC
 # 350 bytes a row plus about 3 per byte of realistic events (bench/codec.py's:
 # 1,550 bytes a row of 404 on the wire); short texts cost more per byte but
 # stay within the per-row part. Text kept as JSON with escapes (control
-# characters) can cost up to 6 per byte: such a batch may hold up to half as
-# much again as it is charged, which bounds it still.
+# characters, 6 bytes each) costs more, up to about twice its charge; and a
+# batch charged more than the whole budget goes alone (it is charged the
+# budget). So one batch of little but control characters may hold several
+# times ``max_decompressed_bytes``. Counting control bytes to charge them
+# would take a pass over every payload on the event loop: a cost to every
+# batch for the sake of such odd ones.
 ROW_BYTES: Final = 1024
 ROW_BYTES_PER_PAYLOAD_BYTE: Final = 4
 
