@@ -144,12 +144,18 @@ class QueryClient:
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 - see above
+            with _OPENER.open(request, timeout=self.timeout) as response:
                 return _answer(response.status, self._read(response))
         except urllib.error.HTTPError as exc:
             with exc:  # an error's text: what fits is enough
                 answer = _answer(exc.code, exc.read(self.max_answer_bytes))
                 retry_after = _retry_after(exc.headers.get("Retry-After"))
+                location = exc.headers.get("Location")
+            if 300 <= exc.code < 400:
+                raise CollectorUnreachableError(
+                    f"the collector answered {exc.code}, a redirect to {location or '?'}"
+                    f" (not followed): is {self.url} the collector's base URL?"
+                ) from None
             message = f"collector answered {exc.code}: {answer.error}"
             if exc.code in RETRY_STATUSES:
                 raise _ComeBackError(message, retry_after) from None
@@ -182,6 +188,21 @@ class QueryClient:
     def post(self, path: str, body: object) -> Answer:
         """POST a JSON body."""
         return self._request("POST", path, body)
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects are not followed, as the sidecar follows none.
+
+    urllib would turn a POST into a GET to the new place (a command then
+    reported success for nothing done) and send the bearer token along.
+    Returning no request makes urllib raise the 3xx as an ``HTTPError``.
+    """
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER: Final = urllib.request.build_opener(_NoRedirects)
 
 
 class _ComeBackError(Exception):

@@ -196,7 +196,8 @@ class MiddlewareConfig:
             try:
                 self.collector_client_config()
             except ValueError as exc:
-                raise ConfigError(f"collector_url: {exc}") from None
+                name = "collector_token" if str(exc).startswith("the token") else "collector_url"
+                raise ConfigError(f"{name}: {exc}") from None
         if self.sidecar_target is not None:
             _check_target(self.sidecar_target)
         if (self.sidecar_tls_cert is None) != (self.sidecar_tls_key is None):

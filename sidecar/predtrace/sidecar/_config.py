@@ -280,7 +280,10 @@ def _collector_config(environ: Mapping[str, str], given: dict[str, Any]) -> Coll
         from_env.add("--collector")
     if not url:
         raise ConfigError(f"the collector URL is required: --collector or {ev.COLLECTOR_URL}")
-    token = given.pop("token", None) or environ.get(ev.TOKEN) or None
+    token = given.pop("token", None)
+    if not token and environ.get(ev.TOKEN):
+        token = environ[ev.TOKEN]
+        from_env.add("--token")
     seconds = given.pop("collector_timeout", None)
     timeout = 10.0 if seconds is None else float(seconds)
     collector_ca = given.pop("collector_ca", None)
@@ -291,7 +294,11 @@ def _collector_config(environ: Mapping[str, str], given: dict[str, Any]) -> Coll
         return CollectorClientConfig(url=url, token=token, timeout=timeout, ca_file=collector_ca)
     except ValueError as exc:
         flag = _collector_flag(str(exc))
-        variable = {"--collector": ev.COLLECTOR_URL, "--collector-ca": ev.COLLECTOR_CA}.get(flag)
+        variable = {
+            "--collector": ev.COLLECTOR_URL,
+            "--collector-ca": ev.COLLECTOR_CA,
+            "--token": ev.TOKEN,
+        }.get(flag)
         if flag in from_env:
             flag = f"{flag} ({variable})"
         raise ConfigError(f"{flag}: {exc}") from None
@@ -331,4 +338,6 @@ def _collector_flag(problem: str) -> str:
         return "--collector-timeout"
     if "CA file" in problem:
         return "--collector-ca"
+    if problem.startswith("the token"):
+        return "--token"
     return "--collector"

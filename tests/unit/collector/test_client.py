@@ -247,3 +247,50 @@ def test_a_collector_url_with_a_query_or_no_scheme_is_a_usage_error(url: str) ->
     result = CliRunner().invoke(main, ["trace", TRACE, "--collector", url])
     assert result.exit_code == 2
     assert "collector URL must be http(s)://host[:port]" in result.stderr
+
+
+class _Redirecting(BaseHTTPRequestHandler):
+    """Answers every request 302 to /elsewhere, which answers 200 JSON (and keeps what came)."""
+
+    seen: ClassVar[list[tuple[str, str, str | None]]] = []
+
+    def _answer(self) -> None:
+        self.seen.append((self.command, self.path, self.headers.get("Authorization")))
+        if self.path == "/elsewhere":
+            body = b'{"registered": true}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.send_response(302)
+        self.send_header("Location", "/elsewhere")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet: the test reads the client's side."""
+
+
+def test_a_redirect_is_not_followed_nor_the_token_sent_on() -> None:
+    # urllib turned the POST into a GET to the new place, which answered 200:
+    # `lineage register` printed "registered" for nothing stored, and the
+    # token went along.
+    _Redirecting.seen.clear()
+    with _serving(_Redirecting) as url:
+        result = CliRunner().invoke(
+            main,
+            [
+                "lineage", "register", "--collector", url, "--token", "pt_SECRET",
+                "--model", "churn/1", "--run-id", "r1",
+            ],
+        )  # fmt: skip
+        with pytest.raises(CollectorUnreachableError, match="a redirect to /elsewhere"):
+            QueryClient(url).get("/v1/traces/" + TRACE)
+    assert result.exit_code == 1, result.output
+    assert "redirect to /elsewhere (not followed)" in result.output
+    assert "is " + url + " the collector's base URL?" in result.output
+    assert [path for _, path, _ in _Redirecting.seen] == ["/v1/lineage", "/v1/traces/" + TRACE]

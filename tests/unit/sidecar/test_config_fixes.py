@@ -515,3 +515,45 @@ def test_a_sidecar_config_built_in_code_is_checked_the_same_way() -> None:
     base = SidecarConfig.from_env(BASE)
     with pytest.raises(ConfigError, match="--otlp-http-listen needs --otlp-listen"):
         SidecarConfig(collector=base.collector, spool=base.spool, otlp_http_listen="127.0.0.1:0")
+
+
+# -- a token or CA file that would fail every delivery is handled at startup -------------
+
+
+def test_a_token_from_a_mounted_secret_loses_its_newline() -> None:
+    # Kept, it failed every delivery ("Forbidden control character detected
+    # in headers"), and the shipper's error ended the sidecar, on every restart.
+    config = build_config(options(), {**BASE, "PREDTRACE_TOKEN": "pt_tok\n"})
+    assert config.collector.token == "pt_tok"
+    assert build_config(options(token="  pt_tok \r\n"), BASE).collector.token == "pt_tok"
+
+
+@pytest.mark.parametrize(
+    ("given", "env", "says"),
+    [
+        ({"token": "pt_SECRET\nx"}, {}, "--token: the token holds spaces, control or non-ASCII"),
+        ({}, {"PREDTRACE_TOKEN": "pt_SECRET x"}, "--token (PREDTRACE_TOKEN): the token holds"),
+    ],
+)
+def test_a_token_no_header_can_hold_is_refused_without_quoting_it(
+    given: dict[str, object], env: dict[str, str], says: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        build_config(options(**given), {**BASE, **env})
+    assert str(raised.value).startswith(says), raised.value
+    assert "SECRET" not in str(raised.value)
+
+
+def test_a_collector_ca_file_that_is_no_certificate_is_refused_at_startup(tmp_path: Path) -> None:
+    # Loaded at the first delivery, it failed every one for ever, reported as
+    # "spool I/O failed".
+    junk = tmp_path / "ca.pem"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(ConfigError) as raised:
+        build_config(options(), {**BASE, "PREDTRACE_COLLECTOR_CA": str(junk)})
+    text = str(raised.value)
+    assert text.startswith("--collector-ca (PREDTRACE_COLLECTOR_CA): collector CA file"), text
+    assert "is not a PEM certificate bundle" in text
+    code, output = serve(tmp_path, "--collector-ca", str(junk))
+    assert code == 2, output
+    assert "Traceback" not in output

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -40,6 +41,23 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def _check_ca_file(path: str) -> None:
+    """Raise ValueError unless ``path`` is a PEM bundle TLS can trust.
+
+    Loaded lazily, at the first delivery, a bad one failed every delivery
+    for ever, reported as the spool's I/O failing.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"collector CA file {path!r} does not exist")
+    try:
+        ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise ValueError(
+            f"collector CA file {path!r} is not a PEM certificate bundle ({reason})"
+        ) from None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CollectorClientConfig:
     """Where and how to reach the collector.
@@ -61,6 +79,14 @@ class CollectorClientConfig:
     """PEM bundle that signs an https collector's certificate (else the system's trust)."""
 
     def __post_init__(self) -> None:
+        if self.token is not None:
+            # A token read from a mounted secret often ends in a newline: it
+            # would fail every delivery (a header cannot hold one). Anything
+            # else a header cannot hold is refused, without quoting the token.
+            token = self.token.strip()
+            if not all(" " < c < "\x7f" for c in token):
+                raise ValueError("the token holds spaces, control or non-ASCII characters")
+            object.__setattr__(self, "token", token or None)
         shown = without_userinfo(self.url)
         if shown != self.url:
             raise ValueError(
@@ -89,8 +115,8 @@ class CollectorClientConfig:
                 f"collector timeout must be > 0 and at most {_MAX_TIMEOUT_S:g} seconds, "
                 f"not {self.timeout}"
             )
-        if self.ca_file is not None and not os.path.isfile(self.ca_file):
-            raise ValueError(f"collector CA file {self.ca_file!r} does not exist")
+        if self.ca_file is not None:
+            _check_ca_file(self.ca_file)
 
     @property
     def batches_url(self) -> str:
