@@ -4,7 +4,8 @@ Queries (scope ``read``): the on-call pivot by trace id or prediction id, model
 lineage by version or alias, impact from a dataset, commit or image, completeness
 and the per-producer gap report. A pivot answer is bounded in rows and bytes and
 says what it left out; so do the producer list and completeness's models, a page
-at a time (``?limit=``, ``?after=``; ``_api_responses``). A path or query value
+at a time (``?limit=``, ``?after=``; ``_api_responses``); model lineage and impact
+list a model version's busiest deployments and count them all. A path or query value
 holding NUL is refused (400) before any handler runs: no store holds one. Lineage
 registration (scope ``ingest``, on a token bound to no producer;
 ``_api_registration``): the CI/CD hook body and OpenLineage run events, read as
@@ -244,13 +245,15 @@ class QueryApi:
     async def model_lineage(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/models/{name}/versions/{version}/lineage``."""
         name, version = request.match_info["name"], request.match_info["version"]
+        # Big: it lists up to DEPLOYMENTS_LISTED deployments and the run's
+        # params, tags and datasets, which registration lets grow.
         return await self.answers.answer(
-            request, lambda: self._lineage(name, version, f"{name}/{version}")
+            request, lambda: self._lineage(name, version, f"{name}/{version}"), big=True
         )
 
     async def alias_lineage(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/models/{name}/aliases/{alias}/lineage``."""
-        return await self.answers.answer(request, lambda: self._alias_lineage(request))
+        return await self.answers.answer(request, lambda: self._alias_lineage(request), big=True)
 
     async def _alias_lineage(self, request: web.Request) -> web.Response | Json:
         name, alias = request.match_info["name"], request.match_info["alias"]

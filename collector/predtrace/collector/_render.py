@@ -176,11 +176,28 @@ def render_model_lineage(console: Console, answer: J) -> None:
     # Deployments get their own table below, with prediction counts.
     title = escape(f"model {model['name']}/{model['version']}")
     console.print(_chain_table(title, chain, skip=("deployment",)))
-    _deployments_table(console, "deployments", answer.get("deployments", []))
+    _deployments_table(console, "deployments", answer.get("deployments", []), _cut(answer))
 
 
-def _deployments_table(console: Console, title: str, deployments: Iterable[J]) -> None:
-    table = Table(title=title, title_justify="left")
+def _cut(listing: J) -> str | None:
+    """``showing 1,000 of 200,000 deployments ...`` when ``listing`` lists only some.
+
+    The collector lists a version's busiest deployments (``deployments_total``
+    counts them all); its prediction counts cover every one.
+    """
+    total, listed = listing.get("deployments_total"), len(listing.get("deployments") or [])
+    if not listing.get("deployments_truncated") or not isinstance(total, int):
+        return None
+    return (
+        f"showing {listed:,} of {total:,} deployments (those with the most predictions;"
+        " the prediction counts cover them all)"
+    )
+
+
+def _deployments_table(
+    console: Console, title: str, deployments: Iterable[J], caption: str | None = None
+) -> None:
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     for column in ("deployment", "predictions", "first seen", "last seen"):
         table.add_column(column)
     for d in deployments:
@@ -221,6 +238,9 @@ def render_impact(console: Console, answer: J) -> None:
             )
     console.print(table)
     for version in answer["model_versions"]:
+        cut = _cut(version)
+        if cut:
+            console.print(escape(f"{version['name']}/{version['version']}: {cut}"))
         if version.get("image_unknown"):
             console.print(
                 escape(

@@ -3,6 +3,8 @@
 prediction -> deployment (pod, image digest) -> model version -> training run ->
 commit and datasets. Every hop that cannot be followed is named in ``missing``
 with the reason, so the on-call engineer sees exactly where the chain breaks.
+``chain_plan`` gives the nodes too; ``chain_gaps_plan`` only the missing hops,
+for groups an answer counts but does not list (a run's body may be large).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 from collections.abc import Callable
 from typing import Final, Literal
 
-from predtrace.collector.store._ops import Fetch, Plan
+from predtrace.collector.store._ops import Fetch, Plan, Row
 from predtrace.collector.store._rows import iso_time
 
 ChainKey = tuple[str, str, str, str, str]
@@ -20,16 +22,23 @@ Json = dict[str, object]
 HOPS: Final = ("deployment", "image", "model_version", "run", "commit", "datasets")
 
 
+DEPLOYMENT_COLUMNS: Final = (
+    "id, service, namespace, started_ns, ended_ns, first_seen_ns, last_seen_ns, origin"
+)
+"""The ``deployments`` columns of a node (``deployment_node``), in its order."""
+
+
 def deployment_plan(deployment_id: str) -> Plan[Json | None]:
     """The deployment node, or None when nothing is stored under that id."""
     rows = yield Fetch(
-        "SELECT id, service, namespace, started_ns, ended_ns, first_seen_ns, last_seen_ns,"
-        " origin FROM deployments WHERE id = ?",
+        f"SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE id = ?",  # noqa: S608 - fixed SQL fragments, values are bound
         (deployment_id,),
     )
-    if not rows:
-        return None
-    row = rows[0]
+    return deployment_node(rows[0]) if rows else None
+
+
+def deployment_node(row: Row) -> Json:
+    """The deployment node of a row of ``DEPLOYMENT_COLUMNS``."""
     return {
         "id": row[0],
         "service": row[1],
@@ -188,8 +197,33 @@ def _unresolved_reason(
     )
 
 
+class Nodes:
+    """How a chain reads the alias, model version, run and images its hops follow.
+
+    These read them whole, each time: what a listed chain shows. The pivot's
+    unlisted groups read through a subclass (``_reads``) that takes only what
+    their missing hops need, once per answer.
+    """
+
+    def alias(self, name: str, alias: str) -> Plan[tuple[str, int, int] | None]:
+        """``alias_plan``."""
+        return (yield from alias_plan(name, alias))
+
+    def model(self, name: str, version: str) -> Plan[Json | None]:
+        """``model_plan``."""
+        return (yield from model_plan(name, version))
+
+    def run(self, run_id: str) -> Plan[Json | None]:
+        """``run_plan``: ``run_missing`` reads its ``id``, ``commit`` and ``datasets``."""
+        return (yield from run_plan(run_id))
+
+    def images(self, name: str, version: str, registered: list[str]) -> Plan[list[str]]:
+        """``known_images_plan``."""
+        return (yield from known_images_plan(name, version, registered))
+
+
 def _resolve_version(
-    name: str, version: str, alias: str, since_ns: int | None
+    name: str, version: str, alias: str, since_ns: int | None, nodes: Nodes
 ) -> Plan[tuple[str, bool, str]]:
     """(version, resolved through the alias, why not) of what a prediction names.
 
@@ -198,7 +232,7 @@ def _resolve_version(
     """
     if version or not (name and alias):
         return version, False, ""
-    known = yield from alias_plan(name, alias)
+    known = yield from nodes.alias(name, alias)
     if known is None:
         return "", False, ""
     state = alias_state(since_ns, known[1], known[2])
@@ -232,6 +266,53 @@ def _model_missing(name: str, version: str, alias: str) -> str:
     return f"model version {name}/{version} is not registered (CI hook, OpenLineage or MLflow)"
 
 
+class _Hops:
+    """What a group's chain found: its model version, run and image, and the hops missing."""
+
+    __slots__ = ("image", "missing", "model", "run", "via_alias")
+
+    def __init__(self) -> None:
+        self.model: Json | None = None
+        self.run: Json | None = None
+        self.image, self.via_alias = "", False
+        self.missing: list[Json] = []
+
+    def miss(self, hop: str, reason: str) -> None:
+        self.missing.append({"hop": hop, "reason": reason})
+
+
+def _hops_plan(key: ChainKey, since_ns: int | None, nodes: Nodes) -> Plan[_Hops]:
+    """Follow a group's chain through ``nodes``; ``missing`` ends in ``HOPS`` order."""
+    name, version, alias, deployment_id, image = key
+    hops = _Hops()
+    version, hops.via_alias, unresolved = yield from _resolve_version(
+        name, version, alias, since_ns, nodes
+    )
+    if not deployment_id:
+        hops.miss("deployment", "the prediction names no deployment (deployment id or service)")
+    model = (yield from nodes.model(name, version)) if name and version else None
+    if model is None:
+        hops.miss("model_version", unresolved or _model_missing(name, version, alias))
+    elif model["run_id"]:
+        hops.run = yield from nodes.run(str(model["run_id"]))
+    hops.image = image
+    if not image and model is not None:
+        hops.image, reason = yield from _only_image(name, version, model, nodes)
+        if reason:
+            hops.miss("image", reason)
+    elif not image:
+        hops.miss("image", "no image digest in the event, and no model version to look one up by")
+    if model is not None and hops.run is None:
+        reason = "registered without a run" if not model["run_id"] else "run is not registered"
+        hops.miss("run", f"model version {name}/{version}: {reason} ({model['run_id'] or '-'})")
+    if model is None:
+        hops.miss("run", "unknown: the model version is not registered")
+    run_missing(hops.run, model is not None, hops.miss)
+    hops.missing.sort(key=lambda m: HOPS.index(str(m["hop"])))
+    hops.model = model
+    return hops
+
+
 def chain_plan(key: ChainKey, since_ns: int | None = None) -> Plan[Json]:
     """The chain of one (model, deployment, image) group with its missing hops.
 
@@ -239,47 +320,32 @@ def chain_plan(key: ChainKey, since_ns: int | None = None) -> Plan[Json]:
     no timestamp; None: no particular prediction), for a group that names
     only an alias (see ``alias_state``).
     """
-    name, version, alias, deployment_id, image = key
-    missing: list[Json] = []
-
-    def miss(hop: str, reason: str) -> None:
-        missing.append({"hop": hop, "reason": reason})
-
-    version, via_alias, unresolved = yield from _resolve_version(name, version, alias, since_ns)
+    hops = yield from _hops_plan(key, since_ns, Nodes())
+    deployment_id = key[3]
     deployment = (yield from deployment_plan(deployment_id)) if deployment_id else None
     if deployment_id and deployment is None:
         deployment = {"id": deployment_id}
-    if not deployment_id:
-        miss("deployment", "the prediction names no deployment (deployment id or service)")
-    model = (yield from model_plan(name, version)) if name and version else None
-    run = None
-    if model is None:
-        miss("model_version", unresolved or _model_missing(name, version, alias))
-    else:
-        model["resolved_via_alias"] = alias if via_alias else None
-        run = (yield from run_plan(str(model["run_id"]))) if model["run_id"] else None
-    image_digest = image
-    if not image and model is not None:
-        image_digest, reason = yield from _only_image(name, version, model)
-        if reason:
-            miss("image", reason)
-    elif not image:
-        miss("image", "no image digest in the event, and no model version to look one up by")
-    if model is not None and run is None:
-        reason = "registered without a run" if not model["run_id"] else "run is not registered"
-        miss("run", f"model version {name}/{version}: {reason} ({model['run_id'] or '-'})")
-    if model is None:
-        miss("run", "unknown: the model version is not registered")
-    run_missing(run, model is not None, miss)
+    if hops.model is not None:
+        hops.model["resolved_via_alias"] = key[2] if hops.via_alias else None
     chain: Json = {
         "deployment": deployment,
-        "image": (yield from image_plan(image_digest)) if image_digest else None,
-        "model_version": model,
-        "run": run,
-        "missing": sorted(missing, key=lambda m: HOPS.index(str(m["hop"]))),
-        "complete": not missing,
+        "image": (yield from image_plan(hops.image)) if hops.image else None,
+        "model_version": hops.model,
+        "run": hops.run,
+        "missing": hops.missing,
+        "complete": not hops.missing,
     }
     return chain
+
+
+def chain_gaps_plan(key: ChainKey, since_ns: int | None, nodes: Nodes) -> Plan[tuple[Json, bool]]:
+    """(``{"complete", "missing"}`` of a group's chain, its model version is registered).
+
+    As ``chain_plan`` says them, without the nodes: for groups an answer
+    counts but does not list, whose nodes ``nodes`` may read in part.
+    """
+    hops = yield from _hops_plan(key, since_ns, nodes)
+    return {"complete": not hops.missing, "missing": hops.missing}, hops.model is not None
 
 
 def image_key(text: str) -> str:
@@ -294,7 +360,7 @@ def image_key(text: str) -> str:
     return tail if sep and (not head or head.endswith(("@", "://"))) else text
 
 
-def _only_image(name: str, version: str, model: Json) -> Plan[tuple[str, str]]:
+def _only_image(name: str, version: str, model: Json, nodes: Nodes) -> Plan[tuple[str, str]]:
     """(image, why none) of a prediction that names no image, by its model version.
 
     The version's image only when it has one known image (registered, or
@@ -303,7 +369,7 @@ def _only_image(name: str, version: str, model: Json) -> Plan[tuple[str, str]]:
     reason).
     """
     registered = model["images"] if isinstance(model["images"], list) else []
-    images = yield from known_images_plan(name, version, [str(i) for i in registered])
+    images = yield from nodes.images(name, version, [str(i) for i in registered])
     distinct = len({image_key(i) for i in images})
     if distinct == 1:
         # One image, perhaps in several spellings: sha256:X when stored so.
@@ -320,7 +386,11 @@ def _only_image(name: str, version: str, model: Json) -> Plan[tuple[str, str]]:
 
 
 def run_missing(run: Json | None, known: bool, miss: Callable[[str, str], None]) -> None:
-    """Name the commit and datasets hops a run lacks (``known``: the model version is)."""
+    """Name the commit and datasets hops a run lacks (``known``: the model version is).
+
+    ``run``: its ``commit`` (None when it has none) and ``datasets`` (empty
+    or false when it logged none) are read, nothing more.
+    """
     if run is None:
         reason = "unknown: no training run" if known else "unknown: no model version"
         miss("commit", reason)

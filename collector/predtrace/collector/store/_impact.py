@@ -18,8 +18,9 @@ from typing import Final
 from predtrace.collector.store._chain import (
     ALIAS_HOLDS,
     ALIAS_JOIN,
+    DEPLOYMENT_COLUMNS,
     Json,
-    deployment_plan,
+    deployment_node,
     image_key,
     known_images_plan,
     model_plan,
@@ -38,10 +39,15 @@ from predtrace.collector.store._rows import iso_time
 _HEX64: Final = re.compile(r"[0-9a-f]{64}")
 
 
-def _deployments_of(
-    name: str, version: str, image: Sequence[str] | None, *, imageless: bool = True
-) -> Plan[list[Json]]:
-    """Per deployment, the predictions of a model version (in ``image``, when given).
+DEPLOYMENTS_LISTED: Final = 1000
+"""Deployments a model version lists in a lineage or impact answer: those with the
+most predictions (ties by id), in that order. Its totals count every one."""
+
+
+def _served_of(
+    name: str, version: str, image: Sequence[str] | None, imageless: bool
+) -> tuple[str, tuple[object, ...]]:
+    """``FROM`` text (with its arguments) of the served groups of a model version.
 
     ``image``: the spellings of one image. With it, predictions that name no
     image count too when ``imageless``.
@@ -50,9 +56,7 @@ def _deployments_of(
     ``trace`` and ``completeness`` say).
     """
     sql = (
-        "SELECT deployment_id, sum(predictions), min(CASE WHEN first_seen_ns > 0"  # noqa: S608 - fixed SQL fragments, values are bound
-        " THEN first_seen_ns END), max(last_seen_ns) FROM ("
-        "SELECT deployment_id, predictions, first_seen_ns, last_seen_ns, image_digest"
+        "(SELECT deployment_id, predictions, first_seen_ns, last_seen_ns, image_digest"  # noqa: S608 - fixed SQL fragments, values are bound
         " FROM served WHERE model_name = ? AND model_version = ?"
         " UNION ALL SELECT s.deployment_id, s.predictions, s.first_seen_ns, s.last_seen_ns,"
         f" s.image_digest FROM {ALIAS_JOIN}"
@@ -63,16 +67,73 @@ def _deployments_of(
     if image is not None:
         forms = (*image, "") if imageless else tuple(image)
         sql, args = sql + f" AND image_digest IN ({in_list(len(forms))})", (*args, *forms)
-    rows = yield Fetch(sql + " GROUP BY deployment_id ORDER BY deployment_id", args)
-    return [
-        {
-            "id": r[0],
-            "predictions": int(r[1] or 0),
-            "first_seen": iso_time(r[2] or 0),
-            "last_seen": iso_time(r[3] or 0),
-        }
-        for r in rows
-    ]
+    return sql, args
+
+
+# First and last sight of what a group or a version served (a prediction
+# without a timestamp is first seen at 0: not a time).
+_FIRST: Final = "min(CASE WHEN first_seen_ns > 0 THEN first_seen_ns END)"
+_LAST: Final = "max(last_seen_ns)"
+# The deployment node's columns, of the listing's ``LEFT JOIN deployments d``.
+_NODE: Final = ", ".join(f"d.{c.strip()}" for c in DEPLOYMENT_COLUMNS.split(","))
+
+
+def _deployments_of(
+    name: str,
+    version: str,
+    image: Sequence[str] | None = None,
+    *,
+    imageless: bool = True,
+    nodes: bool = False,
+) -> Plan[Json]:
+    """What a model version served (in ``image``, when given; see ``_served_of``).
+
+    ``deployments``: up to ``DEPLOYMENTS_LISTED``, each with its predictions,
+    time range and, with ``nodes``, its stored ``node`` (id '' has none); ``predictions``,
+    ``first_seen`` and ``last_seen`` cover every deployment, as do
+    ``deployments_total`` and ``deployments_truncated`` (completeness's
+    ``total`` and ``truncated``); ``named``: whether any names a deployment.
+    """
+    source, args = _served_of(name, version, image, imageless)
+    totals = yield Fetch(
+        "SELECT count(DISTINCT deployment_id),"  # noqa: S608 - fixed SQL fragments, values are bound
+        " count(DISTINCT CASE WHEN deployment_id <> '' THEN deployment_id END),"
+        f" sum(predictions), {_FIRST}, {_LAST} FROM {source}",
+        args,
+    )
+    # The deployment nodes in the same query: one lookup per listed one
+    # would be a thousand round trips on PostgreSQL.
+    rows = yield Fetch(
+        f"SELECT l.deployment_id, l.n, l.first_ns, l.last_ns, {_NODE} FROM"  # noqa: S608 - fixed SQL fragments, values are bound
+        " (SELECT deployment_id, coalesce(sum(predictions), 0) AS n,"
+        f" {_FIRST} AS first_ns, {_LAST} AS last_ns FROM {source}"
+        " GROUP BY deployment_id ORDER BY n DESC, deployment_id LIMIT ?) l"
+        " LEFT JOIN deployments d ON d.id = l.deployment_id ORDER BY l.n DESC, l.deployment_id",
+        (*args, DEPLOYMENTS_LISTED),
+    )
+    total, named, predictions, first_ns, last_ns = totals[0]
+    return {
+        "deployments": [_deployment(r, nodes) for r in rows],
+        "deployments_total": int(total),
+        "deployments_truncated": int(total) > len(rows),
+        "predictions": int(predictions or 0),
+        "first_seen": iso_time(first_ns or 0),
+        "last_seen": iso_time(last_ns or 0),
+        "named": bool(named),
+    }
+
+
+def _deployment(row: Row, node: bool) -> Json:
+    """A listed deployment of ``_deployments_of``'s listing row, with its ``node``."""
+    item: Json = {
+        "id": row[0],
+        "predictions": int(row[1] or 0),
+        "first_seen": iso_time(row[2] or 0),
+        "last_seen": iso_time(row[3] or 0),
+    }
+    if node and row[0]:
+        item["node"] = deployment_node(row[4:]) if row[4] is not None else None
+    return item
 
 
 def model_lineage_plan(name: str, version: str) -> Plan[Json | None]:
@@ -80,22 +141,22 @@ def model_lineage_plan(name: str, version: str) -> Plan[Json | None]:
 
     ``missing`` names the hops not known; ``missing_reasons`` says why each
     is missing, as ``trace`` does (same shape as a chain's ``missing``).
+    ``deployments`` lists at most ``DEPLOYMENTS_LISTED`` (see ``_deployments_of``).
     """
     model = yield from model_plan(name, version)
     if model is None:
         return None
     run = (yield from run_plan(str(model["run_id"]))) if model["run_id"] else None
-    deployments = yield from _deployments_of(name, version, None)
-    for item in deployments:
-        if item["id"]:
-            item["node"] = yield from deployment_plan(str(item["id"]))
+    served = yield from _deployments_of(name, version, nodes=True)
     model["images"] = yield from _images_of(name, version, model)
-    reasons = _lineage_missing(name, version, model, run, deployments)
+    reasons = _lineage_missing(name, version, model, run, bool(served["named"]))
     return {
         "model_version": model,
         "run": run,
-        "deployments": deployments,
-        "predictions": sum(int(d["predictions"]) for d in deployments),  # type: ignore[call-overload]
+        "deployments": served["deployments"],
+        "deployments_total": served["deployments_total"],
+        "deployments_truncated": served["deployments_truncated"],
+        "predictions": served["predictions"],
         "missing": [str(m["hop"]) for m in reasons],
         "missing_reasons": reasons,
         "complete": not reasons,
@@ -103,7 +164,7 @@ def model_lineage_plan(name: str, version: str) -> Plan[Json | None]:
 
 
 def _lineage_missing(
-    name: str, version: str, model: Json, run: Json | None, deps: list[Json]
+    name: str, version: str, model: Json, run: Json | None, deployed: bool
 ) -> list[Json]:
     """The missing hops of a model version's lineage, each with its reason."""
     missing: list[Json] = []
@@ -119,7 +180,7 @@ def _lineage_missing(
         miss(
             "image", f"no image registered for {name}/{version}, and none named by its predictions"
         )
-    if not any(d["id"] for d in deps):
+    if not deployed:
         miss(
             "deployment",
             f"no deployment registered for {name}/{version}, and none named by its predictions",
@@ -246,15 +307,15 @@ def impact_plan(kind: str, value: str) -> Plan[Json | None]:
     for name, version in models:
         model = yield from model_plan(name, version)
         if kind != "image":
-            deployments = yield from _deployments_of(name, version, None)
-            versions.append(_impact_entry(name, version, model, deployments))
+            served = yield from _deployments_of(name, version)
+            versions.append(_impact_entry(name, version, model, served))
             continue
         # A prediction that names no image was served from this one only if
         # it is the version's only known image; else it is reported apart.
         images = yield from _images_of(name, version, model)
         sole = {image_key(i) for i in images} == {image_key(value)}
-        deployments = yield from _deployments_of(name, version, spellings, imageless=sole)
-        entry = _impact_entry(name, version, model, deployments)
+        served = yield from _deployments_of(name, version, spellings, imageless=sole)
+        entry = _impact_entry(name, version, model, served)
         entry["image_unknown"] = 0 if sole else (yield from _imageless(name, version))
         versions.append(entry)
     return {
@@ -266,15 +327,16 @@ def impact_plan(kind: str, value: str) -> Plan[Json | None]:
     }
 
 
-def _impact_entry(name: str, version: str, model: Json | None, deps: list[Json]) -> Json:
-    firsts = [str(d["first_seen"]) for d in deps if d["first_seen"]]
-    lasts = [str(d["last_seen"]) for d in deps if d["last_seen"]]
+def _impact_entry(name: str, version: str, model: Json | None, served: Json) -> Json:
+    """One model version of an impact answer: what ``_deployments_of`` found it served."""
     return {
         "name": name,
         "version": version,
         "run_id": model["run_id"] if model else None,
-        "predictions": sum(int(d["predictions"]) for d in deps),  # type: ignore[call-overload]
-        "first_seen": min(firsts) if firsts else None,
-        "last_seen": max(lasts) if lasts else None,
-        "deployments": deps,
+        "predictions": served["predictions"],
+        "first_seen": served["first_seen"],
+        "last_seen": served["last_seen"],
+        "deployments": served["deployments"],
+        "deployments_total": served["deployments_total"],
+        "deployments_truncated": served["deployments_truncated"],
     }

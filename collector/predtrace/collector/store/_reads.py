@@ -1,25 +1,29 @@
 """Read plans behind the query API; the pivot by trace or prediction id is here.
 
 The pivot lists the predictions of a trace (or prediction ids) with their
-lineage chains, within a row limit and a byte budget. The other read plans
-live beside it and are re-exported here, so that the store and the API take
-every read plan from one place: model lineage and impact (``_impact``),
-completeness and the served groups (``_completeness``).
+lineage chains, within a row limit and a byte budget; of the groups it
+leaves out it says only their missing hops, found without loading their
+nodes (a run's body may be large, and a thousand groups may share it). The
+other read plans live beside it and are re-exported here, so that the store
+and the API take every read plan from one place: model lineage and impact
+(``_impact``), completeness and the served groups (``_completeness``).
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
-from typing import Final
+from collections.abc import Mapping, Sequence
+from typing import Final, TypeVar
 
 from predtrace.collector.store._chain import (
     AliasState,
     ChainKey,
     Json,
+    Nodes,
     alias_plan,
     alias_state,
+    chain_gaps_plan,
     chain_plan,
 )
 from predtrace.collector.store._commits import AmbiguousCommitError
@@ -177,10 +181,10 @@ def pivot_plan(
     first: dict[ChainKey, Json] = {}
     for (key, _), chain in chains.items():
         first.setdefault(key, chain)
+    unresolved = [k for k, c in first.items() if c["model_version"] is None and k[0] and k[1]]
     if len(answer) < len(sized):
         answer.cut_by = "limit" if len(answer) == limit else "bytes"
-        yield from _unlisted_plan(answer, (where, args), limit, listed, first)
-    unresolved = [k for k, c in first.items() if c["model_version"] is None and k[0] and k[1]]
+        unresolved += yield from _unlisted_plan(answer, (where, args), limit, listed, first)
     return answer, unresolved
 
 
@@ -189,9 +193,15 @@ def _unlisted_plan(
     match: tuple[str, tuple[object, ...]],
     limit: int,
     listed: Counter[ChainKey],
-    chains: dict[ChainKey, Json],
-) -> Plan[None]:
-    """Count every stored match, and check the chains of the groups left out."""
+    chains: Mapping[ChainKey, Json],
+) -> Plan[list[ChainKey]]:
+    """Count every stored match, and check the chains of the groups left out.
+
+    A group with no chain in ``chains`` gets only its missing hops
+    (``chain_gaps_plan``), its nodes read once for all groups (``_Gaps``):
+    up to ``limit`` groups may share one run, whose body may be large.
+    Returns the keys of these groups whose model version is unregistered.
+    """
     where, args = match
     counted = yield Fetch(f"SELECT count(*) FROM predictions WHERE {where}", args)  # noqa: S608 - fixed SQL fragments, values are bound
     answer.total = int(counted[0][0])
@@ -202,23 +212,89 @@ def _unlisted_plan(
     )
     if len(groups) > limit:
         answer.unlisted = None  # too many chains to check in one answer
-        return
+        return []
     entries: list[Json] = []
+    unresolved: list[ChainKey] = []
+    nodes = _Gaps()
     for group in groups:
         key: ChainKey = (group[0], group[1], group[2], group[3], group[4])
         left = int(group[5]) - listed[key]
         if left <= 0:
             continue
-        if key not in chains:
-            chains[key] = yield from chain_plan(key, int(group[6] or 0))
+        gaps = chains.get(key)
+        if gaps is None:
+            gaps, registered = yield from chain_gaps_plan(key, int(group[6] or 0), nodes)
+            if not registered and key[0] and key[1]:
+                unresolved.append(key)
         entries.append(
             {
                 "model": {"name": key[0], "version": key[1], "alias": key[2]},
                 "deployment": key[3],
                 "image_digest": key[4],
                 "predictions": left,
-                "complete": chains[key]["complete"],
-                "missing": chains[key]["missing"],
+                "complete": gaps["complete"],
+                "missing": gaps["missing"],
             }
         )
     answer.unlisted = entries
+    return unresolved
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _once(known: dict[_K, _V], key: _K, plan: Plan[_V]) -> Plan[_V]:
+    """What ``plan`` gives for ``key``, run only the first time ``key`` is asked."""
+    if key not in known:
+        known[key] = yield from plan
+    return known[key]
+
+
+class _Gaps(Nodes):
+    """The nodes the missing hops of a pivot's unlisted groups need, each read once.
+
+    A run's commit and whether it logged a dataset, not its params, tags
+    and datasets: the nodes are never shown, and a run registered many
+    times over may be large.
+    """
+
+    def __init__(self) -> None:
+        self._aliases: dict[tuple[str, str], tuple[str, int, int] | None] = {}
+        self._models: dict[tuple[str, str], Json | None] = {}
+        self._runs: dict[str, Json | None] = {}
+        self._images: dict[tuple[str, str], list[str]] = {}
+
+    def alias(self, name: str, alias: str) -> Plan[tuple[str, int, int] | None]:
+        """``alias_plan``, once per alias."""
+        return (yield from _once(self._aliases, (name, alias), super().alias(name, alias)))
+
+    def model(self, name: str, version: str) -> Plan[Json | None]:
+        """``model_plan``, once per version."""
+        return (yield from _once(self._models, (name, version), super().model(name, version)))
+
+    def run(self, run_id: str) -> Plan[Json | None]:
+        """The run's ``id``, ``commit`` and whether it has ``datasets``, once per run."""
+        return (yield from _once(self._runs, run_id, _run_gaps_plan(run_id)))
+
+    def images(self, name: str, version: str, registered: list[str]) -> Plan[list[str]]:
+        """``known_images_plan``, once per version."""
+        found = super().images(name, version, registered)
+        return (yield from _once(self._images, (name, version), found))
+
+
+def _run_gaps_plan(run_id: str) -> Plan[Json | None]:
+    """What ``run_missing`` reads of a run (no body), or None when it is not stored.
+
+    Its datasets as ``run_plan`` reads them: those with a stored dataset node.
+    """
+    rows = yield Fetch(
+        "SELECT r.commit_sha, EXISTS (SELECT 1 FROM run_datasets u"
+        " JOIN datasets d ON d.digest = u.digest WHERE u.run_id = r.run_id)"
+        " FROM runs r WHERE r.run_id = ?",
+        (run_id,),
+    )
+    if not rows:
+        return None
+    sha, datasets = rows[0]
+    return {"id": run_id, "commit": {"sha": sha} if sha else None, "datasets": bool(datasets)}
