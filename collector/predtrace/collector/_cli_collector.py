@@ -25,16 +25,14 @@ def collector_group() -> None:
 @collector_group.command("serve")
 @click.option(
     "--db",
-    envvar="PREDTRACE_COLLECTOR_DB",
     default=None,
-    help="sqlite:////abs/path.db, a file path, or postgresql://...  "
-    "[default: predtrace-collector.db in the current folder]",
+    help="sqlite:////abs/path.db, a file path, or postgresql://... [PREDTRACE_COLLECTOR_DB; "
+    "default: predtrace-collector.db in the current folder]",
 )
 @click.option(
     "--listen",
-    envvar="PREDTRACE_COLLECTOR_LISTEN",
     default=None,
-    help="HOST:PORT (port 0: a free one)  [default: 127.0.0.1:8700]",
+    help="HOST:PORT (port 0: a free one) [PREDTRACE_COLLECTOR_LISTEN; default: 127.0.0.1:8700]",
 )
 @click.option(
     "--ready-file",
@@ -46,10 +44,17 @@ def collector_group() -> None:
     "--tokens",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
-    help="tokens file (TOML, hashed tokens); none: loopback clients only",
+    help="tokens file (TOML, hashed tokens) [PREDTRACE_COLLECTOR_TOKENS]; "
+    "none: loopback clients only",
 )
-@click.option("--mlflow", default=None, help="MLflow tracking URL [default: MLFLOW_TRACKING_URI]")
-@click.option("--retention-days", type=float, default=None, help="keep predictions this many days")
+@click.option("--mlflow", default=None, help="MLflow tracking URL [MLFLOW_TRACKING_URI]")
+@click.option(
+    "--retention-days",
+    type=float,
+    default=None,
+    help="keep predictions this many days [PREDTRACE_RETENTION_PREDICTIONS_DAYS; "
+    "default: for ever]",
+)
 @click.option(
     "--tls-cert",
     type=click.Path(exists=True, dir_okay=False),
@@ -73,7 +78,18 @@ def serve_command(
     tls_cert: str | None,
     tls_key: str | None,
 ) -> None:
-    """Run the collector until SIGTERM or SIGINT."""
+    """Run the collector until SIGTERM or SIGINT.
+
+    A flag wins over its environment variable. Read from the environment
+    only (no flag):
+
+    \b
+      PREDTRACE_COLLECTOR_MAX_BODY_BYTES      largest batch body (16 MiB)
+      PREDTRACE_COLLECTOR_MAX_INFLIGHT_BYTES  batch bodies held at once (128 MiB)
+      PREDTRACE_COLLECTOR_MAX_ANSWER_BYTES    query answers held at once (64 MiB)
+      PREDTRACE_COLLECTOR_MAX_CONNECTIONS     connections served at once (1024)
+      PREDTRACE_RETENTION_BATCHES_DAYS        keep batch records this many days
+    """
     import asyncio  # noqa: PLC0415 - the server stack loads only here
     import logging  # noqa: PLC0415
 
@@ -125,6 +141,7 @@ def _toml(value: str | list[str]) -> str:
     multiple=True,
     required=True,
     type=click.Choice(["ingest", "read", "admin"]),
+    help="what the token may do (repeatable): ingest batches and lineage, read, admin",
 )
 @click.option(
     "--producer",

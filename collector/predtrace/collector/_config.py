@@ -8,8 +8,9 @@ from __future__ import annotations
 import math
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
+from urllib.parse import urlsplit
 
 from predtrace.cli._serving import MAX_CONNECTIONS
 from predtrace.collector._errors import ConfigError
@@ -37,17 +38,57 @@ DEFAULT_DB: Final = "sqlite:///predtrace-collector.db"
 MAX_RETENTION_DAYS: Final = 100 * 365.25
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
+def parse_listen(listen: str, what: str = "--listen") -> tuple[str, int]:
     """Split ``HOST:PORT`` (``[::1]:0`` for IPv6; port 0 picks a free one).
 
+    ``what`` names the setting in errors.
+
     Raises:
-        ConfigError: not HOST:PORT with a port in 0..65535.
+        ConfigError: not HOST:PORT with a port in 0..65535 (a URL included).
     """
+    if "/" in listen:
+        raise ConfigError(f"{what} is HOST:PORT, not a URL, got {listen!r}")
     host, sep, port = listen.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"--listen must be HOST:PORT, got {listen!r}")
+        raise ConfigError(f"{what} must be HOST:PORT, got {listen!r}")
     return host, int(port)
+
+
+def check_db_url(db: str, what: str = "--db") -> None:
+    """Refuse a ``--db`` value ``open_store`` could not open (``what`` names the setting).
+
+    Checked at startup so that the message can name where the value came
+    from; ``open_store`` refuses the same URLs for library callers.
+
+    Raises:
+        ConfigError: an unsupported scheme, a sqlite URL without a file, a bad port.
+    """
+    parts = urlsplit(db)
+    scheme = parts.scheme.split("+", 1)[0]
+    if scheme in ("postgresql", "postgres"):
+        port = _bad_postgres_port(parts.netloc)
+        if port is not None:
+            raise ConfigError(f"{what}: the port must be a number in 1..65535, not {port!r}")
+    elif scheme == "sqlite":
+        path = db[len("sqlite:///") :] if db.startswith("sqlite:///") else ""
+        if not path or path == ":memory:":
+            raise ConfigError(f"{what}: a sqlite URL needs a file: sqlite:////abs/path.db")
+    elif scheme:
+        raise ConfigError(
+            f"unsupported {what} URL scheme {parts.scheme!r}: use sqlite or postgresql"
+        )
+
+
+def _bad_postgres_port(netloc: str) -> str | None:
+    # Each host of host1:5432,host2:5433, after any user:password@ (never shown);
+    # "host:" is asyncpg's default port, as libpq's.
+    for hostport in netloc.rpartition("@")[2].split(","):
+        rest = hostport.rpartition("]")[2] if hostport.startswith("[") else hostport
+        port = rest.rpartition(":")[2] if ":" in rest else ""
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            return port[:20]
+    return None
 
 
 def _days(value: float | None, name: str) -> None:
@@ -118,11 +159,22 @@ class CollectorConfig:
     body_timeout_s: float = 30.0  # a batch body must arrive within this (else 408)
     query_limit: int = 1000
     retention: RetentionPolicy = RetentionPolicy()
+    from_environment: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
+    """(field, variable) of the settings read from the environment: errors name both."""
+
+    def _what(self, name: str, label: str) -> str:
+        """``label``, with the variable it came from when the environment set it."""
+        for field_name, variable in self.from_environment:
+            if field_name == name:
+                return f"{label} ({variable})"
+        return label
 
     def __post_init__(self) -> None:
-        parse_listen(self.listen)
+        what = self._what
+        parse_listen(self.listen, what("listen", "--listen"))
         if not self.db:
             raise ConfigError("--db is required")
+        check_db_url(self.db, what("db", "--db"))
         for name in (
             "max_body_bytes",
             "max_decompressed_bytes",
@@ -132,15 +184,19 @@ class CollectorConfig:
             "max_connections",
         ):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be > 0")
+                raise ConfigError(f"{what(name, name)} must be > 0, got {getattr(self, name)}")
         if self.max_inflight_bytes < self.max_body_bytes:
-            raise ConfigError("max_inflight_bytes must be >= max_body_bytes")
+            raise ConfigError(
+                f"{what('max_inflight_bytes', 'max_inflight_bytes')} must be >= "
+                f"{what('max_body_bytes', 'max_body_bytes')}"
+            )
         if self.retry_after_s < 1 or self.query_limit < 1:
             raise ConfigError("retry_after_s and query_limit must be >= 1")
         if not self.body_timeout_s > 0:
             raise ConfigError("body_timeout_s must be > 0")
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+            cert, key = what("tls_cert", "--tls-cert"), what("tls_key", "--tls-key")
+            raise ConfigError(f"TLS needs both {cert} and {key}")
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The listener's TLS context (TLS 1.2+), or None for plaintext.
@@ -167,7 +223,9 @@ class CollectorConfig:
         Raises:
             ConfigError: a variable holds an invalid value.
         """
+        given = {k: v for k, v in overrides.items() if v is not None}
         values: dict[str, object] = {}
+        read: list[tuple[str, str]] = []
         for key, name in (
             ("db", PREDTRACE_COLLECTOR_DB),
             ("listen", PREDTRACE_COLLECTOR_LISTEN),
@@ -175,20 +233,18 @@ class CollectorConfig:
             ("mlflow_url", MLFLOW_TRACKING_URI),
             ("tls_cert", PREDTRACE_COLLECTOR_TLS_CERT),
             ("tls_key", PREDTRACE_COLLECTOR_TLS_KEY),
-        ):
-            if environ.get(name):
-                values[key] = environ[name]
-        for key, name in (
             ("max_body_bytes", PREDTRACE_COLLECTOR_MAX_BODY_BYTES),
             ("max_inflight_bytes", PREDTRACE_COLLECTOR_MAX_INFLIGHT_BYTES),
             ("max_answer_bytes", PREDTRACE_COLLECTOR_MAX_ANSWER_BYTES),
             ("max_connections", PREDTRACE_COLLECTOR_MAX_CONNECTIONS),
         ):
-            if environ.get(name):
-                values[key] = _int(environ[name], name)
+            if key not in given and environ.get(name):
+                text = environ[name]
+                values[key] = _int(text, name) if key.startswith("max_") else text
+                read.append((key, name))
         # --retention-days replaces the predictions' setting only: the
         # batches' one from the environment still holds.
-        flag_days = overrides.pop("retention_days", None)
+        flag_days = given.pop("retention_days", None)
         values["retention"] = RetentionPolicy(
             predictions_days=(
                 float(flag_days)  # type: ignore[arg-type]  # a float flag when given
@@ -199,8 +255,8 @@ class CollectorConfig:
         )
         if not str(values.get("mlflow_url", "http://")).startswith(("http://", "https://")):
             del values["mlflow_url"]  # file: or databricks tracking URIs have no REST registry
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)  # type: ignore[arg-type]
+        values.update(given)
+        return cls(**values, from_environment=tuple(read))  # type: ignore[arg-type]
 
 
 def _int(text: str, name: str) -> int:

@@ -353,7 +353,7 @@ def status(
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
     if tls_ca or tls_cert:
-        pem = [Path(p).read_bytes() if p else None for p in (tls_ca, tls_key, tls_cert)]
+        pem = _status_pem(tls_ca, tls_cert, tls_key)
         channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(*pem))
     else:
         channel = grpc.insecure_channel(target)
@@ -402,17 +402,45 @@ def _status_target(target: str | None, ready_file: str | None) -> str:
         if not target:
             click.echo(f"{ready_file} is empty (is the sidecar ready?)", err=True)
             sys.exit(1)
-    target = target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+    what = "--target"
+    if not target and os.environ.get(TARGET_ENV):
+        target, what = os.environ[TARGET_ENV], f"--target ({TARGET_ENV})"
+    target = target or DEFAULT_TARGET
     if "://" in target:
-        raise click.UsageError(f"--target is the sidecar's HOST:PORT, not a URL: {target!r}")
+        raise click.UsageError(f"{what} is the sidecar's HOST:PORT, not a URL: {target!r}")
     try:
-        host, port = parse_hostport(target, "--target")
+        host, port = parse_hostport(target, what)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     if port == 0:
-        raise click.UsageError(f"--target needs the sidecar's port, got {target!r}")
+        raise click.UsageError(f"{what} needs the sidecar's port, got {target!r}")
     # An IPv6 host is bracketed for gRPC (a ready file of an older sidecar has it bare).
     return join_hostport(host, port)
+
+
+def _status_pem(
+    ca: str | None, cert: str | None, key: str | None
+) -> tuple[bytes | None, bytes | None, bytes | None]:
+    """``status``'s TLS files in gRPC's order (CA, key, cert); --tls-ca checked first.
+
+    gRPC only logs a CA it cannot read and then fails the call as UNAVAILABLE.
+
+    Raises:
+        click.UsageError: --tls-ca cannot be read or holds no PEM certificate.
+    """
+    import ssl  # noqa: PLC0415 - lazy CLI
+
+    if ca is not None:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=ca)
+        except ssl.SSLError as exc:
+            raise click.UsageError(
+                f"--tls-ca is not a PEM certificate: {ca} ({exc.reason})"
+            ) from None
+        except OSError as exc:
+            raise click.UsageError(f"cannot read --tls-ca {ca}: {exc.strerror}") from None
+    ca_pem, key_pem, cert_pem = (Path(p).read_bytes() if p else None for p in (ca, key, cert))
+    return ca_pem, key_pem, cert_pem
 
 
 def _when(ns: object) -> str:

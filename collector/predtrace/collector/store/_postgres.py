@@ -159,10 +159,21 @@ class PostgresEngine:
                 await self._migrate(conn)
         except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError) as exc:
             await self.close()
-            raise translate(exc) from None
+            failed = translate(exc)  # the same class (retryable or not), naming the server
+            raise type(failed)(f"cannot open the --db store {self.where}: {failed}") from None
+        except ValueError as exc:  # asyncpg's reading of the DSN: a bad port, an option
+            await self.close()
+            raise ConfigError(f"--db {self.where}: {exc}") from None
         except StoreError:
             await self.close()
             raise
+
+    @property
+    def where(self) -> str:
+        """The server and database of the DSN, without its credentials or options."""
+        scheme, _, rest = self.dsn.partition("://")
+        rest = rest.rpartition("@")[2].partition("?")[0]
+        return f"{scheme}://{rest}"
 
     async def _migrate(self, conn: Any) -> None:
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)

@@ -185,10 +185,12 @@ class SqliteEngine:
             conn = self._connect(writer=True)
             self._migrate(conn)
         except sqlite3.Error as exc:
-            loop.call_soon_threadsafe(_resolve, ready, None, translate(exc))
+            failed = translate(exc)  # the same class (retryable or not), naming the file
+            error = type(failed)(f"cannot open the --db file {self.path}: {failed}")
+            loop.call_soon_threadsafe(_resolve, ready, None, error)
             return
         except OSError as exc:
-            error = StoreUnavailableError(f"cannot open {self.path}: {exc.strerror}")
+            error = StoreUnavailableError(f"cannot open the --db file {self.path}: {exc.strerror}")
             loop.call_soon_threadsafe(_resolve, ready, None, error)
             return
         loop.call_soon_threadsafe(_resolve, ready, None, None)

@@ -60,9 +60,34 @@ def demo(predictions: int, workdir: Path | None, keep_running: bool) -> None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="predtrace-")))
         try:
             workdir.mkdir(parents=True, exist_ok=True)
+            _lock_workdir(workdir, stack)
         except OSError as exc:
             raise click.ClickException(f"cannot use --workdir {workdir}: {exc.strerror}") from None
         _run(console, workdir, predictions, keep_running, stack)
+
+
+def _lock_workdir(workdir: Path, stack: ExitStack) -> None:
+    """Hold ``workdir/demo.lock`` for the demo's life: one demo per folder.
+
+    Two demos on one folder would read one ``collector.ready`` and one would
+    stop the collector the other uses. The lock goes with this process (the
+    collector does not inherit it), so a crash never leaves the folder locked.
+
+    Raises:
+        click.ClickException: another demo holds the folder.
+        OSError: the lock file cannot be opened (the folder is not writable).
+    """
+    import fcntl  # noqa: PLC0415 - POSIX only, as the demo's collector is
+
+    lock = (workdir / "demo.lock").open("a")
+    stack.callback(lock.close)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise click.ClickException(
+            f"another predtrace demo is running in --workdir {workdir}: "
+            "wait for it, or give another --workdir"
+        ) from None
 
 
 def _run(console: Console, workdir: Path, count: int, keep: bool, stack: ExitStack) -> None:
@@ -133,8 +158,14 @@ def _commit_sha() -> str:
 
 def _start_collector(console: Console, workdir: Path, keep: bool, stack: ExitStack) -> str:
     ready = workdir / "collector.ready"
-    ready.unlink(missing_ok=True)
-    log = (workdir / "collector.log").open("wb")
+    try:
+        ready.unlink(missing_ok=True)
+        log = (workdir / "collector.log").open("wb")
+    except OSError as exc:
+        where = exc.filename or workdir
+        raise click.ClickException(
+            f"cannot use --workdir {workdir}: {where}: {exc.strerror}"
+        ) from None
     stack.callback(log.close)
     cmd = [
         sys.executable, "-m", "predtrace.cli", "collector", "serve",
