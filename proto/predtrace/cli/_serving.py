@@ -202,6 +202,10 @@ def cap_connections(server: web.Server, most: int, refused: Callable[[], None]) 
         made(handler, transport)
         if len(server.connections) > most:
             refused()
-            transport.close()  # before a byte of it is read
+            # Not a byte of it is read. Closed once the handler's task has
+            # started: closed now, the task would find its server gone and
+            # log a traceback, one per refused connection.
+            transport.pause_reading()
+            asyncio.get_running_loop().call_soon(transport.close)
 
     server.connection_made = connection_made  # type: ignore[method-assign]

@@ -20,20 +20,20 @@ import grpc
 from predtrace.sidecar import _oip_reads
 from predtrace.sidecar._grpc_answers import fail_call
 from predtrace.sidecar._oip_metadata import Metadata, forwardable
-from predtrace.sidecar._oip_reads import READ_GRACE_S, RequestReads, TooManySlowError
-from predtrace.sidecar._oip_upstream import ByteBudget, ChannelPool
+from predtrace.sidecar._oip_reads import READ_GRACE_S, Cardinality, RequestReads, TooManySlowError
+from predtrace.sidecar._oip_upstream import ByteBudget, ChannelPool, Upstream
 
 
 def passthrough_handler(
-    pool: ChannelPool, method: str, reads: Reads, *, one_request: bool
+    pool: ChannelPool, method: str, reads: Reads, *, kind: Cardinality
 ) -> grpc.RpcMethodHandler[bytes, bytes]:
-    """A handler passing each call of ``method`` through (``one_request``: see ``passthrough``)."""
+    """A handler passing each call of ``method`` through (``kind``: see ``passthrough``)."""
 
     async def handle(
         requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> AsyncIterator[bytes]:
         del requests  # read from the context, which ``passthrough`` does
-        async for item in passthrough(pool, method, context, reads, one_request=one_request):
+        async for item in passthrough(pool, method, context, reads, kind=kind):
             yield item
 
     return grpc.stream_stream_rpc_method_handler(handle)
@@ -54,36 +54,38 @@ async def passthrough(
     context: grpc.aio.ServicerContext[bytes, bytes],
     reads: Reads,
     *,
-    one_request: bool,
+    kind: Cardinality,
 ) -> AsyncIterator[bytes]:
     """Forward one call of any cardinality; the upstream's status reaches the caller.
 
-    A call of a method known to take one request and answer once
-    (``one_request``) reads its request within the budget of such calls
+    A call of a method known to take one request (``kind`` "unary" or
+    "one-request") reads its request within the budget of such calls
     (``_oip_reads``), and holds its size there until the answer. One whose
-    caller sent exactly one, and half-closed, goes upstream as a unary call,
-    not as a request stream: grpc.aio reports a request write that fails
-    because the upstream already ended the call (an unknown method, an early
-    abort) as INTERNAL "Internal error from Core", overwriting the upstream's
-    status (grpc/grpc#36066); a unary request is sent in one batch whose
-    failure defers to the status the upstream sent. (A unary-stream call,
-    cancelled, kept its request in a cycle until a GC pass.) Calls that
-    stream requests, or may (methods of other services), or a caller that has
-    not half-closed ``READ_GRACE_S`` after its request, go as streams, one of
-    at most ``MAX_STREAMS``, and keep that race.
+    caller sent exactly one, and half-closed, goes upstream with a single
+    request, not as a request stream: grpc.aio reports a request write that
+    fails because the upstream already ended the call (an unknown method, an
+    early abort) as INTERNAL "Internal error from Core", overwriting the
+    upstream's status (grpc/grpc#36066); a single request is sent in one
+    batch whose failure defers to the status the upstream sent. A method
+    known to answer once goes as unary-unary; one of the service the proxy
+    does not know, as unary-stream, for any number of answers (cancelled,
+    such a call keeps its request in a cycle until a GC pass: a grpc.aio
+    fault). Calls that stream requests, or may (methods of other services),
+    or a caller that has not half-closed ``READ_GRACE_S`` after its request,
+    go as streams, one of at most ``MAX_STREAMS``, and keep that race.
     """
-    if not one_request:
+    if kind == "stream":
         async for item in _as_stream(pool, method, context, reads.reads, head=[]):
             yield item
         return
     share = reads.budget.share()
-    after: asyncio.Future[bytes] | None = None
+    pending: list[asyncio.Future[bytes]] = []  # the read after the first, until taken
     try:
         try:
             await share.take(reads.largest)
             first = await reads.reads.read(context, share)
         except TooManySlowError:
-            refusal = _oip_reads.too_many_slow(_name(method))
+            refusal = _oip_reads.too_many_slow(_name(method), reads.reads.most_outside())
             fail_call(context, grpc.StatusCode.UNAVAILABLE, refusal)
             return
         if not isinstance(first, bytes):  # half-closed without a request
@@ -92,21 +94,49 @@ async def passthrough(
                 yield item
             return
         share.hold(len(first))  # until the answer, as a unary call
-        after = asyncio.ensure_future(context.read())  # the half-close, normally
-        done, _ = await asyncio.wait((after,), timeout=READ_GRACE_S)
-        if done and not isinstance(after.result(), bytes):
-            async for item in _forward_unary(pool, method, context, first):
+        head = [first]
+        del first
+        if await _half_closed(context, head, pending):
+            forward = _forward_unary if kind == "unary" else _forward_one
+            async for item in forward(pool, method, context, head[0]):
                 yield item
             return
         # A second request, or not half-closed yet: a stream after all,
         # bounded in number, not in the budget.
         share.release()
-        async for item in _as_stream(pool, method, context, reads.reads, head=[first], after=after):
+        async for item in _as_stream(
+            pool, method, context, reads.reads, head=head, pending=pending
+        ):
             yield item
     finally:
-        if after is not None:
-            after.cancel()  # nothing once it is done
+        for future in pending:
+            future.cancel()  # a read not taken yet
         share.release()
+
+
+async def _half_closed(
+    context: grpc.aio.ServicerContext[bytes, bytes],
+    head: list[bytes],
+    pending: list[asyncio.Future[bytes]],
+) -> bool:
+    """Whether the caller half-closed within ``READ_GRACE_S`` of its first request.
+
+    If it sent another, that one joins ``head``; if nothing came yet, the
+    read goes into ``pending``. Nothing of either is kept here: a call that
+    goes on as a stream holds its messages only until they have gone on.
+    """
+    read = asyncio.ensure_future(context.read())
+    try:
+        await asyncio.wait_for(asyncio.shield(read), READ_GRACE_S)
+    except TimeoutError:
+        pending.append(read)
+        return False
+    request = read.result()
+    del read
+    if isinstance(request, bytes):
+        head.append(request)
+        return False
+    return True
 
 
 async def _as_stream(
@@ -116,9 +146,9 @@ async def _as_stream(
     reads: RequestReads,
     *,
     head: list[bytes],
-    after: asyncio.Future[bytes] | None = None,
+    pending: list[asyncio.Future[bytes]] | None = None,
 ) -> AsyncIterator[bytes]:
-    """``head``, ``after``'s request once read, then the rest, as a streaming call."""
+    """``head``, the ``pending`` read's request, then the rest, as a streaming call."""
     if reads.streams >= _oip_reads.MAX_STREAMS:
         head.clear()
         reads.streams_refused += 1
@@ -127,7 +157,7 @@ async def _as_stream(
         return
     reads.streams += 1
     try:
-        requests = _requests(context, head, after)
+        requests = _requests(context, head, pending or [])
         async for item in _forward_stream(pool, method, context, requests):
             yield item
     finally:
@@ -146,14 +176,19 @@ async def _no_requests() -> AsyncIterator[bytes]:
 async def _requests(
     context: grpc.aio.ServicerContext[bytes, bytes],
     head: list[bytes],
-    after: asyncio.Future[bytes] | None,
+    pending: list[asyncio.Future[bytes]],
 ) -> AsyncIterator[bytes]:
-    """The call's requests: ``head`` (emptied as it goes: what has gone on is not kept),
-    ``after``'s, then each read as the one before has gone on."""
+    """The call's requests: ``head``, the ``pending`` read's, then each read as the one
+    before has gone on (each list emptied as it goes: what has gone on is not kept)."""
     while head:
         yield head.pop(0)
-    if after is not None:
-        request = await after
+    if pending:
+        read = pending.pop()
+        try:
+            request = await read
+        finally:
+            read.cancel()  # nothing once it is done
+        del read
         if not isinstance(request, bytes):
             return
         yield request
@@ -189,6 +224,27 @@ async def _forward_unary(
         pool.give_back(upstream)
 
 
+async def _forward_one(
+    pool: ChannelPool,
+    method: str,
+    context: grpc.aio.ServicerContext[bytes, bytes],
+    request: bytes,
+) -> AsyncIterator[bytes]:
+    """A single request upstream, any number of answers back (unary-stream)."""
+    metadata = forwardable(context.invocation_metadata())
+    upstream = pool.take()
+    try:
+        call = upstream.channel.unary_stream(method, None, None)(
+            request, metadata=metadata, timeout=context.time_remaining()
+        )
+    except BaseException:
+        pool.give_back(upstream)
+        raise
+    del request
+    async for item in _answers(call, context, upstream, pool):
+        yield item
+
+
 async def _forward_stream(
     pool: ChannelPool,
     method: str,
@@ -204,6 +260,17 @@ async def _forward_stream(
     except BaseException:
         pool.give_back(upstream)
         raise
+    async for item in _answers(call, context, upstream, pool):
+        yield item
+
+
+async def _answers(
+    call: grpc.aio.UnaryStreamCall[bytes, bytes] | grpc.aio.StreamStreamCall[bytes, bytes],
+    context: grpc.aio.ServicerContext[bytes, bytes],
+    upstream: Upstream,
+    pool: ChannelPool,
+) -> AsyncIterator[bytes]:
+    """The upstream call's headers, answers, trailers and status, to the caller."""
     try:
         await _send_headers(context, call)
         async for response in call:
@@ -221,7 +288,7 @@ async def _forward_stream(
 
 async def _send_headers(
     context: grpc.aio.ServicerContext[bytes, bytes],
-    call: grpc.aio.UnaryUnaryCall[bytes, bytes] | grpc.aio.StreamStreamCall[bytes, bytes],
+    call: grpc.aio.Call,
 ) -> None:
     """The upstream's headers, before the first response (and also when there is none:
     the caller may read the headers before, or without, a message)."""

@@ -43,6 +43,7 @@ from predtrace.sidecar._oip_passthrough import Reads, passthrough_handler
 from predtrace.sidecar._oip_reads import (
     INFLIGHT_MESSAGES,
     PASSTHROUGH_MESSAGES,
+    Cardinality,
     RequestReads,
     TooManySlowError,
     too_many_slow,
@@ -71,19 +72,31 @@ RESPONSE_MARGIN: Final = 1024
 LISTENER_OPTIONS: Final = (("grpc.http2.bdp_probe", 0),)
 
 
-# Methods known to take exactly one request: every method of the OIP v2
-# service but the streaming one (and any the model server lacks), and health
-# checks. Only these are read ahead to be sent as unary requests; any other
-# method streams at once, since its caller may wait for an answer before it
-# sends again.
+# The methods of the OIP v2 service (KServe's, with Triton's additions) known
+# to take one request and answer once: passed through as unary calls. Any
+# other method of the service but the streaming one (a model server's own,
+# or one it lacks) still takes one request, but may answer any number of
+# times; any other service's method streams at once, since its caller may
+# wait for an answer before it sends again.
+_UNARY_NAMES: Final = (
+    "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
+    "ModelConfig", "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad",
+    "RepositoryModelUnload", "SystemSharedMemoryStatus", "SystemSharedMemoryRegister",
+    "SystemSharedMemoryUnregister", "CudaSharedMemoryStatus", "CudaSharedMemoryRegister",
+    "CudaSharedMemoryUnregister", "TraceSetting", "LogSettings",
+)  # fmt: skip
+_UNARY_METHODS: Final = frozenset(
+    {f"/{SERVICE}/{name}" for name in _UNARY_NAMES} | {"/grpc.health.v1.Health/Check"}
+)
 _STREAM_INFER: Final = f"/{SERVICE}/ModelStreamInfer"
-_HEALTH_CHECK: Final = "/grpc.health.v1.Health/Check"
 
 
-def _takes_one_request(method: str) -> bool:
-    if method == _HEALTH_CHECK:
-        return True
-    return method.startswith(f"/{SERVICE}/") and method != _STREAM_INFER
+def _cardinality(method: str) -> Cardinality:
+    if method in _UNARY_METHODS:
+        return "unary"
+    if method.startswith(f"/{SERVICE}/") and method != _STREAM_INFER:
+        return "one-request"
+    return "stream"
 
 
 if TYPE_CHECKING:
@@ -123,7 +136,9 @@ class OipProxy(_Handler):
         self.budget = ByteBudget(max_inflight_bytes or INFLIGHT_MESSAGES * max_message_bytes)
         # The methods passed through read theirs within a budget of their own.
         self.passthrough = Reads(
-            ByteBudget(PASSTHROUGH_MESSAGES * max_message_bytes), max_message_bytes, RequestReads()
+            ByteBudget(PASSTHROUGH_MESSAGES * max_message_bytes),
+            max_message_bytes,
+            RequestReads(most_outside=PASSTHROUGH_MESSAGES),
         )
         self._recorder = Recorder(intake)
         self._log = RateLimitedLog(_log)
@@ -212,9 +227,7 @@ class OipProxy(_Handler):
             # does not tell the two apart): a unary handler is called only
             # once gRPC has taken the whole request from the caller.
             return grpc.stream_unary_rpc_method_handler(self.model_infer)
-        return passthrough_handler(
-            self._pool, method, self.passthrough, one_request=_takes_one_request(method)
-        )
+        return passthrough_handler(self._pool, method, self.passthrough, kind=_cardinality(method))
 
     async def model_infer(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
@@ -237,7 +250,9 @@ class OipProxy(_Handler):
             except TooManySlowError:
                 unavailable = grpc.StatusCode.UNAVAILABLE
                 self._unread(metadata, start_ns, started, context, status=unavailable)
-                await context.abort(unavailable, too_many_slow("ModelInfer"))
+                await context.abort(
+                    unavailable, too_many_slow("ModelInfer", self.reads.most_outside())
+                )
             except (asyncio.CancelledError, Exception):
                 # Cancelled (a deadline, the caller), or the call ended under
                 # the read (grpc.aio then raises its own errors): recorded as

@@ -29,7 +29,7 @@ every call behind it.
 from __future__ import annotations
 
 import asyncio
-from typing import Final
+from typing import Final, Literal
 
 import grpc
 
@@ -56,12 +56,17 @@ PASSTHROUGH_MESSAGES: Final = 4
 MAX_STREAMS: Final = 2 * INFLIGHT_MESSAGES
 
 
-def too_many_slow(method: str) -> str:
+def too_many_slow(method: str, most: int) -> str:
     """The refusal's details for a call of ``method`` (the last part of its name)."""
     return (
         f"{method}: the request had not arrived {READ_GRACE_S:g} s after the proxy had room "
-        f"for it, and {MAX_READS_OUTSIDE} other calls' requests are arriving slowly; retry"
+        f"for it, and {most} other calls' requests are arriving slowly; retry"
     )
+
+
+Cardinality = Literal["unary", "one-request", "stream"]
+"""How a method passed through is called upstream: one request and one answer
+(unary-unary), one request and any answers (unary-stream), or a stream."""
 
 
 def too_many_streams(method: str) -> str:
@@ -79,12 +84,19 @@ class TooManySlowError(Exception):
 class RequestReads:
     """One proxy's reads of its callers' requests, and their counts."""
 
-    def __init__(self) -> None:
+    def __init__(self, most_outside: int | None = None) -> None:
+        """``most_outside``: reads outside the budget at once (``MAX_READS_OUTSIDE``
+        by default): twice the budget is the bound, so as many as it has messages."""
+        self._most_outside = most_outside
         self.slow_reads = 0  # requests read outside the budget: not arrived in READ_GRACE_S
         self.reading_outside = 0  # of those, being read now (at most MAX_READS_OUTSIDE)
         self.slow_refused = 0  # calls refused as slow past MAX_READS_OUTSIDE (UNAVAILABLE)
         self.streams = 0  # streaming calls passing through now (at most MAX_STREAMS)
         self.streams_refused = 0  # refused past MAX_STREAMS (UNAVAILABLE)
+
+    def most_outside(self) -> int:
+        """Reads outside the budget at once, at most."""
+        return MAX_READS_OUTSIDE if self._most_outside is None else self._most_outside
 
     async def read(
         self, context: grpc.aio.ServicerContext[bytes, bytes], share: BudgetShare
@@ -104,7 +116,7 @@ class RequestReads:
         try:
             done, _ = await asyncio.wait((read,), timeout=READ_GRACE_S)
             if not done:
-                if self.reading_outside >= MAX_READS_OUTSIDE:
+                if self.reading_outside >= self.most_outside():
                     self.slow_refused += 1
                     raise TooManySlowError
                 outside = True

@@ -20,7 +20,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from predtrace.oip.v2 import grpc_predict_v2_pb2 as pb
-from predtrace.sidecar import _oip_fields, _oip_reads
+from predtrace.sidecar import _oip_fields, _oip_passthrough, _oip_reads
 from predtrace.sidecar._app import grpc_server_options
 from predtrace.sidecar._intake import IntakeResult
 from predtrace.sidecar._metrics import SidecarMetrics
@@ -39,6 +39,7 @@ MODEL_READY = "/inference.GRPCInferenceService/ModelReady"
 SERVER_METADATA = "/inference.GRPCInferenceService/ServerMetadata"
 STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+WATCH = "/inference.GRPCInferenceService/ModelWatch"  # a model server's own
 MiB = 1024 * 1024
 
 
@@ -78,6 +79,8 @@ class Model(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             return grpc.unary_unary_rpc_method_handler(self.quick)
         if details.method == STREAM_INFER:
             return grpc.stream_stream_rpc_method_handler(self.stream)
+        if details.method == WATCH:
+            return grpc.unary_stream_rpc_method_handler(self.watch)
         if details.method.startswith("/inference.GRPCInferenceService/"):
             return grpc.unary_unary_rpc_method_handler(self.infer)
         return None
@@ -111,6 +114,12 @@ class Model(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
     async def quick(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         return b"quick"
+
+    async def watch(
+        self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        for answer in (b"one", b"two"):
+            yield answer
 
     async def stream(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
@@ -572,24 +581,77 @@ async def test_a_health_check_passed_through_never_waits_behind_inference(
     await eventually(lambda: proxy.budget.used == 0)
 
 
-async def test_a_caller_of_a_method_passed_through_that_never_sends_is_refused_past_the_bound(
-    proxied: tuple[Model, Running], monkeypatch: pytest.MonkeyPatch
+async def test_callers_of_a_method_passed_through_that_never_send_are_refused_past_the_bound(
+    proxied: tuple[Model, Running],
 ) -> None:
-    # Read outside the budget when slow, at most MAX_READS_OUTSIDE at once.
-    monkeypatch.setattr(_oip_reads, "MAX_READS_OUTSIDE", 0)
+    # Read outside the budget when slow, at most as many at once as the
+    # budget has messages (was the 16 of ModelInfer's budget, for a budget of
+    # 4: five times the budget held).
     model, running = proxied
     proxy = proxy_of(running)
+    most = _oip_reads.PASSTHROUGH_MESSAGES
     async with client(running) as channel:
-        call = channel.stream_unary(MODEL_READY)(timeout=10)  # sends nothing
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await call
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert (info.value.details() or "").startswith("ModelReady: the request had not arrived")
-        assert proxy.slow_refused == 1  # on /metrics with the other refusals
+        calls = [channel.stream_unary(MODEL_READY)(timeout=10) for _ in range(most + 1)]
+        await eventually(lambda: proxy.slow_refused == 1)
+        assert proxy.passthrough.reads.reading_outside == most
+        refused = [c for c in calls if c.done()]
+        assert len(refused) == 1
+        info = await refused[0].code(), await refused[0].details()
+        assert info[0] == grpc.StatusCode.UNAVAILABLE
+        assert info[1] == (
+            f"ModelReady: the request had not arrived 0.25 s after the proxy had room for it,"
+            f" and {most} other calls' requests are arriving slowly; retry"
+        )
         # Quick callers are not held up meanwhile.
         assert await channel.unary_unary(MODEL_READY)(body(10), timeout=5)
+        for call in calls:
+            call.cancel()
+    await eventually(lambda: proxy.passthrough.reads.reading_outside == 0)
     assert proxy.passthrough.budget.used == 0
     assert model.arrived == 1
+
+
+async def test_a_method_of_the_service_the_proxy_does_not_know_may_answer_many_times(
+    proxied: tuple[Model, Running],
+) -> None:
+    # A model server's own server-streaming method: sent as a unary call, it
+    # hung until its deadline (and held room in the budget meanwhile).
+    _, running = proxied
+    async with client(running) as channel:
+        answers = channel.unary_stream(WATCH)(body(10), timeout=5)
+        assert [answer async for answer in answers] == [b"one", b"two"]
+    assert proxy_of(running).passthrough.budget.used == 0
+
+
+async def test_a_call_gone_on_as_a_stream_keeps_no_message_it_has_sent_on() -> None:
+    # The first two messages of a one-request call that became a stream were
+    # kept for the call's life (three messages a stream, not one).
+    class Context:
+        def __init__(self, messages: list[object]) -> None:
+            self.messages = messages
+            self.more = asyncio.Event()
+
+        async def read(self) -> object:
+            if not self.messages:
+                await self.more.wait()
+            return self.messages.pop(0)
+
+    context = Context([b"second", b"third", grpc.aio.EOF])
+    head, pending = [b"first"], []
+    assert not await _oip_passthrough._half_closed(context, head, pending)  # type: ignore[arg-type]
+    assert (head, pending) == ([b"first", b"second"], [])
+    requests = _oip_passthrough._requests(context, head, pending)  # type: ignore[arg-type]
+    assert [r async for r in requests] == [b"first", b"second", b"third"]
+    assert head == pending == []
+    slow = Context([])  # nothing within the grace: the read waits in ``pending``
+    head, pending = [b"first"], []
+    assert not await _oip_passthrough._half_closed(slow, head, pending)  # type: ignore[arg-type]
+    assert head == [b"first"] and len(pending) == 1
+    slow.messages.extend([b"late", grpc.aio.EOF])
+    slow.more.set()
+    requests = _oip_passthrough._requests(slow, head, pending)  # type: ignore[arg-type]
+    assert [r async for r in requests] == [b"first", b"late"]
+    assert head == pending == []
 
 
 async def test_a_one_request_caller_that_does_not_half_close_is_answered(
