@@ -67,6 +67,8 @@ def check_db_url(db: str, what: str = "--db") -> None:
     parts = urlsplit(db)
     scheme = parts.scheme.split("+", 1)[0]
     if scheme in ("postgresql", "postgres"):
+        if credentials_cut(db):
+            raise ConfigError(f"{what}: {CREDENTIALS_CUT}")
         port = _bad_postgres_port(parts.netloc)
         if port is not None:
             raise ConfigError(f"{what}: the port must be a number in 1..65535, not {port!r}")
@@ -78,6 +80,21 @@ def check_db_url(db: str, what: str = "--db") -> None:
         raise ConfigError(
             f"unsupported {what} URL scheme {parts.scheme!r}: use sqlite or postgresql"
         )
+
+
+CREDENTIALS_CUT: Final = (
+    "the URL's user name or password holds '/', '?' or '#': percent-encode them (%2F, %3F, %23)"
+)
+
+
+def credentials_cut(url: str) -> bool:
+    """Whether ``url``'s user name or password holds a character that ends its host part.
+
+    ``urlsplit`` ends the host part at the first '/', '?' or '#': the rest of
+    the password would be read as a path, or (quoted in an error) as a port.
+    """
+    rest = url.partition("://")[2]
+    return "@" in rest and "@" not in urlsplit(url).netloc
 
 
 def _bad_postgres_port(netloc: str) -> str | None:

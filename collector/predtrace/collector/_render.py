@@ -188,10 +188,9 @@ def _cut(listing: J) -> str | None:
     total, listed = listing.get("deployments_total"), len(listing.get("deployments") or [])
     if not listing.get("deployments_truncated") or not isinstance(total, int):
         return None
-    return (
-        f"showing {listed:,} of {total:,} deployments (those with the most predictions;"
-        " the prediction counts cover them all)"
-    )
+    predictions = listing.get("predictions")
+    counted = f"; {predictions:,} predictions in all" if isinstance(predictions, int) else ""
+    return f"showing {listed:,} of {total:,} deployments (those with the most predictions{counted})"
 
 
 def _deployments_table(

@@ -196,8 +196,7 @@ class MiddlewareConfig:
             try:
                 self.collector_client_config()
             except ValueError as exc:
-                name = "collector_token" if str(exc).startswith("the token") else "collector_url"
-                raise ConfigError(f"{name}: {exc}") from None
+                raise ConfigError(f"{_client_field(str(exc))}: {exc}") from None
         if self.sidecar_target is not None:
             _check_target(self.sidecar_target)
         if (self.sidecar_tls_cert is None) != (self.sidecar_tls_key is None):
@@ -339,6 +338,15 @@ def _check_target(target: str) -> None:
 
 # The setting behind each field whose check can fail: an error from the
 # environment names the variable to fix, not only the field.
+def _client_field(problem: str) -> str:
+    """The field a ``CollectorClientConfig`` complaint is about."""
+    if problem.startswith("the token"):
+        return "collector_token"
+    if problem.startswith("collector timeout"):
+        return "collector_timeout"
+    return "collector_url"
+
+
 _FIELD_VARIABLES: Final = {
     "collector_url": env.PREDTRACE_COLLECTOR_URL,
     "sidecar_target": env.PREDTRACE_SIDECAR_TARGET,
@@ -349,6 +357,7 @@ _FIELD_VARIABLES: Final = {
     "max_body_bytes": env.PREDTRACE_MAX_BODY_BYTES,
     "max_output_bytes": env.PREDTRACE_MAX_OUTPUT_BYTES,
     "collector_timeout": env.PREDTRACE_COLLECTOR_TIMEOUT,
+    "collector_token": env.PREDTRACE_COLLECTOR_TOKEN,
     "sidecar_timeout": env.PREDTRACE_SIDECAR_TIMEOUT,
     "shutdown_timeout": env.PREDTRACE_SHUTDOWN_TIMEOUT,
     "fingerprint_key": env.PREDTRACE_FINGERPRINT_KEY,

@@ -196,9 +196,12 @@ def test_model_lineage_table_says_how_many_deployments_it_shows_of_how_many() ->
         "deployments": [{"id": "edge-1", "predictions": 9, "first_seen": None, "last_seen": None}],
         "deployments_total": 200_000,
         "deployments_truncated": True,
+        "predictions": 1_234_567,
         "missing": [],
     }
-    assert "showing 1 of 200,000 deployments" in _printed(render_model_lineage, answer)
+    printed = _printed(render_model_lineage, answer)
+    assert "showing 1 of 200,000 deployments" in printed
+    assert "1,234,567 predictions in all" in printed  # the rows count only those shown
     answer["deployments_truncated"] = False
     assert "showing" not in _printed(render_model_lineage, answer)
 

@@ -18,6 +18,7 @@ from predtrace.collector import CollectorConfig, ConfigError
 from predtrace.collector._cli import collector_group
 from predtrace.collector._cli_collector import token_command
 from predtrace.collector._cli_registration import register_command
+from predtrace.collector.store import open_store
 
 LISTEN = ["--listen", "127.0.0.1:0"]
 
@@ -33,6 +34,21 @@ def test_a_postgres_url_with_a_bad_port_is_a_usage_error_naming_db(port: str) ->
     assert result.exit_code == 2, result.output
     assert "--db: the port must be a number in 1..65535" in result.stderr
     assert "Traceback" not in result.output and "pw" not in result.stderr
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("password", ["Hunter2#x", "Hunter2/x", "Hunter2?x"])
+def test_a_password_that_cuts_the_url_is_refused_without_showing_it(password: str) -> None:
+    # urlsplit ends the host part at '#', '/' or '?': the password was read
+    # as the port, and quoted ("not 'Hunter2'").
+    db = f"postgresql://app:{password}@127.0.0.1:5432/db"
+    result = _serve("--db", db, *LISTEN)
+    assert result.exit_code == 2, result.output
+    assert "--db: the URL's user name or password holds '/', '?' or '#'" in result.stderr
+    assert "Hunter2" not in result.output
+    with pytest.raises(ConfigError) as raised:
+        open_store(db)  # the library's way in
+    assert "Hunter2" not in str(raised.value)
 
 
 def test_a_postgres_url_with_several_good_hosts_is_accepted() -> None:

@@ -267,3 +267,21 @@ def test_a_batch_size_no_receiver_takes_is_refused_at_startup() -> None:
         MiddlewareConfig.from_env(environ)
     environ[env.PREDTRACE_BATCH_SIZE] = "10000"
     assert MiddlewareConfig.from_env(environ).queue.max_batch_size == 10_000
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        (env.PREDTRACE_COLLECTOR_TOKEN, "tok en", "PREDTRACE_COLLECTOR_TOKEN: collector_token:"),
+        (env.PREDTRACE_COLLECTOR_TIMEOUT, "100000", "PREDTRACE_COLLECTOR_TIMEOUT: collector_time"),
+    ],
+)
+def test_a_bad_collector_setting_names_its_own_variable(
+    variable: str, value: str, says: str
+) -> None:
+    # Was named PREDTRACE_COLLECTOR_URL (the timeout), or no variable at all (the token).
+    environ = {env.PREDTRACE_COLLECTOR_URL: "http://127.0.0.1:8700", variable: value}
+    with pytest.raises(ConfigError) as raised:
+        MiddlewareConfig.from_env(environ)
+    assert str(raised.value).startswith(says), raised.value
+    assert "tok en" not in str(raised.value)

@@ -13,6 +13,7 @@ import time
 from typing import Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from predtrace.collector._config import CREDENTIALS_CUT, credentials_cut
 from predtrace.collector._errors import ConfigError
 from predtrace.collector.lineage import Registration
 from predtrace.collector.store._chain import ChainKey, Json, chain_plan, model_plan
@@ -187,6 +188,8 @@ def open_store(
     parts = urlsplit(url)
     scheme = parts.scheme.split("+", 1)[0]
     if scheme in ("postgresql", "postgres"):
+        if credentials_cut(url):  # never quoted: the password would show
+            raise ConfigError(f"--db: {CREDENTIALS_CUT}")
         query = dict(parse_qsl(parts.query))
         schema = query.pop("schema", "")
         dsn = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(query), ""))
