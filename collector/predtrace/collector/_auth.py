@@ -87,6 +87,8 @@ def _entry(raw: object, index: int) -> TokenEntry:
     producers = raw.get("producers", [])
     if not isinstance(producers, list) or not all(isinstance(p, str) for p in producers):
         raise ConfigError(f"token #{index}: producers must be a list of strings")
+    if any(not p.strip() for p in producers):
+        raise ConfigError(f"token #{index}: a producer glob is empty (it matches no producer)")
     return TokenEntry(
         name=str(raw.get("name", f"#{index}")),
         sha256=str(raw.get("sha256", "")).lower(),

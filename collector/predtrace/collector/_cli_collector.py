@@ -155,6 +155,9 @@ def token_command(name: str, scopes: tuple[str, ...], producers: tuple[str, ...]
     """Make a new token: prints it once, and the entry for the tokens file."""
     from predtrace.collector._auth import hash_token, new_token  # noqa: PLC0415
 
+    if any(not producer.strip() for producer in producers):
+        # An empty glob matches no producer id: the token could send nothing.
+        raise click.BadParameter("a producer id glob must not be empty", param_hint="--producer")
     token = new_token()
     click.echo(f"token (give it to the client, it is not stored): {token}", err=True)
     click.echo("[[token]]")

@@ -164,8 +164,11 @@ class QueryClient:
             return answer
         except (urllib.error.URLError, OSError, http.client.InvalidURL) as exc:
             reason = getattr(exc, "reason", exc)
+            hint = ""
+            if "WRONG_VERSION_NUMBER" in str(reason):  # TLS spoken to a plain HTTP server
+                hint = " (is the collector serving plain HTTP? then use http://)"
             raise CollectorUnreachableError(
-                f"cannot reach the collector at {self.url}: {reason}"
+                f"cannot reach the collector at {self.url}: {reason}{hint}"
             ) from None
         except http.client.HTTPException as exc:  # e.g. IncompleteRead: the answer was cut short
             raise UnreadableAnswerError(

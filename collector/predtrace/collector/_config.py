@@ -76,6 +76,8 @@ def check_db_url(db: str, what: str = "--db") -> None:
         path = db[len("sqlite:///") :] if db.startswith("sqlite:///") else ""
         if not path or path == ":memory:":
             raise ConfigError(f"{what}: a sqlite URL needs a file: sqlite:////abs/path.db")
+        if "?" in path:  # it would be part of the file's name
+            raise ConfigError(f"{what}: a sqlite URL takes no options: sqlite:////abs/path.db")
     elif scheme:
         raise ConfigError(
             f"unsupported {what} URL scheme {parts.scheme!r}: use sqlite or postgresql"

@@ -36,6 +36,8 @@ def test_demo_stores_every_prediction_and_prints_the_pivot(tmp_path: Path) -> No
     for hop in ("churn-demo", "churn/1", "run-", "sha256:", "train_accuracy"):
         assert hop in out, f"{hop!r} missing from the pivot:\n{out}"
     assert f"predtrace trace {trace_id.group(1)}" in out
+    # Its collector has stopped: its URL is no use to the next run.
+    assert "PREDTRACE_COLLECTOR_URL=<the URL that run prints>" in out
 
     # Every prediction reached the store, the chosen trace among them.
     with sqlite3.connect(tmp_path / "demo.db") as db:

@@ -78,6 +78,10 @@ def test_admin_carries_every_scope_and_producer(tmp_path: Path) -> None:
         (f'[[token]]\nsha256 = "{"a" * 64}"\nscopes = ["root"]\n', "scopes are"),
         (f'[[token]]\nsha256 = "{"a" * 64}"\nscopes = []\n', "at least one scope"),
         ("not toml [", "cannot read tokens file"),
+        (
+            f'[[token]]\nsha256 = "{"a" * 64}"\nscopes = ["ingest"]\nproducers = [""]\n',
+            "a producer glob is empty",
+        ),
     ],
 )
 def test_a_bad_tokens_file_fails_at_startup(tmp_path: Path, body: str, reason: str) -> None:
@@ -142,3 +146,13 @@ def test_a_made_token_entry_loads_whatever_its_name_holds(tmp_path: Path) -> Non
     entry = _table(tmp_path, made.stdout).authenticate(token)
     assert entry is not None and entry.name == name
     assert entry.allows_producer("édge-🚀")
+
+
+def test_a_token_for_an_empty_producer_is_not_made() -> None:
+    # It matched no producer id: the token could send nothing.
+    result = CliRunner().invoke(
+        collector_group, ["token", "--name", "t", "--scope", "ingest", "--producer", ""]
+    )
+    assert result.exit_code == 2, result.output
+    assert "a producer id glob must not be empty" in result.output
+    assert "sha256" not in result.output

@@ -294,3 +294,10 @@ def test_a_redirect_is_not_followed_nor_the_token_sent_on() -> None:
     assert "redirect to /elsewhere (not followed)" in result.output
     assert "is " + url + " the collector's base URL?" in result.output
     assert [path for _, path, _ in _Redirecting.seen] == ["/v1/lineage", "/v1/traces/" + TRACE]
+
+
+def test_https_to_a_plain_http_collector_says_so(scripted: str) -> None:
+    # Was the bare "[SSL: WRONG_VERSION_NUMBER]".
+    with pytest.raises(CollectorUnreachableError) as raised:
+        QueryClient(scripted.replace("http://", "https://"), timeout=5).get("/big")
+    assert "is the collector serving plain HTTP? then use http://" in str(raised.value)

@@ -165,3 +165,14 @@ def test_a_postgres_server_it_cannot_reach_is_named_without_the_password(
     assert result.exit_code == 1
     assert f"--db store postgresql://127.0.0.1:{closed_port}/x:" in result.stderr
     assert "secretpw" not in result.output
+
+
+@pytest.mark.timeout(10)
+def test_a_sqlite_url_with_options_is_refused_not_made_a_file_name(tmp_path: Path) -> None:
+    # Was: a file named "c.db?mode=ro", created beside the one meant.
+    result = _serve("--db", f"sqlite:///{tmp_path}/c.db?mode=ro", *LISTEN)
+    assert result.exit_code == 2, result.output
+    assert "--db: a sqlite URL takes no options" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError, match="takes no options"):
+        open_store(f"sqlite:///{tmp_path}/c.db?mode=ro")

@@ -201,6 +201,8 @@ def open_store(
         path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
         if not path or path == ":memory:":
             raise ConfigError("sqlite URL needs a file: sqlite:////abs/path.db")
+        if "?" in path:  # it would be part of the file's name
+            raise ConfigError("--db: a sqlite URL takes no options: sqlite:////abs/path.db")
         return Store(SqliteEngine(path, sqlite))
     if scheme == "" and url:
         return Store(SqliteEngine(url, sqlite))

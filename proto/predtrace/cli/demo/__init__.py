@@ -124,8 +124,9 @@ def _run(console: Console, workdir: Path, count: int, keep: bool, stack: ExitSta
             "Try next, after `predtrace demo --keep-running --workdir ./predtrace-demo` "
             "leaves its collector up:"
         )
+    # This run's collector has stopped unless kept: the next one has its own URL.
     for line in (
-        f"export PREDTRACE_COLLECTOR_URL={url}",
+        f"export PREDTRACE_COLLECTOR_URL={url if keep else '<the URL that run prints>'}",
         f"predtrace trace {trace_id}",
         f"predtrace model lineage churn/{VERSION} -o json",
         f"predtrace impact --dataset {model.dataset_digest}",
