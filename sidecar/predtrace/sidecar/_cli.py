@@ -108,7 +108,7 @@ def build_config(options: dict[str, Any], environ: dict[str, str]) -> SidecarCon
             options["otlp_export_headers"], "=", "--otlp-export-header NAME=VALUE", secret=True
         )
         or None,
-        oip_proxies=_pairs(options["oip_proxies"], "=", "LISTEN=UPSTREAM") or None,
+        oip_proxies=_pairs(options["oip_proxies"], "=", "--oip-proxy LISTEN=UPSTREAM") or None,
     )
     if shipper_overrides or edge is not None:
         on_edge = edge if edge is not None else edge_from_env(environ)
@@ -348,7 +348,9 @@ def status(
     from predtrace.v1 import sidecar_pb2, sidecar_pb2_grpc  # noqa: PLC0415 - lazy CLI
 
     if not 0 < timeout <= 3600:  # NaN fails too: it compares false
-        raise click.UsageError(f"--timeout must be between 0 and 3600 seconds, not {timeout}")
+        raise click.UsageError(
+            f"--timeout must be more than 0 and at most 3600 seconds, not {timeout:g}"
+        )
     target = _status_target(target, ready_file)
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")

@@ -78,6 +78,7 @@ def test_every_size_spelling_of_before_still_parses(text: str, size: int) -> Non
         (["--max-message-bytes", "4i"], "--max-message-bytes: not a size: '4i'"),
         (["--quarantine-max-bytes", "1ib"], "--quarantine-max-bytes: not a size: '1ib'"),
         (["--spool-max-bytes", "1" + "0" * 400], "--spool-max-bytes: a size must be at most"),
+        (["--oip-proxy", "garbage"], "expected --oip-proxy LISTEN=UPSTREAM, got 'garbage'"),
         (
             ["--otlp-listen", "127.0.0.1:0", "--otlp-export", "http://[::1"],
             "--otlp-export 'http://[::1' cannot be used: it is not a usable URL",

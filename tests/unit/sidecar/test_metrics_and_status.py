@@ -279,8 +279,13 @@ def test_status_of_a_stopped_sidecar_by_its_ready_file_is_unreachable_not_a_usag
     ("args", "says"),
     [
         (["--target", ""], "--target is empty"),
-        (["--target", "127.0.0.1:9", "--timeout", "nan"], "--timeout must be between"),
-        (["--target", "127.0.0.1:9", "--timeout", "-1"], "--timeout must be between"),
+        (["--target", "127.0.0.1:9", "--timeout", "nan"], "--timeout must be more than 0"),
+        (["--target", "127.0.0.1:9", "--timeout", "-1"], "--timeout must be more than 0"),
+        # Was "between 0 and 3600 seconds, not 0.0": 0 is not taken.
+        (
+            ["--target", "127.0.0.1:9", "--timeout", "0"],
+            "more than 0 and at most 3600 seconds, not 0",
+        ),
     ],
 )
 def test_status_refuses_an_empty_target_or_an_unusable_timeout(args: list[str], says: str) -> None:
