@@ -115,7 +115,9 @@ class TokenTable:
         try:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read tokens file {path}: {exc}") from None
+            raise ConfigError(
+                f"cannot read tokens file {path} (--tokens, PREDTRACE_COLLECTOR_TOKENS): {exc}"
+            ) from None
         raw = data.get("token", [])
         if not isinstance(raw, list) or not raw:
             raise ConfigError(f"tokens file {path} has no [[token]] entries")
