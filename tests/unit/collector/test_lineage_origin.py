@@ -123,6 +123,37 @@ async def test_an_mlflow_lookup_replaces_openlineages_link_too(store: Store) -> 
     assert await _run_of(store) == "mlflow-run-42"
 
 
+async def test_openlineage_naming_a_version_mlflow_told_of_leaves_it_mlflows(
+    store: Store,
+) -> None:
+    # It took the version over (registry, source, origin): the collector then
+    # stopped following the version's alias moves in MLflow.
+    mlflow = parse_registration(
+        {
+            **_ci("mlflow-run-42", registry="mlflow", source="models:/m/1", aliases=["prod"]),
+            "source": "mlflow",
+        }
+    )
+    await store.register(mlflow, on_conflict="keep")
+    await _openlineage(store)
+    lineage = await store.model_lineage("m", "1")
+    assert lineage is not None
+    version = lineage["model_version"]
+    assert (version["origin"], version["registry"], version["source"]) == (  # type: ignore[index]
+        "mlflow",
+        "mlflow",
+        "models:/m/1",
+    )
+    assert version["run_id"] == "mlflow-run-42"  # type: ignore[index]
+
+
+async def test_openlineage_fills_what_nothing_else_said(store: Store) -> None:
+    await _openlineage(store)
+    lineage = await store.model_lineage("m", "1")
+    assert lineage is not None
+    assert lineage["model_version"]["origin"] == "openlineage"  # type: ignore[index]
+
+
 async def test_openlineage_replacing_on_purpose_is_still_provisional(store: Store) -> None:
     await store.register(parse_registration(_ci("mlflow-run-42")))
     await store.register(parse_run_event(_event()), on_conflict="replace")

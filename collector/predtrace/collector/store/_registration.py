@@ -224,12 +224,18 @@ def _register_model(
         )
         stored = (str(rows[0][0]), str(rows[0][1])) if rows else stored
     columns = ("registry", "registry_id", "artifact_digest", "source", "run_id")
+    # A registration that is no authority on the version (an OpenLineage
+    # event naming it as an output) fills what is empty and leaves the rest,
+    # its origin included: a version MLflow told of stays MLflow's, and its
+    # aliases are still followed there.
+    kept = keep if reg.run_authority else keep | set(columns) - {"run_id"}
+    origin = "excluded.origin" if reg.run_authority else "model_versions.origin"
     yield Exec(
         "INSERT INTO model_versions (name, version, registry, registry_id, artifact_digest,"  # noqa: S608 - fixed SQL fragments, values are bound
         " source, run_id, origin, registered_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (name, version) DO UPDATE SET "
-        + ", ".join((_fill if c in keep else _merge)("model_versions", c) for c in columns)
-        + ", origin = excluded.origin",
+        + ", ".join((_fill if c in kept else _merge)("model_versions", c) for c in columns)
+        + f", origin = {origin}",
         (
             model.name,
             model.version,
