@@ -215,6 +215,17 @@ def test_a_malformed_openlineage_value_refuses_the_event_naming_its_field(
     assert field in str(raised.value)
 
 
+def test_an_input_named_past_the_limit_is_refused_naming_the_input() -> None:
+    # Was "dataset.digest must be at most 2048 characters": a field not sent.
+    event = _run_event(inputs__0__namespace="s3://" + "b" * 1500, inputs__0__name="c" * 1000)
+    del event["inputs"][0]["facets"]
+    with pytest.raises(LineageError) as raised:
+        parse_run_event(event)
+    assert str(raised.value) == (
+        "inputs[0]: namespace and name must be at most 2048 characters together, not 2506"
+    )
+
+
 def test_an_openlineage_dataset_version_may_be_any_printable_text() -> None:
     registration = parse_run_event(_run_event())
     assert [d.digest for d in registration.datasets] == ["2026-01-01 00:00:00"]

@@ -39,6 +39,7 @@ from predtrace.collector.lineage._values import (
     DIGEST,
     MAX_ITEMS,
     MAX_NAME,
+    MAX_TEXT,
     check_id,
     check_text,
     check_token,
@@ -70,6 +71,11 @@ def _input_dataset(index: int, item: object) -> DatasetNode:
     data = _obj(item, where)
     namespace, name = _dataset_identity(data, where)
     identity = f"{namespace}/{name}" if namespace else name
+    if len(identity) > MAX_TEXT:  # it names the dataset (its digest, with no version)
+        raise LineageError(
+            f"{where}: namespace and name must be at most {MAX_TEXT} characters together,"
+            f" not {len(identity)}"
+        )
     version = _obj(_facets(data, where).get("version"), f"{where}.facets.version")
     # A version is the producer's own (an Iceberg snapshot id, a timestamp):
     # printable text, not held to a digest's shape.
