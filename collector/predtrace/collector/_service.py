@@ -11,7 +11,11 @@ A registry outage never fails a query: the lookups of one query run
 concurrently (at most ``REGISTRY_CONCURRENCY`` at once) within one deadline
 (``REGISTRY_DEADLINE_S``), and the store's answer is returned with the hop named
 as missing and why. A lookup that failed is not tried again for the registry's
-``negative_ttl``, so the next queries do not wait for it. Only when a query
+``negative_ttl``, so the next queries do not wait for it. One lookup per key
+is in flight at once, shared by the queries that want it; one the deadline
+cut goes on in the background (at most ``_MAX_BACKGROUND`` at once) and fills
+the store for the next query. MLflow is held down at a deadline only when it
+sent no answer at all within it (hung, not merely slow). Only when a query
 has no answer at all without MLflow (the lineage of one model version or
 alias) does the failure reach the caller, as a ``RegistryError``.
 """
@@ -21,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Hashable, Iterable, Mapping
 from typing import Any, Final, Literal, TypeVar
 
 from predtrace.collector._errors import RegistryError
@@ -34,6 +38,8 @@ log = logging.getLogger("predtrace.collector.lineage")
 Json = dict[str, object]
 RegistrationKind = Literal["api", "openlineage", "mlflow"]
 _MAX_REFRESHES: Final = 16
+_MAX_BACKGROUND: Final = 4
+"""Lookups that go on after the deadline of every query that wanted them."""
 _FAILED: Final = "the MLflow lookup failed: "
 
 REGISTRY_DEADLINE_S: Final = 2.0
@@ -43,6 +49,8 @@ REGISTRY_CONCURRENCY: Final = 4
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
+_Key = tuple[str, str, str]
+"""("version", name, version) or ("alias", name, alias): one shared lookup."""
 _Model = tuple[str, str, str]
 """(name, version, alias when no version): what a prediction names, as in ``ChainKey``."""
 
@@ -67,6 +75,8 @@ class LineageService:
         self.registry_deadline_s = registry_deadline_s
         self._concurrency = registry_concurrency
         self._refreshing: set[asyncio.Task[None]] = set()
+        self._inflight: dict[_Key, asyncio.Task[Any]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
 
     async def register(
         self,
@@ -111,46 +121,82 @@ class LineageService:
         if self.registry is None:
             return False
         try:
-            registration = await self.registry.lookup(name, version)
+            registration = await self._shared(
+                ("version", name, version), functools.partial(self._lookup, name, version)
+            )
         except RegistryError as exc:
             self._count_failure(f"{name}/{version}", exc)
             return False
         self.metrics.registry_lookups.labels("found" if registration else "missing").inc()
+        return registration is not None
+
+    async def _lookup(self, name: str, version: str) -> Registration | None:
+        """Ask MLflow for one model version and store what it knows."""
+        assert self.registry is not None  # noqa: S101 -- only called with a registry
+        registration = await self.registry.lookup(name, version)
         if registration is not None:
             await self._store_found(registration)
-        return registration is not None
+        return registration
+
+    def _shared(self, key: _Key, work: Callable[[], Coroutine[Any, Any, T]]) -> asyncio.Task[T]:
+        """The lookup of ``key`` in flight, started now when there is none."""
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.create_task(work())
+            self._inflight[key] = task
+            task.add_done_callback(functools.partial(self._settled, key))
+        return task
+
+    def _settled(self, key: _Key, task: asyncio.Task[Any]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # the queries that waited report it; background ones: the next
+
+    def _keep_going(self, task: asyncio.Task[Any]) -> None:
+        """Let a lookup a deadline cut go on (cancel it when too many already do)."""
+        if task in self._background or task.done():
+            return
+        if len(self._background) >= _MAX_BACKGROUND:
+            task.cancel()
+            return
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _deadline(self) -> float:
         """The loop time by which a query starting now stops waiting for MLflow."""
         return asyncio.get_running_loop().time() + self.registry_deadline_s
 
     async def _ask(
-        self, calls: Mapping[K, Callable[[], Awaitable[T]]], until: float
-    ) -> dict[K, T | RegistryError]:
-        """Registry calls side by side (``registry_concurrency`` at once) until ``until``.
+        self, calls: Mapping[_Key, Callable[[], Coroutine[Any, Any, T]]], until: float
+    ) -> dict[_Key, T | RegistryError]:
+        """Shared registry calls side by side (``registry_concurrency`` at once) until ``until``.
 
         Each key maps to its answer or its RegistryError. Calls sent and still
-        running at the deadline are cancelled and answer a timeout; when none
-        answered at all, MLflow is marked down (``negative_ttl``): the next
-        queries do not wait for it again.
+        running at the deadline answer a timeout but go on in the background
+        (``_keep_going``); when MLflow sent no answer at all meanwhile, it is
+        marked down (``negative_ttl``): the next queries do not wait for it again.
         Calls still waiting for a slot were never sent: they answer "not asked"
         and say nothing against MLflow (a query of many lookups to a healthy
         but not instant MLflow must not mark it down).
         """
-        if not calls:
+        registry = self.registry
+        if not calls or registry is None:
             return {}
         limit = asyncio.Semaphore(self._concurrency)
-        sent: set[K] = set()
+        sent: dict[_Key, asyncio.Task[T]] = {}
+        answered = registry.answers
 
-        async def bounded(key: K, call: Callable[[], Awaitable[T]]) -> T:
+        async def bounded(key: _Key, call: Callable[[], Coroutine[Any, Any, T]]) -> T:
             async with limit:
-                sent.add(key)
-                return await call()
+                registry.check_backoff(key)  # before joining a lookup in flight, too
+                sent[key] = self._shared(key, call)
+                return await asyncio.shield(sent[key])
 
         tasks = {key: asyncio.create_task(bounded(key, call)) for key, call in calls.items()}
         left = max(0.0, until - asyncio.get_running_loop().time())
         try:
-            done, pending = await asyncio.wait(tasks.values(), timeout=left)
+            _, pending = await asyncio.wait(tasks.values(), timeout=left)
         finally:
             for task in tasks.values():
                 task.cancel()  # a no-op for the finished ones
@@ -162,14 +208,18 @@ class LineageService:
             f"not asked: the query's {self.registry_deadline_s:g} s for MLflow ran out first"
         )
         cut = {key for key, task in tasks.items() if task in pending and key in sent}
-        if cut and not done and self.registry is not None:
-            # Nothing answered in the whole deadline: MLflow is down or hung.
-            # Had some lookups answered, it is alive, only slower than this query.
-            self.registry.mark_down(str(timeout))
-        answers: dict[K, T | RegistryError] = {}
+        for key in cut:
+            self._keep_going(sent[key])
+        if cut and registry.answers == answered:
+            # MLflow sent nothing in the whole deadline: down or hung. Had it
+            # answered any request, it is alive, only slower than this query.
+            registry.mark_down(str(timeout))
+        answers: dict[_Key, T | RegistryError] = {}
         for key, task in tasks.items():
             if task in pending:
                 answers[key] = timeout if key in cut else not_asked
+            elif task.cancelled():  # its shared lookup was dropped from the background
+                answers[key] = timeout
             else:
                 answers[key] = _outcome(task)
         return answers
@@ -181,17 +231,17 @@ class LineageService:
         registry = self.registry
         if registry is None:
             return False, {}
-        calls = {key: functools.partial(registry.lookup, *key) for key in sorted(set(keys))}
+        calls = {
+            ("version", *key): functools.partial(self._lookup, *key) for key in sorted(set(keys))
+        }
         found, failures = False, {}
-        for (name, version), answer in (await self._ask(calls, until)).items():
+        for (_, name, version), answer in (await self._ask(calls, until)).items():
             if isinstance(answer, RegistryError):
                 failures[(name, version)] = answer
                 self._count_failure(f"{name}/{version}", answer)
                 continue
             self.metrics.registry_lookups.labels("found" if answer else "missing").inc()
-            if answer is not None:
-                await self._store_found(answer)
-                found = True
+            found = found or answer is not None
         return found, failures
 
     async def _resolve_aliases(
@@ -201,8 +251,13 @@ class LineageService:
         registry = self.registry
         if registry is None:
             return {}
-        calls = {key: functools.partial(registry.resolve_alias, *key) for key in sorted(set(keys))}
-        answers = await self._ask(calls, until)
+        calls = {
+            ("alias", *key): functools.partial(registry.resolve_alias, *key)
+            for key in sorted(set(keys))
+        }
+        answers = {
+            (key[1], key[2]): answer for key, answer in (await self._ask(calls, until)).items()
+        }
         for (name, alias), answer in answers.items():
             if isinstance(answer, RegistryError):
                 self._count_failure(f"{name}@{alias}", answer)
@@ -351,10 +406,11 @@ class LineageService:
         return await self.store.completeness()
 
     async def close(self) -> None:
-        """Cancel background refreshes and close the registry client."""
-        for task in list(self._refreshing):
+        """Cancel background refreshes and lookups and close the registry client."""
+        tasks = [*self._refreshing, *self._inflight.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._refreshing, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.registry is not None:
             await self.registry.close()
 

@@ -3,10 +3,13 @@
 Model name + version (or alias) -> ``model-versions/get`` (source, run id,
 aliases) -> ``runs/get`` (params, metrics, tags with ``mlflow.source.git.commit``
 and the repo URL, dataset inputs with digest and source). No ``mlflow`` import:
-plain HTTP with aiohttp. Answers are cached for ``ttl`` seconds (misses for
-``negative_ttl``) and refreshed on the next lookup after that; so are the
-aliases MLflow names. A failed lookup is not tried again for ``negative_ttl``
-seconds, nor is anything while MLflow is unreachable. Every answer is
+plain HTTP with aiohttp. What MLflow answered is remembered for ``ttl``
+seconds (misses for ``negative_ttl``) and asked again on the next lookup after
+that; so are the aliases MLflow names. Only when, whether found, and the
+version's aliases are kept (the store holds the registration): a run's answer
+can be megabytes. JSON is decoded and read in a worker thread, off the loop.
+A failed lookup is not tried again for ``negative_ttl`` seconds, nor is
+anything while MLflow is unreachable. Every answer is
 type-checked: JSON of an unexpected shape is a ``RegistryError`` naming what
 was wrong, never a half-read registration.
 
@@ -17,6 +20,7 @@ a value of another shape than the registration API accepts.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -50,6 +54,9 @@ _MISSING_CODES: Final = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+_Answer = tuple[float, bool, tuple[str, ...]]
+"""What is kept of a model version's lookup: (fetched at, found, its aliases)."""
 
 
 class RegistryBackoffError(RegistryError):
@@ -92,11 +99,12 @@ def _put(cache: OrderedDict[K, V], key: K, value: V, limit: int) -> None:
 class MlflowRegistry:
     """Reads lineage from an MLflow tracking server; one per event loop.
 
-    ``lookup`` answers from the cache while fresh, else asks MLflow; a missing
-    model version is remembered as None for ``negative_ttl`` seconds, and so
-    is a failed lookup (it raises again, without a request, until then). While
-    MLflow is down (unreachable, or ``mark_down`` after a caller's deadline)
-    nothing is asked for ``negative_ttl`` seconds.
+    ``lookup`` asks MLflow, but answers None without a request while a miss
+    is fresh (``negative_ttl`` seconds); a failed lookup, of any kind, raises
+    again without a request until then. While MLflow is down (unreachable,
+    or ``mark_down`` when it sent nothing in a caller's deadline) nothing is
+    asked for ``negative_ttl`` seconds. ``answers`` counts MLflow's HTTP
+    answers, so that a caller can tell a hung MLflow from a slow one.
     """
 
     def __init__(
@@ -104,12 +112,13 @@ class MlflowRegistry:
     ) -> None:
         self.config = config
         self._clock = clock
-        self._cache: OrderedDict[tuple[str, str], tuple[float, Registration | None]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], _Answer] = OrderedDict()
         self._aliases: OrderedDict[tuple[str, str], tuple[float, str | None]] = OrderedDict()
         self._failures: OrderedDict[tuple[str, str, str], tuple[float, str]] = OrderedDict()
         self._down: tuple[float, str] | None = None
         self._session: aiohttp.ClientSession | None = None
         self.requests = 0
+        self.answers = 0
 
     async def _get(self, path: str, params: Mapping[str, str]) -> Mapping[str, Any] | None:
         """MLflow's JSON object for ``path``, or None when it has no such thing.
@@ -134,8 +143,9 @@ class MlflowRegistry:
             self.mark_down(f"MLflow unreachable: {type(exc).__name__}")
             raise RegistryError(f"MLflow unreachable: {type(exc).__name__}") from None
         self._down = None
+        self.answers += 1
         if status == 200:
-            return _parse(body, path)
+            return await asyncio.to_thread(_parse, body, path)
         if status == 404 or (status == 400 and _error_code(body) in _MISSING_CODES):
             return None
         raise RegistryError(f"MLflow answered {status} for {path}")
@@ -144,8 +154,11 @@ class MlflowRegistry:
         """Ask MLflow nothing for ``negative_ttl`` seconds (lookups raise ``reason``)."""
         self._down = (self._clock(), reason)
 
-    def _check_backoff(self, key: tuple[str, str, str]) -> None:
-        """Raise RegistryBackoffError while MLflow is down or ``key`` failed recently."""
+    def check_backoff(self, key: tuple[str, str, str]) -> None:
+        """Raise RegistryBackoffError while MLflow is down or ``key`` failed recently.
+
+        ``key``: ("version", name, version) or ("alias", name, alias).
+        """
         now, ttl = self._clock(), self.config.negative_ttl
         for entry in (self._down, self._failures.get(key)):
             if entry is not None and now - entry[0] < ttl:
@@ -155,14 +168,20 @@ class MlflowRegistry:
     def _failed(self, key: tuple[str, str, str], reason: str) -> None:
         _put(self._failures, key, (self._clock(), reason), self.config.max_entries)
 
-    def cached(self, name: str, version: str) -> tuple[bool, Registration | None]:
-        """Return (fresh, value) from the cache without any request."""
+    def _unexpected(self, key: tuple[str, str, str], exc: Exception) -> RegistryError:
+        """A failure of another kind than RegistryError: remembered like one, no traceback."""
+        error = RegistryError(f"unexpected {type(exc).__name__} reading MLflow's answer")
+        self._failed(key, str(error))
+        return error
+
+    def cached(self, name: str, version: str) -> tuple[bool, bool]:
+        """Return (fresh, found) of MLflow's last answer, without any request."""
         entry = self._cache.get((name, version))
         if entry is None:
-            return False, None
-        fetched, value = entry
-        ttl = self.config.ttl if value is not None else self.config.negative_ttl
-        return self._clock() - fetched < ttl, value
+            return False, False
+        fetched, found, _ = entry
+        ttl = self.config.ttl if found else self.config.negative_ttl
+        return self._clock() - fetched < ttl, found
 
     def cached_alias(self, name: str, alias: str) -> tuple[bool, str | None]:
         """Return (fresh, version) of an alias as MLflow last named it, without any request."""
@@ -176,26 +195,33 @@ class MlflowRegistry:
     async def lookup(self, name: str, version: str) -> Registration | None:
         """The lineage of model ``name`` version ``version``, or None if MLflow lacks it.
 
+        A version found is not kept here: callers ask again only when their
+        store lacks it (and ``cached`` tells them when it is stale).
+
         Raises:
             RegistryBackoffError: the same lookup failed, or MLflow was down,
                 less than ``negative_ttl`` seconds ago (nothing asked).
-            RegistryError: MLflow unreachable, answering errors or malformed JSON.
+            RegistryError: MLflow unreachable, answering errors or malformed
+                JSON, or reading its answer failed in any other way.
         """
-        fresh, value = self.cached(name, version)
-        if fresh:
-            return value
+        fresh, found = self.cached(name, version)
+        if fresh and not found:
+            return None
         key = ("version", name, version)
-        self._check_backoff(key)
+        self.check_backoff(key)
         try:
             registration = await self._fetch(name, version)
         except RegistryError as exc:
             self._failed(key, str(exc))
             raise
+        except Exception as exc:  # noqa: BLE001 -- a bug reading an answer is a failed lookup
+            raise self._unexpected(key, exc) from None
         self._failures.pop(key, None)
-        _put(self._cache, (name, version), (self._clock(), registration), self.config.max_entries)
-        if registration is not None and registration.model is not None:
-            for alias in registration.model.aliases:
-                self._remember_alias(name, alias, version)
+        aliases = registration.model.aliases if registration and registration.model else ()
+        answer = (self._clock(), registration is not None, aliases)
+        _put(self._cache, (name, version), answer, self.config.max_entries)
+        for alias in aliases:
+            self._remember_alias(name, alias, version)
         return registration
 
     async def _fetch(self, name: str, version: str) -> Registration | None:
@@ -218,7 +244,9 @@ class MlflowRegistry:
             got = await self._get("/runs/get", {"run_id": run_id})
             if got is not None:  # a deleted run: the model version without it
                 run = as_object(got.get("run"), "runs/get's run", required=True)
-        return registration_from_mlflow(model_version, run, self.config.url)
+        return await asyncio.to_thread(
+            registration_from_mlflow, model_version, run, self.config.url
+        )
 
     def _remember_alias(self, name: str, alias: str, version: str | None) -> None:
         _put(self._aliases, (name, alias), (self._clock(), version), self.config.max_entries)
@@ -237,12 +265,14 @@ class MlflowRegistry:
         if fresh:
             return version
         key = ("alias", name, alias)
-        self._check_backoff(key)
+        self.check_backoff(key)
         try:
             version = await self._fetch_alias(name, alias)
         except RegistryError as exc:
             self._failed(key, str(exc))
             raise
+        except Exception as exc:  # noqa: BLE001 -- a bug reading an answer is a failed lookup
+            raise self._unexpected(key, exc) from None
         self._failures.pop(key, None)
         self._remember_alias(name, alias, version)
         if version is not None:
@@ -269,10 +299,10 @@ class MlflowRegistry:
 
     def _forget_stale(self, name: str, alias: str, version: str) -> None:
         """Drop cached versions of ``name`` whose aliases contradict alias -> version."""
-        for (cached_name, cached_version), (_, value) in list(self._cache.items()):
-            if cached_name != name or value is None or value.model is None:
+        for (cached_name, cached_version), (_, found, aliases) in list(self._cache.items()):
+            if cached_name != name or not found:
                 continue
-            if (alias in value.model.aliases) != (cached_version == version):
+            if (alias in aliases) != (cached_version == version):
                 del self._cache[(cached_name, cached_version)]
 
     async def close(self) -> None:

@@ -9,11 +9,14 @@ into lineage nodes.
 
 Values are held to the shapes the registration API enforces (``_values``),
 but MLflow is a registry we do not control: rather than lose the link for
-one odd value, a dataset without a usable digest, a commit or artifact digest
+one odd value, a dataset without a usable digest (or without any), a metric
+no float holds, a commit or artifact digest
 that is not one, or a param or tag holding control characters is left out, a
 name or URL is cut to its bound with such characters shown as U+FFFD, and
 one log line per lookup counts what was left out or changed. Only the ids
 the link is made of (model name, version, aliases, run id) still fail it.
+A list is read no further than ``_MAX_WALK`` entries: what lies past that
+is counted, not read (an answer of millions of ``{}`` costs no walk).
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ _REPO_TAGS: Final = ("mlflow.source.git.repoURL", "mlflow.gitRepoURL")
 
 # Run tags MLflow writes for itself, kilobytes of JSON each: never shown, not kept.
 _SKIPPED_TAGS: Final = ("mlflow.log-model",)
+
+# Entries of one list read at most: the kept ones are bounded by MAX_ITEMS,
+# with room for entries left out (MLflow's own tags, odd values).
+_MAX_WALK: Final = 2 * MAX_ITEMS
 
 log = logging.getLogger("predtrace.collector.mlflow")
 
@@ -134,6 +141,14 @@ class _Cleaned:
             )
 
 
+def _walk(items: object, where: str, cleaned: _Cleaned) -> list[Any]:
+    """``items`` as a list (see ``as_array``), cut to ``_MAX_WALK`` (the rest counted)."""
+    array = as_array(items, where)
+    if len(array) > _MAX_WALK:
+        cleaned.counts[f"{where} entries past {_MAX_WALK}"] += len(array) - _MAX_WALK
+    return array[:_MAX_WALK]
+
+
 def _fits(text: str, limit: int, *, multiline: bool = False) -> bool:
     """Whether ``text`` passes ``check_text`` within ``limit``."""
     try:
@@ -153,7 +168,7 @@ def _kv(items: object, where: str, cleaned: _Cleaned, skip: tuple[str, ...] = ()
         RegistryError: not a list of objects with text keys and values.
     """
     out: dict[str, str] = {}
-    for item in as_array(items, where):
+    for item in _walk(items, where, cleaned):
         entry = as_object(item, f"an entry of {where}", required=True)
         key = as_text(entry.get("key"), f"a key of {where}")
         value = as_text(entry.get("value"), f"the value of {where} {key[:64]!r}")
@@ -178,7 +193,7 @@ def _metrics(items: object, cleaned: _Cleaned) -> dict[str, float]:
         RegistryError: not a list of objects with a text key each.
     """
     out: dict[str, float] = {}
-    for item in as_array(items, "run.data.metrics"):
+    for item in _walk(items, "run.data.metrics", cleaned):
         entry = as_object(item, "an entry of run.data.metrics", required=True)
         key = as_text(entry.get("key"), "a key of run.data.metrics")
         if not key:
@@ -186,10 +201,15 @@ def _metrics(items: object, cleaned: _Cleaned) -> dict[str, float]:
         value = entry.get("value")
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        if not math.isfinite(value):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of hundreds of digits: like NaN, no metric
+            cleaned.note("run.data.metrics value past a float's range")
+            continue
+        if not math.isfinite(number):
             continue
         if len(out) < MAX_ITEMS and _fits(key, MAX_NAME):
-            out[key] = float(value)
+            out[key] = number
         else:
             cleaned.note("run.data.metrics entry")
     return out
@@ -216,12 +236,13 @@ def _datasets(inputs: object, cleaned: _Cleaned) -> tuple[DatasetNode, ...]:
     """
     out = []
     where = "run.inputs.dataset_inputs"
-    for item in as_array(as_object(inputs, "run.inputs").get("dataset_inputs"), where):
+    for item in _walk(as_object(inputs, "run.inputs").get("dataset_inputs"), where, cleaned):
         entry = as_object(item, f"an entry of {where}", required=True)
         dataset = as_object(entry.get("dataset"), f"{where}[].dataset")
-        digest = cleaned.token(
-            as_text(dataset.get("digest"), f"{where}[].dataset.digest"), "dataset digest"
-        )
+        raw = as_text(dataset.get("digest"), f"{where}[].dataset.digest")
+        if not raw:
+            cleaned.note("dataset without a digest")
+        digest = cleaned.token(raw, "dataset digest")
         if digest:
             context = _kv(entry.get("tags"), f"{where}[].tags", cleaned).get(
                 "mlflow.data.context", ""
@@ -244,7 +265,7 @@ def _datasets(inputs: object, cleaned: _Cleaned) -> tuple[DatasetNode, ...]:
 def _aliases(value: object) -> tuple[str, ...]:
     """``model_version.aliases``: a list of alias names, each once."""
     out: dict[str, None] = {}
-    for item in as_array(value, "model_version.aliases"):
+    for item in as_array(value, "model_version.aliases")[:_MAX_WALK]:
         if not isinstance(item, str):
             raise RegistryError(f"MLflow sent an alias as {kind_of(item)}, not text")
         out[check_text(item, "model_version.aliases[]", required=True, limit=MAX_NAME)] = None
