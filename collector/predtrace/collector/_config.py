@@ -96,7 +96,9 @@ def credentials_cut(url: str) -> bool:
     the password would be read as a path, or (quoted in an error) as a port.
     """
     rest = url.partition("://")[2]
-    return "@" in rest and "@" not in urlsplit(url).netloc
+    # An '@' past the first '=' is a query value's (?user=admin@server).
+    at, equals = rest.find("@"), rest.find("=")
+    return at >= 0 and (equals < 0 or at < equals) and "@" not in urlsplit(url).netloc
 
 
 def _bad_postgres_port(netloc: str) -> str | None:

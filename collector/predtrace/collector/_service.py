@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections import Counter
 from collections.abc import Callable, Coroutine, Hashable, Iterable, Mapping
 from typing import Any, Final, Literal, TypeVar
 
@@ -76,6 +77,7 @@ class LineageService:
         self._concurrency = registry_concurrency
         self._refreshing: set[asyncio.Task[None]] = set()
         self._inflight: dict[_Key, asyncio.Task[Any]] = {}
+        self._waiting: Counter[_Key] = Counter()  # queries waiting for each in flight
         self._background: set[asyncio.Task[Any]] = set()
 
     async def register(
@@ -121,22 +123,33 @@ class LineageService:
         if self.registry is None:
             return False
         try:
-            registration = await self._shared(
-                ("version", name, version), functools.partial(self._lookup, name, version)
+            found = await asyncio.shield(
+                self._shared(
+                    ("version", name, version), functools.partial(self._lookup, name, version)
+                )
             )
         except RegistryError as exc:
             self._count_failure(f"{name}/{version}", exc)
             return False
-        self.metrics.registry_lookups.labels("found" if registration else "missing").inc()
-        return registration is not None
+        self.metrics.registry_lookups.labels("found" if found else "missing").inc()
+        return found
 
-    async def _lookup(self, name: str, version: str) -> Registration | None:
-        """Ask MLflow for one model version and store what it knows."""
+    async def _lookup(self, name: str, version: str) -> bool:
+        """Ask MLflow for one model version and store what it knows; whether it has it.
+
+        Not asked again while its answer that it has it is fresh: the store
+        took that answer (the registry keeps no registration). Predictions
+        naming an alias from before it last moved stay unexplained, and their
+        every pivot would ask for the alias's version again.
+        """
         assert self.registry is not None  # noqa: S101 -- only called with a registry
+        fresh, found = self.registry.cached(name, version)
+        if fresh and found:
+            return True
         registration = await self.registry.lookup(name, version)
         if registration is not None:
             await self._store_found(registration)
-        return registration
+        return registration is not None
 
     def _shared(self, key: _Key, work: Callable[[], Coroutine[Any, Any, T]]) -> asyncio.Task[T]:
         """The lookup of ``key`` in flight, started now when there is none."""
@@ -153,8 +166,19 @@ class LineageService:
         if not task.cancelled():
             task.exception()  # the queries that waited report it; background ones: the next
 
+    def _left(self, key: _Key, task: asyncio.Task[Any]) -> None:
+        """A query stopped waiting for ``task``: the last one to leave hands it on."""
+        self._waiting[key] -= 1
+        if self._waiting[key] <= 0:
+            del self._waiting[key]
+            self._keep_going(task)
+
     def _keep_going(self, task: asyncio.Task[Any]) -> None:
-        """Let a lookup a deadline cut go on (cancel it when too many already do)."""
+        """Let a lookup no query waits for any more go on (cancel it when too many already do).
+
+        Only once the last query waiting for it has left (its deadline, or its
+        answer): cancelled under a query still waiting, it failed that query early.
+        """
         if task in self._background or task.done():
             return
         if len(self._background) >= _MAX_BACKGROUND:
@@ -190,8 +214,12 @@ class LineageService:
         async def bounded(key: _Key, call: Callable[[], Coroutine[Any, Any, T]]) -> T:
             async with limit:
                 registry.check_backoff(key)  # before joining a lookup in flight, too
-                sent[key] = self._shared(key, call)
-                return await asyncio.shield(sent[key])
+                task = sent[key] = self._shared(key, call)
+                self._waiting[key] += 1
+                try:
+                    return await asyncio.shield(task)
+                finally:
+                    self._left(key, task)
 
         tasks = {key: asyncio.create_task(bounded(key, call)) for key, call in calls.items()}
         left = max(0.0, until - asyncio.get_running_loop().time())
@@ -208,8 +236,6 @@ class LineageService:
             f"not asked: the query's {self.registry_deadline_s:g} s for MLflow ran out first"
         )
         cut = {key for key, task in tasks.items() if task in pending and key in sent}
-        for key in cut:
-            self._keep_going(sent[key])
         if cut and registry.answers == answered:
             # MLflow sent nothing in the whole deadline: down or hung. Had it
             # answered any request, it is alive, only slower than this query.
@@ -241,7 +267,7 @@ class LineageService:
                 self._count_failure(f"{name}/{version}", answer)
                 continue
             self.metrics.registry_lookups.labels("found" if answer else "missing").inc()
-            found = found or answer is not None
+            found = found or answer is True
         return found, failures
 
     async def _resolve_aliases(

@@ -147,6 +147,16 @@ async def test_openlineage_naming_a_version_mlflow_told_of_leaves_it_mlflows(
     assert version["run_id"] == "mlflow-run-42"  # type: ignore[index]
 
 
+async def test_openlineage_replacing_on_purpose_still_corrects_the_version(store: Store) -> None:
+    await store.register(parse_registration(_ci("ci-run", artifact_digest="sha256:" + "1" * 64)))
+    event = _event()
+    event["run"]["facets"]["predtrace"]["model"]["artifact_digest"] = "sha256:" + "2" * 64
+    await store.register(parse_run_event(event), on_conflict="replace")
+    lineage = await store.model_lineage("m", "1")
+    assert lineage is not None
+    assert lineage["model_version"]["artifact_digest"] == "sha256:" + "2" * 64  # type: ignore[index]
+
+
 async def test_openlineage_fills_what_nothing_else_said(store: Store) -> None:
     await _openlineage(store)
     lineage = await store.model_lineage("m", "1")

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from predtrace.collector import _service
 from predtrace.collector._errors import RegistryError
 from predtrace.collector._service import LineageService
 from predtrace.collector.lineage import MlflowConfig, MlflowRegistry, Registration, _mlflow
@@ -158,3 +159,34 @@ async def test_dataset_inputs_without_a_digest_are_counted_in_the_warning(
         lineage = await service.model_lineage("m", "1")
     assert lineage is not None
     assert "dataset without a digest x2" in caplog.text
+
+
+async def test_a_version_mlflow_has_is_not_asked_again_while_its_answer_is_fresh(
+    service: LineageService, mlflow: FakeMlflow
+) -> None:
+    # Predictions naming an alias from before it moved stay unexplained: each
+    # pivot of them fetched the alias's version again, two requests a query.
+    mlflow.versions[("m", "2")] = {}
+    for _ in range(5):
+        found, failures = await service._fetch_versions({("m", "2")}, service._deadline())
+        assert (found, failures) == (True, {})
+    assert len(mlflow.requests) == 2  # model-versions/get and runs/get, once
+
+
+async def test_a_lookup_another_query_still_waits_for_is_not_cancelled_at_a_deadline(
+    service: LineageService, mlflow: FakeMlflow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With no room in the background, a lookup cut at one query's deadline
+    # was cancelled under a second query that had joined it: that one failed
+    # early, though the answer was coming within its own deadline.
+    monkeypatch.setattr(_service, "_MAX_BACKGROUND", 0)
+    mlflow.versions[("m", "1")] = {}
+    mlflow.delay = 0.2  # two requests: 0.4 s; each query waits 0.3 s
+    first = asyncio.ensure_future(service.model_lineage("m", "1"))
+    await asyncio.sleep(0.2)
+    second = asyncio.ensure_future(service.model_lineage("m", "1"))
+    with pytest.raises(RegistryError, match="did not answer within the query's"):
+        await first
+    lineage = await second
+    assert lineage is not None and lineage["run"]["id"] == "r-1"  # type: ignore[index]
+    assert sum("version=1" in r for r in mlflow.requests) == 1

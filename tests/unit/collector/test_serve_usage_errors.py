@@ -51,6 +51,14 @@ def test_a_password_that_cuts_the_url_is_refused_without_showing_it(password: st
     assert "Hunter2" not in str(raised.value)
 
 
+def test_an_at_sign_in_a_query_value_is_no_password() -> None:
+    for db in (
+        "postgresql://localhost/db?user=admin@srv",
+        "postgresql://h/db?application_name=a@b",
+    ):
+        assert CollectorConfig(db=db).db == db
+
+
 def test_a_postgres_url_with_several_good_hosts_is_accepted() -> None:
     for db in ("postgresql://u:p@[::1]:5432,127.0.0.1:5433/x?schema=s", "postgres://h:/x"):
         assert CollectorConfig(db=db).db == db

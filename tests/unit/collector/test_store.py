@@ -380,6 +380,9 @@ class _Registry:
     async def lookup(self, name: str, version: str) -> Registration:
         return parse_registration(self.body, source="mlflow")
 
+    def cached(self, name: str, version: str) -> tuple[bool, bool]:
+        return False, False  # nothing remembered: always asked
+
 
 async def test_a_registry_that_disagrees_is_logged_and_the_rest_of_its_answer_stored(
     store: Store, caplog: pytest.LogCaptureFixture

@@ -227,9 +227,10 @@ def _register_model(
     # A registration that is no authority on the version (an OpenLineage
     # event naming it as an output) fills what is empty and leaves the rest,
     # its origin included: a version MLflow told of stays MLflow's, and its
-    # aliases are still followed there.
-    kept = keep if reg.run_authority else keep | set(columns) - {"run_id"}
-    origin = "excluded.origin" if reg.run_authority else "model_versions.origin"
+    # aliases are still followed there. Unless it replaces on purpose.
+    authority = reg.run_authority or replace
+    kept = keep if authority else keep | set(columns) - {"run_id"}
+    origin = "excluded.origin" if authority else "model_versions.origin"
     yield Exec(
         "INSERT INTO model_versions (name, version, registry, registry_id, artifact_digest,"  # noqa: S608 - fixed SQL fragments, values are bound
         " source, run_id, origin, registered_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
