@@ -13,9 +13,8 @@ concurrently (at most ``REGISTRY_CONCURRENCY`` at once) within one deadline
 as missing and why. A lookup that failed is not tried again for the registry's
 ``negative_ttl``, so the next queries do not wait for it. One lookup per key
 is in flight at once, shared by the queries that want it; one the deadline
-cut goes on in the background (at most ``_MAX_BACKGROUND`` at once) and fills
-the store for the next query. MLflow is held down at a deadline only when it
-sent no answer at all within it (hung, not merely slow). Only when a query
+cut goes on in the background and fills the store for the next query
+(``_lookups``). Only when a query
 has no answer at all without MLflow (the lineage of one model version or
 alias) does the failure reach the caller, as a ``RegistryError``.
 """
@@ -25,11 +24,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections import Counter
-from collections.abc import Callable, Coroutine, Hashable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, Final, Literal, TypeVar
 
 from predtrace.collector._errors import RegistryError
+from predtrace.collector._lookups import DeadlineError, Key, SharedLookups
 from predtrace.collector._metrics import CollectorMetrics
 from predtrace.collector.lineage import MlflowRegistry, Registration
 from predtrace.collector.lineage._mlflow import RegistryBackoffError
@@ -39,8 +38,6 @@ log = logging.getLogger("predtrace.collector.lineage")
 Json = dict[str, object]
 RegistrationKind = Literal["api", "openlineage", "mlflow"]
 _MAX_REFRESHES: Final = 16
-_MAX_BACKGROUND: Final = 4
-"""Lookups that go on after the deadline of every query that wanted them."""
 _FAILED: Final = "the MLflow lookup failed: "
 
 REGISTRY_DEADLINE_S: Final = 2.0
@@ -48,16 +45,9 @@ REGISTRY_DEADLINE_S: Final = 2.0
 REGISTRY_CONCURRENCY: Final = 4
 """How many MLflow requests one query has in flight at once."""
 
-K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
-_Key = tuple[str, str, str]
-"""("version", name, version) or ("alias", name, alias): one shared lookup."""
 _Model = tuple[str, str, str]
 """(name, version, alias when no version): what a prediction names, as in ``ChainKey``."""
-
-
-class _DeadlineError(RegistryError):
-    """MLflow did not answer within a query's deadline."""
 
 
 class LineageService:
@@ -74,11 +64,14 @@ class LineageService:
     ) -> None:
         self.store, self.registry, self.metrics = store, registry, metrics
         self.registry_deadline_s = registry_deadline_s
-        self._concurrency = registry_concurrency
         self._refreshing: set[asyncio.Task[None]] = set()
-        self._inflight: dict[_Key, asyncio.Task[Any]] = {}
-        self._waiting: Counter[_Key] = Counter()  # queries waiting for each in flight
-        self._background: set[asyncio.Task[Any]] = set()
+        self._lookups = (
+            SharedLookups(
+                registry, concurrency=registry_concurrency, deadline_s=registry_deadline_s
+            )
+            if registry is not None
+            else None
+        )
 
     async def register(
         self,
@@ -111,7 +104,7 @@ class LineageService:
             log.debug("MLflow lookup of %s skipped: %s", what, exc)
             return
         self.metrics.registry_lookups.labels(
-            "timeout" if isinstance(exc, _DeadlineError) else "error"
+            "timeout" if isinstance(exc, DeadlineError) else "error"
         ).inc()
         log.warning("MLflow lookup of %s failed: %s", what, exc)
 
@@ -123,8 +116,9 @@ class LineageService:
         if self.registry is None:
             return False
         try:
+            assert self._lookups is not None  # noqa: S101 -- there is a registry
             found = await asyncio.shield(
-                self._shared(
+                self._lookups.shared(
                     ("version", name, version), functools.partial(self._lookup, name, version)
                 )
             )
@@ -151,104 +145,15 @@ class LineageService:
             await self._store_found(registration)
         return registration is not None
 
-    def _shared(self, key: _Key, work: Callable[[], Coroutine[Any, Any, T]]) -> asyncio.Task[T]:
-        """The lookup of ``key`` in flight, started now when there is none."""
-        task = self._inflight.get(key)
-        if task is None:
-            task = asyncio.create_task(work())
-            self._inflight[key] = task
-            task.add_done_callback(functools.partial(self._settled, key))
-        return task
-
-    def _settled(self, key: _Key, task: asyncio.Task[Any]) -> None:
-        if self._inflight.get(key) is task:
-            del self._inflight[key]
-        if not task.cancelled():
-            task.exception()  # the queries that waited report it; background ones: the next
-
-    def _left(self, key: _Key, task: asyncio.Task[Any]) -> None:
-        """A query stopped waiting for ``task``: the last one to leave hands it on."""
-        self._waiting[key] -= 1
-        if self._waiting[key] <= 0:
-            del self._waiting[key]
-            self._keep_going(task)
-
-    def _keep_going(self, task: asyncio.Task[Any]) -> None:
-        """Let a lookup no query waits for any more go on (cancel it when too many already do).
-
-        Only once the last query waiting for it has left (its deadline, or its
-        answer): cancelled under a query still waiting, it failed that query early.
-        """
-        if task in self._background or task.done():
-            return
-        if len(self._background) >= _MAX_BACKGROUND:
-            task.cancel()
-            return
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     def _deadline(self) -> float:
         """The loop time by which a query starting now stops waiting for MLflow."""
         return asyncio.get_running_loop().time() + self.registry_deadline_s
 
     async def _ask(
-        self, calls: Mapping[_Key, Callable[[], Coroutine[Any, Any, T]]], until: float
-    ) -> dict[_Key, T | RegistryError]:
-        """Shared registry calls side by side (``registry_concurrency`` at once) until ``until``.
-
-        Each key maps to its answer or its RegistryError. Calls sent and still
-        running at the deadline answer a timeout but go on in the background
-        (``_keep_going``); when MLflow sent no answer at all meanwhile, it is
-        marked down (``negative_ttl``): the next queries do not wait for it again.
-        Calls still waiting for a slot were never sent: they answer "not asked"
-        and say nothing against MLflow (a query of many lookups to a healthy
-        but not instant MLflow must not mark it down).
-        """
-        registry = self.registry
-        if not calls or registry is None:
-            return {}
-        limit = asyncio.Semaphore(self._concurrency)
-        sent: dict[_Key, asyncio.Task[T]] = {}
-        answered = registry.answers
-
-        async def bounded(key: _Key, call: Callable[[], Coroutine[Any, Any, T]]) -> T:
-            async with limit:
-                registry.check_backoff(key)  # before joining a lookup in flight, too
-                task = sent[key] = self._shared(key, call)
-                self._waiting[key] += 1
-                try:
-                    return await asyncio.shield(task)
-                finally:
-                    self._left(key, task)
-
-        tasks = {key: asyncio.create_task(bounded(key, call)) for key, call in calls.items()}
-        left = max(0.0, until - asyncio.get_running_loop().time())
-        try:
-            _, pending = await asyncio.wait(tasks.values(), timeout=left)
-        finally:
-            for task in tasks.values():
-                task.cancel()  # a no-op for the finished ones
-        await asyncio.gather(*pending, return_exceptions=True)
-        timeout = _DeadlineError(
-            f"MLflow did not answer within the query's {self.registry_deadline_s:g} s deadline"
-        )
-        not_asked = RegistryBackoffError(
-            f"not asked: the query's {self.registry_deadline_s:g} s for MLflow ran out first"
-        )
-        cut = {key for key, task in tasks.items() if task in pending and key in sent}
-        if cut and registry.answers == answered:
-            # MLflow sent nothing in the whole deadline: down or hung. Had it
-            # answered any request, it is alive, only slower than this query.
-            registry.mark_down(str(timeout))
-        answers: dict[_Key, T | RegistryError] = {}
-        for key, task in tasks.items():
-            if task in pending:
-                answers[key] = timeout if key in cut else not_asked
-            elif task.cancelled():  # its shared lookup was dropped from the background
-                answers[key] = timeout
-            else:
-                answers[key] = _outcome(task)
-        return answers
+        self, calls: Mapping[Key, Callable[[], Coroutine[Any, Any, T]]], until: float
+    ) -> dict[Key, T | RegistryError]:
+        """``SharedLookups.ask`` (nothing without a registry)."""
+        return {} if self._lookups is None else await self._lookups.ask(calls, until)
 
     async def _fetch_versions(
         self, keys: Iterable[tuple[str, str]], until: float
@@ -433,10 +338,12 @@ class LineageService:
 
     async def close(self) -> None:
         """Cancel background refreshes and lookups and close the registry client."""
-        tasks = [*self._refreshing, *self._inflight.values()]
+        tasks = list(self._refreshing)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._lookups is not None:
+            await self._lookups.close()
         if self.registry is not None:
             await self.registry.close()
 
@@ -444,18 +351,6 @@ class LineageService:
 def _kind(source: str) -> RegistrationKind:
     """The metric label of a registration's free-text source."""
     return "openlineage" if source == "openlineage" else "api"
-
-
-def _outcome(task: asyncio.Task[T]) -> T | RegistryError:
-    """A finished registry call's answer; a failure of any kind as a RegistryError."""
-    exc = task.exception()
-    if exc is None:
-        return task.result()
-    if isinstance(exc, RegistryError):
-        return exc
-    # A bug reading MLflow's answer must not fail the query (the promise above).
-    log.error("MLflow lookup raised %s", type(exc).__name__, exc_info=exc)
-    return RegistryError(f"unexpected {type(exc).__name__} reading MLflow's answer")
 
 
 def _versions(keys: list[ChainKey]) -> list[tuple[str, str]]:

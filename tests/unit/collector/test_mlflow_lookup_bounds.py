@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from predtrace.collector import _service
+from predtrace.collector import _lookups
 from predtrace.collector._errors import RegistryError
 from predtrace.collector._service import LineageService
 from predtrace.collector.lineage import MlflowConfig, MlflowRegistry, Registration, _mlflow
@@ -179,7 +179,7 @@ async def test_a_lookup_another_query_still_waits_for_is_not_cancelled_at_a_dead
     # With no room in the background, a lookup cut at one query's deadline
     # was cancelled under a second query that had joined it: that one failed
     # early, though the answer was coming within its own deadline.
-    monkeypatch.setattr(_service, "_MAX_BACKGROUND", 0)
+    monkeypatch.setattr(_lookups, "MAX_BACKGROUND", 0)
     mlflow.versions[("m", "1")] = {}
     mlflow.delay = 0.2  # two requests: 0.4 s; each query waits 0.3 s
     first = asyncio.ensure_future(service.model_lineage("m", "1"))
