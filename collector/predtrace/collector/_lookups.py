@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Final, TypeVar
 
-from predtrace.collector._errors import RegistryError
+from predtrace.collector._errors import RegistryError, StoreError
 from predtrace.collector.lineage import MlflowRegistry
 from predtrace.collector.lineage._mlflow import RegistryBackoffError
 
@@ -149,12 +149,20 @@ class SharedLookups:
 
 
 def _outcome(task: asyncio.Task[T]) -> T | RegistryError:
-    """A finished registry call's answer; a failure of any kind as a RegistryError."""
+    """A finished registry call's answer; a failure of any kind as a RegistryError.
+
+    Raises:
+        StoreError: storing MLflow's answer failed (the lookup stores what it
+            found): the store's failure, not the registry's, for the caller.
+    """
     exc = task.exception()
     if exc is None:
         return task.result()
     if isinstance(exc, RegistryError):
         return exc
-    # A bug reading MLflow's answer must not fail the query (the promise above).
+    if isinstance(exc, StoreError):
+        raise exc
+    # A bug reading MLflow's answer must not fail the query: a registry
+    # outage never does (``_service``).
     log.error("MLflow lookup raised %s", type(exc).__name__, exc_info=exc)
     return RegistryError(f"unexpected {type(exc).__name__} reading MLflow's answer")

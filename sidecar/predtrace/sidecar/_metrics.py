@@ -159,7 +159,8 @@ class SidecarMetrics(Collector):
             yield _counter(
                 "oip_slow_refusals",
                 "OIP proxy calls refused (UNAVAILABLE, retryable): their request had not arrived "
-                "0.25 s after the proxy had room for it, while 16 others were arriving slowly; "
+                "0.25 s after the proxy had room for it, while as many others as their budget "
+                "has messages were arriving slowly (16 for ModelInfer, 4 for the other methods); "
                 "or a streaming call while 32 were passing through",
                 view.oip_slow_refusals,
             )

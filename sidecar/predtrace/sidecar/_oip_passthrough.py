@@ -220,7 +220,7 @@ async def _forward_unary(
     except grpc.aio.AioRpcError as exc:
         fail_with(context, exc, forwardable(exc.trailing_metadata()))
     finally:
-        call.cancel()  # see _forward_stream
+        call.cancel()  # see _answers
         pool.give_back(upstream)
 
 

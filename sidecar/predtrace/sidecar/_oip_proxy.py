@@ -3,8 +3,8 @@
 Client -> **OipProxy** -> model server (``inference.GRPCInferenceService``,
 over a few connections: ``_oip_upstream.ChannelPool``). Every method is
 passed through as bytes (``_oip_passthrough``: a generic stream handler, so
-any cardinality works; a single request to a method known to be unary goes
-upstream as a unary request), with its metadata, trailers and status (rich
+any cardinality works; a single request to a method known to take one goes
+upstream as a single request, ``_cardinality``), with its metadata, trailers and status (rich
 error details and retry pushback included; ``_oip_metadata``). ``ModelInfer``
 alone is looked into: the proxy reads model_name, model_version and id from
 the request and response bytes (``_oip_fields``, without copying the

@@ -11,19 +11,19 @@ own size. A call whose request has not arrived ``READ_GRACE_S`` after it
 got its room gives the room back and is read outside the budget (a slow
 link, or a caller that has not sent yet): calls waiting on their callers
 never hold up the others. At most ``MAX_READS_OUTSIDE`` at once; past that,
-the call is refused, retryable (``TooManySlowError``). Its requests thus
-stay within twice the budget (the reads outside it, then the budget, which
-takes no new call while they drain past its cap).
+the call is refused, retryable (``TooManySlowError``); as many as the
+budget has messages (``RequestReads.most_outside``). Its requests thus stay
+within twice the budget (the reads outside it, then the budget, which takes
+no new call while they drain past its cap).
 
 ModelInfer calls have a budget of their own, and so do the methods passed
 through that take one request (``PASSTHROUGH_MESSAGES``): a health check
-never waits in line behind inference, and callers of a model server's own
-methods no longer hold their whole requests in the proxy while the model
-server stalls. Streaming calls passed through are bounded in number
-instead (``MAX_STREAMS``; each holds one message at a time, the one it is
-sending on): charged to a budget, the message of a stream whose caller
-leaves the answers unread (it stays in hand, by flow control) held up
-every call behind it.
+never waits in line behind inference, and a stalled model server holds no
+more of a model server's own methods' requests than that budget. Streaming
+calls passed through are bounded in number instead (``MAX_STREAMS``; each
+holds one message at a time, the one it is sending on), not charged to a
+budget: a stream whose caller leaves the answers unread keeps its message in
+hand (flow control), and charged, it would hold up every call behind it.
 """
 
 from __future__ import annotations

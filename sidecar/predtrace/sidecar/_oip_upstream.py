@@ -11,13 +11,14 @@ Its connections are opened with the options the proxy gives, which include
 ``RECONNECT_BACKOFF``: a model server that restarts is reached again within
 about a second.
 
-**ByteBudget** bounds the bytes of ModelInfer requests the proxy holds for
-the model server at once (gRPC keeps each until its answer): a call that
-does not fit waits for room, first come first served, rather than being
-refused (a prediction must not fail because of telemetry); its wait ends
-with its deadline. A call bigger than the whole budget goes alone. The proxy
-takes room for the largest request before it reads one (then only the
-request's own size): a waiting call's request stays with its caller.
+**ByteBudget** bounds the bytes of requests the proxy holds for the model
+server at once (one for ModelInfer's, one for the other methods'; gRPC keeps
+each until its answer): a call that does not fit waits for room, first come
+first served, rather than being refused (a prediction must not fail because
+of telemetry); its wait ends with its deadline. A call bigger than the whole
+budget goes alone. The proxy takes room for the largest request before it
+reads one (then only the request's own size): a waiting call's request stays
+with its caller.
 """
 
 from __future__ import annotations

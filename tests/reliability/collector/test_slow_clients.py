@@ -167,7 +167,9 @@ async def test_connections_past_the_cap_are_closed_at_once_and_counted(
         gc.collect()  # a task that failed unretrieved logs as it goes
         assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
         held.pop().close()
-        await asyncio.sleep(0.1)
+        server = collector.runner.server
+        assert server is not None
+        await _until(lambda: len(server.connections) < 2)  # the close has been seen
         line = await _status_of(collector, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         assert line.startswith(b"HTTP/1.1 200"), line
         metrics = collector.runner.app[PARTS].metrics.render().decode()
@@ -176,3 +178,11 @@ async def test_connections_past_the_cap_are_closed_at_once_and_counted(
         for writer in held:
             writer.close()
         await collector.stop()
+
+
+async def _until(check: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Poll ``check`` until it is true (fails after ``seconds``)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        await asyncio.sleep(0.02)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from predtrace.collector import _lookups
-from predtrace.collector._errors import RegistryError
+from predtrace.collector._errors import RegistryError, StoreError
 from predtrace.collector._service import LineageService
 from predtrace.collector.lineage import MlflowConfig, MlflowRegistry, Registration, _mlflow
 from predtrace.collector.lineage._mlflow import RegistryBackoffError
@@ -180,13 +180,43 @@ async def test_a_lookup_another_query_still_waits_for_is_not_cancelled_at_a_dead
     # was cancelled under a second query that had joined it: that one failed
     # early, though the answer was coming within its own deadline.
     monkeypatch.setattr(_lookups, "MAX_BACKGROUND", 0)
+    service.registry_deadline_s = 1.0  # margins of half a second on a busy machine
     mlflow.versions[("m", "1")] = {}
-    mlflow.delay = 0.2  # two requests: 0.4 s; each query waits 0.3 s
+    mlflow.hang = True  # nothing answered until released
     first = asyncio.ensure_future(service.model_lineage("m", "1"))
-    await asyncio.sleep(0.2)
-    second = asyncio.ensure_future(service.model_lineage("m", "1"))
-    with pytest.raises(RegistryError, match="did not answer within the query's"):
-        await first
-    lineage = await second
+    second: asyncio.Future[Any] | None = None
+    try:
+        await _until(_async(lambda: len(mlflow.requests) == 1))
+        await asyncio.sleep(0.5)  # the second joins halfway through the first's wait
+        second = asyncio.ensure_future(service.model_lineage("m", "1"))
+        with pytest.raises(RegistryError, match="did not answer within the query's"):
+            await first
+        mlflow.release.set()  # within the second's own deadline
+        lineage = await second
+    finally:
+        for query in (first, second):
+            if query is not None:
+                query.cancel()
     assert lineage is not None and lineage["run"]["id"] == "r-1"  # type: ignore[index]
     assert sum("version=1" in r for r in mlflow.requests) == 1
+
+
+def _async(check: Any) -> Any:
+    """``check`` as the awaitable factory ``_until`` polls."""
+
+    async def poll() -> bool:
+        return bool(check())
+
+    return poll
+
+
+async def test_a_store_failure_while_storing_an_answer_is_the_stores_not_the_registrys() -> None:
+    # The shared lookup stores what it found: a StoreError there was logged
+    # as "MLflow lookup raised StoreError" and counted as a registry error.
+    async def failing() -> bool:
+        raise StoreError("store unavailable")
+
+    task = asyncio.ensure_future(failing())
+    await asyncio.gather(task, return_exceptions=True)
+    with pytest.raises(StoreError):
+        _lookups._outcome(task)

@@ -720,14 +720,24 @@ async def test_streams_whose_callers_leave_answers_unread_hold_up_no_inference(
     channels = [grpc.aio.insecure_channel(target) for _ in range(20)]
     calls = [channel.stream_stream(STREAM_INFER)() for channel in channels]
 
-    async def write_on(call: Any) -> None:
-        while True:
-            await call.write(b"r" * (size - 1024))
+    written = [0] * len(calls)
 
-    writers = [asyncio.ensure_future(write_on(call)) for call in calls]
+    async def write_on(k: int) -> None:
+        while True:
+            await calls[k].write(b"r" * (size - 1024))
+            written[k] += 1
+
+    writers = [asyncio.ensure_future(write_on(k)) for k in range(len(calls))]
     try:
-        await asyncio.sleep(2)  # long enough for every stream to fill its windows
-        assert proxy.passthrough.reads.streams == 20
+        await eventually(lambda: proxy.passthrough.reads.streams == 20)
+        # Every stream's windows are full once no writer gets on any more.
+        seen: list[int] = []
+        for _ in range(100):
+            if seen == written:
+                break
+            seen = list(written)
+            await asyncio.sleep(0.5)
+        assert seen == written and all(written), written
         async with grpc.aio.insecure_channel(target) as channel:
             answer = await channel.unary_unary(MODEL_INFER)(body(100, "through-1"), timeout=5)
         assert pb.ModelInferResponse.FromString(answer).id == "through-1"
@@ -742,26 +752,35 @@ async def test_streams_whose_callers_leave_answers_unread_hold_up_no_inference(
     assert proxy.budget.used == 0
 
 
-async def test_a_cancelled_or_expired_one_request_call_keeps_no_request_in_a_cycle(
+async def test_a_cancelled_or_expired_unary_call_passed_through_keeps_no_request_in_a_cycle(
     proxied: tuple[Model, Running],
 ) -> None:
     # A unary-stream call upstream, cancelled, kept its request in a cycle
     # (call, task, exception, frame) until a GC pass.
     model, running = proxied
+    proxy = proxy_of(running)
     model.gate.clear()
     size = 2 * MiB
-    with CycleWatch() as watch:
-        async with client(running, max_send_message_length=8 * MiB) as channel:
-            method = channel.unary_unary(MODEL_READY)
-            for k in range(2):
-                call = method(b"y" * size, timeout=5)
-                await eventually(lambda k=k: model.arrived == k + 1)  # type: ignore[misc]
-                call.cancel()
-            with pytest.raises(grpc.aio.AioRpcError):
-                await method(b"y" * size, timeout=0.5)
-            await asyncio.sleep(0.3)  # the handlers' tasks end
-        assert watch.frames_holding(size) == []
-    model.gate.set()
+    try:
+        with CycleWatch() as watch:
+            async with client(running, max_send_message_length=8 * MiB) as channel:
+                method = channel.unary_unary(MODEL_READY)
+                for k in range(2):
+                    call = method(b"y" * size, timeout=5)
+                    await eventually(lambda k=k: model.arrived == k + 1)  # type: ignore[misc]
+                    call.cancel()
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await method(b"y" * size, timeout=0.5)
+                # The handlers are done once no call holds budget or a connection.
+                await eventually(
+                    lambda: (
+                        proxy.inflight_bytes == 0
+                        and all(u.calls == 0 for u in proxy._pool.upstreams)
+                    )
+                )
+            assert watch.frames_holding(size) == []
+    finally:
+        model.gate.set()
 
 
 async def test_the_byte_budget_is_first_come_first_served_and_survives_cancellations() -> None:

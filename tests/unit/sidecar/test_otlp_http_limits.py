@@ -433,7 +433,10 @@ async def test_connections_past_the_cap_are_closed_at_once_and_headers_are_bound
         for _, held_writer in held:
             held_writer.close()
         held = []
-        await asyncio.sleep(0.1)
+        runner = listening.receiver._http._runner  # type: ignore[union-attr]
+        assert runner is not None and runner.server is not None
+        server = runner.server
+        await eventually(lambda: len(server.connections) == 0)  # the closes have been seen
         reader, writer = await asyncio.open_connection(host, int(port))
         many = "".join(f"X-H{k}: v\r\n" for k in range(MAX_HEADERS + 1))
         writer.write(f"GET /v1/traces HTTP/1.1\r\nHost: x\r\n{many}\r\n".encode())

@@ -3,11 +3,12 @@
 Model name + version (or alias) -> ``model-versions/get`` (source, run id,
 aliases) -> ``runs/get`` (params, metrics, tags with ``mlflow.source.git.commit``
 and the repo URL, dataset inputs with digest and source). No ``mlflow`` import:
-plain HTTP with aiohttp. What MLflow answered is remembered for ``ttl``
-seconds (misses for ``negative_ttl``) and asked again on the next lookup after
-that; so are the aliases MLflow names. Only when, whether found, and the
-version's aliases are kept (the store holds the registration): a run's answer
-can be megabytes. JSON is decoded and read in a worker thread, off the loop.
+plain HTTP with aiohttp. When MLflow answered, whether it found the version,
+and the version's aliases are remembered (``cached``; the store holds the
+registration: a run's answer can be megabytes); a miss answers the next
+lookup for ``negative_ttl`` seconds, a hit does not (callers that hold the
+registration skip the lookup while it is fresh, ``ttl``). Aliases MLflow
+names are remembered for ``ttl`` seconds. JSON is decoded and read in a worker thread, off the loop.
 A failed lookup is not tried again for ``negative_ttl`` seconds, nor is
 anything while MLflow is unreachable. Every answer is
 type-checked: JSON of an unexpected shape is a ``RegistryError`` naming what
