@@ -131,6 +131,9 @@ async def _half_closed(
     except TimeoutError:
         pending.append(read)
         return False
+    except BaseException:  # the call ended (cancelled): no read is left behind
+        read.cancel()
+        raise
     request = read.result()
     del read
     if isinstance(request, bytes):

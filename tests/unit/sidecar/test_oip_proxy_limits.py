@@ -594,6 +594,7 @@ async def test_callers_of_a_method_passed_through_that_never_send_are_refused_pa
         calls = [channel.stream_unary(MODEL_READY)(timeout=10) for _ in range(most + 1)]
         await eventually(lambda: proxy.slow_refused == 1)
         assert proxy.passthrough.reads.reading_outside == most
+        await eventually(lambda: any(c.done() for c in calls))  # the refusal has arrived
         refused = [c for c in calls if c.done()]
         assert len(refused) == 1
         info = await refused[0].code(), await refused[0].details()
