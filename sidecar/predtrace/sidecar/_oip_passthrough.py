@@ -12,8 +12,9 @@ single request to a method known to take one goes upstream as a unary call
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -21,7 +22,7 @@ from predtrace.sidecar import _oip_reads
 from predtrace.sidecar._grpc_answers import fail_call
 from predtrace.sidecar._oip_metadata import Metadata, forwardable
 from predtrace.sidecar._oip_reads import READ_GRACE_S, Cardinality, RequestReads, TooManySlowError
-from predtrace.sidecar._oip_upstream import ByteBudget, ChannelPool, Upstream
+from predtrace.sidecar._oip_upstream import ByteBudget, ChannelPool
 
 
 def passthrough_handler(
@@ -200,84 +201,66 @@ async def _requests(
         yield request
 
 
-async def _forward_unary(
-    pool: ChannelPool,
-    method: str,
-    context: grpc.aio.ServicerContext[bytes, bytes],
-    request: bytes,
+_Call = (
+    grpc.aio.UnaryUnaryCall[bytes, bytes]
+    | grpc.aio.UnaryStreamCall[bytes, bytes]
+    | grpc.aio.StreamStreamCall[bytes, bytes]
+)
+
+
+def _forward_unary(
+    pool: ChannelPool, method: str, context: grpc.aio.ServicerContext[bytes, bytes], request: bytes
 ) -> AsyncIterator[bytes]:
-    metadata = forwardable(context.invocation_metadata())
-    upstream = pool.take()
-    try:
-        call = upstream.channel.unary_unary(method, None, None)(
-            request, metadata=metadata, timeout=context.time_remaining()
-        )
-    except BaseException:
-        pool.give_back(upstream)
-        raise
-    del request  # the call holds it until it is sent
-    try:
-        await _send_headers(context, call)
-        yield await call
-        context.set_trailing_metadata(forwardable(await call.trailing_metadata()))
-    except grpc.aio.AioRpcError as exc:
-        fail_with(context, exc, forwardable(exc.trailing_metadata()))
-    finally:
-        call.cancel()  # see _answers
-        pool.give_back(upstream)
+    """A single request upstream, a single answer back (unary-unary)."""
+    return _forward(pool, context, lambda channel: channel.unary_unary(method, None, None), request)
 
 
-async def _forward_one(
-    pool: ChannelPool,
-    method: str,
-    context: grpc.aio.ServicerContext[bytes, bytes],
-    request: bytes,
+def _forward_one(
+    pool: ChannelPool, method: str, context: grpc.aio.ServicerContext[bytes, bytes], request: bytes
 ) -> AsyncIterator[bytes]:
     """A single request upstream, any number of answers back (unary-stream)."""
-    metadata = forwardable(context.invocation_metadata())
-    upstream = pool.take()
-    try:
-        call = upstream.channel.unary_stream(method, None, None)(
-            request, metadata=metadata, timeout=context.time_remaining()
-        )
-    except BaseException:
-        pool.give_back(upstream)
-        raise
-    del request
-    async for item in _answers(call, context, upstream, pool):
-        yield item
+    return _forward(
+        pool, context, lambda channel: channel.unary_stream(method, None, None), request
+    )
 
 
-async def _forward_stream(
+def _forward_stream(
     pool: ChannelPool,
     method: str,
     context: grpc.aio.ServicerContext[bytes, bytes],
     requests: AsyncIterator[bytes],
 ) -> AsyncIterator[bytes]:
+    """Requests and answers streamed both ways (stream-stream)."""
+    return _forward(
+        pool, context, lambda channel: channel.stream_stream(method, None, None), requests
+    )
+
+
+async def _forward(
+    pool: ChannelPool,
+    context: grpc.aio.ServicerContext[bytes, bytes],
+    callable_of: Callable[[grpc.aio.Channel], Any],
+    request: object,
+) -> AsyncIterator[bytes]:
+    """Open the upstream call on the least busy connection; its headers, answers,
+    trailers and status to the caller."""
     metadata = forwardable(context.invocation_metadata())
     upstream = pool.take()
     try:
-        call = upstream.channel.stream_stream(method, None, None)(
-            requests, metadata=metadata, timeout=context.time_remaining()
+        call: _Call = callable_of(upstream.channel)(
+            request, metadata=metadata, timeout=context.time_remaining()
         )
     except BaseException:
         pool.give_back(upstream)
         raise
-    async for item in _answers(call, context, upstream, pool):
-        yield item
-
-
-async def _answers(
-    call: grpc.aio.UnaryStreamCall[bytes, bytes] | grpc.aio.StreamStreamCall[bytes, bytes],
-    context: grpc.aio.ServicerContext[bytes, bytes],
-    upstream: Upstream,
-    pool: ChannelPool,
-) -> AsyncIterator[bytes]:
-    """The upstream call's headers, answers, trailers and status, to the caller."""
+    del request  # the call holds what it has yet to send
     try:
         await _send_headers(context, call)
-        async for response in call:
-            yield response
+        if isinstance(call, grpc.aio.UnaryUnaryCall):
+            yield await call
+        else:
+            async for response in call:
+                yield response
         context.set_trailing_metadata(forwardable(await call.trailing_metadata()))
     except grpc.aio.AioRpcError as exc:
         fail_with(context, exc, forwardable(exc.trailing_metadata()))
